@@ -1,0 +1,73 @@
+"""Writing outputs without ever leaving a half-written file or overwriting a user's data."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from qvl.errors import QvlError
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds.
+
+    An existing non-empty ``out`` is an error unless ``overwrite`` is set (then it is replaced
+    only after the new folder is complete).
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise QvlError(f"{out} exists and is not empty", fix="choose another --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str, overwrite: bool = True) -> None:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise QvlError(f"{path} exists", fix="choose another output path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict], overwrite: bool = True) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), overwrite)
+
+
+def atomic_write_json(path: Path, obj, overwrite: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n", overwrite)
+
+
+def refuse_same_file(output: Path, *inputs: Path) -> None:
+    """Outputs never overwrite an input file."""
+    out = Path(output).resolve()
+    for i in inputs:
+        if Path(i).resolve() == out:
+            raise QvlError(f"output {output} is the input file", fix="write to another path; inputs are never overwritten")
