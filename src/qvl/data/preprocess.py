@@ -1,0 +1,181 @@
+"""Sample -> model inputs. Shared by training, ``data check`` and every inference path.
+
+The chat template renders the conversation with one vision placeholder per image/video; the
+real Qwen3-VL processor resizes the media and expands the placeholders (with ``<t seconds>``
+timestamps for video). Labels cover each assistant reply and its ``<|im_end|>``, found from
+token spans (transformers 5.17's assistant mask is broken).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qvl.config.vision import VisionBudget
+from qvl.data.media import load_image, load_video
+from qvl.data.samples import Message, Sample, prompt_messages
+from qvl.errors import QvlError
+from qvl.models.tokens import token_ids
+
+IGNORE_INDEX = -100
+
+
+class TooLong(QvlError):
+    def __init__(self, length: int, max_length: int, where: str = ""):
+        self.length, self.max_length = length, max_length
+        super().__init__(f"{length} tokens after vision expansion exceeds max length {max_length}", where=where or None,
+                         fix="raise model_max_length, lower max_pixels / video_max_pixels / video_max_frames, "
+                             "or drop the sample (it is never cut inside vision tokens)")
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor  # [L] long
+    labels: torch.Tensor | None  # [L] long, IGNORE_INDEX outside assistant replies
+    mm_token_type_ids: torch.Tensor  # [L] 0 text, 1 image, 2 video
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    origin: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_label_tokens(self) -> int:
+        return 0 if self.labels is None else int((self.labels != IGNORE_INDEX).sum())
+
+
+def render(processor, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    return processor.tokenizer.apply_chat_template(
+        prompt_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def load_media(sample_or_messages, budget: VisionBudget | None, processor):
+    """(images, videos, video_metadata) in prompt order."""
+    messages = sample_or_messages.messages if isinstance(sample_or_messages, Sample) else sample_or_messages
+    vp = processor.video_processor
+    fps = budget.video_fps if budget else float(vp.fps or 2.0)
+    min_frames = budget.video_min_frames if budget else int(vp.min_frames)
+    max_frames = budget.video_max_frames if budget else int(vp.max_frames)
+    images, videos, metas = [], [], []
+    for msg in messages:
+        for m in msg.media():
+            if m.kind == "image":
+                images.append(load_image(m.source))
+            else:
+                frames, meta = load_video(m.source, fps=float(m.options.get("fps", fps)),
+                                          min_frames=int(m.options.get("min_frames", min_frames)),
+                                          max_frames=int(m.options.get("max_frames", max_frames)))
+                videos.append(frames)
+                metas.append(meta)
+    return images, videos, metas
+
+
+def processor_kwargs(budget: VisionBudget | None) -> dict:
+    if budget is None:  # the checkpoint's own (inference) budgets; frames are already sampled
+        return {"videos_kwargs": {"do_sample_frames": False}}
+    return {"images_kwargs": budget.images_kwargs(), "videos_kwargs": budget.videos_kwargs()}
+
+
+def assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """True on every token of each assistant reply, through its <|im_end|>.
+
+    A reply starts after ``<|im_start|>assistant`` and the newline token; if the reply's own
+    leading whitespace merged into that newline token, the merged token is part of the reply.
+    """
+    ids = token_ids(tokenizer)
+    role = tokenizer.encode("assistant", add_special_tokens=False)
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    seq = input_ids.tolist()
+    mask = torch.zeros(len(seq), dtype=torch.bool)
+    i, n = 0, len(seq)
+    while i < n:
+        if seq[i] == ids.im_start and seq[i + 1:i + 1 + len(role)] == role:
+            start = i + 1 + len(role)
+            if seq[start:start + len(newline)] == newline:
+                start += len(newline)
+            end = start
+            while end < n and seq[end] != ids.im_end:
+                end += 1
+            mask[start:min(end + 1, n)] = True  # the reply and its <|im_end|>
+            i = end + 1
+        else:
+            i += 1
+    return mask
+
+
+def encode(sample: Sample, processor, budget: VisionBudget | None = None, max_length: int | None = None,
+           for_generation: bool = False) -> Encoded:
+    """Tokenise one sample with its media. ``for_generation`` renders the prompt for a new reply."""
+    text = render(processor, sample.messages, add_generation_prompt=for_generation)
+    images, videos, metas = load_media(sample, budget, processor)
+    try:
+        out = processor(
+            text=[text], images=images or None, videos=videos or None, video_metadata=metas or None,
+            return_tensors="pt", return_mm_token_type_ids=True, **processor_kwargs(budget),
+        )
+    except ValueError as e:  # e.g. an aspect ratio above 200, an image smaller than a patch
+        raise QvlError(f"processor rejected the media: {e}", where=sample.origin or None) from None
+    input_ids = out["input_ids"][0]
+    if max_length is not None and len(input_ids) > max_length:
+        raise TooLong(len(input_ids), max_length, sample.origin)
+    labels = None
+    if not for_generation:
+        labels = torch.where(assistant_label_mask(input_ids, processor.tokenizer), input_ids,
+                             torch.full_like(input_ids, IGNORE_INDEX))
+    return Encoded(
+        input_ids=input_ids,
+        labels=labels,
+        mm_token_type_ids=out["mm_token_type_ids"][0],
+        pixel_values=out.get("pixel_values"),
+        image_grid_thw=out.get("image_grid_thw"),
+        pixel_values_videos=out.get("pixel_values_videos"),
+        video_grid_thw=out.get("video_grid_thw"),
+        origin=sample.origin,
+    )
+
+
+def count_tokens(sample: Sample, processor, budget: VisionBudget | None = None) -> int:
+    """Exact token length of ``encode(sample)`` without normalising pixels for images.
+
+    Images: the processor's own patch count for the decoded size. Videos: the processor's
+    full expansion (timestamps are text tokens), so this costs a video decode.
+    """
+    text = render(processor, sample.messages)
+    ip = processor.image_processor
+    merge = ip.merge_size ** 2
+    images_kwargs = processor_kwargs(budget).get("images_kwargs", {})
+    image_pad = processor.image_token
+    pieces = text.split(image_pad)
+    images = [m for m in sample.media("image")]
+    if len(pieces) - 1 != len(images):
+        raise QvlError(f"template rendered {len(pieces) - 1} image placeholders for {len(images)} images")
+    expanded = [pieces[0]]
+    for m, rest in zip(images, pieces[1:]):
+        img = load_image(m.source)
+        try:
+            n = ip.get_number_of_image_patches(img.height, img.width, images_kwargs) // merge
+        except ValueError as e:
+            raise QvlError(f"processor rejected the image: {e}", where=sample.origin or None) from None
+        expanded.append(image_pad * n)
+        expanded.append(rest)
+    text = "".join(expanded)
+    videos = sample.media("video")
+    if not videos:
+        return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Special tokens split BPE pre-tokenisation, so each video's expansion (timestamps + pads) can be
+    # counted on its own: total = text without the video pads + the expansion of each pad.
+    video_pad = processor.video_token
+    total = len(processor.tokenizer(text.replace(video_pad, ""), add_special_tokens=False)["input_ids"])
+    _, frames, metas = load_media([Message("user", list(videos))], budget, processor)
+    videos_kwargs = processor_kwargs(budget)["videos_kwargs"]
+    for clip, meta in zip(frames, metas):
+        out = processor(text=[video_pad], videos=[clip], video_metadata=[meta], return_tensors="pt",
+                        videos_kwargs=videos_kwargs)
+        total += int(out["input_ids"].shape[1])
+    return total
