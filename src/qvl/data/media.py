@@ -95,7 +95,7 @@ def load_video(path: str, fps: float = 2.0, min_frames: int = 4, max_frames: int
     from transformers.video_utils import VideoMetadata
 
     path = str(path).removeprefix("file://")
-    if not Path(path).is_file():
+    if not Path(path).exists():  # exists, not is_file: pipes and devices are opened (and time out in checks)
         raise QvlError(f"video file not found: {path}")
     info = probe_video(path)
     indices = sample_frame_indices(info.total_frames, info.fps, fps, min_frames, max_frames)

@@ -149,7 +149,9 @@ def count_tokens(sample: Sample, processor, budget: VisionBudget | None = None) 
     text = render(processor, sample.messages)
     ip = processor.image_processor
     merge = ip.merge_size ** 2
-    images_kwargs = processor_kwargs(budget).get("images_kwargs", {})
+    # get_number_of_image_patches reads min_pixels/max_pixels, not the size dict the call path uses
+    size = processor_kwargs(budget).get("images_kwargs", {}).get("size")
+    images_kwargs = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]} if size else {}
     image_pad = processor.image_token
     pieces = text.split(image_pad)
     images = [m for m in sample.media("image")]

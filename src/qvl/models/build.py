@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from qvl.errors import QvlError
 from qvl.models import tokens as T
 from qvl.models.sizes import SizeFacts, get_size
 
@@ -252,3 +253,17 @@ def build_random(size: str, out: str | os.PathLike, dtype=None, seed: int = 0) -
     model, processor = random_model(size, dtype=dtype, seed=seed)
     _save(model, processor, Path(out))
     return Built(Path(out), sum(p.numel() for p in model.parameters()))
+
+
+def default_tiny_dir():
+    """The embedded default model: the tiny checkpoint, built once into the qvl cache folder."""
+    from qvl.utils.fs import cache_dir
+
+    out = cache_dir() / "models" / "tiny"
+    if not (out / "config.json").is_file():
+        try:
+            build_tiny(out)
+        except QvlError:  # another process built it first
+            if not (out / "config.json").is_file():
+                raise
+    return out

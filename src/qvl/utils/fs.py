@@ -71,3 +71,10 @@ def refuse_same_file(output: Path, *inputs: Path) -> None:
     for i in inputs:
         if Path(i).resolve() == out:
             raise QvlError(f"output {output} is the input file", fix="write to another path; inputs are never overwritten")
+
+
+def cache_dir() -> Path:
+    """qvl's cache folder ($QVL_CACHE_DIR, else ~/.cache/qvl)."""
+    root = Path(os.environ.get("QVL_CACHE_DIR") or Path.home() / ".cache" / "qvl")
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from helpers import write_image, write_video
+from qvl.data.media import frame_timestamps, load_image, load_video, probe_video, sample_frame_indices
+from qvl.errors import QvlError
+
+
+def test_frame_sampling_matches_the_qwen3vl_rule():
+    # 16 frames at 8 fps = 2 s; 2 fps wants 4 frames, evenly spaced
+    assert sample_frame_indices(16, 8.0, 2.0, 4, 768) == [0, 5, 10, 15]
+    # a long clip is capped at max_frames
+    assert len(sample_frame_indices(3000, 30.0, 2.0, 4, 8)) == 8
+    # frames come in pairs; a 1-frame video repeats its frame
+    assert sample_frame_indices(1, 8.0, 2.0, 4, 768) == [0, 0]
+    assert len(sample_frame_indices(7, 8.0, 2.0, 4, 768)) % 2 == 0
+
+
+def test_decoded_frames_and_timestamps_match_known_frame_times(tmp_path):
+    path = write_video(tmp_path / "v.mp4", frames=16, fps=8)
+    info = probe_video(str(path))
+    assert (info.total_frames, info.fps, info.width, info.height) == (16, 8.0, 96, 64)
+    frames, meta = load_video(str(path), fps=2.0, min_frames=4, max_frames=768)
+    assert frames.shape == (4, 64, 96, 3) and frames.dtype == np.uint8
+    assert meta.frames_indices == [0, 5, 10, 15]
+    # frame i was written with brightness 15*i: the decoded frames are the sampled ones
+    assert [round(float(f.mean()) / 15) for f in frames] == [0, 5, 10, 15]
+    # the model sees the mean time of each merged pair: (0 + 5/8)/2 and (10/8 + 15/8)/2
+    assert frame_timestamps(meta.frames_indices, meta.fps) == [0.3125, 1.5625]
+
+
+def test_bad_media_are_clear_errors(tmp_path):
+    with pytest.raises(QvlError, match="not found"):
+        load_image(str(tmp_path / "nope.png"))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(QvlError, match="cannot decode image"):
+        load_image(str(tmp_path / "broken.png"))
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42garbage")
+    with pytest.raises(QvlError, match="video"):
+        load_video(str(tmp_path / "broken.mp4"))
+
+
+def test_image_sources(tmp_path):
+    import base64
+
+    path = write_image(tmp_path / "a.png")
+    data = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    for src in (str(path), "file://" + str(path), data, path.read_bytes()):
+        assert load_image(src).size == (96, 64)
