@@ -314,8 +314,10 @@ def write_mp4(path: Path, frames: list[np.ndarray], fps: int, codec: str) -> Non
         stream.time_base = Fraction(1, fps)
         stream.codec_context.time_base = Fraction(1, fps)
         if codec in ("libx264", "h264"):
-            # One thread and no B-frame lookahead randomness: byte-identical output for a seed.
-            stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+            # With B-frames and the rc lookahead on, libx264 output differs now and then between
+            # identical runs (seen ~1 in 4 at threads=1); without them it is byte-identical.
+            stream.options = {"crf": "18", "preset": "veryfast", "bf": "0",
+                              "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:rc-lookahead=0:mbtree=0"}
         else:
             stream.bit_rate = 1_000_000
             stream.codec_context.thread_count = 1
