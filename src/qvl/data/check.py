@@ -99,12 +99,13 @@ def _bbox_problems(sample: Sample) -> list[Problem]:
 
 def check_sample(sample: Sample, processor, budget: VisionBudget, max_length: int | None) -> CheckResult:
     """Decode every media item, then count tokens exactly; every problem is reported."""
-    from qvl.data.media import load_image, load_video
-    from qvl.data.preprocess import count_tokens
+    from qvl.data.media import load_image
+    from qvl.data.preprocess import count_tokens, decode_video
     from qvl.errors import QvlError
 
     problems = _bbox_problems(sample)
     counters = {"image": 0, "video": 0}
+    decoded_videos = []
     for m in sample.media():
         i = counters[m.kind]
         counters[m.kind] += 1
@@ -115,8 +116,7 @@ def check_sample(sample: Sample, processor, budget: VisionBudget, max_length: in
                 if ratio > 200:
                     raise QvlError(f"aspect ratio {ratio:.0f}:1 is above Qwen's limit of 200:1")
             else:
-                load_video(m.source, fps=budget.video_fps, min_frames=budget.video_min_frames,
-                           max_frames=budget.video_max_frames)
+                decoded_videos.append(decode_video(m, budget, processor))
         except QvlError as e:
             problems.append(Problem(sample.index, f"{m.kind}[{i}]", e.what,
                                     "fix or remove the file, or drop the sample (--write-valid)"))
@@ -124,7 +124,7 @@ def check_sample(sample: Sample, processor, budget: VisionBudget, max_length: in
     if problems:
         return CheckResult(sample.index, None, problems, kinds)
     try:
-        length = count_tokens(sample, processor, budget)
+        length = count_tokens(sample, processor, budget, decoded_videos)
     except QvlError as e:
         return CheckResult(sample.index, None, [Problem(sample.index, "media", e.what, e.fix or "check the media")], kinds)
     if max_length and length > max_length:

@@ -55,22 +55,27 @@ def render(processor, messages: list[Message], add_generation_prompt: bool = Fal
     )
 
 
-def load_media(sample_or_messages, budget: VisionBudget | None, processor):
-    """(images, videos, video_metadata) in prompt order."""
-    messages = sample_or_messages.messages if isinstance(sample_or_messages, Sample) else sample_or_messages
+def decode_video(media, budget: VisionBudget | None, processor):
+    """(frames, metadata) for one video item: per-item options, else the budget, else the processor's."""
     vp = processor.video_processor
     fps = budget.video_fps if budget else float(vp.fps or 2.0)
     min_frames = budget.video_min_frames if budget else int(vp.min_frames)
     max_frames = budget.video_max_frames if budget else int(vp.max_frames)
+    o = media.options
+    return load_video(media.source, fps=float(o.get("fps", fps)), min_frames=int(o.get("min_frames", min_frames)),
+                      max_frames=int(o.get("max_frames", max_frames)))
+
+
+def load_media(sample_or_messages, budget: VisionBudget | None, processor):
+    """(images, videos, video_metadata) in prompt order."""
+    messages = sample_or_messages.messages if isinstance(sample_or_messages, Sample) else sample_or_messages
     images, videos, metas = [], [], []
     for msg in messages:
         for m in msg.media():
             if m.kind == "image":
                 images.append(load_image(m.source))
             else:
-                frames, meta = load_video(m.source, fps=float(m.options.get("fps", fps)),
-                                          min_frames=int(m.options.get("min_frames", min_frames)),
-                                          max_frames=int(m.options.get("max_frames", max_frames)))
+                frames, meta = decode_video(m, budget, processor)
                 videos.append(frames)
                 metas.append(meta)
     return images, videos, metas
@@ -140,11 +145,12 @@ def encode(sample: Sample, processor, budget: VisionBudget | None = None, max_le
     )
 
 
-def count_tokens(sample: Sample, processor, budget: VisionBudget | None = None) -> int:
+def count_tokens(sample: Sample, processor, budget: VisionBudget | None = None, decoded_videos=None) -> int:
     """Exact token length of ``encode(sample)`` without normalising pixels for images.
 
     Images: the processor's own patch count for the decoded size. Videos: the processor's
-    full expansion (timestamps are text tokens), so this costs a video decode.
+    full expansion (timestamps are text tokens), so this costs a video decode unless
+    ``decoded_videos`` ([(frames, metadata)] in prompt order) is given.
     """
     text = render(processor, sample.messages)
     ip = processor.image_processor
@@ -174,7 +180,10 @@ def count_tokens(sample: Sample, processor, budget: VisionBudget | None = None) 
     # counted on its own: total = text without the video pads + the expansion of each pad.
     video_pad = processor.video_token
     total = len(processor.tokenizer(text.replace(video_pad, ""), add_special_tokens=False)["input_ids"])
-    _, frames, metas = load_media([Message("user", list(videos))], budget, processor)
+    if decoded_videos is None:
+        _, frames, metas = load_media([Message("user", list(videos))], budget, processor)
+    else:
+        frames, metas = [f for f, _ in decoded_videos], [m for _, m in decoded_videos]
     videos_kwargs = processor_kwargs(budget)["videos_kwargs"]
     for clip, meta in zip(frames, metas):
         out = processor(text=[video_pad], videos=[clip], video_metadata=[meta], return_tensors="pt",
