@@ -115,3 +115,12 @@ def check(dataset: str = typer.Argument(..., help="Registry name(s) with optiona
         typer.echo(f"wrote {len(report.bad)} bad records to {write_problems}")
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _register_optional() -> None:
+    from qvl.cli import bbox_cmd
+
+    bbox_cmd.register(app)
+
+
+_register_optional()
