@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast test-compat install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,5 +28,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
+# The oldest supported transformers (5.17, what the GPU machine has): an overlay venv that reuses
+# .venv's packages (torch etc.) and only adds transformers 5.17 + the huggingface_hub it needs.
+COMPAT := .venv-tf517
+$(COMPAT)/.installed: $(STAMP)
+	$(PY) -m venv $(COMPAT)
+	echo "import site; site.addsitedir('$$($(BIN)/python -c "import site; print(site.getsitepackages()[0])")')" \
+		> $$($(COMPAT)/bin/python -c "import site; print(site.getsitepackages()[0])")/_qvl_base.pth
+	$(COMPAT)/bin/pip install -q "transformers==5.17.*" "huggingface_hub<2"
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(COMPAT) demo_out .pytest_cache

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from qvl.cli.main import friendly
+from qvl.cli.common import friendly
 
 app = typer.Typer(help="Datasets: synthesise, check, pack, convert boxes.", no_args_is_help=True)
 synth_app = typer.Typer(help="Synthetic datasets in the official fine-tuning format.", no_args_is_help=True)

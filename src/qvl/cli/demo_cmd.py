@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from qvl.cli.main import friendly
+from qvl.cli.common import friendly
 
 
 def register(app: typer.Typer) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import typer
 
-from qvl.errors import QvlError
+from qvl.cli.common import friendly  # noqa: F401  (re-exported for command modules)
 
 app = typer.Typer(
     help="qvl: fine-tune, evaluate and serve Qwen3-VL on one GPU (or a CPU to try things).",
@@ -15,20 +14,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def friendly(fn):
-    """Print QvlError as a message (no traceback) and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except QvlError as e:
-            typer.secho(f"error: {e.render()}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _register() -> None:

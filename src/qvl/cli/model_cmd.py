@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from qvl.cli.main import friendly
+from qvl.cli.common import friendly
 
 app = typer.Typer(help="Build and inspect Qwen3-VL checkpoints offline.", no_args_is_help=True)
 
