@@ -1,0 +1,715 @@
+"""The memory planner: predict per-GPU peak memory for serving and training Qwen3-VL, before anything loads.
+
+Everything is counted in bytes from the model shape (``qvl.plan.model``) and the user's settings, then
+reported in GiB. The counting rules are documented in ``docs/plan.md``; the constants below are the only
+tunable numbers, each with the reason for its value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from qvl.errors import QvlError
+from qvl.plan.gpus import GIB, Gpu, gpu_from_args
+from qvl.plan.model import ModelShape, resolve_model
+
+# --- constants ------------------------------------------------------------------------------------------
+CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
+NCCL_GIB = 0.5  # NCCL communicators and buffers, only with --gpus > 1
+ALLOCATOR_FRACTION = 0.05  # torch caching-allocator reserve over peak allocated (fragmentation)
+# Training loss: bf16 logits (2) + fp32 log-softmax kept for backward (4) + its grad (4) + the grad of the
+# upcast logits (4) are alive together at the start of backward: 14 bytes per vocab entry per token.
+LOGITS_TRAIN_BYTES = 14
+LORA_ADAPTER_BYTES = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True) on a bf16 base
+NF4_BYTES = 4.127 / 8  # 4-bit NF4 + double-quantised absmax (bitsandbytes, blocksize 64)
+VLLM_SAMPLER_BYTES = 16  # fp32 logits + probs + int64 sort indices, per vocab entry per sequence (dummy run)
+VLLM_NON_TORCH_GIB = 0.3  # non-torch increase measured during vLLM profiling (cuBLAS workspace, …)
+VLLM_CUDAGRAPH_GIB_PER_LAYER = 0.02  # graph pools for ~67 capture sizes; ~0.7 GiB for a 36-layer model
+ZERO_BUCKET_ELEMS = 2e8  # DeepSpeed reduce/allgather bucket sizes (official zero2/zero3 json)
+MODEL_MAX_LEN = 262_144  # Qwen3-VL native context (max_position_embeddings)
+
+LORA_TARGETS_ALL = ("q", "k", "v", "o", "gate", "up", "down")
+_TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
+                   "up_proj": "up", "down_proj": "down"}
+
+
+# --- the result ------------------------------------------------------------------------------------------
+@dataclass
+class Recommendation:
+    text: str
+    changes: dict  # keyword arguments that, applied to the same plan_* call, give this setting
+    total_gib: float | None = None
+    fits: bool | None = None
+
+
+@dataclass
+class Plan:
+    mode: str  # "serve" or "train"
+    model: str
+    gpu: str
+    gpu_total_gib: float
+    gpus: int
+    settings: dict
+    parts: dict[str, float]  # name → GiB, per GPU; they add up to total_gib
+    notes: dict[str, str]  # name → how it was counted
+    total_gib: float
+    peak_allocated_gib: float  # torch tensors only (what torch.cuda.max_memory_allocated reports)
+    fits: bool
+    headroom_gib: float
+    kv_bytes_per_token: int
+    kv_needed_gib: float | None = None
+    kv_available_gib: float | None = None
+    max_model_len_that_fits: int | None = None
+    max_batch_that_fits: int | None = None
+    max_seq_len_that_fits: int | None = None
+    cpu_ram_gib: float = 0.0  # offloaded states (ZeRO offload), per GPU
+    warnings: list[str] = field(default_factory=list)
+    recommendations: list[Recommendation] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if not self.fits:
+            if self.kv_available_gib is not None and self.kv_needed_gib is not None \
+                    and self.kv_available_gib < self.kv_needed_gib:
+                return (f"does not fit: one {self.settings['max_model_len']:,}-token sequence needs "
+                        f"{self.kv_needed_gib:.1f} GiB of KV cache, vLLM would have {self.kv_available_gib:.1f} GiB")
+            return f"does not fit: needs {self.total_gib:.1f} GiB of {self.gpu_total_gib:.1f} GiB " \
+                   f"({-self.headroom_gib:.1f} GiB over)"
+        tight = " (tight: under 5% headroom)" if self.headroom_gib < 0.05 * self.gpu_total_gib else ""
+        return f"fits: {self.total_gib:.1f} GiB of {self.gpu_total_gib:.1f} GiB, " \
+               f"{self.headroom_gib:.1f} GiB headroom{tight}"
+
+    def to_json(self) -> dict:
+        return {
+            "mode": self.mode, "model": self.model, "gpu": self.gpu, "gpu_total_gib": round(self.gpu_total_gib, 2),
+            "gpus": self.gpus, "settings": self.settings,
+            "fits": self.fits, "verdict": self.verdict,
+            "total_gib": round(self.total_gib, 2), "peak_allocated_gib": round(self.peak_allocated_gib, 2),
+            "headroom_gib": round(self.headroom_gib, 2),
+            "parts": {k: round(v, 3) for k, v in self.parts.items()},
+            "notes": self.notes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_needed_gib": None if self.kv_needed_gib is None else round(self.kv_needed_gib, 2),
+            "kv_available_gib": None if self.kv_available_gib is None else round(self.kv_available_gib, 2),
+            "max_model_len_that_fits": self.max_model_len_that_fits,
+            "max_batch_that_fits": self.max_batch_that_fits,
+            "max_seq_len_that_fits": self.max_seq_len_that_fits,
+            "cpu_ram_gib": round(self.cpu_ram_gib, 2),
+            "warnings": self.warnings,
+            "recommendations": [r.text for r in self.recommendations],
+            "recommended_changes": [r.changes for r in self.recommendations],
+        }
+
+
+# --- shared counting helpers -----------------------------------------------------------------------------
+def _gib(nbytes: float) -> float:
+    return nbytes / GIB
+
+
+def visual_tokens_image(m: ModelShape, pixels: int) -> int:
+    """LLM tokens of one image under a pixel budget: pixels / (32·32)."""
+    return max(1, math.ceil(pixels / m.pixels_per_visual_token))
+
+
+def visual_tokens_video(m: ModelShape, frames: int, frame_pixels: int) -> int:
+    """LLM tokens of one video: frames are merged in pairs (temporal patch 2), each pair gives pixels/(32·32)."""
+    if frames <= 0:
+        return 0
+    return math.ceil(frames / m.temporal_patch) * visual_tokens_image(m, frame_pixels)
+
+
+def _lora_dims(m: ModelShape, targets) -> list[tuple[int, int]]:
+    dims = {"q": (m.hidden, m.q_dim), "k": (m.hidden, m.kv_dim), "v": (m.hidden, m.kv_dim),
+            "o": (m.q_dim, m.hidden), "gate": (m.hidden, m.intermediate), "up": (m.hidden, m.intermediate),
+            "down": (m.intermediate, m.hidden)}
+    if m.is_moe:  # experts are fused parameters: LoRA goes on attention only
+        dims = {k: v for k, v in dims.items() if k in ("q", "k", "v", "o")}
+    return [dims[t] for t in targets if t in dims]
+
+
+def parse_lora_targets(targets) -> tuple[str, ...]:
+    if targets is None or targets == "all" or targets == ["all"]:
+        return LORA_TARGETS_ALL
+    if isinstance(targets, str):
+        targets = [t for t in targets.replace(" ", "").split(",") if t]
+    out = []
+    for t in targets:
+        t = _TARGET_ALIASES.get(t, t)
+        if t == "all-linear" or t == "all":
+            return LORA_TARGETS_ALL
+        if t not in LORA_TARGETS_ALL:
+            raise QvlError(f"unknown LoRA target {t!r}", fix=f"use 'all' or a comma list of {','.join(LORA_TARGETS_ALL)}")
+        out.append(t)
+    return tuple(out)
+
+
+def lora_params(m: ModelShape, r: int, targets=LORA_TARGETS_ALL) -> int:
+    """LoRA A and B matrices on every LLM layer: r·(d_in + d_out) per adapted linear."""
+    return m.layers * sum(r * (din + dout) for din, dout in _lora_dims(m, targets))
+
+
+def _mlp_width(m: ModelShape) -> int:
+    """MLP width one token goes through (MoE: its top-k experts)."""
+    return m.moe_topk * m.moe_intermediate if m.is_moe else m.intermediate
+
+
+def layer_saved_bytes_per_token(m: ModelShape, lora_r: int = 0, targets=(), lora_dropout: float = 0.0,
+                                gqa_repeat: bool = False) -> int:
+    """Activations one decoder layer keeps for backward, per token (bf16, sdpa/flash attention, no L² term).
+
+    Two fp32 RMSNorms (10·h each), q/k/v and their per-head norms and RoPE copies, attention output,
+    SwiGLU (gate, silu(gate), up, product: 8·I), and for LoRA the bf16 input copy (+ dropout mask) and the
+    rank-r intermediate of every adapted linear.
+    """
+    h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
+    b = 20 * h + 18 * qd + 16 * kvd + 8 * inter
+    if m.is_moe:
+        b += 4 * m.moe_topk * h + 8 * m.moe_experts  # permuted token copies + router logits
+    if gqa_repeat:  # sdpa with a padding mask expands K and V to all heads
+        b += 4 * qd
+    if lora_r:
+        per_in = 3 if lora_dropout > 0 else 2
+        b += sum(per_in * din + 2 * lora_r for din, _ in _lora_dims(m, targets))
+    return b
+
+
+def layer_transient_bytes_per_token(m: ModelShape) -> int:
+    """Inference (no grad) working set of one decoder layer, per token: residual + fp32 norm + the larger of
+    attention (q, k, v, RoPE copies, output) and the SwiGLU MLP (gate, up, act, product)."""
+    h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
+    return 12 * h + max(6 * qd + 6 * kvd, 8 * inter)
+
+
+def vision_transient_bytes_per_patch(m: ModelShape) -> int:
+    """Vision encoder working set (no grad) per patch: the larger of the attention block (qkv, fp32 RoPE on
+    q/k) and the MLP, plus the fp32 + bf16 pixel input."""
+    vh, vi = m.vision_hidden, m.vision_intermediate
+    pixel = 3 * m.temporal_patch * m.patch_size**2
+    return max(26 * vh, 4 * vh + 4 * vi) + 2 * vh + 6 * pixel
+
+
+def vision_saved_bytes_per_patch(m: ModelShape) -> int:
+    """Activations one vision block keeps for backward, per patch (LayerNorms, qkv, fp32 RoPE, MLP)."""
+    vh, vi = m.vision_hidden, m.vision_intermediate
+    return 26 * vh + 4 * vi
+
+
+def _search_max(fn, lo: int, hi: int) -> int | None:
+    """Largest x in [lo, hi] with fn(x) true, assuming fn is monotone (true then false). None if fn(lo) is false."""
+    if not fn(lo):
+        return None
+    if fn(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fn(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _finish(plan: Plan) -> Plan:
+    plan.total_gib = sum(plan.parts.values())
+    plan.headroom_gib = plan.gpu_total_gib - plan.total_gib
+    if plan.kv_available_gib is None:
+        plan.fits = plan.headroom_gib >= 0
+    return plan
+
+
+# --- serve -------------------------------------------------------------------------------------------------
+@dataclass
+class ServeSettings:
+    backend: str = "vllm"
+    max_model_len: int | None = None  # None: the model's 262,144
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int | None = None  # None: vLLM's default for the card (transformers: 1)
+    max_num_batched_tokens: int | None = None
+    image_tokens: int | None = None  # largest image in visual tokens; None: the hub processor's 16,384
+    video_frames: int = 0
+    video_frame_tokens: int = 256  # visual tokens per frame pair
+    kv_cache_dtype: str = "auto"  # auto (bf16) or fp8
+    enforce_eager: bool = False
+    gpus: int = 1
+
+
+HUB_IMAGE_MAX_PIXELS = 16_777_216  # official preprocessor_config.json longest_edge
+
+
+def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str = "vllm",
+               max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
+               max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+               image_tokens: int | None = None, video_frames: int = 0, video_frame_tokens: int = 256,
+               kv_cache_dtype: str = "auto", enforce_eager: bool = False, gpus: int = 1,
+               recommend: bool = True, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
+    """Predict per-GPU memory for serving. vLLM: reproduce vLLM's KV budget; transformers: peak of generate."""
+    m = _shape or resolve_model(model)
+    card = _gpu or gpu_from_args(gpu, gpu_mem)
+    if backend not in ("vllm", "transformers", "hf"):
+        raise QvlError(f"unknown backend {backend!r}", fix="use --backend vllm or --backend transformers")
+    backend = "transformers" if backend == "hf" else backend
+    if gpus < 1:
+        raise QvlError("--gpus must be at least 1")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise QvlError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if kv_cache_dtype not in ("auto", "bf16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"):
+        raise QvlError(f"unknown KV cache dtype {kv_cache_dtype!r}", fix="use auto (bf16) or fp8")
+    kv_dtype_bytes = 1 if kv_cache_dtype.startswith("fp8") else 2
+    model_len = max_model_len or MODEL_MAX_LEN
+    if image_tokens is None:
+        image_tokens = visual_tokens_image(m, HUB_IMAGE_MAX_PIXELS) if backend == "vllm" else 1024
+    video_tokens = math.ceil(video_frames / m.temporal_patch) * video_frame_tokens if video_frames else 0
+    mm_item_tokens = max(image_tokens, video_tokens)
+    big = card.total_gib >= 70
+    if max_num_seqs is None:
+        max_num_seqs = (1024 if big else 256) if backend == "vllm" else 1
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = 8192 if big else 2048
+    settings = dict(backend=backend, max_model_len=model_len, gpu_memory_utilization=gpu_memory_utilization,
+                    max_num_seqs=max_num_seqs, image_tokens=image_tokens, video_frames=video_frames,
+                    kv_cache_dtype=kv_cache_dtype, gpus=gpus)
+    if backend == "vllm":
+        settings.update(max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
+
+    tp = gpus
+    kv_per_token = m.kv_bytes_per_token(kv_dtype_bytes)
+    kv_per_token_gpu = kv_per_token / min(tp, m.kv_heads)  # KV heads split over TP, replicated beyond
+    weights = m.params_total * 2 / tp
+    patches = mm_item_tokens * m.spatial_merge**2
+    vision = patches * vision_transient_bytes_per_patch(m) / tp
+    parts: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    parts["CUDA context"] = CUDA_CONTEXT_GIB
+    notes["CUDA context"] = "CUDA context and library workspaces, outside torch"
+    if tp > 1:
+        parts["NCCL buffers"] = NCCL_GIB
+        notes["NCCL buffers"] = f"tensor parallel over {tp} GPUs"
+    parts["weights"] = _gib(weights)
+    notes["weights"] = f"{m.params_total / 1e9:.2f} B params × 2 bytes (bf16)" + (f" / TP {tp}" if tp > 1 else "")
+
+    plan = Plan("serve", m.name, card.name, card.total_gib, gpus, settings, parts, notes, 0.0, 0.0, True, 0.0,
+                kv_per_token)
+    kv_needed = model_len * kv_per_token_gpu
+    plan.kv_needed_gib = _gib(kv_needed)
+
+    if backend == "vllm":
+        requested = card.total_gib * gpu_memory_utilization * GIB
+        # profile_run: encoder on the largest multimodal item, then a dummy forward of max_num_batched_tokens,
+        # then the sampler on max_num_seqs rows; the torch peak is the largest of the three.
+        enc_cache = mm_item_tokens * m.hidden * 2 * (1 + m.deepstack) / tp
+        llm_fwd = max_num_batched_tokens * (layer_transient_bytes_per_token(m) / tp + 4 * m.hidden)
+        sampler = max_num_seqs * m.vocab * VLLM_SAMPLER_BYTES
+        peak = max(vision, enc_cache + llm_fwd, enc_cache + sampler)
+        graphs = 0.0 if enforce_eager else VLLM_CUDAGRAPH_GIB_PER_LAYER * m.layers * GIB
+        which = {vision: "vision encoder on the largest image/video", enc_cache + llm_fwd:
+                 f"LLM dummy forward of {max_num_batched_tokens:,} tokens",
+                 enc_cache + sampler: f"sampler on {max_num_seqs} sequences"}[peak]
+        parts["vLLM non-torch memory"] = VLLM_NON_TORCH_GIB
+        notes["vLLM non-torch memory"] = "non-torch increase during profiling"
+        parts["vLLM profiling peak"] = _gib(peak)
+        notes["vLLM profiling peak"] = (
+            f"max(vision encoder {_gib(vision):.2f} GiB for a {mm_item_tokens:,}-token item, "
+            f"LLM {max_num_batched_tokens:,} tokens {_gib(llm_fwd + enc_cache):.2f} GiB, "
+            f"sampler {max_num_seqs}×{m.vocab} {_gib(sampler + enc_cache):.2f} GiB): {which}")
+        parts["CUDA graphs"] = _gib(graphs)
+        notes["CUDA graphs"] = "disabled (--enforce-eager)" if enforce_eager else \
+            "graph memory pools (recent vLLM subtracts its estimate from the KV budget)"
+        non_kv = weights + VLLM_NON_TORCH_GIB * GIB + peak + graphs
+        kv_avail = requested - non_kv
+        parts["KV cache (allocated)"] = max(0.0, _gib(kv_avail))
+        notes["KV cache (allocated)"] = (f"{gpu_memory_utilization:.2f} × {card.total_gib:.1f} GiB − weights − "
+                                         "non-torch − profiling peak − CUDA graphs; vLLM takes all of it")
+        plan.kv_available_gib = _gib(kv_avail)
+        cap_tokens = int(max(0, kv_avail) // kv_per_token_gpu)
+        plan.max_model_len_that_fits = min(MODEL_MAX_LEN, cap_tokens // 16 * 16) if cap_tokens >= 16 else 0
+        plan.peak_allocated_gib = _gib(weights + peak + max(0, kv_avail))
+        _finish(plan)
+        startup_ok = card.total_gib - CUDA_CONTEXT_GIB - (NCCL_GIB if tp > 1 else 0) >= _gib(requested)
+        plan.fits = kv_avail >= kv_needed and startup_ok and plan.headroom_gib >= 0
+        if not startup_ok:
+            plan.warnings.append(f"--gpu-memory-utilization {gpu_memory_utilization} asks for {_gib(requested):.1f} GiB "
+                                 f"but only ~{card.total_gib - CUDA_CONTEXT_GIB:.1f} GiB is free after the CUDA "
+                                 "context; vLLM refuses to start")
+        if kv_avail > 0:
+            conc = kv_avail / kv_needed
+            plan.notes["KV cache (allocated)"] += f"; holds {cap_tokens:,} tokens = {conc:.2f}× one " \
+                                                  f"{model_len:,}-token sequence"
+    else:
+        batch = max_num_seqs
+        kv = batch * kv_needed
+        # prefill of the whole prompt at once (worst case: the prompt fills the context)
+        prefill = batch * model_len * (layer_transient_bytes_per_token(m) / tp + 6 * m.hidden)
+        logits = batch * m.vocab * 10  # last-token logits: bf16 + fp32 copy + softmax
+        parts["KV cache"] = _gib(kv)
+        notes["KV cache"] = f"{batch} × {model_len:,} tokens × {kv_per_token_gpu / 1024:.0f} KiB"
+        act = max(vision, prefill + logits)
+        parts["activations (prefill / vision)"] = _gib(act)
+        notes["activations (prefill / vision)"] = (
+            f"max(prefill of {batch}×{model_len:,} tokens {_gib(prefill):.2f} GiB, vision encoder on a "
+            f"{mm_item_tokens:,}-token item {_gib(vision):.2f} GiB)")
+        alloc = weights + kv + act
+        parts["allocator reserve"] = _gib(alloc) * ALLOCATOR_FRACTION
+        notes["allocator reserve"] = f"{ALLOCATOR_FRACTION:.0%} of peak allocated (fragmentation)"
+        plan.peak_allocated_gib = _gib(alloc)
+        _finish(plan)
+
+        def fits_len(n: int) -> bool:
+            return plan_serve(m.name, _shape=m, _gpu=card, backend=backend, max_model_len=n, max_num_seqs=batch,
+                              image_tokens=image_tokens, video_frames=video_frames,
+                              video_frame_tokens=video_frame_tokens, kv_cache_dtype=kv_cache_dtype, gpus=gpus,
+                              recommend=False).fits
+        best = _search_max(fits_len, 16, MODEL_MAX_LEN)
+        plan.max_model_len_that_fits = (best // 16 * 16) if best else 0
+    if recommend:
+        plan.recommendations = _serve_recommendations(plan, m, card)
+    return plan
+
+
+def _serve_recommendations(plan: Plan, m: ModelShape, card: Gpu) -> list[Recommendation]:
+    s = plan.settings
+    out: list[Recommendation] = []
+    base = dict(backend=s["backend"], max_model_len=s["max_model_len"], max_num_seqs=s["max_num_seqs"],
+                gpu_memory_utilization=s["gpu_memory_utilization"], image_tokens=s["image_tokens"],
+                video_frames=s["video_frames"], kv_cache_dtype=s["kv_cache_dtype"], gpus=s["gpus"])
+    if s["backend"] == "vllm":
+        base.update(max_num_batched_tokens=s["max_num_batched_tokens"], enforce_eager=s["enforce_eager"])
+
+    def trial(text: str, **changes) -> None:
+        p = plan_serve(m.name, _shape=m, _gpu=card, recommend=False, **{**base, **changes})
+        out.append(Recommendation(text.format(p=p) + ("" if p.fits else " (helps; alone not enough)"), changes,
+                                  round(p.total_gib, 2), p.fits))
+
+    best = plan.max_model_len_that_fits or 0
+    if not plan.fits:
+        if best >= 1024:
+            n = best // 1024 * 1024
+            kv = n * plan.kv_bytes_per_token / min(s["gpus"], m.kv_heads) / GIB
+            trial(f"--max-model-len {n:,} (largest that fits, in steps of 1024; KV {kv:.1f} GiB)", max_model_len=n)
+        if s["backend"] == "vllm":
+            for u in (0.95,):
+                if u > s["gpu_memory_utilization"]:
+                    trial(f"--gpu-memory-utilization {u} (KV available {{p.kv_available_gib:.1f}} GiB)",
+                          gpu_memory_utilization=u)
+            if s["kv_cache_dtype"] == "auto":
+                trial("--kv-cache-dtype fp8 (halves the KV cache: {p.kv_bytes_per_token:,} bytes/token)",
+                      kv_cache_dtype="fp8")
+            if s["image_tokens"] > 4096:
+                trial("limit images to 4,096 visual tokens (--mm-processor-kwargs '{{\"max_pixels\": 4194304}}'): "
+                      "smaller vision-encoder profiling peak", image_tokens=4096)
+        if s["gpus"] < 8:
+            for g in (2, 4, 8):
+                if g > s["gpus"] and g <= m.kv_heads:
+                    p = plan_serve(m.name, _shape=m, _gpu=card, recommend=False, **{**base, "gpus": g})
+                    if p.fits:
+                        out.append(Recommendation(f"--gpus {g} (tensor parallel)", {"gpus": g},
+                                                  round(p.total_gib, 2), True))
+                        break
+        out.sort(key=lambda r: not r.fits)
+    else:
+        if s["backend"] == "vllm" and plan.kv_available_gib and plan.kv_needed_gib:
+            c = plan.kv_available_gib / plan.kv_needed_gib
+            out.append(Recommendation(
+                f"fits: the KV cache holds {c:.1f} full-length sequences; shorter requests share it "
+                f"(max concurrency at full length ≈ {c:.1f})", {}, round(plan.total_gib, 2), True))
+        elif best and best > s["max_model_len"]:
+            out.append(Recommendation(f"context could grow to {best:,} tokens", {"max_model_len": best},
+                                      None, True))
+    return out
+
+
+# --- train -------------------------------------------------------------------------------------------------
+def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str = "lora", zero: int = 0,
+               offload: bool = False, gradient_checkpointing: bool = True, batch: int = 1, seq_len: int = 2048,
+               max_pixels: int = 451_584, images_per_sample: int = 1, video_max_frames: int = 0,
+               video_frame_pixels: int = 262_144, lora_r: int = 64, lora_targets="all", lora_dropout: float = 0.05,
+               tune_mm_vision: bool = False, tune_mm_mlp: bool | None = None, tune_mm_llm: bool = True,
+               optim: str = "adamw", gpus: int = 1, recommend: bool = True,
+               _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
+    """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
+
+    ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
+    ``model_max_length`` counts); ``batch`` is the per-GPU micro-batch.
+    """
+    m = _shape or resolve_model(model)
+    card = _gpu or gpu_from_args(gpu, gpu_mem)
+    method = method.lower()
+    if method not in ("lora", "qlora", "full"):
+        raise QvlError(f"unknown training method {method!r}", fix="use --method lora, qlora or full")
+    if zero not in (0, 1, 2, 3):
+        raise QvlError(f"unknown ZeRO stage {zero!r}", fix="use --zero 0, 1, 2 or 3")
+    if optim not in ("adamw", "adamw8bit", "sgd"):
+        raise QvlError(f"unknown optimizer {optim!r}", fix="use adamw, adamw8bit or sgd")
+    if batch < 1 or seq_len < 1 or gpus < 1:
+        raise QvlError("--batch, --seq-len and --gpus must be at least 1")
+    if offload and zero == 0:
+        raise QvlError("--offload needs DeepSpeed ZeRO", fix="add --zero 2 or --zero 3")
+    if method == "qlora" and zero == 3:
+        raise QvlError("QLoRA does not work with ZeRO-3 here", fix="use --zero 2 or --zero 0")
+    targets = parse_lora_targets(lora_targets)
+    if tune_mm_mlp is None:
+        tune_mm_mlp = method == "full"
+    n = gpus
+    settings = dict(method=method, zero=zero, offload=offload, gradient_checkpointing=gradient_checkpointing,
+                    batch=batch, seq_len=seq_len, max_pixels=max_pixels, images_per_sample=images_per_sample,
+                    video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels,
+                    tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm,
+                    optim=optim, gpus=gpus)
+    if method in ("lora", "qlora"):
+        settings.update(lora_r=lora_r, lora_targets=",".join(targets), lora_dropout=lora_dropout)
+
+    parts: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    cpu = 0.0
+
+    # ---- parameters, gradients, optimizer states
+    vision_tower = m.params_vision - m.params_merger
+    if method == "qlora":
+        body_linear = m.params_llm_body  # norms are a rounding error here
+        w = body_linear * NF4_BYTES + (m.params_embed + m.params_lm_head + m.params_vision) * 2
+        wnote = f"LLM body {body_linear / 1e9:.2f} B params in NF4 (4.13 bits); embeddings, lm_head, vision bf16"
+    else:
+        w = m.params_total * 2
+        wnote = f"{m.params_total / 1e9:.2f} B params × 2 bytes (bf16)"
+    if zero == 3:
+        w /= n
+        wnote += f", ZeRO-3 sharded / {n}"
+        if offload:
+            cpu += w
+            w = 0.0
+            wnote += ", offloaded to CPU"
+    parts["weights"] = _gib(w)
+    notes["weights"] = wnote
+
+    # trainable groups: (params, bytes per param for the weight copy we add, grad bytes, optimizer bytes)
+    full_trainable = 0
+    if method == "full":
+        full_trainable += (m.params_llm if tune_mm_llm else 0)
+    full_trainable += m.params_merger if tune_mm_mlp else 0
+    full_trainable += vision_tower if tune_mm_vision else 0
+    lora_n = lora_params(m, lora_r, targets) if method in ("lora", "qlora") else 0
+
+    if lora_n:
+        parts["LoRA params"] = _gib(lora_n * LORA_ADAPTER_BYTES)
+        notes["LoRA params"] = f"{lora_n / 1e6:.1f} M params (r={lora_r} on {','.join(targets)}) × 4 bytes (fp32)"
+    # gradients
+    g_full = full_trainable * 2
+    g_lora = lora_n * LORA_ADAPTER_BYTES
+    g = g_full + g_lora
+    if zero >= 2:
+        g /= n
+    parts["gradients"] = _gib(g)
+    notes["gradients"] = (f"{full_trainable / 1e9:.2f} B full params × 2 (bf16)" if full_trainable else "") + \
+        (" + " if full_trainable and lora_n else "") + ("LoRA × 4 (fp32)" if lora_n else "") + \
+        (f", ZeRO-{zero} sharded / {n}" if zero >= 2 and n > 1 else "")
+    if n > 1 and zero == 0:
+        parts["DDP gradient buckets"] = _gib(g)
+        notes["DDP gradient buckets"] = "DDP keeps a bucketed copy of the gradients (gradient_as_bucket_view off)"
+    # optimizer
+    states = {"adamw": 2, "adamw8bit": 2, "sgd": 0}[optim]
+    state_bytes = {"adamw": 4, "adamw8bit": 1, "sgd": 4}[optim]
+    if zero >= 1:  # DeepSpeed mixed precision: fp32 master + fp32 grad partition + fp32 (or 8-bit) states
+        opt_full = full_trainable * (4 + 4 + states * state_bytes)
+        onote = "fp32 master + fp32 grad partition + "
+    else:  # torch optimizer on bf16 params: states in the param dtype
+        opt_full = full_trainable * states * (2 if optim != "adamw8bit" else 1)
+        onote = ""
+    opt_lora = lora_n * states * (4 if optim != "adamw8bit" else 1)
+    opt = opt_full + opt_lora
+    onote += f"{states} {optim} state(s)" + (" in the param dtype" if zero == 0 else "")
+    if zero >= 1:
+        opt /= n
+        if n > 1:
+            onote += f", ZeRO-{zero} sharded / {n}"
+        if offload:
+            cpu += opt
+            opt = 0.0
+            onote += ", offloaded to CPU"
+    parts["optimizer states"] = _gib(opt)
+    notes["optimizer states"] = onote
+    if zero >= 2 and n > 1 and (full_trainable or zero == 3):
+        buckets = ZERO_BUCKET_ELEMS * 2 * (2 if zero == 3 else 1)
+        if zero == 3:  # gathered working set: a couple of layers and the embedding / lm_head
+            buckets += max(2 * m.params_llm_body / m.layers, m.params_embed) * 2
+        parts["ZeRO buckets / gathered params"] = _gib(buckets)
+        notes["ZeRO buckets / gathered params"] = "reduce/allgather buckets (2e8 elements)" + \
+            (" + gathered layers / embedding" if zero == 3 else "")
+
+    # ---- activations (per GPU micro-batch)
+    tokens = batch * seq_len
+    img_tok = visual_tokens_image(m, max_pixels) * images_per_sample if images_per_sample else 0
+    vid_tok = visual_tokens_video(m, video_max_frames, video_frame_pixels)
+    vis_per_sample = img_tok + vid_tok
+    if vis_per_sample > seq_len:
+        raise QvlError(f"{vis_per_sample:,} visual tokens per sample do not fit in --seq-len {seq_len:,}",
+                       fix="raise --seq-len or lower --max-pixels / --video-max-frames")
+    patches = batch * vis_per_sample * m.spatial_merge**2
+    gqa = batch > 1
+    lr = lora_r if lora_n else 0
+    layer_full = layer_saved_bytes_per_token(m, lr, targets, lora_dropout, gqa)
+    ckpt = m.layers * 2 * m.hidden + 2 * m.hidden  # layer inputs + embeddings
+    if gradient_checkpointing:
+        llm_saved = tokens * ckpt
+        recompute = tokens * (layer_full + 4 * m.hidden)
+        notes["LLM activations"] = (f"gradient checkpointing: {m.layers} layer inputs × {2 * m.hidden:,} B per token "
+                                    f"({tokens:,} tokens) + one layer recomputed in backward")
+    else:
+        llm_saved = tokens * (m.layers * layer_full + 2 * m.hidden)
+        recompute = 0
+        notes["LLM activations"] = (f"{m.layers} layers × {layer_full / 1024:.0f} KiB per token × {tokens:,} tokens "
+                                    "(no checkpointing)")
+    logits = tokens * m.vocab * LOGITS_TRAIN_BYTES + tokens * 10 * m.hidden
+    notes["logits / loss"] = (f"{tokens:,} tokens × vocab {m.vocab:,} × {LOGITS_TRAIN_BYTES} B (bf16 logits, fp32 "
+                              "upcast/log-softmax and their grads)")
+    vnote = f"{patches:,} patches ({batch} × {vis_per_sample:,} visual tokens × 4)"
+    if tune_mm_vision:
+        if gradient_checkpointing:
+            vis_saved = patches * (m.vision_depth * 2 * m.vision_hidden)
+            vis_peak_extra = patches * vision_saved_bytes_per_patch(m)
+            vnote += ", trained, checkpointed"
+        else:
+            vis_saved = patches * m.vision_depth * vision_saved_bytes_per_patch(m)
+            vis_peak_extra = 0
+            vnote += f", trained: {m.vision_depth} blocks kept"
+        vis_transient = 0
+    else:
+        vis_saved, vis_peak_extra = 0, 0
+        vis_transient = patches * vision_transient_bytes_per_patch(m)
+        vnote += ", frozen: forward working set only"
+    merger_saved = batch * vis_per_sample * (1 + m.deepstack) * 6 * m.vision_hidden * m.spatial_merge**2 \
+        if tune_mm_mlp else 0
+    deepstack = batch * vis_per_sample * m.deepstack * 2 * m.hidden
+    qlora_dequant = (2 * m.hidden * _mlp_width(m) * 2) if method == "qlora" else 0
+
+    base_saved = llm_saved + vis_saved + merger_saved + deepstack
+    backward_peak = max(logits, recompute, vis_peak_extra)
+    act_total = max(vis_transient, base_saved + backward_peak) + qlora_dequant
+    # report the parts so that they add up to act_total
+    if act_total == vis_transient + qlora_dequant and vis_transient > base_saved + backward_peak:
+        parts["LLM activations"] = 0.0
+        parts["logits / loss"] = 0.0
+        parts["vision activations"] = _gib(vis_transient)
+        notes["vision activations"] = vnote + " (peak is in the vision forward)"
+    else:
+        parts["LLM activations"] = _gib(llm_saved + deepstack + (recompute if backward_peak == recompute else 0))
+        parts["logits / loss"] = _gib(logits) if backward_peak == logits else 0.0
+        if backward_peak != logits:
+            notes["logits / loss"] += " (not at the peak: layer recompute is larger)"
+        parts["vision activations"] = _gib(vis_saved + merger_saved + (vis_peak_extra if backward_peak ==
+                                                                        vis_peak_extra else 0))
+        notes["vision activations"] = vnote + ("" if tune_mm_vision else " (transient, before the LLM: "
+                                               f"{_gib(vis_transient):.2f} GiB, not at the peak)")
+    if qlora_dequant:
+        parts["QLoRA dequant buffer"] = _gib(qlora_dequant)
+        notes["QLoRA dequant buffer"] = "one dequantised MLP weight pair in bf16"
+
+    alloc = sum(parts.values())
+    parts["CUDA context"] = CUDA_CONTEXT_GIB
+    notes["CUDA context"] = "CUDA context and library workspaces, outside torch"
+    if n > 1:
+        parts["NCCL buffers"] = NCCL_GIB
+        notes["NCCL buffers"] = f"{n} GPUs"
+    parts["allocator reserve"] = alloc * ALLOCATOR_FRACTION
+    notes["allocator reserve"] = f"{ALLOCATOR_FRACTION:.0%} of peak allocated (fragmentation)"
+
+    plan = Plan("train", m.name, card.name, card.total_gib, gpus, settings, parts, notes, 0.0, alloc, True, 0.0,
+                m.kv_bytes_per_token(2), cpu_ram_gib=_gib(cpu))
+    _finish(plan)
+    if not card.bf16:
+        plan.warnings.append(f"{card.label} has no bf16: training would run in fp16/fp32 (not modelled)")
+    if recommend:
+        kw = dict(method=method, zero=zero, offload=offload, gradient_checkpointing=gradient_checkpointing,
+                  batch=batch, seq_len=seq_len, max_pixels=max_pixels, images_per_sample=images_per_sample,
+                  video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels, lora_r=lora_r,
+                  lora_targets=targets, lora_dropout=lora_dropout, tune_mm_vision=tune_mm_vision,
+                  tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus)
+
+        def run(**ch) -> Plan | None:
+            try:
+                return plan_train(m.name, _shape=m, _gpu=card, recommend=False, **{**kw, **ch})
+            except QvlError:
+                return None
+
+        plan.max_batch_that_fits = _search_max(lambda b: (p := run(batch=b)) is not None and p.fits, 1, 256)
+        plan.max_seq_len_that_fits = _search_max(lambda s: (p := run(seq_len=s)) is not None and p.fits,
+                                                 max(vis_per_sample, 1), MODEL_MAX_LEN)
+        plan.recommendations = _train_recommendations(plan, kw, run)
+    return plan
+
+
+def _train_recommendations(plan: Plan, kw: dict, run) -> list[Recommendation]:
+    out: list[Recommendation] = []
+    s = plan.settings
+
+    def add(text: str, **changes) -> bool:
+        p = run(**changes)
+        if p is None or not p.fits:
+            return False
+        flags = " ".join(_flag(k, v) for k, v in changes.items())
+        out.append(Recommendation(f"{flags}: {text} → {p.total_gib:.1f} GiB", changes, round(p.total_gib, 2), True))
+        return True
+
+    if plan.fits:
+        if plan.max_batch_that_fits and plan.max_batch_that_fits > s["batch"]:
+            out.append(Recommendation(f"largest --batch that fits at --seq-len {s['seq_len']:,}: "
+                                      f"{plan.max_batch_that_fits}", {"batch": plan.max_batch_that_fits}, None, True))
+        if plan.max_seq_len_that_fits and plan.max_seq_len_that_fits > s["seq_len"]:
+            out.append(Recommendation(f"largest --seq-len that fits at --batch {s['batch']}: "
+                                      f"{plan.max_seq_len_that_fits:,}", {"seq_len": plan.max_seq_len_that_fits},
+                                      None, True))
+        return out
+    # single changes, cheapest in quality/speed first
+    if s["batch"] > 1 and plan.max_batch_that_fits:
+        b = plan.max_batch_that_fits
+        acc = math.ceil(s["batch"] / b)
+        add(f"same tokens per step with gradient accumulation {acc}", batch=b)
+    if not s["gradient_checkpointing"]:
+        add("recompute layer activations in backward (~30% slower)", gradient_checkpointing=True)
+    if s["optim"] == "adamw" and s["method"] == "full":
+        add("8-bit optimizer states", optim="adamw8bit")
+    if s["tune_mm_vision"]:
+        add("freeze the vision tower", tune_mm_vision=False)
+    if s["max_pixels"] > 200_704 and s["images_per_sample"]:
+        add("fewer visual tokens per image", max_pixels=200_704)
+    if s["method"] == "full":
+        add("LoRA instead of full fine-tuning", method="lora")
+    if s["method"] == "lora":
+        add("4-bit base weights (QLoRA)", method="qlora")
+    if s["gpus"] > 1 and s["zero"] < 3:
+        for z in (2, 3):
+            if z > s["zero"] and (s["method"] != "qlora" or z < 3) and add("shard across GPUs", zero=z):
+                break
+    if s["zero"] >= 2 and not s["offload"]:
+        add("optimizer states (and ZeRO-3 params) in CPU RAM; slower", offload=True)
+    if plan.max_seq_len_that_fits and plan.max_seq_len_that_fits < s["seq_len"]:
+        sl = plan.max_seq_len_that_fits
+        sl = sl // 128 * 128 if sl >= 256 else sl
+        add("largest sequence that fits (samples longer than this are cut)", seq_len=sl)
+    if not out:  # combinations
+        for ch in ({"method": "qlora", "gradient_checkpointing": True},
+                   {"method": "qlora", "gradient_checkpointing": True, "batch": 1},
+                   {"method": "qlora", "gradient_checkpointing": True, "batch": 1, "max_pixels": 200_704},
+                   {"method": "lora", "zero": 3, "offload": True, "gradient_checkpointing": True, "batch": 1}):
+            ch = {k: v for k, v in ch.items() if s.get(k) != v}
+            if ch and add("combined", **ch):
+                break
+    logits_gib = plan.parts.get("logits / loss", 0.0)
+    if logits_gib > 0.2 * plan.total_gib:
+        out.append(Recommendation(
+            f"the logits / loss buffers are {logits_gib:.1f} GiB ({s['batch'] * s['seq_len']:,} tokens × the vocabulary, "
+            "mostly fp32): a chunked / fused cross-entropy (e.g. Liger's fused linear CE) would remove most of it "
+            "(not modelled)", {}, None, None))
+    if not any(r.fits for r in out):
+        out.append(Recommendation("nothing tried fits on this card: use a larger GPU, more GPUs with --zero 3, "
+                                  "or a smaller model", {}, None, False))
+    return out
+
+
+def _flag(key: str, value) -> str:
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else f"--no-{key.replace('_', '-')}"
+    if isinstance(value, int) and value >= 10_000:
+        return f"{name} {value:_}".replace("_", "")
+    return f"{name} {value}"
