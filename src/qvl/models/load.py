@@ -32,11 +32,23 @@ def model_class(model_type: str):
         ) from None
 
 
+def adapter_base(path: Path) -> str | None:
+    """For a PEFT adapter folder (adapter_config.json, no config.json): its base model; else None."""
+    cfg = Path(path) / "adapter_config.json"
+    if (Path(path) / "config.json").is_file() or not cfg.is_file():
+        return None
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise QvlError("adapter_config.json names no base_model_name_or_path", where=str(path),
+                       fix="pass the base with --model and this folder with --adapter")
+    return base
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A local folder with config.json for ``name_or_path``: the path itself or the hub cache."""
+    """A local folder with config.json (or a PEFT adapter folder) for ``name_or_path``: the path or the hub cache."""
     p = Path(name_or_path).expanduser()
     if p.exists():
-        if not (p / "config.json").is_file():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise QvlError(f"{p} has no config.json", fix="point --model at a Hugging Face checkpoint folder")
         return p
     name = str(name_or_path)
@@ -74,27 +86,53 @@ def read_config(path: Path) -> dict:
         raise QvlError(f"config.json is not valid JSON ({e})", where=str(path)) from None
 
 
+def _has_processor(path: Path) -> bool:
+    return any((path / n).is_file() for n in ("processor_config.json", "preprocessor_config.json"))
+
+
 def load_processor(name_or_path):
+    """The processor of a checkpoint; for an adapter folder without one, the base model's."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(resolve(name_or_path))
+    path = resolve(name_or_path)
+    base = adapter_base(path)
+    if base is not None and not _has_processor(path):
+        path = resolve(base)
+    return AutoProcessor.from_pretrained(path)
 
 
-def load_model(name_or_path, dtype=None, device=None, attn_implementation: str | None = None):
-    """Load weights into the class named by config.json's model_type."""
+def load_model(name_or_path, dtype=None, device=None, attn_implementation: str | None = None, adapter=None):
+    """Load weights into the class named by config.json's model_type, plus an optional PEFT adapter.
+
+    ``name_or_path`` may itself be an adapter folder (what LoRA training writes): its base is
+    loaded from ``base_model_name_or_path`` and the adapter applied on top.
+    """
     import torch
 
     path = resolve(name_or_path)
+    base = adapter_base(path)
+    if base is not None:
+        if adapter is not None:
+            raise QvlError(f"{path} is already an adapter folder", fix="pass its base model with --model")
+        path, adapter = resolve(base), path
     cls = model_class(read_config(path).get("model_type", "<missing>"))
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = cls.from_pretrained(path, **kwargs)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise QvlError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)", where="--adapter")
+        model = PeftModel.from_pretrained(model, str(adapter))
     if device is not None:
         model = model.to(torch.device(device))
     return model.eval()
 
 
-def load(name_or_path, dtype=None, device=None, attn_implementation: str | None = None):
-    """(model, processor) for a checkpoint."""
-    return load_model(name_or_path, dtype, device, attn_implementation), load_processor(name_or_path)
+def load(name_or_path, dtype=None, device=None, attn_implementation: str | None = None, adapter=None):
+    """(model, processor) for a checkpoint, an adapter folder, or a base plus ``adapter``."""
+    model = load_model(name_or_path, dtype, device, attn_implementation, adapter)
+    processor_source = adapter if adapter is not None and _has_processor(Path(adapter)) else name_or_path
+    return model, load_processor(processor_source)
