@@ -155,6 +155,8 @@ def parse_sample(raw, index: int = 0, data_path: Path | str | None = None, origi
     if not isinstance(raw, dict):
         return None, [Problem(index, "<record>", f"record is {type(raw).__name__}, not an object",
                               "each line/item must be a JSON object with 'conversations' or 'messages'")]
+    if isinstance(raw.get("data_path"), str) and raw["data_path"]:
+        data_path = Path(raw["data_path"])  # packed files carry each sample's own media root
     if "conversations" in raw:
         turns, role_key, text_key, fmt = raw["conversations"], "from", "value", "conversations"
     elif "messages" in raw:

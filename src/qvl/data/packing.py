@@ -1,0 +1,163 @@
+"""Packing: several samples in one row, each seeing only itself, with its own mRoPE positions.
+
+Three rules make a packed row compute exactly what the samples would compute alone
+(``shared/reference/transformers_qwen3vl.md`` §2):
+
+* ``position_ids`` has 4 rows: row 0 restarts at 0 for every sample (transformers finds
+  sample boundaries from it and builds a block-diagonal causal mask, or flash-attn's
+  ``cu_seqlens``); rows 1-3 are each sample's own mRoPE positions. ``get_rope_index`` does
+  not know about packing, so it runs per sample and the results are concatenated.
+* ``attention_mask=None`` and ``use_cache=False``: with a cache (created by default, even in
+  training) packing detection is skipped and samples silently attend to each other.
+* The first token of each sample is never a label (it would be predicted from the previous
+  sample's last token).
+
+Without flash-attn, the block-diagonal mask for sdpa is a dense L x L tensor; at long L the
+``qvl_flex`` attention (flex attention registered through transformers' attention
+interface) builds a block-sparse mask instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qvl.data.preprocess import IGNORE_INDEX, Encoded
+
+FLEX_ATTENTION = "qvl_flex"
+
+
+def rope_index_fn(model) -> Callable:
+    """The model's ``get_rope_index`` (through PEFT / DDP wrappers)."""
+    m = model
+    for _ in range(6):
+        if hasattr(m, "get_rope_index"):
+            return m.get_rope_index
+        m = getattr(m, "module", None) or getattr(m, "base_model", None) or getattr(m, "model", None)
+        if m is None:
+            break
+    raise TypeError(f"{type(model).__name__} has no get_rope_index: not a Qwen3-VL model?")
+
+
+def _grids(enc: Encoded):
+    return enc.image_grid_thw, enc.video_grid_thw
+
+
+def sample_positions(enc: Encoded, rope_index: Callable) -> torch.Tensor:
+    """(4, L) positions of one sample: text positions 0..L-1, then its T/H/W mRoPE rows."""
+    image_grid, video_grid = _grids(enc)
+    mrope, _ = rope_index(enc.input_ids[None], enc.mm_token_type_ids[None], image_grid, video_grid)
+    text = torch.arange(len(enc), dtype=mrope.dtype, device=mrope.device)[None]
+    return torch.cat([text, mrope[:, 0, :]], dim=0)
+
+
+def pack(encs: Sequence[Encoded], rope_index: Callable) -> dict:
+    """One row holding every sample, ready for ``model(**batch, use_cache=False)``."""
+    if not encs:
+        raise ValueError("nothing to pack")
+    ids = torch.cat([e.input_ids for e in encs])[None]
+    types = torch.cat([e.mm_token_type_ids for e in encs])[None]
+    positions = torch.cat([sample_positions(e, rope_index) for e in encs], dim=1)[:, None, :]
+    out = {"input_ids": ids, "mm_token_type_ids": types, "position_ids": positions, "attention_mask": None,
+           "use_cache": False}
+    if all(e.labels is not None for e in encs):
+        labels = []
+        for e in encs:
+            lab = e.labels.clone()
+            lab[0] = IGNORE_INDEX
+            labels.append(lab)
+        out["labels"] = torch.cat(labels)[None]
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [getattr(e, key) for e in encs if getattr(e, key) is not None]
+        if parts:
+            out[key] = torch.cat(parts)
+    out["seq_lens"] = [len(e) for e in encs]  # for loss bookkeeping; drop before model(**batch)
+    return out
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "seq_lens"}
+
+
+# ---------------------------------------------------------------- block-sparse attention
+
+def register_flex_attention() -> str:
+    """Register ``qvl_flex``: flex attention with a block-sparse packed causal mask.
+
+    Dense Qwen3-VL refuses transformers' built-in ``flex_attention`` (``_supports_flex_attn``
+    is False) but accepts any function registered through the attention interface.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    AttentionInterface.register(FLEX_ATTENTION, flex_attention_forward)
+    AttentionMaskInterface.register(FLEX_ATTENTION, flex_attention_mask)
+    return FLEX_ATTENTION
+
+
+def use_packed_attention(model, impl: str = "auto") -> str:
+    """Choose attention for packed rows: flash-attn varlen if installed, else flex, or 'sdpa' as asked.
+
+    The vision tower keeps sdpa (it splits images itself); only the language model changes.
+    """
+    if impl == "auto":
+        import importlib.util
+
+        impl = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex"
+    if impl == "flex":
+        impl = register_flex_attention()
+    inner = model
+    for _ in range(6):
+        if hasattr(inner, "language_model"):
+            break
+        inner = getattr(inner, "base_model", None) or getattr(inner, "model", None)
+        if inner is None:
+            raise TypeError("no language_model found")
+    inner.language_model.config._attn_implementation = impl
+    return impl
+
+
+# ---------------------------------------------------------------- offline bin packing
+
+@dataclass
+class PackPlan:
+    packs: list[list[int]]  # indices into the input list, per pack
+    too_long: list[int]
+    capacity: int
+    lengths: list[int]
+
+    @property
+    def fill_ratio(self) -> float:
+        used = sum(self.lengths[i] for p in self.packs for i in p)
+        return used / (len(self.packs) * self.capacity) if self.packs else 0.0
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> PackPlan:
+    """Pack items into bins of ``capacity`` tokens: longest first, each into the fullest bin it fits.
+
+    O(n log n) with a sorted list of remaining capacities. Items longer than ``capacity`` are
+    returned in ``too_long``, never cut.
+    """
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    packs: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining, pack index), sorted
+    too_long = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            too_long.append(i)
+            continue
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            remaining, p = free.pop(j)
+            packs[p].append(i)
+            bisect.insort(free, (remaining - n, p))
+        else:
+            packs.append([i])
+            bisect.insort(free, (capacity - n, len(packs) - 1))
+    return PackPlan(packs, sorted(too_long), capacity, list(lengths))

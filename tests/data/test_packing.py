@@ -1,0 +1,131 @@
+"""Packed rows compute what each sample computes alone: per-sample loss and gradients."""
+
+import pytest
+import torch
+
+from helpers import write_image, write_video
+from qvl.config.vision import VisionBudget
+from qvl.data.collate import collate
+from qvl.data.packing import best_fit_decreasing, model_inputs, pack, rope_index_fn, use_packed_attention
+from qvl.data.preprocess import IGNORE_INDEX, encode
+from qvl.data.samples import parse_sample
+from qvl.models.load import load
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("mixed")
+    write_image(d / "a.png", 200, 120, (200, 20, 20))
+    write_image(d / "b.png", 96, 160, (20, 200, 20))
+    write_video(d / "v.mp4", frames=16, fps=8)
+    q = lambda tag, a: [{"from": "human", "value": f"{tag}question?"}, {"from": "gpt", "value": a}]  # noqa: E731
+    raws = [
+        {"conversations": q("", "just text")},
+        {"image": "a.png", "conversations": q("<image>", "red")},
+        {"image": ["a.png", "b.png"], "conversations": q("<image><image>", "two images")},
+        {"video": "v.mp4", "conversations": q("<video>", "it gets brighter")},
+    ]
+    _, processor = load(tiny_model_dir)
+    encs = [encode(parse_sample(r, i, d)[0], processor, VisionBudget()) for i, r in enumerate(raws)]
+    return encs, processor
+
+
+def _per_sample_loss(logits, labels):
+    """Sum of next-token losses over label tokens (same shift as the model's loss)."""
+    lg, lb = logits[:, :-1].float(), labels[:, 1:]
+    return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=IGNORE_INDEX,
+                                             reduction="sum")
+
+
+def _alone(model, processor, encs):
+    losses, grads = [], None
+    model.zero_grad()
+    for e in encs:
+        batch = collate([e], processor.tokenizer.pad_token_id)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        loss = _per_sample_loss(logits, batch["labels"])
+        loss.backward()
+        losses.append(loss.item())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def _packed(model, encs):
+    model.zero_grad()
+    batch = pack(encs, rope_index_fn(model))
+    logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+    losses, start = [], 0
+    for n in batch["seq_lens"]:
+        losses.append(_per_sample_loss(logits[:, start:start + n], batch["labels"][:, start:start + n]))
+        start += n
+    torch.stack(losses).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [x.item() for x in losses], grads
+
+
+def test_packed_equals_alone_sdpa(mixed, tiny_model_dir):
+    encs, processor = mixed
+    model, _ = load(tiny_model_dir)
+    model.train()
+    ref_losses, ref_grads = _alone(model, processor, encs)
+    losses, grads = _packed(model, encs)
+    assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-4)
+    assert set(grads) == set(ref_grads)
+    worst = max((grads[n] - ref_grads[n]).abs().max().item() / (ref_grads[n].abs().max().item() + 1e-8) for n in grads)
+    assert worst < 1e-3, worst
+
+
+@pytest.mark.slow
+def test_packed_equals_alone_flex_forward(mixed, tiny_model_dir):
+    """The block-sparse path gives the same per-sample losses. (Flex backward needs a GPU: bench/ covers it.)"""
+    encs, processor = mixed
+    model, _ = load(tiny_model_dir)
+    with torch.no_grad():
+        ref = [_per_sample_loss(model(**{k: v for k, v in collate([e], processor.tokenizer.pad_token_id).items()
+                                         if k != "labels"}, use_cache=False).logits, e.labels[None]).item()
+               for e in encs]
+        assert use_packed_attention(model, "flex") == "qvl_flex"
+        batch = pack(encs, rope_index_fn(model))
+        logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+    losses, start = [], 0
+    for n in batch["seq_lens"]:
+        losses.append(_per_sample_loss(logits[:, start:start + n], batch["labels"][:, start:start + n]).item())
+        start += n
+    assert losses == pytest.approx(ref, rel=1e-4, abs=1e-4)
+
+
+def test_cache_left_on_leaks_across_samples(mixed, tiny_model_dir):
+    """Why pack() sets use_cache=False: with the cache on, sample 2 sees sample 1."""
+    encs, processor = mixed
+    model, _ = load(tiny_model_dir)
+    batch = model_inputs(pack(encs[:2], rope_index_fn(model)))
+    batch.pop("labels")
+    good = model(**batch).logits
+    batch["use_cache"] = True
+    leaky = model(**batch).logits
+    n0 = len(encs[0])
+    assert torch.allclose(good[:, :n0], leaky[:, :n0], atol=1e-5)
+    assert not torch.allclose(good[:, n0:], leaky[:, n0:], atol=1e-3)
+
+
+def test_first_token_of_each_sample_is_not_a_label(mixed, tiny_model_dir):
+    encs, _ = mixed
+    model, _ = load(tiny_model_dir)
+    batch = pack(encs, rope_index_fn(model))
+    start = 0
+    for n in batch["seq_lens"]:
+        assert batch["labels"][0, start] == IGNORE_INDEX
+        assert batch["position_ids"][0, 0, start] == 0
+        start += n
+    assert batch["position_ids"].shape == (4, 1, sum(batch["seq_lens"]))
+
+
+def test_best_fit_decreasing():
+    lengths = [900, 100, 500, 500, 300, 200, 1200, 700, 50]
+    plan = best_fit_decreasing(lengths, 1000)
+    assert plan.too_long == [6]
+    placed = sorted(i for p in plan.packs for i in p)
+    assert placed == [0, 1, 2, 3, 4, 5, 7, 8]  # every sample exactly once
+    assert all(sum(lengths[i] for i in p) <= 1000 for p in plan.packs)
+    assert len(plan.packs) == 4  # 3,250 tokens need at least 4 bins of 1,000
+    assert plan.fill_ratio == pytest.approx(3250 / 4000)
