@@ -233,6 +233,17 @@ def _run_pool(jobs: list[tuple[int, Sample]], model: str, budget: VisionBudget, 
             pool.join()
 
 
+def flatten_packs(records: list[RawRecord]) -> list[RawRecord]:
+    """Packed files hold a list of samples per record: check each sample on its own."""
+    out = []
+    for rec in records:
+        if isinstance(rec.raw, list):
+            out.extend(RawRecord(sub, rec.data_path, f"{rec.dataset}:{rec.index}", j) for j, sub in enumerate(rec.raw))
+        else:
+            out.append(rec)
+    return out
+
+
 def check_records(records: list[RawRecord], model: str, budget: VisionBudget | None = None,
                   max_length: int | None = 8192, workers: int | None = None, timeout: float = 60.0,
                   use_cache: bool = True, progress=None) -> CheckReport:
@@ -241,6 +252,7 @@ def check_records(records: list[RawRecord], model: str, budget: VisionBudget | N
 
     budget = budget or VisionBudget()
     start = time.perf_counter()
+    records = flatten_packs(records)
     model = str(resolve(model))
     results: dict[int, CheckResult] = {}
     jobs: list[tuple[int, Sample]] = []
