@@ -47,3 +47,49 @@ def test_image_sources(tmp_path):
     data = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     for src in (str(path), "file://" + str(path), data, path.read_bytes()):
         assert load_image(src).size == (96, 64)
+
+
+@pytest.mark.parametrize("video_fps,frames,fps,max_frames", [
+    (8, 16, 2.0, 768),   # 2 s
+    (30, 90, 2.0, 8),    # 3 s, capped at 8 frames: spread over the whole clip, not truncated
+    (24, 240, 1.0, 16),  # 10 s
+    (25, 50, 4.0, 768),  # 2 s at 4 fps
+    (10, 7, 2.0, 768),   # shorter than min_frames
+])
+def test_sampled_frames_and_timestamps_agree(tmp_path, video_fps, frames, fps, max_frames):
+    from helpers import read_index, write_indexed_video
+
+    path = write_indexed_video(tmp_path / "idx.mp4", frames, video_fps)
+    decoded, meta = load_video(str(path), fps=fps, min_frames=4, max_frames=max_frames)
+    seen = [read_index(f) for f in decoded]
+    assert seen == meta.frames_indices  # the frames we hand over are the frames we claim
+    assert len(seen) % 2 == 0 and len(seen) <= max(max_frames, 2)
+    assert seen[0] == 0 and seen[-1] == frames - 1  # the whole clip is covered
+    want = min(max(int(frames / video_fps * fps), 4), max_frames, frames)
+    assert len(seen) == max(2, want - want % 2)
+    stamps = frame_timestamps(meta.frames_indices, meta.fps)
+    assert stamps == [pytest.approx((seen[i] + seen[i + 1]) / 2 / video_fps) for i in range(0, len(seen), 2)]
+
+
+def test_frame_lists_use_the_same_sampling_and_timestamps(tmp_path, tiny_processor):
+    from PIL import Image
+
+    from qvl.config.vision import VisionBudget
+    from qvl.data.preprocess import encode
+    from qvl.data.samples import parse_sample
+
+    files = []
+    for i in range(12):
+        arr = np.full((64, 96, 3), 20 * i, np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"f{i:02d}.png")
+        files.append(f"f{i:02d}.png")
+    raw = {"video": [files], "sample_fps": 4, "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "it brightens"}]}
+    sample, problems = parse_sample(raw, 0, tmp_path)
+    assert problems == [] and sample.media()[0].options == {"sample_fps": 4}
+    enc = encode(sample, tiny_processor, VisionBudget(video_fps=2.0))
+    # 12 frames at 4 fps = 3 s -> 6 frames at 2 fps: indices 0,2,4,7,9,11 -> pairs at 0.25, 1.38, 2.5 s
+    text = tiny_processor.tokenizer.decode(enc.input_ids)
+    assert [s for s in ("<0.2 seconds>", "<1.4 seconds>", "<2.5 seconds>") if s in text] == \
+        ["<0.2 seconds>", "<1.4 seconds>", "<2.5 seconds>"]
+    assert enc.video_grid_thw.tolist()[0][0] == 3

@@ -164,7 +164,8 @@ def _key(rec: RawRecord, sample: Sample, context: str) -> str:
     h.update(json.dumps(rec.raw, sort_keys=True, ensure_ascii=False, default=str).encode())
     h.update(str(rec.data_path).encode())
     for m in sample.media():
-        h.update(f"{m.source}|{_stamp(m.source) if m.is_file else ''}".encode())
+        files = m.source if isinstance(m.source, tuple) else (m.source,) if m.is_file else ()
+        h.update(f"{m.source}|{'|'.join(_stamp(f) for f in files)}".encode())
     return h.hexdigest()
 
 

@@ -131,6 +131,28 @@ def load_video(path: str, fps: float = 2.0, min_frames: int = 4, max_frames: int
     return np.stack(frames), meta
 
 
+def load_frame_list(paths, sample_fps: float = 2.0, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768):
+    """A video given as image files shot at ``sample_fps``: same sampling and timestamps as a real video."""
+    from transformers.video_utils import VideoMetadata
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise QvlError("frame list is empty")
+    if sample_fps <= 0:
+        raise QvlError(f"sample_fps={sample_fps} must be > 0")
+    indices = sample_frame_indices(len(paths), sample_fps, fps, min_frames, max_frames)
+    first = load_image(paths[indices[0]])
+    frames = []
+    for i in indices:
+        img = load_image(paths[i])
+        if img.size != first.size:  # frames of one clip must share a size
+            img = img.resize(first.size)
+        frames.append(np.asarray(img))
+    meta = VideoMetadata(total_num_frames=len(paths), fps=float(sample_fps), width=first.width, height=first.height,
+                         duration=len(paths) / sample_fps, frames_indices=list(indices))
+    return np.stack(frames), meta
+
+
 def frame_timestamps(indices: list[int], video_fps: float) -> list[float]:
     """Timestamps (s) the model sees: the mean time of each merged frame pair."""
     times = [i / video_fps for i in indices]

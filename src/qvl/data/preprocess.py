@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qvl.config.vision import VisionBudget
-from qvl.data.media import load_image, load_video
+from qvl.data.media import load_frame_list, load_image, load_video
 from qvl.data.samples import Message, Sample, prompt_messages
 from qvl.errors import QvlError
 from qvl.models.tokens import token_ids
@@ -62,6 +62,10 @@ def decode_video(media, budget: VisionBudget | None, processor):
     min_frames = budget.video_min_frames if budget else int(vp.min_frames)
     max_frames = budget.video_max_frames if budget else int(vp.max_frames)
     o = media.options
+    if isinstance(media.source, (list, tuple)):
+        return load_frame_list(media.source, sample_fps=float(o.get("sample_fps", 2.0)), fps=float(o.get("fps", fps)),
+                               min_frames=int(o.get("min_frames", min_frames)),
+                               max_frames=int(o.get("max_frames", max_frames)))
     return load_video(media.source, fps=float(o.get("fps", fps)), min_frames=int(o.get("min_frames", min_frames)),
                       max_frames=int(o.get("max_frames", max_frames)))
 

@@ -104,14 +104,15 @@ def _as_list(value) -> list:
 
 
 def _split_tags(text: str, pools: dict[str, list], used: dict[str, int], where: str, index: int,
-                problems: list[Problem], strip: bool) -> list:
+                problems: list[Problem], strip: bool, options: dict | None = None) -> list:
+    options = options or {}
     parts: list = []
     for piece in _TAG_RE.split(text):
         if piece in (IMAGE_TAG, VIDEO_TAG):
             kind = piece[1:-1]
             pool = pools[kind]
             if used[kind] < len(pool):
-                parts.append(Media(kind, pool[used[kind]]))
+                parts.append(Media(kind, pool[used[kind]], dict(options) if kind == "video" else {}))
             used[kind] += 1
         else:
             seg = piece.strip() if strip else piece
@@ -138,10 +139,14 @@ def _content_parts(content, data_path, index, where, problems) -> list:
             value = part.get(kind) or part.get("image") or part.get("video") or part.get("path") or part.get("url")
             if isinstance(value, dict):
                 value = value.get("url")
+            options = {k: v for k, v in part.items()
+                       if k in ("min_pixels", "max_pixels", "fps", "max_frames", "min_frames", "sample_fps")}
+            if kind.startswith("video") and isinstance(value, list) and value:
+                parts.append(Media("video", tuple(_resolve(str(f), data_path) for f in value), options))
+                continue
             if not isinstance(value, str) or not value:
                 problems.append(Problem(index, f, f"{kind} part has no path or url", f"add '{kind}': 'path/to/file'"))
                 continue
-            options = {k: v for k, v in part.items() if k in ("min_pixels", "max_pixels", "fps", "max_frames", "min_frames")}
             parts.append(Media(kind.removesuffix("_url"), _resolve(value, data_path), options))
         else:
             problems.append(Problem(index, f, f"unknown content part type {kind!r}", "use text, image or video"))
@@ -169,8 +174,11 @@ def parse_sample(raw, index: int = 0, data_path: Path | str | None = None, origi
 
     pools = {
         "image": [_resolve(str(p), data_path) for p in _as_list(raw.get("image", raw.get("images")))],
-        "video": [_resolve(str(p), data_path) for p in _as_list(raw.get("video", raw.get("videos")))],
+        # a video is a file, or a list of frame files (shot at the sample's "sample_fps")
+        "video": [tuple(_resolve(str(f), data_path) for f in p) if isinstance(p, (list, tuple)) else _resolve(str(p), data_path)
+                  for p in _as_list(raw.get("video", raw.get("videos")))],
     }
+    video_options = {"sample_fps": raw["sample_fps"]} if "sample_fps" in raw else {}
     used = {"image": 0, "video": 0}
     strip = fmt == "conversations"  # the official preprocessing strips text around tags
     messages: list[Message] = []
@@ -190,7 +198,7 @@ def parse_sample(raw, index: int = 0, data_path: Path | str | None = None, origi
             parts = _content_parts(content, data_path, index, where, problems)
             expanded = []
             for p in parts:  # strings inside content lists may still carry tags
-                expanded.extend(_split_tags(p, pools, used, where, index, problems, strip and role != "assistant")
+                expanded.extend(_split_tags(p, pools, used, where, index, problems, strip and role != "assistant", video_options)
                                 if isinstance(p, str) else [p])
             parts = expanded
         elif isinstance(content, str):
@@ -199,7 +207,8 @@ def parse_sample(raw, index: int = 0, data_path: Path | str | None = None, origi
                                         "move <image>/<video> tags into the human turn"))
                 parts = [content]
             else:
-                parts = _split_tags(content, pools, used, where, index, problems, strip and role != "assistant")
+                parts = _split_tags(content, pools, used, where, index, problems, strip and role != "assistant",
+                                    video_options)
         else:
             problems.append(Problem(index, f"{where}.{text_key}", f"missing or not text ({type(content).__name__})",
                                     "give every turn a text value"))
