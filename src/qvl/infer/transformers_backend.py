@@ -1,0 +1,342 @@
+"""The transformers backend: CPU or GPU, streams token by token, batches concurrent requests.
+
+One worker thread owns the model. Requests wait in a queue; when several are waiting with the
+same sampling settings the worker runs them as one left-padded batch (``qvl.data.collate``),
+streaming each row to its own client. Nothing about one request leaks into another: each row
+has its own stop/length/cancel state, and the presence penalty only sees that row's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from qvl.data.preprocess import TooLong, encode
+from qvl.data.samples import Sample
+from qvl.errors import QvlError
+from qvl.infer.engine import Engine, Prepared, RequestError, context_check
+from qvl.infer.types import Chunk, Handle, Request, SamplingParams, default_sampling, is_thinking
+
+log = logging.getLogger("qvl.infer")
+
+
+class PresencePenalty:
+    """OpenAI/vLLM presence and frequency penalties over the generated tokens of each row.
+
+    ``logits[t] -= presence * (t appeared) + frequency * count(t)``, applied before temperature
+    and top-k/top-p (transformers runs custom processors before its samplers).
+    """
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float = 0.0):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
+        counts.scatter_add_(1, generated.clamp(max=scores.shape[1] - 1),
+                            torch.ones(generated.shape, dtype=scores.dtype, device=scores.device))
+        return scores - self.presence * (counts > 0).to(scores.dtype) - self.frequency * counts
+
+
+@dataclass
+class _Job:
+    prepared: Prepared
+    handle: Handle
+
+
+class _Row:
+    """Streaming state of one batch row: incremental detokenisation, stop strings, finish reason."""
+
+    def __init__(self, job: _Job, tokenizer, eos_ids: set[int], prefix: str):
+        self.job, self.tok, self.eos = job, tokenizer, eos_ids
+        self.max_new = job.prepared.sampling.max_new_tokens
+        self.stops = job.prepared.sampling.stop
+        self.ids: list[int] = []  # tokens since the last newline (decode window)
+        self.count = 0
+        self.printed = 0
+        self.text = ""  # everything sent so far (for stop strings)
+        self.finish: str | None = None
+        if prefix:
+            self._send(prefix)
+
+    def _send(self, text: str) -> None:
+        if text:
+            self.text += text
+            self.job.handle.emit(Chunk(text=text))
+
+    def push(self, token: int) -> None:
+        if self.finish is not None:
+            return
+        self.count += 1
+        if token in self.eos:
+            self.finish = "stop"
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            new = ""
+        else:
+            new = text[self.printed:]
+            self.printed = len(text)
+            if text.endswith("\n"):
+                self.ids, self.printed = [], 0
+        if new and self.stops:
+            full = self.text + new
+            hits = [full.find(s, max(0, len(self.text) - len(s))) for s in self.stops]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                self._send(full[len(self.text):min(hits)])
+                self.finish = "stop"
+                return
+        self._send(new)
+        if self.job.handle.cancelled:
+            self.finish = "cancelled"
+        elif self.count >= self.max_new:
+            self.finish = "length"
+
+    def close(self, default: str = "length") -> None:
+        if self.ids:
+            rest = self.tok.decode(self.ids, skip_special_tokens=True)[self.printed:]
+            self._send(rest)  # text held back waiting for the rest of a UTF-8 sequence
+            self.ids, self.printed = [], 0
+        p = self.job.prepared
+        self.job.handle.emit(Chunk(finish_reason=self.finish or default, prompt_tokens=p.prompt_tokens,
+                                   completion_tokens=self.count))
+
+
+class _Streamer:
+    """A transformers streamer that routes each new token of a batch to its row."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows, self.first = rows, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.first:  # generate() first pushes the prompt
+            self.first = False
+            return
+        for row, token in zip(self.rows, value.reshape(-1).tolist()):
+            row.push(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class _RowsDone:
+    """Stopping criterion: a row is done when its own stream says so (stop, length, cancel)."""
+
+    def __init__(self, rows: list[_Row]):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([r.finish is not None or r.job.handle.cancelled for r in self.rows],
+                            dtype=torch.bool, device=input_ids.device)
+
+
+class TransformersEngine(Engine):
+    backend = "transformers"
+
+    def __init__(self, model, processor, name: str = "model", max_model_len: int | None = None,
+                 sampling: SamplingParams | None = None, thinking: bool | None = None, max_batch_size: int = 8,
+                 budget=None):
+        from qvl.models.tokens import token_ids
+
+        self.model, self.processor, self.name = model, processor, name
+        self.tokenizer = processor.tokenizer
+        self.ids = token_ids(self.tokenizer)
+        text_cfg = getattr(model.config, "text_config", model.config)
+        native = int(getattr(text_cfg, "max_position_embeddings", 32768))
+        self.max_model_len = min(max_model_len or native, native)
+        self.thinking = is_thinking(processor, name) if thinking is None else thinking
+        self.default_sampling = sampling or default_sampling(getattr(model, "generation_config", None),
+                                                             self.thinking)
+        self.max_batch_size = max(1, max_batch_size)
+        self.budget = budget  # None: the checkpoint's own inference budgets (as training's encode)
+        gc = getattr(model, "generation_config", None)
+        eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = set(eos) | {self.ids.im_end, self.ids.endoftext}
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="qvl-generate", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model: str, adapter: str | None = None, device: str | None = None, dtype=None,
+             flash_attn2: bool = False, max_model_len: int | None = None, name: str | None = None,
+             max_new_tokens: int | None = None, max_batch_size: int = 8, say=print,
+             **ignored) -> TransformersEngine:
+        from qvl.models.load import load
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        on_gpu = str(device).startswith("cuda")
+        if flash_attn2 and not on_gpu:
+            say("note: --flash-attn2 needs a GPU; using the default attention on CPU")
+            flash_attn2 = False
+        attn = "flash_attention_2" if flash_attn2 else ("sdpa" if on_gpu else None)
+        t0 = time.time()
+        m, processor = load(model, dtype=dtype, device=device, attn_implementation=attn)
+        if adapter:
+            m = apply_adapter(m, adapter)
+        log.info("loaded %s on %s in %.1fs", model, device, time.time() - t0)
+        engine = cls(m, processor, name=name or served_name(model), max_model_len=max_model_len,
+                     max_batch_size=max_batch_size)
+        if max_new_tokens:
+            engine.default_sampling = engine.default_sampling.replace(max_new_tokens=max_new_tokens)
+        return engine
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, request: Request) -> Prepared:
+        if not request.messages or request.messages[-1].role != "user":
+            raise RequestError("the last message must be a user message", param="messages")
+        sample = Sample(request.messages, origin=request.request_id)
+        try:
+            enc = encode(sample, self.processor, budget=self.budget, max_length=self.max_model_len,
+                         for_generation=True)
+        except TooLong as e:
+            raise RequestError(
+                f"the prompt is {e.length} tokens (after vision expansion) but the context is {e.max_length}",
+                code="context_length_exceeded", param="messages",
+                fix="send fewer or smaller images/videos or a shorter conversation") from None
+        except RequestError:
+            raise
+        except QvlError as e:
+            raise RequestError(e.what, code="invalid_media", param="messages", fix=e.fix) from None
+        sampling = context_check(len(enc), self.max_model_len, request.sampling)
+        return Prepared(request, sampling, len(enc), enc)
+
+    def submit(self, prepared: Prepared, on_chunk=None) -> Handle:
+        if self._closed:
+            raise QvlError("the engine is closed")
+        handle = Handle(prepared.prompt_tokens, on_chunk)
+        self._queue.put(_Job(prepared, handle))
+        return handle
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+
+    # ------------------------------------------------------------------ worker
+    def _batch_key(self, job: _Job):
+        s = job.prepared.sampling
+        if s.seed is not None:  # a seeded request runs alone, so its output is reproducible
+            return ("seed", id(job))
+        return (s.temperature, s.top_p, s.top_k, s.presence_penalty, s.frequency_penalty, s.repetition_penalty)
+
+    def _run(self) -> None:
+        pending: list[_Job] = []
+        while True:
+            job = pending.pop(0) if pending else self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            key = self._batch_key(job)
+            while len(batch) < self.max_batch_size:  # take every waiting job that can share this batch
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                if self._batch_key(nxt) == key:
+                    batch.append(nxt)
+                else:
+                    pending.append(nxt)
+            live = [j for j in batch if not j.handle.cancelled]
+            for j in batch:
+                if j.handle.cancelled:
+                    j.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=j.prepared.prompt_tokens))
+            if not live:
+                continue
+            try:
+                self._generate(live)
+            except Exception as e:  # never kill the worker: report to every client of this batch
+                log.exception("generation failed")
+                for j in live:
+                    j.handle.emit(Chunk(finish_reason="error", error=f"{type(e).__name__}: {e}",
+                                        prompt_tokens=j.prepared.prompt_tokens))
+
+    @torch.inference_mode()
+    def _generate(self, jobs: list[_Job]) -> None:
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        from qvl.data.collate import collate
+
+        model = self.model
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        batch = collate([j.prepared.inputs for j in jobs], pad_id=self.ids.pad, padding_side="left")
+        inputs = {}
+        for k, v in batch.items():
+            if k in ("pixel_values", "pixel_values_videos"):
+                v = v.to(dtype)
+            inputs[k] = v.to(device)
+        s = jobs[0].prepared.sampling
+        prompt_len = int(inputs["input_ids"].shape[1])
+        prefix = "<think>\n" if self.thinking else ""
+        rows = [_Row(j, self.tokenizer, self.eos_ids, prefix) for j in jobs]
+        gc = GenerationConfig(
+            max_new_tokens=max(j.prepared.sampling.max_new_tokens for j in jobs),
+            do_sample=not s.greedy,
+            temperature=s.temperature if not s.greedy else 1.0,  # neutral values, not None: generate() would
+            top_p=s.top_p if not s.greedy else 1.0,  # fill None from the checkpoint's sampling config
+            top_k=(s.top_k if s.top_k > 0 else 0) if not s.greedy else 0,
+            repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1.0 else None,
+            eos_token_id=sorted(self.eos_ids) or None,
+            pad_token_id=self.ids.pad,
+        )
+        processors = LogitsProcessorList()
+        if s.presence_penalty or s.frequency_penalty:
+            processors.append(PresencePenalty(prompt_len, s.presence_penalty, s.frequency_penalty))
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        model.generate(**inputs, generation_config=gc, logits_processor=processors,
+                       stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), streamer=_Streamer(rows))
+        for r in rows:
+            r.close()
+
+
+def served_name(model: str) -> str:
+    """The id shown in /v1/models: a hub id as is, a local folder by its name."""
+    from pathlib import Path
+
+    p = Path(str(model)).expanduser()
+    return p.resolve().name if p.exists() else str(model)
+
+
+def adapter_info(adapter: str) -> dict:
+    """adapter_config.json of a PEFT adapter folder, with a helpful error when it is not one."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(adapter) / "adapter_config.json"
+    if not cfg.is_file():
+        raise QvlError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)",
+                       fix="pass the folder written by `qvl train` with LoRA (it holds adapter_config.json)")
+    return json.loads(cfg.read_text())
+
+
+def apply_adapter(model, adapter: str):
+    """Base + LoRA adapter, merged in memory (same outputs as PeftModel, no per-token LoRA cost)."""
+    from peft import PeftModel
+
+    adapter_info(adapter)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except Exception as e:
+        raise QvlError(f"cannot apply adapter {adapter} to this base model: {type(e).__name__}: {e}",
+                       fix="use the base checkpoint the adapter was trained on") from None
+    log.info("applied adapter %s (merged in memory)", adapter)
+    return peft_model.merge_and_unload().eval()

@@ -1,0 +1,327 @@
+"""The vLLM backend (optional: ``pip install 'qvl[vllm]'``). Streams, unlike the official demo.
+
+Everything that decides *what* is sent to vLLM is plain Python and unit-tested without vLLM:
+
+* :func:`to_vllm_prompt` — the conversation rendered by the checkpoint's chat template with one
+  placeholder per image/video, plus ``multi_modal_data`` (PIL images; videos as
+  ``(frames, metadata)`` sampled by qvl's PyAV reader, the same frames training sees) and
+  ``mm_processor_kwargs={"do_sample_frames": False}`` so vLLM does not sample again.
+* :func:`to_vllm_sampling` — qvl sampling settings as ``vllm.SamplingParams`` keyword arguments.
+* :func:`fit_context` — the largest context whose KV cache fits in what
+  ``--gpu-memory-utilization`` leaves after the weights; used instead of crashing (the official
+  demo asks for the full 256K context and fails vLLM's KV-cache check on 24–48 GB cards).
+* :func:`adapter_touches_vision` — vLLM ignores LoRA weights on the vision tower / merger
+  (vllm#16364, #32541), so such adapters are merged into the base first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from qvl.data.samples import Message
+from qvl.errors import QvlError
+from qvl.infer.engine import Engine, Prepared, RequestError, context_check
+from qvl.infer.types import Chunk, Handle, Request, SamplingParams, default_sampling, is_thinking
+
+log = logging.getLogger("qvl.infer")
+GiB = 2**30
+BLOCK = 16  # vLLM's KV block size: contexts are rounded down to whole blocks
+MIN_CONTEXT = 2048  # below this, serving a VLM is pointless: fail with advice instead
+
+
+# ----------------------------------------------------------------------------- context fitting
+def kv_bytes_per_token(config: dict, dtype_bytes: int = 2, tensor_parallel_size: int = 1) -> int:
+    """KV-cache bytes per token on one GPU: 2 (K,V) x layers x kv_heads x head_dim x dtype bytes.
+
+    ``config`` is config.json as a dict (the text stack is ``text_config``). KV heads are split
+    across tensor-parallel ranks (replicated when there are fewer heads than ranks).
+    Swap point: the memory planner (``qvl.plan``) will supply this number.
+    """
+    text = config.get("text_config", config)
+    layers = int(text["num_hidden_layers"])
+    kv_heads = int(text.get("num_key_value_heads") or text["num_attention_heads"])
+    head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+    per_rank = max(1, kv_heads // max(1, tensor_parallel_size))
+    return 2 * layers * per_rank * head_dim * dtype_bytes
+
+
+def native_context(config: dict) -> int:
+    return int(config.get("text_config", config).get("max_position_embeddings", 262_144))
+
+
+@dataclass(frozen=True)
+class ContextFit:
+    max_model_len: int
+    requested: int
+    kv_per_token: int
+    kv_budget: int
+    message: str | None  # one line for the user when the context was lowered
+
+    @property
+    def lowered(self) -> bool:
+        return self.max_model_len < self.requested
+
+
+def fit_context(config: dict, gpu_bytes: int, utilization: float, weight_bytes: int,
+                requested: int | None = None, tensor_parallel_size: int = 1, dtype_bytes: int = 2,
+                overhead_bytes: int | None = None) -> ContextFit:
+    """The context to ask vLLM for: ``requested`` (default: the model's native context) if its KV
+    cache fits in ``gpu_bytes * utilization - weights/TP - overhead``, else the largest that fits.
+
+    ``overhead_bytes`` covers activations, the vision encoder's profile run and CUDA graphs
+    (default: 1 GiB + 4 % of the GPU). Raises QvlError when not even ``MIN_CONTEXT`` fits.
+    """
+    if not 0 < utilization <= 1:
+        raise QvlError(f"--gpu-memory-utilization {utilization} must be in (0, 1]")
+    tp = max(1, tensor_parallel_size)
+    native = native_context(config)
+    want = min(int(requested), native) if requested else native
+    overhead = overhead_bytes if overhead_bytes is not None else GiB + int(0.04 * gpu_bytes)
+    budget = int(gpu_bytes * utilization) - weight_bytes // tp - overhead
+    per_token = kv_bytes_per_token(config, dtype_bytes, tp)
+    fits = max(0, budget) // per_token // BLOCK * BLOCK
+    if fits >= want:
+        return ContextFit(want, want, per_token, budget, None)
+    if fits < MIN_CONTEXT:
+        raise QvlError(
+            f"the weights ({weight_bytes / tp / GiB:.1f} GiB per GPU) leave room for a KV cache of only "
+            f"{max(0, fits):,} tokens at --gpu-memory-utilization {utilization}",
+            fix="raise --gpu-memory-utilization, add GPUs with --tensor-parallel-size, or use a smaller model")
+    msg = (f"context lowered from {want:,} to {fits:,} tokens: the KV cache needs {per_token / 1024:.0f} KiB/token "
+           f"and {budget / GiB:.1f} GiB is left at --gpu-memory-utilization {utilization} "
+           f"(raise it or pass --max-model-len to choose)")
+    return ContextFit(fits, want, per_token, budget, msg)
+
+
+_VLLM_MAX_LEN = re.compile(r"estimated maximum model length is (\d+)")
+
+
+def max_len_from_vllm_error(message: str) -> int | None:
+    """vLLM's own estimate, when its KV-cache check fails (used to retry once instead of crashing)."""
+    m = _VLLM_MAX_LEN.search(message)
+    return int(m.group(1)) if m else None
+
+
+def weight_bytes_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) or \
+        sum(f.stat().st_size for f in Path(path).glob("*.bin"))
+
+
+# ----------------------------------------------------------------------------- request translation
+def to_vllm_sampling(s: SamplingParams) -> dict:
+    """keyword arguments for ``vllm.SamplingParams`` (temperature 0 = greedy in vLLM too)."""
+    out = {
+        "temperature": float(s.temperature),
+        "top_p": float(s.top_p) if not s.greedy else 1.0,
+        "top_k": int(s.top_k) if s.top_k > 0 and not s.greedy else -1,
+        "presence_penalty": float(s.presence_penalty),
+        "frequency_penalty": float(s.frequency_penalty),
+        "repetition_penalty": float(s.repetition_penalty),
+        "max_tokens": int(s.max_new_tokens),
+        "skip_special_tokens": True,
+    }
+    if s.seed is not None:
+        out["seed"] = int(s.seed)
+    if s.stop:
+        out["stop"] = list(s.stop)
+    return out
+
+
+def video_metadata_dict(meta) -> dict:
+    """transformers VideoMetadata -> the metadata dict vLLM's Qwen3-VL processor reads."""
+    return {
+        "fps": float(meta.fps),
+        "frames_indices": [int(i) for i in meta.frames_indices],
+        "total_num_frames": int(meta.total_num_frames),
+        "duration": float(meta.duration or 0.0),
+        "width": int(meta.width or 0),
+        "height": int(meta.height or 0),
+        "video_backend": "pyav",
+    }
+
+
+def to_vllm_prompt(processor, messages: list[Message], budget=None) -> dict:
+    """The vLLM prompt dict for a conversation, media decoded the way training decodes them."""
+    from qvl.data.preprocess import load_media, render
+
+    prompt = render(processor, messages, add_generation_prompt=True)
+    images, videos, metas = load_media(messages, budget, processor)
+    out: dict = {"prompt": prompt}
+    mm: dict = {}
+    if images:
+        mm["image"] = images
+    if videos:
+        mm["video"] = [(frames, video_metadata_dict(meta)) for frames, meta in zip(videos, metas)]
+        out["mm_processor_kwargs"] = {"do_sample_frames": False}
+    if mm:
+        out["multi_modal_data"] = mm
+    return out
+
+
+def adapter_touches_vision(adapter: str | Path) -> bool:
+    """True if a PEFT adapter has weights on the vision tower or merger (vLLM would drop them)."""
+    adapter = Path(adapter)
+    keys: list[str] = []
+    st = adapter / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), "pt") as f:
+            keys = list(f.keys())
+    cfg_file = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):  # a regex over module names
+        targets = [targets]
+    names = keys + list(targets) + list(cfg.get("modules_to_save") or [])
+    return any(re.search(r"(^|\.)(visual|vision_tower|merger|deepstack)", n) or "visual" in n for n in names)
+
+
+# ----------------------------------------------------------------------------- the engine
+class VllmEngine(Engine):
+    """vLLM's AsyncLLM on its own event-loop thread; chunks are the text deltas of each request."""
+
+    backend = "vllm"
+
+    def __init__(self, llm, processor, loop, name: str, max_model_len: int, sampling: SamplingParams,
+                 thinking: bool, lora_request=None, count_tokens=True):
+        self.llm, self.processor, self.loop, self.name = llm, processor, loop, name
+        self.max_model_len, self.default_sampling, self.thinking = max_model_len, sampling, thinking
+        self.lora_request = lora_request
+        self._count = count_tokens
+        self._n = 0
+
+    @classmethod
+    def load(cls, model: str, adapter: str | None = None, max_model_len: int | None = None,
+             gpu_memory_utilization: float = 0.9, tensor_parallel_size: int | None = None,
+             limit_mm_per_prompt: dict | None = None, name: str | None = None,
+             max_new_tokens: int | None = None, say=print, **ignored) -> VllmEngine:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise QvlError("the vLLM backend needs vllm, which is not installed",
+                           fix="pip install 'qvl[vllm]' (Linux + NVIDIA GPU), or use --backend transformers") from None
+        import asyncio
+        import os
+        import tempfile
+        import threading
+
+        import torch
+        from transformers import GenerationConfig
+
+        from qvl.infer.transformers_backend import adapter_info, served_name
+        from qvl.models.load import load_processor, read_config, resolve
+
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        path = resolve(model)
+        lora_request = None
+        if adapter:
+            info = adapter_info(adapter)
+            if adapter_touches_vision(adapter):
+                from qvl.infer.merge import merge_adapter
+
+                merged = Path(tempfile.mkdtemp(prefix="qvl-merged-")) / "model"
+                say(f"adapter {adapter} has vision-tower/merger weights, which vLLM ignores: merging it into the "
+                    f"base first ({merged})")
+                merge_adapter(path, adapter, merged, verify=False)
+                path = merged
+            else:
+                from vllm.lora.request import LoRARequest
+
+                lora_request = LoRARequest("adapter", 1, str(adapter))
+                lora_rank = int(info.get("r", 16))
+        config = read_config(path)
+        tp = tensor_parallel_size or max(1, torch.cuda.device_count())
+        gpu = torch.cuda.get_device_properties(0).total_memory
+        fit = fit_context(config, gpu, gpu_memory_utilization, weight_bytes_on_disk(path), max_model_len, tp)
+        if fit.message:
+            say(fit.message)
+        limits = limit_mm_per_prompt or {"image": 8, "video": 2}
+        kwargs = dict(model=str(path), max_model_len=fit.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                      tensor_parallel_size=tp, limit_mm_per_prompt=limits, seed=0)
+        if lora_request is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, lora_rank))
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="qvl-vllm-loop", daemon=True).start()
+        llm = asyncio.run_coroutine_threadsafe(_start(kwargs, say), loop).result()
+        processor = load_processor(path)
+        thinking = is_thinking(processor, str(model))
+        try:
+            gc = GenerationConfig.from_pretrained(path)
+        except Exception:
+            gc = None
+        sampling = default_sampling(gc, thinking)
+        if max_new_tokens:
+            sampling = sampling.replace(max_new_tokens=max_new_tokens)
+        return cls(llm, processor, loop, name or served_name(model), kwargs["max_model_len"], sampling, thinking,
+                   lora_request)
+
+    def prepare(self, request: Request) -> Prepared:
+        from qvl.data.preprocess import count_tokens
+        from qvl.data.samples import Sample
+
+        if not request.messages or request.messages[-1].role != "user":
+            raise RequestError("the last message must be a user message", param="messages")
+        try:
+            prompt = to_vllm_prompt(self.processor, request.messages)
+            n = count_tokens(Sample(request.messages), self.processor) if self._count else 0
+        except QvlError as e:
+            raise RequestError(e.what, code="invalid_media", param="messages", fix=e.fix) from None
+        sampling = context_check(n, self.max_model_len, request.sampling)
+        return Prepared(request, sampling, n, prompt)
+
+    def submit(self, prepared: Prepared, on_chunk=None) -> Handle:
+        import asyncio
+
+        handle = Handle(prepared.prompt_tokens, on_chunk)
+        self._n += 1
+        asyncio.run_coroutine_threadsafe(self._go(prepared, handle, f"qvl-{self._n}"), self.loop)
+        return handle
+
+    async def _go(self, prepared: Prepared, handle: Handle, request_id: str) -> None:
+        from vllm import SamplingParams as VSP
+
+        sent, count, finish = "", 0, "stop"
+        if self.thinking:
+            handle.emit(Chunk(text="<think>\n"))
+        try:
+            gen = self.llm.generate(prepared.inputs, VSP(**to_vllm_sampling(prepared.sampling)), request_id,
+                                    lora_request=self.lora_request)
+            async for out in gen:
+                if handle.cancelled:
+                    await self.llm.abort(request_id)
+                    finish = "cancelled"
+                    break
+                o = out.outputs[0]
+                if o.text.startswith(sent) and len(o.text) > len(sent):
+                    handle.emit(Chunk(text=o.text[len(sent):]))
+                    sent = o.text
+                count = len(o.token_ids)
+                if out.finished:
+                    finish = o.finish_reason or "stop"
+        except Exception as e:
+            handle.emit(Chunk(finish_reason="error", error=f"{type(e).__name__}: {e}",
+                              prompt_tokens=prepared.prompt_tokens))
+            return
+        handle.emit(Chunk(finish_reason=finish, prompt_tokens=prepared.prompt_tokens, completion_tokens=count))
+
+
+async def _start(kwargs: dict, say):
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    try:
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    except ValueError as e:  # vLLM's own KV-cache check: retry once with its estimate
+        n = max_len_from_vllm_error(str(e))
+        if n is None or n < MIN_CONTEXT:
+            raise QvlError(f"vLLM could not start: {e}",
+                           fix="lower --max-model-len or raise --gpu-memory-utilization") from None
+        n = n // BLOCK * BLOCK
+        say(f"context lowered from {kwargs['max_model_len']:,} to {n:,} tokens (vLLM's KV-cache estimate)")
+        kwargs["max_model_len"] = n
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

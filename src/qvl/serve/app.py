@@ -1,0 +1,305 @@
+"""``qvl serve``: one FastAPI server with the OpenAI-compatible API under /v1 and the web chat at /.
+
+Every bad input is answered with a 4xx and an OpenAI-style error body; the model runs on the
+engine's worker, so a bad request never touches it and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request as HttpRequest  # module level: FastAPI resolves annotations here
+
+from qvl.infer.engine import Engine, RequestError
+from qvl.infer.types import Chunk, Request
+from qvl.serve.schema import ApiError, ChatRequest, MediaRef, bad, parse_chat, parse_json
+
+log = logging.getLogger("qvl.serve")
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None
+    allowed_media_dir: str | None = None
+    max_body_mb: float = 64.0
+    max_media_mb: float = 32.0
+    limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 8, "video": 2})
+    allow_remote_media: bool = True
+    served_model_name: str | None = None
+    inbrowser: bool = False
+    share: bool = False
+    log_level: str = "info"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+
+def parse_limits(text: str | None) -> dict[str, int]:
+    """``image=4,video=1`` or JSON ``{"image": 4, "video": 1}`` (vLLM's syntax) -> dict."""
+    from qvl.errors import QvlError
+
+    limits = {"image": 8, "video": 2}
+    if not text:
+        return limits
+    try:
+        given = json.loads(text) if text.strip().startswith("{") else {
+            k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
+    except (ValueError, json.JSONDecodeError):
+        raise QvlError(f"--limit-mm-per-prompt {text!r} is not understood", fix="use image=4,video=1") from None
+    bad_keys = set(given) - set(limits)
+    if bad_keys or any(not isinstance(v, int) or v < 0 for v in given.values()):
+        raise QvlError(f"--limit-mm-per-prompt {text!r}: keys are image and video, values integers >= 0")
+    limits.update(given)
+    return limits
+
+
+def _error(e: ApiError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def create_app(engine: Engine, settings: ServeSettings | None = None):
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    from qvl.data.samples import Media, Message
+    from qvl.serve.media import MediaResolver
+    from qvl.serve.ui import page
+
+    settings = settings or ServeSettings()
+    model_id = settings.served_model_name or engine.name
+    resolver = MediaResolver(settings.allowed_media_dir, int(settings.max_media_mb * 2**20),
+                             settings.allow_remote_media)
+    app = FastAPI(title="qvl serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, e: ApiError):
+        return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, e: HTTPException):
+        return _error(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else "http_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e):
+        return _error(bad(f"invalid request: {e}"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):
+        log.exception("unexpected error")
+        return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
+                                       "param": None, "code": "internal_error"}}, status_code=500)
+
+    def check_key(request: HttpRequest) -> None:
+        if not settings.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    async def read_body(request: HttpRequest) -> bytes:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise bad(f"request body is {int(declared) / 2**20:.1f} MiB; the limit is {limit / 2**20:.1f} MiB "
+                      "(--max-body-mb)", code="request_too_large", status=413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise bad(f"request body is over the {limit / 2**20:.1f} MiB limit (--max-body-mb)",
+                          code="request_too_large", status=413)
+        return bytes(body)
+
+    def prepare(chat: ChatRequest, request_id: str):
+        """Media -> pipeline inputs -> engine.prepare (blocking: runs in the thread pool)."""
+        with tempfile.TemporaryDirectory(prefix="qvl-req-") as tmp:
+            messages = []
+            for role, parts in chat.messages:
+                out = []
+                for p in parts:
+                    if isinstance(p, MediaRef):
+                        src = resolver.image(p) if p.kind == "image" else resolver.video(p, Path(tmp))
+                        out.append(Media(p.kind, src))
+                    else:
+                        out.append(p)
+                messages.append(Message(role, out))
+            try:
+                sampling = engine.sampling(**chat.sampling)
+            except Exception as e:  # out-of-range values
+                raise bad(str(getattr(e, "what", e)), code="invalid_value") from None
+            try:  # videos are decoded inside prepare, so the temp folder lives until it returns
+                return engine.prepare(Request(messages, sampling, request_id))
+            except RequestError as e:
+                status = 400 if e.code != "context_length_exceeded" else 400
+                raise ApiError(status, e.what + (f" ({e.fix})" if e.fix else ""), code=e.code, param=e.param) \
+                    from None
+
+    def start(prepared):
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Chunk] = asyncio.Queue()
+        handle = engine.submit(prepared, on_chunk=lambda c: loop.call_soon_threadsafe(q.put_nowait, c))
+        return handle, q
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page(model_id, engine.backend, bool(settings.api_key))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: HttpRequest):
+        check_key(request)
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "qvl", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/ui/config")
+    async def ui_config(request: HttpRequest):
+        check_key(request)
+        s = engine.default_sampling
+        return {"model": model_id, "backend": engine.backend, "thinking": engine.thinking,
+                "max_model_len": engine.max_model_len, "limits": settings.limit_mm_per_prompt,
+                "sampling": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                             "presence_penalty": s.presence_penalty, "max_tokens": s.max_new_tokens}}
+
+    @app.post("/ui/grounding")
+    async def grounding(request: HttpRequest):
+        """Boxes/points of an answer, in pixels of a ``width`` x ``height`` image (for drawing)."""
+        check_key(request)
+        body = parse_json(await read_body(request))
+        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+            raise bad("send {'text': str, 'width': int, 'height': int}")
+        try:
+            from qvl.data.grounding import parse_grounding, to_pixels
+        except ImportError:  # grounding support not installed in this tree: draw nothing
+            return {"items": []}
+        w, h = float(body.get("width") or 1000), float(body.get("height") or 1000)
+        items = []
+        for it in parse_grounding(body["text"]):
+            try:
+                if "bbox_2d" in it:
+                    items.append({"label": it.get("label", ""), "bbox": to_pixels(it["bbox_2d"], w, h)})
+                elif "point_2d" in it:
+                    items.append({"label": it.get("label", ""), "point": to_pixels(it["point_2d"], w, h)})
+            except Exception:
+                continue
+        return {"items": items}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        check_key(request)
+        chat = parse_chat(parse_json(await read_body(request)), settings.limit_mm_per_prompt)
+        if chat.model not in (model_id, engine.name):
+            raise ApiError(404, f"model {chat.model!r} is not served here; GET /v1/models lists {model_id!r}",
+                           code="model_not_found", param="model")
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        prepared = await run_in_threadpool(prepare, chat, rid)
+        now = int(time.time())
+        handle, q = start(prepared)
+
+        def usage(c: Chunk) -> dict:
+            return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                    "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+        if not chat.stream:
+            parts = []
+            try:
+                while True:
+                    c = await q.get()
+                    parts.append(c.text)
+                    if c.finish_reason is not None:
+                        break
+            finally:
+                handle.cancel()  # no-op when finished; stops the model when the client went away
+            if c.finish_reason == "error":
+                raise ApiError(500, f"generation failed: {c.error}", code="generation_failed", type_="server_error")
+            return {"id": rid, "object": "chat.completion", "created": now, "model": model_id,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                                 "finish_reason": c.finish_reason, "logprobs": None}],
+                    "usage": usage(c)}
+
+        def event(delta: dict, finish=None, **extra) -> str:
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                yield event({"role": "assistant", "content": ""})
+                while True:
+                    c = await q.get()
+                    if c.text:
+                        yield event({"content": c.text})
+                    if c.finish_reason is not None:
+                        break
+                if c.finish_reason == "error":
+                    err = {"error": {"message": f"generation failed: {c.error}", "type": "server_error",
+                                     "param": None, "code": "generation_failed"}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                else:
+                    yield event({}, c.finish_reason)
+                    if chat.include_usage:
+                        obj = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                               "choices": [], "usage": usage(c)}
+                        yield f"data: {json.dumps(obj)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                handle.cancel()  # the client went away (or we are done): stop generating for it
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def banner(engine: Engine, settings: ServeSettings) -> str:
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "localhost"
+    url = f"http://{host}:{settings.port}"
+    lines = [f"qvl serve: {engine.describe()}",
+             f"  web chat   {url}/",
+             f"  OpenAI API {url}/v1  (model id {settings.served_model_name or engine.name!r})"]
+    if settings.api_key:
+        lines.append("  API key required (Authorization: Bearer ...)")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        lines.append(f"  warning: listening on {settings.host} without --api-key: anyone who can reach this "
+                     "port can use the model")
+    return "\n".join(lines)
+
+
+def run_server(engine: Engine, settings: ServeSettings, say=print) -> None:
+    """Serve until interrupted (blocking)."""
+    import threading
+    import webbrowser
+
+    import uvicorn
+
+    app = create_app(engine, settings)
+    say(banner(engine, settings))
+    if settings.share:
+        say("  note: --share (a public Gradio link) is not available: qvl's chat page is served by this server. "
+            f"Use `ssh -L {settings.port}:localhost:{settings.port} host` or bind --host 0.0.0.0 with --api-key.")
+    if settings.inbrowser:
+        url = f"http://{'localhost' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}/"
+        threading.Timer(1.5, webbrowser.open, args=(url,)).start()
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -1,0 +1,194 @@
+"""OpenAI chat-completions request validation: every problem becomes a 4xx with an OpenAI error body.
+
+Validation is hand-written (not FastAPI's automatic 422) so that the body always has OpenAI's
+shape ``{"error": {"message", "type", "param", "code"}}`` and names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+# Fields of OpenAI's chat-completions request that qvl implements, plus vLLM's sampling extras.
+SAMPLING_FIELDS = {
+    "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "presence_penalty": (int, float),
+    "frequency_penalty": (int, float), "repetition_penalty": (int, float), "seed": (int,),
+    "max_tokens": (int,), "max_completion_tokens": (int,),
+}
+ACCEPTED_AND_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+KNOWN = {"model", "messages", "stream", "stream_options", "stop", "n", "logprobs", "top_logprobs",
+         "response_format", "tools", "tool_choice", "functions", "function_call", "logit_bias",
+         *SAMPLING_FIELDS, *ACCEPTED_AND_IGNORED}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request", param: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_request", status: int = 400) -> ApiError:
+    return ApiError(status, message, code, param)
+
+
+@dataclass
+class MediaRef:
+    kind: str  # image | video
+    url: str
+    param: str  # where it was in the request, for error messages
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    messages: list[tuple[str, list]]  # (role, parts: str | MediaRef)
+    stream: bool = False
+    include_usage: bool = False
+    sampling: dict = field(default_factory=dict)  # qvl SamplingParams field -> value
+
+    def media(self) -> list[MediaRef]:
+        return [p for _, parts in self.messages for p in parts if isinstance(p, MediaRef)]
+
+
+def parse_json(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def _number(body: dict, key: str):
+    v = body[key]
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, SAMPLING_FIELDS[key]):
+        kind = "an integer" if SAMPLING_FIELDS[key] == (int,) else "a number"
+        raise bad(f"'{key}' must be {kind}, got {json.dumps(v)[:40]}", param=key, code="invalid_type")
+    return v
+
+
+def _parts(content, where: str) -> list:
+    if isinstance(content, str):
+        return [content]
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise bad(f"'{where}.content' must be a string or a list of content parts", param=f"{where}.content")
+    parts: list = []
+    for j, part in enumerate(content):
+        p = f"{where}.content[{j}]"
+        if not isinstance(part, dict) or "type" not in part:
+            raise bad(f"'{p}' must be an object with a 'type'", param=p)
+        kind = part["type"]
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise bad(f"'{p}.text' must be a string", param=f"{p}.text")
+            parts.append(part["text"])
+        elif kind in ("image_url", "video_url", "image", "video"):
+            value = part.get(kind)
+            url = value.get("url") if isinstance(value, dict) else value
+            if not isinstance(url, str) or not url:
+                raise bad(f"'{p}.{kind}' needs a 'url' (a data: URL, an http(s) URL or an allowed local path)",
+                          param=f"{p}.{kind}")
+            extra = set(part) - {"type", kind}
+            if extra:
+                raise bad(f"unknown field(s) {sorted(extra)} in '{p}'", param=p, code="unknown_field")
+            parts.append(MediaRef(kind.removesuffix("_url"), url, p))
+        else:
+            raise bad(f"content part type {kind!r} is not supported (use text, image_url or video_url)", param=p,
+                      code="unsupported_content")
+    return parts
+
+
+def parse_chat(body, limits: dict[str, int]) -> ChatRequest:
+    """Validate a chat-completions body; ``limits``: the most images/videos one request may carry."""
+    if not isinstance(body, dict):
+        raise bad("request body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise bad(f"unknown field(s): {', '.join(unknown)}", param=unknown[0], code="unknown_field")
+    for key, why in (("tools", "tool calling"), ("functions", "function calling"), ("logit_bias", "logit_bias")):
+        if body.get(key):
+            raise bad(f"{why} is not supported by qvl serve", param=key, code="unsupported_parameter")
+    if body.get("tool_choice") not in (None, "none"):
+        raise bad("tool calling is not supported by qvl serve", param="tool_choice", code="unsupported_parameter")
+    if body.get("function_call") not in (None, "none"):
+        raise bad("function calling is not supported by qvl serve", param="function_call",
+                  code="unsupported_parameter")
+    if body.get("n") not in (None, 1):
+        raise bad("only n=1 is supported", param="n", code="unsupported_parameter")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise bad("logprobs are not supported by qvl serve", param="logprobs", code="unsupported_parameter")
+    rf = body.get("response_format")
+    if rf not in (None, {"type": "text"}):
+        raise bad("only response_format {'type': 'text'} is supported", param="response_format",
+                  code="unsupported_parameter")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("'model' is required (see GET /v1/models)", param="model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise bad("'stream' must be true or false", param="stream", code="invalid_type")
+    so = body.get("stream_options") or {}
+    if not isinstance(so, dict) or set(so) - {"include_usage", "continuous_usage_stats"}:
+        raise bad("'stream_options' accepts only include_usage", param="stream_options")
+
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list", param="messages")
+    messages = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"'{where}' must be an object with 'role' and 'content'", param=where)
+        extra = set(m) - {"role", "content", "name"}
+        if extra:
+            raise bad(f"unknown field(s) {sorted(extra)} in '{where}'", param=where, code="unknown_field")
+        role = ROLES.get(m.get("role"))
+        if role is None:
+            raise bad(f"'{where}.role' must be system, user or assistant, got {m.get('role')!r}",
+                      param=f"{where}.role")
+        parts = _parts(m.get("content"), where)
+        if role != "user" and any(isinstance(p, MediaRef) for p in parts):
+            raise bad(f"'{where}': only user messages may hold images or videos", param=where)
+        messages.append((role, parts))
+    if messages[-1][0] != "user":
+        raise bad("the last message must be a user message", param=f"messages[{len(messages) - 1}]")
+    if any(r == "system" for r, _ in messages[1:]):
+        raise bad("a system message is only allowed first", param="messages")
+
+    req = ChatRequest(model, messages, bool(stream), bool(so.get("include_usage")))
+    counts = {"image": 0, "video": 0}
+    for ref in req.media():
+        counts[ref.kind] += 1
+    for kind, n in counts.items():
+        if n > limits.get(kind, 0):
+            raise bad(f"{n} {kind}s in one request; this server allows at most {limits.get(kind, 0)} "
+                      f"(--limit-mm-per-prompt)", param="messages", code="too_many_media")
+
+    s = {}
+    for key in SAMPLING_FIELDS:
+        if key in body:
+            v = _number(body, key)
+            if v is not None:
+                s[key] = v
+    if "max_completion_tokens" in s:
+        s["max_tokens"] = s.pop("max_completion_tokens")
+    if "max_tokens" in s:
+        s["max_new_tokens"] = s.pop("max_tokens")
+        if s["max_new_tokens"] < 1:
+            raise bad("'max_tokens' must be at least 1", param="max_tokens")
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > 8:
+            raise bad("'stop' must be a string or a list of up to 8 non-empty strings", param="stop")
+        s["stop"] = tuple(stop)
+    req.sampling = s
+    return req

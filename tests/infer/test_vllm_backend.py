@@ -1,0 +1,146 @@
+"""vLLM backend: request translation and context fitting run without vLLM; the real path needs vLLM + GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qvl.data.samples import Media, Message
+from qvl.errors import QvlError
+from qvl.infer.types import SamplingParams
+from qvl.infer.vllm_backend import (
+    BLOCK, GiB, adapter_touches_vision, fit_context, kv_bytes_per_token, max_len_from_vllm_error, to_vllm_prompt,
+    to_vllm_sampling,
+)
+
+
+def config_8b() -> dict:
+    from qvl.models.build import official_config
+
+    return official_config("8B").to_dict()
+
+
+def test_kv_bytes_8b_and_tp():
+    cfg = config_8b()
+    assert kv_bytes_per_token(cfg) == 2 * 36 * 8 * 128 * 2 == 144 * 1024  # 144 KiB/token (bf16)
+    assert kv_bytes_per_token(cfg, tensor_parallel_size=2) == 72 * 1024
+    assert kv_bytes_per_token(cfg, tensor_parallel_size=16) == 18 * 1024  # fewer KV heads than ranks: replicated
+    assert kv_bytes_per_token({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}) == 2 * 2 * 4 * 16 * 2
+
+
+def test_fit_lowers_context_with_one_line():
+    cfg = config_8b()  # native context 262,144 tokens = 36 GiB of KV cache
+    fit = fit_context(cfg, gpu_bytes=48 * GiB, utilization=0.7, weight_bytes=int(16.3 * GiB))
+    assert fit.lowered and fit.requested == 262_144
+    assert fit.max_model_len % BLOCK == 0 and 2048 <= fit.max_model_len < 262_144
+    assert fit.max_model_len * fit.kv_per_token <= fit.kv_budget
+    assert (fit.max_model_len + BLOCK) * fit.kv_per_token > fit.kv_budget  # the largest that fits
+    assert "context lowered from 262,144" in fit.message and "\n" not in fit.message
+
+
+def test_fit_keeps_what_fits():
+    cfg = config_8b()
+    fit = fit_context(cfg, gpu_bytes=80 * GiB, utilization=0.9, weight_bytes=int(16.3 * GiB), requested=32_768)
+    assert fit.max_model_len == 32_768 and fit.message is None
+    assert fit_context(cfg, 80 * GiB, 0.9, int(16.3 * GiB), requested=10**7).max_model_len <= 262_144
+
+
+def test_fit_tensor_parallel_splits_weights_and_kv():
+    cfg = config_8b()
+    one = fit_context(cfg, 24 * GiB, 0.9, int(16.3 * GiB))
+    two = fit_context(cfg, 24 * GiB, 0.9, int(16.3 * GiB), tensor_parallel_size=2)
+    assert two.max_model_len > 2 * one.max_model_len
+
+
+def test_fit_refuses_when_nothing_fits():
+    with pytest.raises(QvlError, match="KV cache"):
+        fit_context(config_8b(), gpu_bytes=16 * GiB, utilization=0.7, weight_bytes=int(16.3 * GiB))
+    with pytest.raises(QvlError):
+        fit_context(config_8b(), 80 * GiB, 1.5, 0)
+
+
+def test_vllm_error_estimate():
+    msg = ("ValueError: To serve at least one request with the models's max seq len (262144), (36.00 GiB KV cache "
+           "is needed, which is larger than the available KV cache memory (5.1 GiB). Based on the available memory, "
+           "the estimated maximum model length is 37120. Try increasing `gpu_memory_utilization`")
+    assert max_len_from_vllm_error(msg) == 37120
+    assert max_len_from_vllm_error("CUDA out of memory") is None
+
+
+def test_sampling_translation():
+    d = to_vllm_sampling(SamplingParams(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5,
+                                        max_new_tokens=99, seed=5, stop=("END",)))
+    assert d == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5, "frequency_penalty": 0.0,
+                 "repetition_penalty": 1.0, "max_tokens": 99, "skip_special_tokens": True, "seed": 5,
+                 "stop": ["END"]}
+    g = to_vllm_sampling(SamplingParams(temperature=0, top_k=0))
+    assert g["temperature"] == 0 and g["top_k"] == -1 and g["top_p"] == 1.0 and "seed" not in g
+
+
+def test_prompt_translation_image_and_video(tiny_processor, tmp_path):
+    import av
+
+    path = tmp_path / "v.mp4"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(8):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    msgs = [Message("system", ["be brief"]),
+            Message("user", [Media("image", Image.new("RGB", (64, 64), "red")), Media("video", str(path)), "what?"])]
+    req = to_vllm_prompt(tiny_processor, msgs)
+    assert req["prompt"].count("<|image_pad|>") == 1 and req["prompt"].count("<|video_pad|>") == 1
+    assert req["prompt"].endswith("<|im_start|>assistant\n") and "be brief" in req["prompt"]
+    assert len(req["multi_modal_data"]["image"]) == 1
+    frames, meta = req["multi_modal_data"]["video"][0]
+    assert frames.shape[0] == len(meta["frames_indices"]) and frames.shape[0] % 2 == 0
+    assert meta["fps"] == pytest.approx(4.0) and meta["total_num_frames"] == 8
+    assert req["mm_processor_kwargs"] == {"do_sample_frames": False}
+    text_only = to_vllm_prompt(tiny_processor, [Message("user", ["hi"])])
+    assert set(text_only) == {"prompt"}
+
+
+def test_adapter_vision_detection(tmp_path):
+    a = tmp_path / "lm"
+    a.mkdir()
+    (a / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "v_proj"], "r": 8}))
+    assert not adapter_touches_vision(a)
+    b = tmp_path / "vis"
+    b.mkdir()
+    (b / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj", "visual.blocks.0.attn.qkv"]}))
+    assert adapter_touches_vision(b)
+    c = tmp_path / "merger"
+    c.mkdir()
+    (c / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj"], "modules_to_save": ["merger"]}))
+    assert adapter_touches_vision(c)
+
+
+def test_vllm_missing_is_a_clear_error():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    from qvl.infer.engine import load_engine
+
+    with pytest.raises(QvlError, match="pip install 'qvl\\[vllm\\]'"):
+        load_engine("whatever", backend="vllm")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed (pip install 'qvl[vllm]')")
+def test_real_vllm_streams(tiny_model_dir):  # pragma: no cover - needs vLLM and a GPU
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a GPU")
+    from qvl.infer.engine import load_engine
+    from qvl.infer.types import Request
+
+    e = load_engine(str(tiny_model_dir), backend="vllm", gpu_memory_utilization=0.3, max_model_len=4096)
+    chunks = list(e.stream(Request([Message("user", [Media("image", Image.new("RGB", (64, 64))), "hi"])],
+                                   e.sampling(max_new_tokens=8, temperature=0))))
+    assert chunks[-1].finish_reason in ("stop", "length") and any(c.text for c in chunks)

@@ -1,0 +1,90 @@
+"""`qvl infer`, `qvl chat` and `qvl serve` command lines (serve: flags only; the server is tested elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+from serve_helpers import make_mp4, png_bytes
+from typer.testing import CliRunner
+
+from qvl.cli.main import app
+
+
+def test_infer_image_and_video(tiny_model_dir, tmp_path):
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes())
+    mp4 = make_mp4(tmp_path / "v.mp4")
+    r = CliRunner().invoke(app, ["infer", "--model", str(tiny_model_dir), "--image", str(img), "--video", mp4,
+                                 "--max-new-tokens", "5", "--temperature", "0", "what is shown?"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip()
+
+
+def test_infer_errors_are_friendly(tiny_model_dir, tmp_path):
+    r = CliRunner().invoke(app, ["infer", "--model", str(tiny_model_dir), "--image", str(tmp_path / "nope.png"), "q"])
+    assert r.exit_code == 2 and "image file not found" in r.output
+    r = CliRunner().invoke(app, ["infer", "q"])
+    assert r.exit_code == 2 and "--model" in r.output
+
+
+def test_chat_session(tiny_model_dir, tmp_path):
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes())
+    lines = [f"/image {img}", "what colour?", "/image /missing.png", "and now?", "/reset", "hello", "/quit"]
+    r = CliRunner().invoke(app, ["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "4"],
+                           input="\n".join(lines) + "\n")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("qvl> ") == 3
+    assert "(attached image" in r.output and "(conversation cleared)" in r.output
+    assert "image file not found" in r.output
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    import qvl.serve.app as serve_app
+
+    got = {}
+    monkeypatch.setattr(serve_app, "run_server", lambda engine, settings, say=print: got.update(
+        engine=engine, settings=settings))
+    return got
+
+
+def test_serve_defaults_bind_localhost(tiny_model_dir, captured):
+    r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0, r.output
+    s = captured["settings"]
+    assert s.host == "127.0.0.1" and s.port == 7860 and s.api_key is None and s.allowed_media_dir is None
+    assert captured["engine"].backend == "transformers"
+
+
+def test_serve_accepts_web_demo_flags(tiny_model_dir, captured):
+    """The official web_demo_mm.py command line works unchanged after swapping the entry point."""
+    argv = ["serve", "-c", str(tiny_model_dir), "--backend", "hf", "--server-name", "0.0.0.0", "--server-port", "9999",
+            "--cpu-only", "--flash-attn2", "--share", "--inbrowser", "--gpu-memory-utilization", "0.7",
+            "--tensor-parallel-size", "1", "--max-model-len", "4096"]
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    s, e = captured["settings"], captured["engine"]
+    assert (s.host, s.port, s.share, s.inbrowser) == ("0.0.0.0", 9999, True, True)
+    assert e.max_model_len == 4096 and str(next(e.model.parameters()).device) == "cpu"
+    r = CliRunner().invoke(app, ["serve", "--checkpoint-path", str(tiny_model_dir), "--limit-mm-per-prompt",
+                                 "image=3,video=0", "--api-key", "k", "--allowed-media-dir", "/tmp"])
+    assert r.exit_code == 0, r.output
+    s = captured["settings"]
+    assert s.limit_mm_per_prompt == {"image": 3, "video": 0} and s.api_key == "k" and s.allowed_media_dir == "/tmp"
+
+
+def test_serve_bad_flags(tiny_model_dir, captured):
+    r = CliRunner().invoke(app, ["serve", "-c", str(tiny_model_dir), "--limit-mm-per-prompt", "audio=2"])
+    assert r.exit_code == 2 and "limit-mm-per-prompt" in r.output
+    r = CliRunner().invoke(app, ["serve", "-c", str(tiny_model_dir), "--backend", "vllm", "--cpu-only"])
+    assert r.exit_code == 2 and "cpu-only" in r.output
+    r = CliRunner().invoke(app, ["serve", "-c", str(tiny_model_dir), "--backend", "tgi"])
+    assert r.exit_code == 2 and "unknown backend" in r.output
+
+
+def test_banner_warns_on_open_bind(tiny_engine):
+    from qvl.serve.app import ServeSettings, banner
+
+    text = banner(tiny_engine, ServeSettings(host="0.0.0.0"))
+    assert "warning" in text and "--api-key" in text
+    assert "warning" not in banner(tiny_engine, ServeSettings())
