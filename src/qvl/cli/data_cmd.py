@@ -113,7 +113,7 @@ def check(dataset: str = typer.Argument(..., help="Registry name(s) with optiona
     if json_out:
         typer.echo(json.dumps(summary))
     else:
-        table = Table(title=f"qvl data check {dataset}")
+        table = Table(title="qvl data check", caption=dataset)
         table.add_column("", justify="left")
         table.add_column("value", justify="right")
         for k, v in summary.items():
