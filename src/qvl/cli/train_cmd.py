@@ -1,0 +1,38 @@
+"""`qvl train CONFIG.yaml [key=value ...]`: fine-tune Qwen3-VL (LoRA or full) with exact component control."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from qvl.cli.main import friendly
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @friendly
+    def train(ctx: typer.Context,
+              config: Path = typer.Argument(..., help="YAML config (see examples/*.yaml)."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print it; train nothing.")):
+        """Train as CONFIG.yaml says. Any key can be overridden: `key=value` or `--key value`.
+
+        Re-running the same command resumes from the newest complete checkpoint in output_dir;
+        `resume=false` starts fresh (old files are moved to output_dir/previous/, never deleted).
+        """
+        import yaml
+
+        from qvl.train.config import load_config, parse_overrides
+
+        positional, overrides = parse_overrides(list(ctx.args))
+        if positional:
+            from qvl.errors import QvlError
+
+            raise QvlError(f"unexpected argument(s) {positional}", fix="overrides look like key=value or --key value")
+        cfg = load_config(config, overrides)
+        if dry_run:
+            typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+            return
+        from qvl.train.loop import train as run
+
+        run(cfg, log=typer.echo)

@@ -1,0 +1,33 @@
+"""``python -m qvl.train [CONFIG.yaml] --model_name_or_path ... --dataset_use ... [--key value ...]``.
+
+The official ``qwen-vl-finetune`` flag form, so an ``sft_*.sh`` script ports by swapping the entry
+point: ``torchrun --nproc_per_node=N -m qvl.train --model_name_or_path ... --dataset_use ...``.
+``key=value`` words and a YAML config file work here too.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qvl.errors import QvlError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nEvery key: see docs/train.md (or `qvl train --help`).")
+        return 0
+    try:
+        from qvl.train.config import from_argv
+        from qvl.train.loop import train
+
+        train(from_argv(argv))
+    except QvlError as e:
+        print(f"error: {e.render()}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

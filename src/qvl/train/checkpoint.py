@@ -1,0 +1,257 @@
+"""Checkpoints that resume exactly, written atomically; the final servable output folder.
+
+A checkpoint ``OUTPUT/checkpoint-STEP/`` holds the trainable weights, optimizer, scheduler, the
+RNG states of every generator in play and the loop position (the data order is a pure function
+of seed and position, so nothing else is needed to continue identically). It is written into
+``OUTPUT/.checkpoint-STEP.tmp-PID`` and renamed when complete; the last file written is
+``qvl_checkpoint.json``, which lists every file with its size. Resume takes the newest folder
+whose marker is present and whose files match it, so a save killed half-way is never picked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from qvl.errors import QvlError
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+MARKER = "qvl_checkpoint.json"
+FORMAT = 1
+
+
+def unwrap(model):
+    """The module under DDP / loss wrappers (a PeftModel stays a PeftModel)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict,
+                    rank: int = 0, save_total_limit: int | None = None, _crash_before_marker: bool = False) -> Path:
+    """Write ``checkpoint-STEP`` atomically; prune old ones beyond ``save_total_limit``."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    # every rank keeps its own RNG (dropout differs per rank in DDP); rank 0 writes the folder
+    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    if rank != 0:
+        return final
+    if _crash_before_marker:  # tests: a save killed before it completed
+        raise KeyboardInterrupt("simulated crash during checkpoint save")
+    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+    (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step, "files": files,
+                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint): replace it
+        old = output_dir / f".checkpoint-{step}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(output_dir)
+    if save_total_limit:
+        for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        return all((path / name).is_file() and (path / name).stat().st_size == size
+                   for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Temp folders and folders without a valid marker are ignored."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = complete_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_complete(path):
+        raise QvlError(f"{path} is not a complete qvl checkpoint (no valid {MARKER})", where="resume",
+                       fix="resume=true picks the newest complete checkpoint automatically")
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = dict(unwrap(model).named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
+    unknown = [n for n in saved if n not in params]
+    if missing or unknown:
+        raise QvlError(f"checkpoint does not match the model being trained ({len(missing)} trainable weights missing, "
+                       f"{len(unknown)} unknown, e.g. {(missing or unknown)[0]})", where=str(path),
+                       fix="resume with the same tune_mm_* / lora_* settings, or start fresh with resume=false")
+    with torch.no_grad():
+        for n, t in saved.items():
+            params[n].copy_(t.to(params[n].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    rng_file = path / f"rng_{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return json.loads((path / "state.json").read_text())
+
+
+def archive_run(output_dir: Path) -> Path | None:
+    """Move everything in ``output_dir`` into ``output_dir/previous/TIMESTAMP`` (``resume=false``). Deletes nothing."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    items = [p for p in output_dir.iterdir() if p.name != "previous"]
+    if not items:
+        return None
+    dest = output_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        n += 1
+    dest.mkdir(parents=True)
+    for p in items:
+        p.rename(dest / p.name)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------
+# Final output: directly servable
+# --------------------------------------------------------------------------------------------------
+
+def _base_reference(name_or_path: str) -> str:
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if p.exists() else name_or_path
+
+
+def save_final(output_dir: Path, model, processor, cfg, load_dtype=None, extra: dict | None = None) -> list[str]:
+    """Write the servable result into ``output_dir`` (files next to the checkpoints).
+
+    LoRA: ``adapter_config.json`` (with ``base_model_name_or_path``) + ``adapter_model.safetensors``
+    holding the adapters and every fully trained module. Full: ``config.json`` + weights. Both
+    get the ORIGINAL processor (the model's inference pixel budgets, not the training ones),
+    tokenizer and chat template.
+    """
+    output_dir = Path(output_dir)
+    model = unwrap(model)
+    tmp = output_dir / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    is_peft = hasattr(model, "peft_config")
+    base = model.get_base_model() if is_peft else model
+    base.config.use_cache = True
+    if getattr(base.config, "text_config", None) is not None:
+        base.config.text_config.use_cache = True
+    if load_dtype is not None:  # trainable weights were kept in fp32 for the optimizer: save in the model's dtype
+        for p in base.parameters():
+            if p.is_floating_point() and p.dtype != load_dtype and not is_peft:
+                p.data = p.data.to(load_dtype)
+    if is_peft:
+        model.save_pretrained(tmp)
+        ac = tmp / "adapter_config.json"
+        conf = json.loads(ac.read_text())
+        conf["base_model_name_or_path"] = _base_reference(cfg.model_name_or_path)
+        ac.write_text(json.dumps(conf, indent=2, sort_keys=True))
+        (tmp / "README.md").unlink(missing_ok=True)
+    else:
+        base.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "qvl_train.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), **(extra or {})},
+                                                   indent=2, default=str))
+    written = []
+    for f in sorted(tmp.iterdir()):
+        os.chmod(f, 0o644)
+        os.replace(f, output_dir / f.name)
+        written.append(f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def load_trained(path, dtype=None, device=None, merge: bool = False):
+    """(model, processor) for a qvl training output: a full checkpoint, or base + LoRA adapter."""
+    from qvl.models.load import load, load_model
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from peft import PeftModel
+
+        base_ref = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_ref:
+            raise QvlError("adapter_config.json names no base_model_name_or_path", where=str(path))
+        base = load_model(base_ref, dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(base, str(path))
+        if merge:
+            model = model.merge_and_unload()
+        from transformers import AutoProcessor
+
+        return model.eval(), AutoProcessor.from_pretrained(path)  # the adapter folder has no config.json
+    return load(path, dtype=dtype, device=device)

@@ -1,0 +1,367 @@
+"""The training config: one flat set of keys, official names wherever the official recipe has one.
+
+Sources, later ones win: the YAML file, then ``key=value`` (``qvl train``) or ``--key value``
+(``python -m qvl.train``, the official ``sft_*.sh`` form). Values from the command line are
+read as YAML scalars (``true``, ``1e-5``, ``[llm, merger]``) and then checked by pydantic, so
+``--bf16``, ``--bf16 True`` and ``bf16=true`` all mean the same. Unknown keys and impossible
+combinations are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qvl.config.vision import VisionBudget
+from qvl.errors import QvlError
+
+_VB = VisionBudget()
+
+LORA_COMPONENTS = ("llm", "vision", "merger")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+# Official flags that mean nothing to qvl's loop. They are accepted (so an sft_*.sh script ports
+# unchanged) and reported once; values that would change results are refused instead.
+IGNORED_KEYS = {
+    "per_device_eval_batch_size": "qvl trains without an eval loop; use `qvl eval` on the output",
+    "eval_strategy": "qvl trains without an eval loop; use `qvl eval` on the output",
+    "evaluation_strategy": "qvl trains without an eval loop; use `qvl eval` on the output",
+    "base_interval": "unused in the official code as well",
+    "cache_dir": "models are resolved with the Hugging Face cache (HF_HOME)",
+    "model_type": "qvl reads the model class from config.json",
+    "data_flatten": "qvl pads each batch to its longest row (flattened batches are a later feature)",
+    "data_packing": "qvl pads each batch to its longest row (packing is a later feature)",
+    "ddp_find_unused_parameters": "not needed: every rank runs the vision tower (dummy input on text-only batches)",
+    "remove_unused_columns": "not used by qvl's loop",
+    "dataloader_pin_memory": "not used by qvl's loop",
+    "local_rank": "read from the LOCAL_RANK environment variable (torchrun sets it)",
+    "tf32": "TF32 matmuls are enabled on GPUs that support them",
+    "overwrite_output_dir": "qvl never deletes a run; see `resume`",
+    "do_train": "always true",
+}
+
+
+class TrainConfig(BaseModel):
+    """Every key `qvl train` knows. Defaults follow the official recipe unless noted."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # --- model and data ---
+    model_name_or_path: str = Field(..., description="hub id or local folder of a Qwen3-VL checkpoint")
+    dataset_use: str = Field(..., description="comma-separated registry names, each optionally with %X")
+    dataset_registry: str | None = Field(None, description="datasets.yaml (default: $QVL_DATASETS or ./datasets.yaml)")
+    attn_implementation: str = "sdpa"
+    # --- what trains ---
+    tune_mm_vision: bool = False
+    tune_mm_mlp: bool = False
+    tune_mm_llm: bool = False
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: float = 128
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = Field(default_factory=lambda: ["llm"], description="llm, vision, merger")
+    lora_target_regex: str | None = Field(None, description="full-match regex over module names; replaces lora_targets")
+    # --- optimisation ---
+    learning_rate: float = 1e-5
+    mm_projector_lr: float | None = None
+    vision_tower_lr: float | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    seed: int = 42
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    # --- sequence and pixel budgets (training only; the saved processor keeps the model's own) ---
+    model_max_length: int = 8192
+    too_long: Literal["skip", "error"] = "skip"
+    max_pixels: int = _VB.max_pixels
+    min_pixels: int = _VB.min_pixels
+    video_fps: float = _VB.video_fps
+    video_min_frames: int = _VB.video_min_frames
+    video_max_frames: int = _VB.video_max_frames
+    video_max_pixels: int = _VB.video_max_pixels
+    video_min_pixels: int = _VB.video_min_pixels
+    # --- run folder ---
+    output_dir: str = "./output"
+    save_strategy: Literal["steps", "no"] = "steps"
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    resume: bool | str = Field(True, description="true: continue from the newest complete checkpoint; false: "
+                                                 "start fresh (old files are moved aside, never deleted); or a path")
+    logging_steps: int = 1
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    run_name: str | None = None
+    dataloader_num_workers: int = 0
+    deepspeed: str | None = None
+    # --- accepted for compatibility (see IGNORED_KEYS) ---
+    ignored: dict = Field(default_factory=dict, exclude=True)
+
+    @field_validator("lora_targets", "report_to", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    def vision_budget(self) -> VisionBudget:
+        try:
+            return VisionBudget(min_pixels=self.min_pixels, max_pixels=self.max_pixels, video_fps=self.video_fps,
+                                video_min_frames=self.video_min_frames, video_max_frames=self.video_max_frames,
+                                video_min_pixels=self.video_min_pixels, video_max_pixels=self.video_max_pixels)
+        except ValueError as e:
+            key = str(e).split("=")[0]
+            raise QvlError(str(e), where=key) from None
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        return tuple(self.lora_targets) if self.lora_enable and not self.lora_target_regex else ()
+
+    def trains(self, component: str) -> bool:
+        """Whether ``component`` (vision, merger, llm) trains at all, fully or through LoRA."""
+        flag = {"vision": self.tune_mm_vision, "merger": self.tune_mm_mlp, "llm": self.tune_mm_llm}[component]
+        return flag or component in self.lora_components
+
+    def check(self) -> TrainConfig:
+        """Combinations that cannot work. Each error names the key to change."""
+        def bad(key, what, fix=None):
+            raise QvlError(what, where=key, fix=fix)
+
+        if self.bf16 and self.fp16:
+            bad("fp16", "bf16 and fp16 are both true", "keep one (bf16 is what Qwen3-VL is trained in)")
+        if self.fp16:
+            bad("fp16", "fp16 training is not supported (Qwen3-VL overflows in fp16)", "use bf16=true")
+        if not (self.lora_enable or self.tune_mm_vision or self.tune_mm_mlp or self.tune_mm_llm):
+            bad("tune_mm_llm", "nothing would train: tune_mm_vision, tune_mm_mlp, tune_mm_llm and lora_enable are all false",
+                "set tune_mm_llm=true (full) or lora_enable=true")
+        if self.lora_enable:
+            if self.lora_r < 1:
+                bad("lora_r", f"lora_r={self.lora_r} must be >= 1")
+            if self.lora_alpha <= 0:
+                bad("lora_alpha", f"lora_alpha={self.lora_alpha} must be > 0")
+            if not 0 <= self.lora_dropout < 1:
+                bad("lora_dropout", f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+            unknown = [t for t in self.lora_targets if t not in LORA_COMPONENTS]
+            if unknown:
+                bad("lora_targets", f"unknown LoRA target(s) {unknown}", f"use any of {list(LORA_COMPONENTS)} "
+                    "or lora_target_regex for a custom pattern")
+            if not self.lora_targets and not self.lora_target_regex:
+                bad("lora_targets", "lora_enable=true but lora_targets is empty", "e.g. lora_targets=[llm]")
+            if self.tune_mm_llm and "llm" not in self.lora_components and not self.lora_target_regex:
+                bad("tune_mm_llm", "tune_mm_llm=true with LoRA that does not cover the LLM would train the whole LLM "
+                    "next to the adapters", "add llm to lora_targets, or set lora_enable=false for a full fine-tune")
+        # An LR for a frozen component is harmless (official scripts do it): say so, do not fail.
+        if self.vision_tower_lr is not None and not self.trains("vision") and not self.lora_target_regex:
+            warnings.warn("vision_tower_lr is set but nothing in the vision tower trains (tune_mm_vision=false)",
+                          stacklevel=2)
+        if self.mm_projector_lr is not None and not self.trains("merger") and not self.lora_target_regex:
+            warnings.warn("mm_projector_lr is set but the merger does not train (tune_mm_mlp=false)", stacklevel=2)
+        for key in ("learning_rate", "mm_projector_lr", "vision_tower_lr"):
+            v = getattr(self, key)
+            if v is not None and v < 0:
+                bad(key, f"{key}={v} must be >= 0")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            bad("lr_scheduler_type", f"unknown scheduler {self.lr_scheduler_type!r}", f"use one of {list(SCHEDULERS)}")
+        if self.optim not in ("adamw_torch", "adamw_torch_fused", "adamw"):
+            bad("optim", f"optimizer {self.optim!r} is not supported", "use adamw_torch")
+        if not 0 <= self.warmup_ratio <= 1:
+            bad("warmup_ratio", f"warmup_ratio={self.warmup_ratio} must be in [0, 1]")
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length",
+                    "logging_steps", "save_steps"):
+            if getattr(self, key) < 1:
+                bad(key, f"{key}={getattr(self, key)} must be >= 1")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            bad("num_train_epochs", "num_train_epochs <= 0 and no max_steps: there is nothing to do")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            bad("save_total_limit", f"save_total_limit={self.save_total_limit} must be >= 1 (or null for no limit)")
+        unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb", "none")]
+        if unknown:
+            bad("report_to", f"unknown tracker(s) {unknown}", "use tensorboard, wandb or none")
+        if self.dataloader_num_workers < 0:
+            bad("dataloader_num_workers", "must be >= 0")
+        self.vision_budget()
+        return self
+
+    def lr_for(self, component: str) -> float:
+        if component in ("vision", "deepstack") and self.vision_tower_lr is not None:
+            return self.vision_tower_lr
+        if component == "merger" and self.mm_projector_lr is not None:
+            return self.mm_projector_lr
+        return self.learning_rate
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: YAML + overrides
+# --------------------------------------------------------------------------------------------------
+
+class Raw(str):
+    """A value typed on the command line; converted per key in :func:`build_config`."""
+
+
+def _convert(key: str, value):
+    """Command-line text -> value: YAML scalars (true, 3, [a, b], null) except for text keys."""
+    import yaml
+
+    if not isinstance(value, Raw):
+        return value
+    text = str(value)
+    field = TrainConfig.model_fields.get(key)
+    if field is not None and field.annotation in (str, str | None):
+        return None if field.annotation != str and text.lower() in ("null", "none", "") else text
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text  # pydantic names the key if the text does not fit
+
+
+def parse_overrides(args: list[str]) -> tuple[list[str], dict]:
+    """Split ``args`` into positional words and overrides.
+
+    Accepts ``key=value``, ``--key value``, ``--key=value`` and a bare ``--flag`` (true).
+    """
+    positional, out = [], {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            key = a[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+                out[key.replace("-", "_")] = Raw(value)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                out[key.replace("-", "_")] = Raw(args[i + 1])
+                i += 1
+            else:
+                out[key.replace("-", "_")] = True
+        elif "=" in a and not a.startswith("="):
+            key, value = a.split("=", 1)
+            out[key.strip()] = Raw(value)
+        else:
+            positional.append(a)
+        i += 1
+    return positional, out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise QvlError(f"config file {p} not found", fix="pass a YAML file, e.g. examples/tiny_cpu.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise QvlError(f"invalid YAML: {e}", where=str(p)) from None
+    if not isinstance(data, dict):
+        raise QvlError("a training config must be a mapping of key: value", where=str(p))
+    return data
+
+
+def build_config(values: dict, source: str = "config") -> TrainConfig:
+    """Validate ``values`` into a checked TrainConfig; errors name the offending key."""
+    values = {k: _convert(k, v) for k, v in values.items()}
+    ignored = {}
+    for key in list(values):
+        if key in IGNORED_KEYS:
+            ignored[key] = values.pop(key)
+    try:
+        cfg = TrainConfig(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "<config>"
+        if err["type"] == "extra_forbidden":
+            import difflib
+
+            close = difflib.get_close_matches(key, list(TrainConfig.model_fields) + list(IGNORED_KEYS), n=1)
+            raise QvlError(f"unknown key {key!r}", where=source,
+                           fix=f"did you mean {close[0]!r}?" if close else "see docs/train.md for every key") from None
+        if err["type"] == "missing":
+            raise QvlError(f"required key {key!r} is missing", where=source,
+                           fix=f"add `{key}: ...` to the YAML or pass {key}=...") from None
+        raise QvlError(f"{key}={err.get('input')!r}: {err['msg']}", where=source) from None
+    cfg.ignored = ignored
+    for key, value in ignored.items():
+        if value not in (False, None, "no", 0, "", "false"):
+            warnings.warn(f"{key}={value!r} is ignored: {IGNORED_KEYS[key]}", stacklevel=2)
+    return cfg.check()
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
+    values = read_yaml(path) if path else {}
+    values.update(overrides or {})
+    return build_config(values, source=str(path) if path else "command line")
+
+
+def from_argv(argv: list[str]) -> TrainConfig:
+    """``[CONFIG.yaml] [--key value | key=value ...]`` -> TrainConfig."""
+    positional, overrides = parse_overrides(argv)
+    if len(positional) > 1:
+        raise QvlError(f"expected at most one config file, got {positional}",
+                       fix="pass overrides as key=value or --key value")
+    return load_config(positional[0] if positional else None, overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed JSON: checked and completed here, so the per-component LR groups always apply
+# --------------------------------------------------------------------------------------------------
+
+def deepspeed_config(cfg: TrainConfig, world_size: int = 1, hidden_size: int | None = None) -> dict:
+    """Read ``cfg.deepspeed`` and fill every ``"auto"`` from the qvl config.
+
+    An ``optimizer`` or ``scheduler`` block is refused: DeepSpeed would build its own and silently
+    drop qvl's parameter groups (vision_tower_lr / mm_projector_lr) and schedule, which is what
+    happens with the official ``zero3_offload.json``. qvl hands its own AdamW to DeepSpeed instead
+    (with CPU offload, DeepSpeed runs it through its CPU Adam with the same groups).
+    """
+    import json
+
+    p = Path(cfg.deepspeed)
+    if not p.is_file():
+        raise QvlError(f"DeepSpeed config {p} not found", where="deepspeed",
+                       fix="use examples/deepspeed/zero2.json, zero3.json or zero3_offload.json")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise QvlError(f"not valid JSON ({e})", where=str(p)) from None
+    for block in ("optimizer", "scheduler"):
+        if block in ds:
+            raise QvlError(f"the DeepSpeed config has its own {block!r} block, which would replace qvl's "
+                           f"{'per-component LR groups' if block == 'optimizer' else 'LR schedule'}",
+                           where=f"{p}: {block}", fix=f"delete the {block!r} block (qvl configures it from "
+                           "learning_rate / vision_tower_lr / mm_projector_lr / lr_scheduler_type)")
+
+    def fill(d: dict, key: str, value):
+        if d.get(key, "auto") == "auto":
+            d[key] = value
+
+    micro, acc = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    fill(ds, "train_micro_batch_size_per_gpu", micro)
+    fill(ds, "gradient_accumulation_steps", acc)
+    fill(ds, "train_batch_size", micro * acc * world_size)
+    fill(ds, "gradient_clipping", cfg.max_grad_norm)
+    if "bf16" in ds:
+        fill(ds["bf16"], "enabled", cfg.bf16)
+    if "fp16" in ds:
+        fill(ds["fp16"], "enabled", False)
+    zero = ds.get("zero_optimization", {})
+    if hidden_size:
+        fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
+        fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
+    if zero.get("offload_optimizer", {}).get("device") == "cpu":
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds

@@ -1,0 +1,481 @@
+"""The training loop: a plain PyTorch recipe, top to bottom.
+
+    setup (ranks, device) -> data (records, seeded order) -> model (load, freeze / LoRA, dtype)
+    -> optimizer (per-component LR groups) + schedule -> resume -> for each step:
+         fetch the step's micro-batches -> count label tokens (all ranks) ->
+         forward + token-weighted loss (+ 0 x vision tower on text-only batches) -> backward
+       -> clip -> optimizer / scheduler step -> log -> checkpoint
+    -> final servable folder
+
+Loss under gradient accumulation is the sum of per-token losses over every micro-batch of the
+step (and every rank) divided by the number of label tokens in all of them, so a step's loss does
+not depend on how its samples were split into micro-batches.
+
+Data order is a pure function of (seed, epoch, position): resuming from a checkpoint at step S
+replays exactly the batches an uninterrupted run would have seen after S.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qvl.data.preprocess import IGNORE_INDEX, TooLong
+from qvl.errors import QvlError
+from qvl.train import checkpoint as ckpt
+from qvl.train import components as comp
+from qvl.train.config import TrainConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes and devices
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_sum(self, value: float, device) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+
+def setup_dist() -> Dist:
+    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    if d.enabled and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(d.local_rank)
+        torch.distributed.init_process_group(backend)
+    return d
+
+
+def pick_device(dist: Dist) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: seeded order, rank shards, micro-batches, steps
+# --------------------------------------------------------------------------------------------------
+
+class Plan:
+    """Which records form micro-batch ``j`` of epoch ``e`` on this rank, and which micro-batches form step ``s``."""
+
+    def __init__(self, n_records: int, cfg: TrainConfig, dist: Dist):
+        if n_records == 0:
+            raise QvlError("dataset_use selects no records", where="dataset_use")
+        self.n, self.cfg, self.dist = n_records, cfg, dist
+        per_rank = math.ceil(n_records / dist.world_size)  # padded like DistributedSampler: equal work per rank
+        self.micro_per_epoch = math.ceil(per_rank / cfg.per_device_train_batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.gradient_accumulation_steps)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.num_train_epochs))
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        per_rank = math.ceil(self.n / self.dist.world_size)
+        order += order[: per_rank * self.dist.world_size - self.n]
+        return order[self.dist.rank::self.dist.world_size]
+
+    def micro_batch(self, epoch: int, j: int, order: list[int]) -> list[int]:
+        bs = self.cfg.per_device_train_batch_size
+        return order[j * bs:(j + 1) * bs]
+
+    def step_micro(self, step: int) -> tuple[int, range]:
+        """(epoch, micro-batch indices) of global step ``step`` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        acc = self.cfg.gradient_accumulation_steps
+        return epoch, range(k * acc, min((k + 1) * acc, self.micro_per_epoch))
+
+
+class Encoder:
+    """Record -> Encoded, skipping (and counting) records that cannot be trained on."""
+
+    def __init__(self, records, processor, cfg: TrainConfig):
+        self.records, self.processor, self.cfg = records, processor, cfg
+        self.budget = cfg.vision_budget()
+        self.skipped: Counter = Counter()
+        self.examples: dict[str, str] = {}
+
+    def __call__(self, i: int):
+        from qvl.data.preprocess import encode
+        from qvl.data.samples import parse_sample
+
+        rec = self.records[i]
+        sample, problems = parse_sample(rec.raw, rec.index, rec.data_path, rec.origin)
+        if sample is None:
+            return self._skip("invalid sample", rec.origin, "; ".join(p.render() for p in problems[:2]))
+        try:
+            enc = encode(sample, self.processor, self.budget, self.cfg.model_max_length)
+        except TooLong as e:
+            if self.cfg.too_long == "error":
+                raise QvlError(e.what, where=rec.origin, fix=e.fix + "; or set too_long=skip") from None
+            return self._skip("longer than model_max_length", rec.origin, e.what)
+        except QvlError as e:
+            return self._skip("unreadable media or rejected by the processor", rec.origin, e.what)
+        if enc.num_label_tokens == 0:
+            return self._skip("no assistant tokens to learn", rec.origin, "")
+        return enc
+
+    def _skip(self, reason: str, origin: str, detail: str):
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, f"{origin}: {detail}"[:300])
+        return None
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item ``j`` = the collated micro-batch ``j`` of one epoch (workers encode in parallel)."""
+
+    def __init__(self, plan: Plan, encoder: Encoder, epoch: int, pad_id: int):
+        self.plan, self.encoder, self.epoch, self.pad_id = plan, encoder, epoch, pad_id
+        self.order = plan.epoch_order(epoch)
+
+    def __len__(self):
+        return self.plan.micro_per_epoch
+
+    def __getitem__(self, j: int):
+        from qvl.data.collate import collate
+
+        encs = [self.encoder(i) for i in self.plan.micro_batch(self.epoch, j, self.order)]
+        skipped = Counter()
+        kept = [e for e in encs if e is not None]
+        if len(kept) < len(encs):  # workers have their own Encoder copy: report skips with the batch
+            skipped.update(self.encoder.skipped)
+            self.encoder.skipped.clear()
+        skipped = dict(skipped)  # a plain dict: the DataLoader's convert step would add a Counter to itself
+        if not kept:
+            return {"batch": None, "skipped": skipped}
+        return {"batch": collate(kept, self.pad_id, "right"), "skipped": skipped}
+
+
+def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: int, workers: int):
+    ds = MicroBatches(plan, encoder, epoch, pad_id)
+    sub = torch.utils.data.Subset(ds, range(start, len(ds)))
+    # own generator: creating an iterator must not draw from the global RNG (dropout must replay on resume)
+    gen = torch.Generator().manual_seed(plan.cfg.seed + epoch)
+    loader = torch.utils.data.DataLoader(sub, batch_size=None, shuffle=False, num_workers=workers, generator=gen,
+                                         persistent_workers=False, prefetch_factor=2 if workers else None)
+    yield from loader
+
+
+# --------------------------------------------------------------------------------------------------
+# Model: loss module (forward + token-weighted loss + vision participation)
+# --------------------------------------------------------------------------------------------------
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict) or hasattr(obj, "values") and callable(obj.values):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+class LossModule(torch.nn.Module):
+    """``forward(batch, n_label_tokens)`` -> (sum of per-token losses / n_label_tokens, sum of losses).
+
+    Logits are computed only where a label is (the lm_head over prompt and image tokens is
+    skipped), in float32. When a micro-batch has no pixels but the vision tower has trainable
+    weights, the tower runs on a 4-patch dummy input and 0 x its outputs joins the loss: every
+    trainable weight gets a (zero) gradient, so DDP / ZeRO ranks never wait for one that has none.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # Qwen3VLForConditionalGeneration or a PeftModel around it
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.inner, self.lm_head, self.visual = base.model, base.lm_head, base.model.visual
+        self.vision_trains = any(p.requires_grad for p in self.visual.parameters())
+        vc = base.config.vision_config
+        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        self.merge = vc.spatial_merge_size
+
+    def dummy_vision(self, device, dtype) -> torch.Tensor:
+        m = self.merge
+        pixels = torch.zeros(m * m, self.patch_dim, device=device, dtype=dtype)
+        grid = torch.tensor([[1, m, m]], device=device)
+        out = self.visual(pixels, grid_thw=grid)
+        return sum(t.float().sum() for t in _tensors(out) if t.is_floating_point()) * 0.0
+
+    def forward(self, batch: dict, n_label_tokens: float):
+        labels = batch.pop("labels")
+        out = self.inner(**batch, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        logits = self.lm_head(hidden[keep]).float()
+        loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+        loss = loss_sum / max(n_label_tokens, 1.0)
+        if self.vision_trains and "pixel_values" not in batch and "pixel_values_videos" not in batch:
+            loss = loss + self.dummy_vision(hidden.device, self.visual.dtype if hasattr(self.visual, "dtype")
+                                            else next(self.visual.parameters()).dtype)
+        return loss, loss_sum.detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------------
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+    kind = cfg.lr_scheduler_type
+
+    def f(step: int) -> float:
+        if step < warmup and kind != "constant":
+            return (step + 1) / (warmup + 1) if warmup else 1.0
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))  # cosine
+
+    return f
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    start_step: int
+    losses: list[float] = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_mem_gib: float = 0.0
+    final_files: list[str] = field(default_factory=list)
+    resumed_from: str | None = None
+
+
+def _load_data(cfg: TrainConfig):
+    from qvl.data.registry import load_mixture, load_registry, registry_path
+
+    path = registry_path(cfg.dataset_registry)
+    if cfg.dataset_registry and not path.is_file():
+        raise QvlError(f"dataset registry {path} not found", where="dataset_registry")
+    registry = load_registry(path) if path.is_file() else None
+    return load_mixture(cfg.dataset_use, registry, seed=cfg.seed)
+
+
+def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
+    """Train as ``cfg`` says. ``callbacks`` are called as ``cb(step, row)`` after each step (tests use them)."""
+    from qvl.models.load import load_model, load_processor
+    from qvl.models.tokens import token_ids
+
+    t_start = time.perf_counter()
+    if cfg.deepspeed:
+        from qvl.train.config import deepspeed_config
+
+        deepspeed_config(cfg)  # refuse a JSON with its own optimizer / scheduler before anything else
+        raise QvlError("DeepSpeed runs are not wired into qvl's loop yet (they come with the multi-GPU work)",
+                       where="deepspeed", fix="train on one GPU without it (deepspeed=null), e.g. with LoRA or "
+                       "gradient_checkpointing=true; torchrun + DDP works for several GPUs")
+    dist = setup_dist()
+    device = pick_device(dist)
+    is_main = dist.rank == 0
+    say = log if is_main else (lambda *a, **k: None)
+    out = Path(cfg.output_dir)
+
+    # 1. run folder: resume, or start fresh (moving old files aside; nothing is deleted)
+    resume_from = None
+    if cfg.resume is True:
+        resume_from = ckpt.latest_checkpoint(out)
+    elif isinstance(cfg.resume, str) and cfg.resume.lower() not in ("false", "no"):
+        resume_from = Path(cfg.resume)
+        if not resume_from.is_dir():
+            raise QvlError(f"checkpoint {resume_from} not found", where="resume")
+    elif is_main:
+        moved = ckpt.archive_run(out)
+        if moved:
+            say(f"resume=false: the previous run's files were moved to {moved}")
+    if dist.enabled:
+        torch.distributed.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    import random
+
+    import numpy as np
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # 2. data
+    records = _load_data(cfg)
+    processor = load_processor(cfg.model_name_or_path)  # saved untouched: inference budgets stay the model's
+    pad_id = token_ids(processor.tokenizer).pad
+    plan = Plan(len(records), cfg, dist)
+    encoder = Encoder(records, processor, cfg)
+
+    # 3. model: dtype, what trains, memory savers
+    load_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = load_model(cfg.model_name_or_path, dtype=load_dtype, attn_implementation=cfg.attn_implementation)
+    model = comp.apply_training_mode(model, cfg)
+    if cfg.gradient_checkpointing:
+        comp.enable_gradient_checkpointing(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if load_dtype != torch.float32 and cfg.lora_enable:
+        for p in trainable:  # adapters (and modules_to_save) keep fp32 master weights; the frozen base stays bf16
+            p.data = p.data.float()
+    model.to(device)
+    model.train()
+    loss_module = LossModule(model)
+    runner = loss_module
+    if dist.enabled:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+    # 4. optimizer (one group per component x decay, each with its LR) and schedule
+    groups = comp.param_groups(model, cfg)
+    fused = cfg.optim == "adamw_torch_fused" and device.type == "cuda"
+    optimizer = torch.optim.AdamW(comp.optimizer_groups(groups, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                  **({"fused": True} if fused else {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
+
+    say(f"model {cfg.model_name_or_path} ({'bf16' if cfg.bf16 else 'fp32'}, {cfg.attn_implementation}"
+        f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}) on {device}"
+        f"{f', {dist.world_size} ranks' if dist.enabled else ''}")
+    say(comp.render_table(comp.component_table(model, cfg)))
+    if cfg.lora_enable:
+        say(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} on {comp.lora_regex(cfg)}")
+    eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * dist.world_size
+    say(f"data {len(records):,} records ({cfg.dataset_use}); {plan.steps_per_epoch} steps/epoch at "
+        f"{eff} samples/step; {plan.total_steps} steps")
+
+    # 5. resume
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=dist.rank)
+        start_step = int(state["step"])
+        say(f"resumed from {resume_from} (step {start_step}/{plan.total_steps})")
+    if is_main:
+        import yaml
+
+        (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    from qvl.train.track import Tracker
+
+    tracker = Tracker(out, cfg, plan.total_steps, start_step, dist.rank, log=say, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    skipped: Counter = Counter()
+    losses: list[float] = []
+    row: dict = {}
+
+    def fetch_steps():
+        """Yield (step, [micro-batches]) from ``start_step`` on, following the plan."""
+        step = start_step
+        while step < plan.total_steps:
+            epoch, _ = plan.step_micro(step)
+            first = plan.step_micro(step)[1].start
+            it = micro_batches(plan, encoder, epoch, first, pad_id, cfg.dataloader_num_workers)
+            while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
+                n = len(plan.step_micro(step)[1])
+                yield step, [next(it) for _ in range(n)]
+                step += 1
+
+    # 6. the loop
+    for step, items in fetch_steps():
+        batches = []
+        for item in items:
+            skipped.update(item["skipped"])
+            if item["batch"] is not None:
+                batches.append(item["batch"])
+        n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        loss_sum = 0.0
+        for j, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sync = not dist.enabled or j == len(batches) - 1
+            ctx = runner.no_sync() if not sync else _null()
+            with ctx:
+                with autocast:
+                    loss, part = runner(batch, n_labels / dist.world_size)  # DDP averages over ranks
+                loss.backward()
+            loss_sum += float(part)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
+        losses.append(step_loss)
+        done = step + 1
+        metrics = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": done / plan.steps_per_epoch,
+                   "label_tokens": n_labels}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        for g in optimizer.param_groups:
+            metrics[f"lr/{g['name']}"] = g["lr"]
+        row = tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
+                           log_now=done % cfg.logging_steps == 0 or done == plan.total_steps)
+        if not math.isfinite(step_loss):
+            raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
+                           "instead of fp16; the last checkpoint is intact")
+        if cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps:
+            path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
+                                        {"step": done, "epoch": done / plan.steps_per_epoch,
+                                         "total_steps": plan.total_steps, "seed": cfg.seed},
+                                        rank=dist.rank, save_total_limit=cfg.save_total_limit)
+            say(f"saved {path}")
+        for cb in callbacks:
+            cb(done, row)
+
+    # 7. final: last checkpoint (resumable) + servable folder
+    done = max(start_step, plan.total_steps)
+    if cfg.save_strategy == "steps" and start_step < plan.total_steps:
+        ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
+                             {"step": done, "epoch": done / plan.steps_per_epoch, "total_steps": plan.total_steps,
+                              "seed": cfg.seed}, rank=dist.rank, save_total_limit=cfg.save_total_limit)
+    total_skipped = dict(skipped)
+    files = []
+    if is_main:
+        files = ckpt.save_final(out, model, processor, cfg, load_dtype=load_dtype,
+                                extra={"steps": done, "final_loss": losses[-1] if losses else None,
+                                       "skipped": total_skipped})
+    plot = tracker.close()
+    if total_skipped:
+        say("skipped samples: " + ", ".join(f"{n} {why}" for why, n in total_skipped.items()))
+        for why, ex in encoder.examples.items():
+            say(f"  e.g. {ex}")
+    seconds = time.perf_counter() - t_start
+    say(f"done: {done} steps in {seconds:.1f} s; servable output in {out}"
+        f"{f'; loss curve {plot}' if plot else ''}")
+    if dist.enabled:
+        torch.distributed.barrier()
+    return TrainResult(out, done, start_step, losses, total_skipped, seconds,
+                       row.get("tokens_per_s", 0.0), row.get("peak_mem_gib", 0.0), files,
+                       str(resume_from) if resume_from else None)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,196 @@
+"""Run tracking: metrics.jsonl (always), TensorBoard (default), W&B (when asked), loss.png, a progress line.
+
+``metrics.jsonl`` is the source of truth: one JSON row per logged step. On resume the rows after
+the checkpoint's step are dropped, so the file (and loss.png) always shows one consistent curve.
+``loss.png`` uses matplotlib when installed and draws a plain chart with Pillow otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_gib(device) -> float:
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (process RSS)
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int = 0, rank: int = 0, log=print,
+                 device="cpu"):
+        self.run_dir, self.cfg, self.total, self.rank, self.log_fn = Path(run_dir), cfg, total_steps, rank, log
+        self.device = device
+        self.start_step, self.t0 = start_step, time.perf_counter()
+        self.tokens = 0
+        self.notes: list[str] = []
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.tb = self.wandb = self.bar = None
+        if rank != 0:
+            return
+        self._truncate_metrics(start_step)
+        targets = set(cfg.report_to) - {"none"}
+        if "tensorboard" in targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                self.notes.append("TensorBoard logging is off: `pip install tensorboard` to turn it on")
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError:
+                from qvl.errors import QvlError
+
+                raise QvlError("report_to includes wandb but wandb is not installed", where="report_to",
+                               fix="pip install wandb, or report_to=tensorboard") from None
+            self.wandb = wandb.init(project="qvl", name=cfg.run_name, config=cfg.model_dump(mode="json"),
+                                    dir=str(self.run_dir), resume="allow")
+        if sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                                file=sys.stderr)
+            except ImportError:
+                pass
+        for n in self.notes:
+            self.log_fn(f"note: {n}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        if not self.metrics_path.is_file():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:
+                continue
+        self.metrics_path.write_text("".join(k + "\n" for k in keep))
+
+    def step(self, step: int, metrics: dict, tokens: int, log_now: bool) -> dict:
+        """Record one optimizer step; returns the row with throughput and ETA filled in."""
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start_step
+        row = {"step": step, **metrics, "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+               "peak_mem_gib": peak_memory_gib(self.device), "elapsed_s": elapsed,
+               "eta_s": elapsed / max(done, 1) * (self.total - step)}
+        if self.rank != 0:
+            return row
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        line = (f"step {step}/{self.total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                f"{row['tokens_per_s']:,.0f} tok/s | peak {row['peak_mem_gib']:.2f} GiB | "
+                f"ETA {_fmt_time(row['eta_s'])}")
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {row['loss']:.4f} lr {row['lr']:.1e} {row['tokens_per_s']:,.0f} tok/s "
+                                     f"peak {row['peak_mem_gib']:.1f} GiB", refresh=False)
+            if log_now:
+                self.bar.write(line, file=sys.stderr)
+        elif log_now:
+            self.log_fn(line)
+        return row
+
+    def close(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        return plot_metrics(self.metrics_path, self.run_dir / "loss.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    lr = [r["lr"] for r in rows]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
+        a.plot(steps, loss, lw=1)
+        a.set_ylabel("loss")
+        a.grid(alpha=0.3)
+        b.plot(steps, lr, lw=1, color="tab:orange")
+        b.set_ylabel("lr")
+        b.set_xlabel("step")
+        b.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+    except ImportError:
+        return _plot_pil(steps, loss, lr, out)
+
+
+def _plot_pil(steps, loss, lr, out: Path) -> Path:
+    """A plain line chart (loss on top, lr below) with Pillow only."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 800, 600, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+
+    def panel(values, top, bottom, colour, label):
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1e-12
+        x0, x1 = m, w - 20
+        s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+        d.rectangle([x0, top, x1, bottom], outline="black")
+        pts = [(x0 + (s - s0) / (s1 - s0) * (x1 - x0), bottom - (v - lo) / (hi - lo) * (bottom - top))
+               for s, v in zip(steps, values)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        d.text((5, top), f"{hi:.3g}", fill="black")
+        d.text((5, bottom - 10), f"{lo:.3g}", fill="black")
+        d.text((x0 + 5, top + 5), label, fill=colour)
+
+    panel(loss, 20, 400, (31, 119, 180), "loss")
+    panel(lr, 430, h - 40, (255, 127, 14), "lr")
+    d.text((m, h - 30), f"step {min(steps)}", fill="black")
+    d.text((w - 120, h - 30), f"step {max(steps)}", fill="black")
+    img.save(out)
+    return out

@@ -1,0 +1,185 @@
+"""The loop: token-weighted accumulation, exact kill-and-resume, crash-safe checkpoints, servable output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvl.train import checkpoint as ckpt
+from qvl.train.loop import train
+from qvl.train.track import read_metrics
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in read_metrics(Path(out) / "metrics.jsonl")]
+
+
+def test_accumulation_is_token_weighted(make_cfg, tmp_path):
+    """bs 4 x 1 and bs 1 x 4 see the same samples in one step: same loss, same gradient."""
+    a = train(make_cfg(per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=1,
+                       output_dir=str(tmp_path / "a"), save_strategy="no"), log=lambda *_: None)
+    b = train(make_cfg(per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=1,
+                       output_dir=str(tmp_path / "b"), save_strategy="no"), log=lambda *_: None)
+    assert a.losses[0] == pytest.approx(b.losses[0], rel=1e-5)
+    ga = read_metrics(tmp_path / "a" / "metrics.jsonl")[0]["grad_norm"]
+    gb = read_metrics(tmp_path / "b" / "metrics.jsonl")[0]["grad_norm"]
+    assert ga == pytest.approx(gb, rel=1e-4)  # same gradient, not a mean of per-micro-batch means
+
+
+def test_kill_and_resume_gives_identical_losses(make_cfg, tmp_path):
+    """LoRA with dropout (RNG in play) + full merger; killed after step 5, re-run resumes from checkpoint-4."""
+    kw = dict(lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.1, tune_mm_llm=False, tune_mm_mlp=True,
+              per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=7, save_steps=2,
+              lr_scheduler_type="cosine", warmup_ratio=0.2)
+    full = train(make_cfg(output_dir=str(tmp_path / "full"), **kw), log=lambda *_: None)
+
+    def kill(step, row):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(output_dir=str(tmp_path / "killed"), **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=lambda *_: None, callbacks=[kill])
+    assert ckpt.latest_checkpoint(tmp_path / "killed").name == "checkpoint-4"
+    again = train(cfg, log=lambda *_: None)
+    assert again.start_step == 4 and again.resumed_from.endswith("checkpoint-4")
+    assert losses(tmp_path / "killed") == full.losses  # bit-identical curve, rows after step 4 replaced
+    assert len(losses(tmp_path / "killed")) == 7
+
+
+def test_checkpoint_interrupted_mid_write_is_ignored(make_cfg, tmp_path):
+    cfg = make_cfg(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2)
+    train(cfg, log=lambda *_: None)
+    out = tmp_path / "run"
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    # a save killed before its marker: the temp folder stays, resume never sees it
+    from qvl.models.load import load_model
+    from qvl.train import components as C
+
+    model = C.apply_training_mode(load_model(cfg.model_name_or_path), cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(out, 6, model, opt, sched, {"step": 6}, _crash_before_marker=True)
+    assert any(p.name.startswith(".checkpoint-6.tmp") for p in out.iterdir())
+    # a checkpoint folder whose files were cut short (e.g. a copy killed half-way)
+    half = out / "checkpoint-8"
+    (half).mkdir()
+    for f in (out / "checkpoint-4").iterdir():
+        (half / f.name).write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 2)])
+    assert not ckpt.is_complete(half)
+    assert ckpt.latest_checkpoint(out).name == "checkpoint-4"
+    # re-running with more steps resumes from the newest complete one
+    again = train(make_cfg(output_dir=str(out), max_steps=5, save_steps=2), log=lambda *_: None)
+    assert again.start_step == 4 and again.steps == 5
+
+
+def test_resume_false_starts_fresh_and_deletes_nothing(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(output_dir=str(out), max_steps=2, save_steps=1), log=lambda *_: None)
+    before = sorted(p.name for p in out.iterdir())
+    r = train(make_cfg(output_dir=str(out), max_steps=2, save_steps=1, resume=False), log=lambda *_: None)
+    assert r.start_step == 0 and r.resumed_from is None
+    archived = list((out / "previous").iterdir())
+    assert len(archived) == 1 and sorted(p.name for p in archived[0].iterdir()) == before
+
+
+def test_full_output_is_servable_with_inference_budgets(make_cfg, tmp_path, tiny):
+    from qvl.models.load import load
+
+    out = tmp_path / "run"
+    train(make_cfg(output_dir=str(out), max_steps=1, save_strategy="no"), log=lambda *_: None)
+    model, processor = load(out)
+    # training used max_pixels=4096; the saved processor keeps the model's own budgets
+    assert processor.image_processor.size == tiny[1].image_processor.size
+    assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    assert model.config.text_config.use_cache is True
+
+
+def test_lora_output_is_adapter_plus_base_reference(make_cfg, tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    train(make_cfg(output_dir=str(out), max_steps=2, save_strategy="no", lora_enable=True, lora_r=4,
+                   lora_alpha=8, tune_mm_llm=False, tune_mm_mlp=True), log=lambda *_: None)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
+    assert not (out / "config.json").exists()
+    model, processor = ckpt.load_trained(out)
+    assert processor.tokenizer is not None
+    model, _ = ckpt.load_trained(out, merge=True)
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_learns_colours(make_cfg, tmp_path, tiny_model_dir):
+    """The CPU learning test: the tiny model reads the image colour after ~30 steps."""
+    from conftest import COLOURS, QUESTION, make_colour_data
+
+    from qvl.data.collate import collate
+    from qvl.data.preprocess import encode
+    from qvl.data.samples import parse_sample
+    from qvl.models.load import load
+    from qvl.models.tokens import token_ids
+
+    out = tmp_path / "run"
+    train(make_cfg(output_dir=str(out), max_steps=30, per_device_train_batch_size=8, tune_mm_vision=True,
+                   save_strategy="no"), log=lambda *_: None)
+    model, processor = load(out)
+    held = make_colour_data(tmp_path / "held", 16, seed=123)
+    ids = token_ids(processor.tokenizer)
+    words = {c: processor.tokenizer.encode(c, add_special_tokens=False)[0] for c in COLOURS}
+    hits = 0
+    budget = make_cfg().vision_budget()
+    for line in Path(held).read_text().splitlines():
+        raw = json.loads(line)
+        answer = raw["conversations"][1]["value"]
+        raw["conversations"] = raw["conversations"][:1]
+        raw["conversations"].append({"from": "gpt", "value": "x"})
+        sample, _ = parse_sample(raw, 0, Path(held).parent)
+        sample.messages = sample.messages[:1]
+        enc = encode(sample, processor, budget, for_generation=True)
+        with torch.no_grad():
+            logits = model(**collate([enc], ids.pad)).logits[0, -1]
+        pick = max(words, key=lambda c: logits[words[c]])
+        hits += pick == answer
+    assert hits / 16 >= 0.9
+    assert QUESTION
+
+
+def test_mixed_text_and_image_batches(make_cfg, tmp_path):
+    from conftest import make_colour_data
+
+    data = make_colour_data(tmp_path / "mixed", 6, text_only=6)
+    r = train(make_cfg(dataset_use=data, output_dir=str(tmp_path / "run"), tune_mm_vision=True, max_steps=3,
+                       per_device_train_batch_size=2, save_strategy="no"), log=lambda *_: None)
+    assert len(r.losses) == 3 and all(torch.isfinite(torch.tensor(r.losses)))
+
+
+def test_too_long_is_skipped_and_reported(make_cfg, tmp_path):
+    from qvl.errors import QvlError
+
+    r = train(make_cfg(output_dir=str(tmp_path / "a"), model_max_length=20, max_steps=1, save_strategy="no",
+                       per_device_train_batch_size=2), log=lambda *_: None)
+    assert r.skipped.get("longer than model_max_length") == 2
+    with pytest.raises(QvlError, match="too_long"):
+        train(make_cfg(output_dir=str(tmp_path / "b"), model_max_length=20, max_steps=1, too_long="error"),
+              log=lambda *_: None)
+
+
+def test_official_entry_point(tiny_model_dir, colour_data, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "qvl.train", "--model_name_or_path", str(tiny_model_dir),
+                        "--dataset_use", colour_data, "--tune_mm_llm", "True", "--tune_mm_mlp", "True",
+                        "--max_steps", "2", "--per_device_train_batch_size", "2", "--output_dir", str(out),
+                        "--report_to", "tensorboard", "--max_pixels", "4096", "--min_pixels", "4096",
+                        "--data_flatten", "True", "--logging_steps", "1"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "trainable" in p.stdout and "step 2/2" in p.stdout
+    assert (out / "model.safetensors").is_file() and (out / "loss.png").is_file()
+    assert any((out / "tensorboard").iterdir())
