@@ -30,6 +30,21 @@ def browser():
         b.close()
 
 
+@pytest.fixture(scope="module")
+def endless_server(tiny):
+    """The tiny model with no end-of-sequence tokens: random weights may otherwise stop at once."""
+    from qvl.infer.transformers_backend import TransformersEngine
+    from qvl.serve.app import ServeSettings, create_app
+    from serve_helpers import Running
+
+    model, processor = tiny
+    engine = TransformersEngine(model, processor, name="tiny")
+    engine.eos_ids = set()
+    r = Running(create_app(engine, ServeSettings(limit_mm_per_prompt={"image": 2, "video": 1})))
+    yield r
+    r.stop()
+
+
 RECORD = """() => {
   window.__lens = [];
   new MutationObserver(() => {
@@ -39,7 +54,8 @@ RECORD = """() => {
 }"""
 
 
-def test_upload_ask_streamed_answer(browser, tiny_server, tmp_path):
+def test_upload_ask_streamed_answer(browser, endless_server, tmp_path):
+    tiny_server = endless_server
     img = tmp_path / "red.png"
     img.write_bytes(png_bytes(96, 64))
     page = browser.new_page(viewport={"width": 1200, "height": 800})
