@@ -25,7 +25,7 @@ def test_official_flag_form():
                      "--dataloader_num_workers", "4", "--max_grad_norm", "1", "--save_strategy", "steps"])
     assert cfg.bf16 and cfg.tune_mm_llm and not cfg.tune_mm_vision
     assert cfg.learning_rate == 1e-5 and cfg.vision_tower_lr == 1e-6 and cfg.num_train_epochs == 0.5
-    assert cfg.ignored["data_flatten"] is True
+    assert cfg.data_flatten is True and "data_flatten" not in cfg.ignored  # a real key now (packed rows)
     b = cfg.vision_budget()
     assert (b.max_pixels, b.min_pixels, b.video_max_pixels, b.video_fps) == (50176, 784, 1304576, 2.0)
 

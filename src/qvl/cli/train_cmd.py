@@ -19,6 +19,8 @@ def register(app: typer.Typer) -> None:
 
         Re-running the same command resumes from the newest complete checkpoint in output_dir;
         `resume=false` starts fresh (old files are moved to output_dir/previous/, never deleted).
+        A memory preflight runs before the model loads and stops a run that will not fit (numbers + fix);
+        `--force` trains anyway. `data_flatten=true` / `data_packing=true` train on packed rows.
         """
         import yaml
 

@@ -7,9 +7,11 @@ Everything that decides *what* is sent to vLLM is plain Python and unit-tested w
   ``(frames, metadata)`` sampled by qvl's PyAV reader, the same frames training sees) and
   ``mm_processor_kwargs={"do_sample_frames": False}`` so vLLM does not sample again.
 * :func:`to_vllm_sampling` — qvl sampling settings as ``vllm.SamplingParams`` keyword arguments.
-* :func:`fit_context` — the largest context whose KV cache fits in what
-  ``--gpu-memory-utilization`` leaves after the weights; used instead of crashing (the official
-  demo asks for the full 256K context and fails vLLM's KV-cache check on 24–48 GB cards).
+* the context: the memory planner (:func:`qvl.infer.preflight.check_serve`, which reproduces vLLM's
+  own KV-cache accounting: weights, profiling peak with the vision encoder, CUDA graphs) picks the
+  largest ``max_model_len`` that fits, instead of crashing (the official demo asks for the full 256K
+  context and fails vLLM's KV-cache check on 24–48 GB cards). :func:`fit_context` (weights + a flat
+  overhead) remains the fallback for models the planner cannot read.
 * :func:`adapter_touches_vision` — vLLM ignores LoRA weights on the vision tower / merger
   (vllm#16364, #32541), so such adapters are merged into the base first.
 """
@@ -39,7 +41,7 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int = 2, tensor_parallel_size:
 
     ``config`` is config.json as a dict (the text stack is ``text_config``). KV heads are split
     across tensor-parallel ranks (replicated when there are fewer heads than ranks).
-    Swap point: the memory planner (``qvl.plan``) will supply this number.
+    Used by :func:`fit_context` (the fallback); the planner (``qvl.plan``) computes the same number.
     """
     text = config.get("text_config", config)
     layers = int(text["num_hidden_layers"])
@@ -95,6 +97,32 @@ def fit_context(config: dict, gpu_bytes: int, utilization: float, weight_bytes: 
            f"and {budget / GiB:.1f} GiB is left at --gpu-memory-utilization {utilization} "
            f"(raise it or pass --max-model-len to choose)")
     return ContextFit(fits, want, per_token, budget, msg)
+
+
+def planned_context(path, config: dict, requested: int | None, utilization: float, tensor_parallel_size: int = 1,
+                    gpu_mem=None, gpu: str | None = None, say=print) -> int:
+    """The ``max_model_len`` to start vLLM with: the planner's largest context that fits (one line printed),
+    or :func:`fit_context` when the planner cannot plan this model / card. Raises QvlError when nothing fits."""
+    from qvl.infer.preflight import check_serve
+
+    check = check_serve(str(path), backend="vllm", max_model_len=requested, gpu_memory_utilization=utilization,
+                        tensor_parallel_size=tensor_parallel_size, native_context=native_context(config),
+                        gpu=gpu, gpu_mem=gpu_mem, say=say)
+    if check.max_model_len is not None:
+        return check.max_model_len
+    if gpu_mem is not None:
+        from qvl.plan.gpus import parse_mem
+
+        gpu_bytes = int(parse_mem(gpu_mem) * GiB)
+    else:
+        import torch
+
+        gpu_bytes = torch.cuda.get_device_properties(0).total_memory
+    fit = fit_context(config, gpu_bytes, utilization, weight_bytes_on_disk(Path(path)), requested,
+                      tensor_parallel_size)
+    if fit.message:
+        say(fit.message)
+    return fit.max_model_len
 
 
 _VLLM_MAX_LEN = re.compile(r"estimated maximum model length is (\d+)")
@@ -199,7 +227,7 @@ class VllmEngine(Engine):
     def load(cls, model: str, adapter: str | None = None, max_model_len: int | None = None,
              gpu_memory_utilization: float = 0.9, tensor_parallel_size: int | None = None,
              limit_mm_per_prompt: dict | None = None, name: str | None = None,
-             max_new_tokens: int | None = None, say=print, **ignored) -> VllmEngine:
+             max_new_tokens: int | None = None, say=print, gpu_mem=None, **ignored) -> VllmEngine:
         try:
             import vllm  # noqa: F401
         except ImportError:
@@ -236,12 +264,9 @@ class VllmEngine(Engine):
                 lora_rank = int(info.get("r", 16))
         config = read_config(path)
         tp = tensor_parallel_size or max(1, torch.cuda.device_count())
-        gpu = torch.cuda.get_device_properties(0).total_memory
-        fit = fit_context(config, gpu, gpu_memory_utilization, weight_bytes_on_disk(path), max_model_len, tp)
-        if fit.message:
-            say(fit.message)
+        context = planned_context(path, config, max_model_len, gpu_memory_utilization, tp, gpu_mem=gpu_mem, say=say)
         limits = limit_mm_per_prompt or {"image": 8, "video": 2}
-        kwargs = dict(model=str(path), max_model_len=fit.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+        kwargs = dict(model=str(path), max_model_len=context, gpu_memory_utilization=gpu_memory_utilization,
                       tensor_parallel_size=tp, limit_mm_per_prompt=limits, seed=0)
         if lora_request is not None:
             kwargs.update(enable_lora=True, max_lora_rank=max(8, lora_rank))

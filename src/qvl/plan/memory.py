@@ -360,8 +360,9 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
                               image_tokens=image_tokens, video_frames=video_frames,
                               video_frame_tokens=video_frame_tokens, kv_cache_dtype=kv_cache_dtype, gpus=gpus,
                               recommend=False).fits
-        best = _search_max(fits_len, 16, MODEL_MAX_LEN)
-        plan.max_model_len_that_fits = (best // 16 * 16) if best else 0
+        if recommend:  # the bisection's own plans (recommend=False) must not search again
+            best = _search_max(fits_len, 16, MODEL_MAX_LEN)
+            plan.max_model_len_that_fits = (best // 16 * 16) if best else 0
     if recommend:
         plan.recommendations = _serve_recommendations(plan, m, card)
     return plan

@@ -6,12 +6,14 @@ use (serve with vLLM lowers ``max_model_len`` to the largest context that fits).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qvl.errors import QvlError
 from qvl.plan.gpus import Gpu, detect_gpu, gpu_from_args
 from qvl.plan.memory import Plan, plan_serve, plan_train
-from qvl.plan.model import resolve_model
+from qvl.plan.model import ModelShape, resolve_model
 
 MIN_CONTEXT = 4096  # below this a Qwen3-VL server cannot take one large image and an answer
 
@@ -28,8 +30,29 @@ class Preflight:
         if self.ok or force:
             return
         fix = next((r.text for r in (self.plan.recommendations if self.plan else []) if r.fits), None)
-        raise QvlError(self.message, where="memory preflight",
+        raise QvlError(self.message.removeprefix("memory preflight: "), where="memory preflight",
                        fix=(fix + "; or pass --force to try anyway") if fix else "pass --force to try anyway")
+
+
+def model_for_plan(name_or_path: str):
+    """A ModelShape for a size, hub id, checkpoint folder or LoRA output folder; None when unknown."""
+    p = Path(str(name_or_path)).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return model_for_plan(base) if base else None
+    try:
+        return resolve_model(str(name_or_path))
+    except QvlError:
+        pass
+    name = str(name_or_path)
+    if name.count("/") == 1 and not p.exists():  # a hub id the size table does not know: its cached config
+        try:
+            from huggingface_hub import snapshot_download
+
+            return resolve_model(Path(snapshot_download(name, local_files_only=True)))
+        except Exception:  # noqa: BLE001 - not cached: no plan, not an error
+            return None
+    return None
 
 
 def _card(gpu: str | None, gpu_mem) -> Gpu | None:
@@ -44,12 +67,13 @@ def preflight_serve(model, *, gpu: str | None = None, gpu_mem=None, backend: str
                     kv_cache_dtype: str = "auto", enforce_eager: bool = False, gpus: int = 1) -> Preflight:
     """Check a serve setting. With vLLM and no (or a too large) max_model_len, pick the largest that fits.
 
+    ``model``: a size, hub id, checkpoint folder / config.json, or a resolved ModelShape.
     ``gpu``/``gpu_mem`` name the card; both None: detect CUDA device 0 (no CUDA: skip the check, ok=True).
     """
     card = _card(gpu, gpu_mem)
     if card is None:
         return Preflight(True, "memory preflight skipped: no CUDA device", None, {})
-    m = resolve_model(model)
+    m = model if isinstance(model, ModelShape) else resolve_model(model)
     kw = dict(backend=backend, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
               image_tokens=image_tokens, video_frames=video_frames, kv_cache_dtype=kv_cache_dtype,
               enforce_eager=enforce_eager, gpus=gpus)
@@ -79,7 +103,7 @@ def preflight_train(model, *, gpu: str | None = None, gpu_mem=None, force: bool 
     card = _card(gpu, gpu_mem)
     if card is None:
         return Preflight(True, "memory preflight skipped: no CUDA device", None, {})
-    m = resolve_model(model)
+    m = model if isinstance(model, ModelShape) else resolve_model(model)
     plan = plan_train(m.name, _shape=m, _gpu=card, **settings)
     if plan.fits:
         return Preflight(True, f"memory preflight: {plan.verdict}", plan, {})

@@ -33,8 +33,6 @@ IGNORED_KEYS = {
     "base_interval": "unused in the official code as well",
     "cache_dir": "models are resolved with the Hugging Face cache (HF_HOME)",
     "model_type": "qvl reads the model class from config.json",
-    "data_flatten": "qvl pads each batch to its longest row (flattened batches are a later feature)",
-    "data_packing": "qvl pads each batch to its longest row (packing is a later feature)",
     "ddp_find_unused_parameters": "not needed: every rank runs the vision tower (dummy input on text-only batches)",
     "remove_unused_columns": "not used by qvl's loop",
     "dataloader_pin_memory": "not used by qvl's loop",
@@ -108,6 +106,17 @@ class TrainConfig(BaseModel):
     run_name: str | None = None
     dataloader_num_workers: int = 0
     deepspeed: str | None = None
+    # --- packed rows (docs/train.md, "Packing") ---
+    data_flatten: bool = Field(False, description="concatenate each micro-batch's samples into one row (no padding)")
+    data_packing: bool = Field(False, description="records are packs (lists of samples, `qvl data pack`); each "
+                                                  "micro-batch is per_device_train_batch_size packs in one row")
+    packed_attention: Literal["auto", "flex", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="attention for packed rows: auto = flash_attention_2 if installed, else flex on CUDA, "
+                            "sdpa on CPU")
+    # --- memory preflight (docs/plan.md) ---
+    force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
+    gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "
+                                                  "card, or $QVL_GPU_MEM)")
     # --- accepted for compatibility (see IGNORED_KEYS) ---
     ignored: dict = Field(default_factory=dict, exclude=True)
 
@@ -193,6 +202,13 @@ class TrainConfig(BaseModel):
             bad("report_to", f"unknown tracker(s) {unknown}", "use tensorboard, wandb or none")
         if self.dataloader_num_workers < 0:
             bad("dataloader_num_workers", "must be >= 0")
+        if self.gpu_mem is not None:
+            from qvl.plan.gpus import parse_mem
+
+            try:
+                parse_mem(self.gpu_mem)
+            except QvlError as e:
+                bad("gpu_mem", e.what, e.fix)
         self.vision_budget()
         return self
 

@@ -119,23 +119,44 @@ class Encoder:
         self.examples: dict[str, str] = {}
 
     def __call__(self, i: int):
+        rec = self.records[i]
+        if isinstance(rec.raw, list):
+            raise QvlError("this record is a pack (a list of samples, as `qvl data pack` writes)", where=rec.origin,
+                           fix="train packed files with data_packing: true")
+        return self._encode(rec.raw, rec.data_path, rec.origin, rec.index)
+
+    def samples(self, i: int) -> list:
+        """The Encoded samples of record ``i``: one for a sample, each usable sample of a pack (data_packing)."""
+        rec = self.records[i]
+        if not isinstance(rec.raw, list):
+            enc = self(i)
+            return [] if enc is None else [enc]
+        if not self.cfg.data_packing:
+            self(i)  # raises with the fix
+        out = []
+        for k, raw in enumerate(rec.raw):
+            enc = self._encode(raw, rec.data_path, f"{rec.origin}[{k}]", rec.index)
+            if enc is not None:
+                out.append(enc)
+        return out
+
+    def _encode(self, raw, data_path, origin: str, index: int):
         from qvl.data.preprocess import encode
         from qvl.data.samples import parse_sample
 
-        rec = self.records[i]
-        sample, problems = parse_sample(rec.raw, rec.index, rec.data_path, rec.origin)
+        sample, problems = parse_sample(raw, index, data_path, origin)
         if sample is None:
-            return self._skip("invalid sample", rec.origin, "; ".join(p.render() for p in problems[:2]))
+            return self._skip("invalid sample", origin, "; ".join(p.render() for p in problems[:2]))
         try:
             enc = encode(sample, self.processor, self.budget, self.cfg.model_max_length)
         except TooLong as e:
             if self.cfg.too_long == "error":
-                raise QvlError(e.what, where=rec.origin, fix=e.fix + "; or set too_long=skip") from None
-            return self._skip("longer than model_max_length", rec.origin, e.what)
+                raise QvlError(e.what, where=origin, fix=e.fix + "; or set too_long=skip") from None
+            return self._skip("longer than model_max_length", origin, e.what)
         except QvlError as e:
-            return self._skip("unreadable media or rejected by the processor", rec.origin, e.what)
+            return self._skip("unreadable media or rejected by the processor", origin, e.what)
         if enc.num_label_tokens == 0:
-            return self._skip("no assistant tokens to learn", rec.origin, "")
+            return self._skip("no assistant tokens to learn", origin, "")
         return enc
 
     def _skip(self, reason: str, origin: str, detail: str):
@@ -157,15 +178,18 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, j: int):
         from qvl.data.collate import collate
 
-        encs = [self.encoder(i) for i in self.plan.micro_batch(self.epoch, j, self.order)]
-        skipped = Counter()
-        kept = [e for e in encs if e is not None]
-        if len(kept) < len(encs):  # workers have their own Encoder copy: report skips with the batch
-            skipped.update(self.encoder.skipped)
-            self.encoder.skipped.clear()
-        skipped = dict(skipped)  # a plain dict: the DataLoader's convert step would add a Counter to itself
+        ids = self.plan.micro_batch(self.epoch, j, self.order)
+        packed = self.plan.cfg.data_flatten or self.plan.cfg.data_packing
+        if packed:
+            kept = [e for i in ids for e in self.encoder.samples(i)]
+        else:
+            kept = [e for e in (self.encoder(i) for i in ids) if e is not None]
+        skipped = dict(self.encoder.skipped)  # a plain dict: the DataLoader's convert step would add a Counter to itself
+        self.encoder.skipped.clear()  # workers have their own Encoder copy: report skips with the batch
         if not kept:
             return {"batch": None, "skipped": skipped}
+        if packed:  # positions need the model's get_rope_index: the loop packs them (see pack_micro_batch)
+            return {"batch": None, "samples": kept, "skipped": skipped}
         return {"batch": collate(kept, self.pad_id, "right"), "skipped": skipped}
 
 
@@ -177,6 +201,46 @@ def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: 
     loader = torch.utils.data.DataLoader(sub, batch_size=None, shuffle=False, num_workers=workers, generator=gen,
                                          persistent_workers=False, prefetch_factor=2 if workers else None)
     yield from loader
+
+
+def pack_micro_batch(encs, rope_index) -> dict:
+    """One packed row (per-sample mRoPE, block-diagonal attention, no padding) for :class:`LossModule`."""
+    from qvl.data.packing import pack
+
+    batch = pack(encs, rope_index)
+    batch.pop("use_cache")  # LossModule passes use_cache=False itself
+    batch.pop("seq_lens")
+    return batch
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens of a micro-batch."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def packed_attention_for(choice: str, device: torch.device) -> str:
+    """The attention for packed rows: ``auto`` = flash_attention_2 if importable, else flex on CUDA, sdpa on CPU."""
+    import importlib.util
+
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    if choice == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        return "flash_attention_2" if has_fa else "flex"
+    if choice == "flash_attention_2" and not has_fa:
+        raise QvlError("packed_attention=flash_attention_2 but flash-attn is not installed", where="packed_attention",
+                       fix="pip install flash-attn, or packed_attention: auto (flex on GPU, sdpa on CPU)")
+    if choice == "flash_attention_2" and device.type != "cuda":
+        raise QvlError("flash_attention_2 needs a GPU", where="packed_attention", fix="packed_attention: sdpa on CPU")
+    if choice == "flex" and device.type != "cuda":
+        raise QvlError("flex attention's backward pass runs on GPUs only", where="packed_attention",
+                       fix="packed_attention: sdpa (or auto) on CPU")
+    return choice
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +367,12 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     say = log if is_main else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
 
+    # 0. data records, then the memory preflight: stop before anything loads (or moves) if it cannot fit
+    records = _load_data(cfg)
+    from qvl.train.preflight import check as preflight
+
+    preflight(cfg, world_size=dist.world_size, records=records, say=say)
+
     # 1. run folder: resume, or start fresh (moving old files aside; nothing is deleted)
     resume_from = None
     if cfg.resume is True:
@@ -326,7 +396,6 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     np.random.seed(cfg.seed)
 
     # 2. data
-    records = _load_data(cfg)
     processor = load_processor(cfg.model_name_or_path)  # saved untouched: inference budgets stay the model's
     pad_id = token_ids(processor.tokenizer).pad
     plan = Plan(len(records), cfg, dist)
@@ -344,6 +413,13 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
             p.data = p.data.float()
     model.to(device)
     model.train()
+    packed = cfg.data_flatten or cfg.data_packing
+    rope_index = None
+    if packed:  # one row per micro-batch: each sample attends only to itself, with its own mRoPE positions
+        from qvl.data.packing import rope_index_fn, use_packed_attention
+
+        attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device))
+        rope_index = rope_index_fn(model)
     loss_module = LossModule(model)
     runner = loss_module
     if dist.enabled:
@@ -359,14 +435,17 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
 
     say(f"model {cfg.model_name_or_path} ({'bf16' if cfg.bf16 else 'fp32'}, {cfg.attn_implementation}"
+        f"{f'; packed rows with {attn} attention' if packed else ''}"
         f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}) on {device}"
         f"{f', {dist.world_size} ranks' if dist.enabled else ''}")
     say(comp.render_table(comp.component_table(model, cfg)))
     if cfg.lora_enable:
         say(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} on {comp.lora_regex(cfg)}")
     eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * dist.world_size
-    say(f"data {len(records):,} records ({cfg.dataset_use}); {plan.steps_per_epoch} steps/epoch at "
-        f"{eff} samples/step; {plan.total_steps} steps")
+    unit = "packs" if cfg.data_packing else "samples"
+    say(f"data {len(records):,} {'packs' if cfg.data_packing else 'records'} ({cfg.dataset_use}); "
+        f"{plan.steps_per_epoch} steps/epoch at {eff} {unit}/step"
+        f"{' (each micro-batch one packed row)' if packed else ''}; {plan.total_steps} steps")
 
     # 5. resume
     start_step = 0
@@ -404,13 +483,15 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         batches = []
         for item in items:
             skipped.update(item["skipped"])
-            if item["batch"] is not None:
+            if item.get("samples"):
+                batches.append(pack_micro_batch(item["samples"], rope_index))
+            elif item["batch"] is not None:
                 batches.append(item["batch"])
         n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        n_tokens = sum(batch_tokens(b) for b in batches)
         loss_sum = 0.0
         for j, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             sync = not dist.enabled or j == len(batches) - 1
             ctx = runner.no_sync() if not sync else _null()
             with ctx:

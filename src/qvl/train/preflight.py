@@ -1,0 +1,137 @@
+"""Memory preflight for `qvl train`: the TrainConfig as planner settings, checked before the model loads.
+
+The card is the detected CUDA device, or ``gpu_mem`` (config key) / ``$QVL_GPU_MEM`` (e.g. ``24GiB``) /
+``$QVL_GPU`` (a card name from ``qvl plan gpus``) when given; with neither and no CUDA the check is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from qvl.errors import QvlError
+from qvl.plan.preflight import model_for_plan
+from qvl.train.config import TrainConfig
+
+_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def card_args(gpu_mem=None, gpu: str | None = None) -> dict:
+    """``gpu`` / ``gpu_mem`` for the planner: explicit values, else $QVL_GPU / $QVL_GPU_MEM, else detect."""
+    gpu_mem = gpu_mem if gpu_mem is not None else (os.environ.get("QVL_GPU_MEM") or None)
+    gpu = gpu or os.environ.get("QVL_GPU") or None
+    return {"gpu": gpu, "gpu_mem": gpu_mem}
+
+
+def _zero(cfg: TrainConfig) -> tuple[int, bool]:
+    """(ZeRO stage, optimizer offload) from the DeepSpeed JSON, (0, False) without one."""
+    if not cfg.deepspeed:
+        return 0, False
+    try:
+        ds = json.loads(Path(cfg.deepspeed).read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0, False
+    zero = ds.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0) or 0)
+    offload = any((zero.get(k) or {}).get("device") in ("cpu", "nvme") for k in ("offload_optimizer", "offload_param"))
+    return stage, offload and stage > 0
+
+
+def _lora_targets(cfg: TrainConfig) -> str:
+    """The planner counts LoRA on the LLM's linears: all seven for qvl's ``llm`` target, or those a regex names."""
+    if not cfg.lora_target_regex:
+        return "all"
+    found = [t for t in _LINEARS if re.search(rf"(?<![a-z]){t}_proj", cfg.lora_target_regex)]
+    return ",".join(found) if found else "all"
+
+
+def has_video(records) -> bool:
+    def one(raw) -> bool:
+        if isinstance(raw, list):  # a pack
+            return any(one(r) for r in raw)
+        return isinstance(raw, dict) and bool(raw.get("video") or raw.get("videos"))
+
+    return any(one(r.raw) for r in records)
+
+
+def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> dict:
+    """The keyword arguments of :func:`qvl.plan.plan_train` for ``cfg``.
+
+    ``seq_len`` is ``model_max_length`` (the longest row a sample can make); with ``data_flatten`` /
+    ``data_packing`` a micro-batch is one row of up to ``batch`` x that, the same token count.
+    """
+    zero, offload = _zero(cfg)
+    kw = {"method": "lora" if cfg.lora_enable else "full", "zero": zero, "offload": offload,
+          "gradient_checkpointing": cfg.gradient_checkpointing, "batch": cfg.per_device_train_batch_size,
+          "seq_len": cfg.model_max_length, "max_pixels": cfg.max_pixels,
+          "video_max_frames": cfg.video_max_frames if video else 0,
+          "video_frame_pixels": max(1, cfg.video_max_pixels // max(1, cfg.video_max_frames)),
+          "tune_mm_vision": cfg.tune_mm_vision, "tune_mm_mlp": cfg.tune_mm_mlp,
+          "tune_mm_llm": cfg.tune_mm_llm or not cfg.lora_enable, "optim": "adamw", "gpus": world_size}
+    if cfg.lora_enable:
+        kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout)
+    return kw
+
+
+def train_fix(rec, cfg: TrainConfig) -> str | None:
+    """A planner recommendation as `qvl train` keys; None when qvl's loop cannot apply it (QLoRA, 8-bit Adam, ZeRO)."""
+    out, exact = [], True
+    for key, value in rec.changes.items():
+        if key == "batch":  # a divisor of the batch, so the samples per step stay the same
+            bs = cfg.per_device_train_batch_size
+            b = max(d for d in range(1, value + 1) if bs % d == 0)
+            exact = b == value
+            out += [f"per_device_train_batch_size={b}", f"gradient_accumulation_steps={cfg.gradient_accumulation_steps * bs // b}"]
+        elif key == "seq_len":
+            out.append(f"model_max_length={value}")
+        elif key in ("gradient_checkpointing", "tune_mm_vision", "tune_mm_mlp"):
+            out.append(f"{key}={str(bool(value)).lower()}")
+        elif key == "max_pixels":
+            out.append(f"max_pixels={value}")
+        elif key == "method" and value == "lora":
+            out += ["lora_enable=true", "tune_mm_llm=false"]
+        else:
+            return None
+    if not out:
+        return None
+    return " ".join(out) + (f" (→ {rec.total_gib:.1f} GiB)" if rec.total_gib is not None and exact else "")
+
+
+def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: str | None = None):
+    """Run the preflight: print its one line; raise QvlError (numbers + fix) when it will not fit, unless ``force``.
+
+    Returns the :class:`qvl.plan.Preflight`, or None when skipped (no CUDA and no gpu_mem, unknown model shape).
+    """
+    from qvl.plan.preflight import Preflight, preflight_train
+
+    card = card_args(cfg.gpu_mem, gpu)
+    if card["gpu"] is None and card["gpu_mem"] is None:
+        from qvl.plan.gpus import detect_gpu
+
+        if detect_gpu() is None:
+            say("memory preflight skipped: no CUDA device")
+            return None
+    shape = model_for_plan(cfg.model_name_or_path)
+    if shape is None:
+        say(f"memory preflight skipped: the planner does not know the shape of {cfg.model_name_or_path}")
+        return None
+    kw = plan_kwargs(cfg, world_size, has_video(records))
+    try:
+        pf = preflight_train(shape, force=True, **card, **kw)
+    except QvlError as e:  # e.g. more visual tokens per sample than model_max_length: the encoder reports those
+        say(f"memory preflight skipped: {e.what}")
+        return None
+    plan = pf.plan
+    if plan.fits:
+        say(pf.message)
+        return pf
+    fixes = [f for f in (train_fix(r, cfg) for r in plan.recommendations if r.fits) if f]
+    what = f"{plan.verdict}" + (f"; try {fixes[0]}" if fixes else "")
+    if cfg.force:
+        say(f"memory preflight: {what} (force=true: trying anyway)")
+        return Preflight(True, f"memory preflight: {what} (force=true: trying anyway)", plan, {})
+    say(f"memory preflight: {what}")
+    fix = (f"set {fixes[0]}" if fixes else "use a larger GPU or a smaller model (`qvl plan train` lists options)")
+    raise QvlError(what, where="memory preflight", fix=fix + "; or pass --force (force=true) to try anyway")

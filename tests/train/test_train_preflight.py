@@ -1,0 +1,97 @@
+"""`qvl train`'s memory preflight: config -> planner settings, refusal before loading, --force, fake GPU sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from qvl.errors import QvlError
+from qvl.train.loop import train
+from qvl.train.preflight import plan_kwargs, train_fix
+
+
+def test_config_maps_to_plan_settings(make_cfg, tmp_path):
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    cfg = make_cfg(lora_enable=True, lora_r=16, lora_alpha=32, tune_mm_llm=False, tune_mm_mlp=True,
+                   gradient_checkpointing=True, per_device_train_batch_size=2, model_max_length=4096,
+                   max_pixels=200_704, deepspeed=str(ds))
+    kw = plan_kwargs(cfg, world_size=4, video=True)
+    assert kw["method"] == "lora" and kw["lora_r"] == 16 and kw["lora_targets"] == "all"
+    assert (kw["zero"], kw["offload"], kw["gpus"]) == (3, True, 4)
+    assert (kw["batch"], kw["seq_len"], kw["max_pixels"]) == (2, 4096, 200_704)
+    assert kw["gradient_checkpointing"] and kw["tune_mm_mlp"] and not kw["tune_mm_vision"]
+    assert kw["video_max_frames"] == cfg.video_max_frames
+    assert plan_kwargs(cfg)["video_max_frames"] == 0 and plan_kwargs(cfg)["zero"] == 3
+    full = plan_kwargs(make_cfg())
+    assert full["method"] == "full" and full["tune_mm_llm"] and "lora_r" not in full
+    regex = plan_kwargs(make_cfg(lora_enable=True, tune_mm_llm=False,
+                                 lora_target_regex=r".*language_model.*\.(q_proj|v_proj)"))
+    assert regex["lora_targets"] == "q,v"
+
+
+def test_recommendations_become_train_keys(make_cfg):
+    from qvl.plan.memory import Recommendation
+
+    cfg = make_cfg(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    assert train_fix(Recommendation("", {"batch": 2}, 10.0, True), cfg) == \
+        "per_device_train_batch_size=2 gradient_accumulation_steps=4 (→ 10.0 GiB)"
+    assert train_fix(Recommendation("", {"batch": 3}, 10.0, True), cfg).startswith(  # keeps 8 samples per step
+        "per_device_train_batch_size=2 gradient_accumulation_steps=4")
+    assert train_fix(Recommendation("", {"seq_len": 1024, "gradient_checkpointing": True}, 5.0, True), cfg) == \
+        "model_max_length=1024 gradient_checkpointing=true (→ 5.0 GiB)"
+    assert train_fix(Recommendation("", {"method": "qlora"}, 5.0, True), cfg) is None  # qvl train has no QLoRA
+
+
+def test_refuses_before_loading_with_numbers_and_fix(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier run")
+    logs = []
+    with pytest.raises(QvlError) as e:
+        train(make_cfg(output_dir=str(out), gpu_mem="1GiB", resume=False), log=logs.append)
+    err = e.value
+    assert err.where == "memory preflight"
+    assert "does not fit" in err.what and "of 1.0 GiB" in err.what
+    assert "force" in err.fix and "=" in err.fix  # a qvl train key to set, or --force
+    assert any(line.startswith("memory preflight: does not fit") for line in logs)
+    assert not any(line.startswith("model ") for line in logs)  # stopped before the model loaded
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing moved aside
+
+
+def test_force_trains_anyway_and_fits_says_so(make_cfg, tmp_path, monkeypatch):
+    logs = []
+    r = train(make_cfg(output_dir=str(tmp_path / "a"), gpu_mem="1GiB", force=True, max_steps=1,
+                       save_strategy="no"), log=logs.append)
+    assert r.steps == 1 and any("force=true: trying anyway" in line for line in logs)
+    monkeypatch.setenv("QVL_GPU_MEM", "80GiB")  # the environment variable names the card too
+    logs = []
+    train(make_cfg(output_dir=str(tmp_path / "b"), max_steps=1, save_strategy="no", model_max_length=2048),
+          log=logs.append)
+    assert any(line.startswith("memory preflight: fits") for line in logs)
+
+
+def test_no_gpu_skips(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("QVL_GPU_MEM", raising=False)
+    monkeypatch.delenv("QVL_GPU", raising=False)
+    logs = []
+    train(make_cfg(output_dir=str(tmp_path / "a"), max_steps=1, save_strategy="no"), log=logs.append)
+    assert "memory preflight skipped: no CUDA device" in logs
+
+
+def test_cli_refuses_then_force(make_cfg, tmp_path, monkeypatch):
+    from qvl.cli.main import app
+
+    cfg = make_cfg(output_dir=str(tmp_path / "run"), max_steps=1, save_strategy="no")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    monkeypatch.setenv("QVL_GPU_MEM", "1GiB")
+    res = CliRunner().invoke(app, ["train", str(path)])
+    assert res.exit_code != 0
+    assert "does not fit" in res.output and "--force" in res.output
+    res = CliRunner().invoke(app, ["train", str(path), "--force"])
+    assert res.exit_code == 0, res.output
+    assert "trying anyway" in res.output and "done: 1 steps" in res.output
