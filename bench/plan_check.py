@@ -135,6 +135,7 @@ def run_one(cfg: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", help="run only configs of this size (e.g. 8B)")
+    ap.add_argument("--mode", choices=["serve", "train"], help="run only configs of this mode")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config (JSON) in this process
     a = ap.parse_args()
@@ -145,7 +146,7 @@ def main() -> None:
     print(f"{'config':70s} {'pred alloc':>10s} {'meas alloc':>10s} {'err':>7s} {'pred total':>10s} "
           f"{'meas total':>10s} {'err':>7s}")
     for cfg in CONFIGS:
-        if a.only and cfg["size"] != a.only:
+        if (a.only and cfg["size"] != a.only) or (a.mode and cfg["mode"] != a.mode):
             continue
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
         r = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
