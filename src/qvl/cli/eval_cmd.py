@@ -21,8 +21,12 @@ def register(app: typer.Typer) -> None:
               batch_size: int = typer.Option(8), max_new_tokens: int = typer.Option(64),
               device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)."),
               out: Path = typer.Option(Path("eval_results"), help="Folder for eval.json and predictions."),
-              seed: int = typer.Option(42, help="Seed for %X sampling.")):
-        """Greedy answers scored by match / multiple choice / number / IoU@0.5 for bbox_2d answers."""
+              seed: int = typer.Option(42, help="Seed for %X sampling."),
+              choices: str = typer.Option(None, help="Closed-set scoring: 'auto' (the split's distinct answers, "
+                                          "if at most 30) or 'a,b,c'. Each prediction is the candidate with the "
+                                          "highest log-likelihood; metric choice-ll.")):
+        """Greedy answers scored by match / multiple choice / number / IoU@0.5 for bbox_2d answers,
+        or (--choices) closed-set: the most likely of a fixed set of answers."""
         import json
 
         import torch
@@ -54,7 +58,7 @@ def register(app: typer.Typer) -> None:
             with Progress(console=console, transient=True) as bar:
                 task = bar.add_task(f"eval {name}", total=len(records))
                 results.append(evaluate(model, processor, records, name=name, batch_size=batch_size,
-                                        max_new_tokens=max_new_tokens,
+                                        max_new_tokens=max_new_tokens, choices=choices,
                                         progress=lambda n: bar.update(task, completed=n)))
             del model
         table = Table(title=f"qvl eval on {data} ({len(records)} samples)")
@@ -65,7 +69,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(*row)
         Console().print(table)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "eval.json", {"data": data, "results": [
+        atomic_write_json(out / "eval.json", {"data": data, "choices": choices, "results": [
             {"model": r.name, "summary": r.summary, "seconds": r.seconds, "skipped": r.skipped,
              "predictions": f"predictions-{i}.jsonl"} for i, r in enumerate(results)]})
         for i, r in enumerate(results):

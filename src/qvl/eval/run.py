@@ -1,8 +1,13 @@
 """Run a model over a dataset split and score its answers (``qvl eval``).
 
 Each sample's last assistant turn is the reference; everything before it is the prompt
-(earlier gold turns included). Decoding is greedy so runs are reproducible and base vs
-tuned comparisons are fair.
+(earlier gold turns included). Two ways to get the prediction:
+
+- generation (default): greedy decoding, so runs are reproducible and base vs tuned comparisons
+  are fair; scored by the reference's metric (match / choice / number / IoU@0.5, ``metrics``).
+- closed-set (``choices=``): the candidate answer with the highest log-likelihood under the model
+  (``qvl.eval.choices``); scored as metric ``choice-ll`` (normalised match with the reference).
+  ``choices="auto"`` takes the split's distinct reference answers when there are at most 30.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from qvl.data.collate import collate
 from qvl.data.preprocess import encode
 from qvl.data.registry import RawRecord
 from qvl.data.samples import Sample, parse_sample
-from qvl.eval.metrics import aggregate, score
+from qvl.eval.metrics import aggregate, normalise, score
 
 
 @dataclass
@@ -49,7 +54,16 @@ def generate_batch(model, processor, prompts: list[Sample], max_new_tokens: int,
 
 
 def evaluate(model, processor, records: list[RawRecord], name: str = "model", batch_size: int = 8,
-             max_new_tokens: int = 64, budget=None, progress=None) -> EvalResult:
+             max_new_tokens: int = 64, budget=None, progress=None, choices=None) -> EvalResult:
+    """Score ``model`` on ``records``.
+
+    ``choices``: None (greedy generation), ``"auto"`` (the distinct reference answers of these
+    records, if at most 30, else generation with a warning), or a list / comma-separated string
+    of candidate answers: closed-set scoring, metric ``choice-ll``. With choices, ``batch_size``
+    counts (sample, candidate) sequences per forward.
+    """
+    from qvl.eval.choices import resolve_choices, score_candidates
+
     start = time.perf_counter()
     items, skipped = [], []
     for i, rec in enumerate(records):
@@ -59,17 +73,41 @@ def evaluate(model, processor, records: list[RawRecord], name: str = "model", ba
             skipped.append(f"{rec.origin}: " + ("; ".join(p.render() for p in problems) or "no assistant turn"))
             continue
         items.append((rec, *split))
+    candidates = resolve_choices(choices, [ref for _, _, ref in items])
     predictions, scores = [], []
-    for b in range(0, len(items), batch_size):
-        chunk = items[b:b + batch_size]
-        answers = generate_batch(model, processor, [p for _, p, _ in chunk], max_new_tokens, budget)
-        for (rec, _, ref), pred in zip(chunk, answers):
-            s = score(pred, ref)
+    step = batch_size if candidates is None else max(1, batch_size // max(len(candidates), 1))
+    for b in range(0, len(items), step):
+        chunk = items[b:b + step]
+        prompts = [p for _, p, _ in chunk]
+        if candidates is None:
+            answers = generate_batch(model, processor, prompts, max_new_tokens, budget)
+            extra = [{} for _ in chunk]
+        else:
+            ll = score_candidates(model, processor, prompts, candidates, budget, batch_size=max(batch_size, 1))
+            best = ll.argmax(dim=1).tolist()
+            answers = [candidates[k] for k in best]
+            extra = [{"loglik": {candidates[k]: round(float(v), 4) for k, v in
+                                 zip(row.argsort(descending=True)[:3].tolist(), row.sort(descending=True).values[:3])}}
+                     for row in ll]
+        for (rec, _, ref), pred, ex in zip(chunk, answers, extra):
+            if candidates is None:
+                s = score(pred, ref)
+            else:
+                s = {"metric": "choice-ll", "score": float(normalise(pred) == normalise(ref)),
+                     "exact": float(pred.strip() == ref.strip())}
             scores.append(s)
-            predictions.append({"origin": rec.origin, "reference": ref, "prediction": pred, **s})
+            predictions.append({"origin": rec.origin, "reference": ref, "prediction": pred, **s, **ex})
         if progress:
             progress(len(predictions))
-    return EvalResult(name, aggregate(scores), predictions, skipped, time.perf_counter() - start)
+    summary = aggregate(scores)
+    summary["mode"] = "generate" if candidates is None else "choices"
+    if candidates is not None:
+        summary["choices"] = candidates
+        summary["chance"] = 1.0 / len(candidates)
+        missing = sorted({ref.strip() for _, _, ref in items} - set(candidates))
+        if missing:
+            summary["references_not_in_choices"] = missing[:20]
+    return EvalResult(name, summary, predictions, skipped, time.perf_counter() - start)
 
 
 def comparison_rows(results: list[EvalResult]) -> list[list[str]]:
@@ -78,6 +116,9 @@ def comparison_rows(results: list[EvalResult]) -> list[list[str]]:
     rows = [["samples"] + [str(r.summary.get("n", 0)) for r in results],
             ["score (overall)"] + [f"{r.summary.get('score', 0):.3f}" for r in results],
             ["exact match"] + [f"{r.summary.get('exact', 0):.3f}" for r in results]]
+    if any("chance" in r.summary for r in results):
+        rows.append(["chance (closed-set)"] + [f"{r.summary['chance']:.3f}" if "chance" in r.summary else "-"
+                                               for r in results])
     for m in metrics:
         rows.append([f"{m} (n={results[0].summary.get(m, {}).get('n', 0)})"] +
                     [f"{r.summary[m]['score']:.3f}" if m in r.summary else "-" for r in results])

@@ -58,6 +58,30 @@ TINY_VISION = {
     "hidden_act": "gelu_pytorch_tanh",
 }
 
+# A slightly larger tiny variant for `qvl demo` (still random weights, ~2 M parameters): wide
+# enough to learn the demo's colour and shape questions from scratch on a CPU in about a minute.
+# The default tiny model above stays as it is (tests pin its bytes).
+TINY_DEMO_TEXT = dict(
+    TINY_TEXT,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    rope_parameters=dict(TINY_TEXT["rope_parameters"], mrope_section=[6, 5, 5]),  # sums to head_dim / 2
+)
+TINY_DEMO_VISION = dict(
+    TINY_VISION,
+    depth=2,
+    hidden_size=128,
+    intermediate_size=256,
+    num_heads=4,
+    out_hidden_size=128,
+    deepstack_visual_indexes=[0, 1],
+)
+TINY_VARIANTS = {"default": (TINY_TEXT, TINY_VISION), "demo": (TINY_DEMO_TEXT, TINY_DEMO_VISION)}
+
 # Words the tiny tokenizer learns merges for: chat, the synthetic datasets, grounding JSON.
 _CORPUS_WORDS = (
     "the a an is are what which where how many of in on at to and or with this that image video picture "
@@ -206,18 +230,22 @@ def _save(model, processor, out: Path) -> None:
             os.chmod(f, 0o644)
 
 
-def tiny_parts(seed: int = 0):
+def tiny_parts(seed: int = 0, variant: str = "default"):
+    if variant not in TINY_VARIANTS:
+        raise QvlError(f"unknown tiny variant {variant!r}", fix=f"use one of: {', '.join(TINY_VARIANTS)}")
+    text, vision = TINY_VARIANTS[variant]
     tok = build_tokenizer()
     processor = build_processor(tok, TINY_IMAGE_SIZE, TINY_VIDEO_SIZE)
     vocab = len(tok)
-    config = build_config(TINY_TEXT, TINY_VISION, tok, tie_word_embeddings=False, moe=False, vocab_size=vocab)
+    config = build_config(text, vision, tok, tie_word_embeddings=False, moe=False, vocab_size=vocab)
     model = instantiate(config, seed=seed)
     model.generation_config = _generation_config(tok)
     return model, processor
 
 
-def build_tiny(out: str | os.PathLike, seed: int = 0) -> Built:
-    model, processor = tiny_parts(seed)
+def build_tiny(out: str | os.PathLike, seed: int = 0, variant: str = "default") -> Built:
+    """The tiny random-weight checkpoint; ``variant="demo"`` is the wider one `qvl demo` trains."""
+    model, processor = tiny_parts(seed, variant)
     _save(model, processor, Path(out))
     return Built(Path(out), sum(p.numel() for p in model.parameters()))
 
