@@ -12,8 +12,10 @@ sys.path.insert(0, "bench")
 from pathlib import Path
 from qvl.models.build import random_model, _save
 from workload import make_workload
-model, processor = random_model("8B", dtype=torch.bfloat16, device="cuda")
-_save(model, processor, Path("/tmp/m8b"))
+if not Path("/tmp/m8b/config.json").exists():
+    model, processor = random_model("8B", dtype=torch.bfloat16, device="cuda")
+    _save(model, processor, Path("/tmp/m8b"))
+    del model
 make_workload(Path("/tmp/wl"), n=512, seed=0)
 Path("/tmp/wl/datasets.yaml").write_text("workload:\n  annotation_path: workload.jsonl\n  data_path: .\n")
 print("model and workload ready")
