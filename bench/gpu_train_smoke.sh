@@ -20,10 +20,11 @@ make_workload(Path("/tmp/wl"), n=512, seed=0)
 Path("/tmp/wl/datasets.yaml").write_text("workload:\n  annotation_path: workload.jsonl\n  data_path: .\n")
 print("model and workload ready")
 PY
-for mode in padded flatten; do
-  extra=""; [ "$mode" = flatten ] && extra="data_flatten=true"
+for mode in ${MODES:-padded flatten}; do
+  extra=""
+  case $mode in flatten) extra="data_flatten=true";; flatten-sdpa) extra="data_flatten=true packed_attention=sdpa";; esac
   "${Q[@]}" train examples/lora_8b_24gb.yaml model_name_or_path=/tmp/m8b dataset_registry=/tmp/wl/datasets.yaml \
     dataset_use=workload max_steps=$STEPS output_dir=/tmp/run-$mode save_steps=1000 logging_steps=1 \
     per_device_train_batch_size=4 gradient_accumulation_steps=1 max_pixels=1433600 model_max_length=4096 \
-    $extra 2>&1 | grep -E "^(step|done|data|model|memory|error|fix)" | tail -8 || true
+    $extra 2>&1 | grep -E "^(step|done|data|model|memory|error|fix)" | tail -${TAIL:-8} || true
 done
