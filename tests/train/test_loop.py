@@ -117,7 +117,7 @@ def test_lora_output_is_adapter_plus_base_reference(make_cfg, tmp_path, tiny_mod
 
 def test_learns_colours(make_cfg, tmp_path, tiny_model_dir):
     """The CPU learning test: the tiny model reads the image colour after ~30 steps."""
-    from conftest import COLOURS, QUESTION, make_colour_data
+    from train_helpers import COLOURS, QUESTION, make_colour_data
 
     from qvl.data.collate import collate
     from qvl.data.preprocess import encode
@@ -151,7 +151,7 @@ def test_learns_colours(make_cfg, tmp_path, tiny_model_dir):
 
 
 def test_mixed_text_and_image_batches(make_cfg, tmp_path):
-    from conftest import make_colour_data
+    from train_helpers import make_colour_data
 
     data = make_colour_data(tmp_path / "mixed", 6, text_only=6)
     r = train(make_cfg(dataset_use=data, output_dir=str(tmp_path / "run"), tune_mm_vision=True, max_steps=3,

@@ -23,7 +23,7 @@ quiet = {"log": lambda *_: None}
 
 @pytest.fixture(scope="module")
 def mixed_data(tmp_path_factory):
-    from conftest import make_colour_data
+    from train_helpers import make_colour_data
 
     return make_colour_data(tmp_path_factory.mktemp("mixed"), 12, seed=3, text_only=4)
 
@@ -150,7 +150,7 @@ def test_offline_packs_train_as_one_row_each(make_cfg, mixed_data, tmp_path):
 
 def test_qvl_data_pack_output_trains(make_cfg, tmp_path, tiny_model_dir, monkeypatch):
     """`qvl data pack` output, registered like any dataset, trains with data_packing (every pack one row)."""
-    from conftest import make_colour_data
+    from train_helpers import make_colour_data
 
     from qvl.cli.main import app
 
@@ -184,7 +184,10 @@ def test_packed_attention_choice():
     import importlib.util
 
     if importlib.util.find_spec("flash_attn") is None:
-        assert packed_attention_for("auto", torch.device("cuda", 0)) == "flex"
+        cuda = torch.device("cuda", 0)
+        assert packed_attention_for("auto", cuda, max_row_tokens=4 * 4096) == "sdpa"  # dense mask is small
+        assert packed_attention_for("auto", cuda, max_row_tokens=8 * 8192) == "flex"  # no L x L mask at long L
+        assert packed_attention_for("auto", cuda) == "flex"
 
 
 def test_config_keys(make_cfg):

@@ -111,8 +111,8 @@ class TrainConfig(BaseModel):
     data_packing: bool = Field(False, description="records are packs (lists of samples, `qvl data pack`); each "
                                                   "micro-batch is per_device_train_batch_size packs in one row")
     packed_attention: Literal["auto", "flex", "sdpa", "flash_attention_2"] = Field(
-        "auto", description="attention for packed rows: auto = flash_attention_2 if installed, else flex on CUDA, "
-                            "sdpa on CPU")
+        "auto", description="attention for packed rows: auto = flash_attention_2 if installed, else sdpa (rows up "
+                            "to 16k tokens, and on CPU) or flex (longer rows on CUDA)")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
     gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "

@@ -223,15 +223,27 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def packed_attention_for(choice: str, device: torch.device) -> str:
-    """The attention for packed rows: ``auto`` = flash_attention_2 if importable, else flex on CUDA, sdpa on CPU."""
+# Rows up to this many tokens use sdpa's dense block-diagonal mask (16k x 16k booleans = 256 MiB, made
+# once per forward). Measured on an H100 (8B LoRA, ~2.7k-token rows, 30 steps): sdpa 1,820 tok/s vs flex
+# 752 tok/s in the training loop, where flex pays compilation for every new row shape (docs/benchmarks.md).
+DENSE_MASK_MAX_TOKENS = 16_384
+
+
+def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int | None = None) -> str:
+    """The attention for packed rows.
+
+    ``auto``: flash_attention_2 if importable; else sdpa on CPU, and on CUDA sdpa while rows stay within
+    DENSE_MASK_MAX_TOKENS, flex (block-sparse, no L x L mask) for longer rows.
+    """
     import importlib.util
 
     has_fa = importlib.util.find_spec("flash_attn") is not None
     if choice == "auto":
         if device.type != "cuda":
             return "sdpa"
-        return "flash_attention_2" if has_fa else "flex"
+        if has_fa:
+            return "flash_attention_2"
+        return "sdpa" if max_row_tokens is not None and max_row_tokens <= DENSE_MASK_MAX_TOKENS else "flex"
     if choice == "flash_attention_2" and not has_fa:
         raise QvlError("packed_attention=flash_attention_2 but flash-attn is not installed", where="packed_attention",
                        fix="pip install flash-attn, or packed_attention: auto (flex on GPU, sdpa on CPU)")
@@ -418,7 +430,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     if packed:  # one row per micro-batch: each sample attends only to itself, with its own mRoPE positions
         from qvl.data.packing import rope_index_fn, use_packed_attention
 
-        attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device))
+        row_cap = cfg.per_device_train_batch_size * cfg.model_max_length
+        attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
     loss_module = LossModule(model)
     runner = loss_module
