@@ -53,3 +53,25 @@ def test_facts():
 def test_unknown_model_type_is_a_clear_error():
     with pytest.raises(QvlError, match="qwen2_5_vl"):
         model_class("qwen2_5_vl")
+
+
+def test_model_random_cli_builds_an_official_shaped_checkpoint(tmp_path, monkeypatch):
+    """`qvl model random` end to end, on a made-up small size so the test stays fast."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qvl.cli.main import app
+    from qvl.models import sizes
+    from qvl.models.load import load
+
+    small = sizes.SizeFacts("XS", 64, 2, 4, 2, 128, False, 2, 64, 128, (0, 1), params_total=1)
+    monkeypatch.setitem(sizes.SIZES, "XS", small)
+    res = CliRunner().invoke(app, ["model", "random", "--size", "XS", "--out", str(tmp_path / "xs"), "--dtype", "float32",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "xs" / "config.json").read_text())
+    assert cfg["image_token_id"] == OFFICIAL_IDS["<|image_pad|>"] and cfg["text_config"]["vocab_size"] == 151936
+    model, processor = load(tmp_path / "xs")
+    assert processor.tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    assert model.config.text_config.num_hidden_layers == 2

@@ -27,6 +27,7 @@ def tiny(out: Path = typer.Option(..., help="Folder to create (must not exist or
 def random(size: str = typer.Option(..., help="2B, 4B, 8B, 32B or 30B-A3B."),
            out: Path = typer.Option(..., help="Folder to create."),
            dtype: str = typer.Option("bfloat16", help="bfloat16 or float32."),
+           device: str = typer.Option(None, help="Where to initialise (default: cuda if available, else cpu)."),
            seed: int = typer.Option(0)):
     """Build an official Qwen3-VL architecture with random weights and official token ids."""
     import torch
@@ -38,7 +39,7 @@ def random(size: str = typer.Option(..., help="2B, 4B, 8B, 32B or 30B-A3B."),
     gib = facts.params_total * (2 if dtype == "bfloat16" else 4) / 2**30
     typer.echo(f"building Qwen3-VL-{facts.name} with random weights ({facts.params_total / 1e9:.2f} B params, "
                f"{gib:.1f} GiB in {dtype}) ...")
-    built = build_random(facts.name, out, dtype=getattr(torch, dtype), seed=seed)
+    built = build_random(facts.name, out, dtype=getattr(torch, dtype), seed=seed, device=device)
     typer.echo(f"built {built.path} ({built.num_params:,} params)")
 
 

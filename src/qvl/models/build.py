@@ -277,8 +277,14 @@ def random_model(size: str, dtype=None, device=None, seed: int = 0):
     return model, processor
 
 
-def build_random(size: str, out: str | os.PathLike, dtype=None, seed: int = 0) -> Built:
-    model, processor = random_model(size, dtype=dtype, seed=seed)
+def build_random(size: str, out: str | os.PathLike, dtype=None, seed: int = 0, device=None) -> Built:
+    """Write an official architecture with random weights. Initialising on a GPU when there is one is
+    ~30x faster than on the CPU (8B: seconds instead of ~7 minutes); the weights are written from there."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = random_model(size, dtype=dtype, seed=seed, device=device)
     _save(model, processor, Path(out))
     return Built(Path(out), sum(p.numel() for p in model.parameters()))
 
