@@ -1,6 +1,10 @@
 # Two entry points: `make demo` and `make test`. Both create .venv if it is missing and
 # (re)install only when pyproject.toml changed, so running them twice is cheap.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PY ?= python3
+# pip on these machines warns once per package about absent local index folders: keep logs readable
+QUIET := 2>&1 | { grep -v "is neither a file nor a directory" || true; }
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,12 +13,12 @@ STAMP := $(VENV)/.installed
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip $(QUIET)
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	# torch + torchvision first, as an exact pair (a mismatched pair fails to import torchvision ops).
-	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -q -e ".[dev,serve]"
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" $(QUIET)
+	$(BIN)/pip install -q -e ".[dev,serve]" $(QUIET)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,7 +39,7 @@ $(COMPAT)/.installed: $(STAMP)
 	$(PY) -m venv $(COMPAT)
 	echo "import site; site.addsitedir('$$($(BIN)/python -c "import site; print(site.getsitepackages()[0])")')" \
 		> $$($(COMPAT)/bin/python -c "import site; print(site.getsitepackages()[0])")/_qvl_base.pth
-	$(COMPAT)/bin/pip install -q "transformers==5.17.*" "huggingface_hub<2"
+	$(COMPAT)/bin/pip install -q "transformers==5.17.*" "huggingface_hub<2" $(QUIET)
 	touch $@
 
 test-compat: $(COMPAT)/.installed
