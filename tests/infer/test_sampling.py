@@ -74,3 +74,9 @@ def test_presence_penalty_only_generated_tokens():
     assert out[1, 5] == pytest.approx(-1.75) and out[1, 9] == pytest.approx(-1.75)
     assert out[1, 3] == 0  # rows are independent
     assert torch.equal(PresencePenalty(4, 1.5)(ids, scores.clone()), scores)  # nothing generated yet
+
+
+def test_seed_must_fit_64_bits():
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
+    with pytest.raises(QvlError, match="seed"):
+        SamplingParams().replace(seed=10**30)

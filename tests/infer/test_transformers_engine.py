@@ -98,3 +98,89 @@ def test_concurrent_submitters(engine):
         t.join(60)
     assert sorted(out) == [0, 1, 2, 3]
     assert all(out[i].completion_tokens == 6 + i for i in out)
+
+
+class _CharTok:
+    """One token per character (id = code point); 0 is EOS."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def _row(stop=(), max_new=50):
+    from qvl.infer.engine import Prepared
+    from qvl.infer.transformers_backend import _Job, _Row
+    from qvl.infer.types import Handle, SamplingParams
+
+    prepared = Prepared(None, SamplingParams(stop=tuple(stop), max_new_tokens=max_new), 3, None)
+    handle = Handle(3)
+    return _Row(_Job(prepared, handle), _CharTok(), {0}, ""), handle
+
+
+def _drain(handle):
+    chunks = []
+    while not handle._queue.empty():
+        chunks.append(handle._queue.get())
+    return chunks
+
+
+@pytest.mark.parametrize("text,stop,want,finish", [
+    ("abcENDxyz", ["END"], "abc", "stop"),  # stop split over three tokens: none of it is streamed
+    ("abENxENDz", ["END"], "abENx", "stop"),  # a false start is sent once it cannot be a stop any more
+    ("abEN", ["END"], "abEN", "length"),  # text held back at the end is flushed
+    ("a\nbEND", ["\nbE", "ND"], "a", "stop"),  # the earliest stop wins, across a newline
+])
+def test_stop_string_split_over_tokens(text, stop, want, finish):
+    row, handle = _row(stop, max_new=len(text))
+    sent = []
+    for ch in text:
+        row.push(ord(ch))
+        sent += [c.text for c in _drain(handle) if c.text]
+        assert stop[0] not in "".join(sent)
+        if row.finish:
+            break
+    row.close()
+    chunks = _drain(handle)
+    streamed = "".join(sent + [c.text for c in chunks if c.text])
+    assert streamed == want and chunks[-1].finish_reason == finish
+
+
+def test_eos_flushes_held_text():
+    row, handle = _row(["END"])
+    for ch in "okE":
+        row.push(ord(ch))
+    row.push(0)  # EOS
+    row.close()
+    chunks = _drain(handle)
+    assert "".join(c.text for c in chunks) == "okE" and chunks[-1].finish_reason == "stop"
+    assert chunks[-1].completion_tokens == 4
+
+
+def test_jobs_set_aside_are_batched_together(tiny):
+    """A(k1) B(k2) C(k2) waiting: A runs, then B and C as one batch (C was not left to run alone)."""
+    from qvl.infer.engine import Prepared
+    from qvl.infer.types import SamplingParams
+
+    e = TransformersEngine(*tiny, name="tiny")
+    gate, batches, done = threading.Event(), [], threading.Event()
+
+    def fake_generate(jobs):
+        gate.wait(10)
+        batches.append([j.prepared.sampling.temperature for j in jobs])
+        if sum(map(len, batches)) == 4:
+            done.set()
+
+    def job(t):
+        return Prepared(None, SamplingParams(temperature=t), 1, None)
+
+    e._generate = fake_generate
+    e.submit(job(0.1))  # blocks the worker
+    import time
+
+    time.sleep(0.2)
+    for t in (0.5, 0.9, 0.9):
+        e.submit(job(t))
+    gate.set()
+    assert done.wait(10)
+    e.close()
+    assert batches == [[0.1], [0.5], [0.9, 0.9]]

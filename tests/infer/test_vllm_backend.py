@@ -14,7 +14,7 @@ from qvl.errors import QvlError
 from qvl.infer.types import SamplingParams
 from qvl.infer.vllm_backend import (
     BLOCK, GiB, adapter_touches_vision, fit_context, kv_bytes_per_token, max_len_from_vllm_error, to_vllm_prompt,
-    to_vllm_sampling,
+    to_vllm_sampling, vllm_lora_rank,
 )
 
 
@@ -144,3 +144,10 @@ def test_real_vllm_streams(tiny_model_dir):  # pragma: no cover - needs vLLM and
     chunks = list(e.stream(Request([Message("user", [Media("image", Image.new("RGB", (64, 64))), "hi"])],
                                    e.sampling(max_new_tokens=8, temperature=0))))
     assert chunks[-1].finish_reason in ("stop", "length") and any(c.text for c in chunks)
+
+
+def test_lora_rank_rounded_to_what_vllm_accepts():
+    # max(8, r) passed r=24 through, which vLLM refuses (and qvl then blamed the context length)
+    assert [vllm_lora_rank(r) for r in (1, 8, 12, 24, 64, 300, 512)] == [8, 8, 16, 32, 64, 320, 512]
+    with pytest.raises(QvlError, match="rank 1024"):
+        vllm_lora_rank(1024)

@@ -39,11 +39,11 @@ class Running:
         self.thread.join(timeout=10)
 
 
-def png_bytes(w=64, h=48, color=(200, 30, 30)) -> bytes:
+def png_bytes(w=64, h=48, color=(200, 30, 30), mode="RGB") -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, format="PNG")
+    Image.new(mode, (w, h), color if mode == "RGB" else 0).save(buf, format="PNG")
     return buf.getvalue()
 
 

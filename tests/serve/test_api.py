@@ -109,6 +109,20 @@ BAD = {
         {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 403, "local_path_refused"),
     "tools": ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
               400, "unsupported_parameter"),
+    "deeply_nested_json": (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    "integer_of_5000_digits": (b'{"model": "tiny", "seed": ' + b"1" * 5000 + b"}", 400, "invalid_json"),
+    "role_not_a_string": ({"model": "tiny", "messages": [{"role": ["user"], "content": "hi"}]}, 400,
+                          "invalid_request"),
+    "seed_over_64_bits": ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": 10**30}, 400,
+                          "invalid_value"),
+    "loopback_url": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}}]}]}, 403, "private_address_refused"),
+    "cloud_metadata_url": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}]}]}, 403,
+        "private_address_refused"),
+    "pixel_bomb": ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(9000, 8000, mode="1"), "image/png")}}]}]},
+        400, "image_too_large"),
 }
 
 
@@ -176,6 +190,10 @@ def test_allowed_media_dir(tiny_engine, serve, tmp_path):
     assert ask(str(tmp_path / "secret.png")).status_code == 403
     assert ask(str(media / ".." / "secret.png")).status_code == 403
     assert ask("a.png").status_code == 200  # relative to the allowed folder
+    r = ask(str(media / "a.png") + "\x00.txt")  # a NUL byte made Path.resolve() raise: a 500
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_media"
+    r = ask("~no-such-user-qvl/a.png")  # expanduser() raised RuntimeError: a 500
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_media"
 
 
 def test_two_concurrent_streams_complete(tiny_server):
@@ -229,3 +247,8 @@ def test_ui_page_and_grounding(tiny_server):
         "height": 480})
     items = r.json()["items"]
     assert items == [{"label": "cat", "bbox": [64.0, 96.0, 320.0, 480.0]}]
+    for width in ("abc", [640], -5, True):  # were a 500 (float() of anything)
+        r = httpx.post(tiny_server.url + "/ui/grounding", json={"text": "[]", "width": width, "height": 480})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "width", r.text
+    r = httpx.post(tiny_server.url + "/ui/grounding", json={"text": '{"bbox_2d": [0, 0, 500, 500]}', "width": 0})
+    assert r.json()["items"][0]["bbox"] == [0.0, 0.0, 500.0, 500.0]  # 0 (image not loaded): the 0-1000 grid

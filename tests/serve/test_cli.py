@@ -53,7 +53,11 @@ def test_serve_defaults_bind_localhost(tiny_model_dir, captured):
     assert r.exit_code == 0, r.output
     s = captured["settings"]
     assert s.host == "127.0.0.1" and s.port == 7860 and s.api_key is None and s.allowed_media_dir is None
+    assert s.allow_remote_media and not s.allow_private_media_urls  # public URLs only (SSRF)
     assert captured["engine"].backend == "transformers"
+    r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--allow-private-media-urls"])
+    assert r.exit_code == 0, r.output
+    assert captured["settings"].allow_private_media_urls
 
 
 def test_serve_accepts_web_demo_flags(tiny_model_dir, captured):

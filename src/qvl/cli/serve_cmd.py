@@ -184,6 +184,9 @@ def register(app: typer.Typer) -> None:
               max_batch_size: int = typer.Option(8, help="transformers: most requests generated together."),
               allowed_media_dir: Path = typer.Option(None, help="Allow local file paths under this folder."),
               no_remote_media: bool = typer.Option(False, "--no-remote-media", help="Refuse http(s) media URLs."),
+              allow_private_media_urls: bool = typer.Option(
+                  False, "--allow-private-media-urls",
+                  help="Also fetch http(s) media from loopback/private/link-local hosts (off: SSRF protection)."),
               max_body_mb: float = typer.Option(64.0, help="Largest request body."),
               served_model_name: str = typer.Option(None, help="Model id in /v1 (default: folder name/hub id)."),
               share: bool = typer.Option(False, "--share", help="Accepted for web_demo_mm.py compatibility."),
@@ -195,6 +198,7 @@ def register(app: typer.Typer) -> None:
             host=host, port=port, api_key=api_key or None,
             allowed_media_dir=str(allowed_media_dir) if allowed_media_dir else None, max_body_mb=max_body_mb,
             limit_mm_per_prompt=parse_limits(limit_mm_per_prompt), allow_remote_media=not no_remote_media,
+            allow_private_media_urls=allow_private_media_urls,
             served_model_name=served_model_name, inbrowser=inbrowser, share=share)
         engine = _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_model_len, max_new_tokens,
                          gpu_memory_utilization, tensor_parallel_size, settings.limit_mm_per_prompt,

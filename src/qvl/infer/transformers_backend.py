@@ -61,15 +61,32 @@ class _Row:
         self.ids: list[int] = []  # tokens since the last newline (decode window)
         self.count = 0
         self.printed = 0
-        self.text = ""  # everything sent so far (for stop strings)
+        self.held = ""  # decoded text not sent yet: it may be the start of a stop string
+        self.cut = False  # a stop string ended the text: nothing after it is sent
         self.finish: str | None = None
         if prefix:
             self._send(prefix)
 
     def _send(self, text: str) -> None:
         if text:
-            self.text += text
             self.job.handle.emit(Chunk(text=text))
+
+    def _out(self, new: str, final: bool = False) -> None:
+        """Send ``new`` unless it completes a stop string (then send up to it and finish); hold back a tail
+        that could still become one, so a stop string split over tokens is never partly streamed."""
+        if not self.stops:
+            self._send(new)
+            return
+        text = self.held + new
+        hits = [h for h in (text.find(s) for s in self.stops) if h >= 0]
+        if hits:
+            self._send(text[:min(hits)])
+            self.held, self.finish, self.cut = "", "stop", True
+            return
+        keep = 0 if final else max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                                   default=0)
+        self._send(text[:len(text) - keep])
+        self.held = text[len(text) - keep:]
 
     def push(self, token: int) -> None:
         if self.finish is not None:
@@ -87,25 +104,21 @@ class _Row:
             self.printed = len(text)
             if text.endswith("\n"):
                 self.ids, self.printed = [], 0
-        if new and self.stops:
-            full = self.text + new
-            hits = [full.find(s, max(0, len(self.text) - len(s))) for s in self.stops]
-            hits = [h for h in hits if h >= 0]
-            if hits:
-                self._send(full[len(self.text):min(hits)])
-                self.finish = "stop"
-                return
-        self._send(new)
+        self._out(new)
+        if self.finish is not None:
+            return
         if self.job.handle.cancelled:
             self.finish = "cancelled"
         elif self.count >= self.max_new:
             self.finish = "length"
 
     def close(self, default: str = "length") -> None:
-        if self.ids:
+        if self.ids and not self.cut:
             rest = self.tok.decode(self.ids, skip_special_tokens=True)[self.printed:]
-            self._send(rest)  # text held back waiting for the rest of a UTF-8 sequence
             self.ids, self.printed = [], 0
+            self._out(rest, final=True)  # text held back waiting for the rest of a UTF-8 sequence
+        if self.held and not self.cut:
+            self._out("", final=True)  # the start of a stop string that never completed
         p = self.job.prepared
         self.job.handle.emit(Chunk(finish_reason=self.finish or default, prompt_tokens=p.prompt_tokens,
                                    completion_tokens=self.count))
@@ -242,6 +255,9 @@ class TransformersEngine(Engine):
                 return
             batch = [job]
             key = self._batch_key(job)
+            for j in [j for j in pending if self._batch_key(j) == key][:self.max_batch_size - 1]:
+                pending.remove(j)  # jobs set aside by an earlier batch can share this one
+                batch.append(j)
             while len(batch) < self.max_batch_size:  # take every waiting job that can share this batch
                 try:
                     nxt = self._queue.get_nowait()

@@ -47,6 +47,8 @@ class SamplingParams:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "between -2 and 2"),
             ("repetition_penalty", 0 < self.repetition_penalty <= 10, "in (0, 10]"),
             ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            # torch.manual_seed / vLLM take a 64-bit seed: a larger one failed inside generation (a 500)
+            ("seed", self.seed is None or -2**63 <= self.seed < 2**63, "between -2**63 and 2**63 - 1"),
         )
         for name, ok, rule in checks:
             if not ok:

@@ -209,6 +209,18 @@ def adapter_touches_vision(adapter: str | Path) -> bool:
     return any(re.search(r"(^|\.)(visual|vision_tower|merger|deepstack)", n) or "visual" in n for n in names)
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
+
+
+def vllm_lora_rank(r: int) -> int:
+    """``max_lora_rank`` for an adapter of rank ``r``: vLLM refuses any value not in its list (r=24 -> 32)."""
+    for allowed in VLLM_LORA_RANKS:
+        if r <= allowed:
+            return allowed
+    raise QvlError(f"the adapter has LoRA rank {r}; vLLM serves ranks up to {VLLM_LORA_RANKS[-1]}",
+                   fix="merge it first (`qvl merge`) and serve the merged folder, or use --backend transformers")
+
+
 # ----------------------------------------------------------------------------- the engine
 class VllmEngine(Engine):
     """vLLM's AsyncLLM on its own event-loop thread; chunks are the text deltas of each request."""
@@ -269,7 +281,7 @@ class VllmEngine(Engine):
         kwargs = dict(model=str(path), max_model_len=context, gpu_memory_utilization=gpu_memory_utilization,
                       tensor_parallel_size=tp, limit_mm_per_prompt=limits, seed=0)
         if lora_request is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, lora_rank))
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank))
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="qvl-vllm-loop", daemon=True).start()
         llm = asyncio.run_coroutine_threadsafe(_start(kwargs, say), loop).result()

@@ -220,21 +220,6 @@ def _finish(plan: Plan) -> Plan:
 
 
 # --- serve -------------------------------------------------------------------------------------------------
-@dataclass
-class ServeSettings:
-    backend: str = "vllm"
-    max_model_len: int | None = None  # None: the model's 262,144
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int | None = None  # None: vLLM's default for the card (transformers: 1)
-    max_num_batched_tokens: int | None = None
-    image_tokens: int | None = None  # largest image in visual tokens; None: the hub processor's 16,384
-    video_frames: int = 0
-    video_frame_tokens: int = 256  # visual tokens per frame pair
-    kv_cache_dtype: str = "auto"  # auto (bf16) or fp8
-    enforce_eager: bool = False
-    gpus: int = 1
-
-
 HUB_IMAGE_MAX_PIXELS = 16_777_216  # official preprocessor_config.json longest_edge
 
 

@@ -20,6 +20,7 @@ from fastapi import Request as HttpRequest  # module level: FastAPI resolves ann
 
 from qvl.infer.engine import Engine, RequestError
 from qvl.infer.types import Chunk, Request
+from qvl.data.grounding import parse_grounding, to_pixels
 from qvl.serve.schema import ApiError, ChatRequest, MediaRef, bad, parse_chat, parse_json
 
 log = logging.getLogger("qvl.serve")
@@ -35,6 +36,7 @@ class ServeSettings:
     max_media_mb: float = 32.0
     limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 8, "video": 2})
     allow_remote_media: bool = True
+    allow_private_media_urls: bool = False  # http(s) media on loopback/private/link-local hosts (SSRF)
     served_model_name: str | None = None
     inbrowser: bool = False
     share: bool = False
@@ -64,6 +66,16 @@ def parse_limits(text: str | None) -> dict[str, int]:
     return limits
 
 
+def _dimension(body: dict, key: str) -> float:
+    """``width`` / ``height`` of /ui/grounding: a positive number of pixels (default 1000: the 0-1000 grid)."""
+    v = body.get(key)
+    if v is None or (type(v) in (int, float) and v == 0):  # 0: the page's image has not loaded
+        return 1000.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1_000_000:
+        raise bad(f"'{key}' must be a number of pixels between 1 and 1000000", param=key, code="invalid_value")
+    return float(v)
+
+
 def _error(e: ApiError):
     from fastapi.responses import JSONResponse
 
@@ -84,7 +96,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
     settings = settings or ServeSettings()
     model_id = settings.served_model_name or engine.name
     resolver = MediaResolver(settings.allowed_media_dir, int(settings.max_media_mb * 2**20),
-                             settings.allow_remote_media)
+                             settings.allow_remote_media, allow_private=settings.allow_private_media_urls)
     app = FastAPI(title="qvl serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -131,6 +143,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
 
     def prepare(chat: ChatRequest, request_id: str):
         """Media -> pipeline inputs -> engine.prepare (blocking: runs in the thread pool)."""
+        try:  # before any media is fetched or decoded: a request with bad settings costs nothing
+            sampling = engine.sampling(**chat.sampling)
+        except Exception as e:  # out-of-range values
+            raise bad(str(getattr(e, "what", e)), code="invalid_value") from None
         with tempfile.TemporaryDirectory(prefix="qvl-req-") as tmp:
             messages = []
             for role, parts in chat.messages:
@@ -142,15 +158,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
                     else:
                         out.append(p)
                 messages.append(Message(role, out))
-            try:
-                sampling = engine.sampling(**chat.sampling)
-            except Exception as e:  # out-of-range values
-                raise bad(str(getattr(e, "what", e)), code="invalid_value") from None
             try:  # videos are decoded inside prepare, so the temp folder lives until it returns
                 return engine.prepare(Request(messages, sampling, request_id))
             except RequestError as e:
-                status = 400 if e.code != "context_length_exceeded" else 400
-                raise ApiError(status, e.what + (f" ({e.fix})" if e.fix else ""), code=e.code, param=e.param) \
+                raise ApiError(e.status, e.what + (f" ({e.fix})" if e.fix else ""), code=e.code, param=e.param) \
                     from None
 
     def start(prepared):
@@ -190,11 +201,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
         body = parse_json(await read_body(request))
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             raise bad("send {'text': str, 'width': int, 'height': int}")
-        try:
-            from qvl.data.grounding import parse_grounding, to_pixels
-        except ImportError:  # grounding support not installed in this tree: draw nothing
-            return {"items": []}
-        w, h = float(body.get("width") or 1000), float(body.get("height") or 1000)
+        w, h = (_dimension(body, k) for k in ("width", "height"))
         items = []
         for it in parse_grounding(body["text"]):
             try:

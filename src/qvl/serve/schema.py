@@ -60,6 +60,10 @@ def parse_json(raw: bytes):
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise bad(f"request body cannot be read: {e}", code="invalid_json") from None
+    except RecursionError:  # '[[[[...' thousands deep: refuse it instead of a 500
+        raise bad("request body is nested too deeply", code="invalid_json") from None
 
 
 def _number(body: dict, key: str):
@@ -149,7 +153,7 @@ def parse_chat(body, limits: dict[str, int]) -> ChatRequest:
         extra = set(m) - {"role", "content", "name"}
         if extra:
             raise bad(f"unknown field(s) {sorted(extra)} in '{where}'", param=where, code="unknown_field")
-        role = ROLES.get(m.get("role"))
+        role = ROLES.get(m.get("role")) if isinstance(m.get("role"), str) else None
         if role is None:
             raise bad(f"'{where}.role' must be system, user or assistant, got {m.get('role')!r}",
                       param=f"{where}.role")
