@@ -184,3 +184,10 @@ def test_jobs_set_aside_are_batched_together(tiny):
     assert done.wait(10)
     e.close()
     assert batches == [[0.1], [0.5], [0.9, 0.9]]
+
+
+def test_tiny_temperature_is_greedy(engine):
+    """temperature 1e-300 divided the logits into inf: 'probability tensor contains inf' (a 500 in serve)."""
+    greedy = engine.generate(ask(engine, max_new_tokens=6, temperature=0))
+    tiny_t = engine.generate(ask(engine, max_new_tokens=6, temperature=1e-300))
+    assert tiny_t.text == greedy.text and tiny_t.finish_reason == greedy.finish_reason

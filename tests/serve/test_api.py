@@ -109,6 +109,8 @@ BAD = {
         {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}, 403, "local_path_refused"),
     "tools": ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
               400, "unsupported_parameter"),
+    "stop_too_long": ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": "x" * 100_000},
+                      400, "invalid_request"),
     "deeply_nested_json": (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
     "integer_of_5000_digits": (b'{"model": "tiny", "seed": ' + b"1" * 5000 + b"}", 400, "invalid_json"),
     "role_not_a_string": ({"model": "tiny", "messages": [{"role": ["user"], "content": "hi"}]}, 400,

@@ -83,8 +83,8 @@ class _Row:
             self._send(text[:min(hits)])
             self.held, self.finish, self.cut = "", "stop", True
             return
-        keep = 0 if final else max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
-                                   default=0)
+        keep = 0 if final else max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1))
+                                    if text.endswith(s[:k])), default=0)
         self._send(text[:len(text) - keep])
         self.held = text[len(text) - keep:]
 

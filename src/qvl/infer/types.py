@@ -56,7 +56,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # vLLM's epsilon: a temperature like 1e-300 overflowed the logits to inf and failed generation
+        return self.temperature < 1e-5
 
     def replace(self, **overrides) -> SamplingParams:
         """A copy with the given fields changed; ``None`` values are ignored (= keep the default)."""

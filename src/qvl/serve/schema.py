@@ -19,6 +19,7 @@ ACCEPTED_AND_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_t
 KNOWN = {"model", "messages", "stream", "stream_options", "stop", "n", "logprobs", "top_logprobs",
          "response_format", "tools", "tool_choice", "functions", "function_call", "logit_bias",
          *SAMPLING_FIELDS, *ACCEPTED_AND_IGNORED}
+MAX_STOP_CHARS = 256  # stop strings are matched on every token: a megabyte-long one would stall the worker
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -191,8 +192,10 @@ def parse_chat(body, limits: dict[str, int]) -> ChatRequest:
     if stop is not None:
         if isinstance(stop, str):
             stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > 8:
-            raise bad("'stop' must be a string or a list of up to 8 non-empty strings", param="stop")
+        if not isinstance(stop, list) or len(stop) > 8 or \
+                not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stop):
+            raise bad(f"'stop' must be a string or a list of up to 8 non-empty strings of at most {MAX_STOP_CHARS} "
+                      "characters", param="stop")
         s["stop"] = tuple(stop)
     req.sampling = s
     return req
