@@ -45,3 +45,6 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(QvlError, match="not made by `qvl demo`"):
         run_demo(tmp_path, n_train=2, n_val=1, steps=1)
     assert (tmp_path / "mine.txt").read_text() == "user file" and not (tmp_path / MARKER).exists()
+    with pytest.raises(QvlError, match="is a file"):  # was NotADirectoryError
+        run_demo(tmp_path / "mine.txt", n_train=2, n_val=1, steps=1)
+    assert (tmp_path / "mine.txt").read_text() == "user file"

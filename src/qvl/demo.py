@@ -128,6 +128,8 @@ def _own(out: Path) -> None:
     """Claim ``out`` for the demo, refusing a non-empty folder that the demo did not create."""
     from qvl.errors import QvlError
 
+    if out.exists() and not out.is_dir():
+        raise QvlError(f"{out} is a file, not a folder", fix="pass a folder as --out")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise QvlError(f"{out} exists, is not empty and was not made by `qvl demo`",
                        fix="pass another --out (the demo only writes inside its own folder)")

@@ -25,7 +25,9 @@ def test_resolve_choices():
     assert C.resolve_choices(["x", "y"], []) == ["x", "y"]
     with pytest.warns(UserWarning, match="not a closed-set task"):
         assert C.resolve_choices("auto", [str(i) for i in range(31)]) is None
-    with pytest.raises(ValueError):
+    from qvl.errors import QvlError
+
+    with pytest.raises(QvlError, match="--choices"):  # a message on the command line, not a traceback
         C.resolve_choices(" , ", [])
 
 

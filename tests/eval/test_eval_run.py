@@ -28,6 +28,18 @@ def test_evaluate_scores_generated_answers(tiny, tmp_path, monkeypatch):
     assert [p["prediction"] for p in res.predictions] == ["Red.", "blue", "red"]
 
 
+def test_skipped_sample_is_named_by_its_index_in_its_file(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "red"}]}
+    recs = [RawRecord(good, tmp_path, "a.jsonl", 0), RawRecord({"conversations": []}, tmp_path, "b.jsonl", 7)]
+    import qvl.eval.run as run
+
+    monkeypatch.setattr(run, "generate_batch", lambda m, p, prompts, n, budget=None: ["red"] * len(prompts))
+    res = evaluate(model, processor, recs)
+    assert res.summary["n"] == 1 and len(res.skipped) == 1
+    assert res.skipped[0].startswith("b.jsonl:7: sample 7:"), res.skipped  # not "sample 1" (its place in the mix)
+
+
 def test_eval_cli_compare_writes_outputs(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "red"}]}) + "\n"
@@ -42,3 +54,12 @@ def test_eval_cli_compare_writes_outputs(tiny_model_dir, tmp_path):
     assert "score (overall)" in res.output
     preds = [json.loads(line) for line in (out / "predictions-0.jsonl").read_text().splitlines()]
     assert len(preds) == 2 and preds[0]["reference"] == "red"
+
+
+def test_eval_cli_refuses_a_zero_batch_or_negative_limit(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "red"}]}))
+    for args in (["--batch-size", "0"], ["--limit", "-1"]):  # were a traceback (range step 0) / a silent cut
+        res = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--data", str(data), "--device", "cpu",
+                                       "--out", str(tmp_path / "out"), *args])
+        assert res.exit_code == 2 and args[0] in res.output, res.output

@@ -19,6 +19,19 @@ def test_numbers_and_choices():
     assert score("A", "C")["score"] == 0.0
 
 
+def test_numbers_keep_their_decimal_point_and_sign():
+    assert score("35", "3.5")["score"] == 0.0 and score("3.50", "3.5")["score"] == 1.0
+    assert score("2", "-2")["score"] == 0.0 and score("-2", "-2")["score"] == 1.0
+    assert score("1,000", "1000")["score"] == 1.0 and score("$5", "5")["score"] == 1.0
+    assert score("Three.", "3")["score"] == 1.0 and score("0.5", ".5")["score"] == 1.0
+    assert metric_for("nan") == "match"
+
+
+def test_reference_made_of_an_article_is_not_matched_by_anything():
+    assert score("the", "a")["score"] == 0.0 and score("A.", "a")["score"] == 0.0
+    assert score("A", "a")["score"] == 1.0
+
+
 def test_iou_hand_computed():
     assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
     assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)

@@ -111,3 +111,15 @@ def test_cli_dry_run(tmp_path):
     assert "learning_rate: 5.0e-05" in r.output and "lora_r: 16" in r.output
     r = CliRunner().invoke(app, ["train", str(f), "lora_rr=3"])
     assert r.exit_code == 2 and "lora_rr" in r.output
+
+
+def test_output_dir_may_not_be_or_hold_the_model_folder(tmp_path):
+    model = tmp_path / "models" / "base"
+    model.mkdir(parents=True)
+    for out in (model, model.parent, tmp_path / "models" / "base" / "."):
+        with pytest.raises(QvlError, match="model") as e:
+            from_argv(["tune_mm_llm=true", f"model_name_or_path={model}", "dataset_use=d", f"output_dir={out}"])
+        assert e.value.where == "output_dir"
+    cfg = from_argv(["tune_mm_llm=true", f"model_name_or_path={model}", "dataset_use=d",
+                     f"output_dir={tmp_path / 'models' / 'base-tuned'}"])
+    assert cfg.output_dir.endswith("base-tuned")

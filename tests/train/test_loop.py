@@ -80,6 +80,15 @@ def test_checkpoint_interrupted_mid_write_is_ignored(make_cfg, tmp_path):
     assert again.start_step == 4 and again.steps == 5
 
 
+def test_resume_with_other_optimizer_groups_is_a_message(make_cfg, tmp_path):
+    from qvl.errors import QvlError
+
+    out = tmp_path / "run"
+    train(make_cfg(output_dir=str(out), max_steps=1, save_steps=1), log=lambda *_: None)
+    with pytest.raises(QvlError, match="resume=false"):  # was a ValueError from torch (group count)
+        train(make_cfg(output_dir=str(out), max_steps=2, save_steps=1, weight_decay=0.1), log=lambda *_: None)
+
+
 def test_resume_false_starts_fresh_and_deletes_nothing(make_cfg, tmp_path):
     out = tmp_path / "run"
     train(make_cfg(output_dir=str(out), max_steps=2, save_steps=1), log=lambda *_: None)
@@ -159,15 +168,42 @@ def test_mixed_text_and_image_batches(make_cfg, tmp_path):
     assert len(r.losses) == 3 and all(torch.isfinite(torch.tensor(r.losses)))
 
 
-def test_too_long_is_skipped_and_reported(make_cfg, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_long_is_skipped_and_reported(make_cfg, tmp_path, workers):
     from qvl.errors import QvlError
 
+    said = []
     r = train(make_cfg(output_dir=str(tmp_path / "a"), model_max_length=20, max_steps=1, save_strategy="no",
-                       per_device_train_batch_size=2), log=lambda *_: None)
+                       per_device_train_batch_size=2, dataloader_num_workers=workers), log=said.append)
     assert r.skipped.get("longer than model_max_length") == 2
-    with pytest.raises(QvlError, match="too_long"):
-        train(make_cfg(output_dir=str(tmp_path / "b"), model_max_length=20, max_steps=1, too_long="error"),
-              log=lambda *_: None)
+    assert any("e.g." in line for line in said), said  # an example, also from a worker
+    with pytest.raises(QvlError, match="too_long") as e:
+        train(make_cfg(output_dir=str(tmp_path / "b"), model_max_length=20, max_steps=1, too_long="error",
+                       dataloader_num_workers=workers), log=lambda *_: None)
+    # from a DataLoader worker too: the message names the sample, it is not a traceback in a string
+    assert "Traceback" not in e.value.render() and e.value.where.endswith(tuple(f"train.jsonl:{i}" for i in range(32)))
+
+
+def test_logged_lr_is_the_llm_lr_each_step_used(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(output_dir=str(out), max_steps=2, save_strategy="no", tune_mm_vision=True, learning_rate=1e-3,
+                   vision_tower_lr=1e-4, lr_scheduler_type="linear"), log=lambda *_: None)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 5e-4])  # not the vision group's, not the next step's
+    assert [r["lr/vision/no_decay"] for r in rows] == pytest.approx([1e-4, 5e-5])
+
+
+def test_rerun_without_checkpoints_keeps_the_earlier_model(make_cfg, tmp_path):
+    """resume=true with nothing to resume starts fresh, moving an earlier run's output aside (never over it)."""
+    out = tmp_path / "run"
+    train(make_cfg(output_dir=str(out), max_steps=1, save_strategy="no"), log=lambda *_: None)
+    first = (out / "model.safetensors").read_bytes()
+    said = []
+    r = train(make_cfg(output_dir=str(out), max_steps=1, save_strategy="no", learning_rate=1e-2), log=said.append)
+    assert r.start_step == 0 and any("moved to" in line for line in said)
+    (archived,) = (out / "previous").iterdir()
+    assert (archived / "model.safetensors").read_bytes() == first
+    assert (out / "model.safetensors").read_bytes() != first
 
 
 def test_official_entry_point(tiny_model_dir, colour_data, tmp_path):

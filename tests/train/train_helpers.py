@@ -30,3 +30,26 @@ def make_colour_data(folder, n: int, seed: int = 0, side: int = 64, text_only: i
     path = folder / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def checkpoint_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    """One torchrun-like rank (gloo, CPU): save a checkpoint together, then each rank restores its own RNG."""
+    import torch
+
+    from qvl.train import checkpoint as ckpt
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # ranks draw different dropout masks
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.AdamW(model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        ckpt.save_checkpoint(out, 3, model, opt, sched, {"step": 3}, rank=rank)
+        after_save = torch.rand(3).tolist()
+        torch.distributed.barrier()
+        ckpt.load_checkpoint(f"{out}/checkpoint-3", model, opt, sched, rank=rank)
+        after_load = torch.rand(3).tolist()
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"after_save": after_save, "after_load": after_load}, f)
+    finally:
+        torch.distributed.destroy_process_group()

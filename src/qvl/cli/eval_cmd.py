@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
               adapter: Path = typer.Option(None, help="PEFT adapter applied to the (single) model."),
               data: str = typer.Option(..., help="Registry name(s) with optional %X, or a .json/.jsonl file."),
               registry: Path = typer.Option(None, help="Dataset registry YAML."),
-              limit: int = typer.Option(0, help="Evaluate only the first N samples (0: all)."),
-              batch_size: int = typer.Option(8), max_new_tokens: int = typer.Option(64),
+              limit: int = typer.Option(0, min=0, help="Evaluate only the first N samples (0: all)."),
+              batch_size: int = typer.Option(8, min=1), max_new_tokens: int = typer.Option(64, min=1),
               device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)."),
               out: Path = typer.Option(Path("eval_results"), help="Folder for eval.json and predictions."),
               seed: int = typer.Option(42, help="Seed for %X sampling."),
@@ -27,8 +27,6 @@ def register(app: typer.Typer) -> None:
                                           "highest log-likelihood; metric choice-ll.")):
         """Greedy answers scored by match / multiple choice / number / IoU@0.5 for bbox_2d answers,
         or (--choices) closed-set: the most likely of a fixed set of answers."""
-        import json
-
         import torch
         from rich.console import Console
         from rich.progress import Progress

@@ -51,7 +51,10 @@ def resolve_choices(choices, references: list[str], max_auto: int = AUTO_MAX) ->
         choices = choices.split(",")
     out = list(dict.fromkeys(c.strip() for c in choices if c.strip()))
     if not out:
-        raise ValueError("choices is empty")
+        from qvl.errors import QvlError
+
+        raise QvlError(f"no candidate answer in choices {choices!r}", where="--choices",
+                       fix="pass 'auto' or comma-separated answers, e.g. --choices 'red,green,blue'")
     return out
 
 

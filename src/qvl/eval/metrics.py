@@ -25,14 +25,22 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(\D|$))")
+_AROUND_NUMBER = string.punctuation.replace("-", "").replace("+", "").replace(".", "")
+
+
 def _number(text: str) -> float | None:
-    t = normalise(text)
-    if t in _NUMBER_WORDS:
-        return float(_NUMBER_WORDS[t])
-    try:
-        return float(t.replace(" ", ""))
-    except ValueError:
-        return None
+    """The number ``text`` states ("3.5", "-2", "1,000", "$5", "three"), or None.
+
+    Read before punctuation is stripped: a decimal point and a minus sign are part of the value.
+    """
+    t = _THOUSANDS.sub("", text.strip().lower().replace(" ", "")).strip(_AROUND_NUMBER)
+    t = t[:-1] if t.endswith(".") and not t.endswith("..") else t  # a sentence's full stop
+    if _NUMBER.fullmatch(t):
+        return float(t)
+    word = normalise(text)
+    return float(_NUMBER_WORDS[word]) if word in _NUMBER_WORDS else None
 
 
 def iou(a, b) -> float:
@@ -92,8 +100,16 @@ def score(prediction: str, reference: str) -> dict:
     elif metric == "number":
         value = float(_number(pred) == _number(ref))
     else:
-        value = float(normalise(pred) == normalise(ref))
+        value = float(matches(pred, ref))
     return {"metric": metric, "score": value, "exact": float(pred == ref)}
+
+
+def matches(prediction: str, reference: str) -> bool:
+    """Normalised match; a reference that normalises to nothing ("a", "The") is compared case-blind instead."""
+    ref = normalise(reference)
+    if not ref:
+        return prediction.strip().lower() == reference.strip().lower()
+    return normalise(prediction) == ref
 
 
 def aggregate(scores: list[dict]) -> dict:

@@ -21,7 +21,7 @@ from qvl.data.collate import collate
 from qvl.data.preprocess import encode
 from qvl.data.registry import RawRecord
 from qvl.data.samples import Sample, parse_sample
-from qvl.eval.metrics import aggregate, normalise, score
+from qvl.eval.metrics import aggregate, matches, score
 
 
 @dataclass
@@ -66,8 +66,8 @@ def evaluate(model, processor, records: list[RawRecord], name: str = "model", ba
 
     start = time.perf_counter()
     items, skipped = [], []
-    for i, rec in enumerate(records):
-        sample, problems = parse_sample(rec.raw, i, rec.data_path, rec.origin)
+    for rec in records:
+        sample, problems = parse_sample(rec.raw, rec.index, rec.data_path, rec.origin)
         split = split_prompt(sample) if sample is not None else None
         if split is None:
             skipped.append(f"{rec.origin}: " + ("; ".join(p.render() for p in problems) or "no assistant turn"))
@@ -93,7 +93,7 @@ def evaluate(model, processor, records: list[RawRecord], name: str = "model", ba
             if candidates is None:
                 s = score(pred, ref)
             else:
-                s = {"metric": "choice-ll", "score": float(normalise(pred) == normalise(ref)),
+                s = {"metric": "choice-ll", "score": float(matches(pred, ref)),
                      "exact": float(pred.strip() == ref.strip())}
             scores.append(s)
             predictions.append({"origin": rec.origin, "reference": ref, "prediction": pred, **s, **ex})

@@ -3,7 +3,7 @@
 A checkpoint ``OUTPUT/checkpoint-STEP/`` holds the trainable weights, optimizer, scheduler, the
 RNG states of every generator in play and the loop position (the data order is a pure function
 of seed and position, so nothing else is needed to continue identically). It is written into
-``OUTPUT/.checkpoint-STEP.tmp-PID`` and renamed when complete; the last file written is
+``OUTPUT/.checkpoint-STEP.tmp`` (every rank writes its RNG file there) and renamed when complete; the last file written is
 ``qvl_checkpoint.json``, which lists every file with its size. Resume takes the newest folder
 whose marker is present and whose files match it, so a save killed half-way is never picked.
 """
@@ -23,7 +23,9 @@ import torch
 from qvl.errors import QvlError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+STALE_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)(-\d+)?$")  # (-PID: older qvl)
 MARKER = "qvl_checkpoint.json"
+RUN_CONFIG = "train_config.yaml"  # written at the start of every run
 FORMAT = 1
 
 
@@ -70,24 +72,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict,
                     rank: int = 0, save_total_limit: int | None = None, _crash_before_marker: bool = False) -> Path:
-    """Write ``checkpoint-STEP`` atomically; prune old ones beyond ``save_total_limit``."""
+    """Write ``checkpoint-STEP`` atomically; prune old ones beyond ``save_total_limit``.
+
+    Under torchrun every rank calls this: rank 0 writes the folder, each rank adds its RNG file,
+    and rank 0 seals and renames it once all of them are in (barriers in between).
+    """
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"  # the same name on every rank (not per PID)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save of this step killed earlier
         tmp.mkdir(parents=True)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    # every rank keeps its own RNG (dropout differs per rank in DDP); rank 0 writes the folder
+    _barrier()  # the folder exists before the other ranks write into it
+    # every rank keeps its own RNG (dropout differs per rank in DDP)
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    _barrier()  # every RNG file is in before rank 0 lists the files and renames the folder
     if rank != 0:
+        _barrier()
         return final
     if _crash_before_marker:  # tests: a save killed before it completed
         raise KeyboardInterrupt("simulated crash during checkpoint save")
@@ -98,7 +112,8 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint): replace it
-        old = output_dir / f".checkpoint-{step}.old-{os.getpid()}"
+        old = output_dir / f".checkpoint-{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
@@ -108,6 +123,10 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     if save_total_limit:
         for old in complete_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
+    for stale in output_dir.glob(".checkpoint-*"):  # temp folders of saves killed half-way (can be huge)
+        if stale.is_dir() and STALE_RE.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
     return final
 
 
@@ -157,12 +176,22 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     with torch.no_grad():
         for n, t in saved.items():
             params[n].copy_(t.to(params[n].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    except ValueError as e:  # other parameter groups, e.g. weight_decay or a *_lr switched on since
+        raise QvlError(f"the checkpoint's optimizer does not match this run's parameter groups ({e})", where=str(path),
+                       fix="resume with the same weight_decay / vision_tower_lr / mm_projector_lr settings, or "
+                       "start fresh with resume=false") from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
     rng_file = path / f"rng_{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return json.loads((path / "state.json").read_text())
+
+
+def holds_run(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds an earlier qvl run (every run writes its config there first)."""
+    return (Path(output_dir) / RUN_CONFIG).is_file()
 
 
 def archive_run(output_dir: Path) -> Path | None:
@@ -193,7 +222,7 @@ def _base_reference(name_or_path: str) -> str:
     return str(p.resolve()) if p.exists() else name_or_path
 
 
-def save_final(output_dir: Path, model, processor, cfg, load_dtype=None, extra: dict | None = None) -> list[str]:
+def save_final(output_dir: Path, model, processor, cfg, extra: dict | None = None) -> list[str]:
     """Write the servable result into ``output_dir`` (files next to the checkpoints).
 
     LoRA: ``adapter_config.json`` (with ``base_model_name_or_path``) + ``adapter_model.safetensors``
@@ -211,10 +240,6 @@ def save_final(output_dir: Path, model, processor, cfg, load_dtype=None, extra: 
     base.config.use_cache = True
     if getattr(base.config, "text_config", None) is not None:
         base.config.text_config.use_cache = True
-    if load_dtype is not None:  # trainable weights were kept in fp32 for the optimizer: save in the model's dtype
-        for p in base.parameters():
-            if p.is_floating_point() and p.dtype != load_dtype and not is_peft:
-                p.data = p.data.to(load_dtype)
     if is_peft:
         model.save_pretrained(tmp)
         ac = tmp / "adapter_config.json"

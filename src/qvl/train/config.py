@@ -209,6 +209,13 @@ class TrainConfig(BaseModel):
                 parse_mem(self.gpu_mem)
             except QvlError as e:
                 bad("gpu_mem", e.what, e.fix)
+        model = Path(self.model_name_or_path).expanduser()
+        if model.is_dir():
+            out, model = Path(self.output_dir).expanduser().resolve(), model.resolve()
+            if out == model or out in model.parents:
+                bad("output_dir", f"output_dir {self.output_dir} {'is' if out == model else 'holds'} the model "
+                    f"folder {self.model_name_or_path}: the run would write its weights over the model's "
+                    "(resume=false would move the model aside)", "choose another output_dir, e.g. runs/NAME")
         self.vision_budget()
         return self
 

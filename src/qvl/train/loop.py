@@ -17,6 +17,7 @@ replays exactly the batches an uninterrupted run would have seen after S.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -180,17 +181,23 @@ class MicroBatches(torch.utils.data.Dataset):
 
         ids = self.plan.micro_batch(self.epoch, j, self.order)
         packed = self.plan.cfg.data_flatten or self.plan.cfg.data_packing
-        if packed:
-            kept = [e for i in ids for e in self.encoder.samples(i)]
-        else:
-            kept = [e for e in (self.encoder(i) for i in ids) if e is not None]
-        skipped = dict(self.encoder.skipped)  # a plain dict: the DataLoader's convert step would add a Counter to itself
-        self.encoder.skipped.clear()  # workers have their own Encoder copy: report skips with the batch
+        try:
+            if packed:
+                kept = [e for i in ids for e in self.encoder.samples(i)]
+            else:
+                kept = [e for e in (self.encoder(i) for i in ids) if e is not None]
+        except QvlError as e:  # sent back as data: a worker would re-raise it as a traceback in a string
+            return {"batch": None, "error": (e.what, e.where, e.fix), "skipped": {}}
+        # workers have their own Encoder copy: report skips (and an example of each) with the batch;
+        # plain dicts: the DataLoader's convert step would add a Counter to itself
+        skipped, examples = dict(self.encoder.skipped), dict(self.encoder.examples)
+        self.encoder.skipped.clear()
+        item = {"batch": None, "skipped": skipped, "examples": examples}
         if not kept:
-            return {"batch": None, "skipped": skipped}
+            return item
         if packed:  # positions need the model's get_rope_index: the loop packs them (see pack_micro_batch)
-            return {"batch": None, "samples": kept, "skipped": skipped}
-        return {"batch": collate(kept, self.pad_id, "right"), "skipped": skipped}
+            return dict(item, samples=kept)
+        return dict(item, batch=collate(kept, self.pad_id, "right"))
 
 
 def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: int, workers: int):
@@ -393,10 +400,12 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         resume_from = Path(cfg.resume)
         if not resume_from.is_dir():
             raise QvlError(f"checkpoint {resume_from} not found", where="resume")
-    elif is_main:
+    # a fresh start never writes over an earlier run (e.g. one with save_strategy=no): its files move aside
+    if resume_from is None and is_main and (cfg.resume is not True or ckpt.holds_run(out)):
         moved = ckpt.archive_run(out)
         if moved:
-            say(f"resume=false: the previous run's files were moved to {moved}")
+            why = "resume=false" if cfg.resume is not True else "no complete checkpoint to resume from"
+            say(f"{why}: the previous run's files were moved to {moved}")
     if dist.enabled:
         torch.distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
@@ -446,6 +455,9 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
+    # the logged `lr`: the LLM's group (learning_rate) when it trains, else the first group's
+    main_group = next((g["name"] for g in optimizer.param_groups if g["name"].split("/")[0] == "llm"),
+                      optimizer.param_groups[0]["name"])
 
     say(f"model {cfg.model_name_or_path} ({'bf16' if cfg.bf16 else 'fp32'}, {cfg.attn_implementation}"
         f"{f'; packed rows with {attn} attention' if packed else ''}"
@@ -469,7 +481,9 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     if is_main:
         import yaml
 
-        (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        from qvl.utils.fs import atomic_write_text
+
+        atomic_write_text(out / ckpt.RUN_CONFIG, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     from qvl.train.track import Tracker
 
@@ -495,7 +509,11 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     for step, items in fetch_steps():
         batches = []
         for item in items:
+            if item.get("error"):
+                raise QvlError(*item["error"])
             skipped.update(item["skipped"])
+            for why, example in item.get("examples", {}).items():
+                encoder.examples.setdefault(why, example)
             if item.get("samples"):
                 batches.append(pack_micro_batch(item["samples"], rope_index))
             elif item["batch"] is not None:
@@ -506,13 +524,14 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         for j, batch in enumerate(batches):
             batch = to_device(batch, device)
             sync = not dist.enabled or j == len(batches) - 1
-            ctx = runner.no_sync() if not sync else _null()
+            ctx = runner.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with autocast:
                     loss, part = runner(batch, n_labels / dist.world_size)  # DDP averages over ranks
                 loss.backward()
             loss_sum += float(part)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -520,12 +539,12 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
         losses.append(step_loss)
         done = step + 1
-        metrics = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "epoch": done / plan.steps_per_epoch,
-                   "label_tokens": n_labels}
+        metrics = {"loss": step_loss, "lr": step_lrs[main_group],
+                   "epoch": done / plan.steps_per_epoch, "label_tokens": n_labels}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        for g in optimizer.param_groups:
-            metrics[f"lr/{g['name']}"] = g["lr"]
+        for name, lr in step_lrs.items():
+            metrics[f"lr/{name}"] = lr
         row = tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
                            log_now=done % cfg.logging_steps == 0 or done == plan.total_steps)
         if not math.isfinite(step_loss):
@@ -549,7 +568,7 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     total_skipped = dict(skipped)
     files = []
     if is_main:
-        files = ckpt.save_final(out, model, processor, cfg, load_dtype=load_dtype,
+        files = ckpt.save_final(out, model, processor, cfg,
                                 extra={"steps": done, "final_loss": losses[-1] if losses else None,
                                        "skipped": total_skipped})
     plot = tracker.close()
@@ -565,11 +584,3 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     return TrainResult(out, done, start_step, losses, total_skipped, seconds,
                        row.get("tokens_per_s", 0.0), row.get("peak_mem_gib", 0.0), files,
                        str(resume_from) if resume_from else None)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

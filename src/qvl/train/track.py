@@ -79,7 +79,9 @@ class Tracker:
                     keep.append(line)
             except ValueError:
                 continue
-        self.metrics_path.write_text("".join(k + "\n" for k in keep))
+        from qvl.utils.fs import atomic_write_text
+
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
     def step(self, step: int, metrics: dict, tokens: int, log_now: bool) -> dict:
         """Record one optimizer step; returns the row with throughput and ETA filled in."""
