@@ -245,6 +245,12 @@ def test_preflight_serve_picks_largest_context():
     assert fine.ok and fine.settings["max_model_len"] == 262144 and "fits" in fine.message
     bad = preflight_serve("32B", gpu="rtx4090")
     assert not bad.ok and "does not fit" in bad.message
+    asked = preflight_serve("8B", gpu="rtx4090", max_model_len=8192)
+    assert asked.ok and asked.settings["max_model_len"] == 8192
+    # a utilisation vLLM cannot get is not fixed by a shorter context; and the context is never raised above
+    # the one asked for (was: ok, 'max_model_len 8,192 does not fit; using 262,144')
+    greedy = preflight_serve("8B", gpu="h100", gpu_memory_utilization=1.0, max_model_len=8192)
+    assert not greedy.ok and "--gpu-memory-utilization 1.0" in greedy.message
 
 
 def test_preflight_train_stops_unless_forced():

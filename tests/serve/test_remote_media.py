@@ -101,3 +101,15 @@ def test_bad_sampling_is_refused_before_fetching(web, serve):
         "model": "scripted", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{port}/a.png"}}]}]})
     assert r.status_code == 200 and seen == [("/a.png", f"127.0.0.1:{port}")]
+
+
+def test_image_cache_is_bounded_by_pixels(monkeypatch):
+    from serve_helpers import data_url
+
+    resolver = MediaResolver()
+    monkeypatch.setattr(resolver, "_cache_pixels", 3 * 64 * 48)
+    urls = [data_url(png_bytes(color=(i, 0, 0)), "image/png") for i in range(5)]
+    for u in urls:
+        resolver.image(MediaRef("image", u, "p"))
+    assert len(resolver._cache) == 3  # by pixels, not only by count (64 huge images were ~12 GB)
+    assert resolver.image(MediaRef("image", urls[-1], "p")) is resolver._cache[next(reversed(resolver._cache))]

@@ -84,14 +84,17 @@ def preflight_serve(model, *, gpu: str | None = None, gpu_mem=None, backend: str
             f"{plan.total_gib:.1f} GiB of {card.total_gib:.1f} GiB"
         return Preflight(True, f"max_model_len {asked:,} fits on {card.name} ({kv})", plan,
                          {"max_model_len": asked})
-    best = plan.max_model_len_that_fits or 0
+    best = min(plan.max_model_len_that_fits or 0, asked)  # never more context than was asked for
     best = best // 1024 * 1024 if best >= 1024 else best
-    if best >= MIN_CONTEXT:
+    if MIN_CONTEXT <= best < asked:
         chosen = plan_serve(m.name, _shape=m, _gpu=card, max_model_len=best, **kw)
-        kv_gib = chosen.kv_needed_gib
-        msg = f"max_model_len {asked:,} does not fit; using {best:,} (KV {kv_gib:.1f} GiB)"
-        return Preflight(True, msg, chosen, {"max_model_len": best})
-    return Preflight(False, f"{plan.verdict}; even {MIN_CONTEXT:,} tokens do not fit on {card.name}", plan, {})
+        if chosen.fits:  # a shorter context only helps when the KV cache was what did not fit
+            kv_gib = chosen.kv_needed_gib
+            msg = f"max_model_len {asked:,} does not fit; using {best:,} (KV {kv_gib:.1f} GiB)"
+            return Preflight(True, msg, chosen, {"max_model_len": best})
+    why = "; ".join(plan.warnings) if best >= MIN_CONTEXT and plan.warnings else \
+        f"even {MIN_CONTEXT:,} tokens do not fit on {card.name}"
+    return Preflight(False, f"{plan.verdict}; {why}", plan, {})
 
 
 def preflight_train(model, *, gpu: str | None = None, gpu_mem=None, force: bool = False, **settings) -> Preflight:

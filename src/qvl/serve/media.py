@@ -32,6 +32,7 @@ VIDEO_SUFFIX = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": "
                 "video/avi": ".avi", "video/x-msvideo": ".avi", "video/mpeg": ".mpeg"}
 MAX_REDIRECTS = 5
 MAX_IMAGE_PIXELS = 64 * 2**20  # 64 Mpx (8192 x 8192): far above what the processor keeps, far below a bomb
+CACHE_PIXELS = 256 * 2**20  # decoded images kept for later turns: at most ~768 MB of RGB, not 64 x 192 MB
 
 
 def _blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -50,6 +51,7 @@ class MediaResolver:
         self.allow_private = allow_private
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._cache_items = cache_items
+        self._cache_pixels = CACHE_PIXELS
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- bytes from a URL
@@ -183,7 +185,8 @@ class MediaResolver:
                       code="invalid_image") from None
         with self._lock:
             self._cache[key] = img
-            while len(self._cache) > self._cache_items:
+            while len(self._cache) > self._cache_items or (
+                    len(self._cache) > 1 and sum(i.width * i.height for i in self._cache.values()) > self._cache_pixels):
                 self._cache.popitem(last=False)
         return img
 
