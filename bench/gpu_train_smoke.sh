@@ -22,7 +22,9 @@ print("model and workload ready")
 PY
 for mode in ${MODES:-padded flatten}; do
   extra=""
-  case $mode in flatten) extra="data_flatten=true";; flatten-sdpa) extra="data_flatten=true packed_attention=sdpa";; esac
+  case $mode in flatten) extra="data_flatten=true";; flatten-sdpa) extra="data_flatten=true packed_attention=sdpa";;
+    flatten-sdpa-w4) extra="data_flatten=true packed_attention=sdpa dataloader_num_workers=4";;
+    flatten-sdpa-w4-qkvo) extra="data_flatten=true packed_attention=sdpa dataloader_num_workers=4 lora_target_regex=.*language_model\\.layers\\.[0-9]+\\.self_attn\\.[qkvo]_proj";; esac
   "${Q[@]}" train examples/lora_8b_24gb.yaml model_name_or_path=/tmp/m8b dataset_registry=/tmp/wl/datasets.yaml \
     dataset_use=workload max_steps=$STEPS output_dir=/tmp/run-$mode save_steps=1000 logging_steps=1 \
     per_device_train_batch_size=4 gradient_accumulation_steps=1 max_pixels=1433600 model_max_length=4096 \
