@@ -197,3 +197,16 @@ def test_config_keys(make_cfg):
     assert cfg.data_flatten and cfg.packed_attention == "sdpa" and "data_flatten" not in cfg.ignored
     with pytest.raises(QvlError, match="packed_attention"):
         build_config({**cfg.model_dump(), "packed_attention": "xformers"})
+
+
+def test_loader_workers_default():
+    from qvl.train.loop import loader_workers
+
+    assert loader_workers(3, torch.device("cpu")) == 3
+    assert loader_workers(None, torch.device("cpu")) == 0  # CPU training: workers would compete with compute
+    import os
+
+    if (os.cpu_count() or 1) >= 6:
+        assert loader_workers(None, torch.device("cuda", 0)) == min(4, os.cpu_count() - 2)
+    else:
+        assert loader_workers(None, torch.device("cuda", 0)) == 0

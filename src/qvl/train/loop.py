@@ -236,6 +236,14 @@ def to_device(batch: dict, device) -> dict:
 DENSE_MASK_MAX_TOKENS = 16_384
 
 
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader worker processes: as asked, else 4 on a GPU machine with >= 6 cores, else 0."""
+    if requested is not None:
+        return requested
+    cores = os.cpu_count() or 1
+    return min(4, cores - 2) if device.type == "cuda" and cores >= 6 else 0
+
+
 def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int | None = None) -> str:
     """The attention for packed rows.
 
@@ -499,7 +507,7 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         while step < plan.total_steps:
             epoch, _ = plan.step_micro(step)
             first = plan.step_micro(step)[1].start
-            it = micro_batches(plan, encoder, epoch, first, pad_id, cfg.dataloader_num_workers)
+            it = micro_batches(plan, encoder, epoch, first, pad_id, loader_workers(cfg.dataloader_num_workers, device))
             while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
                 n = len(plan.step_micro(step)[1])
                 yield step, [next(it) for _ in range(n)]
