@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qvl.errors import QvlError
+from qvl.utils.fs import move_into_place
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 STALE_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)(-\d+)?$")  # (-PID: older qvl)
@@ -111,14 +112,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint): replace it
-        old = output_dir / f".checkpoint-{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    move_into_place(tmp, final)  # re-saving a step (after resuming from an older checkpoint) replaces it
     _fsync_dir(output_dir)
     if save_total_limit:
         for old in complete_checkpoints(output_dir)[:-save_total_limit]:
