@@ -55,7 +55,8 @@ class _Row:
     """Streaming state of one batch row: incremental detokenisation, stop strings, finish reason."""
 
     def __init__(self, job: _Job, tokenizer, eos_ids: set[int], prefix: str):
-        self.job, self.tok, self.eos = job, tokenizer, eos_ids
+        self.job, self.tok = job, tokenizer
+        self.eos = set() if job.prepared.sampling.ignore_eos else eos_ids
         self.max_new = job.prepared.sampling.max_new_tokens
         self.stops = job.prepared.sampling.stop
         self.ids: list[int] = []  # tokens since the last newline (decode window)
@@ -157,7 +158,7 @@ class TransformersEngine(Engine):
 
     def __init__(self, model, processor, name: str = "model", max_model_len: int | None = None,
                  sampling: SamplingParams | None = None, thinking: bool | None = None, max_batch_size: int = 8,
-                 budget=None):
+                 budget=None, fast: bool | None = None, kv_cache_gib: float | None = None, say=None):
         from qvl.models.tokens import token_ids
 
         self.model, self.processor, self.name = model, processor, name
@@ -177,6 +178,9 @@ class TransformersEngine(Engine):
         self.eos_ids = set(eos) | {self.ids.im_end, self.ids.endoftext}
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
+        self.batcher = None  # continuous batching over a slot KV cache, when the model allows it
+        if fast is not False:
+            self._start_fast(kv_cache_gib, say or log.info, required=bool(fast))
         self._worker = threading.Thread(target=self._run, name="qvl-generate", daemon=True)
         self._worker.start()
 
@@ -184,8 +188,8 @@ class TransformersEngine(Engine):
     @classmethod
     def load(cls, model: str, adapter: str | None = None, device: str | None = None, dtype=None,
              flash_attn2: bool = False, max_model_len: int | None = None, name: str | None = None,
-             max_new_tokens: int | None = None, max_batch_size: int = 8, say=print,
-             **ignored) -> TransformersEngine:
+             max_new_tokens: int | None = None, max_batch_size: int = 8, say=print, fast: bool | None = None,
+             kv_cache_gib: float | None = None, **ignored) -> TransformersEngine:
         from qvl.models.load import load
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,10 +208,36 @@ class TransformersEngine(Engine):
             m = apply_adapter(m, adapter)
         log.info("loaded %s on %s in %.1fs", model, device, time.time() - t0)
         engine = cls(m, processor, name=name or served_name(model), max_model_len=max_model_len,
-                     max_batch_size=max_batch_size)
+                     max_batch_size=max_batch_size, fast=fast, kv_cache_gib=kv_cache_gib, say=say)
         if max_new_tokens:
             engine.default_sampling = engine.default_sampling.replace(max_new_tokens=max_new_tokens)
         return engine
+
+    def _start_fast(self, kv_cache_gib: float | None, say, required: bool) -> None:
+        from qvl.data.packing import rope_index_fn
+        from qvl.infer.continuous import ContinuousBatcher
+        from qvl.infer.decode import DecodeModel, supports
+
+        why = supports(self.model)
+        if why:
+            if required:
+                raise QvlError(f"the fast decode path cannot run this model: {why}")
+            say(f"note: generating with model.generate ({why})")
+            return
+        slots, length = cache_shape(self.model, self.max_batch_size, self.max_model_len, kv_cache_gib)
+        if length < self.max_model_len:
+            say(f"context limited to {length:,} tokens: the KV cache for {slots} concurrent requests "
+                f"fills the memory set aside for it (lower --max-batch-size for longer contexts)")
+        self.max_model_len, self.max_batch_size = length, slots
+        decoder = DecodeModel(self.model, slots, length)
+        self.batcher = ContinuousBatcher(
+            decoder, lambda job: _Row(job, self.tokenizer, self.eos_ids, "<think>\n" if self.thinking else ""),
+            self.ids.pad, rope_index_fn(self.model))
+
+    def describe(self) -> str:
+        how = (f"; continuous batching, {self.max_batch_size} slots" if self.batcher
+               else "; model.generate batches")
+        return super().describe() + how
 
     # ------------------------------------------------------------------ requests
     def prepare(self, request: Request) -> Prepared:
@@ -248,6 +278,10 @@ class TransformersEngine(Engine):
         return (s.temperature, s.top_p, s.top_k, s.presence_penalty, s.frequency_penalty, s.repetition_penalty)
 
     def _run(self) -> None:
+        if self.batcher is not None:
+            with torch.inference_mode():
+                self.batcher.run(self._queue)
+            return
         pending: list[_Job] = []
         while True:
             job = pending.pop(0) if pending else self._queue.get()
@@ -310,7 +344,7 @@ class TransformersEngine(Engine):
             top_p=s.top_p if not s.greedy else 1.0,  # fill None from the checkpoint's sampling config
             top_k=(s.top_k if s.top_k > 0 else 0) if not s.greedy else 0,
             repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1.0 else None,
-            eos_token_id=sorted(self.eos_ids) or None,
+            eos_token_id=None if s.ignore_eos else (sorted(self.eos_ids) or None),
             pad_token_id=self.ids.pad,
         )
         processors = LogitsProcessorList()
@@ -322,6 +356,38 @@ class TransformersEngine(Engine):
                        stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]), streamer=_Streamer(rows))
         for r in rows:
             r.close()
+
+
+def cache_shape(model, slots: int, max_model_len: int, kv_cache_gib: float | None = None) -> tuple[int, int]:
+    """(slots, tokens per slot) of the decode KV cache: what ``kv_cache_gib`` holds (default: most of the free
+    GPU memory, or a quarter of the free RAM up to 4 GiB on CPU). Fewer slots before a context under 8k."""
+    from qvl.infer.decode import DecodeModel
+
+    per_token = DecodeModel.cache_bytes_per_token(model)
+    device = next(model.parameters()).device
+    if kv_cache_gib is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = max(0.0, (free - 4 * 2**30) * 0.9)  # room for prefill activations and the graphs
+        else:
+            import os
+
+            try:
+                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                available = 16 * 2**30
+            budget = min(4 * 2**30, available / 4)
+    else:
+        budget = kv_cache_gib * 2**30
+    wanted = min(max_model_len, 8192)
+    while slots > 1 and budget / (slots * per_token) < wanted:
+        slots //= 2
+    fits = int(budget // (slots * per_token))
+    length = max_model_len if fits >= max_model_len else (fits // 128 * 128 if fits >= 256 else fits)
+    if length < min(64, max_model_len):
+        raise QvlError(f"no memory left for a KV cache ({budget / 2**30:.1f} GiB for {slots} request(s))",
+                       fix="free GPU memory, use a smaller model, or pass a larger kv_cache_gib")
+    return slots, length
 
 
 def served_name(model: str) -> str:

@@ -37,6 +37,7 @@ class SamplingParams:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks; vLLM has the same switch)
 
     def __post_init__(self):
         checks = (

@@ -1,0 +1,268 @@
+"""Generation speed on one GPU: plain generate vs transformers' static cache + compile vs qvl's engine.
+
+All in one process, on the same random-weight model (official 8B shape, bf16, sdpa):
+
+  * bandwidth: a device-to-device copy (bytes read + written / time), and the bytes of weights one
+    decode step reads (every LLM matrix and norm + lm_head; the embedding table is only indexed),
+    giving the batch-1 bound = bandwidth / bytes
+  * batch 1: one 1024x1024 image + ~64 text tokens, N new tokens forced (EOS ignored):
+    TTFT and decode tok/s for model.generate (dynamic cache), generate with
+    cache_implementation="static" + CompileConfig(fullgraph=False), and qvl's engine
+  * batch 32 (448x448 image, 128 new tokens): generate, static + compile, at a fixed batch
+  * qvl's scheduler with 8 and 32 concurrent requests arriving at staggered times
+    (--stagger seconds apart): total output tok/s = all tokens / (last finish - first arrival),
+    plus the decode-step times (a recompilation or capture would show as a stall)
+
+    python bench/decode.py --json bench/results/decode.json
+
+Partial results are written after each phase, so a run cut short still leaves numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    n = int(gib * 2**30) // 2
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / reps
+    del a, b
+    return 2 * n * 2 / dt  # bytes read + written per second
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes a batch-1 decode step reads: every language-model matrix and norm, and lm_head."""
+    text = model.model.language_model
+    total = sum(p.numel() * p.element_size() for n, p in text.named_parameters() if "embed_tokens" not in n)
+    head = model.lm_head.weight
+    return total + head.numel() * head.element_size()
+
+
+def image(w: int, h: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def prompt(processor, w: int, h: int, words: int):
+    from qvl.data.preprocess import encode
+    from qvl.data.samples import Media, Message, Sample
+
+    text = " ".join(["describe"] * words)
+    return encode(Sample([Message("user", [Media("image", image(w, h)), text])]), processor, for_generation=True)
+
+
+def hf_inputs(encs, processor, device):
+    from qvl.data.collate import collate
+    from qvl.models.tokens import token_ids
+
+    batch = collate(encs, pad_id=token_ids(processor.tokenizer).pad, padding_side="left")
+    return {k: (v.to(torch.bfloat16) if k.startswith("pixel_values") else v).to(device) for k, v in batch.items()}
+
+
+def timed_generate(model, inputs, new: int, **kw) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, **kw)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def hf_phase(model, inputs, new: int, rows: int, **kw) -> dict:
+    """TTFT (a 1-token generate) and decode tok/s ((new-1) tokens per row in the time beyond it)."""
+    timed_generate(model, inputs, 2, **kw)  # warm-up (and compile, for the static cache)
+    timed_generate(model, inputs, new, **kw)
+    ttft = statistics.median(timed_generate(model, inputs, 1, **kw) for _ in range(3))
+    full = timed_generate(model, inputs, new, **kw)
+    return {"ttft_s": ttft, "decode_tok_s": rows * (new - 1) / (full - ttft), "total_tok_s": rows * new / full,
+            "wall_s": full}
+
+
+def engine_request(engine, enc_prompt, new: int):
+    """A Prepared request for the engine (bypassing the chat template: the prompt is already encoded)."""
+    from qvl.infer.engine import Prepared
+    from qvl.infer.types import Request
+
+    s = engine.sampling(temperature=0, presence_penalty=0, max_new_tokens=new, ignore_eos=True)
+    return Prepared(Request([]), s, len(enc_prompt), enc_prompt)
+
+
+def qvl_one(engine, enc, new: int) -> dict:
+    times = []
+
+    def on_chunk(c):
+        times.append((time.perf_counter(), c))
+
+    t0 = time.perf_counter()
+    h = engine.submit(engine_request(engine, enc, new), on_chunk)
+    while not times or times[-1][1].finish_reason is None:
+        time.sleep(0.001)
+    first = next(t for t, c in times if c.text or c.finish_reason)
+    last = times[-1][0]
+    n = times[-1][1].completion_tokens
+    del h
+    return {"ttft_s": first - t0, "decode_tok_s": (n - 1) / (last - first), "tokens": n}
+
+
+def qvl_concurrent(engine, encs, new: int, stagger: float) -> dict:
+    done = threading.Event()
+    ends, counts = {}, {}
+
+    def make(i):
+        def on_chunk(c):
+            if c.finish_reason is not None:
+                ends[i] = time.perf_counter()
+                counts[i] = c.completion_tokens
+                if len(ends) == len(encs):
+                    done.set()
+        return on_chunk
+
+    steps_before = len(engine.batcher.step_times)
+    t0 = time.perf_counter()
+    for i, enc in enumerate(encs):
+        engine.submit(engine_request(engine, enc, new), make(i))
+        if stagger:
+            time.sleep(stagger)
+    done.wait(600)
+    wall = max(ends.values()) - t0
+    steps = list(engine.batcher.step_times)[steps_before:]
+    return {"requests": len(encs), "total_tokens": sum(counts.values()), "wall_s": wall,
+            "total_tok_s": sum(counts.values()) / wall, "stagger_s": stagger,
+            "step_ms_p50": 1e3 * statistics.median(steps) if steps else None,
+            "step_ms_max": 1e3 * max(steps) if steps else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="8B")
+    ap.add_argument("--new", type=int, default=256, help="new tokens at batch 1")
+    ap.add_argument("--baseline-new", type=int, default=64, help="new tokens for plain generate at batch 1 (slow)")
+    ap.add_argument("--batch-new", type=int, default=128)
+    ap.add_argument("--stagger", type=float, default=0.02, help="seconds between arrivals")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,qvl")
+    ap.add_argument("--json", default="decode.json")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    from qvl.models.build import random_model
+
+    out: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    import transformers
+
+    out["transformers"] = transformers.__version__
+
+    def save():
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+    t = time.time()
+    model, processor = random_model(args.size, dtype=torch.bfloat16, device="cuda")
+    model.config._attn_implementation = "sdpa"
+    model.eval()
+    out["model"] = f"Qwen3-VL-{args.size} shape, random bf16 weights, sdpa"
+    print(f"built {args.size} in {time.time() - t:.0f}s", flush=True)
+    bw = copy_bandwidth()
+    wbytes = decode_weight_bytes(model)
+    out.update({"copy_bandwidth_tb_s": bw / 1e12, "decode_weight_gb": wbytes / 1e9,
+                "bandwidth_bound_tok_s": bw / wbytes})
+    big = prompt(processor, 1024, 1024, 60)
+    small = [prompt(processor, 448, 448, 20 + i % 7) for i in range(32)]
+    out["prompt_tokens_batch1"] = len(big)
+    out["prompt_tokens_batch32"] = statistics.mean(len(e) for e in small)
+    print(json.dumps(out), flush=True)
+    save()
+
+    one = hf_inputs([big], processor, "cuda")
+    b32 = hf_inputs(small, processor, "cuda")
+    with torch.inference_mode():
+        if "baseline" not in skip:
+            r = hf_phase(model, one, args.baseline_new, 1)
+            out["baseline"] = r
+            out["baseline_decode_tok_s"] = r["decode_tok_s"]
+            out["baseline_ttft_s"] = r["ttft_s"]
+            print("baseline", r, flush=True)
+            save()
+        if "batch32" not in skip:
+            r = hf_phase(model, b32, args.batch_new, 32)
+            out["baseline_batch32"] = r
+            print("baseline batch32", r, flush=True)
+            save()
+        if "compiled" not in skip:
+            from transformers import CompileConfig
+
+            kw = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=False)}
+            t = time.time()
+            r = hf_phase(model, one, args.new, 1, **kw)
+            r["first_compile_s"] = time.time() - t
+            out["hf_compiled"] = r
+            out["hf_compiled_decode_tok_s"] = r["decode_tok_s"]
+            print("hf compiled", r, flush=True)
+            save()
+            if "batch32" not in skip:
+                r = hf_phase(model, b32, args.batch_new, 32, **kw)
+                out["hf_compiled_batch32"] = r
+                out["hf_compiled_batch32_tok_s"] = r["total_tok_s"]
+                print("hf compiled batch32", r, flush=True)
+                save()
+    torch._dynamo.reset()  # drop the compiled generate (it holds the old weight tensors)
+    gc.collect()
+    torch.cuda.empty_cache()
+    if "qvl" in skip:
+        return 0
+
+    from qvl.infer.transformers_backend import TransformersEngine
+
+    t = time.time()
+    engine = TransformersEngine(model, processor, name="bench", max_model_len=4096, max_batch_size=32,
+                                fast=True, say=print)
+    engine.batcher.decoder.warmup(max_keys=len(big) + args.new + 16)
+    out["qvl_warmup_s"] = time.time() - t
+    out["qvl_slots"], out["qvl_cache_len"] = engine.max_batch_size, engine.max_model_len
+    print(f"qvl engine ready in {out['qvl_warmup_s']:.0f}s", flush=True)
+    qvl_one(engine, big, 16)
+    runs = [qvl_one(engine, big, args.new) for _ in range(3)]
+    r = {"ttft_s": statistics.median(x["ttft_s"] for x in runs),
+         "decode_tok_s": statistics.median(x["decode_tok_s"] for x in runs)}
+    out["qvl"] = r
+    out["qvl_decode_tok_s"] = r["decode_tok_s"]
+    out["qvl_ttft_s"] = r["ttft_s"]
+    out["fraction_of_bound"] = r["decode_tok_s"] / out["bandwidth_bound_tok_s"]
+    print("qvl batch 1", r, flush=True)
+    save()
+    for n in (8, 32):
+        r = qvl_concurrent(engine, small[:n], args.batch_new, args.stagger)
+        out[f"concurrent_{n}"] = r
+        out[f"concurrent_{n}_tok_s"] = r["total_tok_s"]
+        print(f"qvl {n} concurrent", r, flush=True)
+        save()
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if "hf_compiled_decode_tok_s" in out:
+        out["qvl_vs_hf_compiled"] = out["qvl_decode_tok_s"] / out["hf_compiled_decode_tok_s"]
+    if "hf_compiled_batch32_tok_s" in out:
+        out["concurrent_32_vs_hf_compiled_batch32"] = out["concurrent_32_tok_s"] / out["hf_compiled_batch32_tok_s"]
+    save()
+    print(json.dumps(out, indent=2))
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

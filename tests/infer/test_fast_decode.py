@@ -1,0 +1,290 @@
+"""The fast decode path and continuous batching on the tiny model (CPU, eager).
+
+Equivalence: greedy tokens identical to ``model.generate`` for text, image and video prompts;
+a request's output does not depend on which requests run beside it, or when they join or leave.
+Scheduler: joins between steps, leaves free their slot for the next request, cancellation.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+from PIL import Image
+
+from qvl.data.preprocess import encode
+from qvl.data.samples import Media, Message, Sample
+from qvl.infer.continuous import ContinuousBatcher
+from qvl.infer.decode import DecodeModel, supports
+from qvl.infer.engine import Prepared
+from qvl.infer.sampler import TokenStats, choose
+from qvl.infer.transformers_backend import PresencePenalty, TransformersEngine, _Job, _Row, cache_shape
+from qvl.infer.types import Handle, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, presence_penalty=0.0, max_new_tokens=24, ignore_eos=True)
+
+
+def _video():
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+    from helpers import write_video
+
+    return str(write_video(Path(tempfile.mkdtemp()) / "clip.mp4", frames=8, fps=4))
+
+
+PROMPTS = {
+    "text": ["describe the red circle in detail"],
+    "image": [Media("image", Image.new("RGB", (96, 64), "blue")), "what shape is this?"],
+    "two_images": [Media("image", Image.new("RGB", (64, 64), "red")),
+                   Media("image", Image.new("RGB", (32, 64), "green")), "compare"],
+    "video": [Media("video", _video()), "what happens?"],
+}
+
+
+def _encode(processor, parts):
+    return encode(Sample([Message("user", parts)]), processor, for_generation=True)
+
+
+def _generate_ids(model, processor, enc, n):
+    from qvl.data.collate import collate
+    from qvl.models.tokens import token_ids
+
+    batch = collate([enc], pad_id=token_ids(processor.tokenizer).pad, padding_side="left")
+    out = model.generate(**batch, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=token_ids(processor.tokenizer).pad)
+    return out[0, batch["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def fast(tiny):
+    model, processor = tiny
+    from qvl.data.packing import rope_index_fn
+    from qvl.models.tokens import token_ids
+
+    decoder = DecodeModel(model, slots=4, max_len=512)
+    return decoder, processor, token_ids(processor.tokenizer).pad, rope_index_fn(model)
+
+
+def _batcher(fast, make_row):
+    decoder, processor, pad, rope = fast
+    return ContinuousBatcher(decoder, make_row, pad, rope)
+
+
+class _Collect:
+    """A _Row stand-in that records token ids and stops after max_new_tokens (or when cancelled)."""
+
+    def __init__(self, job):
+        self.job, self.tokens, self.finish = job, [], None
+
+    def push(self, token):
+        self.tokens.append(token)
+        if self.job.handle.cancelled:
+            self.finish = "cancelled"
+        elif len(self.tokens) >= self.job.prepared.sampling.max_new_tokens:
+            self.finish = "length"
+
+    def close(self):
+        self.job.handle.emit_tokens = self.tokens
+
+
+def _job(processor, parts, sampling=GREEDY):
+    enc = _encode(processor, parts)
+    return _Job(Prepared(None, sampling, len(enc), enc), Handle(len(enc)))
+
+
+def _run_until_done(b, jobs_by_step: dict[int, list]):
+    """Drive the batcher by hand: at decode step k, the jobs of jobs_by_step[k] arrive."""
+    k = 0
+    while True:
+        for job in jobs_by_step.get(k, []):
+            b.waiting.append(job)
+        b._admit()
+        if not b.running and not b.waiting and k >= max(jobs_by_step):
+            return
+        if b.running:
+            b._step()
+        k += 1
+
+
+@pytest.mark.parametrize("kind", list(PROMPTS))
+def test_greedy_matches_generate(tiny, fast, kind):
+    model, processor = tiny
+    job = _job(processor, PROMPTS[kind])
+    want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+    b = _batcher(fast, _Collect)
+    _run_until_done(b, {0: [job]})
+    assert job.handle.emit_tokens == want
+
+
+def test_batching_does_not_change_outputs(tiny, fast):
+    """Four requests joining at different steps (and one leaving early) produce what each produces alone."""
+    _, processor = tiny
+    alone = {}
+    for kind, parts in PROMPTS.items():
+        job = _job(processor, parts)
+        _run_until_done(_batcher(fast, _Collect), {0: [job]})
+        alone[kind] = job.handle.emit_tokens
+    b = _batcher(fast, _Collect)
+    jobs = {kind: _job(processor, parts) for kind, parts in PROMPTS.items()}
+    short = _job(processor, ["short one"], GREEDY.replace(max_new_tokens=3))
+    _run_until_done(b, {0: [jobs["text"], short], 2: [jobs["image"]], 5: [jobs["video"], jobs["two_images"]]})
+    for kind, job in jobs.items():
+        assert job.handle.emit_tokens == alone[kind], kind
+    assert len(short.handle.emit_tokens) == 3
+
+
+def test_slots_are_reused_and_joins_happen_between_steps(tiny, fast):
+    _, processor = tiny
+    b = _batcher(fast, _Collect)
+    first = _job(processor, ["a"], GREEDY.replace(max_new_tokens=4))
+    second = _job(processor, ["b"], GREEDY.replace(max_new_tokens=10))
+    b.waiting.append(first)
+    b._admit()
+    assert list(b.running) == [0]
+    b._step()
+    b.waiting.append(second)
+    b._admit()  # joins the running batch: the first request keeps its slot and its progress
+    assert sorted(b.running) == [0, 1] and len(b.running[0].row.tokens) == 2
+    while 0 in b.running:
+        b._step()
+    third = _job(processor, ["c"], GREEDY.replace(max_new_tokens=2))
+    b.waiting.append(third)
+    b._admit()
+    assert sorted(b.running) == [0, 1]  # the freed lowest slot is taken again
+    while b.running:
+        b._step()
+    assert fast[0].busy == set()
+
+
+def test_cancel_frees_the_slot(tiny, fast):
+    _, processor = tiny
+    b = _batcher(fast, _Collect)
+    job = _job(processor, ["go on"], GREEDY.replace(max_new_tokens=400))
+    b.waiting.append(job)
+    b._admit()
+    for _ in range(3):
+        b._step()
+    job.handle.cancel()
+    b._step()
+    assert not b.running and fast[0].busy == set()
+    assert len(job.handle.emit_tokens) == 5 and b.running == {}
+    waiting = _job(processor, ["never"])
+    waiting.handle.cancel()
+    b.waiting.append(waiting)
+    b._admit()
+    assert not b.running and not b.waiting
+
+
+def test_engine_streams_and_runs_the_worker_loop(tiny):
+    """Through the engine's thread and queue: concurrent requests, a stop string, and close()."""
+    from qvl.data.samples import Message as M
+    from qvl.infer.types import Request
+
+    e = TransformersEngine(*tiny, name="tiny", fast=True, max_batch_size=4)
+    try:
+        assert e.batcher is not None and "continuous batching" in e.describe()
+        reqs = [Request([M("user", [f"prompt {i}"])], e.sampling(temperature=0, max_new_tokens=5 + i))
+                for i in range(6)]  # more requests than slots: the last ones wait for a free slot
+        handles = [e.stream(r) for r in reqs]
+        results = [h.result() for h in handles]
+        assert [r.completion_tokens for r in results] == [5 + i for i in range(6)]
+        alone = e.generate(reqs[3])
+        assert alone.text == results[3].text
+        assert e.batcher.steps > 0
+    finally:
+        e.close()
+
+
+def test_ignore_eos_and_fallback_reason(tiny):
+    model, _ = tiny
+    assert supports(model) is None
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "adapter" in supports(wrapped)
+
+
+def test_cache_shape_plans_slots_and_length(tiny):
+    model, _ = tiny
+    per_token = DecodeModel.cache_bytes_per_token(model)
+    gib = 2**30
+    slots, length = cache_shape(model, 8, 32768, kv_cache_gib=8 * 8192 * per_token / gib)
+    assert (slots, length) == (8, 8192)  # 8 slots x 8k fit; the full 32k context would not
+    slots, length = cache_shape(model, 8, 32768, kv_cache_gib=2 * 8192 * per_token / gib)
+    assert slots == 2 and length == 8192  # fewer slots rather than a context under 8k
+    assert cache_shape(model, 4, 300, kv_cache_gib=1.0) == (4, 300)
+    from qvl.errors import QvlError
+
+    with pytest.raises(QvlError, match="KV cache"):
+        cache_shape(model, 1, 32768, kv_cache_gib=10 * per_token / gib)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_choose_greedy_with_presence_penalty_matches_the_processor():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    stats = TokenStats(4, 50, "cpu")
+    params = [SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=0.5)] * 3
+    history = {0: [], 1: [7, 7, 9], 2: [3]}
+    for slot, ids in history.items():
+        stats.start(slot, [1, 2], params[0])
+        for t in ids:
+            stats.add(torch.tensor([slot]), torch.tensor([t]))
+    got = choose(logits.clone(), [0, 1, 2], params, stats, [None] * 3)
+    for row, ids in history.items():
+        seq = torch.tensor([[1, 2] + ids])
+        want = PresencePenalty(2, 1.5, 0.5)(seq, logits[row:row + 1].clone()).argmax(-1)
+        assert int(got[row]) == int(want)
+
+
+def test_choose_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(1)
+    logits = torch.randn(1, 30)
+    s = SamplingParams(temperature=0, presence_penalty=0, repetition_penalty=1.3)
+    stats = TokenStats(1, 30, "cpu")
+    prompt = [int(logits.argmax()), 5]  # the best token is in the prompt: the penalty must move it
+    stats.start(0, prompt, s)
+    got = choose(logits.clone(), [0], [s], stats, [None])
+    want = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt]), logits.clone()).argmax(-1)
+    assert int(got[0]) == int(want)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy_and_seeds_are_per_row():
+    torch.manual_seed(2)
+    logits = torch.randn(4, 100)
+    stats = TokenStats(4, 100, "cpu")
+    greedy = logits.argmax(-1)
+    k1 = [SamplingParams(temperature=1.0, top_k=1, presence_penalty=0)] * 4
+    assert torch.equal(choose(logits, [0, 1, 2, 3], k1, stats, [None] * 4), greedy)
+    p0 = [SamplingParams(temperature=1.0, top_k=0, top_p=1e-6, presence_penalty=0)] * 4
+    assert torch.equal(choose(logits, [0, 1, 2, 3], p0, stats, [None] * 4), greedy)
+    hot = SamplingParams(temperature=2.0, top_k=0, top_p=1.0, presence_penalty=0)
+
+    def seeded_row(companions):
+        gens = [torch.Generator().manual_seed(5)] + [None] * companions
+        out = []
+        for _ in range(20):
+            out.append(int(choose(logits[:companions + 1], list(range(companions + 1)), [hot] * (companions + 1),
+                                  stats, gens)[0]))
+        return out
+
+    assert seeded_row(0) == seeded_row(3)  # the seeded row's draws ignore its batch companions
+    assert len(set(seeded_row(0))) > 3  # and it does sample
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    stats = TokenStats(1, 4, "cpu")
+    s = SamplingParams(temperature=1.0, top_k=0, top_p=0.7, presence_penalty=0)
+    seen = {int(choose(logits, [0], [s], stats, [torch.Generator().manual_seed(i)])[0]) for i in range(200)}
+    assert seen == {0, 1}
