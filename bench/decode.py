@@ -151,6 +151,24 @@ def qvl_concurrent(engine, encs, new: int, stagger: float) -> dict:
             "step_ms_max": 1e3 * max(steps) if steps else None}
 
 
+def graph_step_ms(decoder, rows: int, length: int, reps: int = 50) -> float:
+    """Time of the captured decode step alone (no sampling, no host work): ``rows`` slots at ``length``."""
+    for s in range(rows):
+        decoder.busy.add(s)
+        decoder.host_length[s] = length
+    decoder.length[:rows] = length
+    decoder.decode(rows)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        decoder.decode(rows)
+    torch.cuda.synchronize()
+    ms = 1e3 * (time.perf_counter() - t) / reps
+    for s in range(rows):
+        decoder.release(s)
+    return ms
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="8B")
@@ -247,12 +265,24 @@ def main() -> int:
     out["fraction_of_bound"] = r["decode_tok_s"] / out["bandwidth_bound_tok_s"]
     print("qvl batch 1", r, flush=True)
     save()
+    d = engine.batcher.decoder
+    out["graph_step_ms"] = {"rows1_len1100": graph_step_ms(d, 1, len(big)),
+                            "rows8_len300": graph_step_ms(d, 8, 300), "rows32_len300": graph_step_ms(d, 32, 300)}
+    out["graph_only_decode_tok_s"] = 1e3 / out["graph_step_ms"]["rows1_len1100"]
+    print("graph step", out["graph_step_ms"], flush=True)
     for n in (8, 32):
+        before = len(engine.batcher.prefill_times)
         r = qvl_concurrent(engine, small[:n], args.batch_new, args.stagger)
+        pf = list(engine.batcher.prefill_times)[before:]
+        r["prefills"] = len(pf)
+        r["prefill_s_total"] = sum(t for _, t in pf)
         out[f"concurrent_{n}"] = r
         out[f"concurrent_{n}_tok_s"] = r["total_tok_s"]
         print(f"qvl {n} concurrent", r, flush=True)
         save()
+    r = qvl_concurrent(engine, small, args.batch_new, 0.0)
+    out["concurrent_32_at_once"] = r
+    print("qvl 32 at once", r, flush=True)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if "hf_compiled_decode_tok_s" in out:
         out["qvl_vs_hf_compiled"] = out["qvl_decode_tok_s"] / out["hf_compiled_decode_tok_s"]

@@ -71,7 +71,7 @@ def fast(tiny):
 
 def _batcher(fast, make_row):
     decoder, processor, pad, rope = fast
-    return ContinuousBatcher(decoder, make_row, pad, rope)
+    return ContinuousBatcher(decoder, make_row, pad, rope, coalesce_s=0.0)
 
 
 class _Collect:
@@ -101,12 +101,10 @@ def _run_until_done(b, jobs_by_step: dict[int, list]):
     k = 0
     while True:
         for job in jobs_by_step.get(k, []):
-            b.waiting.append(job)
-        b._admit()
-        if not b.running and not b.waiting and k >= max(jobs_by_step):
+            b.submit(job)
+        b.turn()
+        if not b.running and not b.waiting and b.inflight is None and k >= max(jobs_by_step):
             return
-        if b.running:
-            b._step()
         k += 1
 
 
@@ -142,40 +140,40 @@ def test_slots_are_reused_and_joins_happen_between_steps(tiny, fast):
     b = _batcher(fast, _Collect)
     first = _job(processor, ["a"], GREEDY.replace(max_new_tokens=4))
     second = _job(processor, ["b"], GREEDY.replace(max_new_tokens=10))
-    b.waiting.append(first)
-    b._admit()
-    assert list(b.running) == [0]
-    b._step()
-    b.waiting.append(second)
-    b._admit()  # joins the running batch: the first request keeps its slot and its progress
-    assert sorted(b.running) == [0, 1] and len(b.running[0].row.tokens) == 2
+    b.submit(first)
+    b.turn()  # prefill (first token) + step 1 launched
+    assert list(b.running) == [0] and len(b.running[0].row.tokens) == 1
+    b.submit(second)
+    b.turn()  # joins the running batch: the first request keeps its slot and its progress
+    assert sorted(b.running) == [0, 1]
+    assert len(b.running[0].row.tokens) == 2 and len(b.running[1].row.tokens) == 1
     while 0 in b.running:
-        b._step()
+        b.turn()
+    assert first.handle.emit_tokens and len(first.handle.emit_tokens) == 4
     third = _job(processor, ["c"], GREEDY.replace(max_new_tokens=2))
-    b.waiting.append(third)
-    b._admit()
+    b.submit(third)
+    b.turn()
     assert sorted(b.running) == [0, 1]  # the freed lowest slot is taken again
-    while b.running:
-        b._step()
-    assert fast[0].busy == set()
+    while b.running or b.inflight:
+        b.turn()
+    assert fast[0].busy == set() and len(second.handle.emit_tokens) == 10 and len(third.handle.emit_tokens) == 2
 
 
 def test_cancel_frees_the_slot(tiny, fast):
     _, processor = tiny
     b = _batcher(fast, _Collect)
     job = _job(processor, ["go on"], GREEDY.replace(max_new_tokens=400))
-    b.waiting.append(job)
-    b._admit()
-    for _ in range(3):
-        b._step()
+    b.submit(job)
+    for _ in range(4):
+        b.turn()
     job.handle.cancel()
-    b._step()
-    assert not b.running and fast[0].busy == set()
-    assert len(job.handle.emit_tokens) == 5 and b.running == {}
+    while b.running or b.inflight:
+        b.turn()
+    assert fast[0].busy == set() and 4 <= len(job.handle.emit_tokens) <= 6
     waiting = _job(processor, ["never"])
     waiting.handle.cancel()
-    b.waiting.append(waiting)
-    b._admit()
+    b.submit(waiting)
+    b.turn()
     assert not b.running and not b.waiting
 
 
@@ -228,6 +226,13 @@ def test_cache_shape_plans_slots_and_length(tiny):
 # ---------------------------------------------------------------------------- sampling
 
 
+def _choose(logits, slots, params, stats, generators=None):
+    from qvl.infer.sampler import row_params
+
+    gens = generators or [None] * len(slots)
+    return choose(logits, row_params(slots, params, gens, logits.shape[1], "cpu"), stats)
+
+
 def test_choose_greedy_with_presence_penalty_matches_the_processor():
     torch.manual_seed(0)
     logits = torch.randn(3, 50)
@@ -238,7 +243,7 @@ def test_choose_greedy_with_presence_penalty_matches_the_processor():
         stats.start(slot, [1, 2], params[0])
         for t in ids:
             stats.add(torch.tensor([slot]), torch.tensor([t]))
-    got = choose(logits.clone(), [0, 1, 2], params, stats, [None] * 3)
+    got = _choose(logits.clone(), [0, 1, 2], params, stats)
     for row, ids in history.items():
         seq = torch.tensor([[1, 2] + ids])
         want = PresencePenalty(2, 1.5, 0.5)(seq, logits[row:row + 1].clone()).argmax(-1)
@@ -254,7 +259,7 @@ def test_choose_repetition_penalty_matches_transformers():
     stats = TokenStats(1, 30, "cpu")
     prompt = [int(logits.argmax()), 5]  # the best token is in the prompt: the penalty must move it
     stats.start(0, prompt, s)
-    got = choose(logits.clone(), [0], [s], stats, [None])
+    got = _choose(logits.clone(), [0], [s], stats)
     want = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt]), logits.clone()).argmax(-1)
     assert int(got[0]) == int(want)
 
@@ -265,17 +270,19 @@ def test_top_k_one_and_tiny_top_p_are_greedy_and_seeds_are_per_row():
     stats = TokenStats(4, 100, "cpu")
     greedy = logits.argmax(-1)
     k1 = [SamplingParams(temperature=1.0, top_k=1, presence_penalty=0)] * 4
-    assert torch.equal(choose(logits, [0, 1, 2, 3], k1, stats, [None] * 4), greedy)
+    assert torch.equal(_choose(logits, [0, 1, 2, 3], k1, stats), greedy)
     p0 = [SamplingParams(temperature=1.0, top_k=0, top_p=1e-6, presence_penalty=0)] * 4
-    assert torch.equal(choose(logits, [0, 1, 2, 3], p0, stats, [None] * 4), greedy)
+    assert torch.equal(_choose(logits, [0, 1, 2, 3], p0, stats), greedy)
+    mixed = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1)] * 2
+    assert torch.equal(_choose(logits, [0, 1, 2, 3], mixed, stats), greedy)
     hot = SamplingParams(temperature=2.0, top_k=0, top_p=1.0, presence_penalty=0)
 
     def seeded_row(companions):
         gens = [torch.Generator().manual_seed(5)] + [None] * companions
         out = []
         for _ in range(20):
-            out.append(int(choose(logits[:companions + 1], list(range(companions + 1)), [hot] * (companions + 1),
-                                  stats, gens)[0]))
+            out.append(int(_choose(logits[:companions + 1], list(range(companions + 1)), [hot] * (companions + 1),
+                                   stats, gens)[0]))
         return out
 
     assert seeded_row(0) == seeded_row(3)  # the seeded row's draws ignore its batch companions
@@ -286,5 +293,5 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     stats = TokenStats(1, 4, "cpu")
     s = SamplingParams(temperature=1.0, top_k=0, top_p=0.7, presence_penalty=0)
-    seen = {int(choose(logits, [0], [s], stats, [torch.Generator().manual_seed(i)])[0]) for i in range(200)}
+    seen = {int(_choose(logits, [0], [s], stats, [torch.Generator().manual_seed(i)])[0]) for i in range(200)}
     assert seen == {0, 1}

@@ -17,7 +17,7 @@ def _say(msg: str) -> None:
 
 def _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_model_len, max_new_tokens,
             gpu_memory_utilization=0.9, tensor_parallel_size=None, limit_mm_per_prompt=None, name=None,
-            max_batch_size=8):
+            max_batch_size=None, kv_cache_gib=None, decode="auto"):
     from qvl.errors import QvlError
     from qvl.infer.engine import load_engine
 
@@ -28,6 +28,13 @@ def _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_m
         if backend == "vllm":
             raise QvlError("--cpu-only works with the transformers backend only", fix="drop --backend vllm")
         device = "cpu"
+    if max_batch_size is None:  # concurrent requests: continuous batching pays off most on a GPU
+        import torch
+
+        on_gpu = torch.cuda.is_available() and not str(device or "").startswith("cpu")
+        max_batch_size = 32 if on_gpu else 8
+    if decode not in ("auto", "fast", "generate"):
+        raise QvlError(f"--decode {decode!r} is not a choice", fix="use auto, fast or generate")
     if backend == "transformers" and not str(device or "").startswith("cpu"):
         from qvl.infer.preflight import check_serve
 
@@ -37,7 +44,8 @@ def _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_m
     return load_engine(model, backend=backend, adapter=str(adapter) if adapter else None, device=device, dtype=dtype,
                        flash_attn2=flash_attn2, max_model_len=max_model_len, max_new_tokens=max_new_tokens,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                       limit_mm_per_prompt=limit_mm_per_prompt, name=name, max_batch_size=max_batch_size, say=_say)
+                       limit_mm_per_prompt=limit_mm_per_prompt, name=name, max_batch_size=max_batch_size, say=_say,
+                       kv_cache_gib=kv_cache_gib, fast={"auto": None, "fast": True, "generate": False}[decode])
 
 
 def _sampling(engine, temperature, top_p, top_k, presence_penalty, seed, max_new_tokens):
@@ -181,7 +189,12 @@ def register(app: typer.Typer) -> None:
               tensor_parallel_size: int = typer.Option(None, help="vLLM: GPUs (default: all visible)."),
               limit_mm_per_prompt: str = typer.Option(None, help="Most media per request, e.g. image=8,video=2."),
               max_new_tokens: int = typer.Option(None, help="Default max_tokens of a request (1024)."),
-              max_batch_size: int = typer.Option(8, help="transformers: most requests generated together."),
+              max_batch_size: int = typer.Option(None, help="transformers: most requests generated together "
+                                                            "(KV-cache slots; default 32 on a GPU, 8 on CPU)."),
+              kv_cache_gib: float = typer.Option(None, help="transformers: memory for the KV cache (default: "
+                                                            "the free GPU memory less 4 GiB; CPU: up to 4 GiB)."),
+              decode: str = typer.Option("auto", help="transformers: fast (slot KV cache, CUDA graphs, continuous "
+                                                      "batching), generate (model.generate), or auto."),
               allowed_media_dir: Path = typer.Option(None, help="Allow local file paths under this folder."),
               no_remote_media: bool = typer.Option(False, "--no-remote-media", help="Refuse http(s) media URLs."),
               allow_private_media_urls: bool = typer.Option(
@@ -202,7 +215,7 @@ def register(app: typer.Typer) -> None:
             served_model_name=served_model_name, inbrowser=inbrowser, share=share)
         engine = _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_model_len, max_new_tokens,
                          gpu_memory_utilization, tensor_parallel_size, settings.limit_mm_per_prompt,
-                         served_model_name, max_batch_size)
+                         served_model_name, max_batch_size, kv_cache_gib, decode)
         run_server(engine, settings, say=typer.echo)
 
     @app.command("merge")

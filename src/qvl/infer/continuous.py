@@ -1,13 +1,17 @@
 """Continuous batching for the transformers backend: requests join and leave between decode steps.
 
-One worker thread runs :func:`ContinuousBatcher.run`. Each turn of its loop:
+One worker thread runs :meth:`ContinuousBatcher.run`. Each turn of its loop:
 
 1. takes every request that has arrived (cancelled ones finish at once),
 2. admits waiting requests into free cache slots (lowest first, so the decode batch stays small)
-   and prefills them together -- one vision-encoder pass per image/video -- up to a token budget,
-   then streams each one's first token,
-3. runs one decode step for every running request, streams each new token, and frees the slot of
-   every request that finished (stop, length, stop string, cancel).
+   and prefills them together -- one vision-encoder pass per image/video -- then streams each
+   one's first token. While others are decoding, arrivals are gathered for up to
+   ``coalesce_s`` (or until ``max_prefill_batch`` wait) so one prefill serves several of them,
+3. launches one decode step for every running request -- the step, the sampling and the copy of
+   the new tokens into the next step's input all stay on the GPU -- and only then streams the
+   tokens of the *previous* step, so the host's work (detokenising, stop strings, finishing)
+   overlaps the GPU's. A request that finished at step k has run step k+1 too; that token is
+   dropped, and its slot is freed before anyone else can take it.
 
 A request never waits for another to finish, and a running batch is never rebuilt: the cache
 rows of the others are untouched when one joins or leaves. Each row keeps its own sampling
@@ -16,49 +20,73 @@ settings, penalties and (when seeded) random generator.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from qvl.infer.decode import DecodeModel
-from qvl.infer.sampler import TokenStats, choose
+from qvl.infer.sampler import TokenStats, choose, row_params
 from qvl.infer.types import Chunk
 
 log = logging.getLogger("qvl.infer")
 
 
+_serial = itertools.count()
+
+
 @dataclass
 class Running:
     row: object  # transformers_backend._Row: streaming, stop strings, finish reason
-    token: int  # the last token, fed at the next step
-    generator: torch.Generator | None
+    generator: torch.Generator | None = None
+    serial: int = field(default_factory=lambda: next(_serial))
+
+
+@dataclass
+class InFlight:
+    """A launched decode step whose tokens the host has not read yet."""
+
+    rows: list  # (slot, Running) at launch
+    tokens: torch.Tensor  # host buffer the tokens are copied into
+    ready: object  # a CUDA event, or None on CPU (already done)
 
 
 class ContinuousBatcher:
     def __init__(self, decoder: DecodeModel, make_row, pad_id: int, rope_index, max_prefill_tokens: int = 16384,
-                 max_prefill_batch: int = 8):
+                 max_prefill_batch: int = 8, coalesce_s: float = 0.05):
         self.decoder, self.make_row, self.pad_id, self.rope_index = decoder, make_row, pad_id, rope_index
-        self.max_prefill_tokens, self.max_prefill_batch = max_prefill_tokens, max_prefill_batch
-        vocab = decoder.head.shape[0]
-        self.stats = TokenStats(decoder.slots, vocab, decoder.device)
+        self.max_prefill_tokens, self.max_prefill_batch, self.coalesce_s = (
+            max_prefill_tokens, max_prefill_batch, coalesce_s)
+        self.vocab = decoder.head.shape[0]
+        self.stats = TokenStats(decoder.slots, self.vocab, decoder.device)
         self.running: dict[int, Running] = {}
-        self.waiting: deque = deque()
+        self.waiting: deque = deque()  # (arrival time, job)
+        self.inflight: InFlight | None = None
+        self._rows_key = None
+        self._rows = None
+        self._pinned = [self._host_buffer(), self._host_buffer()]
         self.steps = 0  # decode steps run (tests and logs)
-        self.step_times: deque = deque(maxlen=100_000)  # seconds per decode step, sampling included
+        self.step_times: deque = deque(maxlen=100_000)  # seconds between consecutive steps' results
+        self.prefill_times: deque = deque(maxlen=100_000)  # (requests, seconds) per prefill
+        self._last_collect = None
+
+    def _host_buffer(self) -> torch.Tensor:
+        t = torch.zeros(self.decoder.slots, dtype=torch.long)
+        return t.pin_memory() if self.decoder.device.type == "cuda" else t
 
     # ------------------------------------------------------------------ the loop
     def run(self, jobs: queue.Queue) -> None:
         closing = False
         while not closing:
-            if not self.running and not self.waiting:
+            if not self.running and not self.waiting and self.inflight is None:
                 job = jobs.get()
                 if job is None:
                     break
-                self.waiting.append(job)
+                self.waiting.append((time.perf_counter(), job))
             while True:  # everything that arrived meanwhile
                 try:
                     job = jobs.get_nowait()
@@ -67,17 +95,30 @@ class ContinuousBatcher:
                 if job is None:
                     closing = True
                     break
-                self.waiting.append(job)
+                self.waiting.append((time.perf_counter(), job))
             if closing:
                 break
-            self._admit()
-            if self.running:
-                self._guard(self._step, list(self.running))
+            self.turn()
+        if self.inflight is not None:
+            self._guard(self._collect, list(self.running))
         for slot in list(self.running):  # the engine closed under running requests: end their streams
             self.running[slot].row.job.handle.cancel()
             self._finish(slot)
-        for job in self.waiting:
+        for _, job in self.waiting:
             job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))
+
+    def turn(self) -> None:
+        """Admit, launch a step, stream the previous step's tokens (tests call this directly)."""
+        self._admit()
+        previous = self.inflight
+        self.inflight = None
+        if self.running:
+            self._guard(self._launch, list(self.running))
+        if previous is not None:
+            self._guard(lambda: self._collect(previous), [s for s, _ in previous.rows])
+
+    def submit(self, job) -> None:
+        self.waiting.append((time.perf_counter(), job))
 
     def _guard(self, fn, slots) -> None:
         """Run ``fn``; on failure report the error to the requests of ``slots`` and free them (never die)."""
@@ -85,6 +126,7 @@ class ContinuousBatcher:
             fn()
         except Exception as e:
             log.exception("generation failed")
+            self.inflight = None
             for slot in slots:
                 run = self.running.pop(slot, None)
                 if run is not None:
@@ -95,10 +137,18 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------ joining
     def _admit(self) -> None:
+        while self.waiting and self.waiting[0][1].handle.cancelled:
+            _, job = self.waiting.popleft()
+            job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))
         free = [s for s in range(self.decoder.slots) if s not in self.running]
+        if not self.waiting or not free:
+            return
+        if self.running and len(self.waiting) < min(len(free), self.max_prefill_batch):
+            if time.perf_counter() - self.waiting[0][0] < self.coalesce_s:
+                return  # let a few more arrive: one prefill for several is much cheaper than one each
         batch, tokens = [], 0
         while self.waiting and len(batch) < min(len(free), self.max_prefill_batch):
-            job = self.waiting[0]
+            job = self.waiting[0][1]
             if job.handle.cancelled:
                 self.waiting.popleft()
                 job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))
@@ -106,19 +156,20 @@ class ContinuousBatcher:
             n = job.prepared.prompt_tokens
             if batch and tokens + n > self.max_prefill_tokens:
                 break
-            batch.append(self.waiting.popleft())
+            batch.append(self.waiting.popleft()[1])
             tokens += n
         if not batch:
             return
         slots = free[:len(batch)]
         for slot, job in zip(slots, batch):  # placeholders, so a failing prefill reports to them
-            self.running[slot] = Running(self.make_row(job), 0, None)
+            self.running[slot] = Running(self.make_row(job))
         self._guard(lambda: self._prefill(slots, batch), slots)
 
     def _prefill(self, slots: list[int], jobs: list) -> None:
         from qvl.data.collate import collate
         from qvl.data.packing import sample_positions
 
+        t = time.perf_counter()
         d = self.decoder
         encs = [j.prepared.inputs for j in jobs]
         batch = collate(encs, pad_id=self.pad_id, padding_side="left")
@@ -135,32 +186,58 @@ class ContinuousBatcher:
             if s.seed is not None:
                 self.running[slot].generator = torch.Generator(device=d.device).manual_seed(s.seed)
             params.append(s)
-        self._emit(slots, logits, params)
+        rp = row_params(slots, params, [self.running[s].generator for s in slots], self.vocab, d.device)
+        tokens = choose(logits, rp, self.stats)
+        d.set_tokens(rp.slots, tokens)
+        self.prefill_times.append((len(jobs), time.perf_counter() - t))
+        for slot, token in zip(slots, tokens.tolist()):
+            self._push(slot, self.running[slot], token)
 
     # ------------------------------------------------------------------ decoding
-    def _step(self) -> None:
-        t = time.perf_counter()
-        slots = sorted(self.running)
-        n_rows = slots[-1] + 1
-        feed = [0] * n_rows
-        for slot in slots:
-            feed[slot] = self.running[slot].token
-        logits = self.decoder.decode(torch.tensor(feed, device=self.decoder.device), n_rows)
-        self.steps += 1
-        self._emit(slots, logits[slots], [self.running[s].row.job.prepared.sampling for s in slots])
-        self.step_times.append(time.perf_counter() - t)
+    def _row_params(self, slots: list[int]):
+        key = tuple((s, self.running[s].serial) for s in slots)
+        if key != self._rows_key:
+            self._rows_key = key
+            self._rows = row_params(slots, [self.running[s].row.job.prepared.sampling for s in slots],
+                                    [self.running[s].generator for s in slots], self.vocab, self.decoder.device)
+        return self._rows
 
-    def _emit(self, slots: list[int], logits: torch.Tensor, params: list) -> None:
-        gens = [self.running[s].generator for s in slots]
-        tokens = choose(logits, slots, params, self.stats, gens).tolist()
-        for slot, token in zip(slots, tokens):
-            run = self.running[slot]
-            run.token = token
-            run.row.push(token)
-            if run.row.finish is not None:
-                self._finish(slot)
+    def _launch(self) -> None:
+        slots = sorted(self.running)
+        rp = self._row_params(slots)
+        logits = self.decoder.decode(slots[-1] + 1)
+        tokens = choose(logits.index_select(0, rp.slots), rp, self.stats)
+        self.decoder.set_tokens(rp.slots, tokens)  # the next step's input, without a trip through the host
+        buf = self._pinned[self.steps % 2]
+        ready = None
+        if tokens.is_cuda:
+            buf[:len(slots)].copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            buf[:len(slots)] = tokens
+        self.steps += 1
+        self.inflight = InFlight([(s, self.running[s]) for s in slots], buf, ready)
+
+    def _collect(self, step: InFlight) -> None:
+        if step.ready is not None:
+            step.ready.synchronize()
+        now = time.perf_counter()
+        if self._last_collect is not None:
+            self.step_times.append(now - self._last_collect)
+        self._last_collect = now if self.running else None
+        for (slot, run), token in zip(step.rows, step.tokens[:len(step.rows)].tolist()):
+            if self.running.get(slot) is run:  # not finished (or replaced) since the launch
+                self._push(slot, run, token)
+
+    def _push(self, slot: int, run: Running, token: int) -> None:
+        run.row.push(token)
+        if run.row.finish is not None:
+            self._finish(slot)
 
     def _finish(self, slot: int) -> None:
         run = self.running.pop(slot)
         run.row.close()
         self.decoder.release(slot)
+        if not self.running:
+            self._last_collect = None

@@ -255,28 +255,32 @@ class DecodeModel:
         self.length[:n_rows] += 1
         return self._final(x, self.norm, self.head, self.eps)
 
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, n_rows: int) -> torch.Tensor:
-        """Feed ``tokens`` (n_rows,) at each slot's current length; -> logits (n_rows, V) float32.
+    def set_tokens(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The tokens the next decode step feeds for ``slots`` (device tensors: no host round trip)."""
+        self._tokens.index_copy_(0, slots, tokens)
 
-        Every slot 0..n_rows-1 advances by one (free slots too: their values are never read).
+    @torch.inference_mode()
+    def decode(self, n_rows: int) -> torch.Tensor:
+        """One step for slots 0..n_rows-1, feeding the tokens set by :meth:`set_tokens`, each at its slot's
+        current length; -> logits (bucket rows, V) float32 (rows past n_rows are not requests).
+
+        Every slot of the bucket advances by one (free slots too: their values are never read).
         """
         longest = max((self.host_length[s] for s in self.busy if s < n_rows), default=0) + 1
         if longest > self.max_len:
             raise ValueError(f"a row would exceed the cache length {self.max_len}")
         b = bucket(n_rows, self.batch_buckets)
         lb = bucket(longest, self.len_buckets)
-        self._tokens[:n_rows] = tokens
         # rows that hold no request advance too: keep their write position inside the cache
         self.length[:b].clamp_(max=self.max_len - 1)
         for s in self.busy:
             if s < n_rows:
                 self.host_length[s] += 1
         if not self.use_graphs:
-            return self._step(b, lb)[:n_rows]
+            return self._step(b, lb)
         graph = self._graphs.get((b, lb)) or self._capture(b, lb)
         graph[0].replay()
-        return graph[1][:n_rows]
+        return graph[1]
 
     def _capture(self, b: int, lb: int):
         """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored."""

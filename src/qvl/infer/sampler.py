@@ -12,6 +12,8 @@ a penalty.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qvl.infer.types import SamplingParams
@@ -44,59 +46,84 @@ class TokenStats:
             self.seen[slots, tokens] = True
 
 
-def _penalise(logits: torch.Tensor, slots: torch.Tensor, params: list[SamplingParams], stats: TokenStats):
-    dev = logits.device
-    rep = [p.repetition_penalty for p in params]
-    if stats.seen is not None and any(r != 1.0 for r in rep):
-        r = torch.tensor(rep, device=dev)[:, None]
-        seen = stats.seen[slots]
-        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
-    pres = [p.presence_penalty for p in params]
-    freq = [p.frequency_penalty for p in params]
-    if stats.counts is not None and (any(pres) or any(freq)):
-        counts = stats.counts[slots]
-        logits = (logits - torch.tensor(pres, device=dev)[:, None] * (counts > 0).to(logits.dtype)
-                  - torch.tensor(freq, device=dev)[:, None] * counts)
+@dataclass
+class RowParams:
+    """Sampling settings of a fixed list of rows, as device tensors (built once per change of rows, so a
+    decode step copies nothing from the host)."""
+
+    slots: torch.Tensor  # (R,) the rows' cache slots
+    params: list
+    generators: list
+    greedy: torch.Tensor  # (R,) bool
+    temperature: torch.Tensor  # (R, 1); 1 for greedy rows
+    top_k: torch.Tensor  # (R, 1); the vocabulary size when off
+    k_max: int
+    top_p: torch.Tensor  # (R, 1)
+    presence: torch.Tensor
+    frequency: torch.Tensor
+    repetition: torch.Tensor
+    all_greedy: bool
+    any_presence: bool
+    any_repetition: bool
+
+
+def _dev(values, dtype, device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)  # no wait for the work already queued
+    return t.to(device)
+
+
+def row_params(slots: list[int], params: list[SamplingParams], generators: list, vocab: int, device) -> RowParams:
+    ks = [p.top_k if p.top_k > 0 else vocab for p in params]
+    col = lambda values, dtype=torch.float32: _dev([[v] for v in values], dtype, device)  # noqa: E731
+    return RowParams(
+        slots=_dev(slots, torch.long, device), params=params, generators=generators,
+        greedy=_dev([p.greedy for p in params], torch.bool, device),
+        temperature=col([1.0 if p.greedy else p.temperature for p in params]),
+        top_k=col(ks, torch.long), k_max=min(max(ks), vocab), top_p=col([p.top_p for p in params]),
+        presence=col([p.presence_penalty for p in params]), frequency=col([p.frequency_penalty for p in params]),
+        repetition=col([p.repetition_penalty for p in params]),
+        all_greedy=all(p.greedy for p in params),
+        any_presence=any(p.presence_penalty or p.frequency_penalty for p in params),
+        any_repetition=any(p.repetition_penalty != 1.0 for p in params))
+
+
+def _penalise(logits: torch.Tensor, rp: RowParams, stats: TokenStats) -> torch.Tensor:
+    if rp.any_repetition and stats.seen is not None:
+        r = rp.repetition
+        logits = torch.where(stats.seen[rp.slots], torch.where(logits > 0, logits / r, logits * r), logits)
+    if rp.any_presence and stats.counts is not None:
+        counts = stats.counts[rp.slots]
+        logits = logits - rp.presence * (counts > 0).to(logits.dtype) - rp.frequency * counts
     return logits
 
 
-def _draw(scores: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
-    """Temperature, top-k, top-p and a draw for rows that sample; scores (R, V) float32 -> tokens (R,)."""
-    dev = scores.device
-    scores = scores / torch.tensor([p.temperature for p in params], device=dev)[:, None]
-    ks = [p.top_k if p.top_k > 0 else scores.shape[1] for p in params]
-    k_max = min(max(ks), scores.shape[1])
-    vals, idx = scores.topk(k_max, dim=-1)  # sorted, largest first
-    rank = torch.arange(k_max, device=dev)[None, :]
-    vals = vals.masked_fill(rank >= torch.tensor(ks, device=dev)[:, None], float("-inf"))
+def _draw(scores: torch.Tensor, rp: RowParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and a draw; scores (R, V) float32 -> tokens (R,). No host synchronisation."""
+    scores = scores / rp.temperature
+    vals, idx = scores.topk(rp.k_max, dim=-1)  # sorted, largest first
+    rank = torch.arange(rp.k_max, device=scores.device)[None, :]
+    vals = vals.masked_fill(rank >= rp.top_k, float("-inf"))
     probs = torch.softmax(vals, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
     # keep the smallest prefix whose mass reaches top_p (the first token always stays)
     before = torch.cumsum(probs, dim=-1) - probs
-    probs = probs.masked_fill(before >= top_p, 0.0)
-    out = torch.empty(len(params), dtype=torch.long, device=dev)
-    shared = [i for i, g in enumerate(generators) if g is None]
-    if shared:
-        rows = torch.tensor(shared, device=dev)
-        out[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
-    for i, g in enumerate(generators):
-        if g is not None:
-            out[i] = torch.multinomial(probs[i:i + 1], 1, generator=g).squeeze()
+    probs = probs.masked_fill(before >= rp.top_p, 0.0)
+    if all(g is None for g in rp.generators):
+        out = torch.multinomial(probs, 1).squeeze(1)
+    else:
+        out = torch.multinomial(probs, 1).squeeze(1)
+        for i, g in enumerate(rp.generators):
+            if g is not None:  # a seeded row draws from its own generator, whatever shares the batch
+                out[i] = torch.multinomial(probs[i:i + 1], 1, generator=g).squeeze()
     return idx.gather(1, out[:, None]).squeeze(1)
 
 
-def choose(logits: torch.Tensor, slots: list[int], params: list[SamplingParams], stats: TokenStats,
-           generators: list) -> torch.Tensor:
-    """Next token of each row. logits (R, V) float32 for the rows of ``slots``; -> (R,) long on the device."""
-    slot_t = torch.tensor(slots, device=logits.device)
-    logits = _penalise(logits, slot_t, params, stats)
-    greedy = [p.greedy for p in params]
-    if all(greedy):
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = logits.argmax(dim=-1)
-        rows = [i for i, g in enumerate(greedy) if not g]
-        picked = _draw(logits[rows], [params[i] for i in rows], [generators[i] for i in rows])
-        tokens[torch.tensor(rows, device=logits.device)] = picked
-    stats.add(slot_t, tokens)
+def choose(logits: torch.Tensor, rp: RowParams, stats: TokenStats) -> torch.Tensor:
+    """Next token of each row. logits (R, V) float32 for the rows of ``rp``; -> (R,) long on the device."""
+    logits = _penalise(logits, rp, stats)
+    tokens = logits.argmax(dim=-1)
+    if not rp.all_greedy:
+        tokens = torch.where(rp.greedy, tokens, _draw(logits, rp))
+    stats.add(rp.slots, tokens)
     return tokens
