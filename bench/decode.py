@@ -178,6 +178,7 @@ def main() -> int:
     ap.add_argument("--stagger", type=float, default=0.02, help="seconds between arrivals")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,qvl")
     ap.add_argument("--json", default="decode.json")
+    ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from qvl.models.build import random_model
@@ -251,10 +252,23 @@ def main() -> int:
     t = time.time()
     engine = TransformersEngine(model, processor, name="bench", max_model_len=4096, max_batch_size=32,
                                 fast=True, say=print)
-    engine.batcher.decoder.warmup(max_keys=len(big) + args.new + 16)
+    d = engine.batcher.decoder
+    d.warmup(max_keys=len(big) + args.new + 16)
     out["qvl_warmup_s"] = time.time() - t
     out["qvl_slots"], out["qvl_cache_len"] = engine.max_batch_size, engine.max_model_len
     print(f"qvl engine ready in {out['qvl_warmup_s']:.0f}s", flush=True)
+    steps = {}
+    for impl in ("pieces", "layer"):  # the captured step alone, per implementation
+        d.set_impl(impl)
+        steps[impl] = {"rows1_len1100": graph_step_ms(d, 1, len(big)), "rows32_len300": graph_step_ms(d, 32, 300)}
+    out["graph_step_ms"] = steps
+    best = min(steps, key=lambda k: steps[k]["rows1_len1100"])
+    d.set_impl(best)
+    d.warmup(max_keys=len(big) + args.new + 16)
+    out["step_impl"] = best
+    out["graph_only_decode_tok_s"] = 1e3 / steps[best]["rows1_len1100"]
+    print("graph step", steps, "->", best, flush=True)
+    save()
     qvl_one(engine, big, 16)
     runs = [qvl_one(engine, big, args.new) for _ in range(3)]
     r = {"ttft_s": statistics.median(x["ttft_s"] for x in runs),
@@ -265,11 +279,6 @@ def main() -> int:
     out["fraction_of_bound"] = r["decode_tok_s"] / out["bandwidth_bound_tok_s"]
     print("qvl batch 1", r, flush=True)
     save()
-    d = engine.batcher.decoder
-    out["graph_step_ms"] = {"rows1_len1100": graph_step_ms(d, 1, len(big)),
-                            "rows8_len300": graph_step_ms(d, 8, 300), "rows32_len300": graph_step_ms(d, 32, 300)}
-    out["graph_only_decode_tok_s"] = 1e3 / out["graph_step_ms"]["rows1_len1100"]
-    print("graph step", out["graph_step_ms"], flush=True)
     for n in (8, 32):
         before = len(engine.batcher.prefill_times)
         r = qvl_concurrent(engine, small[:n], args.batch_new, args.stagger)
@@ -284,6 +293,16 @@ def main() -> int:
     out["concurrent_32_at_once"] = r
     print("qvl 32 at once", r, flush=True)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    save()
+    if args.profile:  # where a prefill of 8 requests spends its time
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            qvl_concurrent(engine, small[:8], 2, 0.0)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+        table += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+        with open(args.profile, "w") as f:
+            f.write(table)
     if "hf_compiled_decode_tok_s" in out:
         out["qvl_vs_hf_compiled"] = out["qvl_decode_tok_s"] / out["hf_compiled_decode_tok_s"]
     if "hf_compiled_batch32_tok_s" in out:

@@ -295,3 +295,36 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     s = SamplingParams(temperature=1.0, top_k=0, top_p=0.7, presence_penalty=0)
     seen = {int(_choose(logits, [0], [s], stats, [torch.Generator().manual_seed(i)])[0]) for i in range(200)}
     assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("impl", ["layer", "pieces"])
+def test_step_implementations_agree(tiny, impl):
+    """Both step implementations (one function per layer; three pieces with eager cache writes) match generate."""
+    model, processor = tiny
+    decoder = DecodeModel(model, slots=2, max_len=256)
+    decoder.set_impl(impl)
+    from qvl.data.packing import rope_index_fn
+    from qvl.models.tokens import token_ids
+
+    b = ContinuousBatcher(decoder, _Collect, token_ids(processor.tokenizer).pad, rope_index_fn(model), coalesce_s=0)
+    job = _job(processor, PROMPTS["image"])
+    _run_until_done(b, {0: [job]})
+    assert job.handle.emit_tokens == _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(tiny):
+    """torch.compile of the step (what runs on a GPU) gives the eager tokens (CPU inductor; slow: compiles)."""
+    model, processor = tiny
+    from qvl.data.packing import rope_index_fn
+    from qvl.models.tokens import token_ids
+
+    outs = []
+    for compiled in (False, True):
+        decoder = DecodeModel(model, slots=2, max_len=256, compile=compiled)
+        b = ContinuousBatcher(decoder, _Collect, token_ids(processor.tokenizer).pad, rope_index_fn(model),
+                              coalesce_s=0)
+        job = _job(processor, PROMPTS["text"], GREEDY.replace(max_new_tokens=8))
+        _run_until_done(b, {0: [job]})
+        outs.append(job.handle.emit_tokens)
+    assert outs[0] == outs[1]

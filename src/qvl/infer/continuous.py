@@ -172,11 +172,10 @@ class ContinuousBatcher:
         t = time.perf_counter()
         d = self.decoder
         encs = [j.prepared.inputs for j in jobs]
-        batch = collate(encs, pad_id=self.pad_id, padding_side="left")
-        width = batch["input_ids"].shape[1]
-        positions = torch.zeros(4, len(encs), width, dtype=torch.long)
+        batch = collate(encs, pad_id=self.pad_id, padding_side="right")
+        positions = torch.zeros(4, len(encs), batch["input_ids"].shape[1], dtype=torch.long)
         for i, enc in enumerate(encs):
-            positions[:, i, width - len(enc):] = sample_positions(enc, self.rope_index)
+            positions[:, i, :len(enc)] = sample_positions(enc, self.rope_index)
         inputs = {k: (v.to(d.dtype) if k.startswith("pixel_values") else v).to(d.device) for k, v in batch.items()}
         logits = d.prefill(slots, inputs, positions.to(d.device), [len(e) for e in encs])
         params = []

@@ -62,6 +62,18 @@ def supports(model) -> str | None:
     return None
 
 
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    wqkv: torch.Tensor
+    qn: torch.Tensor
+    kn: torch.Tensor
+    wo: torch.Tensor
+    ln2: torch.Tensor
+    wgu: torch.Tensor
+    wdown: torch.Tensor
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # the same operations in the same order as Qwen3VLTextRMSNorm, so results match it exactly
     dtype = x.dtype
@@ -109,20 +121,19 @@ def mlp_out(a, x, wo, ln, wgu, wdown, eps: float):
     return x + F.linear(F.silu(gate) * up, wdown)
 
 
+def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, wgu, wdown, k_cache, v_cache, rows, pos, mask, cos, sin, n_q: int,
+               n_kv: int, eps: float, scale: float):
+    """A whole decoder layer for one new token per row, the cache write included (one compiled graph)."""
+    q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps)
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v
+    b, n_keys = mask.shape
+    a = attend(q, k_cache[:b, :, :n_keys], v_cache[:b, :, :n_keys], mask, scale)
+    return mlp_out(a, x, wo, ln2, wgu, wdown, eps)
+
+
 def final_logits(x, norm, head, eps: float):
     return F.linear(rms_norm(x, norm, eps), head).float()
-
-
-@dataclass
-class LayerWeights:
-    ln1: torch.Tensor
-    wqkv: torch.Tensor
-    qn: torch.Tensor
-    kn: torch.Tensor
-    wo: torch.Tensor
-    ln2: torch.Tensor
-    wgu: torch.Tensor
-    wdown: torch.Tensor
 
 
 def _fuse(modules: list[torch.nn.Linear]) -> torch.Tensor:
@@ -195,11 +206,10 @@ class DecodeModel:
         self.len_buckets = _buckets(max_len, min(128, max_len))
         on_gpu = self.device.type == "cuda"
         self.use_graphs = on_gpu if cuda_graphs is None else (cuda_graphs and on_gpu)
-        use_compile = on_gpu if compile is None else compile
-        self._attn_in, self._attend, self._mlp_out, self._final = attn_in, attend, mlp_out, final_logits
-        if use_compile:
-            self._attn_in, self._attend, self._mlp_out, self._final = (
-                torch.compile(f, dynamic=True) for f in (attn_in, attend, mlp_out, final_logits))
+        self.compiled = on_gpu if compile is None else compile
+        self.impl = "layer"  # "layer": one compiled function per decoder layer; "pieces": three, cache writes eager
+        self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
+                     for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple] = {}
@@ -217,21 +227,28 @@ class DecodeModel:
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, slots: list[int], batch: dict, positions: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """Run the prompt batch (left-padded, ``positions`` (4, B, L)) and fill ``slots``; -> last logits (B, V)."""
+        """Run a right-padded prompt batch (``positions`` (4, B, L)) and fill ``slots``; -> last logits (B, V).
+
+        Right padding puts every prompt at cache index 0, so each layer's keys/values go to their slots in
+        one copy; the padding copied past a prompt's end is masked out and overwritten by decoding.
+        """
+        width = batch["input_ids"].shape[1]
+        if max(lengths) > self.max_len:
+            raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache length {self.max_len}")
         out = self.base.model(**batch, position_ids=positions, use_cache=True)
         cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-        hidden = out.last_hidden_state[:, -1]
-        width = batch["input_ids"].shape[1]
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        hidden = out.last_hidden_state[torch.arange(len(lengths), device=self.device), last]
+        index = torch.tensor(slots, device=self.device)
+        for layer, (k, v) in enumerate(_cache_layers(cache)):
+            self.k[layer][index, :, :width] = k
+            self.v[layer][index, :, :width] = v
         for i, (slot, n) in enumerate(zip(slots, lengths)):
-            if n > self.max_len:
-                raise ValueError(f"prompt of {n} tokens exceeds the cache length {self.max_len}")
-            for layer, (k, v) in enumerate(_cache_layers(cache)):
-                self.k[layer][slot, :, :n] = k[i, :, width - n:]
-                self.v[layer][slot, :, :n] = v[i, :, width - n:]
-            self.length[slot] = n
-            self.rope_delta[slot] = int(positions[1:, i].max()) + 1 - n
             self.host_length[slot] = n
             self.busy.add(slot)
+        self.length[index] = torch.tensor(lengths, device=self.device)
+        delta = positions[1:].amax(dim=(0, 2)) + 1 - torch.tensor(lengths, device=positions.device)
+        self.rope_delta[index] = delta.to(self.device)
         return F.linear(hidden, self.head).float()
 
     # ------------------------------------------------------------------ decode
@@ -246,14 +263,26 @@ class DecodeModel:
         sin = (emb.sin() * self.rope_scale).to(self.dtype)
         mask = torch.arange(n_keys, device=self.device)[None, :] <= pos[:, None]
         x = F.embedding(self._tokens[:n_rows], self.embed)
+        f = self._fns
         for i, w in enumerate(self.layers):
-            q, k, v = self._attn_in(x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps)
+            if self.impl == "layer":
+                x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.wgu, w.wdown, self.k[i], self.v[i],
+                                    rows, pos, mask, cos, sin, self.n_q, self.n_kv, self.eps, self.scale)
+                continue
+            q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps)
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
-            a = self._attend(q, self.k[i][:n_rows, :, :n_keys], self.v[i][:n_rows, :, :n_keys], mask, self.scale)
-            x = self._mlp_out(a, x, w.wo, w.ln2, w.wgu, w.wdown, self.eps)
+            a = f["attend"](q, self.k[i][:n_rows, :, :n_keys], self.v[i][:n_rows, :, :n_keys], mask, self.scale)
+            x = f["mlp_out"](a, x, w.wo, w.ln2, w.wgu, w.wdown, self.eps)
         self.length[:n_rows] += 1
-        return self._final(x, self.norm, self.head, self.eps)
+        return f["final_logits"](x, self.norm, self.head, self.eps)
+
+    def set_impl(self, impl: str) -> None:
+        """Switch the step's implementation (benchmarks compare them); captured graphs are dropped."""
+        if impl not in ("layer", "pieces"):
+            raise ValueError(f"unknown decode step implementation {impl!r}")
+        self.impl = impl
+        self._graphs.clear()
 
     def set_tokens(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """The tokens the next decode step feeds for ``slots`` (device tensors: no host round trip)."""
