@@ -207,7 +207,9 @@ class DecodeModel:
         on_gpu = self.device.type == "cuda"
         self.use_graphs = on_gpu if cuda_graphs is None else (cuda_graphs and on_gpu)
         self.compiled = on_gpu if compile is None else compile
-        self.impl = "layer"  # "layer": one compiled function per decoder layer; "pieces": three, cache writes eager
+        # "pieces": three compiled functions per layer, cache writes eager (measured: bench/results/decode.json);
+        # "layer": one compiled function per layer, cache writes inside (same tokens; speed not yet measured)
+        self.impl = "pieces"
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
@@ -283,6 +285,7 @@ class DecodeModel:
             raise ValueError(f"unknown decode step implementation {impl!r}")
         self.impl = impl
         self._graphs.clear()
+        self._pool = None  # a pool whose graphs are all gone cannot take new captures
 
     def set_tokens(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """The tokens the next decode step feeds for ``slots`` (device tensors: no host round trip)."""
