@@ -454,7 +454,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     if packed:  # one row per micro-batch: each sample attends only to itself, with its own mRoPE positions
         from qvl.data.packing import rope_index_fn, use_packed_attention
 
-        row_cap = cfg.per_device_train_batch_size * cfg.model_max_length
+        row_cap = (max(cfg.packed_row_tokens, cfg.model_max_length) if cfg.packed_row_tokens
+                   else cfg.per_device_train_batch_size * cfg.model_max_length)
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
     if speed.compile_wanted(cfg.compile_layers, device):
