@@ -39,7 +39,7 @@ from workload import histogram, make_workload  # noqa: E402
 from qvl.config.vision import VisionBudget  # noqa: E402
 from qvl.data.collate import collate  # noqa: E402
 from qvl.data.packing import pack, rope_index_fn, use_packed_attention  # noqa: E402
-from qvl.data.preprocess import IGNORE_INDEX, encode  # noqa: E402
+from qvl.data.preprocess import encode  # noqa: E402
 from qvl.data.samples import parse_sample  # noqa: E402
 
 PEAK_TFLOPS = 790.0
@@ -262,9 +262,9 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
                mfu=res["tokens_per_s"] * flops_per_token / (PEAK_TFLOPS * 1e12),
                settings={k: v for k, v in overrides.items()})
     if overrides.get("compile_layers"):
-        import torch._dynamo
+        from torch._dynamo.utils import counters
 
-        res["dynamo_unique_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        res["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]
     return res
 
 
