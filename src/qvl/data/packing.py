@@ -109,15 +109,20 @@ def use_packed_attention(model, impl: str = "auto") -> str:
         impl = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex"
     if impl == "flex":
         impl = register_flex_attention()
-    inner = model
-    for _ in range(6):
-        if hasattr(inner, "language_model"):
-            break
-        inner = getattr(inner, "base_model", None) or getattr(inner, "model", None)
-        if inner is None:
-            raise TypeError("no language_model found")
-    inner.language_model.config._attn_implementation = impl
+    language_model(model).config._attn_implementation = impl
     return impl
+
+
+def language_model(model):
+    """The text model (``.layers``, ``.norm``, ``.config``) of a Qwen3-VL model, through PEFT / DDP wrappers."""
+    inner = model
+    for _ in range(8):
+        if hasattr(inner, "language_model"):
+            return inner.language_model
+        inner = getattr(inner, "module", None) or getattr(inner, "base_model", None) or getattr(inner, "model", None)
+        if inner is None:
+            break
+    raise TypeError(f"{type(model).__name__} has no language_model: not a Qwen3-VL model?")
 
 
 # ---------------------------------------------------------------- offline bin packing

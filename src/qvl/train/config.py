@@ -115,6 +115,17 @@ class TrainConfig(BaseModel):
     packed_attention: Literal["auto", "flex", "sdpa", "flash_attention_2"] = Field(
         "auto", description="attention for packed rows: auto = flash_attention_2 if installed, else sdpa (rows up "
                             "to 16k tokens, and on CPU) or flex (longer rows on CUDA)")
+    packed_row_tokens: int | None = Field(None, description="token budget per packed row: a step's samples are "
+                                          "regrouped into rows of up to this many tokens (bigger rows keep a large GPU "
+                                          "busy; the step's loss is the same); null: one row per micro-batch")
+    # --- speed (docs/train.md, "Speed"; measured in docs/benchmarks.md) ---
+    gradient_checkpointing_ratio: float = Field(1.0, description="with gradient_checkpointing: the fraction of LLM "
+                                                "decoder layers recomputed (evenly spaced); lower is faster and "
+                                                "uses more memory")
+    fused_cross_entropy: bool = Field(True, description="lm_head + loss in row chunks, never the full-vocabulary "
+                                      "logits tensor")
+    compile_layers: bool | Literal["auto"] = Field(False, description="torch.compile the decoder layers' parts "
+                                                   "(one graph for all layers, dynamic lengths); auto = on CUDA only")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
     gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "
@@ -187,8 +198,17 @@ class TrainConfig(BaseModel):
                 bad(key, f"{key}={v} must be >= 0")
         if self.lr_scheduler_type not in SCHEDULERS:
             bad("lr_scheduler_type", f"unknown scheduler {self.lr_scheduler_type!r}", f"use one of {list(SCHEDULERS)}")
-        if self.optim not in ("adamw_torch", "adamw_torch_fused", "adamw"):
-            bad("optim", f"optimizer {self.optim!r} is not supported", "use adamw_torch")
+        if self.optim not in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_torch_foreach"):
+            bad("optim", f"optimizer {self.optim!r} is not supported", "use adamw_torch (fused kernel on CUDA)")
+        if not 0 <= self.gradient_checkpointing_ratio <= 1:
+            bad("gradient_checkpointing_ratio", f"gradient_checkpointing_ratio={self.gradient_checkpointing_ratio} "
+                "must be in [0, 1]")
+        if self.packed_row_tokens is not None:
+            if self.packed_row_tokens < 1:
+                bad("packed_row_tokens", f"packed_row_tokens={self.packed_row_tokens} must be >= 1")
+            if not (self.data_flatten or self.data_packing):
+                bad("packed_row_tokens", "packed_row_tokens regroups packed rows, but nothing is packed",
+                    "set data_flatten=true (or data_packing=true), or packed_row_tokens=null")
         if not 0 <= self.warmup_ratio <= 1:
             bad("warmup_ratio", f"warmup_ratio={self.warmup_ratio} must be in [0, 1]")
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "model_max_length",

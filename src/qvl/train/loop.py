@@ -32,6 +32,7 @@ from qvl.data.preprocess import IGNORE_INDEX, TooLong
 from qvl.errors import QvlError
 from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
+from qvl.train import speed
 from qvl.train.config import TrainConfig
 
 
@@ -294,9 +295,10 @@ class LossModule(torch.nn.Module):
     trainable weight gets a (zero) gradient, so DDP / ZeRO ranks never wait for one that has none.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, fused_cross_entropy: bool = False):
         super().__init__()
         self.model = model  # Qwen3VLForConditionalGeneration or a PeftModel around it
+        self.fused_ce = fused_cross_entropy  # speed.linear_cross_entropy: no full-vocabulary logits tensor
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.inner, self.lm_head, self.visual = base.model, base.lm_head, base.model.visual
         self.vision_trains = any(p.requires_grad for p in self.visual.parameters())
@@ -317,8 +319,11 @@ class LossModule(torch.nn.Module):
         hidden = out.last_hidden_state[:, :-1]
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
-        logits = self.lm_head(hidden[keep]).float()
-        loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+        if self.fused_ce and getattr(self.lm_head, "bias", None) is None:
+            loss_sum = speed.linear_cross_entropy(hidden[keep], self.lm_head.weight, target[keep])
+        else:
+            logits = self.lm_head(hidden[keep]).float()
+            loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
         loss = loss_sum / max(n_label_tokens, 1.0)
         if self.vision_trains and "pixel_values" not in batch and "pixel_values_videos" not in batch:
             loss = loss + self.dummy_vision(hidden.device, self.visual.dtype if hasattr(self.visual, "dtype")
@@ -436,6 +441,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     model = comp.apply_training_mode(model, cfg)
     if cfg.gradient_checkpointing:
         comp.enable_gradient_checkpointing(model)
+        if cfg.gradient_checkpointing_ratio < 1.0:  # selective: only some decoder layers recompute
+            speed.checkpoint_some_layers(model, cfg.gradient_checkpointing_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if load_dtype != torch.float32 and cfg.lora_enable:
         for p in trainable:  # adapters (and modules_to_save) keep fp32 master weights; the frozen base stays bf16
@@ -447,10 +454,13 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     if packed:  # one row per micro-batch: each sample attends only to itself, with its own mRoPE positions
         from qvl.data.packing import rope_index_fn, use_packed_attention
 
-        row_cap = cfg.per_device_train_batch_size * cfg.model_max_length
+        row_cap = (max(cfg.packed_row_tokens, cfg.model_max_length) if cfg.packed_row_tokens
+                   else cfg.per_device_train_batch_size * cfg.model_max_length)
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
-    loss_module = LossModule(model)
+    if speed.compile_wanted(cfg.compile_layers, device):
+        speed.compile_layers(model)
+    loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy)
     runner = loss_module
     if dist.enabled:
         runner = torch.nn.parallel.DistributedDataParallel(
@@ -458,10 +468,9 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
 
     # 4. optimizer (one group per component x decay, each with its LR) and schedule
     groups = comp.param_groups(model, cfg)
-    fused = cfg.optim == "adamw_torch_fused" and device.type == "cuda"
     optimizer = torch.optim.AdamW(comp.optimizer_groups(groups, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                  **({"fused": True} if fused else {}))
+                                  **speed.adamw_options(cfg.optim, device))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
     # the logged `lr`: the LLM's group (learning_rate) when it trains, else the first group's
     main_group = next((g["name"] for g in optimizer.param_groups if g["name"].split("/")[0] == "llm"),
@@ -515,7 +524,7 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
 
     # 6. the loop
     for step, items in fetch_steps():
-        batches = []
+        batches, rows = [], []
         for item in items:
             if item.get("error"):
                 raise QvlError(*item["error"])
@@ -523,12 +532,16 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
             for why, example in item.get("examples", {}).items():
                 encoder.examples.setdefault(why, example)
             if item.get("samples"):
-                batches.append(pack_micro_batch(item["samples"], rope_index))
+                rows.append(item["samples"])
             elif item["batch"] is not None:
                 batches.append(item["batch"])
+        if cfg.packed_row_tokens and rows:  # the step's samples regrouped into rows of up to N tokens
+            flat = [e for r in rows for e in r]
+            rows = [[flat[i] for i in r] for r in speed.rows_by_budget([len(e) for e in flat], cfg.packed_row_tokens)]
+        batches += [pack_micro_batch(r, rope_index) for r in rows]
         n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
         n_tokens = sum(batch_tokens(b) for b in batches)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # stays on the device: one host sync per step (below)
         for j, batch in enumerate(batches):
             batch = to_device(batch, device)
             sync = not dist.enabled or j == len(batches) - 1
@@ -537,13 +550,14 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
                 with autocast:
                     loss, part = runner(batch, n_labels / dist.world_size)  # DDP averages over ranks
                 loss.backward()
-            loss_sum += float(part)
+            loss_sum += part
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+        loss_sum, grad_norm = speed.host_floats(loss_sum, grad_norm)
         step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
         losses.append(step_loss)
         done = step + 1

@@ -1,0 +1,208 @@
+"""Speed levers for `qvl train` (issue 7). Each one is switchable by a config key and tested on CPU against
+the plain path (tests/train/test_speed.py); measured effects are in docs/benchmarks.md.
+
+* :func:`linear_cross_entropy` — lm_head + cross-entropy in row chunks, gradients computed in the forward
+  pass: the full ``tokens x vocabulary`` logits tensor (and its fp32 copy and gradient) never exists.
+* :func:`checkpoint_some_layers` — recompute only a fraction of the decoder layers (selective activation
+  checkpointing): memory is traded for speed layer by layer instead of all or nothing.
+* :func:`compile_layers` — ``torch.compile`` of each decoder layer's parts (regional compilation: one
+  graph shared by every layer, dynamic sequence length, so varying row lengths do not recompile).
+* :func:`adamw_options` — the fused AdamW kernel on CUDA (same update, one kernel for all parameters).
+* :func:`rows_by_budget` — a step's samples regrouped into packed rows of up to N tokens (the loss is
+  token-weighted over the whole step, so how samples are split into rows does not change it).
+* :func:`host_floats` — a step's scalars copied to the host in one synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from qvl.errors import QvlError
+
+# Rows of logits per chunk in linear_cross_entropy: each chunk holds rows x vocabulary logits in the compute
+# dtype plus fp32 (about 256 MiB per chunk at Qwen3's 151,936 words).
+CE_CHUNK_BYTES = 256 * 2**20
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy
+# --------------------------------------------------------------------------------------------------
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i); gradients made chunk by chunk in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk: int):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                h, t = hidden[s:s + chunk], target[s:s + chunk]
+                logits = (h @ weight.t()).float()  # rounded to the compute dtype first, as lm_head(h).float() is
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w):
+                    continue
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                g = probs.to(h.dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+    """Sum over rows of the cross-entropy of ``hidden @ weight.T`` against ``target`` (fp32 result).
+
+    Computes what ``F.cross_entropy(lm_head(hidden).float(), target, reduction="sum")`` computes, under
+    autocast too (inputs are cast to the autocast dtype like ``lm_head`` would), without keeping the
+    logits: peak extra memory is one chunk of rows.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    if chunk is None:
+        per_row = weight.shape[0] * (4 + weight.element_size())
+        chunk = max(16, CE_CHUNK_BYTES // per_row)
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + weight.sum() * 0.0).float() * 0.0
+    return _LinearCrossEntropy.apply(hidden, weight, target, int(chunk))
+
+
+# --------------------------------------------------------------------------------------------------
+# Model structure: the LLM's decoder layers
+# --------------------------------------------------------------------------------------------------
+
+def decoder_layers(model) -> list:
+    from qvl.data.packing import language_model
+
+    return list(language_model(model).layers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Selective activation checkpointing
+# --------------------------------------------------------------------------------------------------
+
+def spread(k: int, n: int) -> list[int]:
+    """``k`` of ``range(n)``, evenly spaced."""
+    k = max(0, min(k, n))
+    return sorted({int((j + 0.5) * n / k) for j in range(k)}) if k else []
+
+
+def checkpoint_some_layers(model, ratio: float) -> list[int]:
+    """Keep gradient checkpointing on ``round(ratio x layers)`` decoder layers (evenly spaced); off on the rest.
+
+    Call after the model's gradient checkpointing is enabled. Recomputation does not change any value,
+    only what is kept for backward. Returns the indices of the layers still recomputed.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise QvlError(f"gradient_checkpointing_ratio={ratio} must be in [0, 1]", where="gradient_checkpointing_ratio")
+    layers = decoder_layers(model)
+    keep = set(spread(round(ratio * len(layers)), len(layers)))
+    for i, layer in enumerate(layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise QvlError(f"decoder layer {type(layer).__name__} has no gradient_checkpointing switch",
+                           where="gradient_checkpointing_ratio", fix="use gradient_checkpointing_ratio: 1.0")
+        layer.gradient_checkpointing = bool(layer.gradient_checkpointing) and i in keep
+    return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
+
+
+def ratio_for_memory(n_layers: int, free_bytes: float, layer_bytes: float) -> float:
+    """The smallest checkpointed fraction whose kept activations fit ``free_bytes``.
+
+    ``layer_bytes``: what one decoder layer keeps for backward when it is not recomputed (e.g. the
+    planner's ``layer_saved_bytes_per_token`` x the longest row).
+    """
+    if layer_bytes <= 0:
+        return 0.0
+    free_layers = max(0, min(n_layers, math.floor(free_bytes / layer_bytes)))
+    return (n_layers - free_layers) / n_layers
+
+
+# --------------------------------------------------------------------------------------------------
+# Regional compilation
+# --------------------------------------------------------------------------------------------------
+
+COMPILED_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def compile_layers(model, backend: str = "inductor", dynamic: bool = True) -> int:
+    """``torch.compile`` each decoder layer's norms, attention and MLP in place. Returns the modules compiled.
+
+    Compiling the parts (not the layer) keeps gradient checkpointing outside the compiled code, the same
+    on every transformers version. The layers share their code, so one graph per part serves all of
+    them; ``dynamic=True`` makes the sequence length symbolic, so rows of any length reuse it.
+    """
+    n = 0
+    for layer in decoder_layers(model):
+        for name in COMPILED_PARTS:
+            part = getattr(layer, name, None)
+            if part is not None:
+                part.compile(backend=backend, dynamic=dynamic)
+                n += 1
+    return n
+
+
+def uncompile(model) -> None:
+    """Undo :func:`compile_layers` (benchmarks reuse one model for several runs)."""
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+
+
+def compile_wanted(choice, device: torch.device) -> bool:
+    """``compile_layers`` config value -> on/off: ``auto`` is on for CUDA, off on CPU (slow to build there)."""
+    if choice == "auto":
+        return device.type == "cuda"
+    return bool(choice)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer, rows, host syncs
+# --------------------------------------------------------------------------------------------------
+
+def adamw_options(optim: str, device: torch.device) -> dict:
+    """Extra ``torch.optim.AdamW`` arguments: the fused kernel on CUDA unless ``adamw_torch_foreach`` is asked."""
+    if device.type == "cuda" and optim != "adamw_torch_foreach":
+        return {"fused": True}
+    return {"foreach": True} if optim == "adamw_torch_foreach" else {}
+
+
+def rows_by_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices of a step's samples grouped into rows of at most ``max_tokens`` tokens (best fit decreasing).
+
+    A sample longer than the budget gets a row of its own (samples are never cut). Rows keep their
+    samples in the original order.
+    """
+    from qvl.data.packing import best_fit_decreasing
+
+    plan = best_fit_decreasing(lengths, max_tokens)
+    rows = [sorted(p) for p in plan.packs] + [[i] for i in plan.too_long]
+    return sorted(rows, key=lambda r: r[0])
+
+
+def host_floats(*values) -> list[float | None]:
+    """Tensors (or numbers, or None) -> floats, with one device-to-host copy for all the tensors."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    got = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
+    return [next(got) if isinstance(v, torch.Tensor) else (None if v is None else float(v)) for v in values]

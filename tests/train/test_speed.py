@@ -1,0 +1,241 @@
+"""Speed levers (src/qvl/train/speed.py) compute what the plain path computes.
+
+Each lever against the plain path on CPU (tiny model, fp32): losses rel 1e-5, gradients max |diff| /
+max |grad| < 1e-4 per parameter, unless said otherwise. Liger / flex / fused CUDA kernels are GPU-only
+and measured by bench/train_throughput.py instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qvl.errors import QvlError
+from qvl.train import speed
+from qvl.train.loop import train
+from qvl.train.track import read_metrics
+
+quiet = {"log": lambda *_: None}
+
+
+def _worst(a: dict, b: dict) -> float:
+    assert set(a) == set(b) and a
+    return max((a[n] - b[n]).abs().max().item() / (b[n].abs().max().item() + 1e-12) for n in a)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------- fused linear + cross-entropy
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_linear_cross_entropy_equals_plain(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    ref = F.cross_entropy(h @ w.t(), t, reduction="sum")
+    (ref / 7).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    got = speed.linear_cross_entropy(h, w, t, chunk=chunk)
+    (got / 7).backward()
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
+
+
+def test_linear_cross_entropy_frozen_weight_and_autocast():
+    torch.manual_seed(1)
+    h = torch.randn(20, 32, requires_grad=True)
+    w = torch.randn(64, 32, dtype=torch.bfloat16)  # frozen bf16 head, as in LoRA training
+    t = torch.randint(0, 64, (20,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
+    ref.backward()
+    g = h.grad.clone()
+    h.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = speed.linear_cross_entropy(h, w, t, chunk=6)
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert (h.grad - g).abs().max() / g.abs().max() < 2e-2  # bf16 rounding of the logits' gradient
+    empty = speed.linear_cross_entropy(h[:0], w, t[:0])
+    assert empty.item() == 0.0
+
+
+def _setup(cfg):
+    from qvl.data.registry import load_mixture
+    from qvl.models.load import load
+    from qvl.train import components as comp
+    from qvl.train.loop import Encoder
+
+    torch.manual_seed(0)
+    model, processor = load(cfg.model_name_or_path)
+    model = comp.apply_training_mode(model, cfg)
+    model.train()
+    return model, Encoder(load_mixture(cfg.dataset_use, None, seed=cfg.seed), processor, cfg)
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    from train_helpers import make_colour_data
+
+    return make_colour_data(tmp_path_factory.mktemp("speed"), 8, seed=4, text_only=3)
+
+
+def _packed_loss_grads(model, lm, rows, rope_index):
+    from qvl.data.preprocess import IGNORE_INDEX
+    from qvl.train.loop import pack_micro_batch
+
+    batches = [pack_micro_batch(r, rope_index) for r in rows]
+    n = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
+    model.zero_grad()
+    total = 0.0
+    for b in batches:
+        loss, part = lm(b, n)
+        loss.backward()
+        total += float(part)
+    return total / n, _grads(model)
+
+
+def test_loss_module_fused_ce_equals_plain(make_cfg, mixed_data):
+    """Full fine-tune (the lm_head weight trains too) and LoRA (frozen head): same loss and gradients."""
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.train.loop import LossModule
+
+    for kw in ({"tune_mm_llm": True}, {"tune_mm_llm": False, "lora_enable": True}):
+        model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, **kw))
+        use_packed_attention(model, "sdpa")
+        rows = [[enc(0), enc(8), enc(1)], [enc(2), enc(3)]]
+        ref = _packed_loss_grads(model, LossModule(model), rows, rope_index_fn(model))
+        got = _packed_loss_grads(model, LossModule(model, fused_cross_entropy=True), rows, rope_index_fn(model))
+        assert got[0] == pytest.approx(ref[0], rel=1e-5)
+        assert _worst(got[1], ref[1]) < 1e-4
+
+
+# ---------------------------------------------------------------- selective checkpointing
+
+def test_spread_and_ratio_for_memory():
+    assert speed.spread(0, 36) == [] and speed.spread(36, 36) == list(range(36))
+    assert speed.spread(2, 4) == [1, 3] and len(speed.spread(9, 36)) == 9
+    assert speed.ratio_for_memory(36, free_bytes=10e9, layer_bytes=1e9) == pytest.approx(26 / 36)
+    assert speed.ratio_for_memory(36, free_bytes=-1, layer_bytes=1e9) == 1.0
+    assert speed.ratio_for_memory(36, free_bytes=1e12, layer_bytes=1e9) == 0.0
+
+
+def test_selective_checkpointing_same_gradients(make_cfg, mixed_data):
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.train import components as comp
+    from qvl.train.loop import LossModule
+
+    model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
+    use_packed_attention(model, "sdpa")
+    rows = [[enc(0), enc(8), enc(1), enc(2)]]
+    lm = LossModule(model)
+    ref = _packed_loss_grads(model, lm, rows, rope_index_fn(model))
+    comp.enable_gradient_checkpointing(model)
+    n = len(speed.decoder_layers(model))
+    assert speed.checkpoint_some_layers(model, 0.5) == speed.spread(n // 2, n)
+    got = _packed_loss_grads(model, lm, rows, rope_index_fn(model))
+    assert got[0] == pytest.approx(ref[0], rel=1e-6)
+    assert _worst(got[1], ref[1]) < 1e-5
+    assert speed.checkpoint_some_layers(model, 1.0) == speed.spread(n // 2, n)  # never turns recompute back on
+    with pytest.raises(QvlError, match="gradient_checkpointing_ratio"):
+        speed.checkpoint_some_layers(model, 1.5)
+
+
+# ---------------------------------------------------------------- regional compilation
+
+def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data):
+    """aot_eager on CPU (dynamo + AOTAutograd, the parts inductor builds on): same loss and grads, and rows of
+    three different lengths reuse one graph per compiled part."""
+    import torch._dynamo
+
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.train.loop import LossModule
+
+    model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
+    use_packed_attention(model, "sdpa")
+    lm = LossModule(model, fused_cross_entropy=True)
+    steps = [[[enc(0), enc(8)]], [[enc(1), enc(2), enc(9)]], [[enc(3)], [enc(10)]]]
+    ref = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        assert speed.compile_layers(model, backend="aot_eager") == 4 * len(speed.decoder_layers(model))
+        got = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        speed.uncompile(model)
+        torch._dynamo.reset()
+    for (gl, gg), (rl, rg) in zip(got, ref):
+        assert gl == pytest.approx(rl, rel=1e-5)
+        assert _worst(gg, rg) < 1e-4
+    assert 0 < graphs <= 2 * len(speed.COMPILED_PARTS), graphs  # no recompile per layer or per row length
+    assert speed.compile_wanted("auto", torch.device("cpu")) is False
+    assert speed.compile_wanted("auto", torch.device("cuda", 0)) is True
+
+
+# ---------------------------------------------------------------- optimizer, rows, host syncs
+
+def test_fused_adamw_equals_foreach():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True)
+    b = torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.1, fused=True)  # CPU has the fused kernel too
+    for _ in range(5):
+        g = [torch.randn_like(p) for p in ps]
+        for p, q, gi in zip(ps, qs, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        a.step()
+        b.step()
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ps, qs))
+    assert speed.adamw_options("adamw_torch", torch.device("cuda", 0)) == {"fused": True}
+    assert speed.adamw_options("adamw_torch_foreach", torch.device("cuda", 0)) == {"foreach": True}
+    assert speed.adamw_options("adamw_torch", torch.device("cpu")) == {}
+
+
+def test_rows_by_budget():
+    rows = speed.rows_by_budget([100, 900, 300, 700, 2000, 50], 1000)
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    lengths = [100, 900, 300, 700, 2000, 50]
+    assert all(sum(lengths[i] for i in r) <= 1000 or len(r) == 1 for r in rows)
+    assert [4] in rows and len(rows) == 4  # the 2,000-token sample alone; 900+100, 700+300(+50 somewhere)
+    assert speed.rows_by_budget([10, 10], 100) == [[0, 1]]
+
+
+def test_host_floats():
+    assert speed.host_floats(torch.tensor(1.5), None, 2, torch.tensor([3.0])) == [1.5, None, 2.0, 3.0]
+    assert speed.host_floats() == []
+
+
+# ---------------------------------------------------------------- the loop: levers on vs off
+
+def test_loop_with_levers_trains_like_plain(make_cfg, mixed_data, tmp_path):
+    """Same data and seeds: fused CE + selective checkpointing + token-budget rows give the plain loop's loss
+    curve and gradient norms (4 samples per step, 2 micro-batches of 2 -> rows of <= 4,096 tokens)."""
+    kw = dict(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True,
+              per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, save_strategy="no")
+    plain = train(make_cfg(output_dir=str(tmp_path / "plain"), fused_cross_entropy=False, **kw), **quiet)
+    fast = train(make_cfg(output_dir=str(tmp_path / "fast"), gradient_checkpointing=True,
+                          gradient_checkpointing_ratio=0.5, packed_row_tokens=4096, **kw), **quiet)
+    assert fast.losses == pytest.approx(plain.losses, rel=1e-4)
+    ga = [r["grad_norm"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
+    gb = [r["grad_norm"] for r in read_metrics(tmp_path / "fast" / "metrics.jsonl")]
+    assert gb == pytest.approx(ga, rel=1e-3)
+
+
+def test_speed_config_keys(make_cfg):
+    cfg = make_cfg(data_flatten=True, packed_row_tokens=16384, gradient_checkpointing_ratio=0.25,
+                   compile_layers="auto")
+    assert cfg.fused_cross_entropy and cfg.compile_layers == "auto" and cfg.packed_row_tokens == 16384
+    with pytest.raises(QvlError, match="packed_row_tokens"):
+        make_cfg(packed_row_tokens=4096)  # nothing packed
+    with pytest.raises(QvlError, match="gradient_checkpointing_ratio"):
+        make_cfg(gradient_checkpointing_ratio=1.5)
+    with pytest.raises(QvlError, match="optim"):
+        make_cfg(optim="sgd")
