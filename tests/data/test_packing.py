@@ -129,3 +129,37 @@ def test_best_fit_decreasing():
     assert all(sum(lengths[i] for i in p) <= 1000 for p in plan.packs)
     assert len(plan.packs) == 4  # 3,250 tokens need at least 4 bins of 1,000
     assert plan.fill_ratio == pytest.approx(3250 / 4000)
+
+
+def test_packed_equals_alone_per_sample(mixed, tiny_model_dir):
+    """qvl_per_sample (sdpa on each sample's slice, no mask): same per-sample losses and gradients as alone."""
+    from qvl.data import packing
+
+    encs, processor = mixed
+    model, _ = load(tiny_model_dir)
+    model.train()
+    ref_losses, ref_grads = _alone(model, processor, encs)
+    assert use_packed_attention(model, "per_sample") == "qvl_per_sample"
+    calls = []
+    original = packing.sample_bounds
+    packing.sample_bounds = lambda t: calls.append(1) or original(t)
+    try:
+        losses, grads = _packed(model, encs)
+    finally:
+        packing.sample_bounds = original
+    assert calls, "the per-sample attention did not run"
+    assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-4)
+    assert set(grads) == set(ref_grads)
+    worst = max((grads[n] - ref_grads[n]).abs().max().item() / (ref_grads[n].abs().max().item() + 1e-8) for n in grads)
+    assert worst < 1e-3, worst
+
+
+def test_sample_bounds_are_cached_per_tensor():
+    from qvl.data.packing import sample_bounds
+
+    pos = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 3])
+    assert sample_bounds(pos) == [(0, 3), (3, 5), (5, 9)]
+    assert sample_bounds(pos) is sample_bounds(pos)
+    other = torch.tensor([0, 1, 0, 1, 2, 3, 4, 5, 6])  # a new forward's positions: never the cached answer
+    assert sample_bounds(other) == [(0, 2), (2, 9)]
+    assert sample_bounds(torch.tensor([[0, 1, 2]])) == [(0, 3)]

@@ -210,3 +210,15 @@ def test_loader_workers_default():
         assert loader_workers(None, torch.device("cuda", 0)) == min(4, os.cpu_count() - 2)
     else:
         assert loader_workers(None, torch.device("cuda", 0)) == 0
+
+
+def test_per_sample_attention_trains_like_sdpa_mask(make_cfg, mixed_data, tmp_path):
+    """packed_attention: per_sample through qvl train gives the block-mask sdpa run's losses."""
+    from qvl.train.loop import train
+
+    runs = {}
+    for impl in ("sdpa", "per_sample"):
+        cfg = make_cfg(dataset_use=mixed_data, data_flatten=True, packed_attention=impl, max_steps=3,
+                       output_dir=str(tmp_path / impl), save_strategy="no")
+        runs[impl] = train(cfg, log=lambda *a, **k: None).losses
+    assert runs["per_sample"] == pytest.approx(runs["sdpa"], rel=1e-4)

@@ -14,7 +14,8 @@ Three rules make a packed row compute exactly what the samples would compute alo
 
 Without flash-attn, the block-diagonal mask for sdpa is a dense L x L tensor; at long L the
 ``qvl_flex`` attention (flex attention registered through transformers' attention
-interface) builds a block-sparse mask instead.
+interface) builds a block-sparse mask instead. ``qvl_per_sample`` needs no mask at all: it runs
+causal sdpa on each sample's slice of the row (flash kernels on a GPU, cost per sample not per row).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from qvl.data.preprocess import IGNORE_INDEX, Encoded
 
 FLEX_ATTENTION = "qvl_flex"
+PER_SAMPLE_ATTENTION = "qvl_per_sample"
 
 
 def rope_index_fn(model) -> Callable:
@@ -98,6 +100,60 @@ def register_flex_attention() -> str:
     return FLEX_ATTENTION
 
 
+_bounds_cache: list = []  # (text positions tensor, its version, bounds): one host read per forward, not per layer
+
+
+def sample_bounds(text_positions: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each sample in a packed row, from its text positions (they restart at 0 per sample).
+
+    Every layer of one forward (and its recomputation under checkpointing) gets the same tensor, so
+    the answer is cached; the cache holds the tensor itself, so a new forward's tensor can never be
+    mistaken for it.
+    """
+    for t, version, bounds in _bounds_cache:
+        if t is text_positions and version == t._version:
+            return bounds
+    row = text_positions.reshape(-1) if text_positions.dim() == 1 else text_positions[0]
+    starts = (row == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    bounds = list(zip(starts, starts[1:] + [row.shape[0]]))
+    _bounds_cache.append((text_positions, text_positions._version, bounds))
+    del _bounds_cache[:-8]
+    return bounds
+
+
+def per_sample_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         **kwargs):
+    """Causal attention inside each sample of a packed row: (1, H, L, D) -> (1, L, H, D), no L x L mask.
+
+    Anything that is not a single packed row (a padded batch, a mask, no positions) goes to sdpa.
+    """
+    import torch.nn.functional as F
+
+    positions = kwargs.get("position_ids")
+    if query.shape[0] != 1 or attention_mask is not None or positions is None or query.shape[2] != key.shape[2]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
+                                           is_causal=True, scale=scaling, enable_gqa=True)
+            for s, e in sample_bounds(positions)]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_per_sample_attention() -> str:
+    """Register ``qvl_per_sample`` with transformers: the attention above, and a mask function that builds none."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PER_SAMPLE_ATTENTION, per_sample_attention)
+    AttentionMaskInterface.register(PER_SAMPLE_ATTENTION, lambda *args, **kwargs: None)
+    return PER_SAMPLE_ATTENTION
+
+
 def use_packed_attention(model, impl: str = "auto") -> str:
     """Choose attention for packed rows: flash-attn varlen if installed, else flex, or 'sdpa' as asked.
 
@@ -109,6 +165,8 @@ def use_packed_attention(model, impl: str = "auto") -> str:
         impl = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex"
     if impl == "flex":
         impl = register_flex_attention()
+    elif impl == "per_sample":
+        impl = register_per_sample_attention()
     language_model(model).config._attn_implementation = impl
     return impl
 

@@ -112,9 +112,10 @@ class TrainConfig(BaseModel):
     data_flatten: bool = Field(False, description="concatenate each micro-batch's samples into one row (no padding)")
     data_packing: bool = Field(False, description="records are packs (lists of samples, `qvl data pack`); each "
                                                   "micro-batch is per_device_train_batch_size packs in one row")
-    packed_attention: Literal["auto", "flex", "sdpa", "flash_attention_2"] = Field(
+    packed_attention: Literal["auto", "flex", "sdpa", "per_sample", "flash_attention_2"] = Field(
         "auto", description="attention for packed rows: auto = flash_attention_2 if installed, else sdpa (rows up "
-                            "to 16k tokens, and on CPU) or flex (longer rows on CUDA)")
+                            "to 16k tokens, and on CPU) or flex (longer rows on CUDA); per_sample = causal sdpa on "
+                            "each sample's slice of the row (no mask; flash kernels on a GPU; not yet timed)")
     packed_row_tokens: int | None = Field(None, description="token budget per packed row: a step's samples are "
                                           "regrouped into rows of up to this many tokens (bigger rows keep a large GPU "
                                           "busy; the step's loss is the same); null: one row per micro-batch")
