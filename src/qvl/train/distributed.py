@@ -14,9 +14,11 @@ backward; gradients sync on the last one), then :func:`finish_step` (clip, updat
 
 Sharded weights (ZeRO-3, FSDP) are gathered module by module when a module runs, with a
 collective that every rank must join. A rank whose micro-batch has no image would skip the
-vision tower and leave the others waiting: :func:`dummy_vision_calls` makes every rank run the
-tower as many times as the busiest rank does (a 4-patch dummy input whose output joins the loss
-times 0), whether the tower trains or not.
+vision tower and leave the others waiting (the ZeRO-3 hang every peer knows). :func:`balance_media`
+gives such a micro-batch a label-free fake image (or video) appended after its real tokens, so
+every rank runs the same graph, forward and backward, whether the tower trains or not. (A dummy
+tower run whose output only joins the loss times 0 is not enough under ZeRO-3: its backward
+differs from a rank whose tower output feeds the LLM, and the ranks' collectives drift apart.)
 """
 
 from __future__ import annotations
@@ -119,21 +121,21 @@ def master_weights_fp32(cfg: TrainConfig) -> bool:
 @dataclass
 class Engine:
     name: str  # ddp | deepspeed | fsdp
-    runner: object  # called as runner(batch, n_labels, dummy_vision): LossModule, DDP, DeepSpeed engine, FSDP root
+    runner: object  # called as runner(batch, n_labels): LossModule, DDP, DeepSpeed engine, FSDP root
     optimizer: torch.optim.Optimizer  # qvl's own (DeepSpeed wraps it; its param_groups carry the LRs)
     scheduler: object
     trainable: list = field(default_factory=list)
     max_grad_norm: float = 1.0
     world_size: int = 1
     sharded: bool = False  # weights sharded (ZeRO-3, FSDP): gathered per module in forward
-    vision_trains: bool = False  # some vision-tower weight trains
+    packed: bool = False  # micro-batches are packed rows (data_flatten / data_packing)
     zero: int = 0
     offload: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
     def balance_vision(self) -> bool:
-        """Whether every rank must run the vision tower as often as the busiest one (sharded, several ranks)."""
+        """Whether every rank must see the same media kinds per micro-batch (sharded weights, several ranks)."""
         return self.sharded and self.world_size > 1
 
 
@@ -197,7 +199,7 @@ def prepare(loss_module, model, cfg: TrainConfig, dist, device: torch.device, lr
             loss_module, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Engine(name, runner, optimizer, scheduler, trainable, cfg.max_grad_norm, dist.world_size,
-                  shards_weights(cfg), loss_module.vision_trains, zero, offload, notes)
+                  shards_weights(cfg), cfg.data_flatten or cfg.data_packing, zero, offload, notes)
 
 
 def _deepspeed_engine(loss_module, model, optimizer, cfg: TrainConfig, world_size: int, notes: list[str]):
@@ -220,36 +222,112 @@ def _deepspeed_engine(loss_module, model, optimizer, cfg: TrainConfig, world_siz
 # One micro-batch, one step
 # --------------------------------------------------------------------------------------------------
 
-def vision_calls(batch: dict) -> int:
-    """How often the model runs its vision tower on ``batch``: once for images, once for videos."""
-    return int("pixel_values" in batch) + int("pixel_values_videos" in batch)
+class FakeMedia:
+    """One label-free image and one label-free video sample (Encoded), made on first use.
 
-
-def dummy_vision_calls(eng: Engine, batches: list[dict], device) -> list[int | None]:
-    """Per micro-batch: how many dummy vision-tower runs this rank adds (None: the loss module's own rule).
-
-    With sharded weights every rank runs the tower as often as the busiest rank in every
-    micro-batch (one small all-reduce per step), trainable or frozen: its weights are gathered by
-    a collective each time it runs. A trainable tower runs at least once, as on one GPU, so that
-    its weights get a (zero) gradient whenever they would there.
+    They ride along in a micro-batch that lacks the media another rank's micro-batch has: appended
+    after the real tokens (causal attention: nothing before them sees them; no labels: no loss),
+    they make this rank's forward and backward the same graph as the other ranks'.
     """
-    if not eng.balance_vision:
-        return [None] * len(batches)
-    own = torch.tensor([vision_calls(b) for b in batches], dtype=torch.int64, device=device)
-    most = own.clamp(min=1) if eng.vision_trains else own.clone()
-    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    return (most - own).tolist()
+
+    def __init__(self, processor, cfg: TrainConfig):
+        self.processor, self.cfg = processor, cfg
+        self._made: dict = {}
+
+    def __getitem__(self, kind: str):
+        if kind not in self._made:
+            self._made[kind] = self._make(kind)
+        return self._made[kind]
+
+    def _make(self, kind: str):
+        import tempfile
+
+        from PIL import Image
+
+        from qvl.data.preprocess import IGNORE_INDEX, encode
+        from qvl.data.samples import parse_sample
+
+        with tempfile.TemporaryDirectory(prefix="qvl_fake_") as tmp:
+            side = 32 * max(2, int((self.cfg.min_pixels ** 0.5) // 32) + 1)
+            Image.new("RGB", (side, side), (128, 128, 128)).save(f"{tmp}/f.png")
+            media = {"image": "f.png"} if kind == "image" else {"video": [["f.png", "f.png"]], "sample_fps": 2}
+            raw = {**media, "conversations": [{"from": "human", "value": f"<{kind}>"}, {"from": "gpt", "value": "x"}]}
+            sample, problems = parse_sample(raw, 0, tmp, f"<fake {kind}>")
+            if sample is None:
+                raise QvlError(f"could not build the balancing {kind}: {problems[0].render()}")
+            enc = encode(sample, self.processor, self.cfg.vision_budget())
+        enc.labels = torch.full_like(enc.input_ids, IGNORE_INDEX)
+        return enc
 
 
-def null_batch(batch: dict) -> dict:
-    """``batch`` with no label to learn: a rank whose samples were all skipped still joins every collective."""
+def media_in(item: dict) -> tuple[bool, bool]:
+    """(images, videos) in a loader item (a collated ``batch`` or packed ``samples``)."""
+    if item.get("samples"):
+        return (any(e.pixel_values is not None for e in item["samples"]),
+                any(e.pixel_values_videos is not None for e in item["samples"]))
+    batch = item.get("batch") or {}
+    return "pixel_values" in batch, "pixel_values_videos" in batch
+
+
+def append_sample(batch: dict, enc, pad_id: int) -> dict:
+    """``batch`` (right-padded rows) with ``enc`` appended after the last row's tokens, its media last."""
+    from qvl.data.collate import collate
     from qvl.data.preprocess import IGNORE_INDEX
 
-    return dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
+    extra = collate([enc], pad_id, "right")
+    rows, width = batch["input_ids"].shape
+    n = extra["input_ids"].shape[1]
+    out = dict(batch)
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0), ("labels", IGNORE_INDEX)):
+        if key not in batch:
+            continue
+        t = torch.full((rows, width + n), fill, dtype=batch[key].dtype)
+        t[:, :width] = batch[key]
+        t[-1, width:] = extra[key][0]
+        out[key] = t
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if key in extra:
+            out[key] = torch.cat([batch[key], extra[key]]) if key in batch else extra[key]
+    return out
 
 
-def micro_step(eng: Engine, batch: dict, n_labels: float, last: bool, dummy_vision: int | None = None,
-               autocast=None) -> torch.Tensor:
+def balance_media(eng: Engine, items: list[dict], fakes: FakeMedia, device, pad_id: int) -> list[dict]:
+    """Several ranks: the same number of micro-batches everywhere, and under sharded weights the same media.
+
+    A micro-batch whose samples were all skipped becomes the fake image alone (no labels). With
+    sharded weights (ZeRO-3, FSDP) a micro-batch gets the fake image (video) when another rank's
+    micro-batch of the same position has images (videos): every rank then runs the vision tower
+    as often, and its output reaches the loss the same way, so the weight gathers and gradient
+    reductions of all ranks match (a rank that skipped the tower would leave the others waiting).
+    One small all-reduce per step.
+    """
+    from qvl.data.collate import collate
+
+    out = []
+    for item in items:
+        if not item.get("error") and not item.get("samples") and item.get("batch") is None:
+            if eng.packed:
+                item = dict(item, samples=[fakes["image"]])
+            else:
+                item = dict(item, batch=collate([fakes["image"]], pad_id, "right"))
+        out.append(item)
+    if not eng.balance_vision or any(item.get("error") for item in out):
+        return out
+    own = torch.tensor([media_in(item) for item in out], dtype=torch.int64, device=device)
+    most = own.clone()
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    for j, (have, need) in enumerate(zip(own.tolist(), most.tolist())):
+        for k, kind in enumerate(("image", "video")):
+            if need[k] and not have[k]:
+                item = out[j]
+                if item.get("samples"):
+                    out[j] = dict(item, samples=[*item["samples"], fakes[kind]])
+                else:
+                    out[j] = dict(item, batch=append_sample(item["batch"], fakes[kind], pad_id))
+    return out
+
+
+def micro_step(eng: Engine, batch: dict, n_labels: float, last: bool, autocast=None) -> torch.Tensor:
     """Forward + backward of one micro-batch; gradients are reduced across ranks on the ``last`` one.
 
     ``n_labels`` is the step's label-token count over every rank, divided by the world size (each
@@ -260,7 +338,7 @@ def micro_step(eng: Engine, batch: dict, n_labels: float, last: bool, dummy_visi
     if eng.name == "deepspeed":
         runner.set_gradient_accumulation_boundary(last)
         with autocast:
-            loss, part = runner(batch, n_labels, dummy_vision)
+            loss, part = runner(batch, n_labels)
         runner.backward(loss, scale_wrt_gas=False)  # the loss is already divided by the step's tokens
         runner.step()  # updates only on the boundary (the last micro-batch)
         return part
@@ -271,7 +349,7 @@ def micro_step(eng: Engine, batch: dict, n_labels: float, last: bool, dummy_visi
         ctx = runner.no_sync() if eng.world_size > 1 and not last else contextlib.nullcontext()
     with ctx:
         with autocast:
-            loss, part = runner(batch, n_labels, dummy_vision)
+            loss, part = runner(batch, n_labels)
         loss.backward()
     return part
 

@@ -311,34 +311,18 @@ class LossModule(torch.nn.Module):
         out = self.visual(pixels, grid_thw=grid)
         return sum(t.float().sum() for t in _tensors(out) if t.is_floating_point()) * 0.0
 
-    def forward(self, batch: dict, n_label_tokens: float, dummy_vision: int | None = None):
-        """``dummy_vision``: how many dummy tower runs to add (sharded engines balance ranks, see
-        qvl.train.distributed); None: one when the tower trains and the batch has no pixels. They run
-        right after the token embedding, where the model runs its tower, so every rank gathers
-        sharded weights in the same order."""
-        if dummy_vision is None:
-            dummy_vision = int(self.vision_trains and "pixel_values" not in batch and "pixel_values_videos" not in batch)
-        dummy: list[torch.Tensor] = []
-
-        def run_dummies(module, args, output):
-            dtype = self.visual.dtype if hasattr(self.visual, "dtype") else next(self.visual.parameters()).dtype
-            dummy.extend(self.dummy_vision(output.device, dtype) for _ in range(dummy_vision))
-
-        hook = self.inner.get_input_embeddings().register_forward_hook(run_dummies) if dummy_vision else None
+    def forward(self, batch: dict, n_label_tokens: float):
         labels = batch.pop("labels")
-        try:
-            out = self.inner(**batch, use_cache=False)
-        finally:
-            if hook is not None:
-                hook.remove()
+        out = self.inner(**batch, use_cache=False)
         hidden = out.last_hidden_state[:, :-1]
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         logits = self.lm_head(hidden[keep]).float()
         loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
         loss = loss_sum / max(n_label_tokens, 1.0)
-        for d in dummy:
-            loss = loss + d
+        if self.vision_trains and "pixel_values" not in batch and "pixel_values_videos" not in batch:
+            loss = loss + self.dummy_vision(hidden.device, self.visual.dtype if hasattr(self.visual, "dtype")
+                                            else next(self.visual.parameters()).dtype)
         return loss, loss_sum.detach()
 
 
@@ -512,7 +496,7 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     skipped: Counter = Counter()
     losses: list[float] = []
     row: dict = {}
-    last_batch = None  # stands in (with no labels) for a micro-batch whose samples were all skipped
+    fakes = distributed.FakeMedia(processor, cfg)  # label-free image / video for balancing ranks (made when needed)
 
     def fetch_steps():
         """Yield (step, [micro-batches]) from ``start_step`` on, following the plan."""
@@ -528,6 +512,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
 
     # 6. the loop
     for step, items in fetch_steps():
+        if dist.enabled:  # every rank runs as many micro-batches, and the vision tower as often, as the others
+            items = distributed.balance_media(eng, items, fakes, device, pad_id)
         batches = []
         for item in items:
             if item.get("error"):
@@ -541,18 +527,11 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
                 batches.append(item["batch"])
         n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
         n_tokens = sum(batch_tokens(b) for b in batches)
-        if dist.enabled and len(batches) < len(items):  # every rank runs as many micro-batches as the others
-            if not batches and last_batch is None:
-                raise QvlError(f"every sample of rank {dist.rank}'s first step was skipped", where="dataset_use",
-                               fix="see the skipped-sample counts above (e.g. raise model_max_length)")
-            batches += [distributed.null_batch(batches[0] if batches else last_batch)] * (len(items) - len(batches))
-        last_batch = batches[-1] if batches else last_batch
-        dummies = distributed.dummy_vision_calls(eng, batches, device)
         loss_sum = 0.0
         step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
         for j, batch in enumerate(batches):
             part = distributed.micro_step(eng, to_device(batch, device), n_labels / dist.world_size,  # engines average over ranks
-                                          last=j == len(batches) - 1, dummy_vision=dummies[j], autocast=autocast)
+                                          last=j == len(batches) - 1, autocast=autocast)
             loss_sum += float(part)
         grad_norm = distributed.finish_step(eng)
 
