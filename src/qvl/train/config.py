@@ -140,7 +140,7 @@ class TrainConfig(BaseModel):
     def _fsdp(cls, v):
         if v is None or v is False or (isinstance(v, str) and v.strip().lower() in ("", "false", "no", "null", "none")):
             return None
-        if v is True:
+        if v is True or (isinstance(v, str) and v.strip().lower() in ("true", "yes")):
             return "full_shard"
         if isinstance(v, list):
             v = " ".join(str(x) for x in v)
