@@ -46,7 +46,6 @@ LORA = {"lora_enable": True, "lora_r": 64, "lora_alpha": 128, "tune_mm_llm": Fal
 
 def setup(sizes: list[str], work: Path, samples: int) -> None:
     import torch
-
     from workload import make_workload
 
     from qvl.models.build import build_random, build_tiny

@@ -63,6 +63,8 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
     ``data_packing`` a micro-batch is one row of up to ``batch`` x that, the same token count.
     """
     zero, offload = zero_settings(cfg)
+    if cfg.engine == "fsdp":  # FSDP2 full sharding: weights, gradients and states sharded, as ZeRO-3
+        zero = 3
     kw = {"method": "lora" if cfg.lora_enable else "full", "zero": zero, "offload": offload,
           "gradient_checkpointing": cfg.gradient_checkpointing, "batch": cfg.per_device_train_batch_size,
           "seq_len": cfg.model_max_length, "max_pixels": cfg.max_pixels,
