@@ -26,15 +26,3 @@ def test_example_takes_one_step(path, tiny_model_dir, colour_data, tmp_path):
     cfg = load_config(path, overrides)
     r = train(cfg, log=lambda *_: None)
     assert r.steps == 1 and r.losses and r.losses[0] == r.losses[0]
-
-
-def test_deepspeed_example_is_refused_with_a_fix(tiny_model_dir, colour_data, tmp_path):
-    from qvl.errors import QvlError
-
-    root = Path(__file__).resolve().parents[2]
-    cfg = load_config(root / "examples" / "full_8b_zero3_offload.yaml",
-                      {"model_name_or_path": str(tiny_model_dir), "dataset_use": colour_data,
-                       "deepspeed": str(root / "examples" / "deepspeed" / "zero3_offload.json"),
-                       "output_dir": str(tmp_path / "run")})
-    with pytest.raises(QvlError, match="deepspeed=null"):
-        train(cfg, log=lambda *_: None)

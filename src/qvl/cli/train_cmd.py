@@ -21,6 +21,8 @@ def register(app: typer.Typer) -> None:
         `resume=false` starts fresh (old files are moved to output_dir/previous/, never deleted).
         A memory preflight runs before the model loads and stops a run that will not fit (numbers + fix);
         `--force` trains anyway. `data_flatten=true` / `data_packing=true` train on packed rows.
+        Several GPUs: `nproc=N` (re-launches under torchrun); `deepspeed=examples/deepspeed/zero3.json`
+        or `fsdp=full_shard` choose the engine (docs/train.md, "Several GPUs").
         """
         import yaml
 
@@ -35,6 +37,10 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
             return
+        from qvl.train import distributed
+
+        if distributed.needs_launch(cfg):
+            distributed.relaunch([str(config), *ctx.args], cfg.nproc, say=typer.echo)
         from qvl.train.loop import train as run
 
         run(cfg, log=typer.echo)

@@ -2,7 +2,8 @@
 
 The official ``qwen-vl-finetune`` flag form, so an ``sft_*.sh`` script ports by swapping the entry
 point: ``torchrun --nproc_per_node=N -m qvl.train --model_name_or_path ... --dataset_use ...``.
-``key=value`` words and a YAML config file work here too.
+``key=value`` words and a YAML config file work here too; ``nproc=N`` re-launches the command
+under torchrun with N processes on this machine.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\nEvery key: see docs/train.md (or `qvl train --help`).")
         return 0
     try:
+        from qvl.train import distributed
         from qvl.train.config import from_argv
+
+        cfg = from_argv(argv)
+        if distributed.needs_launch(cfg):  # nproc=N: the same command under torchrun
+            distributed.relaunch(argv, cfg.nproc)
         from qvl.train.loop import train
 
-        train(from_argv(argv))
+        train(cfg)
     except QvlError as e:
         print(f"error: {e.render()}", file=sys.stderr)
         return 2

@@ -79,11 +79,14 @@ def _barrier() -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict,
-                    rank: int = 0, save_total_limit: int | None = None, _crash_before_marker: bool = False) -> Path:
+                    rank: int = 0, save_total_limit: int | None = None, _crash_before_marker: bool = False,
+                    write_state=None) -> Path:
     """Write ``checkpoint-STEP`` atomically; prune old ones beyond ``save_total_limit``.
 
     Under torchrun every rank calls this: rank 0 writes the folder, each rank adds its RNG file,
-    and rank 0 seals and renames it once all of them are in (barriers in between).
+    and rank 0 seals and renames it once all of them are in (barriers in between). With sharded
+    weights / optimizer states (DeepSpeed, FSDP), ``write_state(folder)`` is called on every rank
+    instead of rank 0 writing ``trainable.safetensors`` and ``optimizer.pt``.
     """
     from safetensors.torch import save_file
 
@@ -93,11 +96,14 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step killed earlier
         tmp.mkdir(parents=True)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if write_state is None:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     _barrier()  # the folder exists before the other ranks write into it
+    if write_state is not None:
+        write_state(tmp)
     # every rank keeps its own RNG (dropout differs per rank in DDP)
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
     _barrier()  # every RNG file is in before rank 0 lists the files and renames the folder
@@ -106,10 +112,11 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
         return final
     if _crash_before_marker:  # tests: a save killed before it completed
         raise KeyboardInterrupt("simulated crash during checkpoint save")
-    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+    written = sorted(f for f in tmp.rglob("*") if f.is_file())  # engines write sub-folders (deepspeed/, dcp/)
+    files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in written}
     (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step, "files": files,
                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
-    for f in tmp.iterdir():
+    for f in [*written, tmp / MARKER]:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     move_into_place(tmp, final)  # re-saving a step (after resuming from an older checkpoint) replaces it
@@ -151,14 +158,33 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state."""
-    from safetensors.torch import load_file
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, read_state=None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state.
 
+    ``read_state(path)`` (every rank) restores weights and optimizer written by a ``write_state``.
+    """
     path = Path(path)
     if not is_complete(path):
         raise QvlError(f"{path} is not a complete qvl checkpoint (no valid {MARKER})", where="resume",
                        fix="resume=true picks the newest complete checkpoint automatically")
+    if read_state is not None:
+        read_state(path)
+    else:
+        _load_weights_and_optimizer(path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    rng_file = path / f"rng_{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return json.loads((path / "state.json").read_text())
+
+
+def _load_weights_and_optimizer(path: Path, model, optimizer) -> None:
+    from safetensors.torch import load_file
+
+    if not (path / "trainable.safetensors").is_file():
+        raise QvlError(f"{path} was written by a sharded engine (DeepSpeed / FSDP): it has no trainable.safetensors",
+                       where="resume", fix="resume with the same deepspeed / fsdp setting, or start fresh with "
+                       "resume=false")
     saved = load_file(str(path / "trainable.safetensors"))
     params = dict(unwrap(model).named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
@@ -176,11 +202,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
         raise QvlError(f"the checkpoint's optimizer does not match this run's parameter groups ({e})", where=str(path),
                        fix="resume with the same weight_decay / vision_tower_lr / mm_projector_lr settings, or "
                        "start fresh with resume=false") from None
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
-    rng_file = path / f"rng_{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    return json.loads((path / "state.json").read_text())
 
 
 def holds_run(output_dir: Path) -> bool:
@@ -216,8 +237,12 @@ def _base_reference(name_or_path: str) -> str:
     return str(p.resolve()) if p.exists() else name_or_path
 
 
-def save_final(output_dir: Path, model, processor, cfg, extra: dict | None = None) -> list[str]:
+def save_final(output_dir: Path, model, processor, cfg, extra: dict | None = None,
+               state_dict: dict | None = None) -> list[str]:
     """Write the servable result into ``output_dir`` (files next to the checkpoints).
+
+    ``state_dict``: the weights gathered from a sharded engine (ZeRO-3, FSDP), written instead of
+    the model's own (whose parameters are shards there).
 
     LoRA: ``adapter_config.json`` (with ``base_model_name_or_path``) + ``adapter_model.safetensors``
     holding the adapters and every fully trained module. Full: ``config.json`` + weights. Both
@@ -234,15 +259,16 @@ def save_final(output_dir: Path, model, processor, cfg, extra: dict | None = Non
     base.config.use_cache = True
     if getattr(base.config, "text_config", None) is not None:
         base.config.text_config.use_cache = True
+    kw = {} if state_dict is None else {"state_dict": state_dict}
     if is_peft:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **kw)
         ac = tmp / "adapter_config.json"
         conf = json.loads(ac.read_text())
         conf["base_model_name_or_path"] = _base_reference(cfg.model_name_or_path)
         ac.write_text(json.dumps(conf, indent=2, sort_keys=True))
         (tmp / "README.md").unlink(missing_ok=True)
     else:
-        base.save_pretrained(tmp)
+        base.save_pretrained(tmp, **kw)
     processor.save_pretrained(tmp)
     (tmp / "qvl_train.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), **(extra or {})},
                                                    indent=2, default=str))

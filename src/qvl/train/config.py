@@ -107,7 +107,13 @@ class TrainConfig(BaseModel):
     # None: 4 worker processes on a GPU machine with cores to spare (encoding images off the step; measured
     # on an H100, 8B LoRA: 1,354 -> 1,949 tok/s), none on CPU-only machines where they would compete with training
     dataloader_num_workers: int | None = None
-    deepspeed: str | None = None
+    # --- several GPUs (docs/train.md, "Several GPUs"): the engine follows from deepspeed / fsdp ---
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON (ZeRO-2 / ZeRO-3 / offload), e.g. "
+                                                    "examples/deepspeed/zero3.json")
+    fsdp: str | None = Field(None, description="full_shard: PyTorch FSDP2 (fully_shard per decoder layer and "
+                                               "vision block, bf16 compute with fp32 master weights)")
+    nproc: int | None = Field(None, description="processes (GPUs) on this machine: `qvl train` re-launches "
+                                                "itself under torchrun with this many; torchrun sets it itself")
     # --- packed rows (docs/train.md, "Packing") ---
     data_flatten: bool = Field(False, description="concatenate each micro-batch's samples into one row (no padding)")
     data_packing: bool = Field(False, description="records are packs (lists of samples, `qvl data pack`); each "
@@ -140,6 +146,26 @@ class TrainConfig(BaseModel):
         if isinstance(v, str):
             v = [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp(cls, v):
+        if v is None or v is False or (isinstance(v, str) and v.strip().lower() in ("", "false", "no", "null", "none")):
+            return None
+        if v is True or (isinstance(v, str) and v.strip().lower() in ("true", "yes")):
+            return "full_shard"
+        if isinstance(v, list):
+            v = " ".join(str(x) for x in v)
+        words = str(v).split()
+        if "full_shard" not in words or not set(words) <= {"full_shard", "auto_wrap"}:
+            raise ValueError("qvl's FSDP engine is FSDP2 full sharding: use fsdp: full_shard "
+                             "(\"full_shard auto_wrap\", the Trainer form, means the same)")
+        return "full_shard"
+
+    @property
+    def engine(self) -> str:
+        """How ranks share the work: ``deepspeed`` (a JSON), ``fsdp`` (FSDP2) or ``ddp`` (also one process)."""
+        return "deepspeed" if self.deepspeed else "fsdp" if self.fsdp else "ddp"
 
     def vision_budget(self) -> VisionBudget:
         try:
@@ -223,6 +249,11 @@ class TrainConfig(BaseModel):
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb", "none")]
         if unknown:
             bad("report_to", f"unknown tracker(s) {unknown}", "use tensorboard, wandb or none")
+        if self.deepspeed and self.fsdp:
+            bad("fsdp", "deepspeed and fsdp are both set: one engine shards the model",
+                "keep one: deepspeed=examples/deepspeed/zero3.json or fsdp=full_shard")
+        if self.nproc is not None and self.nproc < 1:
+            bad("nproc", f"nproc={self.nproc} must be >= 1")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             bad("dataloader_num_workers", "must be >= 0")
         if self.gpu_mem is not None:
@@ -365,13 +396,17 @@ def from_argv(argv: list[str]) -> TrainConfig:
 # DeepSpeed JSON: checked and completed here, so the per-component LR groups always apply
 # --------------------------------------------------------------------------------------------------
 
-def deepspeed_config(cfg: TrainConfig, world_size: int = 1, hidden_size: int | None = None) -> dict:
+def deepspeed_config(cfg: TrainConfig, world_size: int = 1, hidden_size: int | None = None,
+                     notes: list[str] | None = None) -> dict:
     """Read ``cfg.deepspeed`` and fill every ``"auto"`` from the qvl config.
 
-    An ``optimizer`` or ``scheduler`` block is refused: DeepSpeed would build its own and silently
-    drop qvl's parameter groups (vision_tower_lr / mm_projector_lr) and schedule, which is what
-    happens with the official ``zero3_offload.json``. qvl hands its own AdamW to DeepSpeed instead
-    (with CPU offload, DeepSpeed runs it through its CPU Adam with the same groups).
+    qvl hands DeepSpeed its own optimizer (AdamW, or DeepSpeed's CPU Adam under optimizer offload)
+    with one parameter group per component, and steps its own schedule. An ``optimizer`` or
+    ``scheduler`` block would make DeepSpeed build its own and silently drop those groups
+    (vision_tower_lr / mm_projector_lr) and the schedule, which is what happens with the
+    official ``zero3_offload.json``. A block whose params are all ``"auto"`` (the official one)
+    asks for nothing qvl does not already do: it is dropped and ``notes`` says so. A block with
+    explicit values is refused with the key to use instead.
     """
     import json
 
@@ -383,12 +418,23 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1, hidden_size: int | N
         ds = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise QvlError(f"not valid JSON ({e})", where=str(p)) from None
+    if not isinstance(ds, dict):
+        raise QvlError("a DeepSpeed config must be a JSON object", where=str(p))
     for block in ("optimizer", "scheduler"):
-        if block in ds:
-            raise QvlError(f"the DeepSpeed config has its own {block!r} block, which would replace qvl's "
-                           f"{'per-component LR groups' if block == 'optimizer' else 'LR schedule'}",
-                           where=f"{p}: {block}", fix=f"delete the {block!r} block (qvl configures it from "
-                           "learning_rate / vision_tower_lr / mm_projector_lr / lr_scheduler_type)")
+        if block not in ds:
+            continue
+        params = (ds[block] or {}).get("params") if isinstance(ds[block], dict) else None
+        if isinstance(params, dict) and all(v == "auto" for v in params.values()):
+            del ds[block]
+            if notes is not None:
+                notes.append(f"{p.name}: its {block!r} block (all \"auto\") is not used: qvl's "
+                             f"{'AdamW with per-component LR groups' if block == 'optimizer' else 'schedule'} is")
+            continue
+        raise QvlError(f"the DeepSpeed config has its own {block!r} block, which would replace qvl's "
+                       f"{'per-component LR groups' if block == 'optimizer' else 'LR schedule'}",
+                       where=f"{p}: {block}", fix=f"delete the {block!r} block (qvl configures it from "
+                       "learning_rate / vision_tower_lr / mm_projector_lr / weight_decay / adam_* / "
+                       "lr_scheduler_type / warmup_*)")
 
     def fill(d: dict, key: str, value):
         if d.get(key, "auto") == "auto":

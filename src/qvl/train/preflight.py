@@ -25,7 +25,7 @@ def card_args(gpu_mem=None, gpu: str | None = None) -> dict:
     return {"gpu": gpu, "gpu_mem": gpu_mem}
 
 
-def _zero(cfg: TrainConfig) -> tuple[int, bool]:
+def zero_settings(cfg: TrainConfig) -> tuple[int, bool]:
     """(ZeRO stage, optimizer offload) from the DeepSpeed JSON, (0, False) without one."""
     if not cfg.deepspeed:
         return 0, False
@@ -62,7 +62,9 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
     ``seq_len`` is ``model_max_length`` (the longest row a sample can make); with ``data_flatten`` /
     ``data_packing`` a micro-batch is one row of up to ``batch`` x that, the same token count.
     """
-    zero, offload = _zero(cfg)
+    zero, offload = zero_settings(cfg)
+    if cfg.engine == "fsdp":  # FSDP2 full sharding: weights, gradients and states sharded, as ZeRO-3
+        zero = 3
     kw = {"method": "lora" if cfg.lora_enable else "full", "zero": zero, "offload": offload,
           "gradient_checkpointing": cfg.gradient_checkpointing, "batch": cfg.per_device_train_batch_size,
           "seq_len": cfg.model_max_length, "max_pixels": cfg.max_pixels,

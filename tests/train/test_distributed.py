@@ -1,0 +1,204 @@
+"""Several ranks: engine choice, LR groups under every engine, sampler shards, media balancing, and real
+2-process gloo runs (FSDP2, DeepSpeed ZeRO-3) that match the 1-process run, resume, and never hang.
+
+In-process DeepSpeed / FSDP runs make a 1-rank gloo process group that stays for the session
+(DeepSpeed caches it; every later in-process run reuses it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvl.errors import QvlError
+from qvl.train import distributed as D
+from qvl.train.config import build_config, deepspeed_config, from_argv
+from qvl.train.loop import train
+from qvl.train.track import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+ZERO = {n: str(ROOT / "examples" / "deepspeed" / f"{n}.json") for n in ("zero2", "zero3", "zero3_offload")}
+HAS_DS = importlib.util.find_spec("deepspeed") is not None
+needs_ds = pytest.mark.skipif(not HAS_DS, reason="DeepSpeed is not installed (pip install deepspeed)")
+BASE = ["model_name_or_path=m", "dataset_use=d", "tune_mm_llm=true"]
+
+
+def test_one_key_chooses_the_engine():
+    assert from_argv(BASE).engine == "ddp"
+    assert from_argv(BASE + [f"deepspeed={ZERO['zero3']}"]).engine == "deepspeed"
+    for form in ("full_shard", "full_shard auto_wrap", "true"):
+        assert from_argv(BASE + [f"fsdp={form}"]).engine == "fsdp"
+    assert from_argv(BASE + ["fsdp="]).engine == "ddp"  # the Trainer's "off"
+    with pytest.raises(QvlError, match="fsdp"):
+        from_argv(BASE + ["fsdp=shard_grad_op"])
+    with pytest.raises(QvlError) as e:
+        from_argv(BASE + ["fsdp=full_shard", f"deepspeed={ZERO['zero3']}"])
+    assert e.value.where == "fsdp"
+    with pytest.raises(QvlError, match="nproc"):
+        from_argv(BASE + ["nproc=0"])
+
+
+def test_deepspeed_optimizer_block_never_replaces_the_lr_groups(tmp_path):
+    official = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                          "weight_decay": "auto"}},
+                "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                             "warmup_num_steps": "auto"}},
+                "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    p = tmp_path / "official_zero3_offload.json"
+    p.write_text(json.dumps(official))
+    notes = []
+    ds = deepspeed_config(from_argv(BASE + [f"deepspeed={p}"]), notes=notes)
+    assert "optimizer" not in ds and "scheduler" not in ds  # all "auto": dropped, and said so
+    assert len(notes) == 2 and "per-component" in notes[0]
+    official["optimizer"]["params"]["lr"] = 3e-5  # an explicit value: refused, with the key to use instead
+    p.write_text(json.dumps(official))
+    with pytest.raises(QvlError, match="optimizer") as e:
+        deepspeed_config(from_argv(BASE + [f"deepspeed={p}"]))
+    assert "learning_rate" in e.value.fix
+
+
+def test_nproc_relaunches_under_torchrun(monkeypatch):
+    cfg = from_argv(BASE + ["nproc=2"])
+    for var in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert D.needs_launch(cfg) and not D.needs_launch(from_argv(BASE))
+    cmd = D.torchrun_command(["c.yaml", "nproc=2"], 2)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert cmd[6:] == ["-m", "qvl.train", "c.yaml", "nproc=2"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # inside torchrun: train, do not launch again
+    assert not D.needs_launch(cfg)
+
+
+def test_sampler_shards_are_disjoint_and_the_mixture_is_the_same_on_every_rank(tmp_path):
+    from train_helpers import make_colour_data
+
+    from qvl.data.registry import load_mixture
+    from qvl.train.loop import Dist, Plan
+
+    data = make_colour_data(tmp_path / "d", 10, text_only=7)
+    mixes = [load_mixture(f"{data}%60", None, seed=3) for _ in range(2)]  # what each rank computes
+    assert [r.raw for r in mixes[0]] == [r.raw for r in mixes[1]] and len(mixes[0]) == 10
+    cfg = build_config({"model_name_or_path": "m", "dataset_use": "d", "tune_mm_llm": True, "seed": 3,
+                        "per_device_train_batch_size": 2})
+    orders = [Plan(10, cfg, Dist(r, 3, r)).epoch_order(0) for r in range(3)]
+    assert len({len(o) for o in orders}) == 1  # equal work: 4 each, padded like DistributedSampler
+    flat = [i for o in orders for i in o]
+    assert set(flat) == set(range(10)) and len(flat) == 12
+    assert Plan(10, cfg, Dist(0, 3, 0)).epoch_order(0) == orders[0]  # the same order again (resume)
+    assert Plan(10, cfg, Dist(0, 3, 0)).micro_per_epoch == 2
+
+
+def test_fake_media_do_not_change_the_loss(tiny, make_cfg):
+    """A label-free image appended after a text-only row (what a rank gets when another rank has images)
+    changes neither the loss nor the label count; it makes the model run its vision tower."""
+    from qvl.data.collate import collate
+    from qvl.data.preprocess import encode
+    from qvl.data.samples import parse_sample
+    from qvl.models.tokens import token_ids
+    from qvl.train.loop import LossModule
+
+    model, processor = tiny
+    cfg = make_cfg()
+    pad = token_ids(processor.tokenizer).pad
+    raw = {"conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes please"}]}
+    enc = encode(parse_sample(raw)[0], processor, cfg.vision_budget())
+    short = encode(parse_sample(dict(raw, conversations=raw["conversations"][:1] + [
+        {"from": "gpt", "value": "no"}]))[0], processor, cfg.vision_budget())
+    batch = collate([enc, short], pad)
+    fakes = D.FakeMedia(processor, cfg)
+    both = D.append_sample(D.append_sample(batch, fakes["image"], pad), fakes["video"], pad)
+    assert D.media_in({"batch": both}) == (True, True) and D.media_in({"batch": batch}) == (False, False)
+    assert int((both["labels"] != -100).sum()) == int((batch["labels"] != -100).sum())
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    lm = LossModule(model)
+    with torch.no_grad():
+        a = lm(dict(batch), 5.0)[1]
+        b = lm(dict(both), 5.0)[1]
+    hook.remove()
+    assert len(calls) == 1 + 2  # text-only: the trainable tower's own dummy run; with fakes: images + videos
+    assert float(b) == pytest.approx(float(a), rel=1e-5)
+
+
+def test_skipped_micro_batch_becomes_a_fake_image(tiny, make_cfg):
+    eng = D.Engine("ddp", None, None, None, world_size=2)
+    fakes = D.FakeMedia(tiny[1], make_cfg())
+    items = D.balance_media(eng, [{"batch": None, "skipped": {"x": 1}}], fakes, "cpu", 0)
+    assert D.media_in(items[0]) == (True, False) and (items[0]["batch"]["labels"] == -100).all()
+    packed = D.balance_media(D.Engine("ddp", None, None, None, world_size=2, packed=True),
+                             [{"batch": None, "skipped": {}}], fakes, "cpu", 0)
+    assert packed[0]["samples"] == [fakes["image"]]
+
+
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero2", marks=needs_ds), pytest.param("zero3", marks=needs_ds)])
+def test_lr_groups_survive_every_engine(engine, make_cfg, tmp_path):
+    out = tmp_path / "run"
+    key = {"fsdp": "full_shard"} if engine == "fsdp" else {"deepspeed": ZERO[engine]}
+    r = train(make_cfg(output_dir=str(out), max_steps=2, save_strategy="no", tune_mm_vision=True,
+                       learning_rate=1e-3, vision_tower_lr=1e-4, mm_projector_lr=3e-4, lr_scheduler_type="linear",
+                       **key), log=lambda *_: None)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [row["lr"] for row in rows] == pytest.approx([1e-3, 5e-4])
+    assert [row["lr/vision/no_decay"] for row in rows] == pytest.approx([1e-4, 5e-5])
+    assert [row["lr/merger/no_decay"] for row in rows] == pytest.approx([3e-4, 1.5e-4])
+    assert len(r.losses) == 2 and all(torch.isfinite(torch.tensor(r.losses)))
+    from qvl.models.load import load
+
+    model, _ = load(out)  # the gathered weights make a servable folder
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+
+
+def _run_two_ranks(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
+    for var in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    try:  # a hang (a collective one rank never joins) turns into a failure
+        return subprocess.run([sys.executable, "-m", "qvl.train", *args, "nproc=2"], capture_output=True, text=True, check=False,
+                              env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-rank run did not finish in {timeout} s (hang?): {(e.stdout or b'')[-2000:]!r}")
+
+
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero3", marks=needs_ds)])
+def test_two_ranks_match_one_resume_and_never_hang_on_mixed_batches(engine, tiny_model_dir, tmp_path):
+    """Images on one rank, text on the other (batch 1, trained vision tower): no hang, the 1-rank losses
+    (same global batch), a 2-rank resume that continues the same curve, and one servable folder."""
+    from train_helpers import make_colour_data
+
+    data = make_colour_data(tmp_path / "mixed", 8, text_only=8)
+    key = {"fsdp": "full_shard"} if engine == "fsdp" else {"deepspeed": ZERO[engine]}
+    values = {"model_name_or_path": str(tiny_model_dir), "dataset_use": data, "tune_mm_vision": True,
+              "tune_mm_mlp": True, "tune_mm_llm": True, "learning_rate": 1e-3, "vision_tower_lr": 1e-4,
+              "per_device_train_batch_size": 1, "save_steps": 2, "report_to": "none", "seed": 0,
+              "lr_scheduler_type": "constant", "max_pixels": 4096, "min_pixels": 4096, **key}
+    one = train(build_config({**values, "gradient_accumulation_steps": 2, "max_steps": 4,
+                              "output_dir": str(tmp_path / "one")}), log=lambda *_: None)
+    out = tmp_path / "two"
+    args = [f"{k}={v}" for k, v in values.items()] + [f"output_dir={out}", "gradient_accumulation_steps=1"]
+    p = _run_two_ranks([*args, "max_steps=3"])  # saves checkpoint-2 and checkpoint-3 (sharded states)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 ranks" in p.stdout and f"engine {'fsdp' if engine == 'fsdp' else 'deepspeed ZeRO-3'}" in p.stdout
+    p = _run_two_ranks([*args, "max_steps=4"])  # resumes from checkpoint-3 on both ranks
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "checkpoint-3" in p.stdout
+    two = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    assert two == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
+    from qvl.data.registry import load_mixture
+    from qvl.train.loop import Dist, Plan
+
+    # the precondition of the no-hang check: some step had images on one rank and only text on the other
+    records = load_mixture(data, None, seed=0)
+    cfg = build_config({**values, "max_steps": 4})
+    media = [[bool(records[i].raw.get("image")) for i in Plan(16, cfg, Dist(r, 2, r)).epoch_order(0)[:4]]
+             for r in range(2)]
+    assert any(a != b for a, b in zip(*media))
+    from qvl.models.load import load
+
+    model, _ = load(out)
+    assert sum(p.numel() for p in model.parameters()) > 0 and (out / "config.json").is_file()
