@@ -123,3 +123,12 @@ def test_output_dir_may_not_be_or_hold_the_model_folder(tmp_path):
     cfg = from_argv(["tune_mm_llm=true", f"model_name_or_path={model}", "dataset_use=d",
                      f"output_dir={tmp_path / 'models' / 'base-tuned'}"])
     assert cfg.output_dir.endswith("base-tuned")
+
+
+def test_save_strategy_no_from_yaml_and_command_line(tmp_path):
+    """`save_strategy: no` in YAML and `save_strategy=no` on the command line (YAML reads `no` as false)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model_name_or_path: m\ndataset_use: d\ntune_mm_llm: true\nsave_strategy: no\n")
+    assert load_config(f).save_strategy == "no"
+    assert load_config(f, parse_overrides(["save_strategy=no"])[1]).save_strategy == "no"
+    assert load_config(f, parse_overrides(["save_strategy=steps"])[1]).save_strategy == "steps"

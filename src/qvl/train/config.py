@@ -147,6 +147,11 @@ class TrainConfig(BaseModel):
             v = [s.strip() for s in v.split(",") if s.strip()]
         return v
 
+    @field_validator("save_strategy", mode="before")
+    @classmethod
+    def _no(cls, v):
+        return "no" if v is False else v  # YAML (and `save_strategy=no` on the command line) reads `no` as false
+
     @field_validator("fsdp", mode="before")
     @classmethod
     def _fsdp(cls, v):
