@@ -328,3 +328,18 @@ def test_compiled_step_matches_eager(tiny):
         _run_until_done(b, {0: [job]})
         outs.append(job.handle.emit_tokens)
     assert outs[0] == outs[1]
+
+
+def test_adapter_folder_is_merged_for_the_fast_path(tiny_model_dir, tmp_path):
+    """`qvl serve -m RUN` on a LoRA run folder: base + adapter merged in memory, so the fast path serves it."""
+    from peft import LoraConfig, get_peft_model
+
+    from qvl.models.load import load_model
+
+    peft_model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    e = TransformersEngine.load(str(tmp_path / "adapter"), device="cpu", say=lambda *_: None)
+    try:
+        assert e.batcher is not None and not hasattr(e.model, "peft_config")
+    finally:
+        e.close()

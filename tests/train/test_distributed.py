@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import run_two_ranks
 
 from qvl.errors import QvlError
 from qvl.train import distributed as D
@@ -154,17 +152,6 @@ def test_lr_groups_survive_every_engine(engine, make_cfg, tmp_path):
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
 
 
-def _run_two_ranks(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
-    for var in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    try:  # a hang (a collective one rank never joins) turns into a failure
-        return subprocess.run([sys.executable, "-m", "qvl.train", *args, "nproc=2"], capture_output=True, text=True, check=False,
-                              env=env, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-rank run did not finish in {timeout} s (hang?): {(e.stdout or b'')[-2000:]!r}")
-
-
 @pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero3", marks=needs_ds)])
 def test_two_ranks_match_one_resume_and_never_hang_on_mixed_batches(engine, tiny_model_dir, tmp_path):
     """Images on one rank, text on the other (batch 1, trained vision tower): no hang, the 1-rank losses
@@ -181,10 +168,10 @@ def test_two_ranks_match_one_resume_and_never_hang_on_mixed_batches(engine, tiny
                               "output_dir": str(tmp_path / "one")}), log=lambda *_: None)
     out = tmp_path / "two"
     args = [f"{k}={v}" for k, v in values.items()] + [f"output_dir={out}", "gradient_accumulation_steps=1"]
-    p = _run_two_ranks([*args, "max_steps=3"])  # saves checkpoint-2 and checkpoint-3 (sharded states)
+    p = run_two_ranks([*args, "max_steps=3"])  # saves checkpoint-2 and checkpoint-3 (sharded states)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 ranks" in p.stdout and f"engine {'fsdp' if engine == 'fsdp' else 'deepspeed ZeRO-3'}" in p.stdout
-    p = _run_two_ranks([*args, "max_steps=4"])  # resumes from checkpoint-3 on both ranks
+    p = run_two_ranks([*args, "max_steps=4"])  # resumes from checkpoint-3 on both ranks
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "checkpoint-3" in p.stdout
     two = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]

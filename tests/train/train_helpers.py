@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -53,3 +54,22 @@ def checkpoint_rank(rank: int, world: int, init_file: str, out: str) -> None:
             json.dump({"after_save": after_save, "after_load": after_load}, f)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def run_two_ranks(args: list[str], timeout: int = 240):
+    """``python -m qvl.train ARGS nproc=2`` in a clean environment; a hang (timeout) fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root / "src"))
+    for var in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    try:  # a hang (a collective one rank never joins) turns into a failure
+        return subprocess.run([sys.executable, "-m", "qvl.train", *args, "nproc=2"], capture_output=True, text=True,
+                              check=False, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-rank run did not finish in {timeout} s (hang?): {(e.stdout or b'')[-2000:]!r}")

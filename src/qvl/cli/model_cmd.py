@@ -14,12 +14,14 @@ app = typer.Typer(help="Build and inspect Qwen3-VL checkpoints offline.", no_arg
 @app.command("tiny")
 @friendly
 def tiny(out: Path = typer.Option(..., help="Folder to create (must not exist or be empty)."),
-         seed: int = typer.Option(0, help="Seed for the random weights.")):
-    """Build the tiny Qwen3-VL (0.6 M params) used by the demo and the tests. Deterministic, offline."""
+         seed: int = typer.Option(0, help="Seed for the random weights."),
+         variant: str = typer.Option("default", help="default (0.6 M params, the tests'), demo (the wider one "
+                                                     "`qvl demo` trains) or moe (mixture of experts, qwen3_vl_moe)")):
+    """Build a tiny random-weight Qwen3-VL for the demo and the tests. Deterministic, offline."""
     from qvl.models.build import build_tiny
 
-    built = build_tiny(out, seed=seed)
-    typer.echo(f"built tiny Qwen3-VL ({built.num_params:,} params) in {built.path}")
+    built = build_tiny(out, seed=seed, variant=variant)
+    typer.echo(f"built tiny Qwen3-VL{' MoE' if variant == 'moe' else ''} ({built.num_params:,} params) in {built.path}")
 
 
 @app.command("random")

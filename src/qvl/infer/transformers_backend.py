@@ -204,6 +204,8 @@ class TransformersEngine(Engine):
         attn = "flash_attention_2" if flash_attn2 else ("sdpa" if on_gpu else None)
         t0 = time.time()
         m, processor = load(model, dtype=dtype, device=device, attn_implementation=attn)
+        if hasattr(m, "merge_and_unload"):  # an adapter folder: merged in memory, as --adapter is (fast decode)
+            m = m.merge_and_unload().eval()
         if adapter:
             m = apply_adapter(m, adapter)
         log.info("loaded %s on %s in %.1fs", model, device, time.time() - t0)

@@ -80,7 +80,12 @@ TINY_DEMO_VISION = dict(
     out_hidden_size=128,
     deepstack_visual_indexes=[0, 1],
 )
-TINY_VARIANTS = {"default": (TINY_TEXT, TINY_VISION), "demo": (TINY_DEMO_TEXT, TINY_DEMO_VISION)}
+# A tiny mixture-of-experts language model (the 30B-A3B / 235B-A22B architecture, qwen3_vl_moe):
+# every layer sparse, 4 experts, 2 per token.
+TINY_MOE_TEXT = dict(TINY_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+TINY_VARIANTS = {"default": (TINY_TEXT, TINY_VISION), "demo": (TINY_DEMO_TEXT, TINY_DEMO_VISION),
+                 "moe": (TINY_MOE_TEXT, TINY_VISION)}
 
 # Words the tiny tokenizer learns merges for: chat, the synthetic datasets, grounding JSON.
 _CORPUS_WORDS = (
@@ -237,14 +242,15 @@ def tiny_parts(seed: int = 0, variant: str = "default"):
     tok = build_tokenizer()
     processor = build_processor(tok, TINY_IMAGE_SIZE, TINY_VIDEO_SIZE)
     vocab = len(tok)
-    config = build_config(text, vision, tok, tie_word_embeddings=False, moe=False, vocab_size=vocab)
+    config = build_config(text, vision, tok, tie_word_embeddings=False, moe=variant == "moe", vocab_size=vocab)
     model = instantiate(config, seed=seed)
     model.generation_config = _generation_config(tok)
     return model, processor
 
 
 def build_tiny(out: str | os.PathLike, seed: int = 0, variant: str = "default") -> Built:
-    """The tiny random-weight checkpoint; ``variant="demo"`` is the wider one `qvl demo` trains."""
+    """The tiny random-weight checkpoint; ``variant="demo"`` is the wider one `qvl demo` trains, ``"moe"`` the
+    mixture-of-experts architecture."""
     model, processor = tiny_parts(seed, variant)
     _save(model, processor, Path(out))
     return Built(Path(out), sum(p.numel() for p in model.parameters()))

@@ -38,6 +38,9 @@ LORA_PATTERNS = {
     "vision": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))",
     "merger": r"model\.visual\.merger\.linear_fc(1|2)",
 }
+# MoE experts keep their weights as 3-D parameters (no Linear modules): LoRA reaches them through
+# peft's ``target_parameters`` (parameter-name suffixes), one low-rank pair per weight shared layout.
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
 _PEFT_PARTS = re.compile(r"\.(base_layer|modules_to_save\.default|original_module)(?=\.)|\.lora_\w+\.default")
 
@@ -88,6 +91,14 @@ def _modules_to_save(model, cfg) -> list[str]:
     return out
 
 
+def expert_targets(model, cfg) -> list[str]:
+    """peft ``target_parameters`` for the MoE experts when LoRA trains the LLM (empty for dense models)."""
+    if not (cfg.lora_experts and "llm" in cfg.lora_components):
+        return []
+    names = {n for n, _ in model.named_parameters()}
+    return [t for t in EXPERT_PARAMETERS if any(n.endswith(t) for n in names)]
+
+
 def apply_training_mode(model, cfg):
     """Freeze / unfreeze / wrap ``model`` as ``cfg`` asks. Returns the model to train (maybe a PeftModel)."""
     model.config.use_cache = False
@@ -103,8 +114,14 @@ def apply_training_mode(model, cfg):
         if not names:
             raise QvlError(f"LoRA target pattern matches no module: {regex}", where="lora_target_regex"
                            if cfg.lora_target_regex else "lora_targets")
+        experts = expert_targets(model, cfg)
+        if experts and cfg.lora_dropout:
+            raise QvlError(f"LoRA on MoE experts does not support dropout (lora_dropout={cfg.lora_dropout:g})",
+                           where="lora_dropout", fix="lora_dropout: 0, or lora_experts: false to leave the experts "
+                           "frozen (LoRA then reaches attention only)")
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=regex, bias="none", modules_to_save=_modules_to_save(model, cfg) or None)
+                          target_modules=regex, bias="none", modules_to_save=_modules_to_save(model, cfg) or None,
+                          **({"target_parameters": experts} if experts else {}))
         model = get_peft_model(model, lcfg)
         if lcfg.lora_dropout != cfg.lora_dropout or lcfg.r != cfg.lora_r:  # never silently change them
             raise QvlError("peft changed the LoRA settings", where="lora_dropout")

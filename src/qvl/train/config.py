@@ -63,6 +63,8 @@ class TrainConfig(BaseModel):
     lora_dropout: float = 0.0
     lora_targets: list[str] = Field(default_factory=lambda: ["llm"], description="llm, vision, merger")
     lora_target_regex: str | None = Field(None, description="full-match regex over module names; replaces lora_targets")
+    lora_experts: bool = Field(True, description="MoE models (30B-A3B, 235B-A22B): LoRA with the llm target also "
+                                                 "reaches the experts' weights (peft target_parameters)")
     # --- optimisation ---
     learning_rate: float = 1e-5
     mm_projector_lr: float | None = None
