@@ -55,6 +55,9 @@ def test_transformers_warns_never_refuses():
     assert "--max-model-len" in lines[0]
     small = check_serve("8B", backend="hf", gpu_mem="12GiB", say=lambda *_: None)  # weights alone do not fit
     assert small.fits is False and "even short requests" in small.message
+    sized = check_serve("8B", backend="transformers", gpu_mem="24GiB", max_num_seqs=32, sized_cache=True,
+                        say=lambda *_: None)  # the fast path sizes its cache: a note, not a warning
+    assert sized.fits is False and not sized.message.startswith("warning") and "sized to the free memory" in sized.message
 
 
 def test_no_card_skips(monkeypatch):

@@ -39,7 +39,7 @@ def _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_m
         from qvl.infer.preflight import check_serve
 
         check_serve(model, backend="transformers", max_model_len=max_model_len, max_num_seqs=max_batch_size,
-                    say=_say)  # prints the verdict; a warning, never a refusal
+                    say=_say, sized_cache=decode != "generate")  # prints the verdict; a warning, never a refusal
     _say(f"loading {model}{f' + adapter {adapter}' if adapter else ''} ({backend}) ...")
     return load_engine(model, backend=backend, adapter=str(adapter) if adapter else None, device=device, dtype=dtype,
                        flash_attn2=flash_attn2, max_model_len=max_model_len, max_new_tokens=max_new_tokens,

@@ -3,7 +3,8 @@
 * vLLM: the planner reproduces vLLM's KV-cache accounting and picks the largest ``max_model_len`` that fits
   (instead of vLLM failing its KV-cache check on the default 256K context); nothing fits: a QvlError with the fix.
 * transformers: the plan's verdict is printed, and a warning when the context / batch would not fit. It never
-  refuses (transformers allocates as it goes: short requests still work).
+  refuses: ``model.generate`` allocates as it goes (short requests still work), and the fast decode path
+  sizes its KV cache to the memory left after loading (``sized_cache``).
 
 The card is the detected CUDA device, or ``gpu`` / ``gpu_mem`` (also ``$QVL_GPU`` / ``$QVL_GPU_MEM``); with
 neither and no CUDA the check is skipped.
@@ -39,7 +40,7 @@ def _gpu(card: dict):
 def check_serve(model, *, backend: str = "vllm", max_model_len: int | None = None,
                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int | None = None,
                 max_num_seqs: int | None = None, native_context: int | None = None, gpu: str | None = None,
-                gpu_mem=None, say=print) -> ServeCheck:
+                gpu_mem=None, say=print, sized_cache: bool = False) -> ServeCheck:
     """Plan ``model`` (size, hub id, folder, LoRA folder) for serving; print one line (and a warning)."""
     from qvl.plan.preflight import model_for_plan, preflight_serve
 
@@ -93,6 +94,11 @@ def check_serve(model, *, backend: str = "vllm", max_model_len: int | None = Non
         say(msg)
         return ServeCheck(None, msg, True, plan)
     best = plan.max_model_len_that_fits
+    if sized_cache and best:  # the fast decode path allocates its KV cache once, to what is free after loading
+        msg = (f"memory preflight (transformers): {where} does not fit whole ({plan.verdict}); the KV cache is "
+               f"sized to the free memory after loading (about {best:,} tokens per request)")
+        say(msg)
+        return ServeCheck(None, msg, False, plan)
     msg = (f"warning: memory preflight (transformers): {where}: {plan.verdict}; "
            + (f"requests longer than ~{best:,} tokens may run out of GPU memory (pass --max-model-len {best} to "
               "refuse them up front)" if best else "even short requests may run out of GPU memory"))
