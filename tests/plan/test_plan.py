@@ -268,3 +268,20 @@ def test_preflight_without_gpu_skips(monkeypatch):
 
     monkeypatch.setattr(pre, "detect_gpu", lambda: None)
     assert pre.preflight_train("8B").ok and pre.preflight_serve("8B").plan is None
+
+
+def test_master_fp32_counts_fp32_weights_grads_and_states():
+    from qvl.plan.memory import plan_train
+
+    bf16 = plan_train("2B", gpu_mem="80GiB", method="full", recommend=False)
+    fp32 = plan_train("2B", gpu_mem="80GiB", method="full", recommend=False, master_fp32=True)
+    trained = fp32.parts["gradients"] - bf16.parts["gradients"]  # 2 more bytes per trained param
+    assert trained > 0
+    assert fp32.parts["weights"] - bf16.parts["weights"] == pytest.approx(trained, rel=1e-6)
+    assert fp32.parts["optimizer states"] == pytest.approx(2 * bf16.parts["optimizer states"], rel=1e-6)
+    lora = plan_train("2B", gpu_mem="80GiB", method="lora", recommend=False, master_fp32=True, tune_mm_mlp=False)
+    assert lora.total_gib == pytest.approx(plan_train("2B", gpu_mem="80GiB", method="lora", recommend=False,
+                                                  tune_mm_mlp=False).total_gib)
+    zero = plan_train("2B", gpu_mem="80GiB", method="full", zero=2, recommend=False, master_fp32=True)
+    assert zero.total_gib == pytest.approx(plan_train("2B", gpu_mem="80GiB", method="full", zero=2,
+                                                      recommend=False).total_gib)

@@ -411,12 +411,13 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                max_pixels: int = 451_584, images_per_sample: int = 1, video_max_frames: int = 0,
                video_frame_pixels: int = 262_144, lora_r: int = 64, lora_targets="all", lora_dropout: float = 0.05,
                tune_mm_vision: bool = False, tune_mm_mlp: bool | None = None, tune_mm_llm: bool = True,
-               optim: str = "adamw", gpus: int = 1, recommend: bool = True,
+               optim: str = "adamw", gpus: int = 1, recommend: bool = True, master_fp32: bool = False,
                _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
     """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
 
     ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
-    ``model_max_length`` counts); ``batch`` is the per-GPU micro-batch.
+    ``model_max_length`` counts); ``batch`` is the per-GPU micro-batch. ``master_fp32``: fully trained
+    weights (and so their gradients and AdamW states) in fp32 without ZeRO (``master_weights: fp32``).
     """
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
@@ -438,6 +439,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         tune_mm_mlp = method == "full"
     n = gpus
     settings = dict(method=method, zero=zero, offload=offload, gradient_checkpointing=gradient_checkpointing,
+                    master_fp32=master_fp32,
                     batch=batch, seq_len=seq_len, max_pixels=max_pixels, images_per_sample=images_per_sample,
                     video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels,
                     tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm,
@@ -475,18 +477,24 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     full_trainable += m.params_merger if tune_mm_mlp else 0
     full_trainable += vision_tower if tune_mm_vision else 0
     lora_n = lora_params(m, lora_r, targets) if method in ("lora", "qlora") else 0
+    master = master_fp32 and zero == 0 and full_trainable > 0
+    if master:  # the trained weights are upcast in place: 2 more bytes each
+        w += full_trainable * 2
+        parts["weights"] = _gib(w)
+        notes["weights"] = wnote + f"; {full_trainable / 1e9:.2f} B trained params in fp32 (+2 bytes)"
 
     if lora_n:
         parts["LoRA params"] = _gib(lora_n * LORA_ADAPTER_BYTES)
         notes["LoRA params"] = f"{lora_n / 1e6:.1f} M params (r={lora_r} on {','.join(targets)}) × 4 bytes (fp32)"
     # gradients
-    g_full = full_trainable * 2
+    g_full = full_trainable * (4 if master else 2)
     g_lora = lora_n * LORA_ADAPTER_BYTES
     g = g_full + g_lora
     if zero >= 2:
         g /= n
     parts["gradients"] = _gib(g)
-    notes["gradients"] = (f"{full_trainable / 1e9:.2f} B full params × 2 (bf16)" if full_trainable else "") + \
+    notes["gradients"] = (f"{full_trainable / 1e9:.2f} B full params × {'4 (fp32)' if master else '2 (bf16)'}"
+                          if full_trainable else "") + \
         (" + " if full_trainable and lora_n else "") + ("LoRA × 4 (fp32)" if lora_n else "") + \
         (f", ZeRO-{zero} sharded / {n}" if zero >= 2 and n > 1 else "")
     if n > 1 and zero == 0:
@@ -498,8 +506,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     if zero >= 1:  # DeepSpeed mixed precision: fp32 master + fp32 grad partition + fp32 (or 8-bit) states
         opt_full = full_trainable * (4 + 4 + states * state_bytes)
         onote = "fp32 master + fp32 grad partition + "
-    else:  # torch optimizer on bf16 params: states in the param dtype
-        opt_full = full_trainable * states * (2 if optim != "adamw8bit" else 1)
+    else:  # torch optimizer: states in the param dtype (bf16, or fp32 master weights)
+        opt_full = full_trainable * states * ((4 if master else 2) if optim != "adamw8bit" else 1)
         onote = ""
     opt_lora = lora_n * states * (4 if optim != "adamw8bit" else 1)
     opt = opt_full + opt_lora

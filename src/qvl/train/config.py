@@ -63,6 +63,11 @@ class TrainConfig(BaseModel):
     lora_dropout: float = 0.0
     lora_targets: list[str] = Field(default_factory=lambda: ["llm"], description="llm, vision, merger")
     lora_target_regex: str | None = Field(None, description="full-match regex over module names; replaces lora_targets")
+    master_weights: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="with bf16: the precision of the trained weights and their AdamW states. auto: fp32 "
+                            "for LoRA adapters and FSDP2 shards, bf16 for full fine-tuning on one GPU / DDP (as "
+                            "the Hugging Face Trainer); fp32: also there (updates smaller than bf16's resolution are "
+                            "not lost; 2x the trained weights' memory); DeepSpeed keeps its own fp32 copies")
     lora_experts: bool = Field(True, description="MoE models (30B-A3B, 235B-A22B): LoRA with the llm target also "
                                                  "reaches the experts' weights (peft target_parameters)")
     # --- optimisation ---

@@ -108,10 +108,17 @@ def shards_weights(cfg: TrainConfig) -> bool:
 def master_weights_fp32(cfg: TrainConfig) -> bool:
     """Whether trainable weights are kept in float32 next to a bf16 model before the engine wraps it.
 
-    LoRA adapters always are (also on one GPU); FSDP2 keeps its shards in float32 and computes in
-    bf16 (MixedPrecisionPolicy). DeepSpeed casts the model to bf16 and keeps float32 masters itself.
+    LoRA adapters are by default (also on one GPU), full fine-tuning on one GPU / DDP when
+    ``master_weights: fp32``; FSDP2 keeps its shards in float32 and computes in bf16
+    (MixedPrecisionPolicy). DeepSpeed casts the model to bf16 and keeps float32 masters itself.
     """
-    return cfg.bf16 and (cfg.lora_enable or cfg.engine == "fsdp")
+    if not cfg.bf16 or cfg.engine == "deepspeed":
+        return False
+    if cfg.engine == "fsdp":
+        return True
+    if cfg.master_weights == "auto":
+        return cfg.lora_enable
+    return cfg.master_weights == "fp32"
 
 
 # --------------------------------------------------------------------------------------------------

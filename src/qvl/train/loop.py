@@ -442,7 +442,11 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         if cfg.gradient_checkpointing_ratio < 1.0:  # selective: only some decoder layers recompute
             speed.checkpoint_some_layers(model, cfg.gradient_checkpointing_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if load_dtype != torch.float32 and distributed.master_weights_fp32(cfg):
+    fp32_masters = load_dtype != torch.float32 and distributed.master_weights_fp32(cfg)
+    if load_dtype != torch.float32 and not fp32_masters and not cfg.lora_enable and cfg.engine == "ddp":
+        say("note: full fine-tuning with bf16 weights and AdamW states (as the Hugging Face Trainer): updates "
+            "smaller than bf16's resolution (~0.4 % of a weight) are lost; master_weights=fp32 keeps fp32 copies")
+    if fp32_masters:
         for p in trainable:  # adapters / FSDP shards keep fp32 master weights; the frozen base stays bf16
             p.data = p.data.float()
     model.to(device)
@@ -585,6 +589,9 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
                              write_state=distributed.state_writer(eng, model))
     total_skipped = dict(skipped)
     files = []
+    if fp32_masters and not cfg.lora_enable and not eng.sharded:  # the servable weights in the model's dtype
+        for p in trainable:
+            p.data = p.data.to(load_dtype)
     # sharded weights (ZeRO-3, FSDP) are gathered onto rank 0: every rank joins
     gathered = distributed.full_state_dict(eng, model, cfg.lora_enable, dtype=None if cfg.lora_enable else load_dtype)
     if is_main:

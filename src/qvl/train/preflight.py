@@ -56,6 +56,12 @@ def has_video(records) -> bool:
     return any(one(r.raw) for r in records)
 
 
+def master_weights_fp32(cfg: TrainConfig) -> bool:
+    from qvl.train.distributed import master_weights_fp32 as fp32
+
+    return fp32(cfg)
+
+
 def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> dict:
     """The keyword arguments of :func:`qvl.plan.plan_train` for ``cfg``.
 
@@ -71,7 +77,8 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
           "video_max_frames": cfg.video_max_frames if video else 0,
           "video_frame_pixels": max(1, cfg.video_max_pixels // max(1, cfg.video_max_frames)),
           "tune_mm_vision": cfg.tune_mm_vision, "tune_mm_mlp": cfg.tune_mm_mlp,
-          "tune_mm_llm": cfg.tune_mm_llm or not cfg.lora_enable, "optim": "adamw", "gpus": world_size}
+          "tune_mm_llm": cfg.tune_mm_llm or not cfg.lora_enable, "optim": "adamw", "gpus": world_size,
+          "master_fp32": not cfg.lora_enable and master_weights_fp32(cfg)}
     if cfg.lora_enable:
         kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout)
     return kw
