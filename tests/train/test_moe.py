@@ -4,6 +4,9 @@ serving falls back to model.generate."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +16,10 @@ from qvl.train.config import build_config
 from qvl.train.loop import train
 from qvl.train.track import read_metrics
 from train_helpers import make_colour_data, run_two_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_ds = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                              reason="DeepSpeed is not installed (pip install deepspeed)")
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +82,14 @@ def test_moe_lora_trains_saves_and_serves(moe_dir, tmp_path):
         engine.close()
 
 
-def test_moe_two_fsdp_ranks_match_one(moe_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero2", marks=needs_ds), pytest.param("zero3", marks=needs_ds)])
+def test_moe_two_ranks_match_one(moe_dir, tmp_path, engine):
+    """LoRA on attention + experts, trained vision tower, mixed text/image batches: 2 ranks = 1 rank."""
     data = make_colour_data(tmp_path / "d", 8, text_only=4)
-    values = _values(moe_dir, data, tmp_path / "one", per_device_train_batch_size=1, fsdp="full_shard",
-                     tune_mm_vision=True, vision_tower_lr=1e-4)
+    key = {"fsdp": "full_shard"} if engine == "fsdp" else {"deepspeed": str(ROOT / "examples" / "deepspeed" /
+                                                                              f"{engine}.json")}
+    values = _values(moe_dir, data, tmp_path / "one", per_device_train_batch_size=1, tune_mm_vision=True,
+                     vision_tower_lr=1e-4, **key)
     one = train(build_config({**values, "gradient_accumulation_steps": 2}), log=lambda *_: None)
     out = tmp_path / "two"
     args = [f"{k}={v}" for k, v in values.items() if k != "output_dir"] + [f"output_dir={out}"]

@@ -142,8 +142,11 @@ class Engine:
 
     @property
     def balance_vision(self) -> bool:
-        """Whether every rank must see the same media kinds per micro-batch (sharded weights, several ranks)."""
-        return self.sharded and self.world_size > 1
+        """Whether every rank must see the same media kinds per micro-batch (several ranks, and sharded weights
+        or DeepSpeed: ZeRO-2 reduces gradients in buckets in the order they become ready, so a rank whose
+        vision tower ran on a dummy input reduces different buckets than one that ran it on images - a
+        collective size mismatch, seen on 2 gloo ranks)."""
+        return (self.sharded or self.name == "deepspeed") and self.world_size > 1
 
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device, offload: bool = False, notes=None):
@@ -305,7 +308,7 @@ def balance_media(eng: Engine, items: list[dict], fakes: FakeMedia, device, pad_
     """Several ranks: the same number of micro-batches everywhere, and under sharded weights the same media.
 
     A micro-batch whose samples were all skipped becomes the fake image alone (no labels). With
-    sharded weights (ZeRO-3, FSDP) a micro-batch gets the fake image (video) when another rank's
+    sharded weights (ZeRO-3, FSDP) or DeepSpeed a micro-batch gets the fake image (video) when another rank's
     micro-batch of the same position has images (videos): every rank then runs the vision tower
     as often, and its output reaches the loss the same way, so the weight gathers and gradient
     reductions of all ranks match (a rank that skipped the tower would leave the others waiting).
