@@ -189,3 +189,26 @@ def test_two_ranks_match_one_resume_and_never_hang_on_mixed_batches(engine, tiny
 
     model, _ = load(out)
     assert sum(p.numel() for p in model.parameters()) > 0 and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero2", marks=needs_ds), pytest.param("zero3", marks=needs_ds)])
+def test_token_budget_rows_keep_two_ranks_in_step(engine, tiny_model_dir, tmp_path):
+    """packed_row_tokens regroups each rank's samples: ranks may end with different row counts (here 1 row
+    of 4 text samples + a fake image on one rank, text + image samples in 2 rows on the other). Every rank must still
+    run as many forwards, with the same media, as the others: no hang, and the 1-rank losses."""
+    from train_helpers import make_colour_data
+
+    data = make_colour_data(tmp_path / "mixed", 8, text_only=8)  # images 33 tokens, texts 16, the fake image 17
+    values = {"model_name_or_path": str(tiny_model_dir), "dataset_use": data, "tune_mm_vision": True,
+              "tune_mm_mlp": True, "tune_mm_llm": True, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+              "data_flatten": True, "packed_row_tokens": 81, "save_strategy": "no", "report_to": "none",
+              "seed": 0, "lr_scheduler_type": "constant", "max_pixels": 4096, "min_pixels": 4096,
+              "max_steps": 2, **({"fsdp": "full_shard"} if engine == "fsdp" else {"deepspeed": ZERO[engine]})}
+    one = train(build_config({**values, "gradient_accumulation_steps": 2, "output_dir": str(tmp_path / "one")}),
+                log=lambda *_: None)
+    out = tmp_path / "two"
+    p = run_two_ranks([f"{k}={v}" for k, v in values.items()] + [f"output_dir={out}"], timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    assert two == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
+

@@ -304,6 +304,14 @@ def append_sample(batch: dict, enc, pad_id: int) -> dict:
     return out
 
 
+def pad_micro_batches(items: list[dict], device) -> list[dict]:
+    """Several ranks: empty items appended until every rank has as many as the rank with the most (they
+    become fake-image micro-batches in :func:`balance_media`). One small all-reduce."""
+    most = torch.tensor([len(items)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return items + [{"batch": None, "skipped": {}} for _ in range(int(most.item()) - len(items))]
+
+
 def balance_media(eng: Engine, items: list[dict], fakes: FakeMedia, device, pad_id: int) -> list[dict]:
     """Several ranks: the same number of micro-batches everywhere, and under sharded weights the same media.
 

@@ -220,6 +220,24 @@ def pack_micro_batch(encs, rope_index) -> dict:
     return batch
 
 
+def rows_by_budget(items: list[dict], max_tokens: int) -> list[dict]:
+    """A step's loader items (packed ``samples``) regrouped into items of one row of up to ``max_tokens`` each;
+    skip counts ride on the first. No row (every sample skipped): one empty item."""
+    if any(item.get("error") for item in items):
+        return items
+    flat = [e for item in items for e in item.get("samples") or []]
+    skipped: Counter = Counter()
+    examples: dict = {}
+    for item in items:
+        skipped.update(item["skipped"])
+        for why, example in item.get("examples", {}).items():
+            examples.setdefault(why, example)
+    rows = [[flat[i] for i in r] for r in speed.rows_by_budget([len(e) for e in flat], max_tokens)]
+    out = [{"batch": None, "skipped": {}, "examples": {}, "samples": r} for r in rows] or [{"batch": None}]
+    out[0] = dict(out[0], skipped=dict(skipped), examples=examples)
+    return out
+
+
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens of a micro-batch."""
     mask = batch.get("attention_mask")
@@ -528,6 +546,10 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
 
     # 6. the loop
     for step, items in fetch_steps():
+        if cfg.packed_row_tokens:  # the step's samples regrouped into rows of up to N tokens (before balancing:
+            items = rows_by_budget(items, cfg.packed_row_tokens)  # ranks must compare the rows they will run)
+            if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
+                items = distributed.pad_micro_batches(items, device)
         if dist.enabled:  # every rank runs as many micro-batches, and the vision tower as often, as the others
             items = distributed.balance_media(eng, items, fakes, device, pad_id)
         batches, rows = [], []
@@ -541,9 +563,6 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
                 rows.append(item["samples"])
             elif item["batch"] is not None:
                 batches.append(item["batch"])
-        if cfg.packed_row_tokens and rows:  # the step's samples regrouped into rows of up to N tokens
-            flat = [e for r in rows for e in r]
-            rows = [[flat[i] for i in r] for r in speed.rows_by_budget([len(e) for e in flat], cfg.packed_row_tokens)]
         batches += [pack_micro_batch(r, rope_index) for r in rows]
         n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
         n_tokens = sum(batch_tokens(b) for b in batches)
