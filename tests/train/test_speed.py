@@ -116,6 +116,22 @@ def test_loss_module_fused_ce_equals_plain(make_cfg, mixed_data):
         assert _worst(got[1], ref[1]) < 1e-4
 
 
+def test_loss_module_fused_ce_keeps_lora_on_the_lm_head(make_cfg, mixed_data):
+    """lora_target_regex may put adapters on lm_head: the fused path must not bypass them (plain weight only)."""
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.train.loop import LossModule
+
+    model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False,
+                                 lora_enable=True, lora_target_regex=r"lm_head"))
+    use_packed_attention(model, "sdpa")
+    rows = [[enc(0), enc(8), enc(1)]]
+    ref = _packed_loss_grads(model, LossModule(model), rows, rope_index_fn(model))
+    got = _packed_loss_grads(model, LossModule(model, fused_cross_entropy=True), rows, rope_index_fn(model))
+    assert any("lm_head.lora_B" in n for n in ref[1])
+    assert got[0] == pytest.approx(ref[0], rel=1e-5)
+    assert _worst(got[1], ref[1]) < 1e-4
+
+
 # ---------------------------------------------------------------- selective checkpointing
 
 def test_spread_and_ratio_for_memory():

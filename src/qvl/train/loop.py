@@ -336,7 +336,8 @@ class LossModule(torch.nn.Module):
         hidden = out.last_hidden_state[:, :-1]
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
-        if self.fused_ce and getattr(self.lm_head, "bias", None) is None:
+        # a plain Linear only: a LoRA-wrapped lm_head (lora_target_regex) would lose its adapter's output
+        if self.fused_ce and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None:
             loss_sum = speed.linear_cross_entropy(hidden[keep], self.lm_head.weight, target[keep])
         else:
             logits = self.lm_head(hidden[keep]).float()
