@@ -255,3 +255,10 @@ def test_speed_config_keys(make_cfg):
         make_cfg(gradient_checkpointing_ratio=1.5)
     with pytest.raises(QvlError, match="optim"):
         make_cfg(optim="sgd")
+
+
+def test_host_floats_mixes_devices_and_plain_numbers():
+    from qvl.train.speed import host_floats
+
+    meta_free = torch.tensor(2.5, dtype=torch.float64)  # another dtype (and, on a GPU, possibly another device)
+    assert host_floats(torch.tensor(1.0), meta_free, None, 3) == [1.0, 2.5, None, 3.0]

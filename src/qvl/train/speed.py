@@ -204,5 +204,8 @@ def rows_by_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 def host_floats(*values) -> list[float | None]:
     """Tensors (or numbers, or None) -> floats, with one device-to-host copy for all the tensors."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    got = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
+    # one device for the stack: DeepSpeed's grad norm can live elsewhere (CPU offload) than the loss
+    device = tensors[0].device if tensors else None
+    got = iter(torch.stack([t.detach().float().reshape(()).to(device) for t in tensors]).tolist()) if tensors \
+        else iter(())
     return [next(got) if isinstance(v, torch.Tensor) else (None if v is None else float(v)) for v in values]
