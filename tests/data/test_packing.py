@@ -141,17 +141,73 @@ def test_packed_equals_alone_per_sample(mixed, tiny_model_dir):
     ref_losses, ref_grads = _alone(model, processor, encs)
     assert use_packed_attention(model, "per_sample") == "qvl_per_sample"
     calls = []
-    original = packing.sample_bounds
-    packing.sample_bounds = lambda t: calls.append(1) or original(t)
+    original = packing._cached_bounds
+    packing._cached_bounds = lambda t: calls.append(1) or original(t)
     try:
         losses, grads = _packed(model, encs)
     finally:
-        packing.sample_bounds = original
+        packing._cached_bounds = original
     assert calls, "the per-sample attention did not run"
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-4)
     assert set(grads) == set(ref_grads)
     worst = max((grads[n] - ref_grads[n]).abs().max().item() / (ref_grads[n].abs().max().item() + 1e-8) for n in grads)
     assert worst < 1e-3, worst
+
+
+def _fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None, is_causal=None,
+                 enable_gqa=False):
+    """torch's varlen_attn contract, on CPU: (T, H, D) rows, causal per segment of ``cu``."""
+    import torch.nn.functional as F
+
+    assert window_size == (-1, 0) or is_causal is True
+    assert enable_gqa or k.shape[1] == q.shape[1]
+    assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
+    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scale,
+                                           enable_gqa=enable_gqa).transpose(0, 1) for a, b in zip(cu_q[:-1], cu_q[1:])]
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("new_api", [True, False])
+def test_varlen_call_matches_per_sample_sdpa(monkeypatch, new_api):
+    """The varlen call's layout, causal flag and GQA handling (both torch spellings), against the sdpa loop."""
+    from qvl.data import packing
+
+    torch.manual_seed(0)
+    pos = torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2])
+    q = torch.randn(1, 4, 9, 8)
+    k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)  # 2 KV heads for 4 query heads
+    ref, _ = packing.per_sample_attention(None, q, k, v, None, scaling=0.3, position_ids=pos)
+    fake = _fake_varlen if new_api else (lambda q, k, v, cq, ck, mq, mk, scale=None, is_causal=None:
+                                         _fake_varlen(q, k, v, cq, ck, mq, mk, scale=scale, is_causal=is_causal))
+    monkeypatch.setattr(packing, "_VARLEN", (fake, new_api, new_api))
+    bounds, cu = packing._cached_bounds(pos)
+    out = packing.varlen_causal(q, k, v, cu, max(e - s for s, e in bounds), scaling=0.3)
+    assert out.shape == ref.shape == (1, 9, 4, 8)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash kernel needs a GPU")
+def test_varlen_kernel_matches_sdpa_on_gpu():
+    from qvl.data import packing
+
+    if packing._VARLEN is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    torch.manual_seed(0)
+    pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], device="cuda")
+    q = torch.randn(1, 8, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 2, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, _ = packing.per_sample_attention(None, q, k, v, None, position_ids=pos)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    bounds = packing.sample_bounds(pos)
+    import torch.nn.functional as F
+
+    ref = torch.cat([F.scaled_dot_product_attention(*(t[:, :, s:e].float() for t in (q, k, v)), is_causal=True,
+                                                    enable_gqa=True) for s, e in bounds], dim=2).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r, atol=5e-2, rtol=5e-2)
 
 
 def test_sample_bounds_are_cached_per_tensor():

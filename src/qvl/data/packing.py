@@ -14,8 +14,9 @@ Three rules make a packed row compute exactly what the samples would compute alo
 
 Without flash-attn, the block-diagonal mask for sdpa is a dense L x L tensor; at long L the
 ``qvl_flex`` attention (flex attention registered through transformers' attention
-interface) builds a block-sparse mask instead. ``qvl_per_sample`` needs no mask at all: it runs
-causal sdpa on each sample's slice of the row (flash kernels on a GPU, cost per sample not per row).
+interface) builds a block-sparse mask instead. ``qvl_per_sample`` needs no mask at all: on a GPU one
+flash-attention varlen call (``torch.nn.attention.varlen``) covers the row, elsewhere causal sdpa runs on
+each sample's slice; either way the cost is per sample, not per row.
 """
 
 from __future__ import annotations
@@ -100,7 +101,22 @@ def register_flex_attention() -> str:
     return FLEX_ATTENTION
 
 
-_bounds_cache: list = []  # (text positions tensor, its version, bounds): one host read per forward, not per layer
+_bounds_cache: list = []  # (text positions tensor, its version, bounds, cu_seqlens): one host read per forward
+
+
+def _cached_bounds(text_positions: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    for t, version, bounds, cu in _bounds_cache:
+        if t is text_positions and version == t._version:
+            return bounds, cu
+    row = text_positions.reshape(-1) if text_positions.dim() == 1 else text_positions[0]
+    starts = (row == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    bounds = list(zip(starts, starts[1:] + [row.shape[0]]))
+    cu = torch.tensor(starts + [row.shape[0]], dtype=torch.int32, device=row.device)
+    _bounds_cache.append((text_positions, text_positions._version, bounds, cu))
+    del _bounds_cache[:-8]
+    return bounds, cu
 
 
 def sample_bounds(text_positions: torch.Tensor) -> list[tuple[int, int]]:
@@ -110,24 +126,55 @@ def sample_bounds(text_positions: torch.Tensor) -> list[tuple[int, int]]:
     the answer is cached; the cache holds the tensor itself, so a new forward's tensor can never be
     mistaken for it.
     """
-    for t, version, bounds in _bounds_cache:
-        if t is text_positions and version == t._version:
-            return bounds
-    row = text_positions.reshape(-1) if text_positions.dim() == 1 else text_positions[0]
-    starts = (row == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    bounds = list(zip(starts, starts[1:] + [row.shape[0]]))
-    _bounds_cache.append((text_positions, text_positions._version, bounds))
-    del _bounds_cache[:-8]
-    return bounds
+    return _cached_bounds(text_positions)[0]
+
+
+def _varlen():
+    """torch's flash-attention varlen kernel (torch >= 2.10) and how this version spells causal / GQA."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "enable_gqa" in params
+
+
+_VARLEN = _varlen()
+
+
+def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
+    """The varlen kernel runs: CUDA, 16-bit inputs, no dropout (it has none), and a torch that has it."""
+    return (_VARLEN is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and not dropout)
+
+
+def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=None) -> torch.Tensor:
+    """Causal attention per sample of a packed row in one flash-attention call: (1, H, L, D) in, (1, L, H, D) out."""
+    fn, has_window, has_gqa = _VARLEN
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D)
+    kwargs = {"scale": scaling}
+    if k.shape[1] != q.shape[1]:
+        if has_gqa:
+            kwargs["enable_gqa"] = True
+        else:  # older torch: repeat each KV head for its group of query heads
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if has_window:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **kwargs)
+    return out.unsqueeze(0)
 
 
 def per_sample_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                          **kwargs):
     """Causal attention inside each sample of a packed row: (1, H, L, D) -> (1, L, H, D), no L x L mask.
 
-    Anything that is not a single packed row (a padded batch, a mask, no positions) goes to sdpa.
+    On a GPU one flash-attention varlen call covers the row (cost per sample, not per row, and no
+    per-shape planning on the host); elsewhere causal sdpa runs on each sample's slice. Anything that is
+    not a single packed row (a padded batch, a mask, no positions) goes to sdpa.
     """
     import torch.nn.functional as F
 
@@ -137,9 +184,12 @@ def per_sample_attention(module, query, key, value, attention_mask, dropout: flo
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    bounds, cu = _cached_bounds(positions)
+    if varlen_usable(query, dropout):
+        return varlen_causal(query, key, value, cu, max(e - s for s, e in bounds), scaling), None
     outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
                                            is_causal=True, scale=scaling, enable_gqa=True)
-            for s, e in sample_bounds(positions)]
+            for s, e in bounds]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
