@@ -171,7 +171,8 @@ def test_qvl_data_pack_output_trains(make_cfg, tmp_path, tiny_model_dir, monkeyp
     assert r.losses[-1] < r.losses[0]
 
 
-def test_packed_attention_choice():
+def test_packed_attention_choice(monkeypatch):
+    from qvl.data import packing
     from qvl.train.loop import packed_attention_for
 
     cpu = torch.device("cpu")
@@ -185,6 +186,9 @@ def test_packed_attention_choice():
 
     if importlib.util.find_spec("flash_attn") is None:
         cuda = torch.device("cuda", 0)
+        monkeypatch.setattr(packing, "_VARLEN", ("varlen", True, True))
+        assert packed_attention_for("auto", cuda, max_row_tokens=4 * 4096) == "per_sample"  # torch's varlen kernel
+        monkeypatch.setattr(packing, "_VARLEN", None)  # an older torch
         assert packed_attention_for("auto", cuda, max_row_tokens=4 * 4096) == "sdpa"  # dense mask is small
         assert packed_attention_for("auto", cuda, max_row_tokens=8 * 8192) == "flex"  # no L x L mask at long L
         assert packed_attention_for("auto", cuda) == "flex"

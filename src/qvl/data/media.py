@@ -33,34 +33,52 @@ class VideoInfo:
         return self.total_frames / self.fps if self.fps else 0.0
 
 
-def load_image(source):
-    """A PIL RGB image from a path, file:// or data: URL, bytes or a PIL image. Fully decoded."""
+def open_image(source):
+    """A PIL image from a path, file:// or data: URL, bytes or a PIL image, with only its header read:
+    ``.size`` costs no pixel decoding (:func:`load_image` decodes)."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
-        img = source
-    elif isinstance(source, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(source))
-    elif isinstance(source, str) and source.startswith("data:"):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        return Image.open(io.BytesIO(source))
+    if isinstance(source, str) and source.startswith("data:"):
         try:
-            img = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+            return Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
         except Exception as e:
             raise QvlError(f"data URL is not a decodable image ({type(e).__name__})") from None
-    elif isinstance(source, str) and source.startswith(("http://", "https://")):
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
         raise QvlError(f"{source}: remote images are fetched by the server, not by the data pipeline",
                        fix="download the image and use a local path")
-    else:
-        path = str(source).removeprefix("file://")
-        if not Path(path).is_file():
-            raise QvlError(f"image file not found: {path}")
-        try:
-            img = Image.open(path)
-            img.load()
-        except Exception as e:
-            raise QvlError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+    path = str(source).removeprefix("file://")
+    if not Path(path).is_file():
+        raise QvlError(f"image file not found: {path}")
+    try:
+        return Image.open(path)
+    except Exception as e:
+        raise QvlError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+
+
+def load_image(source):
+    """A PIL RGB image from a path, file:// or data: URL, bytes or a PIL image. Fully decoded."""
+    img = open_image(source)
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001 - any decoding failure is reported with its reason
+        name = "" if not isinstance(source, str) or source.startswith("data:") else f" {source.removeprefix('file://')}"
+        raise QvlError(f"cannot decode image{name}: {type(e).__name__}: {e}") from None
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+def image_size(source) -> tuple[int, int]:
+    """(width, height) of an image from its header, without decoding its pixels."""
+    img = open_image(source)
+    if img is source:
+        return img.size
+    with img:
+        return img.size
 
 
 def probe_video(path: str) -> VideoInfo:

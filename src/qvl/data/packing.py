@@ -144,6 +144,11 @@ def _varlen():
 _VARLEN = _varlen()
 
 
+def varlen_available() -> bool:
+    """This torch has the flash-attention varlen kernel (``per_sample`` attention uses it on a GPU)."""
+    return _VARLEN is not None
+
+
 def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
     """The varlen kernel runs: CUDA, 16-bit inputs, no dropout (it has none), and a torch that has it."""
     return (_VARLEN is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)

@@ -55,19 +55,27 @@ def render(processor, messages: list[Message], add_generation_prompt: bool = Fal
     )
 
 
-def decode_video(media, budget: VisionBudget | None, processor):
-    """(frames, metadata) for one video item: per-item options, else the budget, else the processor's."""
+def video_sampling(media, budget: VisionBudget | None, processor) -> dict:
+    """How one video item's frames are sampled: ``fps``, ``min_frames``, ``max_frames`` (and ``sample_fps`` for a
+    frame list) from its own options, else the budget, else the processor's."""
     vp = processor.video_processor
     fps = budget.video_fps if budget else float(vp.fps or 2.0)
     min_frames = budget.video_min_frames if budget else int(vp.min_frames)
     max_frames = budget.video_max_frames if budget else int(vp.max_frames)
     o = media.options
+    out = {"fps": float(o.get("fps", fps)), "min_frames": int(o.get("min_frames", min_frames)),
+           "max_frames": int(o.get("max_frames", max_frames))}
     if isinstance(media.source, (list, tuple)):
-        return load_frame_list(media.source, sample_fps=float(o.get("sample_fps", 2.0)), fps=float(o.get("fps", fps)),
-                               min_frames=int(o.get("min_frames", min_frames)),
-                               max_frames=int(o.get("max_frames", max_frames)))
-    return load_video(media.source, fps=float(o.get("fps", fps)), min_frames=int(o.get("min_frames", min_frames)),
-                      max_frames=int(o.get("max_frames", max_frames)))
+        out["sample_fps"] = float(o.get("sample_fps", 2.0))
+    return out
+
+
+def decode_video(media, budget: VisionBudget | None, processor):
+    """(frames, metadata) for one video item, sampled as :func:`video_sampling` says."""
+    how = video_sampling(media, budget, processor)
+    if isinstance(media.source, (list, tuple)):
+        return load_frame_list(media.source, **how)
+    return load_video(media.source, **how)
 
 
 def load_media(sample_or_messages, budget: VisionBudget | None, processor):
@@ -89,6 +97,18 @@ def processor_kwargs(budget: VisionBudget | None) -> dict:
     if budget is None:  # the checkpoint's own (inference) budgets; frames are already sampled
         return {"videos_kwargs": {"do_sample_frames": False}}
     return {"images_kwargs": budget.images_kwargs(), "videos_kwargs": budget.videos_kwargs()}
+
+
+def image_tokens(processor, budget: VisionBudget | None, height: int, width: int, where: str | None = None) -> int:
+    """Vision tokens of one ``height`` x ``width`` image: the processor's own resize arithmetic, no pixels."""
+    ip = processor.image_processor
+    # get_number_of_image_patches reads min_pixels/max_pixels, not the size dict the call path uses
+    size = processor_kwargs(budget).get("images_kwargs", {}).get("size")
+    images_kwargs = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]} if size else {}
+    try:
+        return ip.get_number_of_image_patches(height, width, images_kwargs) // ip.merge_size ** 2
+    except ValueError as e:
+        raise QvlError(f"processor rejected the image: {e}", where=where) from None
 
 
 def assistant_label_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -157,11 +177,6 @@ def count_tokens(sample: Sample, processor, budget: VisionBudget | None = None, 
     ``decoded_videos`` ([(frames, metadata)] in prompt order) is given.
     """
     text = render(processor, sample.messages)
-    ip = processor.image_processor
-    merge = ip.merge_size ** 2
-    # get_number_of_image_patches reads min_pixels/max_pixels, not the size dict the call path uses
-    size = processor_kwargs(budget).get("images_kwargs", {}).get("size")
-    images_kwargs = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]} if size else {}
     image_pad = processor.image_token
     pieces = text.split(image_pad)
     images = [m for m in sample.media("image")]
@@ -170,10 +185,7 @@ def count_tokens(sample: Sample, processor, budget: VisionBudget | None = None, 
     expanded = [pieces[0]]
     for m, rest in zip(images, pieces[1:]):
         img = load_image(m.source)
-        try:
-            n = ip.get_number_of_image_patches(img.height, img.width, images_kwargs) // merge
-        except ValueError as e:
-            raise QvlError(f"processor rejected the image: {e}", where=sample.origin or None) from None
+        n = image_tokens(processor, budget, img.height, img.width, where=sample.origin or None)
         expanded.append(image_pad * n)
         expanded.append(rest)
     text = "".join(expanded)

@@ -120,6 +120,9 @@ def load_model(name_or_path, dtype=None, device=None, attn_implementation: str |
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = cls.from_pretrained(path, **kwargs)
+    from qvl.models.attention import use_vision_sdpa
+
+    use_vision_sdpa(model)  # no per-shape cuDNN planning on the host for every image (see qvl.models.attention)
     if adapter is not None:
         from peft import PeftModel
 

@@ -121,14 +121,21 @@ class TrainConfig(BaseModel):
                                                "vision block, bf16 compute with fp32 master weights)")
     nproc: int | None = Field(None, description="processes (GPUs) on this machine: `qvl train` re-launches "
                                                 "itself under torchrun with this many; torchrun sets it itself")
+    balance_tokens: bool | None = Field(None, description="several ranks: split each micro-batch position's samples "
+                                        "between the ranks by estimated tokens (longest first into the lightest "
+                                        "rank, equal sample counts) instead of every N-th sample, so no rank waits "
+                                        "on a longer row; the step's samples and loss stay the same. null: on with "
+                                        "packed rows (data_flatten / data_packing) on several ranks, else off")
     # --- packed rows (docs/train.md, "Packing") ---
     data_flatten: bool = Field(False, description="concatenate each micro-batch's samples into one row (no padding)")
     data_packing: bool = Field(False, description="records are packs (lists of samples, `qvl data pack`); each "
                                                   "micro-batch is per_device_train_batch_size packs in one row")
     packed_attention: Literal["auto", "flex", "sdpa", "per_sample", "flash_attention_2"] = Field(
-        "auto", description="attention for packed rows: auto = flash_attention_2 if installed, else sdpa (rows up "
-                            "to 16k tokens, and on CPU) or flex (longer rows on CUDA); per_sample = causal sdpa on "
-                            "each sample's slice of the row (no mask; flash kernels on a GPU; not yet timed)")
+        "auto", description="attention for packed rows: auto = flash_attention_2 if installed, else on CUDA "
+                            "per_sample (torch >= 2.10; older: sdpa for rows up to 16k tokens, flex beyond), sdpa on "
+                            "CPU; per_sample = causal attention per sample of the row, no mask (one flash-attention "
+                            "varlen call per layer on a GPU, sdpa per sample elsewhere); sdpa = dense block-diagonal "
+                            "mask")
     packed_row_tokens: int | None = Field(None, description="token budget per packed row: a step's samples are "
                                           "regrouped into rows of up to this many tokens (bigger rows keep a large GPU "
                                           "busy; the step's loss is the same); null: one row per micro-batch")
@@ -178,6 +185,12 @@ class TrainConfig(BaseModel):
     def engine(self) -> str:
         """How ranks share the work: ``deepspeed`` (a JSON), ``fsdp`` (FSDP2) or ``ddp`` (also one process)."""
         return "deepspeed" if self.deepspeed else "fsdp" if self.fsdp else "ddp"
+
+    def balances_tokens(self, world_size: int) -> bool:
+        """Whether ranks split micro-batch positions by estimated tokens (``balance_tokens``; null: packed rows)."""
+        if world_size < 2:
+            return False  # one rank takes the whole chunk: nothing to balance
+        return self.balance_tokens if self.balance_tokens is not None else self.data_flatten or self.data_packing
 
     def vision_budget(self) -> VisionBudget:
         try:

@@ -11,8 +11,9 @@ Loss under gradient accumulation is the sum of per-token losses over every micro
 step (and every rank) divided by the number of label tokens in all of them, so a step's loss does
 not depend on how its samples were split into micro-batches.
 
-Data order is a pure function of (seed, epoch, position): resuming from a checkpoint at step S
-replays exactly the batches an uninterrupted run would have seen after S.
+Data order is a pure function of (seed, epoch, position), with balance_tokens also of the records'
+estimated lengths (every rank computes the same): resuming from a checkpoint at step S replays
+exactly the batches an uninterrupted run would have seen after S.
 """
 
 from __future__ import annotations
@@ -77,13 +78,40 @@ def pick_device(dist: Dist) -> torch.device:
 # Data: seeded order, rank shards, micro-batches, steps
 # --------------------------------------------------------------------------------------------------
 
-class Plan:
-    """Which records form micro-batch ``j`` of epoch ``e`` on this rank, and which micro-batches form step ``s``."""
+def split_by_tokens(lengths: list[int], parts: int) -> list[list[int]]:
+    """Positions ``0..len(lengths)-1`` split into ``parts`` groups of equal size (``len`` a multiple of ``parts``),
+    each ascending, with the heaviest group as light as longest-processing-time greedy makes it: longest first
+    (ties: lower position) into the lightest group with room (ties: lower group). Equal lengths give the strided
+    split (position p to group p % parts), and so does any chunk where greedy would not beat it."""
+    size = len(lengths) // parts
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for pos in sorted(range(len(lengths)), key=lambda q: (-lengths[q], q)):
+        g = min((g for g in range(parts) if len(groups[g]) < size), key=loads.__getitem__)
+        groups[g].append(pos)
+        loads[g] += lengths[pos]
+    strided = [list(range(g, len(lengths), parts)) for g in range(parts)]
+    if max(loads, default=0) >= max((sum(lengths[q] for q in grp) for grp in strided), default=0):
+        return strided
+    return [sorted(grp) for grp in groups]
 
-    def __init__(self, n_records: int, cfg: TrainConfig, dist: Dist):
+
+class Plan:
+    """Which records form micro-batch ``j`` of epoch ``e`` on this rank, and which micro-batches form step ``s``.
+
+    Each epoch has one seeded permutation (padded so every rank does equal work, like DistributedSampler);
+    position ``j`` of every rank together takes its chunk ``j`` of ``per_device_train_batch_size x ranks`` records.
+    Strided (default), rank r takes every N-th record of the chunk. Balanced (``balance_tokens``, with
+    ``lengths``: record index -> estimated tokens), the chunk is split by :func:`split_by_tokens`: the same
+    records per step, fewer tokens on the busiest rank. Both are pure functions of (seed, epoch, j, records).
+    """
+
+    def __init__(self, n_records: int, cfg: TrainConfig, dist: Dist, lengths=None):
         if n_records == 0:
             raise QvlError("dataset_use selects no records", where="dataset_use")
         self.n, self.cfg, self.dist = n_records, cfg, dist
+        self.lengths = lengths  # e.g. qvl.data.lengths.TokenEstimate; only read when balanced
+        self.balanced = lengths is not None and cfg.balances_tokens(dist.world_size)
         per_rank = math.ceil(n_records / dist.world_size)  # padded like DistributedSampler: equal work per rank
         self.micro_per_epoch = math.ceil(per_rank / cfg.per_device_train_batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.gradient_accumulation_steps)
@@ -91,17 +119,31 @@ class Plan:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.num_train_epochs))
+        self._order: tuple[int, list[int]] | None = None  # (epoch, global order): the last epoch asked for
+
+    def global_order(self, epoch: int) -> list[int]:
+        """The epoch's seeded permutation of every record, padded to equal work per rank (the same on every rank)."""
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+            per_rank = math.ceil(self.n / self.dist.world_size)
+            order += order[: per_rank * self.dist.world_size - self.n]
+            self._order = (epoch, order)
+        return self._order[1]
 
     def epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        per_rank = math.ceil(self.n / self.dist.world_size)
-        order += order[: per_rank * self.dist.world_size - self.n]
-        return order[self.dist.rank::self.dist.world_size]
+        """This rank's strided share of the epoch's order."""
+        return self.global_order(epoch)[self.dist.rank::self.dist.world_size]
 
     def micro_batch(self, epoch: int, j: int, order: list[int]) -> list[int]:
+        """Record indices of micro-batch ``j`` on this rank; ``order`` is :meth:`epoch_order` (read when strided)."""
         bs = self.cfg.per_device_train_batch_size
-        return order[j * bs:(j + 1) * bs]
+        if not self.balanced:
+            return order[j * bs:(j + 1) * bs]
+        world = self.dist.world_size
+        chunk = self.global_order(epoch)[j * bs * world:(j + 1) * bs * world]
+        share = split_by_tokens([self.lengths(i) for i in chunk], world)[self.dist.rank]
+        return [chunk[pos] for pos in share]
 
     def step_micro(self, step: int) -> tuple[int, range]:
         """(epoch, micro-batch indices) of global step ``step`` (0-based)."""
@@ -265,10 +307,13 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
 def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int | None = None) -> str:
     """The attention for packed rows.
 
-    ``auto``: flash_attention_2 if importable; else sdpa on CPU, and on CUDA sdpa while rows stay within
-    DENSE_MASK_MAX_TOKENS, flex (block-sparse, no L x L mask) for longer rows.
+    ``auto``: flash_attention_2 if importable; else sdpa on CPU; on CUDA ``per_sample`` (one flash-attention
+    varlen call per layer, torch >= 2.10: 4,549 vs 3,260 tok/s for sdpa's dense block-diagonal mask, 8B LoRA on
+    an H100, docs/benchmarks.md), else sdpa while rows stay within DENSE_MASK_MAX_TOKENS and flex beyond.
     """
     import importlib.util
+
+    from qvl.data.packing import varlen_available
 
     has_fa = importlib.util.find_spec("flash_attn") is not None
     if choice == "auto":
@@ -276,6 +321,8 @@ def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int 
             return "sdpa"
         if has_fa:
             return "flash_attention_2"
+        if varlen_available():
+            return "per_sample"
         return "sdpa" if max_row_tokens is not None and max_row_tokens <= DENSE_MASK_MAX_TOKENS else "flex"
     if choice == "flash_attention_2" and not has_fa:
         raise QvlError("packed_attention=flash_attention_2 but flash-attn is not installed", where="packed_attention",
@@ -400,6 +447,8 @@ def _load_data(cfg: TrainConfig):
 
 def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     """Train as ``cfg`` says. ``callbacks`` are called as ``cb(step, row)`` after each step (tests use them)."""
+    from qvl.data.packing import PER_SAMPLE_ATTENTION
+    from qvl.models.attention import use_vision_sdpa
     from qvl.models.load import load_model, load_processor
     from qvl.models.tokens import token_ids
 
@@ -449,12 +498,15 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     # 2. data
     processor = load_processor(cfg.model_name_or_path)  # saved untouched: inference budgets stay the model's
     pad_id = token_ids(processor.tokenizer).pad
-    plan = Plan(len(records), cfg, dist)
     encoder = Encoder(records, processor, cfg)
+    from qvl.data.lengths import TokenEstimate
+
+    plan = Plan(len(records), cfg, dist, lengths=TokenEstimate(records, processor, encoder.budget))
 
     # 3. model: dtype, what trains, memory savers
     load_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = load_model(cfg.model_name_or_path, dtype=load_dtype, attn_implementation=cfg.attn_implementation)
+    use_vision_sdpa(model)  # load_model does it too; said here because the step's host time depends on it
     model = comp.apply_training_mode(model, cfg)
     if cfg.gradient_checkpointing:
         comp.enable_gradient_checkpointing(model)
@@ -480,7 +532,10 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
     if speed.compile_wanted(cfg.compile_layers, device):
-        if cfg.engine == "ddp":
+        if packed and attn == PER_SAMPLE_ATTENTION:  # its sample bounds are read on the host mid-layer
+            say("compile_layers is off with per_sample attention (dynamo cannot follow its per-sample shapes); "
+                "packed_attention: sdpa or flex compile")
+        elif cfg.engine == "ddp":
             speed.compile_layers(model)
         else:  # sharding wrappers around compiled regions are not measured or tested: keep them apart
             say(f"compile_layers is off under {cfg.engine} (tested with one GPU and DDP only)")
@@ -508,7 +563,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     unit = "packs" if cfg.data_packing else "samples"
     say(f"data {len(records):,} {'packs' if cfg.data_packing else 'records'} ({cfg.dataset_use}); "
         f"{plan.steps_per_epoch} steps/epoch at {eff} {unit}/step"
-        f"{' (each micro-batch one packed row)' if packed else ''}; {plan.total_steps} steps")
+        f"{' (each micro-batch one packed row)' if packed else ''}; {plan.total_steps} steps"
+        f"{'; samples split between ranks by estimated tokens (balance_tokens)' if plan.balanced else ''}")
 
     # 5. resume
     start_step = 0
