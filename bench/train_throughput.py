@@ -14,7 +14,8 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 added one at a time: qvl-fused (fused linear+CE, fused AdamW; every layer recomputed),
                 qvl-selective (gradient_checkpointing_ratio fitted to the baseline's peak memory),
                 qvl-per-sample (+ packed_attention: per_sample, no L x L mask: one flash-attention varlen
-                call per layer on a GPU), qvl-per-sample-keep10/14 (10 / 14 layers not recomputed),
+                call per layer on a GPU), qvl-per-sample-keep10/14 (10 / 14 layers not recomputed;
+                all qvl rows run the vision tower's sdpa without cuDNN, qvl-keep10-cudnn-vision lets it pick cuDNN),
                 qvl-compile (+ compile_layers, sdpa: per_sample attention breaks dynamo's shape tracing),
                 qvl-all-linear (qvl's default LoRA targets, per_sample attention), qvl-loop-plain
                 (levers off), qvl-rows16k (informational: 16 samples per step in rows of <= 16k tokens).
@@ -245,25 +246,33 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     import qvl.train.checkpoint as ckpt_mod
     from qvl.train.loop import train
 
+    import qvl.models.attention as attn_mod
+
+    cudnn_vision = overrides.pop("cudnn_vision", False)  # the lever off: the vision tower's sdpa may pick cuDNN
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
     clock = StepClock(profile, Path(args.profile_out) if args.profile_out else None)
-    orig_load, orig_final = load_mod.load_model, ckpt_mod.save_final
+    orig_load, orig_final, orig_vision = load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa
     load_mod.load_model = lambda *a, **k: base
     ckpt_mod.save_final = lambda *a, **k: []  # the servable folder at the end is not part of the throughput
+    if cudnn_vision:
+        for m in base.modules():
+            if type(m).__name__.endswith("VisionAttention"):
+                m.config._attn_implementation = "sdpa"
+        attn_mod.use_vision_sdpa = lambda model: False
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     try:
         result = train(cfg, log=lambda line: print(f"  {name}: {line}", flush=True), callbacks=[clock])
     finally:
-        load_mod.load_model, ckpt_mod.save_final = orig_load, orig_final
+        load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa = orig_load, orig_final, orig_vision
     cuda = args.device.startswith("cuda")
     res = clock.stats(warmup, warmup + timed, samples_per_step)
     res.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
                losses=result.losses, final_loss_mean5=sum(result.losses[-5:]) / len(result.losses[-5:]),
                mfu=res["tokens_per_s"] * flops_per_token / (PEAK_TFLOPS * 1e12),
-               settings={k: v for k, v in overrides.items()})
+               settings={**overrides, **({"cudnn_vision": True} if cudnn_vision else {})})
     if overrides.get("compile_layers"):
         from torch._dynamo.utils import counters
 
@@ -411,6 +420,8 @@ def main(argv=None):
         # the memory the mask and the masked-out attention took, spent on recomputing fewer layers
         ("qvl-per-sample-keep10", dict(compile_layers=False, gradient_checkpointing_ratio=26 / 36,
                                        packed_attention="per_sample")),
+        ("qvl-keep10-cudnn-vision", dict(compile_layers=False, gradient_checkpointing_ratio=26 / 36,
+                                         packed_attention="per_sample", cudnn_vision=True)),
         ("qvl-per-sample-keep14", dict(compile_layers=False, gradient_checkpointing_ratio=22 / 36,
                                        packed_attention="per_sample")),
         ("qvl-compile", dict(compile_layers=True, gradient_checkpointing_ratio="fit-qkvo")),
