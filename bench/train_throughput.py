@@ -15,7 +15,9 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 qvl-selective (gradient_checkpointing_ratio fitted to the baseline's peak memory),
                 qvl-per-sample (+ packed_attention: per_sample, no L x L mask: one flash-attention varlen
                 call per layer on a GPU), qvl-per-sample-keep10/14 (10 / 14 layers not recomputed;
-                all qvl rows run the vision tower's sdpa without cuDNN, qvl-keep10-cudnn-vision lets it pick cuDNN),
+                all qvl rows run the vision tower's sdpa without cuDNN and keep LoRA inputs in bf16 under
+                autocast; qvl-keep10-cudnn-vision / qvl-keep10-lora-fp32-cast switch one of those off),
+                qvl-keep10-compile (+ compile_layers: norms and MLPs; 8 warm-up steps),
                 qvl-compile (+ compile_layers, sdpa: per_sample attention breaks dynamo's shape tracing),
                 qvl-all-linear (qvl's default LoRA targets, per_sample attention), qvl-loop-plain
                 (levers off), qvl-rows16k (informational: 16 samples per step in rows of <= 16k tokens).
@@ -247,32 +249,36 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     from qvl.train.loop import train
 
     import qvl.models.attention as attn_mod
+    from qvl.train import speed
 
-    cudnn_vision = overrides.pop("cudnn_vision", False)  # the lever off: the vision tower's sdpa may pick cuDNN
+    levers_off = overrides.pop("levers_off", ())  # one lever switched off, to measure what it gives
+    warmup = overrides.pop("bench_warmup", warmup)
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
     clock = StepClock(profile, Path(args.profile_out) if args.profile_out else None)
-    orig_load, orig_final, orig_vision = load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa
+    saved = (load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit)
     load_mod.load_model = lambda *a, **k: base
     ckpt_mod.save_final = lambda *a, **k: []  # the servable folder at the end is not part of the throughput
-    if cudnn_vision:
+    if "vision_sdpa" in levers_off:  # the vision tower's sdpa may pick cuDNN
         for m in base.modules():
             if type(m).__name__.endswith("VisionAttention"):
                 m.config._attn_implementation = "sdpa"
         attn_mod.use_vision_sdpa = lambda model: False
+    if "lora_16bit" in levers_off:  # PEFT casts LoRA inputs to fp32
+        speed.lora_inputs_stay_16bit = lambda model: 0
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     try:
         result = train(cfg, log=lambda line: print(f"  {name}: {line}", flush=True), callbacks=[clock])
     finally:
-        load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa = orig_load, orig_final, orig_vision
+        load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit = saved
     cuda = args.device.startswith("cuda")
     res = clock.stats(warmup, warmup + timed, samples_per_step)
     res.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
                losses=result.losses, final_loss_mean5=sum(result.losses[-5:]) / len(result.losses[-5:]),
                mfu=res["tokens_per_s"] * flops_per_token / (PEAK_TFLOPS * 1e12),
-               settings={**overrides, **({"cudnn_vision": True} if cudnn_vision else {})})
+               settings={**overrides, "levers_off": list(levers_off)})
     if overrides.get("compile_layers"):
         from torch._dynamo.utils import counters
 
@@ -421,7 +427,14 @@ def main(argv=None):
         ("qvl-per-sample-keep10", dict(compile_layers=False, gradient_checkpointing_ratio=26 / 36,
                                        packed_attention="per_sample")),
         ("qvl-keep10-cudnn-vision", dict(compile_layers=False, gradient_checkpointing_ratio=26 / 36,
-                                         packed_attention="per_sample", cudnn_vision=True)),
+                                         packed_attention="per_sample", levers_off=("vision_sdpa",))),
+        ("qvl-keep10-lora-fp32-cast", dict(compile_layers=False, gradient_checkpointing_ratio=26 / 36,
+                                           packed_attention="per_sample", levers_off=("lora_16bit",))),
+        ("qvl-per-sample-keep12", dict(compile_layers=False, gradient_checkpointing_ratio=24 / 36,
+                                       packed_attention="per_sample")),
+        # + compiled norms and MLPs (the attention module stays eager with per_sample), 8 warm-up steps
+        ("qvl-keep10-compile", dict(compile_layers=True, gradient_checkpointing_ratio=26 / 36,
+                                    packed_attention="per_sample", bench_warmup=8)),
         ("qvl-per-sample-keep14", dict(compile_layers=False, gradient_checkpointing_ratio=22 / 36,
                                        packed_attention="per_sample")),
         ("qvl-compile", dict(compile_layers=True, gradient_checkpointing_ratio="fit-qkvo")),
@@ -441,6 +454,9 @@ def main(argv=None):
             overrides = dict(overrides, gradient_checkpointing_ratio=fitted_ratio(
                 ("q", "k", "v", "o") if ratio == "fit-qkvo" else ("q", "k", "v", "o", "gate", "up", "down")))
         warmup, timed = (2, overrides["max_steps"] - 2) if "max_steps" in overrides else (args.warmup, args.steps)
+        if "bench_warmup" in overrides:  # more warm-up steps (compilation), the same number timed
+            warmup = overrides["bench_warmup"]
+            overrides = dict(overrides, max_steps=warmup + timed)
         per_step = args.batch * overrides.get("gradient_accumulation_steps", 1)
         profile = (warmup + timed, warmup + timed + 2) if name == best and cuda and args.profile_out else None
         if profile:  # two more steps, after the timed ones

@@ -165,23 +165,28 @@ def test_selective_checkpointing_same_gradients(make_cfg, mixed_data):
 
 # ---------------------------------------------------------------- regional compilation
 
-def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data):
+@pytest.mark.parametrize("attention", ["sdpa", "per_sample"])
+def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, attention):
     """aot_eager on CPU (dynamo + AOTAutograd, the parts inductor builds on): same loss and grads, and rows of
-    three different lengths reuse one graph per compiled part."""
+    three different lengths reuse one graph per compiled part. With per_sample attention the attention
+    module stays eager and its q/k norms are compiled instead."""
     import torch._dynamo
 
     from qvl.data.packing import rope_index_fn, use_packed_attention
     from qvl.train.loop import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
-    use_packed_attention(model, "sdpa")
+    use_packed_attention(model, attention)
+    whole = attention == "sdpa"
+    n_parts = len(speed.COMPILED_PARTS) - (not whole) + (0 if whole else len(speed.ATTENTION_NORMS))
     lm = LossModule(model, fused_cross_entropy=True)
     steps = [[[enc(0), enc(8)]], [[enc(1), enc(2), enc(9)]], [[enc(3)], [enc(10)]]]
     ref = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
-        assert speed.compile_layers(model, backend="aot_eager") == 4 * len(speed.decoder_layers(model))
+        assert speed.compile_layers(model, backend="aot_eager", attention=whole) == \
+            n_parts * len(speed.decoder_layers(model))
         got = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
@@ -190,9 +195,39 @@ def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data):
     for (gl, gg), (rl, rg) in zip(got, ref):
         assert gl == pytest.approx(rl, rel=1e-5)
         assert _worst(gg, rg) < 1e-4
-    assert 0 < graphs <= 2 * len(speed.COMPILED_PARTS), graphs  # no recompile per layer or per row length
+    assert 0 < graphs <= 2 * n_parts, graphs  # no recompile per layer or per row length
     assert speed.compile_wanted("auto", torch.device("cpu")) is False
     assert speed.compile_wanted("auto", torch.device("cuda", 0)) is True
+
+
+# ---------------------------------------------------------------- LoRA inputs under autocast
+
+def test_lora_inputs_stay_16bit_changes_no_value(make_cfg, mixed_data):
+    """bf16 base, fp32 adapters, bf16 autocast (the training setup): without PEFT's fp32 cast of each LoRA
+    input the loss and every adapter gradient are bit-identical, and the cast really is off."""
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.train.loop import LossModule
+
+    model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True,
+                                 lora_dropout=0.0))
+    model.to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    use_packed_attention(model, "sdpa")
+    lm = LossModule(model, fused_cross_entropy=True)
+    rows = [[enc(0), enc(8)], [enc(1)]]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _packed_loss_grads(model, lm, rows, rope_index_fn(model))
+
+    ref_loss, ref_grads = run()
+    assert speed.lora_inputs_stay_16bit(model) > 0
+    assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules() if hasattr(m, "lora_A"))
+    loss, grads = run()
+    assert loss == ref_loss
+    assert set(grads) == set(ref_grads) and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
 
 
 # ---------------------------------------------------------------- optimizer, rows, host syncs

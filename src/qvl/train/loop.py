@@ -520,6 +520,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     if fp32_masters:
         for p in trainable:  # adapters / FSDP shards keep fp32 master weights; the frozen base stays bf16
             p.data = p.data.float()
+    if cfg.lora_enable and cfg.bf16:  # autocast rounds LoRA inputs to bf16 anyway: no fp32 copy on the way
+        speed.lora_inputs_stay_16bit(model)
     model.to(device)
     model.train()
     packed = cfg.data_flatten or cfg.data_packing
@@ -532,11 +534,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
     if speed.compile_wanted(cfg.compile_layers, device):
-        if packed and attn == PER_SAMPLE_ATTENTION:  # its sample bounds are read on the host mid-layer
-            say("compile_layers is off with per_sample attention (dynamo cannot follow its per-sample shapes); "
-                "packed_attention: sdpa or flex compile")
-        elif cfg.engine == "ddp":
-            speed.compile_layers(model)
+        if cfg.engine == "ddp":  # per-sample attention reads sample bounds on the host: its module stays eager
+            speed.compile_layers(model, attention=not (packed and attn == PER_SAMPLE_ATTENTION))
         else:  # sharding wrappers around compiled regions are not measured or tested: keep them apart
             say(f"compile_layers is off under {cfg.engine} (tested with one GPU and DDP only)")
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy)

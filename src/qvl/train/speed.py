@@ -7,6 +7,9 @@ the plain path (tests/train/test_speed.py); measured effects are in docs/benchma
   checkpointing): memory is traded for speed layer by layer instead of all or nothing.
 * :func:`compile_layers` — ``torch.compile`` of each decoder layer's parts (regional compilation: one
   graph shared by every layer, dynamic sequence length, so varying row lengths do not recompile).
+* :func:`lora_inputs_stay_16bit` — PEFT casts each LoRA layer's input to the adapter's fp32 dtype, and
+  autocast casts it straight back to bf16 for the matmul: two full-activation copies per adapted linear,
+  forward, recompute and backward, for bit-identical values. Under autocast they are skipped.
 * :func:`adamw_options` — the fused AdamW kernel on CUDA (same update, one kernel for all parameters).
 * :func:`rows_by_budget` — a step's samples regrouped into packed rows of up to N tokens (the loss is
   token-weighted over the whole step, so how samples are split into rows does not change it).
@@ -144,22 +147,42 @@ def ratio_for_memory(n_layers: int, free_bytes: float, layer_bytes: float) -> fl
 # --------------------------------------------------------------------------------------------------
 
 COMPILED_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# without the attention module (per-sample attention reads sample bounds on the host mid-module): its norms
+ATTENTION_NORMS = ("q_norm", "k_norm")
 
 
-def compile_layers(model, backend: str = "inductor", dynamic: bool = True) -> int:
+def compile_layers(model, backend: str = "inductor", dynamic: bool = True, attention: bool = True) -> int:
     """``torch.compile`` each decoder layer's norms, attention and MLP in place. Returns the modules compiled.
 
     Compiling the parts (not the layer) keeps gradient checkpointing outside the compiled code, the same
     on every transformers version. The layers share their code, so one graph per part serves all of
     them; ``dynamic=True`` makes the sequence length symbolic, so rows of any length reuse it.
+    ``attention=False`` leaves the attention module eager and compiles its q/k norms instead.
     """
     n = 0
     for layer in decoder_layers(model):
-        for name in COMPILED_PARTS:
-            part = getattr(layer, name, None)
+        parts = [getattr(layer, name, None) for name in COMPILED_PARTS if attention or name != "self_attn"]
+        if not attention:
+            parts += [getattr(layer.self_attn, name, None) for name in ATTENTION_NORMS]
+        for part in parts:
             if part is not None:
                 part.compile(backend=backend, dynamic=dynamic)
                 n += 1
+    return n
+
+
+def lora_inputs_stay_16bit(model) -> int:
+    """Turn off PEFT's cast of LoRA inputs to the adapter dtype; returns the layers changed.
+
+    Only for training under autocast: there every matmul runs in the autocast dtype whatever its inputs,
+    so the fp32 copy changes no value (bf16 -> fp32 is exact, and autocast rounds it back), it only costs
+    memory traffic and kernel launches.
+    """
+    n = 0
+    for m in model.modules():
+        if getattr(m, "cast_input_dtype_enabled", None) is True and hasattr(m, "lora_A"):
+            m.cast_input_dtype_enabled = False
+            n += 1
     return n
 
 
