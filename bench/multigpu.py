@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-ENGINES = {"ddp": {}, "zero2": {"deepspeed": "examples/deepspeed/zero2.json"},
+ENGINES = {"ddp": {}, "ref": {"master_weights": "fp32"}, "zero2": {"deepspeed": "examples/deepspeed/zero2.json"},
            "zero3": {"deepspeed": "examples/deepspeed/zero3.json"},
            "zero3_offload": {"deepspeed": "examples/deepspeed/zero3_offload.json"}, "fsdp": {"fsdp": "full_shard"}}
 COMMON = {"bf16": True, "gradient_checkpointing": True, "report_to": "none", "save_strategy": "'no'", "seed": 0,
@@ -159,6 +159,11 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="override every case's model (tiny for a CPU smoke run)")
     ap.add_argument("--steps", type=int, default=None, help="override steps")
     ap.add_argument("--engines", default="zero2,zero3,fsdp", help="parity engines")
+    ap.add_argument("--parity-ref", choices=("own", "ddp"), default="own",
+                    help="1-GPU reference: each engine's own 1-GPU run, or one plain run (fp32 master weights)")
+    ap.add_argument("--lora-engines", default="ddp,zero2", help="scaling: engines of the LoRA-8B runs")
+    ap.add_argument("--full-engines", default="zero2,fsdp", help="scaling: engines of the full-4B runs")
+    ap.add_argument("--full8b-engines", default="zero3,zero3_offload", help="full8b: engines")
     ap.add_argument("--work", default="/tmp/qvl_multigpu")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
@@ -196,19 +201,22 @@ def main(argv=None) -> None:
     if "parity" in cases:
         steps = args.steps or 30
         model = args.model or "2B"
+        extra = {**FULL, "per_device_train_batch_size": 1, "max_steps": steps}
         jobs = []
+        if args.parity_ref == "ddp":  # one plain 1-GPU run (fp32 master weights, as the engines keep) for all
+            jobs.append(("parity-ref-1gpu", model, "ref", 1, {**extra, "gradient_accumulation_steps": 4},
+                         args.timeout))
         for eng in args.engines.split(","):
-            for n in (1, 2):
-                extra = {**FULL, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4 // n,
-                         "max_steps": steps}
-                jobs.append((f"parity-{eng}-{n}gpu", model, eng, n, extra, args.timeout))
+            for n in (1, 2) if args.parity_ref == "own" else (2,):
+                jobs.append((f"parity-{eng}-{n}gpu", model, eng, n, {**extra, "gradient_accumulation_steps": 4 // n},
+                             args.timeout))
         results["mixed_micro_batches_2gpu"] = mixed_micro_batches(work, 2, 1, steps, 2)
         run_pairs(jobs, work, runs, save, two)
     if "scaling" in cases:
-        steps = args.steps or 12
+        steps = args.steps or 10
         jobs = []
-        for label, model, kind, engines, bs in (("lora8b", "8B", LORA, ("ddp", "zero2"), 4),
-                                                ("full4b", "4B", FULL, ("zero2", "fsdp"), 4)):
+        for label, model, kind, engines, bs in (("lora8b", "8B", LORA, args.lora_engines.split(","), 4),
+                                                ("full4b", "4B", FULL, args.full_engines.split(","), 4)):
             for eng in engines:
                 for n in (1, 2):
                     extra = {**kind, "data_flatten": True, "per_device_train_batch_size": bs,
@@ -217,7 +225,7 @@ def main(argv=None) -> None:
         run_pairs(jobs, work, runs, save, two)
     if "full8b" in cases:
         steps = args.steps or 6
-        for eng in ("zero3", "zero3_offload"):
+        for eng in args.full8b_engines.split(","):
             extra = {**FULL, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": steps,
                      "data_flatten": True}
             runs[f"full8b-{eng}-2gpu"] = finish(run_train(f"full8b-{eng}-2gpu", work, args.model or "8B", eng, 2,
@@ -233,7 +241,7 @@ def summarise(results: dict) -> None:
     parity, scaling, hang_runs = {}, {}, []
     for name, r in runs.items():
         if name.startswith("parity-") and name.endswith("-2gpu"):
-            one = runs.get(name.replace("-2gpu", "-1gpu"))
+            one = runs.get("parity-ref-1gpu") or runs.get(name.replace("-2gpu", "-1gpu"))
             hang_runs.append(r)
             if one and r["losses"] and one["losses"]:
                 n = min(len(r["losses"]), len(one["losses"]))
@@ -241,7 +249,8 @@ def summarise(results: dict) -> None:
                 parity[name[len("parity-"):-len("-2gpu")]] = {
                     "max_abs_loss_diff": max(d), "max_rel_loss_diff": max(x / abs(b) for x, b in zip(d, one["losses"])),
                     "steps_compared": n, "first_loss": one["losses"][0], "last_loss_1gpu": one["losses"][n - 1],
-                    "last_loss_2gpu": r["losses"][n - 1]}
+                    "last_loss_2gpu": r["losses"][n - 1],
+                    "reference": "parity-ref-1gpu" if "parity-ref-1gpu" in runs else name.replace("-2gpu", "-1gpu")}
         if name.startswith("scaling-") and name.endswith("-2gpu"):
             one = runs.get(name.replace("-2gpu", "-1gpu"))
             if one and one.get("tokens_per_s") and r.get("tokens_per_s"):
