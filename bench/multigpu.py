@@ -215,8 +215,8 @@ def main(argv=None) -> None:
     if "scaling" in cases:
         steps = args.steps or 10
         jobs = []
-        for label, model, kind, engines, bs in (("lora8b", "8B", LORA, args.lora_engines.split(","), 4),
-                                                ("full4b", "4B", FULL, args.full_engines.split(","), 4)):
+        for label, model, kind, engines, bs in (("lora8b", "8B", LORA, [e for e in args.lora_engines.split(",") if e], 4),
+                                                ("full4b", "4B", FULL, [e for e in args.full_engines.split(",") if e], 4)):
             for eng in engines:
                 for n in (1, 2):
                     extra = {**kind, "data_flatten": True, "per_device_train_batch_size": bs,

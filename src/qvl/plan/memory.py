@@ -22,6 +22,9 @@ ALLOCATOR_FRACTION = 0.05  # torch caching-allocator reserve over peak allocated
 # Training loss: bf16 logits (2) + fp32 log-softmax kept for backward (4) + its grad (4) + the grad of the
 # upcast logits (4) are alive together at the start of backward: 14 bytes per vocab entry per token.
 LOGITS_TRAIN_BYTES = 14
+# qvl's fused linear + cross-entropy (qvl.train.speed) makes logits in row chunks of about this many bytes
+# (compute dtype + fp32): the tokens x vocabulary tensor never exists.
+CE_CHUNK_BYTES = 256 * 2**20
 LORA_ADAPTER_BYTES = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True) on a bf16 base
 NF4_BYTES = 4.127 / 8  # 4-bit NF4 + double-quantised absmax (bitsandbytes, blocksize 64)
 VLLM_SAMPLER_BYTES = 16  # fp32 logits + probs + int64 sort indices, per vocab entry per sequence (dummy run)
@@ -412,12 +415,14 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                video_frame_pixels: int = 262_144, lora_r: int = 64, lora_targets="all", lora_dropout: float = 0.05,
                tune_mm_vision: bool = False, tune_mm_mlp: bool | None = None, tune_mm_llm: bool = True,
                optim: str = "adamw", gpus: int = 1, recommend: bool = True, master_fp32: bool = False,
-               _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
+               fused_ce: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
     """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
 
     ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
     ``model_max_length`` counts); ``batch`` is the per-GPU micro-batch. ``master_fp32``: fully trained
     weights (and so their gradients and AdamW states) in fp32 without ZeRO (``master_weights: fp32``).
+    ``fused_ce``: the loss as qvl's fused linear + cross-entropy computes it (``fused_cross_entropy``): logits
+    chunk by chunk instead of the whole tokens x vocabulary tensor and its fp32 copies.
     """
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
@@ -439,7 +444,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         tune_mm_mlp = method == "full"
     n = gpus
     settings = dict(method=method, zero=zero, offload=offload, gradient_checkpointing=gradient_checkpointing,
-                    master_fp32=master_fp32,
+                    master_fp32=master_fp32, fused_ce=fused_ce,
                     batch=batch, seq_len=seq_len, max_pixels=max_pixels, images_per_sample=images_per_sample,
                     video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels,
                     tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm,
@@ -553,9 +558,14 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         recompute = 0
         notes["LLM activations"] = (f"{m.layers} layers × {layer_full / 1024:.0f} KiB per token × {tokens:,} tokens "
                                     "(no checkpointing)")
-    logits = tokens * m.vocab * LOGITS_TRAIN_BYTES + tokens * 10 * m.hidden
-    notes["logits / loss"] = (f"{tokens:,} tokens × vocab {m.vocab:,} × {LOGITS_TRAIN_BYTES} B (bf16 logits, fp32 "
-                              "upcast/log-softmax and their grads)")
+    if fused_ce:
+        logits = 2 * CE_CHUNK_BYTES + tokens * 10 * m.hidden
+        notes["logits / loss"] = (f"fused linear + cross-entropy: logits in chunks of {CE_CHUNK_BYTES / 2**20:.0f} MiB "
+                                  f"+ hidden-state gradients ({tokens:,} tokens)")
+    else:
+        logits = tokens * m.vocab * LOGITS_TRAIN_BYTES + tokens * 10 * m.hidden
+        notes["logits / loss"] = (f"{tokens:,} tokens × vocab {m.vocab:,} × {LOGITS_TRAIN_BYTES} B (bf16 logits, "
+                                  "fp32 upcast/log-softmax and their grads)")
     vnote = f"{patches:,} patches ({batch} × {vis_per_sample:,} visual tokens × 4)"
     if tune_mm_vision:
         if gradient_checkpointing:

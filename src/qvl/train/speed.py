@@ -25,9 +25,7 @@ import torch
 
 from qvl.errors import QvlError
 
-# Rows of logits per chunk in linear_cross_entropy: each chunk holds rows x vocabulary logits in the compute
-# dtype plus fp32 (about 256 MiB per chunk at Qwen3's 151,936 words).
-CE_CHUNK_BYTES = 256 * 2**20
+from qvl.plan.memory import CE_CHUNK_BYTES  # rows x vocabulary logits per chunk (compute dtype + fp32); the planner counts it
 
 
 # --------------------------------------------------------------------------------------------------
