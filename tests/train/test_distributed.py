@@ -73,6 +73,14 @@ def test_nproc_relaunches_under_torchrun(monkeypatch):
     assert not D.needs_launch(cfg)
 
 
+def test_relaunch_shares_cpu_threads_unless_set(monkeypatch):
+    """torchrun would pin every rank to one OpenMP thread (DeepSpeed's CPU Adam under offload): share the cores."""
+    monkeypatch.setattr(D.os, "cpu_count", lambda: 32)
+    assert D.cpu_threads_per_process(2, env={}) == "16"
+    assert D.cpu_threads_per_process(64, env={}) == "1"
+    assert D.cpu_threads_per_process(2, env={"OMP_NUM_THREADS": "4"}) is None  # the user's choice stays
+
+
 def test_sampler_shards_are_disjoint_and_the_mixture_is_the_same_on_every_rank(tmp_path):
     from train_helpers import make_colour_data
 
