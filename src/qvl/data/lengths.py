@@ -40,7 +40,11 @@ def _video_tokens(media, processor, budget: VisionBudget | None) -> int:
         total, source_fps, width, height = info.total_frames, info.fps, info.width, info.height
     frames = len(sample_frame_indices(total, source_fps, how["fps"], how["min_frames"], how["max_frames"]))
     vp = processor.video_processor
-    patches = vp.get_num_of_video_patches(frames, height, width, processor_kwargs(budget)["videos_kwargs"])
+    kwargs = dict(processor_kwargs(budget)["videos_kwargs"])
+    size = kwargs.get("size") or {}
+    if size:  # transformers 5.17 reads the budget here as min_pixels / max_pixels, 5.24 from `size`
+        kwargs.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    patches = vp.get_num_of_video_patches(frames, height, width, kwargs)
     return patches // vp.merge_size ** 2 + frames // TEMPORAL_PATCH * FRAME_PAIR_MARKER_TOKENS
 
 
