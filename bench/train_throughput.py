@@ -159,6 +159,7 @@ def loop_config(args, model_dir: Path, registry: Path, out: Path, **overrides):
                   lora_target_regex=QKVO_REGEX, learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0,
                   max_grad_norm=1.0, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                   max_steps=args.warmup + args.steps, bf16=args.device.startswith("cuda"), gradient_checkpointing=True,
+                  gradient_checkpointing_ratio=1.0,  # rows set their own; qvl-auto uses the loop's default
                   data_flatten=True, save_strategy="no", report_to="none", logging_steps=5, seed=0, resume=False,
                   model_max_length=4096, force=True, **BUDGET_KEYS)
     values.update(overrides)
@@ -437,6 +438,8 @@ def main(argv=None):
                                     packed_attention="per_sample", bench_warmup=8)),
         ("qvl-per-sample-keep14", dict(compile_layers=False, gradient_checkpointing_ratio=22 / 36,
                                        packed_attention="per_sample")),
+        # the loop's default: as few recomputed layers as the card allows (may use more memory than the baseline)
+        ("qvl-auto", dict(compile_layers=False, gradient_checkpointing_ratio="auto", packed_attention="per_sample")),
         ("qvl-compile", dict(compile_layers=True, gradient_checkpointing_ratio="fit-qkvo")),
         ("qvl-all-linear", dict(compile_layers=False, lora_target_regex=None, gradient_checkpointing_ratio=30 / 36,
                                 packed_attention="per_sample")),
@@ -450,7 +453,7 @@ def main(argv=None):
         if not want(name):
             continue
         ratio = overrides.get("gradient_checkpointing_ratio")
-        if isinstance(ratio, str):
+        if isinstance(ratio, str) and ratio.startswith("fit"):
             overrides = dict(overrides, gradient_checkpointing_ratio=fitted_ratio(
                 ("q", "k", "v", "o") if ratio == "fit-qkvo" else ("q", "k", "v", "o", "gate", "up", "down")))
         warmup, timed = (2, overrides["max_steps"] - 2) if "max_steps" in overrides else (args.warmup, args.steps)

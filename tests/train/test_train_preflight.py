@@ -95,3 +95,29 @@ def test_cli_refuses_then_force(make_cfg, tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["train", str(path), "--force"])
     assert res.exit_code == 0, res.output
     assert "trying anyway" in res.output and "done: 1 steps" in res.output
+
+
+def test_auto_checkpoint_ratio_follows_the_card(make_cfg, tmp_path):
+    """auto: every layer recomputed without a plan (CPU); none on a card with room; some when memory is tight."""
+    from qvl.plan.memory import layer_saved_bytes_per_token
+    from qvl.plan.preflight import model_for_plan
+    from qvl.train.preflight import AUTO_CHECKPOINT_BUDGET, auto_checkpoint_ratio, check
+
+    cfg = make_cfg(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True, per_device_train_batch_size=2,
+                   model_max_length=512)
+    assert cfg.gradient_checkpointing_ratio == "auto"
+    assert auto_checkpoint_ratio(cfg, None)[0] == 1.0
+    roomy = check(cfg, gpu="h100", say=lambda *a: None)
+    ratio, why = auto_checkpoint_ratio(cfg, roomy)
+    assert ratio == 0.0 and "0 of" in why
+    shape = model_for_plan(cfg.model_name_or_path)
+    layer_gib = layer_saved_bytes_per_token(shape, cfg.lora_r, ("q", "k", "v", "o", "gate", "up", "down"),
+                                            cfg.lora_dropout) * 2 * 512 / 2**30
+    # a card where the all-recomputed plan leaves room for exactly one layer's kept activations
+    total = roomy.plan.total_gib
+    tight_mem = (total + 1.5 * layer_gib) / AUTO_CHECKPOINT_BUDGET
+    tight = check(make_cfg(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True,
+                           per_device_train_batch_size=2, model_max_length=512, gpu_mem=f"{tight_mem:.6f}GiB"),
+                  say=lambda *a: None)
+    ratio, why = auto_checkpoint_ratio(cfg, tight)
+    assert ratio == (shape.layers - 1) / shape.layers, why

@@ -140,9 +140,11 @@ class TrainConfig(BaseModel):
                                           "regrouped into rows of up to this many tokens (bigger rows keep a large GPU "
                                           "busy; the step's loss is the same); null: one row per micro-batch")
     # --- speed (docs/train.md, "Speed"; measured in docs/benchmarks.md) ---
-    gradient_checkpointing_ratio: float = Field(1.0, description="with gradient_checkpointing: the fraction of LLM "
-                                                "decoder layers recomputed (evenly spaced); lower is faster and "
-                                                "uses more memory")
+    gradient_checkpointing_ratio: float | Literal["auto"] = Field(
+        "auto", description="with gradient_checkpointing: the fraction of LLM decoder layers recomputed (evenly "
+                            "spaced); lower is faster and uses more memory. auto: on a GPU, as few as the memory "
+                            "preflight's plan allows at 90 % of the card with the longest possible rows; 1.0 when "
+                            "the card is unknown (CPU)")
     fused_cross_entropy: bool = Field(True, description="lm_head + loss in row chunks, never the full-vocabulary "
                                       "logits tensor")
     compile_layers: bool | Literal["auto"] = Field(False, description="torch.compile the decoder layers' parts "
@@ -252,7 +254,7 @@ class TrainConfig(BaseModel):
             bad("lr_scheduler_type", f"unknown scheduler {self.lr_scheduler_type!r}", f"use one of {list(SCHEDULERS)}")
         if self.optim not in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_torch_foreach"):
             bad("optim", f"optimizer {self.optim!r} is not supported", "use adamw_torch (fused kernel on CUDA)")
-        if not 0 <= self.gradient_checkpointing_ratio <= 1:
+        if self.gradient_checkpointing_ratio != "auto" and not 0 <= self.gradient_checkpointing_ratio <= 1:
             bad("gradient_checkpointing_ratio", f"gradient_checkpointing_ratio={self.gradient_checkpointing_ratio} "
                 "must be in [0, 1]")
         if self.packed_row_tokens is not None:

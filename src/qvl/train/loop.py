@@ -469,7 +469,13 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     records = _load_data(cfg)
     from qvl.train.preflight import check as preflight
 
-    preflight(cfg, world_size=dist.world_size, records=records, say=say)
+    memory_plan = preflight(cfg, world_size=dist.world_size, records=records, say=say)
+    ckpt_ratio = cfg.gradient_checkpointing_ratio
+    if cfg.gradient_checkpointing and ckpt_ratio == "auto":
+        from qvl.train.preflight import auto_checkpoint_ratio
+
+        ckpt_ratio, why = auto_checkpoint_ratio(cfg, memory_plan, dist.world_size, records)
+        say(f"gradient checkpointing (gradient_checkpointing_ratio auto): {why}")
 
     # 1. run folder: resume, or start fresh (moving old files aside; nothing is deleted)
     resume_from = None
@@ -510,8 +516,8 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     model = comp.apply_training_mode(model, cfg)
     if cfg.gradient_checkpointing:
         comp.enable_gradient_checkpointing(model)
-        if cfg.gradient_checkpointing_ratio < 1.0:  # selective: only some decoder layers recompute
-            speed.checkpoint_some_layers(model, cfg.gradient_checkpointing_ratio)
+        if ckpt_ratio != "auto" and ckpt_ratio < 1.0:  # selective: only some decoder layers recompute
+            speed.checkpoint_some_layers(model, ckpt_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
     fp32_masters = load_dtype != torch.float32 and distributed.master_weights_fp32(cfg)
     if load_dtype != torch.float32 and not fp32_masters and not cfg.lora_enable and cfg.engine == "ddp":

@@ -144,3 +144,32 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
     say(f"memory preflight: {what}")
     fix = (f"set {fixes[0]}" if fixes else "use a larger GPU or a smaller model (`qvl plan train` lists options)")
     raise QvlError(what, where="memory preflight", fix=fix + "; or pass --force (force=true) to try anyway")
+
+
+# `gradient_checkpointing_ratio: auto` keeps the predicted peak under this share of the card: the planner's
+# kept activations per layer measured 1.5-1.8x above the real ones (8B LoRA, docs/benchmarks.md), so this
+# leaves room for the allocator and for what the planner does not see.
+AUTO_CHECKPOINT_BUDGET = 0.9
+
+
+def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=()) -> tuple[float, str]:
+    """(ratio, why) for ``gradient_checkpointing_ratio: auto``: the fewest recomputed decoder layers whose kept
+    activations, at the longest row a micro-batch can make, fit what the all-recomputed plan leaves free."""
+    from qvl.plan.memory import layer_saved_bytes_per_token, parse_lora_targets
+    from qvl.train.speed import ratio_for_memory
+
+    plan = getattr(pf, "plan", None)
+    shape = model_for_plan(cfg.model_name_or_path) if plan is not None else None
+    if plan is None or shape is None or not plan.fits:
+        return 1.0, "every layer recomputed (no memory plan for this card)"
+    kw = plan_kwargs(cfg, world_size, has_video(records))
+    targets = parse_lora_targets(kw["lora_targets"]) if cfg.lora_enable else ()
+    row_tokens = kw["batch"] * kw["seq_len"]
+    layer = layer_saved_bytes_per_token(shape, cfg.lora_r if cfg.lora_enable else 0, targets,
+                                        cfg.lora_dropout if cfg.lora_enable else 0.0) * row_tokens
+    free = (AUTO_CHECKPOINT_BUDGET * plan.gpu_total_gib - plan.total_gib) * 2**30
+    ratio = ratio_for_memory(shape.layers, free, layer)
+    kept = shape.layers - round(ratio * shape.layers)
+    return ratio, (f"{shape.layers - kept} of {shape.layers} layers recomputed: {kept} kept at "
+                   f"{layer / 2**30:.2f} GiB each (rows up to {row_tokens:,} tokens) within "
+                   f"{AUTO_CHECKPOINT_BUDGET:.0%} of {plan.gpu_total_gib:.1f} GiB")
