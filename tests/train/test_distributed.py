@@ -221,3 +221,59 @@ def test_token_budget_rows_keep_two_ranks_in_step(engine, tiny_model_dir, tmp_pa
     two = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
     assert two == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
 
+
+
+def test_bf16_master_weights_reach_deepspeed_and_the_planner(make_cfg):
+    """master_weights=bf16 under ZeRO turns on DeepSpeed's own bf16 master/state switches and halves the
+    planned optimizer memory; the default leaves DeepSpeed's fp32 copies, and LoRA is never affected."""
+    from qvl.train.preflight import plan_kwargs
+
+    def ds(**kw):
+        return deepspeed_config(make_cfg(deepspeed=ZERO["zero3"], bf16=True, **kw)).get("bf16", {})
+
+    assert ds(master_weights="bf16") == {"enabled": True, "bf16_master_weights_and_grads": True,
+                                         "bf16_optimizer_states": True}
+    assert "bf16_master_weights_and_grads" not in ds()
+    assert "bf16_master_weights_and_grads" not in ds(master_weights="bf16", lora_enable=True)
+    from qvl.plan.memory import plan_train
+
+    kw = plan_kwargs(make_cfg(deepspeed=ZERO["zero3"], bf16=True, master_weights="bf16"), world_size=2)
+    assert kw["master_bf16"] and not plan_kwargs(make_cfg(deepspeed=ZERO["zero3"], bf16=True), world_size=2)["master_bf16"]
+    fp32 = plan_train("8B", gpu_mem=80, method="full", zero=3, gpus=2, recommend=False).parts["optimizer states"]
+    bf16 = plan_train("8B", gpu_mem=80, method="full", zero=3, gpus=2, recommend=False,
+                      master_bf16=True).parts["optimizer states"]
+    assert bf16 == pytest.approx(fp32 / 2)  # (2 + 2 + 2 x 2) vs (4 + 4 + 2 x 4) bytes per trained parameter
+    recs = plan_train("8B", gpu_mem=80, method="full", zero=3, gpus=2, batch=2, seq_len=4096).recommendations
+    assert any(r.changes == {"master_bf16": True} and r.fits for r in recs)
+
+
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero2", marks=needs_ds), pytest.param("zero3", marks=needs_ds)])
+def test_bf16_master_weights_under_sharding_engines(engine, make_cfg, tmp_path, monkeypatch):
+    """master_weights=bf16: the engine's master weights and AdamW states are bf16 (8 bytes per trained parameter),
+    and training moves the weights; the default (fp32) keeps fp32 masters."""
+    seen = {}
+    real = D.prepare
+
+    def spy(*a, **kw):
+        seen["eng"] = real(*a, **kw)
+        return seen["eng"]
+
+    monkeypatch.setattr(D, "prepare", spy)
+    key = {"fsdp": "full_shard"} if engine == "fsdp" else {"deepspeed": ZERO[engine]}
+    for master, dtype in (("bf16", torch.bfloat16), ("auto", torch.float32)):
+        lines = []
+        r = train(make_cfg(output_dir=str(tmp_path / master), max_steps=2, save_strategy="no", bf16=True,
+                           master_weights=master, **key), log=lines.append)
+        assert len(r.losses) == 2 and all(torch.isfinite(torch.tensor(r.losses)))
+        eng = seen["eng"]
+        opt = eng.optimizer  # qvl's AdamW: DeepSpeed steps it over its master partitions
+        if eng.name == "deepspeed":  # ZeRO-3 puts a partition in the groups only while it steps it
+            zo = eng.runner.optimizer
+            params = list(getattr(zo, "fp32_partitioned_groups_flat", None) or zo.single_partition_of_fp32_groups)
+        else:
+            params = [p for g in opt.param_groups for p in g["params"]]
+        assert params and {p.dtype for p in params} == {dtype}
+        states = [v for st in opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+        assert states and {v.dtype for v in states} == {dtype}
+        assert any("updates below bf16's resolution" in line or "smaller than bf16's resolution" in line
+                   for line in lines) == (master == "bf16")

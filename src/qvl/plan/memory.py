@@ -415,12 +415,14 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                video_frame_pixels: int = 262_144, lora_r: int = 64, lora_targets="all", lora_dropout: float = 0.05,
                tune_mm_vision: bool = False, tune_mm_mlp: bool | None = None, tune_mm_llm: bool = True,
                optim: str = "adamw", gpus: int = 1, recommend: bool = True, master_fp32: bool = False,
-               fused_ce: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
+               master_bf16: bool = False, fused_ce: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
     """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
 
     ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
     ``model_max_length`` counts); ``batch`` is the per-GPU micro-batch. ``master_fp32``: fully trained
     weights (and so their gradients and AdamW states) in fp32 without ZeRO (``master_weights: fp32``).
+    ``master_bf16``: with ZeRO / FSDP2 (``zero`` >= 1) the engine keeps bf16 master weights, gradient partitions and
+    AdamW states (``master_weights: bf16``; DeepSpeed's bf16_master_weights_and_grads + bf16_optimizer_states).
     ``fused_ce``: the loss as qvl's fused linear + cross-entropy computes it (``fused_cross_entropy``): logits
     chunk by chunk instead of the whole tokens x vocabulary tensor and its fp32 copies.
     """
@@ -444,7 +446,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         tune_mm_mlp = method == "full"
     n = gpus
     settings = dict(method=method, zero=zero, offload=offload, gradient_checkpointing=gradient_checkpointing,
-                    master_fp32=master_fp32, fused_ce=fused_ce,
+                    master_fp32=master_fp32, master_bf16=master_bf16, fused_ce=fused_ce,
                     batch=batch, seq_len=seq_len, max_pixels=max_pixels, images_per_sample=images_per_sample,
                     video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels,
                     tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm,
@@ -508,7 +510,10 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     # optimizer
     states = {"adamw": 2, "adamw8bit": 2, "sgd": 0}[optim]
     state_bytes = {"adamw": 4, "adamw8bit": 1, "sgd": 4}[optim]
-    if zero >= 1:  # DeepSpeed mixed precision: fp32 master + fp32 grad partition + fp32 (or 8-bit) states
+    if zero >= 1 and master_bf16 and optim == "adamw":  # bf16 master + bf16 grad partition + bf16 states
+        opt_full = full_trainable * (2 + 2 + states * 2)
+        onote = "bf16 master + bf16 grad partition + "
+    elif zero >= 1:  # DeepSpeed mixed precision: fp32 master + fp32 grad partition + fp32 (or 8-bit) states
         opt_full = full_trainable * (4 + 4 + states * state_bytes)
         onote = "fp32 master + fp32 grad partition + "
     else:  # torch optimizer: states in the param dtype (bf16, or fp32 master weights)
@@ -516,7 +521,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         onote = ""
     opt_lora = lora_n * states * (4 if optim != "adamw8bit" else 1)
     opt = opt_full + opt_lora
-    onote += f"{states} {optim} state(s)" + (" in the param dtype" if zero == 0 else "")
+    onote += f"{states} {optim} state(s)" + (" in the param dtype" if zero == 0 else
+                                             " in bf16" if master_bf16 and optim == "adamw" else "")
     if zero >= 1:
         opt /= n
         if n > 1:
@@ -627,7 +633,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                   batch=batch, seq_len=seq_len, max_pixels=max_pixels, images_per_sample=images_per_sample,
                   video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels, lora_r=lora_r,
                   lora_targets=targets, lora_dropout=lora_dropout, tune_mm_vision=tune_mm_vision,
-                  tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus)
+                  tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus, master_fp32=master_fp32,
+                  master_bf16=master_bf16, fused_ce=fused_ce)
 
         def run(**ch) -> Plan | None:
             try:
@@ -684,6 +691,9 @@ def _train_recommendations(plan: Plan, kw: dict, run) -> list[Recommendation]:
         for z in (2, 3):
             if z > s["zero"] and (s["method"] != "qlora" or z < 3) and add("shard across GPUs", zero=z):
                 break
+    if s["zero"] >= 1 and s["method"] == "full" and s["optim"] == "adamw" and not s["master_bf16"]:
+        add("bf16 master weights and AdamW states (8 instead of 16 bytes per trained parameter; updates below "
+            "bf16's resolution are lost)", master_bf16=True)
     if s["zero"] >= 2 and not s["offload"]:
         add("optimizer states (and ZeRO-3 params) in CPU RAM; slower", offload=True)
     if plan.max_seq_len_that_fits and plan.max_seq_len_that_fits < s["seq_len"]:

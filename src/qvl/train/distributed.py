@@ -126,15 +126,22 @@ def master_weights_fp32(cfg: TrainConfig) -> bool:
 
     LoRA adapters are by default (also on one GPU), full fine-tuning on one GPU / DDP when
     ``master_weights: fp32``; FSDP2 keeps its shards in float32 and computes in bf16
-    (MixedPrecisionPolicy). DeepSpeed casts the model to bf16 and keeps float32 masters itself.
+    (MixedPrecisionPolicy) unless ``master_weights: bf16``. DeepSpeed casts the model to bf16 and keeps
+    float32 masters itself (bf16 ones with ``master_weights: bf16``: :func:`qvl.train.config.deepspeed_config`).
     """
     if not cfg.bf16 or cfg.engine == "deepspeed":
         return False
     if cfg.engine == "fsdp":
-        return True
+        return cfg.master_weights != "bf16"
     if cfg.master_weights == "auto":
         return cfg.lora_enable
     return cfg.master_weights == "fp32"
+
+
+def bf16_masters(cfg: TrainConfig) -> bool:
+    """Whether a sharding engine keeps bf16 master weights, gradients and AdamW states (``master_weights: bf16``):
+    8 bytes per trained parameter instead of 16, what lets a full 8B fine-tune fit 2 x 80 GB without offload."""
+    return cfg.bf16 and cfg.master_weights == "bf16" and cfg.engine in ("deepspeed", "fsdp") and not cfg.lora_enable
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,7 +180,8 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device, offload: bool
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+            # bf16 master weights: DeepSpeed requires the CPU moments in bf16 too (bf16_optimizer_states)
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, fp32_optimizer_states=not bf16_masters(cfg), **kw)
         except Exception as e:  # noqa: BLE001 -- its C++ op is built on first use: no compiler, no CPU Adam
             if notes is not None:
                 notes.append(f"DeepSpeed's CPU Adam could not be built ({type(e).__name__}: {str(e)[:200]}); "

@@ -520,7 +520,7 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
             speed.checkpoint_some_layers(model, ckpt_ratio)
     trainable = [p for p in model.parameters() if p.requires_grad]
     fp32_masters = load_dtype != torch.float32 and distributed.master_weights_fp32(cfg)
-    if load_dtype != torch.float32 and not fp32_masters and not cfg.lora_enable and cfg.engine == "ddp":
+    if load_dtype != torch.float32 and not fp32_masters and not cfg.lora_enable and cfg.engine != "deepspeed":
         say("note: full fine-tuning with bf16 weights and AdamW states (as the Hugging Face Trainer): updates "
             "smaller than bf16's resolution (~0.4 % of a weight) are lost; master_weights=fp32 keeps fp32 copies")
     if fp32_masters:

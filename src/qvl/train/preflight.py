@@ -62,6 +62,12 @@ def master_weights_fp32(cfg: TrainConfig) -> bool:
     return fp32(cfg)
 
 
+def bf16_masters(cfg: TrainConfig) -> bool:
+    from qvl.train.distributed import bf16_masters as bf16
+
+    return bf16(cfg)
+
+
 def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> dict:
     """The keyword arguments of :func:`qvl.plan.plan_train` for ``cfg``.
 
@@ -78,7 +84,8 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
           "video_frame_pixels": max(1, cfg.video_max_pixels // max(1, cfg.video_max_frames)),
           "tune_mm_vision": cfg.tune_mm_vision, "tune_mm_mlp": cfg.tune_mm_mlp,
           "tune_mm_llm": cfg.tune_mm_llm or not cfg.lora_enable, "optim": "adamw", "gpus": world_size,
-          "master_fp32": not cfg.lora_enable and master_weights_fp32(cfg), "fused_ce": cfg.fused_cross_entropy}
+          "master_fp32": not cfg.lora_enable and master_weights_fp32(cfg), "fused_ce": cfg.fused_cross_entropy,
+          "master_bf16": bf16_masters(cfg)}
     if cfg.lora_enable:
         kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout)
     return kw
@@ -99,6 +106,8 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
             out.append(f"{key}={str(bool(value)).lower()}")
         elif key == "max_pixels":
             out.append(f"max_pixels={value}")
+        elif key == "master_bf16" and value:
+            out.append("master_weights=bf16")
         elif key == "method" and value == "lora":
             out += ["lora_enable=true", "tune_mm_llm=false"]
         else:
