@@ -17,9 +17,10 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 call per layer on a GPU), qvl-per-sample-keep10/14 (10 / 14 layers not recomputed;
                 all qvl rows run the vision tower's sdpa without cuDNN and keep LoRA inputs in bf16 under
                 autocast; qvl-keep10-cudnn-vision / qvl-keep10-lora-fp32-cast switch one of those off),
-                qvl-keep10-compile (+ compile_layers: norms and MLPs; 8 warm-up steps), qvl-auto (the loop's
+                qvl-keep10-compile (+ compile_layers: norms, MLPs and whole attention modules, per_sample
+                attention taking its sample bounds as inputs; 8 warm-up steps), qvl-auto (the loop's
                 default gradient_checkpointing_ratio: auto, sized to the card, not to the baseline's memory),
-                qvl-compile (+ compile_layers, sdpa: per_sample attention breaks dynamo's shape tracing),
+                qvl-compile (+ compile_layers with the dense-mask sdpa rows),
                 qvl-all-linear (qvl's default LoRA targets, per_sample attention), qvl-loop-plain
                 (levers off), qvl-rows16k (informational: 16 samples per step in rows of <= 16k tokens).
 Every contestant (but qvl-rows16k) sees the same 4 samples per optimizer step, in the loop's seeded order, so losses are comparable step by step.

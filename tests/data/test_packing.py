@@ -208,6 +208,12 @@ def test_varlen_kernel_matches_sdpa_on_gpu():
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
+    # compiled (inductor) with the bounds as inputs, as compile_layers runs it: the same values and gradients
+    compiled = torch.compile(packing.per_sample_attention, dynamic=True, fullgraph=True)
+    out_c, _ = compiled(None, q, k, v, None, position_ids=pos, **packing.sample_bounds_inputs(pos[None]))
+    torch.testing.assert_close(out_c, out)
+    for g, r in zip(torch.autograd.grad(out_c.float().square().sum(), (q, k, v)), grads):
+        torch.testing.assert_close(g, r)
 
 
 def test_sample_bounds_are_cached_per_tensor():
@@ -219,3 +225,25 @@ def test_sample_bounds_are_cached_per_tensor():
     other = torch.tensor([0, 1, 0, 1, 2, 3, 4, 5, 6])  # a new forward's positions: never the cached answer
     assert sample_bounds(other) == [(0, 2), (2, 9)]
     assert sample_bounds(torch.tensor([[0, 1, 2]])) == [(0, 3)]
+
+
+def test_bounds_as_inputs_match_bounds_from_positions():
+    """per_sample attention with the bounds handed in (sample_bounds_inputs) equals the path that reads them from
+    position_ids, eager and through the traceable block-diagonal mask used while compiling."""
+    from qvl.data import packing
+
+    torch.manual_seed(0)
+    lens = [5, 1, 9, 3]
+    pos = torch.cat([torch.arange(n) for n in lens])
+    positions = torch.stack([pos, pos, pos, pos])[:, None, :]  # (4, 1, L) as pack() makes them
+    q = torch.randn(1, 4, sum(lens), 8)
+    k, v = torch.randn(2, 1, 2, sum(lens), 8).unbind(0)  # GQA: 2 KV heads for 4 query heads
+    ref, _ = packing.per_sample_attention(None, q, k, v, None, scaling=0.3, position_ids=pos[None])
+    inputs = packing.sample_bounds_inputs(positions)
+    assert inputs["qvl_cu_seqlens"].tolist() == [0, 5, 6, 15, 18] and inputs["qvl_max_seqlen"] == 9
+    eager, _ = packing.per_sample_attention(None, q, k, v, None, scaling=0.3, **inputs)
+    masked = packing.masked_causal(q, k, v, inputs["qvl_cu_seqlens"], scaling=0.3)
+    assert torch.allclose(eager, ref, atol=1e-6) and torch.allclose(masked, ref, atol=1e-5)
+    compiled = torch.compile(packing.per_sample_attention, backend="aot_eager", fullgraph=True)
+    out, _ = compiled(None, q, k, v, None, scaling=0.3, position_ids=pos[None], **inputs)
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -168,8 +168,9 @@ def test_selective_checkpointing_same_gradients(make_cfg, mixed_data):
 @pytest.mark.parametrize("attention", ["sdpa", "per_sample"])
 def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, attention):
     """aot_eager on CPU (dynamo + AOTAutograd, the parts inductor builds on): same loss and grads, and rows of
-    three different lengths reuse one graph per compiled part. With per_sample attention the attention
-    module stays eager and its q/k norms are compiled instead."""
+    three different lengths reuse one graph per compiled part. per_sample attention compiles whole too: the
+    loss module hands it the sample bounds as inputs (no host read inside the layer), compared with the
+    eager per-slice path that finds them itself."""
     import torch._dynamo
 
     from qvl.data.packing import rope_index_fn, use_packed_attention
@@ -177,16 +178,15 @@ def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, a
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
     use_packed_attention(model, attention)
-    whole = attention == "sdpa"
-    n_parts = len(speed.COMPILED_PARTS) - (not whole) + (0 if whole else len(speed.ATTENTION_NORMS))
-    lm = LossModule(model, fused_cross_entropy=True)
+    n_parts = len(speed.COMPILED_PARTS)
     steps = [[[enc(0), enc(8)]], [[enc(1), enc(2), enc(9)]], [[enc(3)], [enc(10)]]]
-    ref = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
+    ref = [_packed_loss_grads(model, LossModule(model, fused_cross_entropy=True), rows, rope_index_fn(model))
+           for rows in steps]
+    lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=attention == "per_sample")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
-        assert speed.compile_layers(model, backend="aot_eager", attention=whole) == \
-            n_parts * len(speed.decoder_layers(model))
+        assert speed.compile_layers(model, backend="aot_eager") == n_parts * len(speed.decoder_layers(model))
         got = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:

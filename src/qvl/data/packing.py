@@ -173,25 +173,67 @@ def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=Non
     return out.unsqueeze(0)
 
 
+BOUNDS_INPUTS = ("qvl_cu_seqlens", "qvl_max_seqlen")  # model kwargs: they reach every attention function
+
+
+def sample_bounds_inputs(position_ids: torch.Tensor) -> dict:
+    """A packed row's sample bounds as model kwargs for ``per_sample`` attention (read on the host once per forward).
+
+    With them the attention reads nothing on the host, so dynamo can compile the whole attention module
+    (``compile_layers``); without them each layer finds the bounds itself from its ``position_ids``.
+    ``position_ids``: (4, 1, L) packed positions, text positions first (:func:`pack`).
+    """
+    bounds, cu = _cached_bounds(position_ids[0] if position_ids.dim() == 3 else position_ids)
+    return {"qvl_cu_seqlens": cu, "qvl_max_seqlen": max(e - s for s, e in bounds)}
+
+
+def masked_causal(query, key, value, cu: torch.Tensor, dropout: float = 0.0, scaling=None) -> torch.Tensor:
+    """Causal attention per sample from ``cu`` (sample starts + row length) with one block-diagonal mask.
+
+    No host read, so it traces; used where the varlen kernel cannot run while compiling (CPU, fp32).
+    The L x L boolean mask makes it for short rows (tests), not for long GPU rows.
+    """
+    import torch.nn.functional as F
+
+    pos = torch.arange(query.shape[2], device=query.device)
+    sample = torch.searchsorted(cu[1:].to(pos.dtype), pos, right=True)  # which sample each token is in
+    mask = (sample[:, None] == sample[None, :]) & (pos[:, None] >= pos[None, :])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
+
+
 def per_sample_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                          **kwargs):
     """Causal attention inside each sample of a packed row: (1, H, L, D) -> (1, L, H, D), no L x L mask.
 
     On a GPU one flash-attention varlen call covers the row (cost per sample, not per row, and no
     per-shape planning on the host); elsewhere causal sdpa runs on each sample's slice. Anything that is
-    not a single packed row (a padded batch, a mask, no positions) goes to sdpa.
+    not a single packed row (a padded batch, a mask, no positions) goes to sdpa. The bounds come from
+    the ``qvl_cu_seqlens`` / ``qvl_max_seqlen`` kwargs when the caller gives them
+    (:func:`sample_bounds_inputs`), else from ``position_ids``.
     """
     import torch.nn.functional as F
 
-    positions = kwargs.get("position_ids")
-    if query.shape[0] != 1 or attention_mask is not None or positions is None or query.shape[2] != key.shape[2]:
+    positions, cu_in = kwargs.get("position_ids"), kwargs.get("qvl_cu_seqlens")
+    if (query.shape[0] != 1 or attention_mask is not None or (positions is None and cu_in is None)
+            or query.shape[2] != key.shape[2]):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        kwargs = {k: v for k, v in kwargs.items() if k not in BOUNDS_INPUTS}
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    bounds, cu = _cached_bounds(positions)
-    if varlen_usable(query, dropout):
-        return varlen_causal(query, key, value, cu, max(e - s for s, e in bounds), scaling), None
+    if cu_in is not None:
+        if varlen_usable(query, dropout):
+            return varlen_causal(query, key, value, cu_in, kwargs["qvl_max_seqlen"], scaling), None
+        if torch.compiler.is_compiling():
+            return masked_causal(query, key, value, cu_in, dropout, scaling), None
+        starts = cu_in.tolist()
+        bounds = list(zip(starts[:-1], starts[1:]))
+    else:
+        bounds, cu = _cached_bounds(positions)
+        if varlen_usable(query, dropout):
+            return varlen_causal(query, key, value, cu, max(e - s for s, e in bounds), scaling), None
     outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
                                            is_causal=True, scale=scaling, enable_gqa=True)
             for s, e in bounds]

@@ -359,10 +359,13 @@ class LossModule(torch.nn.Module):
     trainable weight gets a (zero) gradient, so DDP / ZeRO ranks never wait for one that has none.
     """
 
-    def __init__(self, model, fused_cross_entropy: bool = False):
+    def __init__(self, model, fused_cross_entropy: bool = False, bounds_as_inputs: bool = False):
         super().__init__()
         self.model = model  # Qwen3VLForConditionalGeneration or a PeftModel around it
         self.fused_ce = fused_cross_entropy  # speed.linear_cross_entropy: no full-vocabulary logits tensor
+        # per_sample attention: a packed row's sample bounds read once here and handed to every layer as
+        # kwargs (no host read inside the layers, which lets compile_layers compile whole attention modules)
+        self.bounds_as_inputs = bounds_as_inputs
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.inner, self.lm_head, self.visual = base.model, base.lm_head, base.model.visual
         self.vision_trains = any(p.requires_grad for p in self.visual.parameters())
@@ -379,7 +382,12 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch: dict, n_label_tokens: float):
         labels = batch.pop("labels")
-        out = self.inner(**batch, use_cache=False)
+        extra = {}
+        if self.bounds_as_inputs and batch.get("position_ids") is not None and batch["input_ids"].shape[0] == 1:
+            from qvl.data.packing import sample_bounds_inputs
+
+            extra = sample_bounds_inputs(batch["position_ids"])
+        out = self.inner(**batch, **extra, use_cache=False)
         hidden = out.last_hidden_state[:, :-1]
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
@@ -540,11 +548,12 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
     if speed.compile_wanted(cfg.compile_layers, device):
-        if cfg.engine == "ddp":  # per-sample attention reads sample bounds on the host: its module stays eager
-            speed.compile_layers(model, attention=not (packed and attn == PER_SAMPLE_ATTENTION))
+        if cfg.engine == "ddp":  # per-sample attention gets its sample bounds as inputs: whole modules compile
+            speed.compile_layers(model)
         else:  # sharding wrappers around compiled regions are not measured or tested: keep them apart
             say(f"compile_layers is off under {cfg.engine} (tested with one GPU and DDP only)")
-    loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy)
+    loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,
+                             bounds_as_inputs=packed and attn == PER_SAMPLE_ATTENTION)
 
     # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
     #    component x decay, each with its LR) and schedule
