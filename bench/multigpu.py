@@ -164,8 +164,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="override every case's model (tiny for a CPU smoke run)")
     ap.add_argument("--steps", type=int, default=None, help="override steps")
     ap.add_argument("--engines", default="zero2,zero3,fsdp", help="parity engines")
-    ap.add_argument("--parity-ref", choices=("own", "ddp"), default="own",
-                    help="1-GPU reference: each engine's own 1-GPU run, or one plain run (fp32 master weights)")
+    ap.add_argument("--parity-ref", choices=("own", "ddp", "reuse"), default="own",
+                    help="1-GPU reference: each engine's own 1-GPU run, one plain run (fp32 master weights), or "
+                         "the plain run already in --out (same code path for unpacked batches)")
     ap.add_argument("--lora-engines", default="ddp,zero2", help="scaling: engines of the LoRA-8B runs")
     ap.add_argument("--full-engines", default="ddp,zero2_bf16,fsdp_bf16", help="scaling: engines of the full-4B runs")
     ap.add_argument("--full8b-engines", default="zero3_bf16,zero3_offload", help="full8b: engines")
@@ -213,6 +214,8 @@ def main(argv=None) -> None:
             jobs.append(("parity-ref-1gpu", model, "ref", 1, {**extra, "gradient_accumulation_steps": 4},
                          args.timeout))
         for eng in args.engines.split(","):
+            if args.parity_ref == "reuse" and "parity-ref-1gpu" not in runs:
+                raise SystemExit("--parity-ref reuse: no parity-ref-1gpu run in --out")
             for n in (1, 2) if args.parity_ref == "own" else (2,):
                 jobs.append((f"parity-{eng}-{n}gpu", model, eng, n, {**extra, "gradient_accumulation_steps": 4 // n},
                              args.timeout))
