@@ -200,6 +200,21 @@ def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, a
     assert speed.compile_wanted("auto", torch.device("cuda", 0)) is True
 
 
+def test_compile_auto_only_where_measured(make_cfg):
+    """The default (auto) compiles on a GPU for packed per_sample rows of a dense model on one GPU / DDP; true forces
+    it outside that; sharding engines never; the reason is said whenever a wish is not granted."""
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert make_cfg().compile_layers == "auto"
+    assert speed.compile_choice("auto", gpu, "ddp", True, False) == (True, "auto")
+    assert speed.compile_choice("auto", cpu, "ddp", True, False) == (False, "")
+    assert speed.compile_choice(False, gpu, "ddp", True, False) == (False, "")
+    for args in (("ddp", False, False), ("ddp", True, True), ("deepspeed", True, False), ("fsdp", True, False)):
+        on, why = speed.compile_choice("auto", gpu, *args)
+        assert not on and why
+    assert speed.compile_choice(True, gpu, "ddp", False, True) == (True, "on")
+    assert speed.compile_choice(True, gpu, "fsdp", True, False)[0] is False
+
+
 # ---------------------------------------------------------------- LoRA inputs under autocast
 
 def test_lora_inputs_stay_16bit_changes_no_value(make_cfg, mixed_data):

@@ -148,8 +148,11 @@ class TrainConfig(BaseModel):
                             "the card is unknown (CPU)")
     fused_cross_entropy: bool = Field(True, description="lm_head + loss in row chunks, never the full-vocabulary "
                                       "logits tensor")
-    compile_layers: bool | Literal["auto"] = Field(False, description="torch.compile the decoder layers' parts "
-                                                   "(one graph for all layers, dynamic lengths); auto = on CUDA only")
+    compile_layers: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder layer's norms, attention and MLP (one graph for all layers, "
+                            "dynamic lengths). auto: on a GPU for packed rows with per_sample attention on one GPU / "
+                            "DDP (measured faster there), a part that fails to compile runs eagerly; true: any "
+                            "single-GPU / DDP run; false: off")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
     gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "

@@ -547,13 +547,17 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
                    else cfg.per_device_train_batch_size * cfg.model_max_length)
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
-    if speed.compile_wanted(cfg.compile_layers, device):
-        if cfg.engine == "ddp":  # per-sample attention gets its sample bounds as inputs: whole modules compile
-            speed.compile_layers(model)
-        else:  # sharding wrappers around compiled regions are not measured or tested: keep them apart
-            say(f"compile_layers is off under {cfg.engine} (tested with one GPU and DDP only)")
+    per_sample = packed and attn == PER_SAMPLE_ATTENTION
+    compiling, why = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample,
+                                          getattr(model.config.get_text_config(), "num_experts", 0) > 0)
+    if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
+        n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto")
+        say(f"compile_layers ({why}): {n} modules compiled (each layer's norms, attention and MLP; one graph for all "
+            "layers); the first steps compile (~1 min on an H100); compile_layers=false turns it off")
+    elif why:
+        say(f"compile_layers off: {why}")
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,
-                             bounds_as_inputs=packed and attn == PER_SAMPLE_ATTENTION)
+                             bounds_as_inputs=per_sample)
 
     # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
     #    component x decay, each with its LR) and schedule
