@@ -244,7 +244,11 @@ def test_bf16_master_weights_reach_deepspeed_and_the_planner(make_cfg):
                       master_bf16=True).parts["optimizer states"]
     assert bf16 == pytest.approx(fp32 / 2)  # (2 + 2 + 2 x 2) vs (4 + 4 + 2 x 4) bytes per trained parameter
     recs = plan_train("8B", gpu_mem=80, method="full", zero=3, gpus=2, batch=2, seq_len=4096).recommendations
-    assert any(r.changes == {"master_bf16": True} and r.fits for r in recs)
+    rec = next(r for r in recs if r.changes == {"master_bf16": True})
+    assert rec.fits
+    from qvl.train.preflight import train_fix
+
+    assert train_fix(rec, make_cfg(deepspeed=ZERO["zero3"], bf16=True)).startswith("master_weights=bf16 (→ ")
 
 
 @pytest.mark.parametrize("engine", ["fsdp", pytest.param("zero2", marks=needs_ds), pytest.param("zero3", marks=needs_ds)])
