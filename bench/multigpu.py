@@ -12,6 +12,9 @@ Cases (random-weight official shapes, the seeded mixed workload of bench/workloa
            from qvl's own sampler): these runs are also the mixed-modality no-hang check (timeout per run).
   scaling  tokens/s and peak memory per GPU, 1 -> 2 GPUs, packed rows (data_flatten): LoRA-8B
            (DDP, ZeRO-2) and full-4B (ZeRO-2, FSDP2); steady state after 3 warm-up steps.
+  moe      LoRA (r 16, attention and every expert through peft target_parameters) on the 30B-A3B MoE shape:
+           1 GPU (DDP path) when it fits, then 2 GPUs with each --moe-engines engine (ZeRO-2 is the
+           official recipe's limit; ZeRO-3 / FSDP2 shard the experts): steps, tok/s, peak memory per GPU.
   full8b   full fine-tune of the 8B shape on 2 GPUs: ZeRO-3 with bf16 master weights and states (zero3_bf16;
            fp32 ones need 4 x 80 GB), then ZeRO-3 with CPU offload of fp32 states and the weights.
 Engine names: ddp, zero2, zero3, zero3_offload, fsdp, and zero2_bf16 / zero3_bf16 / fsdp_bf16 (master_weights: bf16).
@@ -60,8 +63,8 @@ def setup(sizes: list[str], work: Path, samples: int) -> None:
         if (out / "config.json").is_file():
             continue
         t0 = time.time()
-        if size == "tiny":
-            build_tiny(out)
+        if size.startswith("tiny"):  # tiny, tiny-moe: CPU smoke runs
+            build_tiny(out, variant="moe" if size == "tiny-moe" else "default")
         else:
             build_random(size, out, dtype=torch.bfloat16)
         print(f"built {size} in {time.time() - t0:.0f} s", flush=True)
@@ -170,6 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lora-engines", default="ddp,zero2", help="scaling: engines of the LoRA-8B runs")
     ap.add_argument("--full-engines", default="ddp,zero2_bf16,fsdp_bf16", help="scaling: engines of the full-4B runs")
     ap.add_argument("--full8b-engines", default="zero3_bf16,zero3_offload", help="full8b: engines")
+    ap.add_argument("--moe-engines", default="zero2,zero3,fsdp", help="moe: engines of the 2-GPU runs")
     ap.add_argument("--work", default="/tmp/qvl_multigpu")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
@@ -202,7 +206,7 @@ def main(argv=None) -> None:
         out.write_text(json.dumps(results, indent=1))
 
     sizes = {"parity": ["2B"], "scaling": (["4B"] if args.full_engines else []) + (["8B"] if args.lora_engines else []),
-             "full8b": ["8B"]}
+             "full8b": ["8B"], "moe": ["30B-A3B"]}
     setup(sorted({args.model or s for c in cases for s in sizes[c]}), work, args.samples)
     two = gpus >= 2 or not gpus
     if "parity" in cases:
@@ -240,6 +244,15 @@ def main(argv=None) -> None:
             runs[f"full8b-{eng}-2gpu"] = finish(run_train(f"full8b-{eng}-2gpu", work, args.model or "8B", eng, 2,
                                                           extra, args.timeout), warmup=2)
             save()
+    if "moe" in cases:
+        steps = args.steps or 6
+        model = args.model or "30B-A3B"
+        extra = {**LORA, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "data_flatten": True,
+                 "per_device_train_batch_size": 2, "max_steps": steps}
+        jobs = [("moe-lora-1gpu", model, "ddp", 1, {**extra, "gradient_accumulation_steps": 2}, args.timeout)]
+        jobs += [(f"moe-lora-{eng}-2gpu", model, eng, 2, {**extra, "gradient_accumulation_steps": 1}, args.timeout)
+                 for eng in args.moe_engines.split(",") if eng]
+        run_pairs(jobs, work, runs, save, two)
     save()
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1))
 
@@ -270,6 +283,10 @@ def summarise(results: dict) -> None:
     if hang_runs:
         results["no_hang"] = all(r["rc"] == 0 and not r["timed_out"] for r in hang_runs)
     results["scaling"] = scaling
+    moe = {name[len("moe-lora-"):]: {k: r.get(k) for k in ("rc", "steps", "tokens_per_s", "peak_mem_gib")}
+           for name, r in runs.items() if name.startswith("moe-lora-")}
+    if moe:
+        results["moe_lora"] = moe
 
 
 if __name__ == "__main__":
