@@ -46,7 +46,8 @@ ENGINES.update({f"{k}_bf16": {**ENGINES[k], "master_weights": "bf16"} for k in (
 COMMON = {"bf16": True, "gradient_checkpointing": True, "report_to": "none", "save_strategy": "'no'", "seed": 0,
           "logging_steps": 1, "resume": False, "learning_rate": 1e-5, "lr_scheduler_type": "constant",
           "max_pixels": 401408, "min_pixels": 12544, "video_max_pixels": 16 * 256 * 1024, "video_max_frames": 16,
-          "model_max_length": 4096, "too_long": "skip", "dataset_use": "workload"}
+          "model_max_length": 4096, "too_long": "skip", "dataset_use": "workload",
+          "compile_layers": False}  # every engine eager (compile_layers auto would compile DDP rows only)
 FULL = {"tune_mm_vision": True, "tune_mm_mlp": True, "tune_mm_llm": True, "vision_tower_lr": 2e-6,
         "mm_projector_lr": 1e-5}
 LORA = {"lora_enable": True, "lora_r": 64, "lora_alpha": 128, "tune_mm_llm": False, "learning_rate": 1e-4}
@@ -218,8 +219,12 @@ def main(argv=None) -> None:
             jobs.append(("parity-ref-1gpu", model, "ref", 1, {**extra, "gradient_accumulation_steps": 4},
                          args.timeout))
         for eng in args.engines.split(","):
-            if args.parity_ref == "reuse" and "parity-ref-1gpu" not in runs:
-                raise SystemExit("--parity-ref reuse: no parity-ref-1gpu run in --out")
+            if args.parity_ref == "reuse":
+                ref = runs.get("parity-ref-1gpu") or {}
+                same = f"m{model} " in ref.get("command", "") + " " and f"max_steps={steps} " in ref.get("command", "")
+                if not same:
+                    raise SystemExit(f"--parity-ref reuse: no parity-ref-1gpu run of m{model} with max_steps={steps} "
+                                     "in --out")
             for n in (1, 2) if args.parity_ref == "own" else (2,):
                 jobs.append((f"parity-{eng}-{n}gpu", model, eng, n, {**extra, "gradient_accumulation_steps": 4 // n},
                              args.timeout))

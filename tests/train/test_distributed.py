@@ -239,10 +239,16 @@ def test_bf16_master_weights_reach_deepspeed_and_the_planner(make_cfg):
 
     kw = plan_kwargs(make_cfg(deepspeed=ZERO["zero3"], bf16=True, master_weights="bf16"), world_size=2)
     assert kw["master_bf16"] and not plan_kwargs(make_cfg(deepspeed=ZERO["zero3"], bf16=True), world_size=2)["master_bf16"]
-    fp32 = plan_train("8B", gpu_mem=80, method="full", zero=3, gpus=2, recommend=False).parts["optimizer states"]
-    bf16 = plan_train("8B", gpu_mem=80, method="full", zero=3, gpus=2, recommend=False,
-                      master_bf16=True).parts["optimizer states"]
-    assert bf16 == pytest.approx(fp32 / 2)  # (2 + 2 + 2 x 2) vs (4 + 4 + 2 x 4) bytes per trained parameter
+    def states(**kw):
+        return plan_train("8B", gpu_mem=80, method="full", gpus=2, recommend=False, **kw).parts["optimizer states"]
+
+    # ZeRO-2: (2 master + 2 grad partition + 2 x 2) vs (4 + 4 + 2 x 4) bytes per trained parameter;
+    # ZeRO-3 without offload: the bf16 weight partition is the master, (2 + 2 x 2) of 16
+    assert states(zero=2, master_bf16=True) == pytest.approx(states(zero=2) / 2)
+    assert states(zero=3, master_bf16=True) == pytest.approx(states(zero=3) * 6 / 16)
+    assert states(zero=3, master_bf16=True, offload=True) == 0.0  # on the CPU
+    with pytest.raises(QvlError, match="ZeRO"):
+        states(zero=0, master_bf16=True)
     recs = plan_train("8B", gpu_mem=80, method="full", zero=3, gpus=2, batch=2, seq_len=4096).recommendations
     rec = next(r for r in recs if r.changes == {"master_bf16": True})
     assert rec.fits
@@ -281,3 +287,53 @@ def test_bf16_master_weights_under_sharding_engines(engine, make_cfg, tmp_path, 
         assert states and {v.dtype for v in states} == {dtype}
         assert any("updates below bf16's resolution" in line or "smaller than bf16's resolution" in line
                    for line in lines) == (master == "bf16")
+
+
+def test_deepspeed_bf16_keys_in_the_file_must_agree_with_master_weights(make_cfg, tmp_path):
+    """qvl sets DeepSpeed's bf16 master switches from master_weights; a file that says otherwise is refused (CPU Adam
+    and the preflight follow master_weights), one that agrees is kept, and the legacy "bfloat16" block is used."""
+    def write(block_name, **keys):
+        path = tmp_path / f"{block_name}_{len(keys)}_{sorted(keys.values())}.json"
+        path.write_text(json.dumps({block_name: {"enabled": "auto", **keys}, "zero_optimization": {"stage": 2}}))
+        return str(path)
+
+    with pytest.raises(QvlError, match="master_weights"):
+        deepspeed_config(make_cfg(deepspeed=write("bf16", bf16_master_weights_and_grads=True), bf16=True))
+    with pytest.raises(QvlError, match="bf16_optimizer_states=False"):
+        deepspeed_config(make_cfg(deepspeed=write("bf16", bf16_optimizer_states=False), bf16=True,
+                                  master_weights="bf16"))
+    agreed = deepspeed_config(make_cfg(deepspeed=write("bf16", bf16_master_weights_and_grads=True), bf16=True,
+                                       master_weights="bf16"))
+    assert agreed["bf16"]["bf16_optimizer_states"] is True
+    legacy = deepspeed_config(make_cfg(deepspeed=write("bfloat16"), bf16=True, master_weights="bf16"))
+    assert "bf16" not in legacy and legacy["bfloat16"]["bf16_master_weights_and_grads"] is True
+
+
+def test_bf16_masters_never_touch_lora_adapters_or_plain_ddp(make_cfg):
+    assert D.bf16_masters(make_cfg(fsdp="full_shard", bf16=True, master_weights="bf16"))
+    lora = make_cfg(fsdp="full_shard", bf16=True, master_weights="bf16", lora_enable=True, tune_mm_llm=False)
+    assert not D.bf16_masters(lora) and D.master_weights_fp32(lora)  # FSDP2 adapters stay fp32
+    assert not D.bf16_masters(make_cfg(bf16=True, master_weights="bf16"))  # DDP: its own bf16 path
+
+
+@needs_ds
+def test_bf16_masters_with_offload_need_deepspeeds_cpu_adam(make_cfg, monkeypatch):
+    """DeepSpeed takes only its CPU Adam (bf16 moments) for offloaded bf16 masters: when the op cannot be built the
+    run stops with the ways out instead of DeepSpeed's assertion; without bf16 masters torch AdamW stands in."""
+    import sys
+    import types
+
+    from qvl.models.load import load_model
+
+    broken = types.ModuleType("deepspeed.ops.adam")
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", broken)  # no DeepSpeedCPUAdam: as if the build failed
+    cfg = make_cfg(deepspeed=ZERO["zero3_offload"], bf16=True, master_weights="bf16")
+    model = load_model(cfg.model_name_or_path)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with pytest.raises(QvlError, match="CPU Adam"):
+        D.build_optimizer(model, cfg, torch.device("cpu"), offload=True)
+    notes = []
+    opt = D.build_optimizer(model, make_cfg(deepspeed=ZERO["zero3_offload"], bf16=True), torch.device("cpu"),
+                            offload=True, notes=notes)
+    assert isinstance(opt, torch.optim.AdamW) and "CPU Adam could not be built" in notes[0]

@@ -211,8 +211,28 @@ def test_compile_auto_only_where_measured(make_cfg):
     for args in (("ddp", False, False), ("ddp", True, True), ("deepspeed", True, False), ("fsdp", True, False)):
         on, why = speed.compile_choice("auto", gpu, *args)
         assert not on and why
+    on, why = speed.compile_choice("auto", gpu, "ddp", True, False, varlen=False)  # no flash varlen: L x L masks
+    assert not on and "varlen" in why
     assert speed.compile_choice(True, gpu, "ddp", False, True) == (True, "on")
     assert speed.compile_choice(True, gpu, "fsdp", True, False)[0] is False
+
+
+def test_train_restores_dynamos_error_setting(make_cfg, monkeypatch):
+    """compile_layers' eager fallback (dynamo's process-wide suppress_errors) lasts for the run only."""
+    import torch._dynamo
+
+    from qvl.train import loop
+
+    def fake_train(cfg, log, callbacks):
+        with pytest.raises(TypeError):  # no decoder layers to compile; the setting is made first
+            speed.compile_layers(torch.nn.Module(), eager_fallback=True)
+        assert torch._dynamo.config.suppress_errors is True
+        return "done"
+
+    monkeypatch.setattr(loop, "_train", fake_train)
+    before = torch._dynamo.config.suppress_errors
+    assert loop.train(make_cfg()) == "done"
+    assert torch._dynamo.config.suppress_errors == before
 
 
 # ---------------------------------------------------------------- LoRA inputs under autocast

@@ -228,8 +228,11 @@ def per_sample_attention(module, query, key, value, attention_mask, dropout: flo
             return varlen_causal(query, key, value, cu_in, kwargs["qvl_max_seqlen"], scaling), None
         if torch.compiler.is_compiling():
             return masked_causal(query, key, value, cu_in, dropout, scaling), None
-        starts = cu_in.tolist()
-        bounds = list(zip(starts[:-1], starts[1:]))
+        if positions is not None:  # eager: the same bounds, read once per forward (cached), not once per layer
+            bounds = _cached_bounds(positions)[0]
+        else:
+            starts = cu_in.tolist()
+            bounds = list(zip(starts[:-1], starts[1:]))
     else:
         bounds, cu = _cached_bounds(positions)
         if varlen_usable(query, dropout):

@@ -441,6 +441,10 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         raise QvlError("--offload needs DeepSpeed ZeRO", fix="add --zero 2 or --zero 3")
     if method == "qlora" and zero == 3:
         raise QvlError("QLoRA does not work with ZeRO-3 here", fix="use --zero 2 or --zero 0")
+    if master_bf16 and zero == 0:
+        raise QvlError("--master-bf16 is for ZeRO / FSDP2 (their masters are fp32 by default)",
+                       fix="add --zero 1, 2 or 3 (FSDP2: --zero 3); without ZeRO full fine-tuning keeps bf16 weights "
+                       "and states already (--master-fp32 for fp32)")
     targets = parse_lora_targets(lora_targets)
     if tune_mm_mlp is None:
         tune_mm_mlp = method == "full"
@@ -510,7 +514,10 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     # optimizer
     states = {"adamw": 2, "adamw8bit": 2, "sgd": 0}[optim]
     state_bytes = {"adamw": 4, "adamw8bit": 1, "sgd": 4}[optim]
-    if zero >= 1 and master_bf16 and optim == "adamw":  # bf16 master + bf16 grad partition + bf16 states
+    if zero == 3 and master_bf16 and optim == "adamw" and not offload:  # the bf16 weight partition is the master
+        opt_full = full_trainable * (2 + states * 2)
+        onote = "bf16 grad partition (the weight partition is the master) + "
+    elif zero >= 1 and master_bf16 and optim == "adamw":  # bf16 master + bf16 grad partition + bf16 states
         opt_full = full_trainable * (2 + 2 + states * 2)
         onote = "bf16 master + bf16 grad partition + "
     elif zero >= 1:  # DeepSpeed mixed precision: fp32 master + fp32 grad partition + fp32 (or 8-bit) states

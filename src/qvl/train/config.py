@@ -489,10 +489,20 @@ def deepspeed_config(cfg: TrainConfig, world_size: int = 1, hidden_size: int | N
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     from qvl.train.distributed import bf16_masters
 
-    if bf16_masters(cfg) and int(zero.get("stage", 0) or 0) >= 1:  # DeepSpeed's own switches for the same thing
-        bf16 = ds.setdefault("bf16", {"enabled": True})
-        bf16.setdefault("bf16_master_weights_and_grads", True)
-        bf16.setdefault("bf16_optimizer_states", True)
+    # DeepSpeed's own switches for bf16 masters: qvl sets them from master_weights (its CPU Adam and the memory
+    # preflight follow that key), so a file that sets them differently is refused rather than half-obeyed
+    keys = ("bf16_master_weights_and_grads", "bf16_optimizer_states")
+    block_name = "bfloat16" if "bfloat16" in ds and "bf16" not in ds else "bf16"  # DeepSpeed reads both spellings
+    block = ds.get(block_name) if isinstance(ds.get(block_name), dict) else {}
+    own = {k: block[k] for k in keys if k in block}
+    wanted = bf16_masters(cfg) and int(zero.get("stage", 0) or 0) >= 1
+    if own and any(bool(v) != wanted for v in own.values()):
+        raise QvlError(f"the DeepSpeed config sets {', '.join(f'{k}={v}' for k, v in own.items())} but "
+                       f"master_weights={cfg.master_weights}", where=f"{p}: {block_name}",
+                       fix="delete those keys and choose with master_weights: bf16 (bf16 masters and AdamW states) "
+                       "or fp32 / auto (DeepSpeed's fp32 copies)")
+    if wanted:
+        ds[block_name] = {"enabled": True, **block, **dict.fromkeys(keys, True)}
         if notes is not None:
             notes.append("master_weights=bf16: DeepSpeed keeps bf16 master weights, gradients and AdamW states "
                          "(bf16_master_weights_and_grads, bf16_optimizer_states): 8 bytes per trained parameter "

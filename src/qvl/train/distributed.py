@@ -132,7 +132,7 @@ def master_weights_fp32(cfg: TrainConfig) -> bool:
     if not cfg.bf16 or cfg.engine == "deepspeed":
         return False
     if cfg.engine == "fsdp":
-        return cfg.master_weights != "bf16"
+        return not bf16_masters(cfg)  # LoRA adapters stay fp32 whatever master_weights says
     if cfg.master_weights == "auto":
         return cfg.lora_enable
     return cfg.master_weights == "fp32"
@@ -183,6 +183,12 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device, offload: bool
             # bf16 master weights: DeepSpeed requires the CPU moments in bf16 too (bf16_optimizer_states)
             return DeepSpeedCPUAdam(groups, adamw_mode=True, fp32_optimizer_states=not bf16_masters(cfg), **kw)
         except Exception as e:  # noqa: BLE001 -- its C++ op is built on first use: no compiler, no CPU Adam
+            if bf16_masters(cfg):  # DeepSpeed accepts only its CPU Adam (bf16 moments) with bf16 masters offloaded
+                raise QvlError(f"master_weights=bf16 with optimizer offload needs DeepSpeed's CPU Adam, which could "
+                               f"not be built ({type(e).__name__}: {str(e)[:200]})", where="master_weights",
+                               fix="install a C++ compiler and ninja (DeepSpeed builds the op on first use), or "
+                               "drop master_weights=bf16 (fp32 states on the CPU), or use zero3.json without "
+                               "offload") from e
             if notes is not None:
                 notes.append(f"DeepSpeed's CPU Adam could not be built ({type(e).__name__}: {str(e)[:200]}); "
                              "torch AdamW runs on the offloaded states instead (slower)")

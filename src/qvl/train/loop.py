@@ -383,7 +383,8 @@ class LossModule(torch.nn.Module):
     def forward(self, batch: dict, n_label_tokens: float):
         labels = batch.pop("labels")
         extra = {}
-        if self.bounds_as_inputs and batch.get("position_ids") is not None and batch["input_ids"].shape[0] == 1:
+        positions = batch.get("position_ids")
+        if self.bounds_as_inputs and positions is not None and positions.dim() == 3 and positions.shape[:2] == (4, 1):
             from qvl.data.packing import sample_bounds_inputs
 
             extra = sample_bounds_inputs(batch["position_ids"])
@@ -455,6 +456,16 @@ def _load_data(cfg: TrainConfig):
 
 def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     """Train as ``cfg`` says. ``callbacks`` are called as ``cb(step, row)`` after each step (tests use them)."""
+    import torch._dynamo
+
+    suppress = torch._dynamo.config.suppress_errors  # compile_layers: auto sets it for the run only
+    try:
+        return _train(cfg, log, callbacks)
+    finally:
+        torch._dynamo.config.suppress_errors = suppress
+
+
+def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     from qvl.data.packing import PER_SAMPLE_ATTENTION
     from qvl.models.attention import use_vision_sdpa
     from qvl.models.load import load_model, load_processor
@@ -548,8 +559,11 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
     per_sample = packed and attn == PER_SAMPLE_ATTENTION
+    from qvl.data.packing import varlen_available
+
     compiling, why = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample,
-                                          getattr(model.config.get_text_config(), "num_experts", 0) > 0)
+                                          getattr(model.config.get_text_config(), "num_experts", 0) > 0,
+                                          varlen=varlen_available() and cfg.bf16)
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
         n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto")
         say(f"compile_layers ({why}): {n} modules compiled (each layer's norms, attention and MLP; one graph for all "

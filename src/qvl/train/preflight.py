@@ -85,7 +85,7 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
           "tune_mm_vision": cfg.tune_mm_vision, "tune_mm_mlp": cfg.tune_mm_mlp,
           "tune_mm_llm": cfg.tune_mm_llm or not cfg.lora_enable, "optim": "adamw", "gpus": world_size,
           "master_fp32": not cfg.lora_enable and master_weights_fp32(cfg), "fused_ce": cfg.fused_cross_entropy,
-          "master_bf16": bf16_masters(cfg)}
+          "master_bf16": bf16_masters(cfg) and zero >= 1}
     if cfg.lora_enable:
         kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout)
     return kw

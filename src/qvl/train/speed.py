@@ -157,8 +157,10 @@ def compile_layers(model, backend: str = "inductor", dynamic: bool = True, atten
     on every transformers version. The layers share their code, so one graph per part serves all of
     them; ``dynamic=True`` makes the sequence length symbolic, so rows of any length reuse it.
     ``attention=False`` leaves the attention module eager and compiles its q/k norms instead.
-    ``eager_fallback``: a part dynamo or the backend cannot compile runs eagerly (with a warning) instead of
-    stopping the run (dynamo's ``suppress_errors``; the default ``compile_layers: auto`` sets it).
+    ``eager_fallback``: a part dynamo cannot trace, or whose forward graph the backend cannot build, runs eagerly
+    (with a warning) instead of stopping the run (dynamo's ``suppress_errors``, set for the whole process:
+    :func:`qvl.train.loop.train` restores it when it returns). The backward graph is built lazily in the first
+    backward pass and is not covered.
     """
     if eager_fallback:
         import torch._dynamo
@@ -205,11 +207,13 @@ def compile_wanted(choice, device: torch.device) -> bool:
     return bool(choice)
 
 
-def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, moe: bool) -> tuple[bool, str]:
+def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, moe: bool,
+                   varlen: bool = True) -> tuple[bool, str]:
     """(compile?, why) for the loop. ``auto`` compiles where it was measured faster with equal losses: a GPU, one
-    process or DDP, a dense model, packed rows with per_sample attention (8B LoRA on an H100: +10 % and +45 % in
-    two calls, 2-3 GiB less memory; docs/benchmarks.md). ``true`` compiles any single-GPU / DDP run. ``why`` is
-    empty when there is nothing worth saying (off by choice, or auto on CPU)."""
+    process or DDP, a dense model, packed rows with per_sample attention on the flash varlen kernel (``varlen``:
+    torch >= 2.10 and bf16; without it the compiled attention would build an L x L mask per layer) (8B LoRA on an
+    H100: +10 % and +45 % in two calls, 2-3 GiB less memory; docs/benchmarks.md). ``true`` compiles any
+    single-GPU / DDP run. ``why`` is empty when there is nothing worth saying (off by choice, or auto on CPU)."""
     if not compile_wanted(choice, device):
         return False, ""
     if engine != "ddp":  # sharding wrappers around compiled regions are not measured or tested: keep them apart
@@ -221,6 +225,9 @@ def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, 
     if not per_sample:
         return False, ("auto: measured only on packed rows with per_sample attention (data_flatten=true); "
                        "compile_layers=true forces it")
+    if not varlen:
+        return False, ("auto: per_sample attention runs without the flash varlen kernel here (it needs torch >= 2.10 "
+                       "and bf16): compiled, it would build an L x L mask per layer")
     return True, "auto"
 
 
