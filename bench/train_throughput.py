@@ -447,7 +447,10 @@ def main(argv=None):
         # every layer kept (nothing recomputed): the compiled step's ceiling, and what it costs in memory
         ("qvl-nockpt-compile", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
                                     packed_attention="per_sample", bench_warmup=8)),
-        # the loop's defaults with compile_layers on
+        # compile_scope=parts: each layer's norms, attention and MLP apart (LoRA and residual adds eager)
+        ("qvl-auto-compile-parts", dict(compile_layers=True, compile_scope="parts", gradient_checkpointing_ratio="auto",
+                                        packed_attention="per_sample", bench_warmup=8)),
+        # the loop's defaults with compile_layers on (whole decoder layers, recompute inside the compiled code)
         ("qvl-auto-compile", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                   packed_attention="per_sample", bench_warmup=8)),
         # the loop's default: as few recomputed layers as the card allows (may use more memory than the baseline)

@@ -200,6 +200,50 @@ def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, a
     assert speed.compile_wanted("auto", torch.device("cuda", 0)) is True
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "per_sample"])
+def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, attention):
+    """scope="layer": each decoder layer compiles whole (LoRA adapters and residual adds included) with its
+    gradient checkpointing inside the compiled code. Half the layers recompute: same loss and gradients as the eager
+    model over rows of three lengths, one graph for every layer and length, the same state dict, and uncompile puts
+    transformers' checkpointing back as it was."""
+    import torch._dynamo
+
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.train import components as comp
+    from qvl.train.loop import LossModule
+
+    model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
+    use_packed_attention(model, attention)
+    comp.enable_gradient_checkpointing(model)
+    layers = speed.decoder_layers(model)
+    recomputed = speed.checkpoint_some_layers(model, 0.5)
+    steps = [[[enc(0), enc(8)]], [[enc(1), enc(2), enc(9)]], [[enc(3)], [enc(10)]]]
+    ref = [_packed_loss_grads(model, LossModule(model, fused_cross_entropy=True), rows, rope_index_fn(model))
+           for rows in steps]
+    keys = list(model.state_dict())
+    lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=attention == "per_sample")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        assert speed.compile_layers(model, backend="aot_eager", scope="layer") == len(layers)
+        assert [i for i, layer in enumerate(layers) if layer.qvl_recompute] == recomputed
+        assert not any(layer.gradient_checkpointing for layer in layers)  # transformers' own wrapper is off
+        assert list(model.state_dict()) == keys
+        got = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        speed.uncompile(model)
+        torch._dynamo.reset()
+    for (gl, gg), (rl, rg) in zip(got, ref):
+        assert gl == pytest.approx(rl, rel=1e-5)
+        assert _worst(gg, rg) < 1e-4
+    assert 0 < graphs <= 4, graphs  # recomputed and kept layers, any row length: no recompile per layer
+    assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == recomputed
+    assert all(not hasattr(type(layer), "qvl_base_class") for layer in layers)
+    with pytest.raises(QvlError, match="compile_scope"):
+        speed.compile_layers(model, scope="model")
+
+
 def test_compile_auto_only_where_measured(make_cfg):
     """The default (auto) compiles on a GPU for packed per_sample rows of a dense model on one GPU / DDP; true forces
     it outside that; sharding engines never; the reason is said whenever a wish is not granted."""

@@ -153,6 +153,10 @@ class TrainConfig(BaseModel):
                             "dynamic lengths). auto: on a GPU for packed rows with per_sample attention on one GPU / "
                             "DDP (measured faster there), a part that fails to compile runs eagerly; true: any "
                             "single-GPU / DDP run; false: off")
+    compile_scope: Literal["layer", "parts"] = Field(
+        "layer", description="what compile_layers compiles: layer = each whole decoder layer (norms, attention, LoRA "
+                             "adapters, MLP, residual adds; gradient checkpointing inside the compiled code), parts = "
+                             "each layer's norms, attention and MLP apart (checkpointing outside)")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
     gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "

@@ -565,9 +565,11 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                                           getattr(model.config.get_text_config(), "num_experts", 0) > 0,
                                           varlen=varlen_available() and cfg.bf16)
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
-        n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto")
-        say(f"compile_layers ({why}): {n} modules compiled (each layer's norms, attention and MLP; one graph for all "
-            "layers); the first steps compile (~1 min on an H100); compile_layers=false turns it off")
+        n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
+        what = ("whole decoder layers, recompute inside" if cfg.compile_scope == "layer"
+                else "each layer's norms, attention and MLP")
+        say(f"compile_layers ({why}): {n} modules compiled ({what}; one graph for all layers); the first steps "
+            "compile (~1 min on an H100); compile_layers=false turns it off")
     elif why:
         say(f"compile_layers off: {why}")
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,

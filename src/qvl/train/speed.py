@@ -147,35 +147,80 @@ def ratio_for_memory(n_layers: int, free_bytes: float, layer_bytes: float) -> fl
 COMPILED_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 # without the attention module (per-sample attention reads sample bounds on the host mid-module): its norms
 ATTENTION_NORMS = ("q_norm", "k_norm")
+COMPILE_SCOPES = ("layer", "parts")
 
 
 def compile_layers(model, backend: str = "inductor", dynamic: bool = True, attention: bool = True,
-                   eager_fallback: bool = False) -> int:
-    """``torch.compile`` each decoder layer's norms, attention and MLP in place. Returns the modules compiled.
+                   eager_fallback: bool = False, scope: str = "parts") -> int:
+    """``torch.compile`` the decoder layers in place. Returns the modules compiled.
 
-    Compiling the parts (not the layer) keeps gradient checkpointing outside the compiled code, the same
-    on every transformers version. The layers share their code, so one graph per part serves all of
-    them; ``dynamic=True`` makes the sequence length symbolic, so rows of any length reuse it.
-    ``attention=False`` leaves the attention module eager and compiles its q/k norms instead.
+    ``scope="layer"``: each whole decoder layer (norms, attention, LoRA adapters, MLP and the residual adds in one
+    graph, forward and backward), with its gradient checkpointing moved inside the compiled code
+    (:func:`checkpoint_inside`), the same on every transformers version: the compiler then plans the recompute.
+    ``scope="parts"``: each layer's norms, attention and MLP apart, gradient checkpointing staying outside.
+    The layers share their code, so one graph serves all of them; ``dynamic=True`` makes the sequence length
+    symbolic, so rows of any length reuse it. ``attention=False`` (parts only) leaves the attention module eager
+    and compiles its q/k norms instead.
     ``eager_fallback``: a part dynamo cannot trace, or whose forward graph the backend cannot build, runs eagerly
     (with a warning) instead of stopping the run (dynamo's ``suppress_errors``, set for the whole process:
     :func:`qvl.train.loop.train` restores it when it returns). The backward graph is built lazily in the first
     backward pass and is not covered.
     """
+    if scope not in COMPILE_SCOPES:
+        raise QvlError(f"compile scope {scope!r} is not one of {COMPILE_SCOPES}", where="compile_scope")
     if eager_fallback:
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True
     n = 0
     for layer in decoder_layers(model):
-        parts = [getattr(layer, name, None) for name in COMPILED_PARTS if attention or name != "self_attn"]
-        if not attention:
-            parts += [getattr(layer.self_attn, name, None) for name in ATTENTION_NORMS]
+        if scope == "layer":
+            checkpoint_inside(layer)
+            parts = [layer]
+        else:
+            parts = [getattr(layer, name, None) for name in COMPILED_PARTS if attention or name != "self_attn"]
+            if not attention:
+                parts += [getattr(layer.self_attn, name, None) for name in ATTENTION_NORMS]
         for part in parts:
             if part is not None:
                 part.compile(backend=backend, dynamic=dynamic)
                 n += 1
     return n
+
+
+_CHECKPOINT_INSIDE: dict[type, type] = {}
+
+
+def _checkpoint_inside_class(base: type) -> type:
+    """``base`` with a ``forward`` that recomputes itself (non-reentrant) when the layer's ``qvl_recompute`` is on."""
+    if base not in _CHECKPOINT_INSIDE:
+        from torch.utils.checkpoint import checkpoint
+
+        def forward(self, *args, **kwargs):
+            if self.qvl_recompute and self.training and torch.is_grad_enabled():
+                return checkpoint(base.forward, self, *args, use_reentrant=False, **kwargs)
+            return base.forward(self, *args, **kwargs)
+
+        _CHECKPOINT_INSIDE[base] = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
+                                                                 "qvl_base_class": base})
+    return _CHECKPOINT_INSIDE[base]
+
+
+def checkpoint_inside(layer) -> None:
+    """Move a decoder layer's gradient checkpointing from transformers into the layer's own ``forward``.
+
+    transformers checkpoints a layer around ``__call__`` up to 5.17 and around ``forward`` from 5.2x; compiling the
+    module would therefore put the checkpoint outside the compiled code on one version and inside on the other.
+    Here it is always inside ``forward`` (the layer's class is swapped for a subclass, the way FSDP2 does; the state
+    dict is unchanged), so a compiled layer recomputes through its compiled graph on every version. Whether the
+    layer recomputes is what ``gradient_checkpointing`` said (see :func:`checkpoint_some_layers`). Undone by
+    :func:`uncompile`.
+    """
+    if hasattr(type(layer), "qvl_base_class"):
+        return
+    layer.qvl_recompute = bool(getattr(layer, "gradient_checkpointing", False))
+    layer.gradient_checkpointing = False
+    layer.__class__ = _checkpoint_inside_class(type(layer))
 
 
 def lora_inputs_stay_16bit(model) -> int:
@@ -198,6 +243,10 @@ def uncompile(model) -> None:
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
+        base = getattr(type(m), "qvl_base_class", None)
+        if base is not None:
+            m.__class__ = base
+            m.gradient_checkpointing = m.__dict__.pop("qvl_recompute")
 
 
 def compile_wanted(choice, device: torch.device) -> bool:
