@@ -238,8 +238,9 @@ def write_profile(prof, wall: float, steps: int, out: Path | None) -> None:
     # kernels only: an aten op's self device time is its kernels' time again
     busy = sum(dev(e) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
     table = events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+    host = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
     text = (f"{steps} steps, wall {wall:.3f} s, summed device (kernel) time {busy:.3f} s = {busy / wall:.0%} busy\n"
-            + table)
+            + table + "\nby host time:\n" + host)
     print(text[:4000], flush=True)
     if out is not None:
         out.write_text(text)
@@ -267,6 +268,9 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
             if type(m).__name__.endswith("VisionAttention"):
                 m.config._attn_implementation = "sdpa"
         attn_mod.use_vision_sdpa = lambda model: False
+    if "vision_varlen" in levers_off:  # the vision tower's sdpa per image instead of one varlen call per block
+        original = saved[2]
+        attn_mod.use_vision_sdpa = lambda model: original(model, varlen=False)
     if "lora_16bit" in levers_off:  # PEFT casts LoRA inputs to fp32
         speed.lora_inputs_stay_16bit = lambda model: 0
     if args.device.startswith("cuda"):
@@ -450,6 +454,15 @@ def main(argv=None):
         # compile_scope=parts: each layer's norms, attention and MLP apart (LoRA and residual adds eager)
         ("qvl-auto-compile-parts", dict(compile_layers=True, compile_scope="parts", gradient_checkpointing_ratio="auto",
                                         packed_attention="per_sample", bench_warmup=8)),
+        # the vision tower's attention per image (sdpa) instead of one varlen call per block
+        ("qvl-auto-compile-vision-sdpa", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
+                                              packed_attention="per_sample", bench_warmup=8,
+                                              levers_off=("vision_varlen",))),
+        # recomputed layers keep their attention half (selective activation checkpointing), all / auto layers
+        ("qvl-all-mlp", dict(compile_layers=True, gradient_checkpointing_ratio=1.0, gradient_checkpointing_scope="mlp",
+                             packed_attention="per_sample", bench_warmup=8)),
+        ("qvl-auto-mlp", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
+                              gradient_checkpointing_scope="mlp", packed_attention="per_sample", bench_warmup=8)),
         # the loop's defaults with compile_layers on (whole decoder layers, recompute inside the compiled code)
         ("qvl-auto-compile", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                   packed_attention="per_sample", bench_warmup=8)),

@@ -247,3 +247,24 @@ def test_bounds_as_inputs_match_bounds_from_positions():
     compiled = torch.compile(packing.per_sample_attention, backend="aot_eager", fullgraph=True)
     out, _ = compiled(None, q, k, v, None, scaling=0.3, position_ids=pos[None], **inputs)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_rope_index_without_the_model_pickles_and_equals_the_models(mixed, tiny_model_dir):
+    """RopeIndex (class + config) gives the positions the model's own get_rope_index gives, and survives pickling
+    (DataLoader workers compute positions with it); pack uses positions a sample already carries."""
+    import pickle
+
+    import dataclasses
+
+    from qvl.data.packing import RopeIndex, sample_positions
+
+    model, _ = load(tiny_model_dir)
+    portable = pickle.loads(pickle.dumps(RopeIndex(model)))
+    encs = [dataclasses.replace(e) for e in mixed[0]]
+    for enc in encs:
+        assert torch.equal(sample_positions(enc, portable), sample_positions(enc, rope_index_fn(model)))
+    ref = pack(encs, rope_index_fn(model))
+    for enc in encs:
+        enc.positions = sample_positions(enc, portable)
+    got = pack(encs, lambda *a: (_ for _ in ()).throw(AssertionError("positions were given")))
+    assert torch.equal(got["position_ids"], ref["position_ids"])

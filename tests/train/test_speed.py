@@ -244,6 +244,74 @@ def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, a
         speed.compile_layers(model, scope="model")
 
 
+class _OpsInBackward(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the attention forward calls and the matmuls the backward pass runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention, self.mm = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.attention += ("attention" in name or "attn" in name) and "backward" not in name
+        self.mm += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def _loss_grads_counting(model, lm, row, rope_index):
+    from qvl.data.preprocess import IGNORE_INDEX
+    from qvl.train.loop import pack_micro_batch
+
+    batch = pack_micro_batch(row, rope_index)
+    n = float(int((batch["labels"] != IGNORE_INDEX).sum()))
+    model.zero_grad()
+    loss, part = lm(batch, n)
+    with _OpsInBackward() as ops:
+        loss.backward()
+    return float(part) / n, _grads(model), ops
+
+
+def test_recompute_mlp_only_keeps_attention(make_cfg, mixed_data):
+    """gradient_checkpointing_scope=mlp: the recompute in backward runs no attention and fewer matmuls (the q/k/v/o
+    projections' outputs are kept), and the loss and gradients equal recomputing whole layers, eager and compiled
+    (aot_eager, whole layers: the policy goes into the compiled graph)."""
+    import torch._dynamo
+
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.plan.memory import attention_saved_bytes_per_token
+    from qvl.train import components as comp
+    from qvl.train.loop import LossModule
+
+    model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True,
+                                 lora_r=8))
+    use_packed_attention(model, "per_sample")
+    comp.enable_gradient_checkpointing(model)
+    n_layers = len(speed.decoder_layers(model))
+    row, rope = [enc(0), enc(8), enc(1)], rope_index_fn(model)
+    lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=True)
+    ref_loss, ref_grads, whole = _loss_grads_counting(model, lm, row, rope)
+    assert speed.recompute_scope(model, "mlp") == n_layers
+    loss, grads, selective = _loss_grads_counting(model, lm, row, rope)
+    assert loss == pytest.approx(ref_loss, rel=1e-6) and _worst(grads, ref_grads) < 1e-5
+    assert whole.attention == n_layers * len(row) and selective.attention == 0  # per_sample on CPU: one per sample
+    assert selective.mm <= whole.mm - 4 * n_layers  # q, k, v, o not recomputed
+    torch._dynamo.reset()
+    try:
+        speed.compile_layers(model, backend="aot_eager", scope="layer")
+        loss, grads, _ = _loss_grads_counting(model, lm, row, rope)
+    finally:
+        speed.uncompile(model)
+        torch._dynamo.reset()
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and _worst(grads, ref_grads) < 1e-4
+    assert speed.recompute_scope(model, "layer") == 0
+    with pytest.raises(QvlError, match="gradient_checkpointing_scope"):
+        speed.recompute_scope(model, "attention")
+    from qvl.plan.model import resolve_model
+
+    m = resolve_model("8B")
+    assert attention_saved_bytes_per_token(m) == 2 * (2 * 4096 + 2 * 1024 + 4096) + 4 * 32
+
+
 def test_compile_auto_only_where_measured(make_cfg):
     """The default (auto) compiles on a GPU for packed per_sample rows of a dense model on one GPU / DDP; true forces
     it outside that; sharding engines never; the reason is said whenever a wish is not granted."""

@@ -44,6 +44,25 @@ def rope_index_fn(model) -> Callable:
     raise TypeError(f"{type(model).__name__} has no get_rope_index: not a Qwen3-VL model?")
 
 
+class RopeIndex:
+    """The model's ``get_rope_index`` without the model: its class and config only, so it pickles and runs in
+    DataLoader workers (positions are computed there, off the training step). transformers' method reads only
+    ``self.config`` and its own helper methods; any other method it asks for comes from the model's class."""
+
+    def __init__(self, model):
+        inner = rope_index_fn(model).__self__
+        self.model_class, self.config = type(inner), inner.config
+
+    def __call__(self, *args, **kwargs):
+        return self.model_class.get_rope_index(self, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in ("model_class", "config"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        attr = getattr(self.model_class, name)
+        return attr.__get__(self, type(self)) if callable(attr) else attr
+
+
 def _grids(enc: Encoded):
     return enc.image_grid_thw, enc.video_grid_thw
 
@@ -62,7 +81,8 @@ def pack(encs: Sequence[Encoded], rope_index: Callable) -> dict:
         raise ValueError("nothing to pack")
     ids = torch.cat([e.input_ids for e in encs])[None]
     types = torch.cat([e.mm_token_type_ids for e in encs])[None]
-    positions = torch.cat([sample_positions(e, rope_index) for e in encs], dim=1)[:, None, :]
+    positions = torch.cat([e.positions if e.positions is not None else sample_positions(e, rope_index)
+                           for e in encs], dim=1)[:, None, :]
     out = {"input_ids": ids, "mm_token_type_ids": types, "position_ids": positions, "attention_mask": None,
            "use_cache": False}
     if all(e.labels is not None for e in encs):
@@ -155,8 +175,9 @@ def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
             and not dropout)
 
 
-def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=None) -> torch.Tensor:
-    """Causal attention per sample of a packed row in one flash-attention call: (1, H, L, D) in, (1, L, H, D) out."""
+def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=None, causal: bool = True) -> torch.Tensor:
+    """Causal attention per sample of a packed row in one flash-attention call: (1, H, L, D) in, (1, L, H, D) out.
+    ``causal=False``: full attention inside each segment (the vision tower's images and frames)."""
     fn, has_window, has_gqa = _VARLEN
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D)
     kwargs = {"scale": scaling}
@@ -166,9 +187,9 @@ def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=Non
         else:  # older torch: repeat each KV head for its group of query heads
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     if has_window:
-        kwargs["window_size"] = (-1, 0)
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     else:
-        kwargs["is_causal"] = True
+        kwargs["is_causal"] = causal
     out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **kwargs)
     return out.unsqueeze(0)
 

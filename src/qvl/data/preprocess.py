@@ -40,6 +40,9 @@ class Encoded:
     video_grid_thw: torch.Tensor | None = None
     origin: str = ""
     extra: dict = field(default_factory=dict)
+    # (4, L) text + mRoPE positions for packed rows, computed where the sample is encoded (DataLoader workers) so
+    # the training step does not; None: :func:`qvl.data.packing.pack` computes them
+    positions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -1,4 +1,4 @@
-"""The vision tower's attention: sdpa without the cuDNN backend.
+"""The vision tower's attention: one flash-attention varlen call per block, or sdpa without the cuDNN backend.
 
 transformers' Qwen3-VL vision attention (sdpa) calls ``scaled_dot_product_attention`` once per image or
 video frame group, with a new sequence length almost every call. On an H100, sdpa picks cuDNN attention,
@@ -7,11 +7,18 @@ of GPU work (profile of 2 LoRA-8B training steps, 351 vision calls: 460 ms of ho
 ``docs/benchmarks.md``). Training and prefill are host-bound there, so the vision tower runs sdpa with
 flash / memory-efficient / math kernels only; the values are the same attention, computed by another
 kernel (no mask, non-causal).
+
+Where torch has the flash-attention varlen kernel (torch >= 2.10), the tower's attention goes further:
+``qvl_flash_varlen_vision`` (the name says "flash", so transformers hands it the segment bounds ``cu_seqlens``
+and their longest length, read once per tower forward) runs every image and frame of a block in one varlen call
+instead of one sdpa call per image, with no host read per block; where the kernel cannot run (CPU, fp32) it
+runs the same per-segment sdpa as above.
 """
 
 from __future__ import annotations
 
 VISION_SDPA = "qvl_vision_sdpa"
+VISION_VARLEN = "qvl_flash_varlen_vision"
 
 
 def vision_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
@@ -23,17 +30,39 @@ def vision_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def use_vision_sdpa(model) -> bool:
-    """Point the vision tower's sdpa attention at :func:`vision_sdpa_attention` (through PEFT / DDP wrappers);
-    False if it has none or uses another attention (eager, flash-attn)."""
+def vision_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0,
+                            cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """Full attention inside each image / frame segment of the tower's row: (1, H, L, D) -> (1, L, H, D).
+
+    One flash-attention varlen call where it runs; elsewhere sdpa per segment (the bounds read on the host)."""
+    import torch
+
+    from qvl.data.packing import varlen_causal, varlen_usable
+
+    if varlen_usable(query, dropout):
+        return varlen_causal(query, key, value, cu_seq_lens_q, int(max_length_q), scaling, causal=False), None
+    starts = cu_seq_lens_q.tolist()
+    outs = [vision_sdpa_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling,
+                                  dropout=dropout, is_causal=False)[0] for s, e in zip(starts[:-1], starts[1:])]
+    return torch.cat(outs, dim=1), None
+
+
+def use_vision_sdpa(model, varlen: bool | None = None) -> bool:
+    """Point the vision tower's sdpa attention at :func:`vision_varlen_attention` (``varlen``; default: where
+    torch has the kernel) or :func:`vision_sdpa_attention` (through PEFT / DDP wrappers); False if it has none or
+    uses another attention (eager, flash-attn)."""
     from transformers import AttentionInterface
+
+    from qvl.data.packing import varlen_available
 
     configs = {id(m.config): m.config for m in model.modules()
                if type(m).__name__.endswith("VisionAttention") and hasattr(m, "config")}
-    configs = [c for c in configs.values() if c._attn_implementation in ("sdpa", VISION_SDPA)]
+    configs = [c for c in configs.values() if c._attn_implementation in ("sdpa", VISION_SDPA, VISION_VARLEN)]
     if not configs:
         return False
     AttentionInterface.register(VISION_SDPA, vision_sdpa_attention)
+    AttentionInterface.register(VISION_VARLEN, vision_varlen_attention)
+    impl = VISION_VARLEN if (varlen_available() if varlen is None else varlen) else VISION_SDPA
     for config in configs:
-        config._attn_implementation = VISION_SDPA
+        config._attn_implementation = impl
     return True

@@ -178,6 +178,12 @@ def layer_saved_bytes_per_token(m: ModelShape, lora_r: int = 0, targets=(), lora
     return b
 
 
+def attention_saved_bytes_per_token(m: ModelShape) -> int:
+    """What a decoder layer recomputed with ``gradient_checkpointing_scope: mlp`` keeps beyond its input, per token:
+    the q, k, v and o projections' outputs and the attention output (bf16), and its fp32 log-sum-exp per head."""
+    return 2 * (2 * m.q_dim + 2 * m.kv_dim + m.hidden) + 4 * m.heads
+
+
 def layer_transient_bytes_per_token(m: ModelShape) -> int:
     """Inference (no grad) working set of one decoder layer, per token: residual + fp32 norm + the larger of
     attention (q, k, v, RoPE copies, output) and the SwiGLU MLP (gate, up, act, product)."""
@@ -415,7 +421,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                video_frame_pixels: int = 262_144, lora_r: int = 64, lora_targets="all", lora_dropout: float = 0.05,
                tune_mm_vision: bool = False, tune_mm_mlp: bool | None = None, tune_mm_llm: bool = True,
                optim: str = "adamw", gpus: int = 1, recommend: bool = True, master_fp32: bool = False,
-               master_bf16: bool = False, fused_ce: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
+               master_bf16: bool = False, fused_ce: bool = False, recompute_keeps_attention: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
     """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
 
     ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
@@ -425,6 +431,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     AdamW states (``master_weights: bf16``; DeepSpeed's bf16_master_weights_and_grads + bf16_optimizer_states).
     ``fused_ce``: the loss as qvl's fused linear + cross-entropy computes it (``fused_cross_entropy``): logits
     chunk by chunk instead of the whole tokens x vocabulary tensor and its fp32 copies.
+    ``recompute_keeps_attention``: checkpointed layers keep their attention half (``gradient_checkpointing_scope:
+    mlp``, :func:`attention_saved_bytes_per_token`).
     """
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
@@ -451,6 +459,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     n = gpus
     settings = dict(method=method, zero=zero, offload=offload, gradient_checkpointing=gradient_checkpointing,
                     master_fp32=master_fp32, master_bf16=master_bf16, fused_ce=fused_ce,
+                    recompute_keeps_attention=recompute_keeps_attention,
                     batch=batch, seq_len=seq_len, max_pixels=max_pixels, images_per_sample=images_per_sample,
                     video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels,
                     tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm,
@@ -566,6 +575,10 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         recompute = tokens * (layer_full + 4 * m.hidden)
         notes["LLM activations"] = (f"gradient checkpointing: {m.layers} layer inputs × {2 * m.hidden:,} B per token "
                                     f"({tokens:,} tokens) + one layer recomputed in backward")
+        if recompute_keeps_attention:
+            llm_saved += tokens * m.layers * attention_saved_bytes_per_token(m)
+            notes["LLM activations"] += (f"; each keeps its attention half "
+                                         f"({attention_saved_bytes_per_token(m):,} B per token)")
     else:
         llm_saved = tokens * (m.layers * layer_full + 2 * m.hidden)
         recompute = 0

@@ -158,6 +158,8 @@ class Encoder:
     def __init__(self, records, processor, cfg: TrainConfig):
         self.records, self.processor, self.cfg = records, processor, cfg
         self.budget = cfg.vision_budget()
+        self.rope_index = None  # packed rows: a qvl.data.packing.RopeIndex, so workers compute the positions
+        self.pixel_dtype = None  # pixels cast here (workers) to the vision tower's dtype: half the bytes to copy
         self.skipped: Counter = Counter()
         self.examples: dict[str, str] = {}
 
@@ -200,6 +202,14 @@ class Encoder:
             return self._skip("unreadable media or rejected by the processor", origin, e.what)
         if enc.num_label_tokens == 0:
             return self._skip("no assistant tokens to learn", origin, "")
+        if self.rope_index is not None:
+            from qvl.data.packing import sample_positions
+
+            enc.positions = sample_positions(enc, self.rope_index)
+        if self.pixel_dtype is not None:  # the model casts them the same way (round to nearest), on the GPU
+            for key in ("pixel_values", "pixel_values_videos"):
+                if getattr(enc, key) is not None:
+                    setattr(enc, key, getattr(enc, key).to(self.pixel_dtype))
         return enc
 
     def _skip(self, reason: str, origin: str, detail: str):
@@ -287,7 +297,12 @@ def batch_tokens(batch: dict) -> int:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on ``device``; to a GPU through pinned memory without blocking the host (a copy from
+    pageable memory holds the host until the GPU has it)."""
+    if device.type != "cuda":
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 # Rows up to this many tokens use sdpa's dense block-diagonal mask (16k x 16k booleans = 256 MiB, made
@@ -537,6 +552,14 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         comp.enable_gradient_checkpointing(model)
         if ckpt_ratio != "auto" and ckpt_ratio < 1.0:  # selective: only some decoder layers recompute
             speed.checkpoint_some_layers(model, ckpt_ratio)
+        if cfg.gradient_checkpointing_scope != "layer":
+            if cfg.engine != "ddp":  # the recompute runs without the engine's gather hooks (not tested there)
+                raise QvlError(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope} runs on one GPU or "
+                               f"under DDP, not under {cfg.engine}", where="gradient_checkpointing_scope",
+                               fix="gradient_checkpointing_scope: layer")
+            n = speed.recompute_scope(model, cfg.gradient_checkpointing_scope)
+            say(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope}: {n} recomputed layers keep their "
+                "attention half and recompute the MLP")
     trainable = [p for p in model.parameters() if p.requires_grad]
     fp32_masters = load_dtype != torch.float32 and distributed.master_weights_fp32(cfg)
     if load_dtype != torch.float32 and not fp32_masters and not cfg.lora_enable and cfg.engine != "deepspeed":
@@ -552,12 +575,13 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     packed = cfg.data_flatten or cfg.data_packing
     rope_index = None
     if packed:  # one row per micro-batch: each sample attends only to itself, with its own mRoPE positions
-        from qvl.data.packing import rope_index_fn, use_packed_attention
+        from qvl.data.packing import RopeIndex, rope_index_fn, use_packed_attention
 
         row_cap = (max(cfg.packed_row_tokens, cfg.model_max_length) if cfg.packed_row_tokens
                    else cfg.per_device_train_batch_size * cfg.model_max_length)
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
         rope_index = rope_index_fn(model)
+        encoder.rope_index = RopeIndex(model)  # positions computed where samples are encoded (workers)
     per_sample = packed and attn == PER_SAMPLE_ATTENTION
     from qvl.data.packing import varlen_available
 
@@ -574,6 +598,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         say(f"compile_layers off: {why}")
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,
                              bounds_as_inputs=per_sample)
+    encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
 
     # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
     #    component x decay, each with its LR) and schedule

@@ -85,7 +85,8 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
           "tune_mm_vision": cfg.tune_mm_vision, "tune_mm_mlp": cfg.tune_mm_mlp,
           "tune_mm_llm": cfg.tune_mm_llm or not cfg.lora_enable, "optim": "adamw", "gpus": world_size,
           "master_fp32": not cfg.lora_enable and master_weights_fp32(cfg), "fused_ce": cfg.fused_cross_entropy,
-          "master_bf16": bf16_masters(cfg) and zero >= 1}
+          "master_bf16": bf16_masters(cfg) and zero >= 1,
+          "recompute_keeps_attention": cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope == "mlp"}
     if cfg.lora_enable:
         kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout)
     return kw
@@ -164,7 +165,7 @@ AUTO_CHECKPOINT_BUDGET = 0.9
 def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=()) -> tuple[float, str]:
     """(ratio, why) for ``gradient_checkpointing_ratio: auto``: the fewest recomputed decoder layers whose kept
     activations, at the longest row a micro-batch can make, fit what the all-recomputed plan leaves free."""
-    from qvl.plan.memory import layer_saved_bytes_per_token, parse_lora_targets
+    from qvl.plan.memory import attention_saved_bytes_per_token, layer_saved_bytes_per_token, parse_lora_targets
     from qvl.train.speed import ratio_for_memory
 
     plan = getattr(pf, "plan", None)
@@ -174,8 +175,11 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=())
     kw = plan_kwargs(cfg, world_size, has_video(records))
     targets = parse_lora_targets(kw["lora_targets"]) if cfg.lora_enable else ()
     row_tokens = kw["batch"] * kw["seq_len"]
-    layer = layer_saved_bytes_per_token(shape, cfg.lora_r if cfg.lora_enable else 0, targets,
-                                        cfg.lora_dropout if cfg.lora_enable else 0.0) * row_tokens
+    per_token = layer_saved_bytes_per_token(shape, cfg.lora_r if cfg.lora_enable else 0, targets,
+                                            cfg.lora_dropout if cfg.lora_enable else 0.0)
+    if kw["recompute_keeps_attention"]:  # the plan counts every layer's attention half already
+        per_token -= attention_saved_bytes_per_token(shape)
+    layer = per_token * row_tokens
     free = (AUTO_CHECKPOINT_BUDGET * plan.gpu_total_gib - plan.total_gib) * 2**30
     ratio = ratio_for_memory(shape.layers, free, layer)
     kept = shape.layers - round(ratio * shape.layers)

@@ -128,6 +128,29 @@ def checkpoint_some_layers(model, ratio: float) -> list[int]:
     return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
 
 
+def recompute_scope(model, scope: str) -> int:
+    """``gradient_checkpointing_scope``: ``layer`` recomputes a checkpointed decoder layer whole (transformers' own
+    checkpointing); ``mlp`` keeps its attention half (:func:`recompute_mlp_only`). Call after
+    :func:`checkpoint_some_layers`. Returns the layers made selective."""
+    if scope not in RECOMPUTE_SCOPES:
+        raise QvlError(f"gradient_checkpointing_scope {scope!r} is not one of {RECOMPUTE_SCOPES}",
+                       where="gradient_checkpointing_scope")
+    if scope == "layer":
+        return 0
+    text = model.config.get_text_config()
+    if getattr(text, "num_experts", 0):
+        raise QvlError("gradient_checkpointing_scope=mlp is for dense models (its policy tells the MLP's matmuls by "
+                       "their width; experts have another)", where="gradient_checkpointing_scope",
+                       fix="gradient_checkpointing_scope: layer")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    context = recompute_mlp_only(text.hidden_size, text.num_attention_heads * head_dim,
+                                 text.num_key_value_heads * head_dim)
+    layers = decoder_layers(model)
+    for layer in layers:
+        checkpoint_inside(layer, context)
+    return sum(layer.qvl_recompute for layer in layers)
+
+
 def ratio_for_memory(n_layers: int, free_bytes: float, layer_bytes: float) -> float:
     """The smallest checkpointed fraction whose kept activations fit ``free_bytes``.
 
@@ -175,7 +198,7 @@ def compile_layers(model, backend: str = "inductor", dynamic: bool = True, atten
     n = 0
     for layer in decoder_layers(model):
         if scope == "layer":
-            checkpoint_inside(layer)
+            checkpoint_inside(layer, getattr(layer, "qvl_recompute_context", None))
             parts = [layer]
         else:
             parts = [getattr(layer, name, None) for name in COMPILED_PARTS if attention or name != "self_attn"]
@@ -189,15 +212,46 @@ def compile_layers(model, backend: str = "inductor", dynamic: bool = True, atten
 
 
 _CHECKPOINT_INSIDE: dict[type, type] = {}
+RECOMPUTE_SCOPES = ("layer", "mlp")
+def recompute_mlp_only(hidden: int, q_dim: int, kv_dim: int):
+    """A ``context_fn`` for ``torch.utils.checkpoint``: a recomputed decoder layer keeps its attention half.
+
+    Selective activation checkpointing: the outputs of the attention projections (the matmuls whose (input, output)
+    sizes are q's, k's / v's or o's: (hidden, q_dim), (hidden, kv_dim), (q_dim, hidden)) and of the attention kernel
+    are saved in the forward pass; the MLP's matmuls, the LoRA adapters' small ones (rank r on one side) and every
+    elementwise op are recomputed. The recompute then costs the MLP's projections (about two thirds of a layer's
+    forward FLOPs, none of its attention) for :func:`qvl.plan.memory.attention_saved_bytes_per_token` per token.
+    """
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    matmuls = {aten.mm.default, aten.addmm.default}
+    saved = {(hidden, q_dim), (hidden, kv_dim), (q_dim, hidden)}
+
+    def policy(ctx, op, *args, **kwargs):
+        name = str(op)
+        if ("attn" in name or "attention" in name) and "backward" not in name:
+            return CheckpointPolicy.MUST_SAVE
+        if op in matmuls and (args[-2].shape[-1], args[-1].shape[-1]) in saved:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return partial(create_selective_checkpoint_contexts, policy)
 
 
 def _checkpoint_inside_class(base: type) -> type:
-    """``base`` with a ``forward`` that recomputes itself (non-reentrant) when the layer's ``qvl_recompute`` is on."""
+    """``base`` with a ``forward`` that recomputes itself (non-reentrant) when the layer's ``qvl_recompute`` is on,
+    through the layer's ``qvl_recompute_context`` (selective checkpointing) when it has one."""
     if base not in _CHECKPOINT_INSIDE:
         from torch.utils.checkpoint import checkpoint
 
         def forward(self, *args, **kwargs):
             if self.qvl_recompute and self.training and torch.is_grad_enabled():
+                context = self.qvl_recompute_context
+                if context is not None:
+                    kwargs["context_fn"] = context
                 return checkpoint(base.forward, self, *args, use_reentrant=False, **kwargs)
             return base.forward(self, *args, **kwargs)
 
@@ -206,16 +260,17 @@ def _checkpoint_inside_class(base: type) -> type:
     return _CHECKPOINT_INSIDE[base]
 
 
-def checkpoint_inside(layer) -> None:
+def checkpoint_inside(layer, context_fn=None) -> None:
     """Move a decoder layer's gradient checkpointing from transformers into the layer's own ``forward``.
 
     transformers checkpoints a layer around ``__call__`` up to 5.17 and around ``forward`` from 5.2x; compiling the
     module would therefore put the checkpoint outside the compiled code on one version and inside on the other.
     Here it is always inside ``forward`` (the layer's class is swapped for a subclass, the way FSDP2 does; the state
     dict is unchanged), so a compiled layer recomputes through its compiled graph on every version. Whether the
-    layer recomputes is what ``gradient_checkpointing`` said (see :func:`checkpoint_some_layers`). Undone by
-    :func:`uncompile`.
+    layer recomputes is what ``gradient_checkpointing`` said (see :func:`checkpoint_some_layers`); ``context_fn``
+    makes the recompute selective (:func:`recompute_mlp_only`). Undone by :func:`uncompile`.
     """
+    layer.qvl_recompute_context = context_fn
     if hasattr(type(layer), "qvl_base_class"):
         return
     layer.qvl_recompute = bool(getattr(layer, "gradient_checkpointing", False))
@@ -247,6 +302,7 @@ def uncompile(model) -> None:
         if base is not None:
             m.__class__ = base
             m.gradient_checkpointing = m.__dict__.pop("qvl_recompute")
+            m.__dict__.pop("qvl_recompute_context", None)
 
 
 def compile_wanted(choice, device: torch.device) -> bool:
