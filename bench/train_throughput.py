@@ -257,6 +257,7 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     from qvl.train import speed
 
     levers_off = overrides.pop("levers_off", ())  # one lever switched off, to measure what it gives
+    levers_on = overrides.pop("levers_on", ())  # a lever not in the loop yet, to measure what it would give
     warmup = overrides.pop("bench_warmup", warmup)
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
     clock = StepClock(profile, Path(args.profile_out) if args.profile_out else None)
@@ -276,9 +277,14 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    import torch._inductor.config as inductor_config
+
+    cpp_wrapper = inductor_config.cpp_wrapper
+    inductor_config.cpp_wrapper = "cpp_wrapper" in levers_on  # inductor's C++ wrapper: kernels launched from C++
     try:
         result = train(cfg, log=lambda line: print(f"  {name}: {line}", flush=True), callbacks=[clock])
     finally:
+        inductor_config.cpp_wrapper = cpp_wrapper
         load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit = saved
     cuda = args.device.startswith("cuda")
     res = clock.stats(warmup, warmup + timed, samples_per_step)
@@ -286,7 +292,7 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
                losses=result.losses, final_loss_mean5=sum(result.losses[-5:]) / len(result.losses[-5:]),
                mfu=res["tokens_per_s"] * flops_per_token / (PEAK_TFLOPS * 1e12),
-               settings={**overrides, "levers_off": list(levers_off)})
+               settings={**overrides, "levers_off": list(levers_off), "levers_on": list(levers_on)})
     if overrides.get("compile_layers"):
         from torch._dynamo.utils import counters
 
@@ -463,6 +469,9 @@ def main(argv=None):
                              packed_attention="per_sample", bench_warmup=8)),
         ("qvl-auto-mlp", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                               gradient_checkpointing_scope="mlp", packed_attention="per_sample", bench_warmup=8)),
+        ("qvl-auto-mlp-cpp", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
+                                  gradient_checkpointing_scope="mlp", packed_attention="per_sample", bench_warmup=8,
+                                  levers_on=("cpp_wrapper",))),
         # the loop's defaults with compile_layers on (whole decoder layers, recompute inside the compiled code)
         ("qvl-auto-compile", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                   packed_attention="per_sample", bench_warmup=8)),

@@ -241,3 +241,13 @@ def test_master_weights_fp32_keeps_updates_bf16_rounds_away(make_cfg, tmp_path, 
         changed[master] = (w != base).float().mean().item()
         assert any("updates smaller than bf16" in str(line) for line in logs) == (master == "bf16")
     assert changed["fp32"] > 2 * changed["bf16"] and changed["fp32"] > 0.3, changed  # measured: 0.44 vs 0.15
+
+
+def test_packed_rows_built_in_workers_train_the_same(make_cfg, tmp_path):
+    """data_flatten: a DataLoader worker computes the positions and packs the row (RopeIndex pickled over to it);
+    the losses equal packing in the main process (packed_row_tokens regroups the samples there)."""
+    runs = {}
+    for name, kw in (("worker", dict(dataloader_num_workers=1)), ("main", dict(packed_row_tokens=100_000))):
+        runs[name] = train(make_cfg(output_dir=str(tmp_path / name), data_flatten=True, max_steps=3,
+                                    save_strategy="no", **kw), log=lambda *_: None).losses
+    assert runs["worker"] == pytest.approx(runs["main"], rel=1e-5)

@@ -84,6 +84,8 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
                                            "and AdamW states (master_weights: bf16), 8 instead of 16 B per param."),
           fused_ce: bool = typer.Option(False, "--fused-ce", help="The loss as `qvl train` computes it by default "
                                         "(fused_cross_entropy): logits in chunks, never tokens × vocabulary."),
+          checkpoint_scope: str = typer.Option("layer", "--checkpoint-scope", help="layer, or mlp: recomputed "
+                                               "layers keep their attention half (gradient_checkpointing_scope)."),
           as_json: bool = _JSON):
     """Memory for one training step: weights, LoRA, gradients, optimizer, activations, logits; what fits."""
     from qvl.plan.memory import plan_train
@@ -94,10 +96,21 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
                       video_frame_pixels=video_frame_pixels, lora_r=lora_r, lora_targets=lora_targets,
                       lora_dropout=lora_dropout, tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp,
                       tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus, master_fp32=master_fp32,
-                      master_bf16=master_bf16, fused_ce=fused_ce)
+                      master_bf16=master_bf16, fused_ce=fused_ce,
+                      recompute_keeps_attention=_checkpoint_scope(checkpoint_scope, gradient_checkpointing))
     _emit(plan, as_json)
     if not plan.fits:
         raise typer.Exit(1)
+
+
+def _checkpoint_scope(scope: str, gradient_checkpointing: bool) -> bool:
+    from qvl.errors import QvlError
+    from qvl.train.speed import RECOMPUTE_SCOPES
+
+    if scope not in RECOMPUTE_SCOPES:
+        raise QvlError(f"--checkpoint-scope {scope!r} is not one of {', '.join(RECOMPUTE_SCOPES)}",
+                       where="--checkpoint-scope")
+    return gradient_checkpointing and scope == "mlp"
 
 
 @app.command("gpus")

@@ -221,9 +221,11 @@ class Encoder:
 class MicroBatches(torch.utils.data.Dataset):
     """Item ``j`` = the collated micro-batch ``j`` of one epoch (workers encode in parallel)."""
 
-    def __init__(self, plan: Plan, encoder: Encoder, epoch: int, pad_id: int):
+    def __init__(self, plan: Plan, encoder: Encoder, epoch: int, pad_id: int, pack_rows: bool = False):
         self.plan, self.encoder, self.epoch, self.pad_id = plan, encoder, epoch, pad_id
         self.order = plan.epoch_order(epoch)
+        # packed rows built here (workers) when the loop regroups nothing: one process, no packed_row_tokens
+        self.pack_rows = pack_rows
 
     def __len__(self):
         return self.plan.micro_per_epoch
@@ -247,18 +249,24 @@ class MicroBatches(torch.utils.data.Dataset):
         item = {"batch": None, "skipped": skipped, "examples": examples}
         if not kept:
             return item
-        if packed:  # positions need the model's get_rope_index: the loop packs them (see pack_micro_batch)
+        if packed and self.pack_rows and self.encoder.rope_index is not None:  # positions came with the samples
+            return dict(item, batch=pack_micro_batch(kept, self.encoder.rope_index))
+        if packed:  # the loop regroups samples (packed_row_tokens, ranks), then packs them (see pack_micro_batch)
             return dict(item, samples=kept)
         return dict(item, batch=collate(kept, self.pad_id, "right"))
 
 
-def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: int, workers: int):
-    ds = MicroBatches(plan, encoder, epoch, pad_id)
+def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: int, workers: int,
+                  pack_rows: bool = False, pin_memory: bool = False):
+    ds = MicroBatches(plan, encoder, epoch, pad_id, pack_rows)
     sub = torch.utils.data.Subset(ds, range(start, len(ds)))
     # own generator: creating an iterator must not draw from the global RNG (dropout must replay on resume)
     gen = torch.Generator().manual_seed(plan.cfg.seed + epoch)
+    # pin_memory: a loader thread copies each batch into pinned memory, so the step's copy to the GPU neither
+    # blocks the host nor pins on the main thread (to_device)
     loader = torch.utils.data.DataLoader(sub, batch_size=None, shuffle=False, num_workers=workers, generator=gen,
-                                         persistent_workers=False, prefetch_factor=2 if workers else None)
+                                         persistent_workers=False, prefetch_factor=2 if workers else None,
+                                         pin_memory=pin_memory and workers > 0)
     yield from loader
 
 
@@ -301,8 +309,8 @@ def to_device(batch: dict, device) -> dict:
     pageable memory holds the host until the GPU has it)."""
     if device.type != "cuda":
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) if isinstance(v, torch.Tensor)
+            else v for k, v in batch.items()}
 
 
 # Rows up to this many tokens use sdpa's dense block-diagonal mask (16k x 16k booleans = 256 MiB, made
@@ -654,7 +662,9 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         while step < plan.total_steps:
             epoch, _ = plan.step_micro(step)
             first = plan.step_micro(step)[1].start
-            it = micro_batches(plan, encoder, epoch, first, pad_id, loader_workers(cfg.dataloader_num_workers, device))
+            it = micro_batches(plan, encoder, epoch, first, pad_id, loader_workers(cfg.dataloader_num_workers, device),
+                               pack_rows=not dist.enabled and not cfg.packed_row_tokens,
+                               pin_memory=device.type == "cuda")
             while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
                 n = len(plan.step_micro(step)[1])
                 yield step, [next(it) for _ in range(n)]
