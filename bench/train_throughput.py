@@ -331,6 +331,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", default="", help="comma list of contestants to run")
+    ap.add_argument("--in-order", action="store_true",
+                    help="run the qvl contestants in --only's order (default: the order they are listed here), to "
+                         "check that a difference between two rows is not where they ran in the call")
     ap.add_argument("--ckpt-ratio", type=float, default=None,
                     help="gradient_checkpointing_ratio for the selective rows (default: fitted to the baseline's peak)")
     ap.add_argument("--margin-gib", type=float, default=0.75, help="kept free below the baseline's peak when fitting")
@@ -486,6 +489,9 @@ def main(argv=None):
                              max_steps=2 + max(4, args.steps // 4))),
     ]
     best = args.profile_row
+    if args.in_order and only:
+        listed = args.only.split(",")
+        contestants.sort(key=lambda c: listed.index(c[0]) if c[0] in listed else len(listed))
     for name, overrides in contestants:
         if not want(name):
             continue
