@@ -162,6 +162,8 @@ def loop_config(args, model_dir: Path, registry: Path, out: Path, **overrides):
                   max_grad_norm=1.0, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                   max_steps=args.warmup + args.steps, bf16=args.device.startswith("cuda"), gradient_checkpointing=True,
                   gradient_checkpointing_ratio=1.0,  # rows set their own; qvl-auto uses the loop's default
+                  # whole layers recomputed unless a row says otherwise (qvl-*-mlp; qvl-auto-compile: the default)
+                  gradient_checkpointing_scope="layer",
                   data_flatten=True, save_strategy="no", report_to="none", logging_steps=5, seed=0, resume=False,
                   model_max_length=4096, force=True, **BUDGET_KEYS)
     values.update(overrides)
@@ -477,7 +479,10 @@ def main(argv=None):
                                   levers_on=("cpp_wrapper",))),
         # the loop's defaults with compile_layers on (whole decoder layers, recompute inside the compiled code)
         ("qvl-auto-compile", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
-                                  packed_attention="per_sample", bench_warmup=8)),
+                                  packed_attention="per_sample", bench_warmup=8,
+                                  gradient_checkpointing_scope="auto")),
+        ("qvl-auto-layer", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
+                                packed_attention="per_sample", bench_warmup=8)),
         # the loop's default: as few recomputed layers as the card allows (may use more memory than the baseline)
         ("qvl-auto", dict(compile_layers=False, gradient_checkpointing_ratio="auto", packed_attention="per_sample")),
         ("qvl-compile", dict(compile_layers=True, gradient_checkpointing_ratio="fit-qkvo")),

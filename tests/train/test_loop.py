@@ -251,3 +251,15 @@ def test_packed_rows_built_in_workers_train_the_same(make_cfg, tmp_path):
         runs[name] = train(make_cfg(output_dir=str(tmp_path / name), data_flatten=True, max_steps=3,
                                     save_strategy="no", **kw), log=lambda *_: None).losses
     assert runs["worker"] == pytest.approx(runs["main"], rel=1e-5)
+
+
+def test_recompute_scope_mlp_trains_the_same(make_cfg, tmp_path):
+    """gradient_checkpointing_scope=mlp through the loop (eager on CPU): the losses of recomputing whole layers, and
+    the log says what it kept."""
+    runs, said = {}, []
+    for scope in ("layer", "mlp"):
+        runs[scope] = train(make_cfg(output_dir=str(tmp_path / scope), data_flatten=True, max_steps=3,
+                                     save_strategy="no", gradient_checkpointing=True, lora_enable=True, lora_r=8,
+                                     tune_mm_llm=False, gradient_checkpointing_scope=scope), log=said.append).losses
+    assert runs["mlp"] == pytest.approx(runs["layer"], rel=1e-5)
+    assert any("gradient_checkpointing_scope=mlp: 2 recomputed layers keep their attention half" in s for s in said)

@@ -165,6 +165,28 @@ def test_selective_checkpointing_same_gradients(make_cfg, mixed_data):
 
 # ---------------------------------------------------------------- regional compilation
 
+def _compiled_equals(model, lm, steps, ref, scope: str, check) -> int:
+    """Compile the layers (aot_eager on CPU, ``scope``), ``check(modules compiled)``, run ``steps`` of packed rows:
+    the same losses and gradients as ``ref``. Returns dynamo's unique graphs; always uncompiles."""
+    import torch._dynamo
+
+    from qvl.data.packing import rope_index_fn
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        check(speed.compile_layers(model, backend="aot_eager", scope=scope))
+        got = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        speed.uncompile(model)
+        torch._dynamo.reset()
+    for (gl, gg), (rl, rg) in zip(got, ref):
+        assert gl == pytest.approx(rl, rel=1e-5)
+        assert _worst(gg, rg) < 1e-4
+    return graphs
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "per_sample"])
 def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, attention):
     """aot_eager on CPU (dynamo + AOTAutograd, the parts inductor builds on): same loss and grads, and rows of
@@ -183,18 +205,11 @@ def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, a
     ref = [_packed_loss_grads(model, LossModule(model, fused_cross_entropy=True), rows, rope_index_fn(model))
            for rows in steps]
     lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=attention == "per_sample")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    try:
-        assert speed.compile_layers(model, backend="aot_eager") == n_parts * len(speed.decoder_layers(model))
-        got = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    finally:
-        speed.uncompile(model)
-        torch._dynamo.reset()
-    for (gl, gg), (rl, rg) in zip(got, ref):
-        assert gl == pytest.approx(rl, rel=1e-5)
-        assert _worst(gg, rg) < 1e-4
+
+    def compiled(n):
+        assert n == n_parts * len(speed.decoder_layers(model))
+
+    graphs = _compiled_equals(model, lm, steps, ref, "parts", compiled)
     assert 0 < graphs <= 2 * n_parts, graphs  # no recompile per layer or per row length
     assert speed.compile_wanted("auto", torch.device("cpu")) is False
     assert speed.compile_wanted("auto", torch.device("cuda", 0)) is True
@@ -222,21 +237,14 @@ def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, a
            for rows in steps]
     keys = list(model.state_dict())
     lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=attention == "per_sample")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    try:
-        assert speed.compile_layers(model, backend="aot_eager", scope="layer") == len(layers)
+
+    def compiled(n):
+        assert n == len(layers)
         assert [i for i, layer in enumerate(layers) if layer.qvl_recompute] == recomputed
         assert not any(layer.gradient_checkpointing for layer in layers)  # transformers' own wrapper is off
         assert list(model.state_dict()) == keys
-        got = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    finally:
-        speed.uncompile(model)
-        torch._dynamo.reset()
-    for (gl, gg), (rl, rg) in zip(got, ref):
-        assert gl == pytest.approx(rl, rel=1e-5)
-        assert _worst(gg, rg) < 1e-4
+
+    graphs = _compiled_equals(model, lm, steps, ref, "layer", compiled)
     assert 0 < graphs <= 4, graphs  # recomputed and kept layers, any row length: no recompile per layer
     assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == recomputed
     assert all(not hasattr(type(layer), "qvl_base_class") for layer in layers)
@@ -327,6 +335,25 @@ def test_compile_auto_only_where_measured(make_cfg):
     assert not on and "varlen" in why
     assert speed.compile_choice(True, gpu, "ddp", False, True) == (True, "on")
     assert speed.compile_choice(True, gpu, "fsdp", True, False)[0] is False
+
+
+def test_recompute_scope_auto_where_layers_compile_whole(make_cfg):
+    """gradient_checkpointing_scope: auto is mlp where the layers compile whole on one GPU / DDP with a dense model,
+    resolved before the model loads (the preflight plans it); layer elsewhere; an explicit choice stays."""
+    from qvl.train.loop import resolve_recompute_scope
+
+    assert make_cfg().gradient_checkpointing_scope == "auto"
+    assert speed.recompute_scope_choice("auto", True, "layer", "ddp", False)[0] == "mlp"
+    for args in ((False, "layer", "ddp", False), (True, "parts", "ddp", False), (True, "layer", "fsdp", False),
+                 (True, "layer", "ddp", True)):
+        assert speed.recompute_scope_choice("auto", *args) == ("layer", "")
+    assert speed.recompute_scope_choice("mlp", False, "parts", "ddp", False) == ("mlp", "")
+    cpu = torch.device("cpu")
+    ckpt = dict(gradient_checkpointing=True, data_flatten=True)
+    assert resolve_recompute_scope(make_cfg(**ckpt), cpu)[0] == "layer"  # auto compiles nothing on CPU
+    assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True), cpu)[0] == "mlp"
+    assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True, compile_scope="parts"), cpu)[0] == "layer"
+    assert resolve_recompute_scope(make_cfg(data_flatten=True, compile_layers=True), cpu)[0] == "layer"  # no ckpt
 
 
 def test_train_restores_dynamos_error_setting(make_cfg, monkeypatch):

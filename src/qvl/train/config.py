@@ -146,11 +146,12 @@ class TrainConfig(BaseModel):
                             "spaced); lower is faster and uses more memory. auto: on a GPU, as few as the memory "
                             "preflight's plan allows at 90 % of the card with the longest possible rows; 1.0 when "
                             "the card is unknown (CPU)")
-    gradient_checkpointing_scope: Literal["layer", "mlp"] = Field(
-        "layer", description="what a recomputed decoder layer recomputes: layer = all of it (least memory); mlp = only "
-                             "its MLP projections and elementwise work, keeping the attention half's matmul and "
-                             "attention outputs (~half the recompute work for ~30 KB per token per layer at 8B; one "
-                             "GPU / DDP, dense models)")
+    gradient_checkpointing_scope: Literal["auto", "layer", "mlp"] = Field(
+        "auto", description="what a recomputed decoder layer recomputes: layer = all of it (least memory); mlp = only "
+                            "its MLP projections and elementwise work, keeping the attention half's matmul and "
+                            "attention outputs (~half the recompute work for ~30 KB per token per layer at 8B; one "
+                            "GPU / DDP, dense models). auto: mlp where compile_layers compiles whole layers, else "
+                            "layer")
     fused_cross_entropy: bool = Field(True, description="lm_head + loss in row chunks, never the full-vocabulary "
                                       "logits tensor")
     compile_layers: bool | Literal["auto"] = Field(

@@ -327,6 +327,32 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return min(4, cores - 2) if device.type == "cuda" and cores >= 6 else 0
 
 
+def packed_row_cap(cfg: TrainConfig) -> int:
+    """The longest packed row a micro-batch can make."""
+    if cfg.packed_row_tokens:
+        return max(cfg.packed_row_tokens, cfg.model_max_length)
+    return cfg.per_device_train_batch_size * cfg.model_max_length
+
+
+def resolve_recompute_scope(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """``gradient_checkpointing_scope`` for this run, before the model loads (the memory preflight counts it): from
+    whether the layers will compile whole (:func:`qvl.train.speed.compile_choice` on what the config and the model's
+    config say)."""
+    from qvl.data.packing import PER_SAMPLE_ATTENTION, varlen_available
+    from qvl.plan.preflight import model_for_plan
+
+    if cfg.gradient_checkpointing_scope != "auto" or not cfg.gradient_checkpointing:
+        return ("layer" if cfg.gradient_checkpointing_scope == "auto" else cfg.gradient_checkpointing_scope), ""
+    shape = model_for_plan(cfg.model_name_or_path)
+    moe = shape is None or shape.is_moe  # unknown: the cautious answer
+    packed = cfg.data_flatten or cfg.data_packing
+    per_sample = packed and packed_attention_for(cfg.packed_attention, device, packed_row_cap(cfg)) in (
+        "per_sample", PER_SAMPLE_ATTENTION)
+    compiling, _ = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
+                                        varlen=varlen_available() and cfg.bf16)
+    return speed.recompute_scope_choice("auto", compiling, cfg.compile_scope, cfg.engine, moe)
+
+
 def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int | None = None) -> str:
     """The attention for packed rows.
 
@@ -511,6 +537,9 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     records = _load_data(cfg)
     from qvl.train.preflight import check as preflight
 
+    scope, scope_why = resolve_recompute_scope(cfg, device)
+    if scope != cfg.gradient_checkpointing_scope:  # resolved before the preflight: the plan counts what it keeps
+        cfg = cfg.model_copy(update={"gradient_checkpointing_scope": scope})
     memory_plan = preflight(cfg, world_size=dist.world_size, records=records, say=say)
     ckpt_ratio = cfg.gradient_checkpointing_ratio
     if cfg.gradient_checkpointing and ckpt_ratio == "auto":
@@ -566,8 +595,9 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                                f"under DDP, not under {cfg.engine}", where="gradient_checkpointing_scope",
                                fix="gradient_checkpointing_scope: layer")
             n = speed.recompute_scope(model, cfg.gradient_checkpointing_scope)
-            say(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope}: {n} recomputed layers keep their "
-                "attention half and recompute the MLP")
+            said = f" ({scope_why})" if scope_why else ""
+            say(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope}{said}: {n} recomputed layers keep "
+                "their attention half and recompute the MLP; gradient_checkpointing_scope=layer recomputes them whole")
     trainable = [p for p in model.parameters() if p.requires_grad]
     fp32_masters = load_dtype != torch.float32 and distributed.master_weights_fp32(cfg)
     if load_dtype != torch.float32 and not fp32_masters and not cfg.lora_enable and cfg.engine != "deepspeed":
@@ -585,9 +615,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     if packed:  # one row per micro-batch: each sample attends only to itself, with its own mRoPE positions
         from qvl.data.packing import RopeIndex, rope_index_fn, use_packed_attention
 
-        row_cap = (max(cfg.packed_row_tokens, cfg.model_max_length) if cfg.packed_row_tokens
-                   else cfg.per_device_train_batch_size * cfg.model_max_length)
-        attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, row_cap))
+        attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, packed_row_cap(cfg)))
         rope_index = rope_index_fn(model)
         encoder.rope_index = RopeIndex(model)  # positions computed where samples are encoded (workers)
     per_sample = packed and attn == PER_SAMPLE_ATTENTION
