@@ -314,6 +314,8 @@ def test_recompute_mlp_only_keeps_attention(make_cfg, mixed_data):
     assert speed.recompute_scope(model, "layer") == 0
     with pytest.raises(QvlError, match="gradient_checkpointing_scope"):
         speed.recompute_scope(model, "attention")
+    with pytest.raises(QvlError, match="LoRA rank 32"):  # kv_dim of the tiny model
+        speed.recompute_scope(model, "mlp", lora_r=32)
     from qvl.plan.model import resolve_model
 
     m = resolve_model("8B")
@@ -354,6 +356,14 @@ def test_recompute_scope_auto_where_layers_compile_whole(make_cfg):
     assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True), cpu)[0] == "mlp"
     assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True, compile_scope="parts"), cpu)[0] == "layer"
     assert resolve_recompute_scope(make_cfg(data_flatten=True, compile_layers=True), cpu)[0] == "layer"  # no ckpt
+    assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True, lora_enable=True, lora_r=8), cpu)[0] == "mlp"
+    # a LoRA rank the policy would take for a projection (the tiny model: hidden and q 64, kv 32)
+    assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True, lora_enable=True, lora_r=32), cpu)[0] == "layer"
+    # 8B LoRA on a 24 GiB card, 4,096-token rows: whole-layer recompute fits, the kept attention halves would not
+    big = dict(ckpt, model_name_or_path="8B", compile_layers=True, lora_enable=True, tune_mm_llm=False,
+               per_device_train_batch_size=1, model_max_length=4096, fused_cross_entropy=True)
+    assert resolve_recompute_scope(make_cfg(**big, gpu_mem="24GiB"), cpu)[0] == "layer"
+    assert resolve_recompute_scope(make_cfg(**big, gpu_mem="80GiB"), cpu)[0] == "mlp"
 
 
 def test_train_restores_dynamos_error_setting(make_cfg, monkeypatch):

@@ -85,7 +85,9 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
           fused_ce: bool = typer.Option(False, "--fused-ce", help="The loss as `qvl train` computes it by default "
                                         "(fused_cross_entropy): logits in chunks, never tokens × vocabulary."),
           checkpoint_scope: str = typer.Option("layer", "--checkpoint-scope", help="layer, or mlp: recomputed "
-                                               "layers keep their attention half (gradient_checkpointing_scope)."),
+                                               "layers keep their attention half (gradient_checkpointing_scope; "
+                                               "`qvl train`'s auto picks mlp where it compiles whole layers: packed "
+                                               "rows on one GPU / DDP, dense models)."),
           as_json: bool = _JSON):
     """Memory for one training step: weights, LoRA, gradients, optimizer, activations, logits; what fits."""
     from qvl.plan.memory import plan_train
@@ -97,19 +99,26 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
                       lora_dropout=lora_dropout, tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp,
                       tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus, master_fp32=master_fp32,
                       master_bf16=master_bf16, fused_ce=fused_ce,
-                      recompute_keeps_attention=_checkpoint_scope(checkpoint_scope, gradient_checkpointing))
+                      recompute_keeps_attention=_checkpoint_scope(checkpoint_scope, gradient_checkpointing, zero,
+                                                                  model))
     _emit(plan, as_json)
     if not plan.fits:
         raise typer.Exit(1)
 
 
-def _checkpoint_scope(scope: str, gradient_checkpointing: bool) -> bool:
+def _checkpoint_scope(scope: str, gradient_checkpointing: bool, zero: int, model: str) -> bool:
+    """--checkpoint-scope -> the planner's recompute_keeps_attention; refused where `qvl train` refuses mlp."""
     from qvl.errors import QvlError
+    from qvl.plan.model import resolve_model
     from qvl.train.speed import RECOMPUTE_SCOPES
 
     if scope not in RECOMPUTE_SCOPES:
         raise QvlError(f"--checkpoint-scope {scope!r} is not one of {', '.join(RECOMPUTE_SCOPES)}",
                        where="--checkpoint-scope")
+    if scope == "mlp" and (zero or resolve_model(model).is_moe):
+        raise QvlError("--checkpoint-scope mlp is for dense models on one GPU / DDP (qvl train refuses it under ZeRO / "
+                       "FSDP2 and for mixture-of-experts models)", where="--checkpoint-scope",
+                       fix="--checkpoint-scope layer")
     return gradient_checkpointing and scope == "mlp"
 
 

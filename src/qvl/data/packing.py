@@ -21,6 +21,8 @@ each sample's slice; either way the cost is per sample, not per row.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -59,8 +61,10 @@ class RopeIndex:
     def __getattr__(self, name: str):
         if name in ("model_class", "config"):  # not set yet (unpickling)
             raise AttributeError(name)
-        attr = getattr(self.model_class, name)
-        return attr.__get__(self, type(self)) if callable(attr) else attr
+        import inspect
+
+        attr = inspect.getattr_static(self.model_class, name)  # as the model would see it: bound, static, property
+        return attr.__get__(self, type(self)) if hasattr(attr, "__get__") else attr
 
 
 def _grids(enc: Encoded):
@@ -170,9 +174,15 @@ def varlen_available() -> bool:
 
 
 def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
-    """The varlen kernel runs: CUDA, 16-bit inputs, no dropout (it has none), and a torch that has it."""
+    """The varlen kernel runs: CUDA on an Ampere or newer GPU (flash attention needs sm80+: a T4 or V100 raises),
+    16-bit inputs, no dropout (it has none), and a torch that has it."""
     return (_VARLEN is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
-            and not dropout)
+            and not dropout and _ampere_or_newer(query.device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _ampere_or_newer(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=None, causal: bool = True) -> torch.Tensor:

@@ -334,12 +334,15 @@ def packed_row_cap(cfg: TrainConfig) -> int:
     return cfg.per_device_train_batch_size * cfg.model_max_length
 
 
-def resolve_recompute_scope(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
+def resolve_recompute_scope(cfg: TrainConfig, device: torch.device, world_size: int = 1,
+                            records=()) -> tuple[str, str]:
     """``gradient_checkpointing_scope`` for this run, before the model loads (the memory preflight counts it): from
     whether the layers will compile whole (:func:`qvl.train.speed.compile_choice` on what the config and the model's
-    config say)."""
+    config say); ``mlp`` only where the planner says its kept attention halves fit the card (else ``layer``, which
+    may fit), and where no LoRA rank looks like a projection to its policy."""
     from qvl.data.packing import PER_SAMPLE_ATTENTION, varlen_available
     from qvl.plan.preflight import model_for_plan
+    from qvl.train.preflight import plan_fits
 
     if cfg.gradient_checkpointing_scope != "auto" or not cfg.gradient_checkpointing:
         return ("layer" if cfg.gradient_checkpointing_scope == "auto" else cfg.gradient_checkpointing_scope), ""
@@ -350,7 +353,15 @@ def resolve_recompute_scope(cfg: TrainConfig, device: torch.device) -> tuple[str
         "per_sample", PER_SAMPLE_ATTENTION)
     compiling, _ = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
                                         varlen=varlen_available() and cfg.bf16)
-    return speed.recompute_scope_choice("auto", compiling, cfg.compile_scope, cfg.engine, moe)
+    scope, why = speed.recompute_scope_choice("auto", compiling, cfg.compile_scope, cfg.engine, moe)
+    if scope != "mlp":
+        return scope, why
+    if cfg.lora_enable and cfg.lora_r in speed.projection_sizes(shape.hidden, shape.heads * shape.head_dim,
+                                                               shape.kv_heads * shape.head_dim):
+        return "layer", ""
+    if plan_fits(cfg.model_copy(update={"gradient_checkpointing_scope": "mlp"}), world_size, records) is False:
+        return "layer", ""
+    return scope, why
 
 
 def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int | None = None) -> str:
@@ -537,7 +548,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     records = _load_data(cfg)
     from qvl.train.preflight import check as preflight
 
-    scope, scope_why = resolve_recompute_scope(cfg, device)
+    scope, scope_why = resolve_recompute_scope(cfg, device, dist.world_size, records)
     if scope != cfg.gradient_checkpointing_scope:  # resolved before the preflight: the plan counts what it keeps
         cfg = cfg.model_copy(update={"gradient_checkpointing_scope": scope})
     memory_plan = preflight(cfg, world_size=dist.world_size, records=records, say=say)
@@ -594,7 +605,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                 raise QvlError(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope} runs on one GPU or "
                                f"under DDP, not under {cfg.engine}", where="gradient_checkpointing_scope",
                                fix="gradient_checkpointing_scope: layer")
-            n = speed.recompute_scope(model, cfg.gradient_checkpointing_scope)
+            n = speed.recompute_scope(model, cfg.gradient_checkpointing_scope, cfg.lora_r if cfg.lora_enable else None)
             said = f" ({scope_why})" if scope_why else ""
             say(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope}{said}: {n} recomputed layers keep "
                 "their attention half and recompute the MLP; gradient_checkpointing_scope=layer recomputes them whole")

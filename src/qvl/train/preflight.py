@@ -118,6 +118,27 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
     return " ".join(out) + (f" (→ {rec.total_gib:.1f} GiB)" if rec.total_gib is not None and exact else "")
 
 
+def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None = None, **changes) -> bool | None:
+    """Whether the planner says ``cfg`` (its plan keyword arguments changed by ``changes``) fits the card; None when
+    there is no plan (no card known, unknown model shape, or the planner declines)."""
+    from qvl.plan.preflight import preflight_train
+
+    card = card_args(cfg.gpu_mem, gpu)
+    if card["gpu"] is None and card["gpu_mem"] is None:
+        from qvl.plan.gpus import detect_gpu
+
+        if detect_gpu() is None:
+            return None
+    shape = model_for_plan(cfg.model_name_or_path)
+    if shape is None:
+        return None
+    try:
+        return preflight_train(shape, force=True, **card, **{**plan_kwargs(cfg, world_size, has_video(records)),
+                                                             **changes}).plan.fits
+    except QvlError:
+        return None
+
+
 def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: str | None = None):
     """Run the preflight: print its one line; raise QvlError (numbers + fix) when it will not fit, unless ``force``.
 
@@ -147,6 +168,8 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
         say(pf.message)
         return pf
     fixes = [f for f in (train_fix(r, cfg) for r in plan.recommendations if r.fits) if f]
+    if kw["recompute_keeps_attention"] and plan_fits(cfg, world_size, records, gpu, recompute_keeps_attention=False):
+        fixes.insert(0, "gradient_checkpointing_scope=layer")
     what = f"{plan.verdict}" + (f"; try {fixes[0]}" if fixes else "")
     if cfg.force:
         say(f"memory preflight: {what} (force=true: trying anyway)")

@@ -140,10 +140,11 @@ def recompute_scope_choice(choice: str, compiling: bool, compile_scope: str, eng
     return "layer", ""
 
 
-def recompute_scope(model, scope: str) -> int:
+def recompute_scope(model, scope: str, lora_r: int | None = None) -> int:
     """``gradient_checkpointing_scope``: ``layer`` recomputes a checkpointed decoder layer whole (transformers' own
-    checkpointing); ``mlp`` keeps its attention half (:func:`recompute_mlp_only`). Call after
-    :func:`checkpoint_some_layers`. Returns the layers made selective."""
+    checkpointing); ``mlp`` keeps its attention half (:func:`recompute_mlp_only`). ``lora_r``: the adapters' rank,
+    refused when the policy would take them for projections. Call after :func:`checkpoint_some_layers`. Returns the
+    layers made selective."""
     if scope not in RECOMPUTE_SCOPES:
         raise QvlError(f"gradient_checkpointing_scope {scope!r} is not one of {RECOMPUTE_SCOPES}",
                        where="gradient_checkpointing_scope")
@@ -155,8 +156,12 @@ def recompute_scope(model, scope: str) -> int:
                        "their width; experts have another)", where="gradient_checkpointing_scope",
                        fix="gradient_checkpointing_scope: layer")
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    context = recompute_mlp_only(text.hidden_size, text.num_attention_heads * head_dim,
-                                 text.num_key_value_heads * head_dim)
+    sizes = (text.hidden_size, text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim)
+    if lora_r in projection_sizes(*sizes):
+        raise QvlError(f"gradient_checkpointing_scope=mlp cannot tell LoRA rank {lora_r} from the attention "
+                       f"projections (sizes {sorted(projection_sizes(*sizes))})", where="gradient_checkpointing_scope",
+                       fix="gradient_checkpointing_scope: layer, or another lora_r")
+    context = recompute_mlp_only(*sizes)
     layers = decoder_layers(model)
     for layer in layers:
         checkpoint_inside(layer, context)
@@ -225,6 +230,12 @@ def compile_layers(model, backend: str = "inductor", dynamic: bool = True, atten
 
 _CHECKPOINT_INSIDE: dict[type, type] = {}
 RECOMPUTE_SCOPES = ("layer", "mlp")
+def projection_sizes(hidden: int, q_dim: int, kv_dim: int) -> set[int]:
+    """The sizes :func:`recompute_mlp_only` tells the attention projections by: a LoRA adapter of such a rank would look
+    like one (its small matmuls would be kept too)."""
+    return {hidden, q_dim, kv_dim}
+
+
 def recompute_mlp_only(hidden: int, q_dim: int, kv_dim: int):
     """A ``context_fn`` for ``torch.utils.checkpoint``: a recomputed decoder layer keeps its attention half.
 
@@ -240,7 +251,7 @@ def recompute_mlp_only(hidden: int, q_dim: int, kv_dim: int):
 
     aten = torch.ops.aten
     matmuls = {aten.mm.default, aten.addmm.default}
-    saved = {(hidden, q_dim), (hidden, kv_dim), (q_dim, hidden)}
+    saved = {(hidden, q_dim), (hidden, kv_dim), (q_dim, hidden)}  # (input, output) of q, k / v, o
 
     def policy(ctx, op, *args, **kwargs):
         name = str(op)
@@ -280,7 +291,8 @@ def checkpoint_inside(layer, context_fn=None) -> None:
     Here it is always inside ``forward`` (the layer's class is swapped for a subclass, the way FSDP2 does; the state
     dict is unchanged), so a compiled layer recomputes through its compiled graph on every version. Whether the
     layer recomputes is what ``gradient_checkpointing`` said (see :func:`checkpoint_some_layers`); ``context_fn``
-    makes the recompute selective (:func:`recompute_mlp_only`). Undone by :func:`uncompile`.
+    makes the recompute selective (:func:`recompute_mlp_only`). Undone by :func:`uncompile` (also before pickling
+    the model object: the subclass is made at run time; ``state_dict`` and ``save_pretrained`` are unaffected).
     """
     layer.qvl_recompute_context = context_fn
     if hasattr(type(layer), "qvl_base_class"):
