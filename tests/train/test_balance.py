@@ -137,9 +137,12 @@ def test_estimate_matches_count_tokens(tiny_processor, tmp_path):
     assert [again(0), again(1)] == [est(0), est(1)]
 
 
-def test_two_ranks_balanced_match_one_rank(tiny_model_dir, tmp_path):
-    """data_flatten on 2 gloo ranks: balanced micro-batches (which differ from the strided ones here) give
-    the 1-process losses of the same global batches."""
+@pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True, "gradient_checkpointing_scope": "mlp",
+                                       "lora_enable": True, "lora_r": 8, "tune_mm_llm": False}], ids=["full", "lora-mlp"])
+def test_two_ranks_balanced_match_one_rank(tiny_model_dir, tmp_path, extra):
+    """data_flatten on 2 gloo ranks (DDP): balanced micro-batches (which differ from the strided ones here) give
+    the 1-process losses of the same global batches; also LoRA with selective recompute (layers swapped to their
+    checkpoint-inside class under DDP)."""
     from qvl.data.registry import load_mixture
     from qvl.models.load import load_processor
     from qvl.train.loop import train
@@ -149,7 +152,7 @@ def test_two_ranks_balanced_match_one_rank(tiny_model_dir, tmp_path):
     values = {"model_name_or_path": str(tiny_model_dir), "dataset_use": data, "tune_mm_llm": True,
               "tune_mm_mlp": True, "learning_rate": 1e-3, "per_device_train_batch_size": 4, "data_flatten": True,
               "save_strategy": "no", "report_to": "none", "seed": 0, "lr_scheduler_type": "constant",
-              "max_pixels": 4096, "min_pixels": 4096, "max_steps": 2}
+              "max_pixels": 4096, "min_pixels": 4096, "max_steps": 2, **extra}
     cfg = build_config(values)
     records = load_mixture(data, None, seed=0)
     est = TokenEstimate(records, load_processor(str(tiny_model_dir)), cfg.vision_budget())
@@ -163,5 +166,6 @@ def test_two_ranks_balanced_match_one_rank(tiny_model_dir, tmp_path):
     p = run_two_ranks([f"{k}={v}" for k, v in values.items()] + [f"output_dir={out}"], timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "balance_tokens" in p.stdout
+    assert ("keep their attention half" in p.stdout) == bool(extra)
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
     assert losses == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
