@@ -299,7 +299,27 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         from torch._dynamo.utils import counters
 
         res["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]
+        if overrides.get("cuda_graphs"):
+            res["cudagraph_counters"] = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+            import torch._inductor.cudagraph_trees as trees
+
+            trees.reset_cudagraph_trees()  # the graphs' memory pool goes back before the next row
     return res
+
+
+def row_lengths(plan, encs, batch: int, warmup: int, timed: int, multiple: int) -> str:
+    """How many distinct padded row lengths (CUDA graph recordings) the warm-up and the timed steps meet."""
+    from qvl.data.packing import padded_length
+
+    order = [i for epoch in range((warmup + timed) * batch // len(plan.epoch_order(0)) + 1)
+             for i in plan.epoch_order(epoch)]
+    rows = [padded_length(sum(len(encs[i]) for i in order[k * batch:(k + 1) * batch]), multiple)
+            for k in range(warmup + timed)]
+    seen_warm = set(rows[:warmup])
+    new_in_timed = {r for r in rows[warmup:] if r not in seen_warm}
+    padding = 1 - sum(sum(len(encs[i]) for i in order[k * batch:(k + 1) * batch]) for k in range(warmup + timed)) / sum(rows)
+    return (f"row lengths padded to multiples of {multiple}: {len(set(rows))} distinct, {len(seen_warm)} in the "
+            f"warm-up, {len(new_in_timed)} first met in the timed steps; padding {padding:.1%} of the tokens")
 
 
 def ratio_to_fit(model, budget_gib: float, all_ckpt_peak_gib: float, longest_row: int, targets) -> float:
@@ -342,6 +362,10 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds: skip contestants that would start later")
     ap.add_argument("--profile-out", default=None, help="write a torch.profiler summary of the best qvl row here")
     ap.add_argument("--profile-row", default="qvl-per-sample-keep10", help="the contestant --profile-out profiles")
+    ap.add_argument("--long-warmup", type=int, default=40, help="warm-up steps of the long-window rows "
+                    "(qvl-auto-long, qvl-cudagraphs: CUDA graphs record once per row length)")
+    ap.add_argument("--long-timed", type=int, default=40, help="timed steps of the long-window rows")
+    ap.add_argument("--row-multiple", type=int, default=256, help="qvl-cudagraphs: cuda_graphs_row_multiple")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = ap.parse_args(argv)
     t_begin = time.time()
@@ -483,6 +507,15 @@ def main(argv=None):
                                   gradient_checkpointing_scope="auto")),
         ("qvl-auto-layer", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                 packed_attention="per_sample", bench_warmup=8)),
+        # CUDA graphs record once per row length: timed over a long window after a long warm-up (a real run's
+        # steady state), next to the defaults over the same window
+        ("qvl-auto-long", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
+                               gradient_checkpointing_scope="auto", bench_warmup=args.long_warmup,
+                               bench_timed=args.long_timed)),
+        ("qvl-cudagraphs", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
+                                gradient_checkpointing_scope="auto", cuda_graphs=True,
+                                cuda_graphs_row_multiple=args.row_multiple, bench_warmup=args.long_warmup,
+                                bench_timed=args.long_timed)),
         # the loop's default: as few recomputed layers as the card allows (may use more memory than the baseline)
         ("qvl-auto", dict(compile_layers=False, gradient_checkpointing_ratio="auto", packed_attention="per_sample")),
         ("qvl-compile", dict(compile_layers=True, gradient_checkpointing_ratio="fit-qkvo")),
@@ -505,9 +538,12 @@ def main(argv=None):
             overrides = dict(overrides, gradient_checkpointing_ratio=fitted_ratio(
                 ("q", "k", "v", "o") if ratio == "fit-qkvo" else ("q", "k", "v", "o", "gate", "up", "down")))
         warmup, timed = (2, overrides["max_steps"] - 2) if "max_steps" in overrides else (args.warmup, args.steps)
-        if "bench_warmup" in overrides:  # more warm-up steps (compilation), the same number timed
+        if "bench_warmup" in overrides:  # more warm-up steps (compilation), the same number timed unless said
             warmup = overrides["bench_warmup"]
+            timed = overrides.pop("bench_timed", timed)
             overrides = dict(overrides, max_steps=warmup + timed)
+        if overrides.get("cuda_graphs"):
+            print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, args.row_multiple)}", flush=True)
         per_step = args.batch * overrides.get("gradient_accumulation_steps", 1)
         profile = (warmup + timed, warmup + timed + 2) if name == best and cuda and args.profile_out else None
         if profile:  # two more steps, after the timed ones

@@ -104,6 +104,40 @@ def pack(encs: Sequence[Encoded], rope_index: Callable) -> dict:
     return out
 
 
+def padded_length(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (``multiple`` <= 1: ``n``)."""
+    return n if multiple <= 1 else -(-n // multiple) * multiple
+
+
+def pad_row(batch: dict, multiple: int, pad_id: int) -> dict:
+    """A packed row (:func:`pack`) grown to a multiple of ``multiple`` tokens by one padding segment at its end.
+
+    The padding is a sample of its own (its text positions restart at 0, so attention keeps it apart), of pad
+    tokens and no labels: the real samples' losses and gradients are unchanged. Rows then come in few lengths,
+    which CUDA graphs need (one recording per length, ``cuda_graphs``).
+    """
+    ids = batch["input_ids"]
+    n = ids.shape[-1]
+    extra = padded_length(n, multiple) - n
+    if extra == 0:
+        return batch
+    out = dict(batch)
+
+    def grow(t: torch.Tensor, fill) -> torch.Tensor:
+        tail = torch.full((*t.shape[:-1], extra), fill, dtype=t.dtype, device=t.device)
+        return torch.cat([t, tail], dim=-1)
+
+    out["input_ids"] = grow(ids, pad_id)
+    if batch.get("mm_token_type_ids") is not None:
+        out["mm_token_type_ids"] = grow(batch["mm_token_type_ids"], 0)
+    if batch.get("labels") is not None:
+        out["labels"] = grow(batch["labels"], IGNORE_INDEX)
+    positions = batch["position_ids"]
+    tail = torch.arange(extra, dtype=positions.dtype, device=positions.device).expand(*positions.shape[:-1], extra)
+    out["position_ids"] = torch.cat([positions, tail], dim=-1)
+    return out
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "seq_lens"}
 
@@ -207,15 +241,18 @@ def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=Non
 BOUNDS_INPUTS = ("qvl_cu_seqlens", "qvl_max_seqlen")  # model kwargs: they reach every attention function
 
 
-def sample_bounds_inputs(position_ids: torch.Tensor) -> dict:
+def sample_bounds_inputs(position_ids: torch.Tensor, row_bound: bool = False) -> dict:
     """A packed row's sample bounds as model kwargs for ``per_sample`` attention (read on the host once per forward).
 
     With them the attention reads nothing on the host, so dynamo can compile the whole attention module
     (``compile_layers``); without them each layer finds the bounds itself from its ``position_ids``.
     ``position_ids``: (4, 1, L) packed positions, text positions first (:func:`pack`).
+    ``row_bound``: the longest sample's length is given as the row's length, an upper bound (the kernel only sizes
+    its grid by it; the extra blocks exit at once): with CUDA graphs a new value would mean a new recording.
     """
     bounds, cu = _cached_bounds(position_ids[0] if position_ids.dim() == 3 else position_ids)
-    return {"qvl_cu_seqlens": cu, "qvl_max_seqlen": max(e - s for s, e in bounds)}
+    longest = position_ids.shape[-1] if row_bound else max(e - s for s, e in bounds)
+    return {"qvl_cu_seqlens": cu, "qvl_max_seqlen": longest}
 
 
 def masked_causal(query, key, value, cu: torch.Tensor, dropout: float = 0.0, scaling=None) -> torch.Tensor:

@@ -163,6 +163,14 @@ class TrainConfig(BaseModel):
         "layer", description="what compile_layers compiles: layer = each whole decoder layer (norms, attention, LoRA "
                              "adapters, MLP, residual adds; gradient checkpointing inside the compiled code), parts = "
                              "each layer's norms, attention and MLP apart (checkpointing outside)")
+    cuda_graphs: bool = Field(
+        False, description="replay each compiled decoder layer's kernels as CUDA graphs (the step is host-bound on "
+                           "fast GPUs): rows are padded to a multiple of cuda_graphs_row_multiple tokens and every "
+                           "new row length records its graphs once, so long runs gain and short ones pay; needs "
+                           "compile_layers with compile_scope=layer, packed rows with per_sample attention, one GPU")
+    cuda_graphs_row_multiple: int = Field(256, ge=1, description="with cuda_graphs: packed rows are padded to a "
+                                          "multiple of this many tokens (a padding sample without labels); larger: "
+                                          "fewer recordings, more padding computed")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
     gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "

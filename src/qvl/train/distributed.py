@@ -162,6 +162,7 @@ class Engine:
     zero: int = 0
     offload: bool = False
     notes: list[str] = field(default_factory=list)
+    standing_grads: bool = False  # .grad tensors are zeroed, never freed (CUDA graphs: speed.standing_grads)
 
     @property
     def balance_vision(self) -> bool:
@@ -416,7 +417,7 @@ def finish_step(eng: Engine):
             if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
                 norm = norm.full_tensor()
         eng.optimizer.step()
-        eng.optimizer.zero_grad(set_to_none=True)
+        eng.optimizer.zero_grad(set_to_none=not eng.standing_grads)
     eng.scheduler.step()
     return norm  # a tensor (read with the step's other numbers in one host sync), a float, or None
 

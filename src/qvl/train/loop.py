@@ -221,11 +221,12 @@ class Encoder:
 class MicroBatches(torch.utils.data.Dataset):
     """Item ``j`` = the collated micro-batch ``j`` of one epoch (workers encode in parallel)."""
 
-    def __init__(self, plan: Plan, encoder: Encoder, epoch: int, pad_id: int, pack_rows: bool = False):
+    def __init__(self, plan: Plan, encoder: Encoder, epoch: int, pad_id: int, pack_rows: bool = False,
+                 row_multiple: int = 0):
         self.plan, self.encoder, self.epoch, self.pad_id = plan, encoder, epoch, pad_id
         self.order = plan.epoch_order(epoch)
         # packed rows built here (workers) when the loop regroups nothing: one process, no packed_row_tokens
-        self.pack_rows = pack_rows
+        self.pack_rows, self.row_multiple = pack_rows, row_multiple
 
     def __len__(self):
         return self.plan.micro_per_epoch
@@ -250,15 +251,15 @@ class MicroBatches(torch.utils.data.Dataset):
         if not kept:
             return item
         if packed and self.pack_rows and self.encoder.rope_index is not None:  # positions came with the samples
-            return dict(item, batch=pack_micro_batch(kept, self.encoder.rope_index))
+            return dict(item, batch=pack_micro_batch(kept, self.encoder.rope_index, self.row_multiple, self.pad_id))
         if packed:  # the loop regroups samples (packed_row_tokens, ranks), then packs them (see pack_micro_batch)
             return dict(item, samples=kept)
         return dict(item, batch=collate(kept, self.pad_id, "right"))
 
 
 def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: int, workers: int,
-                  pack_rows: bool = False, pin_memory: bool = False):
-    ds = MicroBatches(plan, encoder, epoch, pad_id, pack_rows)
+                  pack_rows: bool = False, pin_memory: bool = False, row_multiple: int = 0):
+    ds = MicroBatches(plan, encoder, epoch, pad_id, pack_rows, row_multiple)
     sub = torch.utils.data.Subset(ds, range(start, len(ds)))
     # own generator: creating an iterator must not draw from the global RNG (dropout must replay on resume)
     gen = torch.Generator().manual_seed(plan.cfg.seed + epoch)
@@ -270,13 +271,19 @@ def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: 
     yield from loader
 
 
-def pack_micro_batch(encs, rope_index) -> dict:
-    """One packed row (per-sample mRoPE, block-diagonal attention, no padding) for :class:`LossModule`."""
-    from qvl.data.packing import pack
+def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0) -> dict:
+    """One packed row (per-sample mRoPE, block-diagonal attention) for :class:`LossModule`; with ``row_multiple``
+    grown to a multiple of that many tokens by a label-free padding sample (``padding``: how many tokens, popped
+    before the forward)."""
+    from qvl.data.packing import pack, pad_row
 
     batch = pack(encs, rope_index)
     batch.pop("use_cache")  # LossModule passes use_cache=False itself
     batch.pop("seq_lens")
+    if row_multiple > 1:
+        n = batch["input_ids"].shape[-1]
+        batch = pad_row(batch, row_multiple, pad_id)
+        batch["padding"] = batch["input_ids"].shape[-1] - n
     return batch
 
 
@@ -301,7 +308,7 @@ def rows_by_budget(items: list[dict], max_tokens: int) -> list[dict]:
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens of a micro-batch."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()) - batch.get("padding", 0)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -419,13 +426,15 @@ class LossModule(torch.nn.Module):
     trainable weight gets a (zero) gradient, so DDP / ZeRO ranks never wait for one that has none.
     """
 
-    def __init__(self, model, fused_cross_entropy: bool = False, bounds_as_inputs: bool = False):
+    def __init__(self, model, fused_cross_entropy: bool = False, bounds_as_inputs: bool = False,
+                 row_bound: bool = False):
         super().__init__()
         self.model = model  # Qwen3VLForConditionalGeneration or a PeftModel around it
         self.fused_ce = fused_cross_entropy  # speed.linear_cross_entropy: no full-vocabulary logits tensor
         # per_sample attention: a packed row's sample bounds read once here and handed to every layer as
         # kwargs (no host read inside the layers, which lets compile_layers compile whole attention modules)
         self.bounds_as_inputs = bounds_as_inputs
+        self.row_bound = row_bound  # the longest sample given as the row's length (CUDA graphs: fixed per length)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.inner, self.lm_head, self.visual = base.model, base.lm_head, base.model.visual
         self.vision_trains = any(p.requires_grad for p in self.visual.parameters())
@@ -442,12 +451,13 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch: dict, n_label_tokens: float):
         labels = batch.pop("labels")
+        batch.pop("padding", None)  # pack_micro_batch's count of padding tokens (they have no labels)
         extra = {}
         positions = batch.get("position_ids")
         if self.bounds_as_inputs and positions is not None and positions.dim() == 3 and positions.shape[:2] == (4, 1):
             from qvl.data.packing import sample_bounds_inputs
 
-            extra = sample_bounds_inputs(batch["position_ids"])
+            extra = sample_bounds_inputs(batch["position_ids"], row_bound=self.row_bound)
         out = self.inner(**batch, **extra, use_cache=False)
         hidden = out.last_hidden_state[:, :-1]
         target = labels[:, 1:]
@@ -635,16 +645,25 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     compiling, why = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample,
                                           getattr(model.config.get_text_config(), "num_experts", 0) > 0,
                                           varlen=varlen_available() and cfg.bf16)
+    graphs, graphs_why = speed.cuda_graphs_choice(cfg.cuda_graphs, compiling, cfg.compile_scope, device,
+                                                  dist.world_size, per_sample)
+    row_multiple = cfg.cuda_graphs_row_multiple if graphs else 0
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
-        n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
+        n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope,
+                                 cuda_graphs=graphs)
         what = ("whole decoder layers, recompute inside" if cfg.compile_scope == "layer"
                 else "each layer's norms, attention and MLP")
         say(f"compile_layers ({why}): {n} modules compiled ({what}; one graph for all layers); the first steps "
             "compile (~1 min on an H100); compile_layers=false turns it off")
     elif why:
         say(f"compile_layers off: {why}")
+    if graphs:
+        say(f"cuda_graphs on: rows padded to a multiple of {row_multiple} tokens; each new row length records "
+            "its graphs once (one warm-up step, then a recording step)")
+    elif graphs_why:
+        say(graphs_why)
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,
-                             bounds_as_inputs=per_sample)
+                             bounds_as_inputs=per_sample, row_bound=graphs)
     encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
 
     # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
@@ -653,6 +672,9 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     optimizer, scheduler = eng.optimizer, eng.scheduler
     for note in eng.notes:
         say(note)
+    if graphs:  # graph-made gradients are added into standing .grad tensors (speed.standing_grads)
+        speed.standing_grads(eng.trainable)
+        eng.standing_grads = True
     # the logged `lr`: the LLM's group (learning_rate) when it trains, else the first group's
     main_group = next((g["name"] for g in optimizer.param_groups if g["name"].split("/")[0] == "llm"),
                       optimizer.param_groups[0]["name"])
@@ -703,7 +725,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             first = plan.step_micro(step)[1].start
             it = micro_batches(plan, encoder, epoch, first, pad_id, loader_workers(cfg.dataloader_num_workers, device),
                                pack_rows=not dist.enabled and not cfg.packed_row_tokens,
-                               pin_memory=device.type == "cuda")
+                               pin_memory=device.type == "cuda", row_multiple=row_multiple)
             while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
                 n = len(plan.step_micro(step)[1])
                 yield step, [next(it) for _ in range(n)]
@@ -728,12 +750,14 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                 rows.append(item["samples"])
             elif item["batch"] is not None:
                 batches.append(item["batch"])
-        batches += [pack_micro_batch(r, rope_index) for r in rows]
+        batches += [pack_micro_batch(r, rope_index, row_multiple, pad_id) for r in rows]
         n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
         n_tokens = sum(batch_tokens(b) for b in batches)
         loss_sum = torch.zeros((), device=device)  # stays on the device: one host sync per step (below)
         step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
         for j, batch in enumerate(batches):
+            if graphs:
+                speed.cuda_graph_step()
             part = distributed.micro_step(eng, to_device(batch, device), n_labels / dist.world_size,  # engines average over ranks
                                           last=j == len(batches) - 1, autocast=autocast)
             loss_sum += part

@@ -191,7 +191,7 @@ COMPILE_SCOPES = ("layer", "parts")
 
 
 def compile_layers(model, backend: str = "inductor", dynamic: bool = True, attention: bool = True,
-                   eager_fallback: bool = False, scope: str = "parts") -> int:
+                   eager_fallback: bool = False, scope: str = "parts", cuda_graphs: bool = False) -> int:
     """``torch.compile`` the decoder layers in place. Returns the modules compiled.
 
     ``scope="layer"``: each whole decoder layer (norms, attention, LoRA adapters, MLP and the residual adds in one
@@ -223,7 +223,7 @@ def compile_layers(model, backend: str = "inductor", dynamic: bool = True, atten
                 parts += [getattr(layer.self_attn, name, None) for name in ATTENTION_NORMS]
         for part in parts:
             if part is not None:
-                part.compile(backend=backend, dynamic=dynamic)
+                part.compile(backend=backend, dynamic=dynamic, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
                 n += 1
     return n
 
@@ -358,6 +358,46 @@ def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, 
         return False, ("auto: per_sample attention runs without the flash varlen kernel here (it needs torch >= 2.10 "
                        "and bf16): compiled, it would build an L x L mask per layer")
     return True, "auto"
+
+
+def cuda_graphs_choice(choice: bool, compiling: bool, compile_scope: str, device: torch.device, world_size: int,
+                       per_sample: bool) -> tuple[bool, str]:
+    """(CUDA graphs?, why) for the loop's compiled decoder layers.
+
+    The step is host-bound on an H100 (8B LoRA, ~3k-token steps: ~5k kernel launches, the GPU busy ~70 % of the
+    time, docs/benchmarks.md); replaying each layer's kernels as one CUDA graph takes the launches off the host.
+    A graph holds fixed shapes, so rows are padded to a multiple of ``cuda_graphs_row_multiple`` tokens and each
+    new row length records its graphs once (a step's worth of warm-up, then a recording). Only where it was built
+    and tested: whole compiled layers, packed rows with per_sample attention, one process."""
+    if not choice:
+        return False, ""
+    if device.type != "cuda":
+        return False, "cuda_graphs off: no CUDA device"
+    if not compiling or compile_scope != "layer":
+        return False, "cuda_graphs off: it needs compile_layers on with compile_scope=layer"
+    if world_size > 1:
+        return False, "cuda_graphs off: one process only (not tested with DDP's gradient hooks)"
+    if not per_sample:
+        return False, "cuda_graphs off: it needs packed rows with per_sample attention (data_flatten=true)"
+    return True, "on"
+
+
+def cuda_graph_step() -> None:
+    """Tell the CUDA graph trees a new forward begins: the previous micro-batch's graph outputs may be reused."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def standing_grads(params) -> int:
+    """Give every trainable parameter a zeroed ``.grad`` that stays (zero it, never free it, between steps).
+
+    A gradient produced by a CUDA graph lives in the graph's memory pool: taken as ``.grad`` it would be
+    overwritten by the next micro-batch's replay. With a standing ``.grad`` autograd adds into it instead."""
+    n = 0
+    for p in params:
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+            n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------------
