@@ -281,12 +281,16 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         torch.cuda.reset_peak_memory_stats()
     import torch._inductor.config as inductor_config
 
-    cpp_wrapper = inductor_config.cpp_wrapper
+    import torch._functorch.config as functorch_config
+
+    cpp_wrapper, budget = inductor_config.cpp_wrapper, functorch_config.activation_memory_budget
     inductor_config.cpp_wrapper = "cpp_wrapper" in levers_on  # inductor's C++ wrapper: kernels launched from C++
+    if "memory_budget" in levers_on:  # the compiler's partitioner recomputes to keep half the activations, no checkpoint
+        functorch_config.activation_memory_budget = 0.5
     try:
         result = train(cfg, log=lambda line: print(f"  {name}: {line}", flush=True), callbacks=[clock])
     finally:
-        inductor_config.cpp_wrapper = cpp_wrapper
+        inductor_config.cpp_wrapper, functorch_config.activation_memory_budget = cpp_wrapper, budget
         load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit = saved
     cuda = args.device.startswith("cuda")
     res = clock.stats(warmup, warmup + timed, samples_per_step)
@@ -516,6 +520,10 @@ def main(argv=None):
                                  bench_warmup=args.long_warmup, bench_timed=args.long_timed)),
         ("qvl-cudagraphs-nockpt", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
                                        packed_attention="per_sample", cuda_graphs=True,
+                                       cuda_graphs_row_multiple=args.row_multiple, bench_warmup=args.long_warmup,
+                                       bench_timed=args.long_timed)),
+        ("qvl-cudagraphs-budget", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
+                                       packed_attention="per_sample", cuda_graphs=True, levers_on=("memory_budget",),
                                        cuda_graphs_row_multiple=args.row_multiple, bench_warmup=args.long_warmup,
                                        bench_timed=args.long_timed)),
         ("qvl-cudagraphs", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
