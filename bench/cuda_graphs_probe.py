@@ -7,13 +7,16 @@ steps per variant, each in its own process (a crash ends only its variant).
 Variants: ``plain`` (compiled whole layers, no graphs, whole-layer recompute: the reference losses),
 ``graphs-nockpt`` (graphs, nothing recomputed), ``graphs-layer`` / ``graphs-mlp`` (graphs with the recompute inside
 the compiled layer, whole or MLP only), ``graphs-budget`` (graphs, no checkpoint; the compiler's partitioner
-recomputes what it must to keep activations under half: ``torch._functorch.config.activation_memory_budget``).
+recomputes what it must to keep activations under half: ``torch._functorch.config.activation_memory_budget``),
+``padded-nograph`` (what the graphs need, padded rows and the row length as the attention bound, compiled without
+graphs) and ``graphs-sample-bound`` (graphs, the longest sample as the bound). Every variant runs at once.
 Prints each variant's losses, inductor's CUDA graph counters and how it ended.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,10 +28,14 @@ VARIANTS = {
     "graphs-layer": dict(cuda_graphs=True, gradient_checkpointing=True, gradient_checkpointing_scope="layer"),
     "graphs-mlp": dict(cuda_graphs=True, gradient_checkpointing=True, gradient_checkpointing_scope="mlp"),
     "graphs-budget": dict(cuda_graphs=True, gradient_checkpointing=False, budget=0.5),
+    # what the graphs need, without the graphs: padded rows and the row length as the attention bound, default mode
+    "padded-nograph": dict(cuda_graphs=True, gradient_checkpointing=False, graphs=False),
+    # the graphs without the row bound (the longest sample's length: a recording per value)
+    "graphs-sample-bound": dict(cuda_graphs=True, gradient_checkpointing=False, row_bound=False),
 }
 
 
-TIMEOUT_S = 100  # per variant
+TIMEOUT_S = 300  # all variants run at once (a tiny model's compilation alone took over 100 s on an H100)
 
 
 def run_variant(name: str, work: Path) -> dict:
@@ -43,6 +50,16 @@ def run_variant(name: str, work: Path) -> dict:
 
     settings = dict(VARIANTS[name])
     budget = settings.pop("budget", None)
+    if not settings.pop("graphs", True):  # pad rows as for graphs, compile without them
+        from qvl.train import speed
+
+        compile_layers = speed.compile_layers
+        speed.compile_layers = lambda *a, **k: compile_layers(*a, **{**k, "cuda_graphs": False})
+    if not settings.pop("row_bound", True):
+        from qvl.train import loop
+
+        loss_module = loop.LossModule
+        loop.LossModule = lambda *a, **k: loss_module(*a, **{**k, "row_bound": False})
     if budget is not None:
         import torch._functorch.config as functorch_config
 
@@ -50,7 +67,7 @@ def run_variant(name: str, work: Path) -> dict:
     data = make_colour_data(work / "data", 24, seed=6, text_only=6)
     cfg = build_config(dict(model_name_or_path=str(work / "tiny"), dataset_use=data, output_dir=str(work / name),
                             data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False, lora_enable=True, bf16=True,
-                            per_device_train_batch_size=4, max_steps=10, save_strategy="no", report_to="none",
+                            per_device_train_batch_size=4, max_steps=6, save_strategy="no", report_to="none",
                             compile_layers=True, gradient_checkpointing_ratio=1.0, cuda_graphs_row_multiple=64,
                             learning_rate=1e-3, lr_scheduler_type="constant", seed=0, max_pixels=64 * 64,
                             min_pixels=64 * 64, **settings))
@@ -74,14 +91,19 @@ def main(argv: list[str]) -> None:
 
     build_tiny(work / "tiny")
     results = {}
-    for name in names:
+    # every variant at once (tiny models share the GPU): each in its own process, so a crash ends only its variant
+    procs = {name: subprocess.Popen([sys.executable, "-X", "faulthandler", __file__, "--child", f"{name}@{work}"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "QVL_TRY_CUDA_GRAPHS": "1"}) for name in names}
+    for name, proc in procs.items():
         try:
-            proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--child", f"{name}@{work}"],
-                                  capture_output=True, text=True, timeout=TIMEOUT_S)
+            out, err = proc.communicate(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            proc.kill()
             results[name] = {"rc": "timeout", "stderr_tail": [f"over {TIMEOUT_S} s"]}
             print(name, json.dumps(results[name]), flush=True)
             continue
+        proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line:
             results[name] = json.loads(line[len("RESULT "):])

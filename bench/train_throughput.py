@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -260,6 +261,8 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
 
     levers_off = overrides.pop("levers_off", ())  # one lever switched off, to measure what it gives
     levers_on = overrides.pop("levers_on", ())  # a lever not in the loop yet, to measure what it would give
+    if overrides.get("cuda_graphs"):
+        os.environ["QVL_TRY_CUDA_GRAPHS"] = "1"  # off by default (qvl.train.speed.cuda_graphs_choice)
     warmup = overrides.pop("bench_warmup", warmup)
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
     clock = StepClock(profile, Path(args.profile_out) if args.profile_out else None)
@@ -512,7 +515,8 @@ def main(argv=None):
         ("qvl-auto-layer", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                 packed_attention="per_sample", bench_warmup=8)),
         # CUDA graphs record once per row length: timed over a long window after a long warm-up (a real run's
-        # steady state), next to the defaults over the same window
+        # steady state), next to the defaults over the same window. They crashed on torch 2.11 (segfault in the first
+        # backward, every variant): these rows set QVL_TRY_CUDA_GRAPHS=1 to try them again on a newer torch
         ("qvl-auto-long", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                                gradient_checkpointing_scope="auto", bench_warmup=args.long_warmup,
                                bench_timed=args.long_timed)),

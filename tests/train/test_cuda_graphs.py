@@ -2,10 +2,13 @@
 
 On CPU: padded rows (one label-free padding sample per row), the row length as the attention's longest-sample bound,
 standing ``.grad`` tensors and the loop's step marks, against the plain path. The graphs themselves replay only on
-a GPU: the last test runs there (the device's ``pytest -k cuda_graphs``) and is skipped elsewhere.
+a GPU: the last test runs there with ``QVL_TRY_CUDA_GRAPHS=1`` and is skipped elsewhere (on torch 2.11 the graphs
+crashed the process in the first backward, so ``cuda_graphs`` stays off unless that variable asks to try).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -84,7 +87,15 @@ def test_padded_rows_give_the_same_loss_and_gradients(make_cfg):
     assert worst < 1e-4
 
 
-def test_cuda_graphs_choice_says_why_not():
+def test_cuda_graphs_stay_off_unless_asked_to_try(monkeypatch):
+    """They crashed on torch 2.11 (docs/benchmarks.md): asking for them says so and trains without them."""
+    monkeypatch.delenv(speed.TRY_CUDA_GRAPHS, raising=False)
+    on, why = speed.cuda_graphs_choice(True, True, "layer", torch.device("cuda"), 1, True)
+    assert not on and "QVL_TRY_CUDA_GRAPHS=1" in why and "crashed" in why
+
+
+def test_cuda_graphs_choice_says_why_not(monkeypatch):
+    monkeypatch.setenv(speed.TRY_CUDA_GRAPHS, "1")
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert speed.cuda_graphs_choice(False, True, "layer", gpu, 1, True) == (False, "")
     assert "CUDA" in speed.cuda_graphs_choice(True, True, "layer", cpu, 1, True)[1]
@@ -134,7 +145,8 @@ def test_loop_with_graph_settings_trains_like_plain(make_cfg, tmp_path, monkeypa
     assert tokens["graphs"] == tokens["plain"] and tokens["plain"]  # padding is not counted as tokens trained on
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs replay on a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get(speed.TRY_CUDA_GRAPHS) != "1",
+                    reason="CUDA graphs replay on a GPU, and only when QVL_TRY_CUDA_GRAPHS=1 (they crashed on torch 2.11)")
 def test_cuda_graphs_train_like_compiled_layers_on_a_gpu(make_cfg, tmp_path):
     """Compiled whole layers with and without CUDA graphs, bf16 on the flash varlen kernel: the same losses (bf16
     tolerance), and the graphs did replay (inductor skipped none)."""

@@ -19,6 +19,7 @@ the plain path (tests/train/test_speed.py); measured effects are in docs/benchma
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -360,6 +361,9 @@ def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, 
     return True, "auto"
 
 
+TRY_CUDA_GRAPHS = "QVL_TRY_CUDA_GRAPHS"
+
+
 def cuda_graphs_choice(choice: bool, compiling: bool, compile_scope: str, device: torch.device, world_size: int,
                        per_sample: bool) -> tuple[bool, str]:
     """(CUDA graphs?, why) for the loop's compiled decoder layers.
@@ -368,9 +372,17 @@ def cuda_graphs_choice(choice: bool, compiling: bool, compile_scope: str, device
     time, docs/benchmarks.md); replaying each layer's kernels as one CUDA graph takes the launches off the host.
     A graph holds fixed shapes, so rows are padded to a multiple of ``cuda_graphs_row_multiple`` tokens and each
     new row length records its graphs once (a step's worth of warm-up, then a recording). Only where it was built
-    and tested: whole compiled layers, packed rows with per_sample attention, one process."""
+    and tested: whole compiled layers, packed rows with per_sample attention, one process.
+
+    Not yet usable: on torch 2.11 (H100) the first backward pass crashes the process (a segfault inside the compiled
+    backward, with or without recompute; ``bench/cuda_graphs_probe.py``, docs/benchmarks.md). So it stays off unless
+    ``QVL_TRY_CUDA_GRAPHS=1`` asks to try it on another torch."""
     if not choice:
         return False, ""
+    if os.environ.get(TRY_CUDA_GRAPHS) != "1":
+        return False, ("cuda_graphs off: replaying the compiled layers as CUDA graphs crashed the process (segfault in "
+                       "the first backward) on torch 2.11 (docs/benchmarks.md); set QVL_TRY_CUDA_GRAPHS=1 to try it on "
+                       "your torch (check it with bench/cuda_graphs_probe.py first)")
     if device.type != "cuda":
         return False, "cuda_graphs off: no CUDA device"
     if not compiling or compile_scope != "layer":
