@@ -279,6 +279,16 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         attn_mod.use_vision_sdpa = lambda model: original(model, varlen=False)
     if "lora_16bit" in levers_off:  # PEFT casts LoRA inputs to fp32
         speed.lora_inputs_stay_16bit = lambda model: 0
+    compile_layers = speed.compile_layers
+    if "compile_vision" in levers_on:  # the frozen vision tower's blocks compiled too (dynamic patch counts)
+        def compile_with_vision(model, *a, **k):
+            n = compile_layers(model, *a, **k)
+            for block in model_of(model).model.visual.blocks:
+                block.compile(dynamic=True)
+                n += 1
+            return n
+
+        speed.compile_layers = compile_with_vision
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -294,6 +304,7 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         result = train(cfg, log=lambda line: print(f"  {name}: {line}", flush=True), callbacks=[clock])
     finally:
         inductor_config.cpp_wrapper, functorch_config.activation_memory_budget = cpp_wrapper, budget
+        speed.compile_layers = compile_layers
         load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit = saved
     cuda = args.device.startswith("cuda")
     res = clock.stats(warmup, warmup + timed, samples_per_step)
@@ -514,6 +525,9 @@ def main(argv=None):
                                   gradient_checkpointing_scope="auto")),
         ("qvl-auto-layer", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                 packed_attention="per_sample", bench_warmup=8)),
+        ("qvl-vision-compiled", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
+                                     packed_attention="per_sample", bench_warmup=8, gradient_checkpointing_scope="auto",
+                                     levers_on=("compile_vision",))),
         # CUDA graphs record once per row length: timed over a long window after a long warm-up (a real run's
         # steady state), next to the defaults over the same window. They crashed on torch 2.11 (segfault in the first
         # backward, every variant): these rows set QVL_TRY_CUDA_GRAPHS=1 to try them again on a newer torch

@@ -40,7 +40,10 @@ def vision_varlen_attention(module, query, key, value, attention_mask, scaling=N
     from qvl.data.packing import varlen_causal, varlen_usable
 
     if varlen_usable(query, dropout):
-        return varlen_causal(query, key, value, cu_seq_lens_q, int(max_length_q), scaling, causal=False), None
+        # an int from transformers (a SymInt when the block is compiled: int() would fix it to one value, and every
+        # new value would recompile); a tensor from older callers
+        longest = max_length_q if isinstance(max_length_q, (int, torch.SymInt)) else int(max_length_q)
+        return varlen_causal(query, key, value, cu_seq_lens_q, longest, scaling, causal=False), None
     starts = cu_seq_lens_q.tolist()
     outs = [vision_sdpa_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling,
                                   dropout=dropout, is_causal=False)[0] for s, e in zip(starts[:-1], starts[1:])]
