@@ -215,6 +215,37 @@ def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, a
     assert speed.compile_wanted("auto", torch.device("cuda", 0)) is True
 
 
+def test_compiled_vision_blocks_equal_eager(make_cfg, mixed_data):
+    """A frozen tower's blocks compiled (aot_eager on CPU): the same tower outputs (merged features and deepstack
+    features) for two inputs of different patch counts; nothing compiled when a vision weight trains."""
+    from qvl.models.attention import use_vision_sdpa
+    from qvl.train.loop import _tensors
+
+    model, _ = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
+    use_vision_sdpa(model)
+    visual = model.get_base_model().model.visual
+    vc = visual.config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    torch.manual_seed(3)
+    inputs = []
+    for grid in ([[1, 4, 4]], [[2, 4, 6], [1, 2, 2]]):
+        grid = torch.tensor(grid)
+        inputs.append((torch.randn(int(grid.prod(-1).sum()), patch_dim), grid))
+    with torch.no_grad():
+        ref = [[t.clone() for t in _tensors(visual(x, grid_thw=g))] for x, g in inputs]
+        n = speed.compile_vision_blocks(model, backend="aot_eager")
+        assert n == len(visual.blocks) > 0
+        assert all(b._compiled_call_impl is not None for b in visual.blocks)
+        got = [list(_tensors(visual(x, grid_thw=g))) for x, g in inputs]
+    speed.uncompile(model)
+    assert all(b._compiled_call_impl is None for b in visual.blocks)
+    for r, g in zip(ref, got):
+        assert len(r) == len(g) > 1
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(r, g))
+    visual.blocks[0].mlp.linear_fc1.weight.requires_grad_(True)  # a tower that trains: left eager
+    assert speed.compile_vision_blocks(model, backend="aot_eager") == 0
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "per_sample"])
 def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, attention):
     """scope="layer": each decoder layer compiles whole (LoRA adapters and residual adds included) with its

@@ -653,8 +653,10 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                                  cuda_graphs=graphs)
         what = ("whole decoder layers, recompute inside" if cfg.compile_scope == "layer"
                 else "each layer's norms, attention and MLP")
-        say(f"compile_layers ({why}): {n} modules compiled ({what}; one graph for all layers); the first steps "
-            "compile (~1 min on an H100); compile_layers=false turns it off")
+        blocks = speed.compile_vision_blocks(model)  # frozen tower only
+        tower = f", and the frozen vision tower's {blocks} blocks" if blocks else ""
+        say(f"compile_layers ({why}): {n} modules compiled ({what}; one graph for all layers){tower}; the first "
+            "steps compile (~1 min on an H100); compile_layers=false turns it off")
     elif why:
         say(f"compile_layers off: {why}")
     if graphs:
