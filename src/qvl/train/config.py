@@ -156,7 +156,7 @@ class TrainConfig(BaseModel):
                                       "logits tensor")
     compile_layers: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each decoder layer's norms, attention and MLP (one graph for all layers, "
-                            "dynamic lengths). auto: on a GPU for packed rows with per_sample attention on one GPU / "
+                            "dynamic lengths), and a frozen vision tower's blocks. auto: on a GPU for packed rows with per_sample attention on one GPU / "
                             "DDP (measured faster there), a part that fails to compile runs eagerly; true: any "
                             "single-GPU / DDP run; false: off")
     compile_scope: Literal["layer", "parts"] = Field(
