@@ -1,16 +1,17 @@
-"""Which recompute settings CUDA graphs (``cuda_graphs``) survive on this GPU's torch: a tiny Qwen3-VL trained a few
-steps per variant, each in its own process (a crash ends only its variant).
+"""Which settings CUDA graphs of the decoder stack (``cuda_graphs``, :mod:`qvl.train.graphs`) train with on this GPU's
+torch: a tiny Qwen3-VL trained a few steps per variant, each in its own process (a crash ends only its variant).
 
     python bench/cuda_graphs_probe.py                 # every variant
     python bench/cuda_graphs_probe.py graphs-layer    # one
 
 Variants: ``plain`` (compiled whole layers, no graphs, whole-layer recompute: the reference losses),
 ``graphs-nockpt`` (graphs, nothing recomputed), ``graphs-layer`` / ``graphs-mlp`` (graphs with the recompute inside
-the compiled layer, whole or MLP only), ``graphs-budget`` (graphs, no checkpoint; the compiler's partitioner
-recomputes what it must to keep activations under half: ``torch._functorch.config.activation_memory_budget``),
-``padded-nograph`` (what the graphs need, padded rows and the row length as the attention bound, compiled without
-graphs) and ``graphs-sample-bound`` (graphs, the longest sample as the bound). Every variant runs at once.
-Prints each variant's losses, inductor's CUDA graph counters and how it ended.
+the compiled layer, whole or MLP only), ``graphs-eager`` (graphs over eager layers, transformers' checkpointing) and
+``padded-nograph`` (what the graphs need, padded rows and the row length as the attention bound, without graphs).
+Every variant runs at once. Prints each variant's losses, what the graphs replayed and how it ended.
+
+Session 5 ran this against inductor's CUDA graph trees (``mode="reduce-overhead"``): every graph variant crashed
+(segfault in the first backward) on torch 2.11; qvl records its own graphs since session 6.
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ VARIANTS = {
     "graphs-nockpt": dict(cuda_graphs=True, gradient_checkpointing=False),
     "graphs-layer": dict(cuda_graphs=True, gradient_checkpointing=True, gradient_checkpointing_scope="layer"),
     "graphs-mlp": dict(cuda_graphs=True, gradient_checkpointing=True, gradient_checkpointing_scope="mlp"),
-    "graphs-budget": dict(cuda_graphs=True, gradient_checkpointing=False, budget=0.5),
-    # what the graphs need, without the graphs: padded rows and the row length as the attention bound, default mode
+    "graphs-eager": dict(cuda_graphs=True, gradient_checkpointing=True, compile_layers=False),
+    # what the graphs need, without the graphs: padded rows and the row length as the attention bound
     "padded-nograph": dict(cuda_graphs=True, gradient_checkpointing=False, graphs=False),
-    # the graphs without the row bound (the longest sample's length: a recording per value)
-    "graphs-sample-bound": dict(cuda_graphs=True, gradient_checkpointing=False, row_bound=False),
 }
 
 
@@ -40,7 +39,6 @@ TIMEOUT_S = 300  # all variants run at once (a tiny model's compilation alone to
 
 def run_variant(name: str, work: Path) -> dict:
     import torch
-    from torch._dynamo.utils import counters
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "train"))
     from train_helpers import make_colour_data
@@ -49,34 +47,24 @@ def run_variant(name: str, work: Path) -> dict:
     from qvl.train.loop import train
 
     settings = dict(VARIANTS[name])
-    budget = settings.pop("budget", None)
-    if not settings.pop("graphs", True):  # pad rows as for graphs, compile without them
-        from qvl.train import speed
+    if not settings.pop("graphs", True):  # pad rows as for graphs, train without recording any
+        from qvl.train.graphs import DecoderGraphs
 
-        compile_layers = speed.compile_layers
-        speed.compile_layers = lambda *a, **k: compile_layers(*a, **{**k, "cuda_graphs": False})
-    if not settings.pop("row_bound", True):
-        from qvl.train import loop
-
-        loss_module = loop.LossModule
-        loop.LossModule = lambda *a, **k: loss_module(*a, **{**k, "row_bound": False})
-    if budget is not None:
-        import torch._functorch.config as functorch_config
-
-        functorch_config.activation_memory_budget = budget
+        DecoderGraphs.install = lambda self: self
     data = make_colour_data(work / "data", 24, seed=6, text_only=6)
     cfg = build_config(dict(model_name_or_path=str(work / "tiny"), dataset_use=data, output_dir=str(work / name),
                             data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False, lora_enable=True, bf16=True,
                             per_device_train_batch_size=4, max_steps=6, save_strategy="no", report_to="none",
-                            compile_layers=True, gradient_checkpointing_ratio=1.0, cuda_graphs_row_multiple=64,
+                            gradient_checkpointing_ratio=1.0, cuda_graphs_row_multiple=64,
                             learning_rate=1e-3, lr_scheduler_type="constant", seed=0, max_pixels=64 * 64,
                             min_pixels=64 * 64, **settings))
-    result = train(cfg, log=lambda line: None)
+    said: list[str] = []
+    result = train(cfg, log=said.append)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
     return {"losses": [round(x, 4) for x in result.losses],
-            "cudagraph_counters": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k},
+            "cuda_graphs": [line for line in said if line.startswith("cuda_graphs")],
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None}
 
 
@@ -94,7 +82,7 @@ def main(argv: list[str]) -> None:
     # every variant at once (tiny models share the GPU): each in its own process, so a crash ends only its variant
     procs = {name: subprocess.Popen([sys.executable, "-X", "faulthandler", __file__, "--child", f"{name}@{work}"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, "QVL_TRY_CUDA_GRAPHS": "1"}) for name in names}
+                                    env=dict(os.environ)) for name in names}
     for name, proc in procs.items():
         try:
             out, err = proc.communicate(timeout=TIMEOUT_S)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -261,8 +260,6 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
 
     levers_off = overrides.pop("levers_off", ())  # one lever switched off, to measure what it gives
     levers_on = overrides.pop("levers_on", ())  # a lever not in the loop yet, to measure what it would give
-    if overrides.get("cuda_graphs"):
-        os.environ["QVL_TRY_CUDA_GRAPHS"] = "1"  # off by default (qvl.train.speed.cuda_graphs_choice)
     warmup = overrides.pop("bench_warmup", warmup)
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
     clock = StepClock(profile, Path(args.profile_out) if args.profile_out else None)
@@ -294,7 +291,13 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     if "memory_budget" in levers_on:  # the compiler's partitioner recomputes to keep half the activations, no checkpoint
         functorch_config.activation_memory_budget = 0.5
     try:
-        result = train(cfg, log=lambda line: print(f"  {name}: {line}", flush=True), callbacks=[clock])
+        said: list[str] = []
+
+        def log(line: str) -> None:
+            said.append(line)
+            print(f"  {name}: {line}", flush=True)
+
+        result = train(cfg, log=log, callbacks=[clock])
     finally:
         inductor_config.cpp_wrapper, functorch_config.activation_memory_budget = cpp_wrapper, budget
         speed.compile_vision_blocks = compile_vision_blocks
@@ -310,11 +313,8 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         from torch._dynamo.utils import counters
 
         res["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]
-        if overrides.get("cuda_graphs"):
-            res["cudagraph_counters"] = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
-            import torch._inductor.cudagraph_trees as trees
-
-            trees.reset_cudagraph_trees()  # the graphs' memory pool goes back before the next row
+    if overrides.get("cuda_graphs"):  # replays, recordings, forwards that ran without graphs
+        res["cuda_graphs"] = [line for line in said if line.startswith("cuda_graphs")]
     return res
 
 
@@ -523,9 +523,16 @@ def main(argv=None):
         ("qvl-vision-eager", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                   packed_attention="per_sample", bench_warmup=8, gradient_checkpointing_scope="auto",
                                   levers_off=("compile_vision",))),
-        # CUDA graphs record once per row length: timed over a long window after a long warm-up (a real run's
-        # steady state), next to the defaults over the same window. They crashed on torch 2.11 (segfault in the first
-        # backward, every variant): these rows set QVL_TRY_CUDA_GRAPHS=1 to try them again on a newer torch
+        # the defaults + CUDA graphs of the decoder stack (qvl.train.graphs), over the defaults' window: each new row
+        # shape recorded in it costs about two more steps
+        ("qvl-graphs", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
+                            gradient_checkpointing_scope="auto", cuda_graphs=True,
+                            cuda_graphs_row_multiple=args.row_multiple, bench_warmup=8)),
+        ("qvl-graphs-eager", dict(compile_layers=False, gradient_checkpointing_ratio="auto",
+                                  packed_attention="per_sample", gradient_checkpointing_scope="auto", cuda_graphs=True,
+                                  cuda_graphs_row_multiple=args.row_multiple, bench_warmup=8)),
+        # CUDA graphs record once per row shape: timed over a long window after a long warm-up (a real run's
+        # steady state), next to the defaults over the same window
         ("qvl-auto-long", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                                gradient_checkpointing_scope="auto", bench_warmup=args.long_warmup,
                                bench_timed=args.long_timed)),

@@ -645,12 +645,11 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     compiling, why = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample,
                                           getattr(model.config.get_text_config(), "num_experts", 0) > 0,
                                           varlen=varlen_available() and cfg.bf16)
-    graphs, graphs_why = speed.cuda_graphs_choice(cfg.cuda_graphs, compiling, cfg.compile_scope, device,
-                                                  dist.world_size, per_sample)
+    graphs, graphs_why = speed.cuda_graphs_choice(cfg.cuda_graphs, device, dist.world_size, per_sample,
+                                                  varlen=varlen_available() and cfg.bf16)
     row_multiple = cfg.cuda_graphs_row_multiple if graphs else 0
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
-        n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope,
-                                 cuda_graphs=graphs)
+        n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
         what = ("whole decoder layers, recompute inside" if cfg.compile_scope == "layer"
                 else "each layer's norms, attention and MLP")
         blocks = speed.compile_vision_blocks(model)  # frozen tower only
@@ -660,8 +659,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     elif why:
         say(f"compile_layers off: {why}")
     if graphs:
-        say(f"cuda_graphs on: rows padded to a multiple of {row_multiple} tokens; each new row length records "
-            "its graphs once (one warm-up step, then a recording step)")
+        say(f"cuda_graphs on: the decoder stack replays as CUDA graphs; rows padded to a multiple of {row_multiple} "
+            "tokens; each new row shape is recorded once (a warm-up forward and backward, then the recording)")
     elif graphs_why:
         say(graphs_why)
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,
@@ -674,9 +673,13 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     optimizer, scheduler = eng.optimizer, eng.scheduler
     for note in eng.notes:
         say(note)
-    if graphs:  # graph-made gradients are added into standing .grad tensors (speed.standing_grads)
+    decoder_graphs = None
+    if graphs:  # the backward graphs add into standing .grad tensors (speed.standing_grads)
+        from qvl.train.graphs import DecoderGraphs
+
         speed.standing_grads(eng.trainable)
         eng.standing_grads = True
+        decoder_graphs = DecoderGraphs(model, log=say).install()
     # the logged `lr`: the LLM's group (learning_rate) when it trains, else the first group's
     main_group = next((g["name"] for g in optimizer.param_groups if g["name"].split("/")[0] == "llm"),
                       optimizer.param_groups[0]["name"])
@@ -713,7 +716,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     from qvl.train.track import Tracker
 
     tracker = Tracker(out, cfg, plan.total_steps, start_step, dist.rank, log=say, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    # no cast cache under CUDA graphs: a cached cast made while recording would live in the graphs' memory pool
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=not graphs)
     skipped: Counter = Counter()
     losses: list[float] = []
     row: dict = {}
@@ -734,61 +738,65 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                 step += 1
 
     # 6. the loop
-    for step, items in fetch_steps():
-        if cfg.packed_row_tokens:  # the step's samples regrouped into rows of up to N tokens (before balancing:
-            items = rows_by_budget(items, cfg.packed_row_tokens)  # ranks must compare the rows they will run)
-            if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
-                items = distributed.pad_micro_batches(items, device)
-        if dist.enabled:  # every rank runs as many micro-batches, and the vision tower as often, as the others
-            items = distributed.balance_media(eng, items, fakes, device, pad_id)
-        batches, rows = [], []
-        for item in items:
-            if item.get("error"):
-                raise QvlError(*item["error"])
-            skipped.update(item["skipped"])
-            for why, example in item.get("examples", {}).items():
-                encoder.examples.setdefault(why, example)
-            if item.get("samples"):
-                rows.append(item["samples"])
-            elif item["batch"] is not None:
-                batches.append(item["batch"])
-        batches += [pack_micro_batch(r, rope_index, row_multiple, pad_id) for r in rows]
-        n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
-        n_tokens = sum(batch_tokens(b) for b in batches)
-        loss_sum = torch.zeros((), device=device)  # stays on the device: one host sync per step (below)
-        step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
-        for j, batch in enumerate(batches):
-            if graphs:
-                speed.cuda_graph_step()
-            part = distributed.micro_step(eng, to_device(batch, device), n_labels / dist.world_size,  # engines average over ranks
-                                          last=j == len(batches) - 1, autocast=autocast)
-            loss_sum += part
-        grad_norm = distributed.finish_step(eng)
+    try:
+        for step, items in fetch_steps():
+            if cfg.packed_row_tokens:  # the step's samples regrouped into rows of up to N tokens (before balancing:
+                items = rows_by_budget(items, cfg.packed_row_tokens)  # ranks must compare the rows they will run)
+                if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
+                    items = distributed.pad_micro_batches(items, device)
+            if dist.enabled:  # every rank runs as many micro-batches, and the vision tower as often, as the others
+                items = distributed.balance_media(eng, items, fakes, device, pad_id)
+            batches, rows = [], []
+            for item in items:
+                if item.get("error"):
+                    raise QvlError(*item["error"])
+                skipped.update(item["skipped"])
+                for why, example in item.get("examples", {}).items():
+                    encoder.examples.setdefault(why, example)
+                if item.get("samples"):
+                    rows.append(item["samples"])
+                elif item["batch"] is not None:
+                    batches.append(item["batch"])
+            batches += [pack_micro_batch(r, rope_index, row_multiple, pad_id) for r in rows]
+            n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
+            n_tokens = sum(batch_tokens(b) for b in batches)
+            loss_sum = torch.zeros((), device=device)  # stays on the device: one host sync per step (below)
+            step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
+            for j, batch in enumerate(batches):
+                part = distributed.micro_step(eng, to_device(batch, device), n_labels / dist.world_size,  # engines average over ranks
+                                              last=j == len(batches) - 1, autocast=autocast)
+                loss_sum += part
+            grad_norm = distributed.finish_step(eng)
 
-        loss_sum, grad_norm = speed.host_floats(loss_sum, grad_norm)
-        step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
-        losses.append(step_loss)
-        done = step + 1
-        metrics = {"loss": step_loss, "lr": step_lrs[main_group],
-                   "epoch": done / plan.steps_per_epoch, "label_tokens": n_labels}
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        for name, lr in step_lrs.items():
-            metrics[f"lr/{name}"] = lr
-        row = tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
-                           log_now=done % cfg.logging_steps == 0 or done == plan.total_steps)
-        if not math.isfinite(step_loss):
-            raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
-                           "instead of fp16; the last checkpoint is intact")
-        if cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps:
-            path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
-                                        {"step": done, "epoch": done / plan.steps_per_epoch,
-                                         "total_steps": plan.total_steps, "seed": cfg.seed},
-                                        rank=dist.rank, save_total_limit=cfg.save_total_limit,
-                                        write_state=distributed.state_writer(eng, model))
-            say(f"saved {path}")
-        for cb in callbacks:
-            cb(done, row)
+            loss_sum, grad_norm = speed.host_floats(loss_sum, grad_norm)
+            step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
+            losses.append(step_loss)
+            done = step + 1
+            metrics = {"loss": step_loss, "lr": step_lrs[main_group],
+                       "epoch": done / plan.steps_per_epoch, "label_tokens": n_labels}
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            for name, lr in step_lrs.items():
+                metrics[f"lr/{name}"] = lr
+            row = tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
+                               log_now=done % cfg.logging_steps == 0 or done == plan.total_steps)
+            if not math.isfinite(step_loss):
+                raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
+                               "instead of fp16; the last checkpoint is intact")
+            if cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps:
+                path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
+                                            {"step": done, "epoch": done / plan.steps_per_epoch,
+                                             "total_steps": plan.total_steps, "seed": cfg.seed},
+                                            rank=dist.rank, save_total_limit=cfg.save_total_limit,
+                                            write_state=distributed.state_writer(eng, model))
+                say(f"saved {path}")
+            for cb in callbacks:
+                cb(done, row)
+
+    finally:  # the model object may be trained again (benchmarks): its text model gets its own forward back
+        if decoder_graphs is not None:
+            say(f"cuda_graphs: {decoder_graphs.summary()}")
+            decoder_graphs.uninstall()
 
     # 7. final: last checkpoint (resumable) + servable folder
     done = max(start_step, plan.total_steps)

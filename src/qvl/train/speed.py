@@ -19,7 +19,6 @@ the plain path (tests/train/test_speed.py); measured effects are in docs/benchma
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -192,7 +191,7 @@ COMPILE_SCOPES = ("layer", "parts")
 
 
 def compile_layers(model, backend: str = "inductor", dynamic: bool = True, attention: bool = True,
-                   eager_fallback: bool = False, scope: str = "parts", cuda_graphs: bool = False) -> int:
+                   eager_fallback: bool = False, scope: str = "parts") -> int:
     """``torch.compile`` the decoder layers in place. Returns the modules compiled.
 
     ``scope="layer"``: each whole decoder layer (norms, attention, LoRA adapters, MLP and the residual adds in one
@@ -224,7 +223,7 @@ def compile_layers(model, backend: str = "inductor", dynamic: bool = True, atten
                 parts += [getattr(layer.self_attn, name, None) for name in ATTENTION_NORMS]
         for part in parts:
             if part is not None:
-                part.compile(backend=backend, dynamic=dynamic, **({"mode": "reduce-overhead"} if cuda_graphs else {}))
+                part.compile(backend=backend, dynamic=dynamic)
                 n += 1
     return n
 
@@ -376,49 +375,33 @@ def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, 
     return True, "auto"
 
 
-TRY_CUDA_GRAPHS = "QVL_TRY_CUDA_GRAPHS"
+def cuda_graphs_choice(choice: bool, device: torch.device, world_size: int, per_sample: bool,
+                       varlen: bool) -> tuple[bool, str]:
+    """(CUDA graphs?, why) for the loop: the LLM's decoder stack replayed as CUDA graphs (:mod:`qvl.train.graphs`).
 
-
-def cuda_graphs_choice(choice: bool, compiling: bool, compile_scope: str, device: torch.device, world_size: int,
-                       per_sample: bool) -> tuple[bool, str]:
-    """(CUDA graphs?, why) for the loop's compiled decoder layers.
-
-    The step is host-bound on an H100 (8B LoRA, ~3k-token steps: ~5k kernel launches, the GPU busy ~70 % of the
-    time, docs/benchmarks.md); replaying each layer's kernels as one CUDA graph takes the launches off the host.
-    A graph holds fixed shapes, so rows are padded to a multiple of ``cuda_graphs_row_multiple`` tokens and each
-    new row length records its graphs once (a step's worth of warm-up, then a recording). Only where it was built
-    and tested: whole compiled layers, packed rows with per_sample attention, one process.
-
-    Not yet usable: on torch 2.11 (H100) the first backward pass crashes the process (a segfault inside the compiled
-    backward, with or without recompute; ``bench/cuda_graphs_probe.py``, docs/benchmarks.md). So it stays off unless
-    ``QVL_TRY_CUDA_GRAPHS=1`` asks to try it on another torch."""
+    The step is host-bound on an H100 (8B LoRA, ~3k-token steps: ~5k kernel launches, the GPU busy ~60-70 % of the
+    time, docs/benchmarks.md); a replay launches a whole forward or backward of the stack at once. A graph holds fixed
+    shapes, so rows are padded to a multiple of ``cuda_graphs_row_multiple`` tokens and each new row shape is
+    recorded once. Only where it was built and tested: one process, packed rows with per_sample attention on the
+    flash varlen kernel (``varlen``: torch >= 2.10 and bf16; its sample bounds are device tensors, no host read)."""
     if not choice:
         return False, ""
-    if os.environ.get(TRY_CUDA_GRAPHS) != "1":
-        return False, ("cuda_graphs off: replaying the compiled layers as CUDA graphs crashed the process (segfault in "
-                       "the first backward) on torch 2.11 (docs/benchmarks.md); set QVL_TRY_CUDA_GRAPHS=1 to try it on "
-                       "your torch (check it with bench/cuda_graphs_probe.py first)")
     if device.type != "cuda":
         return False, "cuda_graphs off: no CUDA device"
-    if not compiling or compile_scope != "layer":
-        return False, "cuda_graphs off: it needs compile_layers on with compile_scope=layer"
     if world_size > 1:
         return False, "cuda_graphs off: one process only (not tested with DDP's gradient hooks)"
     if not per_sample:
         return False, "cuda_graphs off: it needs packed rows with per_sample attention (data_flatten=true)"
+    if not varlen:
+        return False, "cuda_graphs off: it needs the flash varlen kernel (torch >= 2.10, bf16=true)"
     return True, "on"
-
-
-def cuda_graph_step() -> None:
-    """Tell the CUDA graph trees a new forward begins: the previous micro-batch's graph outputs may be reused."""
-    torch.compiler.cudagraph_mark_step_begin()
 
 
 def standing_grads(params) -> int:
     """Give every trainable parameter a zeroed ``.grad`` that stays (zero it, never free it, between steps).
 
-    A gradient produced by a CUDA graph lives in the graph's memory pool: taken as ``.grad`` it would be
-    overwritten by the next micro-batch's replay. With a standing ``.grad`` autograd adds into it instead."""
+    A CUDA graph's backward (:mod:`qvl.train.graphs`) adds into the ``.grad`` tensors it was recorded with: they must
+    stay the same tensors for as long as the recording is replayed."""
     n = 0
     for p in params:
         if p.requires_grad and p.grad is None:

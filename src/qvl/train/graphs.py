@@ -1,0 +1,249 @@
+"""``cuda_graphs``: the LLM's decoder stack replayed as CUDA graphs while training, recorded once per row shape.
+
+Why: a LoRA step on an H100 is host-bound. The GPU waits while Python, dynamo's guards and the compiled layers'
+wrappers launch ~5k kernels per step (docs/benchmarks.md). A CUDA graph replays a recorded forward of all decoder
+layers as one call, and their backward (recompute included) as another, with no host work in between.
+
+What is recorded: the text model's rotary embedding, its decoder layers, the deepstack additions and the final norm.
+This is the part whose shapes depend only on the row's length. The embedding, the vision tower (its shapes follow the
+images), the LM head with the loss at the label positions and the optimizer run as before.
+
+- **Shapes.** Rows are padded to a multiple of ``cuda_graphs_row_multiple`` tokens (:func:`qvl.data.packing.pad_row`).
+  There is one recording per (row length, samples in the row). The attention gets the row length as its
+  longest-sample bound. The deepstack features (at the image positions, which vary) go in as dense (L, H) tensors
+  that are zero elsewhere: adding zero there changes nothing.
+- **Memory.** All recordings share one memory pool. That is safe because they never overlap: a forward replay is
+  followed by its backward before any other graph runs, and nothing made inside a graph is kept past its replay.
+  The large inputs and outputs are views of shared buffers. When a longer row comes, the buffers grow and the
+  recordings are made again.
+- **Gradients.** The backward graph adds the trainable weights' gradients into their standing ``.grad`` tensors
+  (:func:`qvl.train.speed.standing_grads`). Every replay checks that those tensors are still the ones it recorded.
+
+The recording itself is not a training step. Each new shape first runs one forward and backward to warm up (results
+dropped), then records, then replays. The first step of each new shape therefore costs about three steps.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from qvl.data.packing import BOUNDS_INPUTS, language_model, padded_length
+
+@dataclass
+class StaticRow:
+    """The tensors a recording reads: the step's inputs are copied into them before each replay."""
+
+    hidden: torch.Tensor  # (1, L, H) the embedded row (a view of a shared buffer)
+    mrope: torch.Tensor  # (3, 1, L) temporal / height / width positions
+    text_positions: torch.Tensor  # (1, L)
+    cu_seqlens: torch.Tensor  # (samples + 1,) int32
+    deepstack: list  # (1, L, H) each, views of shared buffers
+    output: torch.Tensor  # (1, L, H) where the forward graph leaves the final norm's output
+    grad_output: torch.Tensor  # (1, L, H) the gradient the backward graph starts from
+
+
+@dataclass
+class Recording:
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph
+    grads: tuple  # the .grad tensors the backward graph adds into
+
+
+def deepstack_count(model_config) -> int:
+    """How many decoder layers get deepstack features added (Qwen3-VL: one per ``deepstack_visual_indexes``)."""
+    vision = getattr(model_config, "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or ())
+
+
+def decoder_stack(text, row: StaticRow) -> torch.Tensor:
+    """What a recording holds: the text model's forward from embedded row to final norm, in shapes fixed by the row.
+
+    The same computation as the text model's own forward on a packed row with per_sample attention
+    (``tests/train/test_graphs.py`` checks it), with the deepstack features added densely."""
+    hidden = row.hidden
+    position_embeddings = text.rotary_emb(hidden, row.mrope)
+    for i, layer in enumerate(text.layers):
+        hidden = layer(hidden, attention_mask=None, position_ids=row.text_positions,
+                       position_embeddings=position_embeddings,
+                       **{BOUNDS_INPUTS[0]: row.cu_seqlens, BOUNDS_INPUTS[1]: hidden.shape[1]})
+        if i < len(row.deepstack):
+            hidden = hidden + row.deepstack[i]
+    return text.norm(hidden)
+
+
+def fill_deepstack(buffers: list, mask: torch.Tensor | None, features: list | None) -> None:
+    """Dense deepstack inputs: ``features[i]`` at the ``mask``'s positions of ``buffers[i]``, zero elsewhere (no host
+    read: ``masked_scatter_`` places them in order on the device)."""
+    for i, buf in enumerate(buffers):
+        buf.zero_()
+        if features is not None and mask is not None:
+            buf.masked_scatter_(mask.reshape(1, -1, 1).expand_as(buf), features[i].to(buf.dtype))
+
+
+class _Replay(torch.autograd.Function):
+    """Forward: replay the forward graph. Backward: replay the backward graph (it adds into the weights' ``.grad``).
+    ``anchor`` only makes the output require grad: the weights' gradients do not go through autograd here."""
+
+    @staticmethod
+    def forward(ctx, recording: Recording, row: StaticRow, anchor: torch.Tensor):
+        recording.forward.replay()
+        ctx.recording, ctx.row = recording, row
+        return row.output.clone()  # the shared buffer is overwritten by the next replay
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.row.grad_output.copy_(grad)
+        ctx.recording.backward.replay()
+        return None, None, None
+
+
+class DecoderGraphs:
+    """Installs itself as the text model's ``forward`` (:meth:`install`); rows it cannot replay (no grad, a batch of
+    several rows, an attention mask, a trainable input) go to the original forward, and each reason is said once."""
+
+    def __init__(self, model, log=print):
+        self.text = language_model(model)
+        self.params = [p for name, p in self.text.named_parameters()
+                       if p.requires_grad and not name.startswith("embed_tokens.")]
+        self.n_deepstack = deepstack_count(getattr(model, "config", self.text.config))
+        self.log = log
+        self.original = None
+        self.pool = None
+        self.capacity = 0
+        self.buffers: dict[str, object] = {}
+        self.rows: dict[tuple, StaticRow] = {}
+        self.recordings: dict[tuple, Recording] = {}
+        self.replays = 0
+        self.recorded = 0
+        self.fallbacks: Counter = Counter()
+        self.anchor = None
+
+    # ------------------------------------------------------------------ installing
+
+    def install(self) -> "DecoderGraphs":
+        self.original = self.text.forward
+        self.text.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it
+        return self
+
+    def uninstall(self) -> None:
+        self.text.__dict__.pop("forward", None)
+        self.recordings.clear()
+        self.rows.clear()
+        self.buffers.clear()
+        self.pool = None
+
+    # ------------------------------------------------------------------ the forward
+
+    def unfit(self, kwargs: dict) -> str:
+        """Why this call cannot replay a recording ('' when it can)."""
+        embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
+        if not (torch.is_grad_enabled() and self.text.training):
+            return "not training (no gradients)"
+        if embeds is None or embeds.dim() != 3 or embeds.shape[0] != 1 or not embeds.is_cuda:
+            return "not one packed row of embeddings on a GPU"
+        if embeds.requires_grad:
+            return "the decoder's input needs a gradient (a trained embedding or vision tower)"
+        if kwargs.get("attention_mask") is not None:
+            return "an attention mask"
+        if positions is None or positions.shape != (4, 1, embeds.shape[1]):
+            return "no packed mRoPE positions (4, 1, L)"
+        if kwargs.get(BOUNDS_INPUTS[0]) is None:
+            return "no sample bounds (per_sample attention)"
+        features = kwargs.get("deepstack_visual_embeds")
+        if features is not None and (len(features) != self.n_deepstack or any(f.requires_grad for f in features)):
+            return "deepstack features that need a gradient"
+        extra = [k for k, v in kwargs.items() if (k not in _RECORDED) and v is not None and v is not False]
+        if extra:
+            return f"arguments it does not record ({', '.join(sorted(extra))})"
+        if any(p.grad is None for p in self.params):
+            return "trainable weights without a standing .grad (speed.standing_grads)"
+        return ""
+
+    def forward(self, *args, **kwargs):
+        why = "positional arguments" if args else self.unfit(kwargs)
+        if why:
+            if not self.fallbacks[why]:
+                self.log(f"cuda_graphs: a forward ran without graphs: {why}")
+            self.fallbacks[why] += 1
+            return self.original(*args, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        embeds, positions, cu = kwargs["inputs_embeds"], kwargs["position_ids"], kwargs[BOUNDS_INPUTS[0]]
+        length = embeds.shape[1]
+        key = (length, cu.numel(), embeds.dtype)
+        self._fit_buffers(length, embeds)
+        row = self.rows.get(key) or self._new_row(key, embeds.device)
+        row.hidden.copy_(embeds)
+        row.text_positions.copy_(positions[0])
+        row.mrope.copy_(positions[1:])
+        row.cu_seqlens.copy_(cu)
+        fill_deepstack(row.deepstack, kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds"))
+        recording = self.recordings.get(key)
+        if recording is None or any(p.grad is not g for p, g in zip(self.params, recording.grads)):
+            recording = self.recordings[key] = self._record(row)
+        if self.anchor is None:
+            self.anchor = torch.zeros((), device=embeds.device, requires_grad=True)
+        self.replays += 1
+        return BaseModelOutputWithPast(last_hidden_state=_Replay.apply(recording, row, self.anchor))
+
+    # ------------------------------------------------------------------ buffers and recordings
+
+    def _fit_buffers(self, length: int, like: torch.Tensor) -> None:
+        """Shared (1, capacity, H) buffers; a longer row grows them (by a quarter more) and drops every recording
+        (they hold the old buffers' addresses)."""
+        if length <= self.capacity and self.buffers.get("dtype") == like.dtype:
+            return
+        self.recordings.clear()
+        self.rows.clear()
+        self.capacity = padded_length(length + length // 4, 256)
+        make = lambda: torch.zeros(1, self.capacity, like.shape[-1], dtype=like.dtype, device=like.device)  # noqa: E731
+        self.buffers = {"dtype": like.dtype, "hidden": make(), "output": make(), "grad_output": make(),
+                        "deepstack": [make() for _ in range(self.n_deepstack)]}
+
+    def _new_row(self, key: tuple, device) -> StaticRow:
+        length, bounds, _ = key
+        b = self.buffers
+        row = StaticRow(hidden=b["hidden"][:, :length], mrope=torch.zeros(3, 1, length, dtype=torch.long, device=device),
+                        text_positions=torch.zeros(1, length, dtype=torch.long, device=device),
+                        cu_seqlens=torch.zeros(bounds, dtype=torch.int32, device=device),
+                        deepstack=[t[:, :length] for t in b["deepstack"]], output=b["output"][:, :length],
+                        grad_output=b["grad_output"][:, :length])
+        self.rows[key] = row
+        return row
+
+    def _record(self, row: StaticRow) -> Recording:
+        """Warm up once (compiles what a new shape needs; results dropped), then record the forward and backward."""
+        params, grads = self.params, tuple(p.grad for p in self.params)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = decoder_stack(self.text, row)
+            torch.autograd.grad(out, params, grad_outputs=torch.zeros_like(out), allow_unused=True)
+            del out
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(forward, pool=self.pool, capture_error_mode="thread_local"):
+            out = decoder_stack(self.text, row)
+            row.output.copy_(out.detach())
+        with torch.cuda.graph(backward, pool=self.pool, capture_error_mode="thread_local"):
+            computed = torch.autograd.grad(out, params, grad_outputs=row.grad_output, allow_unused=True)
+            pairs = [(g, c) for g, c in zip(grads, computed) if c is not None]
+            if pairs:
+                torch._foreach_add_([g for g, _ in pairs], [c for _, c in pairs])
+        del out, computed, pairs  # their memory goes back to the pool: the next recording may reuse it
+        self.recorded += 1
+        return Recording(forward=forward, backward=backward, grads=grads)
+
+    def summary(self) -> str:
+        fell = f"; {sum(self.fallbacks.values())} without graphs" if self.fallbacks else ""
+        return f"{self.replays} replays of {self.recorded} recordings ({len(self.recordings)} row shapes kept){fell}"
+
+
+# what a recording takes from the text model's kwargs (anything else must be None / False)
+_RECORDED = {"inputs_embeds", "position_ids", "attention_mask", "visual_pos_masks", "deepstack_visual_embeds",
+             *BOUNDS_INPUTS}
