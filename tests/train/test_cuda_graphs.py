@@ -142,7 +142,8 @@ def test_cuda_graphs_train_like_compiled_layers_on_a_gpu(make_cfg, tmp_path):
     from train_helpers import make_colour_data
 
     data = make_colour_data(tmp_path / "data", 24, seed=6, text_only=6)
-    kw = dict(dataset_use=data, data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False, lora_enable=True, bf16=True,
+    kw = dict(dataset_use=data, data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False, lora_enable=True, lora_r=8,
+              lora_alpha=16, bf16=True,
               per_device_train_batch_size=4, max_steps=12, save_strategy="no", compile_layers=True,
               gradient_checkpointing=True, gradient_checkpointing_ratio=0.5, gradient_checkpointing_scope="mlp",
               num_train_epochs=3, packed_attention="per_sample")

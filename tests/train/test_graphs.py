@@ -139,3 +139,17 @@ def test_only_trainable_decoder_weights_are_recorded(lora_model_and_rows):
     recorded = [names[id(p)] for p in graphs.params]
     assert recorded and all("lora_" in n and ".language_model." in n for n in recorded)
     assert len(recorded) == sum(p.requires_grad for n, p in model.named_parameters() if ".language_model." in n)
+
+
+def test_a_trained_vision_part_keeps_the_graphs_off(lora_model_and_rows):
+    """The recording takes the embedded row as a constant: a trainable merger would get no gradient."""
+    model, _ = lora_model_and_rows
+    assert DecoderGraphs(model).upstream_trains == []
+    merger = next(p for n, p in model.named_parameters() if ".visual.merger." in n)
+    merger.requires_grad_(True)
+    try:
+        graphs = DecoderGraphs(model)
+        assert graphs.upstream_trains and graphs.upstream_trains[0].endswith(".visual")
+        assert graphs.unfit({}) == "not one packed row of embeddings on a GPU"  # CPU: refused before that
+    finally:
+        merger.requires_grad_(False)

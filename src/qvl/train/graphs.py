@@ -108,6 +108,11 @@ class DecoderGraphs:
         self.text = language_model(model)
         self.params = [p for name, p in self.text.named_parameters()
                        if p.requires_grad and not name.startswith("embed_tokens.")]
+        # the recording takes the embedded row as a constant: nothing that makes it may train (PEFT's
+        # enable_input_require_grads marks the embeddings as needing a gradient all the same: not a reason)
+        self.upstream_trains = sorted({name.split(".visual.")[0] + ".visual" if ".visual." in name else name
+                                       for name, p in model.named_parameters()
+                                       if p.requires_grad and (".visual." in name or "embed_tokens" in name)})
         self.n_deepstack = deepstack_count(getattr(model, "config", self.text.config))
         self.log = log
         self.original = None
@@ -144,8 +149,8 @@ class DecoderGraphs:
             return "not training (no gradients)"
         if embeds is None or embeds.dim() != 3 or embeds.shape[0] != 1 or not embeds.is_cuda:
             return "not one packed row of embeddings on a GPU"
-        if embeds.requires_grad:
-            return "the decoder's input needs a gradient (a trained embedding or vision tower)"
+        if self.upstream_trains:
+            return f"trainable weights before the decoder ({self.upstream_trains[0]}, ...)"
         if kwargs.get("attention_mask") is not None:
             return "an attention mask"
         if positions is None or positions.shape != (4, 1, embeds.shape[1]):
@@ -153,8 +158,8 @@ class DecoderGraphs:
         if kwargs.get(BOUNDS_INPUTS[0]) is None:
             return "no sample bounds (per_sample attention)"
         features = kwargs.get("deepstack_visual_embeds")
-        if features is not None and (len(features) != self.n_deepstack or any(f.requires_grad for f in features)):
-            return "deepstack features that need a gradient"
+        if features is not None and len(features) != self.n_deepstack:
+            return f"{len(features)} deepstack features for {self.n_deepstack} layers"
         extra = [k for k, v in kwargs.items() if (k not in _RECORDED) and v is not None and v is not False]
         if extra:
             return f"arguments it does not record ({', '.join(sorted(extra))})"
