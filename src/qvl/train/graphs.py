@@ -197,13 +197,15 @@ class DecoderGraphs:
     # ------------------------------------------------------------------ buffers and recordings
 
     def _fit_buffers(self, length: int, like: torch.Tensor) -> None:
-        """Shared (1, capacity, H) buffers; a longer row grows them (by a quarter more) and drops every recording
-        (they hold the old buffers' addresses)."""
+        """Shared (1, capacity, H) buffers; a longer row grows them (to half as long again) and drops every recording
+        (they hold the old buffers' addresses) with their memory pool (a pool whose graphs are all gone is released:
+        the next recording starts a new one)."""
         if length <= self.capacity and self.buffers.get("dtype") == like.dtype:
             return
         self.recordings.clear()
         self.rows.clear()
-        self.capacity = padded_length(length + length // 4, 256)
+        self.pool = None
+        self.capacity = padded_length(length + length // 2, 256)
         make = lambda: torch.zeros(1, self.capacity, like.shape[-1], dtype=like.dtype, device=like.device)  # noqa: E731
         self.buffers = {"dtype": like.dtype, "hidden": make(), "output": make(), "grad_output": make(),
                         "deepstack": [make() for _ in range(self.n_deepstack)]}
