@@ -315,6 +315,8 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         res["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]
     if overrides.get("cuda_graphs"):  # replays, recordings, forwards that ran without graphs
         res["cuda_graphs"] = [line for line in said if line.startswith("cuda_graphs")]
+    # each step's wall time (a step that records CUDA graphs, or compiles, stands out)
+    res["step_times"] = [round(b[1] - a[1], 3) for a, b in zip(clock.marks, clock.marks[1:])]
     return res
 
 

@@ -100,6 +100,9 @@ class _Replay(torch.autograd.Function):
         return None, None, None
 
 
+FIRST_CAPACITY = 8192  # tokens the shared buffers hold at first (8B: 5 x 64 MiB)
+
+
 class DecoderGraphs:
     """Installs itself as the text model's ``forward`` (:meth:`install`); rows it cannot replay (no grad, a batch of
     several rows, an attention mask, a trainable input) go to the original forward, and each reason is said once."""
@@ -123,6 +126,8 @@ class DecoderGraphs:
         self.recordings: dict[tuple, Recording] = {}
         self.replays = 0
         self.recorded = 0
+        self.record_s = 0.0
+        self.stream = None
         self.fallbacks: Counter = Counter()
         self.anchor = None
 
@@ -197,17 +202,21 @@ class DecoderGraphs:
     # ------------------------------------------------------------------ buffers and recordings
 
     def _fit_buffers(self, length: int, like: torch.Tensor) -> None:
-        """Shared (1, capacity, H) buffers; a longer row grows them (to half as long again) and drops every recording
-        (they hold the old buffers' addresses) with their memory pool (a pool whose graphs are all gone is released:
-        the next recording starts a new one)."""
+        """Shared (1, capacity, H) buffers for rows of up to ``capacity`` tokens (at first twice this row, at least
+        ``FIRST_CAPACITY``: a few rows longer than the first are the rule). A longer row doubles them and drops every
+        recording (they hold the old buffers' addresses) with their memory pool (released with its last graph; the
+        next recording starts a new one)."""
         if length <= self.capacity and self.buffers.get("dtype") == like.dtype:
             return
         self.recordings.clear()
         self.rows.clear()
         self.pool = None
-        self.capacity = padded_length(length + length // 2, 256)
+        self.capacity = padded_length(max(2 * length, FIRST_CAPACITY, 2 * self.capacity), 256)
         make = lambda: torch.zeros(1, self.capacity, like.shape[-1], dtype=like.dtype, device=like.device)  # noqa: E731
-        self.buffers = {"dtype": like.dtype, "hidden": make(), "output": make(), "grad_output": make(),
+        # one buffer for the output and the gradient that comes back for it: the output is copied out at once
+        # (_Replay.forward), and the gradient is written only when the backward replays
+        shared = make()
+        self.buffers = {"dtype": like.dtype, "hidden": make(), "output": shared, "grad_output": shared,
                         "deepstack": [make() for _ in range(self.n_deepstack)]}
 
     def _new_row(self, key: tuple, device) -> StaticRow:
@@ -222,33 +231,62 @@ class DecoderGraphs:
         return row
 
     def _record(self, row: StaticRow) -> Recording:
-        """Warm up once (compiles what a new shape needs; results dropped), then record the forward and backward."""
-        params, grads = self.params, tuple(p.grad for p in self.params)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = decoder_stack(self.text, row)
-            torch.autograd.grad(out, params, grad_outputs=torch.zeros_like(out), allow_unused=True)
-            del out
-        torch.cuda.current_stream().wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(forward, pool=self.pool, capture_error_mode="thread_local"):
-            out = decoder_stack(self.text, row)
-            row.output.copy_(out.detach())
-        with torch.cuda.graph(backward, pool=self.pool, capture_error_mode="thread_local"):
-            computed = torch.autograd.grad(out, params, grad_outputs=row.grad_output, allow_unused=True)
-            pairs = [(g, c) for g, c in zip(grads, computed) if c is not None]
-            if pairs:
-                torch._foreach_add_([g for g, _ in pairs], [c for _, c in pairs])
-        del out, computed, pairs  # their memory goes back to the pool: the next recording may reuse it
+        """Record the forward and the backward of ``row``'s shape. The first recording warms up before (one real
+        forward and backward, results dropped: the compiled layers build their backward, libraries initialise);
+        later shapes reuse the compiled code (dynamic shapes). A recording that fails is made again after a warm-up.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            recording = self._capture(row, warm_up=self.recorded == 0)
+        except RuntimeError as e:  # e.g. a shape that makes dynamo compile again, which a capture cannot hold
+            self.log(f"cuda_graphs: recording a {row.hidden.shape[1]}-token row failed ({str(e).splitlines()[0]}); "
+                     "warming up and recording again")
+            torch.cuda.synchronize()
+            recording = self._capture(row, warm_up=True)
+        torch.cuda.current_stream().synchronize()
+        self.record_s += time.perf_counter() - t0
         self.recorded += 1
+        return recording
+
+    def _capture(self, row: StaticRow, warm_up: bool) -> Recording:
+        params, grads = self.params, tuple(p.grad for p in self.params)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            if warm_up:
+                out = decoder_stack(self.text, row)
+                torch.autograd.grad(out, params, grad_outputs=torch.zeros_like(out), allow_unused=True)
+                del out
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            # capture_begin / capture_end, not torch.cuda.graph: that one syncs the device and empties the caching
+            # allocators (pinned host memory included) before every recording
+            forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            forward.capture_begin(self.pool, capture_error_mode="thread_local")
+            try:
+                out = decoder_stack(self.text, row)
+                row.output.copy_(out.detach())
+            finally:
+                forward.capture_end()
+            backward.capture_begin(self.pool, capture_error_mode="thread_local")
+            try:
+                computed = torch.autograd.grad(out, params, grad_outputs=row.grad_output, allow_unused=True)
+                pairs = [(g, c) for g, c in zip(grads, computed) if c is not None]
+                if pairs:
+                    torch._foreach_add_([g for g, _ in pairs], [c for _, c in pairs])
+            finally:
+                backward.capture_end()
+            del out, computed, pairs  # their memory goes back to the pool: the next recording may reuse it
+        torch.cuda.current_stream().wait_stream(self.stream)
         return Recording(forward=forward, backward=backward, grads=grads)
 
     def summary(self) -> str:
         fell = f"; {sum(self.fallbacks.values())} without graphs" if self.fallbacks else ""
-        return f"{self.replays} replays of {self.recorded} recordings ({len(self.recordings)} row shapes kept){fell}"
+        return (f"{self.replays} replays of {self.recorded} recordings ({len(self.recordings)} row shapes kept, "
+                f"{self.record_s:.1f} s recording, rows up to {self.capacity:,} tokens){fell}")
 
 
 # what a recording takes from the text model's kwargs (anything else must be None / False)
