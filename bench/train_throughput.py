@@ -238,14 +238,40 @@ def write_profile(prof, wall: float, steps: int, out: Path | None) -> None:
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
 
     # kernels only: an aten op's self device time is its kernels' time again
-    busy = sum(dev(e) for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(dev(e) for e in kernels) / 1e6
+    kinds = {"matmul": ("nvjet", "gemm", "cutlass", "xmma", "cublas"), "attention": ("flash", "fmha", "attention"),
+             "triton (fused elementwise / norms)": ("triton_",)}
+    by_kind: dict = {}
+    for e in kernels:
+        kind = next((k for k, pats in kinds.items() if any(p in e.key.lower() for p in pats)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + dev(e) / 1e6
+    lines = [f"  kernels: {k:<36} {t * 1e3 / steps:8.1f} ms/step  {t / busy:6.1%}" for k, t in
+             sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    # what launched them (device time of the kernels under each range; backward runs in CompiledFunctionBackward)
+    ranges = ("bench: vision tower", "bench: loss", "CompiledFunction", "CompiledFunctionBackward", "Optimizer.step")
+    for e in events:
+        if any(e.key.startswith(r) for r in ranges):
+            total = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) or 0) / 1e6
+            lines.append(f"  range:   {e.key[:36]:<36} {total * 1e3 / steps:8.1f} ms/step  ({e.count // steps} calls/step)")
     table = events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
     host = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
     text = (f"{steps} steps, wall {wall:.3f} s, summed device (kernel) time {busy:.3f} s = {busy / wall:.0%} busy\n"
-            + table + "\nby host time:\n" + host)
+            + "\n".join(lines) + "\n" + table + "\nby host time:\n" + host)
     print(text[:4000], flush=True)
     if out is not None:
         out.write_text(text)
+
+
+def label(module, name: str) -> None:
+    """Run ``module``'s forward under a profiler range called ``name`` (for this process's remaining runs)."""
+    forward = module.forward
+
+    def labelled(*a, **k):
+        with torch.profiler.record_function(name):
+            return forward(*a, **k)
+
+    module.forward = labelled
 
 
 def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token, samples_per_step, warmup: int,
@@ -263,6 +289,8 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     warmup = overrides.pop("bench_warmup", warmup)
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
     clock = StepClock(profile, Path(args.profile_out) if args.profile_out else None)
+    if profile:  # named ranges for the profile: the vision tower's forward and the loss head
+        label(model_of(base).model.visual, "bench: vision tower")
     saved = (load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit)
     load_mod.load_model = lambda *a, **k: base
     ckpt_mod.save_final = lambda *a, **k: []  # the servable folder at the end is not part of the throughput
