@@ -2,7 +2,7 @@
 
 On CPU: the recorded computation (:func:`decoder_stack`, dense deepstack features, the row length as the attention
 bound) against the text model's forward on padded packed rows with images, outputs and LoRA gradients; and the
-fallback for calls it cannot replay. The recording and replay need a GPU: ``test_cuda_graphs.py`` trains with them
+eager fallback for rows it cannot replay. The recording and replay need a GPU: ``test_cuda_graphs.py`` trains with them
 there (skipped elsewhere).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvl.train.graphs import DecoderGraphs, StaticRow, decoder_stack, deepstack_count, fill_deepstack
+from qvl.train.graphs import DecoderGraphs, decoder_stack, deepstack_count
 
 
 @pytest.fixture
@@ -42,39 +42,24 @@ def lora_model_and_rows(make_cfg):
     return model, rows
 
 
-def text_model_calls(model, batch):
-    """The kwargs the text model's forward gets for ``batch`` (through LossModule's path), and its output."""
-    from qvl.data.packing import language_model, sample_bounds_inputs
+def row_and_reference(model, batch):
+    """The packed row's embeddings, positions, bounds and dense deepstack features (as row_forward makes them), and
+    transformers' final hidden states for it."""
+    from qvl.data.packing import sample_bounds_inputs
 
-    text = language_model(model)
-    seen = {}
-    original = text.forward
-    installed = text.__dict__.get("forward")  # DecoderGraphs.install's
-
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return original(**kwargs)
-
-    text.forward = spy
-    try:
-        inner = model.get_base_model().model
-        batch = {k: v for k, v in batch.items() if k not in ("labels", "padding")}
-        out = inner(**batch, **sample_bounds_inputs(batch["position_ids"], row_bound=True), use_cache=False)
-    finally:
-        if installed is None:
-            del text.forward
-        else:
-            text.forward = installed
-    return text, seen, out.last_hidden_state
-
-
-def static_row(text, kwargs, n_deepstack: int) -> StaticRow:
-    embeds, positions = kwargs["inputs_embeds"].detach(), kwargs["position_ids"]
-    deepstack = [torch.empty_like(embeds) for _ in range(n_deepstack)]
-    fill_deepstack(deepstack, kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds"))
-    return StaticRow(hidden=embeds, mrope=positions[1:], text_positions=positions[0],
-                     cu_seqlens=kwargs["qvl_cu_seqlens"], deepstack=deepstack, output=torch.empty_like(embeds),
-                     grad_output=torch.empty_like(embeds))
+    inner = model.get_base_model().model
+    batch = {k: v for k, v in batch.items() if k not in ("labels", "padding") and not k.startswith("qvl_")}
+    bounds = sample_bounds_inputs(batch["position_ids"], row_bound=True)
+    reference = inner(**batch, **bounds, use_cache=False).last_hidden_state
+    ids = batch["input_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    deepstack = []
+    if "pixel_values" in batch:
+        out = inner.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"], return_dict=True)
+        mask = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, out.pooler_output)
+        deepstack = [torch.zeros_like(embeds).masked_scatter_(mask, f) for f in out.deepstack_features]
+    return embeds, batch["position_ids"], bounds["qvl_cu_seqlens"], deepstack, reference
 
 
 def lora_grads(model, output: torch.Tensor) -> dict:
@@ -86,12 +71,13 @@ def lora_grads(model, output: torch.Tensor) -> dict:
 @pytest.mark.parametrize("which", [0, 1], ids=["images", "text-only"])
 def test_decoder_stack_is_the_text_models_forward(lora_model_and_rows, which):
     model, rows = lora_model_and_rows
-    text, kwargs, reference = text_model_calls(model, rows[which])
+    embeds, positions, cu, deepstack, reference = row_and_reference(model, rows[which])
     n = deepstack_count(model.config)
-    assert n > 0 and (kwargs.get("deepstack_visual_embeds") is not None) == (which == 0)
-    assert kwargs["inputs_embeds"].shape[1] % 64 == 0  # padded as the loop pads for graphs
+    assert n > 0 and len(deepstack) == (n if which == 0 else 0)
+    assert embeds.shape[1] % 64 == 0  # padded as the loop pads for graphs
     ref_grads = lora_grads(model, reference)
-    out = decoder_stack(text, static_row(text, kwargs, n))
+    text = model.get_base_model().model.language_model
+    out = decoder_stack(text, embeds.detach(), positions[1:], positions[0], cu, deepstack, embeds.shape[1])
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     grads = lora_grads(model, out)
     assert set(grads) == set(ref_grads) and grads
@@ -100,36 +86,21 @@ def test_decoder_stack_is_the_text_models_forward(lora_model_and_rows, which):
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6)
 
 
-def test_fill_deepstack_places_features_in_order():
-    mask = torch.tensor([[False, True, False, True, True]])
-    features = [torch.arange(6.0).reshape(3, 2), -torch.ones(3, 2)]
-    bufs = [torch.full((1, 5, 2), 7.0) for _ in range(2)]
-    fill_deepstack(bufs, mask, features)
-    assert bufs[0][0].tolist() == [[0, 0], [0, 1], [0, 0], [2, 3], [4, 5]]
-    assert (bufs[1][0, mask[0]] == -1).all() and (bufs[1][0, ~mask[0]] == 0).all()
-    fill_deepstack(bufs, None, None)
-    assert all((b == 0).all() for b in bufs)
-
-
-def test_calls_it_cannot_replay_run_the_original_forward_and_say_why(lora_model_and_rows):
-    """On CPU every call falls back (no GPU); the reason is said once and the output is the original's."""
+def test_rows_it_cannot_replay_run_eagerly_and_say_why(lora_model_and_rows):
+    """On CPU every row runs decoder_stack eagerly (no GPU); each reason is said once."""
     model, rows = lora_model_and_rows
     said = []
-    graphs = DecoderGraphs(model, log=said.append).install()
-    try:
-        _, _, out = text_model_calls(model, rows[0])
-        _, _, again = text_model_calls(model, rows[0])
-        with torch.no_grad():
-            text_model_calls(model, rows[1])
-    finally:
-        graphs.uninstall()
-    _, _, reference = text_model_calls(model, rows[0])
-    torch.testing.assert_close(out, reference)
-    torch.testing.assert_close(again, reference)
+    graphs = DecoderGraphs(model, log=said.append)
+    embeds, positions, cu, deepstack, reference = row_and_reference(model, rows[0])
+    out = graphs(embeds.detach(), positions, cu, deepstack)
+    again = graphs(embeds.detach(), positions, cu, deepstack)
+    with torch.no_grad():
+        graphs(embeds.detach(), positions, cu, deepstack)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, out)
     assert said == ["cuda_graphs: a forward ran without graphs: not one packed row of embeddings on a GPU",
                     "cuda_graphs: a forward ran without graphs: not training (no gradients)"]
     assert graphs.replays == 0 and sum(graphs.fallbacks.values()) == 3
-    assert "forward" not in graphs.text.__dict__  # uninstalled
 
 
 def test_only_trainable_decoder_weights_are_recorded(lora_model_and_rows):
@@ -150,6 +121,6 @@ def test_a_trained_vision_part_keeps_the_graphs_off(lora_model_and_rows):
     try:
         graphs = DecoderGraphs(model)
         assert graphs.upstream_trains and graphs.upstream_trains[0].endswith(".visual")
-        assert graphs.unfit({}) == "not one packed row of embeddings on a GPU"  # CPU: refused before that
+        assert graphs.unfit(torch.zeros(1, 4, 8), []) == "not one packed row of embeddings on a GPU"  # CPU first
     finally:
         merger.requires_grad_(False)

@@ -58,29 +58,25 @@ def deepstack_count(model_config) -> int:
     return len(getattr(vision, "deepstack_visual_indexes", None) or ())
 
 
-def decoder_stack(text, row: StaticRow) -> torch.Tensor:
-    """What a recording holds: the text model's forward from embedded row to final norm, in shapes fixed by the row.
-
-    The same computation as the text model's own forward on a packed row with per_sample attention
-    (``tests/train/test_graphs.py`` checks it), with the deepstack features added densely."""
-    hidden = row.hidden
-    position_embeddings = text.rotary_emb(hidden, row.mrope)
+def decoder_stack(text, hidden: torch.Tensor, mrope: torch.Tensor, text_positions: torch.Tensor, cu: torch.Tensor,
+                  deepstack: list, longest) -> torch.Tensor:
+    """The text model's forward on one packed row with per_sample attention, from embedded row (1, L, H) to final
+    norm: rotary embedding, decoder layers with the deepstack features added (dense, zero away from visual tokens)
+    after the first ``len(deepstack)`` layers, final norm. ``cu``: the samples' bounds (int32, device); ``longest``:
+    the longest sample (or any bound above it: the row's length under CUDA graphs). What a recording holds
+    (``tests/train/test_graphs.py`` checks it against transformers' forward)."""
+    position_embeddings = text.rotary_emb(hidden, mrope)
     for i, layer in enumerate(text.layers):
-        hidden = layer(hidden, attention_mask=None, position_ids=row.text_positions,
-                       position_embeddings=position_embeddings,
-                       **{BOUNDS_INPUTS[0]: row.cu_seqlens, BOUNDS_INPUTS[1]: hidden.shape[1]})
-        if i < len(row.deepstack):
-            hidden = hidden + row.deepstack[i]
+        hidden = layer(hidden, attention_mask=None, position_ids=text_positions, position_embeddings=position_embeddings,
+                       **{BOUNDS_INPUTS[0]: cu, BOUNDS_INPUTS[1]: longest})
+        if i < len(deepstack):
+            hidden = hidden + deepstack[i]
     return text.norm(hidden)
 
 
-def fill_deepstack(buffers: list, mask: torch.Tensor | None, features: list | None) -> None:
-    """Dense deepstack inputs: ``features[i]`` at the ``mask``'s positions of ``buffers[i]``, zero elsewhere (no host
-    read: ``masked_scatter_`` places them in order on the device)."""
-    for i, buf in enumerate(buffers):
-        buf.zero_()
-        if features is not None and mask is not None:
-            buf.masked_scatter_(mask.reshape(1, -1, 1).expand_as(buf), features[i].to(buf.dtype))
+def recorded_stack(text, row: StaticRow) -> torch.Tensor:
+    return decoder_stack(text, row.hidden, row.mrope, row.text_positions, row.cu_seqlens, row.deepstack,
+                         row.hidden.shape[1])
 
 
 class _Replay(torch.autograd.Function):
@@ -104,8 +100,9 @@ FIRST_CAPACITY = 8192  # tokens the shared buffers hold at first (8B: 5 x 64 MiB
 
 
 class DecoderGraphs:
-    """Installs itself as the text model's ``forward`` (:meth:`install`); rows it cannot replay (no grad, a batch of
-    several rows, an attention mask, a trainable input) go to the original forward, and each reason is said once."""
+    """``graphs(embeds, positions, cu, deepstack)``: the decoder stack's final-norm output for one packed row,
+    replayed from a recording of its shape (made on first sight). Calls it cannot replay (no grad, not on a GPU,
+    something before the decoder trains) run :func:`decoder_stack` eagerly, and each reason is said once."""
 
     def __init__(self, model, log=print):
         self.text = language_model(model)
@@ -118,7 +115,6 @@ class DecoderGraphs:
                                        if p.requires_grad and (".visual." in name or "embed_tokens" in name)})
         self.n_deepstack = deepstack_count(getattr(model, "config", self.text.config))
         self.log = log
-        self.original = None
         self.pool = None
         self.capacity = 0
         self.buffers: dict[str, object] = {}
@@ -131,58 +127,37 @@ class DecoderGraphs:
         self.fallbacks: Counter = Counter()
         self.anchor = None
 
-    # ------------------------------------------------------------------ installing
-
-    def install(self) -> "DecoderGraphs":
-        self.original = self.text.forward
-        self.text.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it
-        return self
-
-    def uninstall(self) -> None:
-        self.text.__dict__.pop("forward", None)
+    def close(self) -> None:
+        """Drop every recording and buffer (their memory goes back once the pool's last graph is gone)."""
         self.recordings.clear()
         self.rows.clear()
         self.buffers.clear()
         self.pool = None
 
-    # ------------------------------------------------------------------ the forward
-
-    def unfit(self, kwargs: dict) -> str:
-        """Why this call cannot replay a recording ('' when it can)."""
-        embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
+    def unfit(self, embeds: torch.Tensor, deepstack: list) -> str:
+        """Why this row cannot replay a recording ('' when it can)."""
         if not (torch.is_grad_enabled() and self.text.training):
             return "not training (no gradients)"
-        if embeds is None or embeds.dim() != 3 or embeds.shape[0] != 1 or not embeds.is_cuda:
+        if embeds.dim() != 3 or embeds.shape[0] != 1 or not embeds.is_cuda:
             return "not one packed row of embeddings on a GPU"
         if self.upstream_trains:
             return f"trainable weights before the decoder ({self.upstream_trains[0]}, ...)"
-        if kwargs.get("attention_mask") is not None:
-            return "an attention mask"
-        if positions is None or positions.shape != (4, 1, embeds.shape[1]):
-            return "no packed mRoPE positions (4, 1, L)"
-        if kwargs.get(BOUNDS_INPUTS[0]) is None:
-            return "no sample bounds (per_sample attention)"
-        features = kwargs.get("deepstack_visual_embeds")
-        if features is not None and len(features) != self.n_deepstack:
-            return f"{len(features)} deepstack features for {self.n_deepstack} layers"
-        extra = [k for k, v in kwargs.items() if (k not in _RECORDED) and v is not None and v is not False]
-        if extra:
-            return f"arguments it does not record ({', '.join(sorted(extra))})"
+        if deepstack and len(deepstack) != self.n_deepstack:
+            return f"{len(deepstack)} deepstack features for {self.n_deepstack} layers"
         if any(p.grad is None for p in self.params):
             return "trainable weights without a standing .grad (speed.standing_grads)"
         return ""
 
-    def forward(self, *args, **kwargs):
-        why = "positional arguments" if args else self.unfit(kwargs)
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, deepstack: list):
+        """``embeds`` (1, L, H); ``positions`` (4, 1, L): text positions, then mRoPE; ``cu`` the samples' bounds;
+        ``deepstack``: dense (1, L, H) features, or [] for a row without visual tokens."""
+        length = embeds.shape[1]
+        why = self.unfit(embeds, deepstack)
         if why:
             if not self.fallbacks[why]:
                 self.log(f"cuda_graphs: a forward ran without graphs: {why}")
             self.fallbacks[why] += 1
-            return self.original(*args, **kwargs)
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
-        embeds, positions, cu = kwargs["inputs_embeds"], kwargs["position_ids"], kwargs[BOUNDS_INPUTS[0]]
-        length = embeds.shape[1]
+            return decoder_stack(self.text, embeds, positions[1:], positions[0], cu, deepstack, length)
         key = (length, cu.numel(), embeds.dtype)
         self._fit_buffers(length, embeds)
         row = self.rows.get(key) or self._new_row(key, embeds.device)
@@ -190,14 +165,18 @@ class DecoderGraphs:
         row.text_positions.copy_(positions[0])
         row.mrope.copy_(positions[1:])
         row.cu_seqlens.copy_(cu)
-        fill_deepstack(row.deepstack, kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds"))
+        for i, buf in enumerate(row.deepstack):
+            if deepstack:
+                buf.copy_(deepstack[i])
+            else:
+                buf.zero_()
         recording = self.recordings.get(key)
         if recording is None or any(p.grad is not g for p, g in zip(self.params, recording.grads)):
             recording = self.recordings[key] = self._record(row)
         if self.anchor is None:
             self.anchor = torch.zeros((), device=embeds.device, requires_grad=True)
         self.replays += 1
-        return BaseModelOutputWithPast(last_hidden_state=_Replay.apply(recording, row, self.anchor))
+        return _Replay.apply(recording, row, self.anchor)
 
     # ------------------------------------------------------------------ buffers and recordings
 
@@ -257,7 +236,7 @@ class DecoderGraphs:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             if warm_up:
-                out = decoder_stack(self.text, row)
+                out = recorded_stack(self.text, row)
                 torch.autograd.grad(out, params, grad_outputs=torch.zeros_like(out), allow_unused=True)
                 del out
             if self.pool is None:
@@ -267,7 +246,7 @@ class DecoderGraphs:
             forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             forward.capture_begin(self.pool, capture_error_mode="thread_local")
             try:
-                out = decoder_stack(self.text, row)
+                out = recorded_stack(self.text, row)
                 row.output.copy_(out.detach())
             finally:
                 forward.capture_end()
@@ -287,8 +266,3 @@ class DecoderGraphs:
         fell = f"; {sum(self.fallbacks.values())} without graphs" if self.fallbacks else ""
         return (f"{self.replays} replays of {self.recorded} recordings ({len(self.recordings)} row shapes kept, "
                 f"{self.record_s:.1f} s recording, rows up to {self.capacity:,} tokens){fell}")
-
-
-# what a recording takes from the text model's kwargs (anything else must be None / False)
-_RECORDED = {"inputs_embeds", "position_ids", "attention_mask", "visual_pos_masks", "deepstack_visual_embeds",
-             *BOUNDS_INPUTS}

@@ -276,6 +276,7 @@ def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0) -
     grown to a multiple of that many tokens by a label-free padding sample (``padding``: how many tokens, popped
     before the forward)."""
     from qvl.data.packing import pack, pad_row
+    from qvl.train.row_forward import row_extras
 
     batch = pack(encs, rope_index)
     batch.pop("use_cache")  # LossModule passes use_cache=False itself
@@ -284,6 +285,9 @@ def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0) -
         n = batch["input_ids"].shape[-1]
         batch = pad_row(batch, row_multiple, pad_id)
         batch["padding"] = batch["input_ids"].shape[-1] - n
+    config = getattr(rope_index, "config", None) or getattr(getattr(rope_index, "__self__", None), "config", None)
+    if config is not None and getattr(config, "vision_config", None) is not None:
+        batch.update(row_extras(batch, config))  # made here (a worker, mostly), not on the step
     return batch
 
 
@@ -427,7 +431,7 @@ class LossModule(torch.nn.Module):
     """
 
     def __init__(self, model, fused_cross_entropy: bool = False, bounds_as_inputs: bool = False,
-                 row_bound: bool = False):
+                 row_bound: bool = False, graphs=None):
         super().__init__()
         self.model = model  # Qwen3VLForConditionalGeneration or a PeftModel around it
         self.fused_ce = fused_cross_entropy  # speed.linear_cross_entropy: no full-vocabulary logits tensor
@@ -437,6 +441,11 @@ class LossModule(torch.nn.Module):
         self.row_bound = row_bound  # the longest sample given as the row's length (CUDA graphs: fixed per length)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.inner, self.lm_head, self.visual = base.model, base.lm_head, base.model.visual
+        from qvl.train import row_forward
+
+        # packed rows with their host-side facts made when packed (row_forward.row_extras): no host read per step
+        self.config, self.row_forward = base.config, row_forward.usable(self.inner, base.config)
+        self.graphs = graphs  # qvl.train.graphs.DecoderGraphs (cuda_graphs), set by the loop
         self.vision_trains = any(p.requires_grad for p in self.visual.parameters())
         vc = base.config.vision_config
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
@@ -450,24 +459,35 @@ class LossModule(torch.nn.Module):
         return sum(t.float().sum() for t in _tensors(out) if t.is_floating_point()) * 0.0
 
     def forward(self, batch: dict, n_label_tokens: float):
+        from qvl.train.row_forward import row_hidden, take_extras
+
         labels = batch.pop("labels")
         batch.pop("padding", None)  # pack_micro_batch's count of padding tokens (they have no labels)
-        extra = {}
+        extras = take_extras(batch)  # pack_micro_batch's host-side facts (row_forward.row_extras)
         positions = batch.get("position_ids")
-        if self.bounds_as_inputs and positions is not None and positions.dim() == 3 and positions.shape[:2] == (4, 1):
-            from qvl.data.packing import sample_bounds_inputs
+        packed_row = positions is not None and positions.dim() == 3 and positions.shape[:2] == (4, 1)
+        if self.bounds_as_inputs and packed_row and extras and self.row_forward:
+            last = row_hidden(self.inner, self.config, batch, extras, self.row_bound, self.graphs)
+        else:
+            extra = {}
+            if self.bounds_as_inputs and packed_row:
+                from qvl.data.packing import sample_bounds_inputs
 
-            extra = sample_bounds_inputs(batch["position_ids"], row_bound=self.row_bound)
-        out = self.inner(**batch, **extra, use_cache=False)
-        hidden = out.last_hidden_state[:, :-1]
-        target = labels[:, 1:]
-        keep = target != IGNORE_INDEX
+                extra = sample_bounds_inputs(batch["position_ids"], row_bound=self.row_bound)
+            last = self.inner(**batch, **extra, use_cache=False).last_hidden_state
+        hidden, target = last[:, :-1], labels[:, 1:]
+        if "label_index" in extras:  # positions found on the CPU: no host read of a boolean mask's count
+            index = extras["label_index"]
+            hidden, target = hidden[0].index_select(0, index), target[0].index_select(0, index)
+        else:
+            keep = target != IGNORE_INDEX
+            hidden, target = hidden[keep], target[keep]
         # a plain Linear only: a LoRA-wrapped lm_head (lora_target_regex) would lose its adapter's output
         if self.fused_ce and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None:
-            loss_sum = speed.linear_cross_entropy(hidden[keep], self.lm_head.weight, target[keep])
+            loss_sum = speed.linear_cross_entropy(hidden, self.lm_head.weight, target)
         else:
-            logits = self.lm_head(hidden[keep]).float()
-            loss_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+            logits = self.lm_head(hidden).float()
+            loss_sum = F.cross_entropy(logits, target, reduction="sum")
         loss = loss_sum / max(n_label_tokens, 1.0)
         if self.vision_trains and "pixel_values" not in batch and "pixel_values_videos" not in batch:
             loss = loss + self.dummy_vision(hidden.device, self.visual.dtype if hasattr(self.visual, "dtype")
@@ -679,7 +699,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
 
         speed.standing_grads(eng.trainable)
         eng.standing_grads = True
-        decoder_graphs = DecoderGraphs(model, log=say).install()
+        decoder_graphs = loss_module.graphs = DecoderGraphs(model, log=say)
     # the logged `lr`: the LLM's group (learning_rate) when it trains, else the first group's
     main_group = next((g["name"] for g in optimizer.param_groups if g["name"].split("/")[0] == "llm"),
                       optimizer.param_groups[0]["name"])
@@ -793,10 +813,10 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             for cb in callbacks:
                 cb(done, row)
 
-    finally:  # the model object may be trained again (benchmarks): its text model gets its own forward back
+    finally:  # the recordings' memory goes back (benchmarks train the same model object again)
         if decoder_graphs is not None:
             say(f"cuda_graphs: {decoder_graphs.summary()}")
-            decoder_graphs.uninstall()
+            decoder_graphs.close()
 
     # 7. final: last checkpoint (resumable) + servable folder
     done = max(start_step, plan.total_steps)

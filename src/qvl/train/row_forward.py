@@ -1,0 +1,111 @@
+"""One packed training row through Qwen3-VL with no host read on the step: what transformers' forward computes,
+with everything that depends only on the row's layout prepared on the CPU when the row is packed (in the DataLoader
+workers).
+
+Why: transformers' ``Qwen3VLModel.forward`` reads the device several times per step. The vision tower derives its
+segment bounds, rotary ids and position-embedding interpolation from ``grid_thw`` with ``repeat_interleave``,
+``.tolist()`` and ``.item()``. The image features are split per image, and the placeholder counts are checked. The
+deepstack features are gathered with boolean masks, and the loss is taken at the label positions. Every such read
+waits for the GPU to drain, and the GPU then waits for the host to queue work again. On an H100 (8B LoRA) the tower
+spanned ~110 ms of GPU time per step for ~30 ms of kernels (docs/benchmarks.md).
+
+Here :func:`row_extras` computes those tensors on the CPU (``transformers.vision_utils``: the same functions the
+tower calls, given precomputed values through its kwargs), together with the text samples' bounds and the label
+positions. :func:`row_hidden` then runs embedding, tower, feature scatter and decoder (:func:`qvl.train.graphs.
+decoder_stack`, or its CUDA graphs) on the device only. ``tests/train/test_row_forward.py`` checks the losses and
+gradients against transformers' forward, with images, videos and text-only rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qvl.data.packing import IGNORE_INDEX
+
+EXTRA_PREFIX = "qvl_"  # batch keys made here; LossModule takes them out before anything else sees the batch
+MEDIA = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
+VISION_KEYS = ("cu_seqlens", "max_seqlen", "position_ids", "interp_indices", "interp_weights")
+
+
+def vision_extras(grid_thw: torch.Tensor, vision_config) -> dict:
+    """What the tower derives from ``grid_thw`` (CPU), under the kwarg names its forward pops them by."""
+    from transformers.vision_utils import (
+        get_vision_cu_seqlens,
+        get_vision_interpolation_indices_and_weights,
+        get_vision_position_ids,
+    )
+
+    merge = vision_config.spatial_merge_size
+    cu = get_vision_cu_seqlens(grid_thw)
+    # the tower's own settings (Qwen3VLVisionModel.__init__: bilinear, align_corners=True)
+    indices, weights = get_vision_interpolation_indices_and_weights(
+        grid_thw, num_grid_per_side=int(vision_config.num_position_embeddings ** 0.5), mode="bilinear",
+        align_corners=True, spatial_merge_size=merge)
+    return {"cu_seqlens": cu, "max_seqlen": int((cu[1:] - cu[:-1]).max()), "position_ids":
+            get_vision_position_ids(grid_thw, merge), "interp_indices": indices, "interp_weights": weights}
+
+
+def row_extras(batch: dict, model_config) -> dict:
+    """A packed row's host-side facts as ``qvl_*`` tensors / ints: text sample bounds, label positions (in the
+    shifted row), and per medium the tower's precomputed inputs."""
+    from qvl.data.packing import sample_bounds_inputs
+
+    bounds = sample_bounds_inputs(batch["position_ids"])
+    out = {f"{EXTRA_PREFIX}cu_seqlens": bounds["qvl_cu_seqlens"], f"{EXTRA_PREFIX}longest": bounds["qvl_max_seqlen"]}
+    labels = batch.get("labels")
+    if labels is not None:
+        out[f"{EXTRA_PREFIX}label_index"] = (labels[0, 1:] != IGNORE_INDEX).nonzero().flatten()
+    for kind, _, grid_key in MEDIA:
+        grid = batch.get(grid_key)
+        if grid is not None:
+            for key, value in vision_extras(grid, model_config.vision_config).items():
+                out[f"{EXTRA_PREFIX}{kind}_{key}"] = value
+    return out
+
+
+def take_extras(batch: dict) -> dict:
+    """Remove and return the ``qvl_*`` entries of ``batch`` (without their prefix)."""
+    return {k[len(EXTRA_PREFIX):]: batch.pop(k) for k in [k for k in batch if k.startswith(EXTRA_PREFIX)]}
+
+
+def usable(inner, config) -> bool:
+    """The model is the Qwen3-VL this file knows: a tower with the interpolation :func:`vision_extras` assumes."""
+    visual = getattr(inner, "visual", None)
+    return (visual is not None and getattr(visual, "interpolation_mode", None) == "bilinear"
+            and getattr(visual, "interpolation_align_corners", None) is True
+            and hasattr(inner, "language_model") and hasattr(config, "image_token_id"))
+
+
+def row_hidden(inner, config, batch: dict, extras: dict, row_bound: bool = False, graphs=None) -> torch.Tensor:
+    """The final-norm hidden states (1, L, H) of one packed row, as ``inner(**batch).last_hidden_state``.
+
+    ``inner``: the ``Qwen3VLModel``; ``extras``: :func:`take_extras` of a batch made with :func:`row_extras`;
+    ``row_bound``: the row's length as the attention's longest-sample bound (CUDA graphs); ``graphs``: a
+    :class:`qvl.train.graphs.DecoderGraphs` to run the decoder with."""
+    from qvl.train.graphs import decoder_stack
+
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    embeds = inner.get_input_embeddings()(ids)
+    visual, text = inner.visual, inner.language_model
+    placed = []  # (mask (1, L, 1), deepstack features) per medium
+    for kind, pixel_key, grid_key in MEDIA:
+        pixels = batch.get(pixel_key)
+        if pixels is None:
+            continue
+        kw = {key: extras[f"{kind}_{key}"] for key in VISION_KEYS}
+        out = visual(pixels.type(visual.dtype), grid_thw=batch[grid_key], return_dict=True, **kw)
+        mask = (ids == getattr(config, f"{kind}_token_id"))[..., None]
+        embeds = embeds.masked_scatter(mask.expand_as(embeds), out.pooler_output.to(embeds.dtype))
+        placed.append((mask, out.deepstack_features))
+    deepstack = []
+    if placed:  # dense: zero where no visual token is (adding zero there changes nothing)
+        for i in range(len(placed[0][1])):
+            dense = torch.zeros_like(embeds)
+            for mask, features in placed:
+                dense.masked_scatter_(mask.expand_as(dense), features[i].to(dense.dtype))
+            deepstack.append(dense)
+    cu = extras["cu_seqlens"]
+    if graphs is not None:
+        return graphs(embeds, positions, cu, deepstack)
+    return decoder_stack(text, embeds, positions[1:], positions[0], cu, deepstack,
+                         ids.shape[1] if row_bound else extras["longest"])

@@ -1,0 +1,117 @@
+"""One packed row through Qwen3-VL with its host-side facts made when packed (:mod:`qvl.train.row_forward`): the
+losses and LoRA gradients of transformers' forward, for rows with images, a video and image together, text only,
+padded or not; the label positions and vision inputs made on the CPU equal what transformers derives."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvl.train.row_forward import EXTRA_PREFIX, row_extras, take_extras
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from helpers import write_image, write_video  # noqa: E402
+
+
+def mixed_data(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_image(folder / "wide.png", 160, 64)
+    write_image(folder / "small.png", 48, 48, colour=(30, 200, 30))
+    write_video(folder / "v.mp4", frames=12, fps=4, w=96, h=64)
+
+    def turn(prompt, answer):
+        return [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+
+    rows = [{"image": "wide.png", "conversations": turn("<image>\nWhat colour?", "red")},
+            {"video": "v.mp4", "conversations": turn("<video>\nWhat happens?", "it brightens")},
+            {"image": ["small.png", "wide.png"], "conversations": turn("<image> and <image>: same?", "no, not at all")},
+            {"conversations": turn("Say yes.", "yes")},
+            {"conversations": turn("Count to three.", "one two three")}]
+    path = folder / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def setup(make_cfg, tmp_path):
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.data.registry import load_mixture
+    from qvl.models.load import load
+    from qvl.train import components as comp
+    from qvl.train.loop import Encoder
+
+    cfg = make_cfg(dataset_use=mixed_data(tmp_path / "data"), data_flatten=True, tune_mm_llm=False,
+                   tune_mm_mlp=False, lora_enable=True, max_pixels=96 * 96, min_pixels=32 * 32)
+    torch.manual_seed(0)
+    model, processor = load(cfg.model_name_or_path)
+    model = comp.apply_training_mode(model, cfg)
+    model.train()
+    use_packed_attention(model, "per_sample")
+    enc = Encoder(load_mixture(cfg.dataset_use, None, seed=cfg.seed), processor, cfg)
+    samples = [enc(i) for i in range(5)]
+    assert all(s is not None for s in samples)
+    return model, processor, rope_index_fn(model), samples
+
+
+ROWS = {"images": [0, 3, 2], "video+image": [1, 0, 4], "text-only": [3, 4], "video": [1]}
+
+
+@pytest.mark.parametrize("multiple", [0, 64], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("row", list(ROWS))
+def test_row_forward_gives_transformers_loss_and_gradients(setup, row, multiple):
+    from qvl.train.loop import LossModule, pack_micro_batch
+
+    model, processor, rope, samples = setup
+    batch = pack_micro_batch([samples[i] for i in ROWS[row]], rope, multiple, processor.tokenizer.pad_token_id)
+    assert f"{EXTRA_PREFIX}cu_seqlens" in batch and f"{EXTRA_PREFIX}label_index" in batch
+    assert (f"{EXTRA_PREFIX}video_cu_seqlens" in batch) == ("video" in row)
+    n = float(int((batch["labels"] != -100).sum()))
+
+    def run(use_row_forward: bool):
+        lm = LossModule(model, bounds_as_inputs=True, row_bound=multiple > 0)
+        assert lm.row_forward  # the tiny Qwen3-VL is one row_forward knows
+        lm.row_forward = use_row_forward
+        model.zero_grad()
+        b = dict(batch)
+        if not use_row_forward:  # transformers' forward, as before: no precomputed facts at all
+            take_extras(b)
+        loss, part = lm(b, n)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), float(part), grads
+
+    ref_loss, ref_part, ref_grads = run(False)
+    loss, part, grads = run(True)
+    assert loss == pytest.approx(ref_loss, rel=1e-5) and part == pytest.approx(ref_part, rel=1e-5)
+    assert set(grads) == set(ref_grads) and grads
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-7)
+
+
+def test_extras_equal_what_transformers_derives(setup):
+    """The tower's inputs made on the CPU are those its forward computes from grid_thw; label positions are where
+    the shifted labels are."""
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
+    from qvl.data.packing import pack
+
+    model, _, rope, samples = setup
+    batch = pack([samples[i] for i in (1, 2, 3)], rope)
+    extras = row_extras(batch, model.config)
+    vision = model.get_base_model().model.visual
+    for kind, grid_key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+        grid = batch[grid_key]
+        assert torch.equal(extras[f"qvl_{kind}_cu_seqlens"], get_vision_cu_seqlens(grid))
+        assert torch.equal(extras[f"qvl_{kind}_position_ids"], get_vision_position_ids(grid, vision.spatial_merge_size))
+        cu = extras[f"qvl_{kind}_cu_seqlens"]
+        assert extras[f"qvl_{kind}_max_seqlen"] == int((cu[1:] - cu[:-1]).max())
+    shifted = batch["labels"][0, 1:]
+    assert extras["qvl_label_index"].tolist() == [i for i, t in enumerate(shifted.tolist()) if t != -100]
+    assert extras["qvl_cu_seqlens"].tolist()[-1] == batch["input_ids"].shape[1]
+    assert len(extras["qvl_cu_seqlens"]) == 4  # three samples
+    got = take_extras(dict(batch, **extras))
+    assert set(got) == {k[len(EXTRA_PREFIX):] for k in extras}
