@@ -115,3 +115,29 @@ def test_extras_equal_what_transformers_derives(setup):
     assert len(extras["qvl_cu_seqlens"]) == 4  # three samples
     got = take_extras(dict(batch, **extras))
     assert set(got) == {k[len(EXTRA_PREFIX):] for k in extras}
+
+
+def test_compiled_tower_gives_the_same_loss(setup):
+    """speed.compile_vision_tower (the whole forward, undecorated, dynamic shapes) on a row with images and a video:
+    transformers' loss; uncompile takes it away."""
+    from qvl.train import speed
+    from qvl.train.loop import LossModule, pack_micro_batch
+
+    model, processor, rope, samples = setup
+    batch = pack_micro_batch([samples[i] for i in ROWS["video+image"]], rope, 0, processor.tokenizer.pad_token_id)
+    n = float(int((batch["labels"] != -100).sum()))
+    lm = LossModule(model, bounds_as_inputs=True)
+    with torch.no_grad():
+        ref = float(lm(dict(batch), n)[0])
+        assert speed.compile_vision_tower(model, backend="aot_eager")
+        visual = model.get_base_model().model.visual
+        assert visual.qvl_compiled_forward is not None
+        got = [float(lm(dict(batch), n)[0]) for _ in range(2)]
+    speed.uncompile(model)
+    assert "qvl_compiled_forward" not in visual.__dict__
+    assert got == pytest.approx([ref, ref], rel=1e-5)
+    visual.merger.linear_fc1.weight.requires_grad_(True)  # a tower that trains: left alone
+    try:
+        assert not speed.compile_vision_tower(model, backend="aot_eager")
+    finally:
+        visual.merger.linear_fc1.weight.requires_grad_(False)

@@ -672,8 +672,14 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
         what = ("whole decoder layers, recompute inside" if cfg.compile_scope == "layer"
                 else "each layer's norms, attention and MLP")
-        blocks = speed.compile_vision_blocks(model)  # frozen tower only
-        tower = f", and the frozen vision tower's {blocks} blocks" if blocks else ""
+        from qvl.train import row_forward
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if per_sample and row_forward.usable(base.model, base.config) and speed.compile_vision_tower(model):
+            tower = ", and the frozen vision tower's forward (one graph)"  # it gets its inputs precomputed
+        else:
+            blocks = speed.compile_vision_blocks(model)  # frozen tower only
+            tower = f", and the frozen vision tower's {blocks} blocks" if blocks else ""
         say(f"compile_layers ({why}): {n} modules compiled ({what}; one graph for all layers){tower}; the first "
             "steps compile (~1 min on an H100); compile_layers=false turns it off")
     elif why:

@@ -93,7 +93,11 @@ def row_hidden(inner, config, batch: dict, extras: dict, row_bound: bool = False
         if pixels is None:
             continue
         kw = {key: extras[f"{kind}_{key}"] for key in VISION_KEYS}
-        out = visual(pixels.type(visual.dtype), grid_thw=batch[grid_key], return_dict=True, **kw)
+        compiled = getattr(visual, "qvl_compiled_forward", None)  # speed.compile_vision_tower
+        if compiled is not None:
+            out = compiled(visual, pixels.type(visual.dtype), grid_thw=batch[grid_key], **kw)
+        else:
+            out = visual(pixels.type(visual.dtype), grid_thw=batch[grid_key], return_dict=True, **kw)
         mask = (ids == getattr(config, f"{kind}_token_id"))[..., None]
         embeds = embeds.masked_scatter(mask.expand_as(embeds), out.pooler_output.to(embeds.dtype))
         placed.append((mask, out.deepstack_features))

@@ -243,6 +243,25 @@ def compile_vision_blocks(model, backend: str = "inductor") -> int:
     return len(blocks)
 
 
+def compile_vision_tower(model, backend: str = "inductor") -> bool:
+    """Compile a frozen vision tower's whole forward as one graph (dynamic patch and segment counts), for callers
+    that give it its ``grid_thw``-derived inputs precomputed (:mod:`qvl.train.row_forward`, which calls
+    ``visual.qvl_compiled_forward``): one guard check and one launch sequence per call instead of one per block
+    (27 for Qwen3-VL), on a step that waits on the host (8B LoRA on an H100: the tower's forward took ~60 ms of host
+    time per call with its blocks compiled apart, for ~15 ms of kernels; docs/benchmarks.md). transformers'
+    output-capturing decorator is left out (``__wrapped__``: dynamo cannot trace its ContextVar); what it adds
+    (``output_hidden_states`` / ``output_attentions``) training does not ask for. False (nothing compiled) when any
+    vision weight trains, or the forward is not a decorated one. Undone by :func:`uncompile`."""
+    visual = next((m for m in model.modules() if type(m).__name__.endswith("VisionModel")), None)
+    if visual is None or any(p.requires_grad for p in visual.parameters()):
+        return False
+    core = getattr(type(visual).forward, "__wrapped__", None)
+    if core is None:
+        return False
+    visual.qvl_compiled_forward = torch.compile(core, backend=backend, dynamic=True)
+    return True
+
+
 _CHECKPOINT_INSIDE: dict[type, type] = {}
 RECOMPUTE_SCOPES = ("layer", "mlp")
 def projection_sizes(hidden: int, q_dim: int, kv_dim: int) -> set[int]:
@@ -337,6 +356,7 @@ def uncompile(model) -> None:
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
+        m.__dict__.pop("qvl_compiled_forward", None)
         base = getattr(type(m), "qvl_base_class", None)
         if base is not None:
             m.__class__ = base
