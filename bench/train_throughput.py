@@ -205,8 +205,13 @@ class StepClock:
         self.t_start = time.perf_counter()
         self.profile_steps, self.profile_out, self.prof, self.prof_t0 = profile_steps, profile_out, None, 0.0
 
+    timeline = None
+
     def __call__(self, step: int, row: dict) -> None:
         now = time.perf_counter()
+        if self.timeline is not None:
+            self.timeline.step_done(now - (self.marks[-1][1] if self.marks else self.t_start))
+            now = time.perf_counter()  # the timeline's own sync is not the next step's time
         self.marks.append((step, now, row["tokens_per_s"] * row["elapsed_s"]))
         if self.profile_steps and step == self.profile_steps[0]:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -263,6 +268,73 @@ def write_profile(prof, wall: float, steps: int, out: Path | None) -> None:
         out.write_text(text)
 
 
+class Timeline:
+    """Host and GPU time of a step's phases, without the profiler's per-op overhead: each phase's host wall time,
+    and its GPU span (CUDA events at its start and end: kernels plus the gaps where the GPU waited for the host).
+    Patches the loop's functions for one run (``undo``); ``report`` averages over the steps after ``skip``."""
+
+    PHASES = (("to_device", "qvl.train.loop", "to_device"),
+              ("micro_step (forward + backward)", "qvl.train.distributed", "micro_step"),
+              ("  LossModule.forward", "qvl.train.loop", "LossModule.forward"),
+              ("    row_hidden", "qvl.train.row_forward", "row_hidden"),
+              ("      decoder_stack (eager)", "qvl.train.graphs", "decoder_stack"),
+              ("      DecoderGraphs (replay)", "qvl.train.graphs", "DecoderGraphs.__call__"),
+              ("finish_step (clip + optimizer)", "qvl.train.distributed", "finish_step"),
+              ("host_floats (waits for the GPU)", "qvl.train.speed", "host_floats"))
+
+    def __init__(self):
+        import importlib
+
+        self.undo_list, self.rows, self.current = [], [], {}
+        for label_, module_name, attr in self.PHASES:
+            owner = importlib.import_module(module_name)
+            if "." in attr:
+                cls_name, attr = attr.split(".")
+                owner = getattr(owner, cls_name)
+            original = getattr(owner, attr)
+            setattr(owner, attr, self._timed(label_, original))
+            self.undo_list.append((owner, attr, original))
+        self.step_start = None
+
+    def _timed(self, label_, fn):
+        def timed(*a, **k):
+            if torch.cuda.is_current_stream_capturing():  # recording a CUDA graph: no events inside it
+                return fn(*a, **k)
+            start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start_ev.record()
+            out = fn(*a, **k)
+            end_ev.record()
+            self.current.setdefault(label_, []).append((time.perf_counter() - t0, start_ev, end_ev))
+            return out
+
+        return timed
+
+    def step_done(self, wall: float) -> None:
+        torch.cuda.synchronize()
+        row = {"step wall": (wall, wall)}
+        for label_, calls in self.current.items():
+            row[label_] = (sum(h for h, _, _ in calls), sum(a.elapsed_time(b) / 1e3 for _, a, b in calls))
+        self.rows.append(row)
+        self.current = {}
+
+    def undo(self) -> None:
+        for owner, attr, original in self.undo_list:
+            setattr(owner, attr, original)
+
+    def report(self, skip: int) -> str:
+        rows = self.rows[skip:]
+        if not rows:
+            return ""
+        labels = ["step wall"] + [p[0] for p in self.PHASES if any(p[0] in r for r in rows)]
+        lines = [f"  {'phase':<36} {'host ms/step':>12} {'GPU span ms/step':>17}"]
+        for lab in labels:
+            host = sum(r.get(lab, (0, 0))[0] for r in rows) / len(rows) * 1e3
+            gpu = sum(r.get(lab, (0, 0))[1] for r in rows) / len(rows) * 1e3
+            lines.append(f"  {lab:<36} {host:12.1f} {gpu:17.1f}")
+        return "\n".join(lines)
+
+
 def label(module, name: str) -> None:
     """Run ``module``'s forward under a profiler range called ``name`` (for this process's remaining runs)."""
     forward = module.forward
@@ -289,6 +361,9 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     warmup = overrides.pop("bench_warmup", warmup)
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
     clock = StepClock(profile, Path(args.profile_out) if args.profile_out else None)
+    timeline = Timeline() if args.timeline and args.device.startswith("cuda") else None
+    if timeline is not None:
+        clock.timeline = timeline
     if profile:  # named ranges for the profile: the vision tower's forward and the loss head
         label(model_of(base).model.visual, "bench: vision tower")
     saved = (load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit)
@@ -327,6 +402,10 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
 
         result = train(cfg, log=log, callbacks=[clock])
     finally:
+        if timeline is not None:
+            timeline.undo()
+            print(f"{name}: host and GPU time per step (steps {warmup}-{warmup + timed}):\n"
+                  f"{timeline.report(warmup)}", flush=True)
         inductor_config.cpp_wrapper, functorch_config.activation_memory_budget = cpp_wrapper, budget
         speed.compile_vision_blocks = compile_vision_blocks
         load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit = saved
@@ -403,6 +482,8 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds: skip contestants that would start later")
     ap.add_argument("--profile-out", default=None, help="write a torch.profiler summary of the best qvl row here")
     ap.add_argument("--profile-row", default="qvl-per-sample-keep10", help="the contestant --profile-out profiles")
+    ap.add_argument("--timeline", action="store_true", help="print each qvl row's host and GPU time per step phase "
+                    "(CUDA events around the loop's functions; adds one sync per step)")
     ap.add_argument("--long-warmup", type=int, default=40, help="warm-up steps of the long-window rows "
                     "(qvl-auto-long, qvl-cudagraphs: CUDA graphs record once per row length)")
     ap.add_argument("--long-timed", type=int, default=40, help="timed steps of the long-window rows")
