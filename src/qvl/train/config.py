@@ -164,12 +164,12 @@ class TrainConfig(BaseModel):
                              "adapters, MLP, residual adds; gradient checkpointing inside the compiled code), parts = "
                              "each layer's norms, attention and MLP apart (checkpointing outside)")
     cuda_graphs: bool = Field(
-        False, description="replay each compiled decoder layer's kernels as CUDA graphs (the step is host-bound on "
-                           "fast GPUs): rows are padded to a multiple of cuda_graphs_row_multiple tokens and every "
-                           "new row length records its graphs once, so long runs gain and short ones pay; needs "
-                           "compile_layers with compile_scope=layer, packed rows with per_sample attention, one GPU. "
-                           "Not usable yet: it crashed on torch 2.11, so it stays off unless QVL_TRY_CUDA_GRAPHS=1 "
-                           "(docs/benchmarks.md)")
+        False, description="replay the decoder stack's forward and backward as CUDA graphs (qvl.train.graphs; the "
+                           "step is host-bound on fast GPUs): rows are padded to a multiple of cuda_graphs_row_multiple "
+                           "tokens and every new row shape is recorded once (0.6-2 s each on an 8B model), so long runs "
+                           "with few row lengths gain and short ones pay; the graphs' memory pool adds to the reserved "
+                           "memory. Needs packed rows with per_sample attention, bf16, one GPU, nothing before the "
+                           "decoder trained (docs/benchmarks.md)")
     cuda_graphs_row_multiple: int = Field(256, ge=1, description="with cuda_graphs: packed rows are padded to a "
                                           "multiple of this many tokens (a padding sample without labels); larger: "
                                           "fewer recordings, more padding computed")

@@ -1,7 +1,8 @@
 """``cuda_graphs``: the LLM's decoder stack replayed as CUDA graphs while training, recorded once per row shape.
 
-Why: a LoRA step on an H100 is host-bound. The GPU waits while Python, dynamo's guards and the compiled layers'
-wrappers launch ~5k kernels per step (docs/benchmarks.md). A CUDA graph replays a recorded forward of all decoder
+Why: a LoRA step on an H100 is host-bound. The GPU waits while Python, dynamo's guards, the compiled layers'
+wrappers and the autograd engine launch ~5k kernels per step (docs/benchmarks.md: the decoder's GPU span equals its
+host time, ~90 ms forward and ~125 ms backward per step for ~50 + ~85 ms of kernels). A CUDA graph replays a recorded forward of all decoder
 layers as one call, and their backward (recompute included) as another, with no host work in between.
 
 What is recorded: the text model's rotary embedding, its decoder layers, the deepstack additions and the final norm.
@@ -19,8 +20,12 @@ images), the LM head with the loss at the label positions and the optimizer run 
 - **Gradients.** The backward graph adds the trainable weights' gradients into their standing ``.grad`` tensors
   (:func:`qvl.train.speed.standing_grads`). Every replay checks that those tensors are still the ones it recorded.
 
-The recording itself is not a training step. Each new shape first runs one forward and backward to warm up (results
-dropped), then records, then replays. The first step of each new shape therefore costs about three steps.
+The recording itself is not a training step: it runs the stack's Python once more, forward and backward, without the
+GPU doing the work, then the step replays it. The first recording warms up before (one real forward and backward,
+results dropped). On an 8B model a recording cost 0.6-2 s and a replayed step was ~5-20 % shorter than an eager one
+(docs/benchmarks.md, session 6): it pays in long runs with few row lengths, so ``cuda_graphs`` is opt-in.
+
+:class:`DecoderGraphs` is called by ``LossModule`` through :func:`qvl.train.row_forward.row_hidden`.
 """
 
 from __future__ import annotations

@@ -675,7 +675,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         from qvl.train import row_forward
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if per_sample and row_forward.usable(base.model, base.config) and speed.compile_vision_tower(model):
+        if (per_sample and cfg.engine == "ddp" and row_forward.usable(base.model, base.config)
+                and speed.compile_vision_tower(model)):
             tower = ", and the frozen vision tower's forward (one graph)"  # it gets its inputs precomputed
         else:
             blocks = speed.compile_vision_blocks(model)  # frozen tower only
@@ -691,6 +692,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         say(graphs_why)
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,
                              bounds_as_inputs=per_sample, row_bound=graphs)
+    if cfg.engine != "ddp":  # FSDP / DeepSpeed gather weights in module hooks: transformers' own forward there
+        loss_module.row_forward = False
     encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
 
     # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
