@@ -41,27 +41,17 @@ def test_pad_row_adds_one_label_free_sample():
 
 def test_padded_rows_give_the_same_loss_and_gradients(make_cfg):
     """per_sample attention with the bounds as inputs; padded to multiples of 64 with the row as the bound."""
-    from train_helpers import make_colour_data
+    from train_helpers import make_colour_data, packed_lora_model
 
-    from qvl.data.packing import rope_index_fn, use_packed_attention
-    from qvl.data.registry import load_mixture
-    from qvl.models.load import load
-    from qvl.train import components as comp
-    from qvl.train.loop import Encoder, LossModule, pack_micro_batch
+    from qvl.train.loop import LossModule, pack_micro_batch
 
     import tempfile
     from pathlib import Path
 
     data = make_colour_data(Path(tempfile.mkdtemp()), 6, seed=3, text_only=2)
     cfg = make_cfg(dataset_use=data, data_flatten=True, tune_mm_llm=False, lora_enable=True)
-    torch.manual_seed(0)
-    model, processor = load(cfg.model_name_or_path)
-    model = comp.apply_training_mode(model, cfg)
-    model.train()
-    use_packed_attention(model, "per_sample")
-    enc = Encoder(load_mixture(cfg.dataset_use, None, seed=cfg.seed), processor, cfg)
+    model, processor, enc, rope = packed_lora_model(cfg)
     rows = [[enc(0), enc(6), enc(1)], [enc(2), enc(7)]]
-    rope = rope_index_fn(model)
     pad_id = processor.tokenizer.pad_token_id
 
     def run(lm, multiple):

@@ -19,26 +19,16 @@ from qvl.train.graphs import DecoderGraphs, decoder_stack, deepstack_count
 
 @pytest.fixture
 def lora_model_and_rows(make_cfg):
-    from train_helpers import make_colour_data
+    from train_helpers import make_colour_data, packed_lora_model
 
-    from qvl.data.packing import rope_index_fn, use_packed_attention
-    from qvl.data.registry import load_mixture
-    from qvl.models.load import load
-    from qvl.train import components as comp
-    from qvl.train.loop import Encoder, pack_micro_batch
+    from qvl.train.loop import pack_micro_batch
 
     data = make_colour_data(Path(tempfile.mkdtemp()), 6, seed=3, text_only=2)
-    cfg = make_cfg(dataset_use=data, data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False,
-                   lora_enable=True)
-    torch.manual_seed(0)
-    model, processor = load(cfg.model_name_or_path)
-    model = comp.apply_training_mode(model, cfg)
-    model.train()
-    use_packed_attention(model, "per_sample")
-    enc = Encoder(load_mixture(cfg.dataset_use, None, seed=cfg.seed), processor, cfg)
-    rope = rope_index_fn(model)
-    rows = [pack_micro_batch([enc(0), enc(6), enc(1)], rope, 64, processor.tokenizer.pad_token_id),
-            pack_micro_batch([enc(7)], rope, 64, processor.tokenizer.pad_token_id)]  # text only: no deepstack
+    cfg = make_cfg(dataset_use=data, data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False, lora_enable=True)
+    model, processor, enc, rope = packed_lora_model(cfg)
+    pad_id = processor.tokenizer.pad_token_id
+    rows = [pack_micro_batch([enc(0), enc(6), enc(1)], rope, 64, pad_id),
+            pack_micro_batch([enc(7)], rope, 64, pad_id)]  # text only: no deepstack
     return model, rows
 
 

@@ -38,23 +38,14 @@ def mixed_data(folder: Path) -> str:
 
 @pytest.fixture
 def setup(make_cfg, tmp_path):
-    from qvl.data.packing import rope_index_fn, use_packed_attention
-    from qvl.data.registry import load_mixture
-    from qvl.models.load import load
-    from qvl.train import components as comp
-    from qvl.train.loop import Encoder
+    from train_helpers import packed_lora_model
 
     cfg = make_cfg(dataset_use=mixed_data(tmp_path / "data"), data_flatten=True, tune_mm_llm=False,
                    tune_mm_mlp=False, lora_enable=True, max_pixels=96 * 96, min_pixels=32 * 32)
-    torch.manual_seed(0)
-    model, processor = load(cfg.model_name_or_path)
-    model = comp.apply_training_mode(model, cfg)
-    model.train()
-    use_packed_attention(model, "per_sample")
-    enc = Encoder(load_mixture(cfg.dataset_use, None, seed=cfg.seed), processor, cfg)
+    model, processor, enc, rope = packed_lora_model(cfg)
     samples = [enc(i) for i in range(5)]
     assert all(s is not None for s in samples)
-    return model, processor, rope_index_fn(model), samples
+    return model, processor, rope, samples
 
 
 ROWS = {"images": [0, 3, 2], "video+image": [1, 0, 4], "text-only": [3, 4], "video": [1]}

@@ -73,3 +73,23 @@ def run_two_ranks(args: list[str], timeout: int = 240):
                               check=False, env=env, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"2-rank run did not finish in {timeout} s (hang?): {(e.stdout or b'')[-2000:]!r}")
+
+
+def packed_lora_model(cfg):
+    """The tiny model set up as the loop sets it up for packed rows (training mode, per_sample attention), seeded, with
+    an Encoder of ``cfg``'s data and the model's rope index: (model, processor, encoder, rope_index)."""
+    import torch
+
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.data.registry import load_mixture
+    from qvl.models.load import load
+    from qvl.train import components as comp
+    from qvl.train.loop import Encoder
+
+    torch.manual_seed(0)
+    model, processor = load(cfg.model_name_or_path)
+    model = comp.apply_training_mode(model, cfg)
+    model.train()
+    use_packed_attention(model, "per_sample")
+    encoder = Encoder(load_mixture(cfg.dataset_use, None, seed=cfg.seed), processor, cfg)
+    return model, processor, encoder, rope_index_fn(model)
