@@ -279,6 +279,7 @@ class Timeline:
               ("    row_hidden", "qvl.train.row_forward", "row_hidden"),
               ("      decoder_stack (eager)", "qvl.train.graphs", "decoder_stack"),
               ("      DecoderGraphs (replay)", "qvl.train.graphs", "DecoderGraphs.__call__"),
+              ("    backward graph (replay)", "qvl.train.graphs", "_Replay.backward"),
               ("finish_step (clip + optimizer)", "qvl.train.distributed", "finish_step"),
               ("host_floats (waits for the GPU)", "qvl.train.speed", "host_floats"))
 
@@ -332,6 +333,10 @@ class Timeline:
             host = sum(r.get(lab, (0, 0))[0] for r in rows) / len(rows) * 1e3
             gpu = sum(r.get(lab, (0, 0))[1] for r in rows) / len(rows) * 1e3
             lines.append(f"  {lab:<36} {host:12.1f} {gpu:17.1f}")
+        # host time outside the phases: waiting for the DataLoader's next batch, packing, the callbacks
+        top = [p[0] for p in self.PHASES if not p[0].startswith(" ")]
+        outside = sum(r["step wall"][0] - sum(r.get(lab, (0, 0))[0] for lab in top) for r in rows) / len(rows)
+        lines.append(f"  {'outside the phases (loader, packing)':<36} {outside * 1e3:12.1f}")
         return "\n".join(lines)
 
 
