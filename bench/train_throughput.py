@@ -204,6 +204,7 @@ class StepClock:
         self.marks: list[tuple[int, float, float]] = []  # (step, time, cumulative tokens)
         self.t_start = time.perf_counter()
         self.profile_steps, self.profile_out, self.prof, self.prof_t0 = profile_steps, profile_out, None, 0.0
+        self.trace = False  # also export the chrome trace beside profile_out and report the GPU's idle gaps
 
     timeline = None
 
@@ -222,7 +223,7 @@ class StepClock:
             torch.cuda.synchronize()
             wall = time.perf_counter() - self.prof_t0
             self.prof.__exit__(None, None, None)
-            write_profile(self.prof, wall, step - self.profile_steps[0], self.profile_out)
+            write_profile(self.prof, wall, step - self.profile_steps[0], self.profile_out, trace=self.trace)
             self.prof = None
 
     def stats(self, warmup: int, last: int, samples_per_step: int) -> dict:
@@ -235,8 +236,9 @@ class StepClock:
                 "timed_steps": n, "startup_and_warmup_s": t0 - self.t_start}
 
 
-def write_profile(prof, wall: float, steps: int, out: Path | None) -> None:
-    """GPU busy fraction over ``steps`` steps and the kernels that take the time."""
+def write_profile(prof, wall: float, steps: int, out: Path | None, trace: bool = False) -> None:
+    """GPU busy fraction over ``steps`` steps and the kernels that take the time; with ``trace`` the chrome trace
+    beside ``out`` and where the GPU waited (bench/trace_gaps.py)."""
     events = prof.key_averages()
 
     def dev(e):
@@ -263,6 +265,12 @@ def write_profile(prof, wall: float, steps: int, out: Path | None) -> None:
     host = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
     text = (f"{steps} steps, wall {wall:.3f} s, summed device (kernel) time {busy:.3f} s = {busy / wall:.0%} busy\n"
             + "\n".join(lines) + "\n" + table + "\nby host time:\n" + host)
+    if trace and out is not None:
+        from trace_gaps import gap_report
+
+        trace_path = out.with_suffix(".trace.json")
+        prof.export_chrome_trace(str(trace_path))
+        text = gap_report(trace_path) + "\n\n" + text
     print(text[:4000], flush=True)
     if out is not None:
         out.write_text(text)
@@ -365,7 +373,11 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     levers_on = overrides.pop("levers_on", ())  # a lever not in the loop yet, to measure what it would give
     warmup = overrides.pop("bench_warmup", warmup)
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
-    clock = StepClock(profile, Path(args.profile_out) if args.profile_out else None)
+    profile_out = Path(args.profile_out) if args.profile_out else None
+    if profile_out is not None and "," in args.profile_row:  # several rows profiled: one file each
+        profile_out = profile_out.with_name(f"{profile_out.stem}_{name}{profile_out.suffix}")
+    clock = StepClock(profile, profile_out)
+    clock.trace = args.trace
     timeline = Timeline() if args.timeline and args.device.startswith("cuda") else None
     if timeline is not None:
         clock.timeline = timeline
@@ -487,6 +499,10 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds: skip contestants that would start later")
     ap.add_argument("--profile-out", default=None, help="write a torch.profiler summary of the best qvl row here")
     ap.add_argument("--profile-row", default="qvl-per-sample-keep10", help="the contestant --profile-out profiles")
+    ap.add_argument("--profile-at", type=int, default=None, help="profile 2 steps from this step (default: after "
+                    "the timed ones; inside them, the profiler's overhead counts in the timing)")
+    ap.add_argument("--trace", action="store_true", help="with --profile-out: export the chrome trace and report "
+                    "the GPU's idle gaps and what the host did in them (bench/trace_gaps.py)")
     ap.add_argument("--timeline", action="store_true", help="print each qvl row's host and GPU time per step phase "
                     "(CUDA events around the loop's functions; adds one sync per step)")
     ap.add_argument("--long-warmup", type=int, default=40, help="warm-up steps of the long-window rows "
@@ -676,7 +692,7 @@ def main(argv=None):
                              packed_attention="per_sample",
                              max_steps=2 + max(4, args.steps // 4))),
     ]
-    best = args.profile_row
+    profiled = set(args.profile_row.split(","))
     if args.in_order and only:
         listed = args.only.split(",")
         contestants.sort(key=lambda c: listed.index(c[0]) if c[0] in listed else len(listed))
@@ -695,9 +711,12 @@ def main(argv=None):
         if overrides.get("cuda_graphs"):
             print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, args.row_multiple)}", flush=True)
         per_step = args.batch * overrides.get("gradient_accumulation_steps", 1)
-        profile = (warmup + timed, warmup + timed + 2) if name == best and cuda and args.profile_out else None
-        if profile:  # two more steps, after the timed ones
-            overrides = dict(overrides, max_steps=warmup + timed + 2)
+        profile = None
+        if name in profiled and cuda and args.profile_out:
+            at = args.profile_at if args.profile_at is not None else warmup + timed
+            profile = (at, at + 2)
+            # two more steps when after the timed ones
+            overrides = dict(overrides, max_steps=max(warmup + timed, at + 2))
         print(f"{name}: {overrides}", flush=True)
         torch.manual_seed(0)
         try:
