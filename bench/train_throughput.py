@@ -446,17 +446,18 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
 
 def row_lengths(plan, encs, batch: int, warmup: int, timed: int, multiple: int) -> str:
     """How many distinct padded row lengths (CUDA graph recordings) the warm-up and the timed steps meet."""
-    from qvl.data.packing import padded_length
+    from qvl.data.packing import graph_row_length
 
     order = [i for epoch in range((warmup + timed) * batch // len(plan.epoch_order(0)) + 1)
              for i in plan.epoch_order(epoch)]
-    rows = [padded_length(sum(len(encs[i]) for i in order[k * batch:(k + 1) * batch]), multiple)
+    rows = [graph_row_length(sum(len(encs[i]) for i in order[k * batch:(k + 1) * batch]), multiple)
             for k in range(warmup + timed)]
     seen_warm = set(rows[:warmup])
     new_in_timed = {r for r in rows[warmup:] if r not in seen_warm}
     padding = 1 - sum(sum(len(encs[i]) for i in order[k * batch:(k + 1) * batch]) for k in range(warmup + timed)) / sum(rows)
     return (f"row lengths padded to multiples of {multiple}: {len(set(rows))} distinct, {len(seen_warm)} in the "
-            f"warm-up, {len(new_in_timed)} first met in the timed steps; padding {padding:.1%} of the tokens")
+            f"warm-up, {len(new_in_timed)} first met in the timed steps (unless recorded ahead); padding "
+            f"{padding:.1%} of the tokens")
 
 
 def ratio_to_fit(model, budget_gib: float, all_ckpt_peak_gib: float, longest_row: int, targets) -> float:
@@ -682,6 +683,10 @@ def main(argv=None):
                                 gradient_checkpointing_scope="auto", cuda_graphs=True,
                                 cuda_graphs_row_multiple=args.row_multiple, bench_warmup=args.long_warmup,
                                 bench_timed=args.long_timed)),
+        ("qvl-cudagraphs-128", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
+                                    packed_attention="per_sample", gradient_checkpointing_scope="auto",
+                                    cuda_graphs=True, cuda_graphs_row_multiple=128, bench_warmup=args.long_warmup,
+                                    bench_timed=args.long_timed)),
         # the loop's default: as few recomputed layers as the card allows (may use more memory than the baseline)
         ("qvl-auto", dict(compile_layers=False, gradient_checkpointing_ratio="auto", packed_attention="per_sample")),
         ("qvl-compile", dict(compile_layers=True, gradient_checkpointing_ratio="fit-qkvo")),
@@ -709,7 +714,7 @@ def main(argv=None):
             timed = overrides.pop("bench_timed", timed)
             overrides = dict(overrides, max_steps=warmup + timed)
         if overrides.get("cuda_graphs"):
-            print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, args.row_multiple)}", flush=True)
+            print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, overrides["cuda_graphs_row_multiple"])}", flush=True)
         per_step = args.batch * overrides.get("gradient_accumulation_steps", 1)
         profile = None
         if name in profiled and cuda and args.profile_out:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qvl.data.packing import pad_row, padded_length
+from qvl.data.packing import graph_row_length, pad_row, padded_length
 from qvl.train import speed
 from qvl.train.loop import train
 from qvl.train.track import read_metrics
@@ -36,7 +36,9 @@ def test_pad_row_adds_one_label_free_sample():
     assert (out["position_ids"][:, 0, 5:] == torch.arange(3)).all()  # its own sample: positions restart at 0
     assert out["pixel_values"] is batch["pixel_values"]
     assert batch["input_ids"].shape == (1, 5)  # the input is left as it was
-    assert pad_row(batch, 5, pad_id=0) is batch
+    # a row already at a multiple still gets a padding segment: k samples always make k + 1 segments
+    assert graph_row_length(5, 5) == 10 and graph_row_length(4, 5) == 5
+    assert pad_row(batch, 5, pad_id=0)["input_ids"].shape == (1, 10)
 
 
 def test_padded_rows_give_the_same_loss_and_gradients(make_cfg):
@@ -74,6 +76,39 @@ def test_padded_rows_give_the_same_loss_and_gradients(make_cfg):
     worst = max((grads[k] - ref_grads[k]).abs().max().item() / (ref_grads[k].abs().max().item() + 1e-12)
                 for k in grads)
     assert worst < 1e-4
+
+
+def test_planned_row_shapes_are_the_shapes_pad_row_makes():
+    from qvl.train.graphs import planned_row_shapes
+
+    # 30 tokens + a padding segment -> 32 (4 bounds); 32 tokens get a whole padding multiple; 5 tokens -> 16
+    assert planned_row_shapes([[10, 20], [32], [5], [], [20, 10]], 16) == [(48, 3), (32, 4), (16, 3)]
+
+
+def test_planned_rows_are_the_rows_the_loop_packs(make_cfg, tmp_path):
+    """The rows recorded ahead of training (cuda_graphs) come from the plan's order and the token estimate: for
+    images and text the estimate is exact, so the planned rows are the encoded rows, micro-batch by micro-batch."""
+    from train_helpers import make_colour_data
+
+    from qvl.data.lengths import TokenEstimate
+    from qvl.data.registry import load_mixture
+    from qvl.models.load import load_processor
+    from qvl.train.loop import Dist, Encoder, Plan, planned_rows
+
+    data = make_colour_data(tmp_path / "data", 10, seed=2, text_only=3)
+    cfg = make_cfg(dataset_use=data, data_flatten=True, per_device_train_batch_size=3, num_train_epochs=3,
+                   max_steps=8)
+    records = load_mixture(cfg.dataset_use, None, seed=cfg.seed)
+    processor = load_processor(cfg.model_name_or_path)
+    encoder = Encoder(records, processor, cfg)
+    plan = Plan(len(records), cfg, Dist(), lengths=TokenEstimate(records, processor, encoder.budget))
+    planned = planned_rows(plan, records, 1, 5)
+    real = []
+    for step in range(1, min(6, plan.total_steps)):  # across an epoch's end
+        epoch, micro = plan.step_micro(step)
+        for j in micro:
+            real.append([len(e) for i in plan.micro_batch(epoch, j, plan.epoch_order(epoch)) for e in encoder.samples(i)])
+    assert planned == real and len(real) >= 5 and [33] in real, (planned, real, plan.total_steps)
 
 
 def test_cuda_graphs_choice_says_why_not():
@@ -144,4 +179,8 @@ def test_cuda_graphs_train_like_compiled_layers_on_a_gpu(make_cfg, tmp_path):
                              **kw), log=said.append)
     summary = next(line for line in said if line.startswith("cuda_graphs: ") and "replays" in line)
     assert "without graphs" not in summary and not summary.startswith("cuda_graphs: 0 replays"), said
+    # every row's shape was recorded before the first step (the estimate is exact for images and text)
+    ahead = next(line for line in said if "row shapes ahead" in line)
+    n_ahead = int(ahead.split("recorded ")[1].split()[0])
+    assert f"of {n_ahead} recordings" in summary, (ahead, summary)
     assert graphed.losses == pytest.approx(plain.losses, rel=2e-2, abs=2e-2)

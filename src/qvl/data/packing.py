@@ -109,8 +109,14 @@ def padded_length(n: int, multiple: int) -> int:
     return n if multiple <= 1 else -(-n // multiple) * multiple
 
 
+def graph_row_length(n: int, multiple: int) -> int:
+    """The length :func:`pad_row` gives a row of ``n`` tokens: the next multiple of ``multiple`` above ``n``, so
+    there is always a padding segment (a row of k samples always has k + 1 segments: one recording per length)."""
+    return padded_length(n + 1, multiple)
+
+
 def pad_row(batch: dict, multiple: int, pad_id: int) -> dict:
-    """A packed row (:func:`pack`) grown to a multiple of ``multiple`` tokens by one padding segment at its end.
+    """A packed row (:func:`pack`) grown to :func:`graph_row_length` tokens by one padding segment at its end.
 
     The padding is a sample of its own (its text positions restart at 0, so attention keeps it apart), of pad
     tokens and no labels: the real samples' losses and gradients are unchanged. Rows then come in few lengths,
@@ -118,9 +124,7 @@ def pad_row(batch: dict, multiple: int, pad_id: int) -> dict:
     """
     ids = batch["input_ids"]
     n = ids.shape[-1]
-    extra = padded_length(n, multiple) - n
-    if extra == 0:
-        return batch
+    extra = graph_row_length(n, multiple) - n
     out = dict(batch)
 
     def grow(t: torch.Tensor, fill) -> torch.Tensor:

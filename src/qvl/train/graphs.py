@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qvl.data.packing import BOUNDS_INPUTS, language_model, padded_length
+from qvl.data.packing import BOUNDS_INPUTS, graph_row_length, language_model, padded_length
 
 @dataclass
 class StaticRow:
@@ -99,6 +99,13 @@ class _Replay(torch.autograd.Function):
         ctx.row.grad_output.copy_(grad)
         ctx.recording.backward.replay()
         return None, None, None
+
+
+def planned_row_shapes(rows, multiple: int) -> list[tuple[int, int]]:
+    """The distinct recording shapes of ``rows`` (each a list of its samples' token counts, e.g. estimated by
+    :class:`qvl.data.lengths.TokenEstimate`), padded as :func:`qvl.data.packing.pad_row` pads them: (row length,
+    sample bounds = samples + the padding segment + 1), the longest first."""
+    return sorted({(graph_row_length(sum(r), multiple), len(r) + 2) for r in rows if r}, reverse=True)
 
 
 FIRST_CAPACITY = 8192  # tokens the shared buffers hold at first (8B: 5 x 64 MiB)
@@ -266,6 +273,32 @@ class DecoderGraphs:
             del out, computed, pairs  # their memory goes back to the pool: the next recording may reuse it
         torch.cuda.current_stream().wait_stream(self.stream)
         return Recording(forward=forward, backward=backward, grads=grads)
+
+    def prerecord(self, shapes: list[tuple[int, int]], dtype: torch.dtype, device) -> int:
+        """Record ``shapes`` ((row length, sample bounds), :func:`planned_row_shapes`) before training, so that
+        steps replay instead of recording. The longest first: the shared buffers are sized once. The recordings
+        read placeholder rows (zero embeddings, evenly split samples): a recording holds shapes, not values. Run it
+        under the step's autocast. Returns how many it recorded (none where steps could not replay them: on a
+        CPU, for instance)."""
+        if not shapes or self.unfit(torch.empty(1, 1, 1, device=device), []):
+            return 0
+        before = self.recorded
+        like = torch.empty(1, 1, self.text.config.hidden_size, dtype=dtype, device=device)
+        self._fit_buffers(max(length for length, _ in shapes), like)
+        for length, bounds in sorted(shapes, reverse=True):
+            key = (length, bounds, dtype)
+            if key in self.recordings:
+                continue
+            row = self.rows.get(key) or self._new_row(key, device)
+            row.hidden.zero_()
+            for buf in row.deepstack:
+                buf.zero_()
+            positions = torch.arange(length, device=device)
+            row.text_positions.copy_(positions)
+            row.mrope.copy_(positions.expand(3, 1, length))
+            row.cu_seqlens.copy_(torch.linspace(0, length, bounds, device=device).round().int())
+            self.recordings[key] = self._record(row)
+        return self.recorded - before
 
     def summary(self) -> str:
         fell = f"; {sum(self.fallbacks.values())} without graphs" if self.fallbacks else ""

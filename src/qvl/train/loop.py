@@ -291,6 +291,27 @@ def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0) -
     return batch
 
 
+GRAPH_STEPS_AHEAD = 500  # cuda_graphs: steps whose row shapes are recorded before training
+
+
+def planned_rows(plan: Plan, records, start: int, steps: int) -> list[list[int]]:
+    """Each micro-batch's samples as estimated token counts (``plan.lengths``, a TokenEstimate), for ``steps``
+    steps from ``start``: the packed rows the loop will make (a pack counts its total once, then a zero per further
+    sample: what matters is the row's length and its number of samples)."""
+    rows, orders = [], {}
+    for step in range(start, min(plan.total_steps, start + steps)):
+        epoch, micro = plan.step_micro(step)
+        if epoch not in orders:
+            orders[epoch] = plan.epoch_order(epoch)
+        for j in micro:
+            row: list[int] = []
+            for i in plan.micro_batch(epoch, j, orders[epoch]):
+                raw = records[i].raw
+                row += [plan.lengths(i)] + [0] * ((len(raw) if isinstance(raw, list) else 1) - 1)
+            rows.append(row)
+    return rows
+
+
 def rows_by_budget(items: list[dict], max_tokens: int) -> list[dict]:
     """A step's loader items (packed ``samples``) regrouped into items of one row of up to ``max_tokens`` each;
     skip counts ride on the first. No row (every sample skipped): one empty item."""
@@ -747,6 +768,17 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     tracker = Tracker(out, cfg, plan.total_steps, start_step, dist.rank, log=say, device=device)
     # no cast cache under CUDA graphs: a cached cast made while recording would live in the graphs' memory pool
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=not graphs)
+    if decoder_graphs is not None and not cfg.packed_row_tokens:  # the rows' shapes are known before they come
+        from qvl.train.graphs import planned_row_shapes
+
+        shapes = planned_row_shapes(planned_rows(plan, records, start_step, GRAPH_STEPS_AHEAD), row_multiple)
+        t0 = time.perf_counter()
+        with autocast:
+            n = decoder_graphs.prerecord(shapes, load_dtype, device)
+        if n:
+            say(f"cuda_graphs: recorded {n} row shapes ahead ({shapes[-1][0]:,}-{shapes[0][0]:,} tokens, estimated "
+                f"for the next {GRAPH_STEPS_AHEAD} steps) in {time.perf_counter() - t0:.1f} s; a row of another "
+                "shape is recorded when it comes")
     skipped: Counter = Counter()
     losses: list[float] = []
     row: dict = {}
