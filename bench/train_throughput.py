@@ -714,7 +714,7 @@ def main(argv=None):
             timed = overrides.pop("bench_timed", timed)
             overrides = dict(overrides, max_steps=warmup + timed)
         if overrides.get("cuda_graphs"):
-            print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, overrides["cuda_graphs_row_multiple"])}", flush=True)
+            print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, overrides['cuda_graphs_row_multiple'])}", flush=True)
         per_step = args.batch * overrides.get("gradient_accumulation_steps", 1)
         profile = None
         if name in profiled and cuda and args.profile_out:
