@@ -173,13 +173,16 @@ class DecoderGraphs:
         key = (length, cu.numel(), embeds.dtype)
         self._fit_buffers(length, embeds)
         row = self.rows.get(key) or self._new_row(key, embeds.device)
-        row.hidden.copy_(embeds)
+        # detached: the buffers stay out of autograd (nothing before the decoder trains, see unfit). Copying a
+        # tensor that needs a gradient into one view of a buffer would make the buffer's other views (other row
+        # shapes, recorded ahead) stale leaves that refuse the next copy
+        row.hidden.copy_(embeds.detach())
         row.text_positions.copy_(positions[0])
         row.mrope.copy_(positions[1:])
         row.cu_seqlens.copy_(cu)
         for i, buf in enumerate(row.deepstack):
             if deepstack:
-                buf.copy_(deepstack[i])
+                buf.copy_(deepstack[i].detach())
             else:
                 buf.zero_()
         recording = self.recordings.get(key)
