@@ -22,7 +22,9 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 default gradient_checkpointing_ratio: auto, sized to the card, not to the baseline's memory),
                 qvl-compile (+ compile_layers with the dense-mask sdpa rows),
                 qvl-all-linear (qvl's default LoRA targets, per_sample attention), qvl-loop-plain
-                (levers off), qvl-rows16k (informational: 16 samples per step in rows of <= 16k tokens).
+                (levers off), qvl-rows16k (informational: 16 samples per step in rows of <= 16k tokens),
+                qvl-auto-compile (the loop's defaults; on an H100 they include cuda_graphs, every row shape
+                recorded before the first step), qvl-graphs-off (the same without CUDA graphs).
 Every contestant (but qvl-rows16k) sees the same 4 samples per optimizer step, in the loop's seeded order, so losses are comparable step by step.
 Useful tokens are non-padding tokens. MFU counts 4 x LLM non-embedding params per token (LoRA:
 forward + input gradients, no recompute) plus causal attention, over 790 TFLOP/s (H100 dense bf16).
@@ -437,8 +439,9 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         from torch._dynamo.utils import counters
 
         res["dynamo_unique_graphs"] = counters["stats"]["unique_graphs"]
-    if overrides.get("cuda_graphs"):  # replays, recordings, forwards that ran without graphs
-        res["cuda_graphs"] = [line for line in said if line.startswith("cuda_graphs")]
+    graph_lines = [line for line in said if line.startswith("cuda_graphs")]  # on / off and why, replays, recordings
+    if graph_lines:
+        res["cuda_graphs"] = graph_lines
     # each step's wall time (a step that records CUDA graphs, or compiles, stands out)
     res["step_times"] = [round(b[1] - a[1], 3) for a, b in zip(clock.marks, clock.marks[1:])]
     return res
@@ -649,6 +652,10 @@ def main(argv=None):
         ("qvl-auto-compile", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                   packed_attention="per_sample", bench_warmup=8,
                                   gradient_checkpointing_scope="auto")),
+        # the defaults without CUDA graphs (cuda_graphs auto is on for this job on an H100)
+        ("qvl-graphs-off", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
+                                packed_attention="per_sample", bench_warmup=8,
+                                gradient_checkpointing_scope="auto", cuda_graphs=False)),
         ("qvl-auto-layer", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                 packed_attention="per_sample", bench_warmup=8)),
         # the defaults with the frozen vision tower's blocks left eager (session 5 measured the reverse row,
@@ -669,6 +676,9 @@ def main(argv=None):
         ("qvl-auto-long", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                                gradient_checkpointing_scope="auto", bench_warmup=args.long_warmup,
                                bench_timed=args.long_timed)),
+        ("qvl-nographs-long", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
+                                   packed_attention="per_sample", gradient_checkpointing_scope="auto",
+                                   cuda_graphs=False, bench_warmup=args.long_warmup, bench_timed=args.long_timed)),
         ("qvl-nockpt-long", dict(compile_layers=True, gradient_checkpointing_ratio=0.0, packed_attention="per_sample",
                                  bench_warmup=args.long_warmup, bench_timed=args.long_timed)),
         ("qvl-cudagraphs-nockpt", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
@@ -713,8 +723,8 @@ def main(argv=None):
             warmup = overrides["bench_warmup"]
             timed = overrides.pop("bench_timed", timed)
             overrides = dict(overrides, max_steps=warmup + timed)
-        if overrides.get("cuda_graphs"):
-            print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, overrides['cuda_graphs_row_multiple'])}", flush=True)
+        if overrides.get("cuda_graphs", "auto") and cuda:
+            print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, overrides.get('cuda_graphs_row_multiple', 256))}", flush=True)
         per_step = args.batch * overrides.get("gradient_accumulation_steps", 1)
         profile = None
         if name in profiled and cuda and args.profile_out:

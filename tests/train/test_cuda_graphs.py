@@ -119,6 +119,14 @@ def test_cuda_graphs_choice_says_why_not():
     assert "per_sample" in speed.cuda_graphs_choice(True, gpu, 1, False, True)[1]
     assert "varlen" in speed.cuda_graphs_choice(True, gpu, 1, True, False)[1]
     assert speed.cuda_graphs_choice(True, gpu, 1, True, True) == (True, "on")
+    # auto: where it was measured, and said when not
+    assert speed.cuda_graphs_choice("auto", cpu, 1, True, True) == (False, "")
+    assert speed.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=80) == (True, "auto")
+    assert "compile_layers" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, compiled=False)[1]
+    assert "LoRA" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, lora=False)[1]
+    assert "LoRA" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, upstream_trains=True)[1]
+    assert "24 GiB card" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=24)[1]
+    assert speed.cuda_graphs_choice(True, gpu, 1, True, True, compiled=False, total_gib=24) == (True, "on")
 
 
 def test_standing_grads_are_added_into():
@@ -174,7 +182,7 @@ def test_cuda_graphs_train_like_compiled_layers_on_a_gpu(make_cfg, tmp_path):
               per_device_train_batch_size=4, max_steps=12, save_strategy="no", compile_layers=True,
               gradient_checkpointing=True, gradient_checkpointing_ratio=0.5, gradient_checkpointing_scope="mlp",
               num_train_epochs=3, packed_attention="per_sample")
-    plain = train(make_cfg(output_dir=str(tmp_path / "plain"), **kw), **quiet)
+    plain = train(make_cfg(output_dir=str(tmp_path / "plain"), cuda_graphs=False, **kw), **quiet)
     said = []
     graphed = train(make_cfg(output_dir=str(tmp_path / "graphs"), cuda_graphs=True, cuda_graphs_row_multiple=64,
                              **kw), log=said.append)

@@ -163,13 +163,15 @@ class TrainConfig(BaseModel):
         "layer", description="what compile_layers compiles: layer = each whole decoder layer (norms, attention, LoRA "
                              "adapters, MLP, residual adds; gradient checkpointing inside the compiled code), parts = "
                              "each layer's norms, attention and MLP apart (checkpointing outside)")
-    cuda_graphs: bool = Field(
-        False, description="replay the decoder stack's forward and backward as CUDA graphs (qvl.train.graphs; the "
-                           "step is host-bound on fast GPUs): rows are padded to a multiple of cuda_graphs_row_multiple "
-                           "tokens and every new row shape is recorded once (0.6-2 s each on an 8B model), so long runs "
-                           "with few row lengths gain and short ones pay; the graphs' memory pool adds to the reserved "
-                           "memory. Needs packed rows with per_sample attention, bf16, one GPU, nothing before the "
-                           "decoder trained (docs/benchmarks.md)")
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto", description="replay the decoder stack's forward and backward as CUDA graphs (qvl.train.graphs): the "
+                            "GPU stops waiting for the host between kernels. Rows are padded to a multiple of "
+                            "cuda_graphs_row_multiple tokens; every row shape the first 500 steps will meet is "
+                            "recorded before training (~0.3-2 s each on an 8B model), others when they come; the "
+                            "graphs' memory pool adds to the reserved memory (~10 GiB at 8B). Needs packed rows with "
+                            "per_sample attention, bf16, one GPU. auto: on with compile_layers for LoRA with nothing "
+                            "before the decoder training, on cards of >= 40 GiB (8B LoRA on an H100: +11 % tokens/s); "
+                            "true: wherever it can replay; false: off (docs/benchmarks.md)")
     cuda_graphs_row_multiple: int = Field(256, ge=1, description="with cuda_graphs: packed rows are padded to a "
                                           "multiple of this many tokens (a padding sample without labels); larger: "
                                           "fewer recordings, more padding computed")

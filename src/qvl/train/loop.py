@@ -686,8 +686,11 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     compiling, why = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample,
                                           getattr(model.config.get_text_config(), "num_experts", 0) > 0,
                                           varlen=varlen_available() and cfg.bf16)
-    graphs, graphs_why = speed.cuda_graphs_choice(cfg.cuda_graphs, device, dist.world_size, per_sample,
-                                                  varlen=varlen_available() and cfg.bf16)
+    upstream = any(p.requires_grad and (".visual." in n or "embed_tokens" in n) for n, p in model.named_parameters())
+    graphs, graphs_why = speed.cuda_graphs_choice(
+        cfg.cuda_graphs, device, dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
+        compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream,
+        total_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None)
     row_multiple = cfg.cuda_graphs_row_multiple if graphs else 0
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
         n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
@@ -707,8 +710,9 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     elif why:
         say(f"compile_layers off: {why}")
     if graphs:
-        say(f"cuda_graphs on: the decoder stack replays as CUDA graphs; rows padded to a multiple of {row_multiple} "
-            "tokens; each new row shape is recorded once (a warm-up forward and backward, then the recording)")
+        say(f"cuda_graphs ({graphs_why}): the decoder stack replays as CUDA graphs; rows padded to a multiple of "
+            f"{row_multiple} tokens; each row shape is recorded once, ahead of training where the plan tells it; "
+            "cuda_graphs=false turns it off")
     elif graphs_why:
         say(graphs_why)
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,

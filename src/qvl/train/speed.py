@@ -395,26 +395,41 @@ def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, 
     return True, "auto"
 
 
-def cuda_graphs_choice(choice: bool, device: torch.device, world_size: int, per_sample: bool,
-                       varlen: bool) -> tuple[bool, str]:
+GRAPHS_AUTO_MIN_GIB = 40  # cuda_graphs auto: cards with at least this much memory (the graphs' pool: ~+10 GiB at 8B)
+
+
+def cuda_graphs_choice(choice, device: torch.device, world_size: int, per_sample: bool, varlen: bool,
+                       compiled: bool = True, lora: bool = True, upstream_trains: bool = False,
+                       total_gib: float | None = None) -> tuple[bool, str]:
     """(CUDA graphs?, why) for the loop: the LLM's decoder stack replayed as CUDA graphs (:mod:`qvl.train.graphs`).
 
-    The step is host-bound on an H100 (8B LoRA, ~3k-token steps: ~5k kernel launches, the GPU busy ~60-70 % of the
-    time, docs/benchmarks.md); a replay launches a whole forward or backward of the stack at once. A graph holds fixed
-    shapes, so rows are padded to a multiple of ``cuda_graphs_row_multiple`` tokens and each new row shape is
-    recorded once. Only where it was built and tested: one process, packed rows with per_sample attention on the
-    flash varlen kernel (``varlen``: torch >= 2.10 and bf16; its sample bounds are device tensors, no host read)."""
+    A replay launches a whole forward or backward of the stack at once: the GPU no longer waits for the host between
+    kernels (8B LoRA on an H100: busy 77 % -> 96 % of a step, +11 % tokens/s with every row shape recorded ahead;
+    docs/benchmarks.md). Built and tested for one process, packed rows with per_sample attention on the flash varlen
+    kernel (``varlen``: torch >= 2.10 and bf16; its sample bounds are device tensors, no host read). ``auto`` turns
+    it on where it was measured: compiled layers, LoRA with nothing before the decoder training, a card of at least
+    ``GRAPHS_AUTO_MIN_GIB`` (the graphs' memory pool adds to the reserved memory); ``true`` wherever it can run."""
     if not choice:
         return False, ""
     if device.type != "cuda":
-        return False, "cuda_graphs off: no CUDA device"
+        return False, "" if choice == "auto" else "cuda_graphs off: no CUDA device"
     if world_size > 1:
         return False, "cuda_graphs off: one process only (not tested with DDP's gradient hooks)"
     if not per_sample:
         return False, "cuda_graphs off: it needs packed rows with per_sample attention (data_flatten=true)"
     if not varlen:
         return False, "cuda_graphs off: it needs the flash varlen kernel (torch >= 2.10, bf16=true)"
-    return True, "on"
+    if choice != "auto":
+        return True, "on"
+    if not compiled:
+        return False, "cuda_graphs auto: off without compile_layers (measured with compiled layers); true forces it"
+    if not lora or upstream_trains:
+        return False, ("cuda_graphs auto: off unless LoRA trains and nothing before the decoder (vision tower, merger, "
+                       "embeddings) does (what was measured); true forces it where it can replay")
+    if total_gib is not None and total_gib < GRAPHS_AUTO_MIN_GIB:
+        return False, (f"cuda_graphs auto: off on a {total_gib:.0f} GiB card (its memory pool needs room; on from "
+                       f"{GRAPHS_AUTO_MIN_GIB} GiB); true forces it")
+    return True, "auto"
 
 
 def standing_grads(params) -> int:
