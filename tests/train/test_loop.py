@@ -263,3 +263,23 @@ def test_recompute_scope_mlp_trains_the_same(make_cfg, tmp_path):
                                      tune_mm_llm=False, gradient_checkpointing_scope=scope), log=said.append).losses
     assert runs["mlp"] == pytest.approx(runs["layer"], rel=1e-5)
     assert any("gradient_checkpointing_scope=mlp: 2 recomputed layers keep their attention half" in s for s in said)
+
+
+def test_running_out_of_gpu_memory_says_what_to_change(make_cfg, monkeypatch):
+    """An out-of-memory error in a step is a QvlError naming the settings that lower memory (cuda_graphs first when
+    it is on), not a bare CUDA traceback; the run's files are left as they are."""
+    from qvl.errors import QvlError
+    from qvl.train import distributed
+    from qvl.train.loop import out_of_memory
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(distributed, "micro_step", boom)
+    with pytest.raises(QvlError, match="ran out of memory") as e:
+        train(make_cfg(max_steps=2, save_strategy="no"), log=lambda *_: None)
+    assert "Tried to allocate 2.00 GiB" in e.value.what and "per_device_train_batch_size" in e.value.fix
+    cfg = make_cfg(gradient_checkpointing=True)
+    err = out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, True, 0.5)
+    assert err.fix.startswith("cuda_graphs=false") and "gradient_checkpointing_ratio=1.0" in err.fix
+    assert "gradient_checkpointing=true" in out_of_memory(RuntimeError("x"), make_cfg(), False, 1.0).fix

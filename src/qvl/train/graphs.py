@@ -1,29 +1,32 @@
 """``cuda_graphs``: the LLM's decoder stack replayed as CUDA graphs while training, recorded once per row shape.
 
-Why: a LoRA step on an H100 is host-bound. The GPU waits while Python, dynamo's guards, the compiled layers'
-wrappers and the autograd engine launch ~5k kernels per step (docs/benchmarks.md: the decoder's GPU span equals its
-host time, ~90 ms forward and ~125 ms backward per step for ~50 + ~85 ms of kernels). A CUDA graph replays a recorded forward of all decoder
-layers as one call, and their backward (recompute included) as another, with no host work in between.
+Why: without graphs a LoRA step on an H100 waits for the host a quarter of the time. Python, dynamo's guards, the
+compiled layers' wrappers and the autograd engine launch ~5k kernels per step, and the GPU idles in the gaps (8B:
+busy 77 % of a step; with the decoder replayed, 96 %: docs/benchmarks.md, session 7). A CUDA graph replays a
+recorded forward of all decoder layers as one call, and their backward (recompute included) as another.
 
 What is recorded: the text model's rotary embedding, its decoder layers, the deepstack additions and the final norm.
 This is the part whose shapes depend only on the row's length. The embedding, the vision tower (its shapes follow the
 images), the LM head with the loss at the label positions and the optimizer run as before.
 
-- **Shapes.** Rows are padded to a multiple of ``cuda_graphs_row_multiple`` tokens (:func:`qvl.data.packing.pad_row`).
-  There is one recording per (row length, samples in the row). The attention gets the row length as its
-  longest-sample bound. The deepstack features (at the image positions, which vary) go in as dense (L, H) tensors
-  that are zero elsewhere: adding zero there changes nothing.
+- **Shapes.** Rows are padded past their length to a multiple of ``cuda_graphs_row_multiple`` tokens
+  (:func:`qvl.data.packing.pad_row`: always a padding segment, so k samples make k + 1 segments). There is one
+  recording per (row length, samples in the row). The attention gets the row length as its longest-sample bound.
+  The deepstack features (at the image positions, which vary) go in as dense (L, H) tensors that are zero
+  elsewhere: adding zero there changes nothing.
+- **Ahead of training.** The loop records every shape the next steps will make before the first one
+  (:meth:`DecoderGraphs.prerecord`, shapes from :func:`planned_row_shapes`); a row of another shape (a video's
+  estimate off by a token, a skipped sample) is recorded when it comes.
 - **Memory.** All recordings share one memory pool. That is safe because they never overlap: a forward replay is
   followed by its backward before any other graph runs, and nothing made inside a graph is kept past its replay.
-  The large inputs and outputs are views of shared buffers. When a longer row comes, the buffers grow and the
-  recordings are made again.
+  The large inputs and outputs are views of shared buffers, outside autograd. When a longer row comes, the buffers
+  grow and the recordings are made again.
 - **Gradients.** The backward graph adds the trainable weights' gradients into their standing ``.grad`` tensors
   (:func:`qvl.train.speed.standing_grads`). Every replay checks that those tensors are still the ones it recorded.
 
-The recording itself is not a training step: it runs the stack's Python once more, forward and backward, without the
-GPU doing the work, then the step replays it. The first recording warms up before (one real forward and backward,
-results dropped). On an 8B model a recording cost 0.6-2 s and a replayed step was ~5-20 % shorter than an eager one
-(docs/benchmarks.md, session 6): it pays in long runs with few row lengths, so ``cuda_graphs`` is opt-in.
+A recording runs the stack's Python once more, forward and backward, without the GPU doing the work. The first one
+warms up before (one real forward and backward, results dropped: the layers compile there). On an 8B model a
+recording costs 0.1-2 s; 12-14 shapes took 23-107 s before the first step, compilation included.
 
 :class:`DecoderGraphs` is called by ``LossModule`` through :func:`qvl.train.row_forward.row_hidden`.
 """
@@ -301,6 +304,9 @@ class DecoderGraphs:
             row.mrope.copy_(positions.expand(3, 1, length))
             row.cu_seqlens.copy_(torch.linspace(0, length, bounds, device=device).round().int())
             self.recordings[key] = self._record(row)
+        # the first recording's warm-up ran a real forward and backward outside the pool: its blocks stay cached
+        # by the caching allocator unless given back now (the graphs' own pool is not touched)
+        torch.cuda.empty_cache()
         return self.recorded - before
 
     def summary(self) -> str:

@@ -291,6 +291,21 @@ def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0) -
     return batch
 
 
+def out_of_memory(e: Exception, cfg: TrainConfig, graphs: bool, ckpt_ratio) -> QvlError:
+    """The GPU ran out of memory: what to change, most effective first (the preflight predicted a fit, or was
+    forced)."""
+    fixes = []
+    if graphs:
+        fixes.append("cuda_graphs=false (the graphs keep their own memory pool)")
+    if cfg.gradient_checkpointing and ckpt_ratio != 1.0:
+        fixes.append("gradient_checkpointing_ratio=1.0 (every layer recomputed)")
+    elif not cfg.gradient_checkpointing:
+        fixes.append("gradient_checkpointing=true")
+    fixes.append("a lower model_max_length / per_device_train_batch_size, or smaller max_pixels / video_max_pixels")
+    return QvlError(f"the GPU ran out of memory while training ({str(e).splitlines()[0][:200]})",
+                    where="training step", fix="; or ".join(fixes) + " (`qvl plan train` shows the memory plan)")
+
+
 GRAPH_STEPS_AHEAD = 500  # cuda_graphs: steps whose row shapes are recorded before training
 
 
@@ -777,8 +792,11 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
 
         shapes = planned_row_shapes(planned_rows(plan, records, start_step, GRAPH_STEPS_AHEAD), row_multiple)
         t0 = time.perf_counter()
-        with autocast:
-            n = decoder_graphs.prerecord(shapes, load_dtype, device)
+        try:
+            with autocast:
+                n = decoder_graphs.prerecord(shapes, load_dtype, device)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, cfg, graphs, ckpt_ratio) from e
         if n:
             say(f"cuda_graphs: recorded {n} row shapes ahead ({shapes[-1][0]:,}-{shapes[0][0]:,} tokens, estimated "
                 f"for the next {GRAPH_STEPS_AHEAD} steps) in {time.perf_counter() - t0:.1f} s; a row of another "
@@ -858,6 +876,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             for cb in callbacks:
                 cb(done, row)
 
+    except torch.OutOfMemoryError as e:
+        raise out_of_memory(e, cfg, graphs, ckpt_ratio) from e
     finally:  # the recordings' memory goes back (benchmarks train the same model object again)
         if decoder_graphs is not None:
             say(f"cuda_graphs: {decoder_graphs.summary()}")
