@@ -121,6 +121,7 @@ def test_cuda_graphs_choice_says_why_not():
     assert speed.cuda_graphs_choice(True, gpu, 1, True, True) == (True, "on")
     # auto: where it was measured, and said when not
     assert speed.cuda_graphs_choice("auto", cpu, 1, True, True) == (False, "")
+    assert speed.cuda_graphs_choice("auto", gpu, 2, True, True) == (False, "")  # DDP: quiet under auto
     assert speed.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=80) == (True, "auto")
     assert "compile_layers" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, compiled=False)[1]
     assert "LoRA" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, lora=False)[1]

@@ -411,14 +411,12 @@ def cuda_graphs_choice(choice, device: torch.device, world_size: int, per_sample
     ``GRAPHS_AUTO_MIN_GIB`` (the graphs' memory pool adds to the reserved memory); ``true`` wherever it can run."""
     if not choice:
         return False, ""
-    if device.type != "cuda":
-        return False, "" if choice == "auto" else "cuda_graphs off: no CUDA device"
-    if world_size > 1:
-        return False, "cuda_graphs off: one process only (not tested with DDP's gradient hooks)"
-    if not per_sample:
-        return False, "cuda_graphs off: it needs packed rows with per_sample attention (data_flatten=true)"
-    if not varlen:
-        return False, "cuda_graphs off: it needs the flash varlen kernel (torch >= 2.10, bf16=true)"
+    structural = ("no CUDA device" if device.type != "cuda" else
+                  "one process only (not tested with DDP's gradient hooks)" if world_size > 1 else
+                  "it needs packed rows with per_sample attention (data_flatten=true)" if not per_sample else
+                  "it needs the flash varlen kernel (torch >= 2.10, bf16=true)" if not varlen else "")
+    if structural:  # auto stays quiet here: most runs of these kinds never asked for graphs
+        return False, "" if choice == "auto" else f"cuda_graphs off: {structural}"
     if choice != "auto":
         return True, "on"
     if not compiled:
