@@ -494,7 +494,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", default="", help="comma list of contestants to run")
-    ap.add_argument("--in-order", action="store_true",
+    ap.add_argument("--in-order", action="store_true",  # also: "name#2" in --only runs a contestant again
                     help="run the qvl contestants in --only's order (default: the order they are listed here), to "
                          "check that a difference between two rows is not where they ran in the call")
     ap.add_argument("--ckpt-ratio", type=float, default=None,
@@ -707,6 +707,10 @@ def main(argv=None):
                              packed_attention="per_sample",
                              max_steps=2 + max(4, args.steps // 4))),
     ]
+    # "name#2" in --only runs contestant "name" again in this process (e.g. to see whether running first matters)
+    known = dict(contestants)
+    for again in [n for n in only if "#" in n and n.split("#")[0] in known]:
+        contestants.append((again, dict(known[again.split("#")[0]])))
     profiled = set(args.profile_row.split(","))
     if args.in_order and only:
         listed = args.only.split(",")
