@@ -74,6 +74,7 @@ def gap_report(path: str | Path, min_gap_us: float = 5.0, sample_us: float = 5.0
     waiting_on: Counter = Counter()  # host op (innermost) sampled during launch-bound gaps, in us
     queued_between: Counter = Counter()
     n_gaps = 0
+    prev_name = "(start)"
     for e in gpu:
         start, stop = e["ts"], e["ts"] + e["dur"]
         gap = start - end
