@@ -652,6 +652,13 @@ def main(argv=None):
         ("qvl-auto-compile", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                   packed_attention="per_sample", bench_warmup=8,
                                   gradient_checkpointing_scope="auto")),
+        # the defaults with a step's samples regrouped into rows of up to N tokens (packed_row_tokens): shorter rows
+        # keep less for backward, so gradient_checkpointing_ratio auto recomputes fewer layers (or none)
+        *[(f"qvl-rows{n}", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
+                                 bench_warmup=8, gradient_checkpointing_scope="auto", packed_row_tokens=n))
+          for n in (1536, 2048, 2560, 3072)],
+        ("qvl-rows2048-nockpt", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
+                                     packed_attention="per_sample", bench_warmup=8, packed_row_tokens=2048)),
         # the defaults without CUDA graphs (cuda_graphs auto is on for this job on an H100)
         ("qvl-graphs-off", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                 packed_attention="per_sample", bench_warmup=8,

@@ -102,13 +102,17 @@ def test_planned_rows_are_the_rows_the_loop_packs(make_cfg, tmp_path):
     processor = load_processor(cfg.model_name_or_path)
     encoder = Encoder(records, processor, cfg)
     plan = Plan(len(records), cfg, Dist(), lengths=TokenEstimate(records, processor, encoder.budget))
-    planned = planned_rows(plan, records, 1, 5)
+    planned = planned_rows(plan, 1, 5)
     real = []
     for step in range(1, min(6, plan.total_steps)):  # across an epoch's end
         epoch, micro = plan.step_micro(step)
         for j in micro:
             real.append([len(e) for i in plan.micro_batch(epoch, j, plan.epoch_order(epoch)) for e in encoder.samples(i)])
     assert planned == real and len(real) >= 5 and [33] in real, (planned, real, plan.total_steps)
+    # packed_row_tokens: a step's samples (one micro-batch here) regrouped by the loop's rule, from the estimates
+    budget = 80
+    regrouped = [[row[i] for i in r] for row in real for r in speed.rows_by_budget(row, budget)]
+    assert planned_rows(plan, 1, 5, budget) == regrouped and len(regrouped) > len(real), regrouped
 
 
 def test_cuda_graphs_choice_says_why_not():

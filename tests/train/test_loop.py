@@ -243,14 +243,29 @@ def test_master_weights_fp32_keeps_updates_bf16_rounds_away(make_cfg, tmp_path, 
     assert changed["fp32"] > 2 * changed["bf16"] and changed["fp32"] > 0.3, changed  # measured: 0.44 vs 0.15
 
 
-def test_packed_rows_built_in_workers_train_the_same(make_cfg, tmp_path):
+def test_packed_rows_built_in_workers_train_the_same(make_cfg, tmp_path, monkeypatch):
     """data_flatten: a DataLoader worker computes the positions and packs the row (RopeIndex pickled over to it);
-    the losses equal packing in the main process (packed_row_tokens regroups the samples there)."""
+    the losses equal packing in the main process (packed_row_tokens over two micro-batches regroups the step's
+    samples there), and rows regrouped by a small packed_row_tokens in the loader (one micro-batch per step)."""
+    from qvl.train import loop
+
+    built = []
+    pack = loop.pack_micro_batch
+    monkeypatch.setattr(loop, "pack_micro_batch", lambda encs, *a, **k: built.append(len(encs)) or pack(encs, *a, **k))
     runs = {}
-    for name, kw in (("worker", dict(dataloader_num_workers=1)), ("main", dict(packed_row_tokens=100_000))):
+    for name, kw in (("worker", dict(dataloader_num_workers=1)),
+                     ("main", dict(packed_row_tokens=100_000, per_device_train_batch_size=2,
+                                   gradient_accumulation_steps=2)),
+                     ("budget", dict(packed_row_tokens=40, dataloader_num_workers=0))):
+        built.clear()
         runs[name] = train(make_cfg(output_dir=str(tmp_path / name), data_flatten=True, max_steps=3,
                                     save_strategy="no", **kw), log=lambda *_: None).losses
+        if name == "main":
+            assert built == [4, 4, 4]  # one row of the step's four samples, packed in this process
+        if name == "budget":
+            assert len(built) > 3 and max(built) == 1, built  # each sample (> 40 tokens) a row of its own
     assert runs["worker"] == pytest.approx(runs["main"], rel=1e-5)
+    assert runs["budget"] == pytest.approx(runs["main"], rel=1e-4)
 
 
 def test_recompute_scope_mlp_trains_the_same(make_cfg, tmp_path):

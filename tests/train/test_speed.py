@@ -501,6 +501,12 @@ def test_speed_config_keys(make_cfg):
     assert cfg.fused_cross_entropy and cfg.compile_layers == "auto" and cfg.packed_row_tokens == 16384
     with pytest.raises(QvlError, match="packed_row_tokens"):
         make_cfg(packed_row_tokens=4096)  # nothing packed
+    # the longest row a micro-batch makes: batch x length, or the budget (a longer sample alone), or the whole step
+    kw = dict(data_flatten=True, per_device_train_batch_size=4, model_max_length=4096)
+    assert make_cfg(**kw).longest_row() == 16384
+    assert make_cfg(packed_row_tokens=2048, **kw).longest_row() == 4096
+    assert make_cfg(packed_row_tokens=8192, **kw).longest_row() == 8192
+    assert make_cfg(packed_row_tokens=10**6, gradient_accumulation_steps=2, **kw).longest_row() == 32768
     with pytest.raises(QvlError, match="gradient_checkpointing_ratio"):
         make_cfg(gradient_checkpointing_ratio=1.5)
     with pytest.raises(QvlError, match="optim"):

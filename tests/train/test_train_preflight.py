@@ -121,3 +121,8 @@ def test_auto_checkpoint_ratio_follows_the_card(make_cfg, tmp_path):
                   say=lambda *a: None)
     ratio, why = auto_checkpoint_ratio(cfg, tight)
     assert ratio == (shape.layers - 1) / shape.layers, why
+    # rows capped at half the tokens (packed_row_tokens): each kept layer costs half, three fit (both layers kept)
+    capped = make_cfg(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True, per_device_train_batch_size=2,
+                      model_max_length=512, data_flatten=True, packed_row_tokens=512)
+    ratio, why = auto_checkpoint_ratio(capped, tight)
+    assert shape.layers == 2 and ratio == 0.0 and "rows up to 512 tokens" in why, why

@@ -72,7 +72,8 @@ def sample_tokens(raw: dict, processor, budget: VisionBudget | None, data_path=N
 
 
 class TokenEstimate:
-    """``estimate(i)``: estimated tokens of record ``i`` (a pack: the sum of its samples), cached.
+    """``estimate(i)``: estimated tokens of record ``i`` (a pack: the sum of its samples), cached;
+    ``estimate.samples(i)``: each sample's.
 
     Holds the records, the processor and the budget the encoder uses, so DataLoader workers can run it
     (it pickles with them); each worker fills its own cache for the micro-batches it builds.
@@ -80,11 +81,15 @@ class TokenEstimate:
 
     def __init__(self, records, processor, budget: VisionBudget | None):
         self.records, self.processor, self.budget = records, processor, budget
-        self._cache: dict[int, int] = {}
+        self._cache: dict[int, list[int]] = {}
 
     def __call__(self, i: int) -> int:
+        return sum(self.samples(i))
+
+    def samples(self, i: int) -> list[int]:
+        """Estimated tokens of each sample of record ``i`` (one for a plain record, one per sample of a pack)."""
         if i not in self._cache:
             rec = self.records[i]
             raws = rec.raw if isinstance(rec.raw, list) else [rec.raw]
-            self._cache[i] = sum(sample_tokens(raw, self.processor, self.budget, rec.data_path) for raw in raws)
+            self._cache[i] = [sample_tokens(raw, self.processor, self.budget, rec.data_path) for raw in raws]
         return self._cache[i]

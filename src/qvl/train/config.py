@@ -214,6 +214,14 @@ class TrainConfig(BaseModel):
         """How ranks share the work: ``deepspeed`` (a JSON), ``fsdp`` (FSDP2) or ``ddp`` (also one process)."""
         return "deepspeed" if self.deepspeed else "fsdp" if self.fsdp else "ddp"
 
+    def longest_row(self) -> int:
+        """The most tokens one micro-batch row can hold: ``batch x model_max_length`` (a padded batch, or one packed
+        row), or with ``packed_row_tokens`` that budget (a sample longer than it gets a row of its own)."""
+        whole = self.per_device_train_batch_size * self.model_max_length
+        if self.packed_row_tokens:
+            return max(self.model_max_length, min(self.packed_row_tokens, whole * self.gradient_accumulation_steps))
+        return whole
+
     def balances_tokens(self, world_size: int) -> bool:
         """Whether ranks split micro-batch positions by estimated tokens (``balance_tokens``; null: packed rows)."""
         if world_size < 2:

@@ -222,11 +222,12 @@ class MicroBatches(torch.utils.data.Dataset):
     """Item ``j`` = the collated micro-batch ``j`` of one epoch (workers encode in parallel)."""
 
     def __init__(self, plan: Plan, encoder: Encoder, epoch: int, pad_id: int, pack_rows: bool = False,
-                 row_multiple: int = 0):
+                 row_multiple: int = 0, row_budget: int | None = None):
         self.plan, self.encoder, self.epoch, self.pad_id = plan, encoder, epoch, pad_id
         self.order = plan.epoch_order(epoch)
-        # packed rows built here (workers) when the loop regroups nothing: one process, no packed_row_tokens
-        self.pack_rows, self.row_multiple = pack_rows, row_multiple
+        # packed rows built here (workers) when the loop regroups nothing across micro-batches (one process;
+        # packed_row_tokens only with one micro-batch per step: row_budget, regrouped here then)
+        self.pack_rows, self.row_multiple, self.row_budget = pack_rows, row_multiple, row_budget
 
     def __len__(self):
         return self.plan.micro_per_epoch
@@ -251,15 +252,20 @@ class MicroBatches(torch.utils.data.Dataset):
         if not kept:
             return item
         if packed and self.pack_rows and self.encoder.rope_index is not None:  # positions came with the samples
-            return dict(item, batch=pack_micro_batch(kept, self.encoder.rope_index, self.row_multiple, self.pad_id))
+            groups = (speed.rows_by_budget([len(e) for e in kept], self.row_budget) if self.row_budget
+                      else [range(len(kept))])
+            rows = [pack_micro_batch([kept[i] for i in g], self.encoder.rope_index, self.row_multiple, self.pad_id)
+                    for g in groups]
+            return dict(item, batch=rows[0]) if len(rows) == 1 else dict(item, batches=rows)
         if packed:  # the loop regroups samples (packed_row_tokens, ranks), then packs them (see pack_micro_batch)
             return dict(item, samples=kept)
         return dict(item, batch=collate(kept, self.pad_id, "right"))
 
 
 def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: int, workers: int,
-                  pack_rows: bool = False, pin_memory: bool = False, row_multiple: int = 0):
-    ds = MicroBatches(plan, encoder, epoch, pad_id, pack_rows, row_multiple)
+                  pack_rows: bool = False, pin_memory: bool = False, row_multiple: int = 0,
+                  row_budget: int | None = None):
+    ds = MicroBatches(plan, encoder, epoch, pad_id, pack_rows, row_multiple, row_budget)
     sub = torch.utils.data.Subset(ds, range(start, len(ds)))
     # own generator: creating an iterator must not draw from the global RNG (dropout must replay on resume)
     gen = torch.Generator().manual_seed(plan.cfg.seed + epoch)
@@ -309,21 +315,21 @@ def out_of_memory(e: Exception, cfg: TrainConfig, graphs: bool, ckpt_ratio) -> Q
 GRAPH_STEPS_AHEAD = 500  # cuda_graphs: steps whose row shapes are recorded before training
 
 
-def planned_rows(plan: Plan, records, start: int, steps: int) -> list[list[int]]:
-    """Each micro-batch's samples as estimated token counts (``plan.lengths``, a TokenEstimate), for ``steps``
-    steps from ``start``: the packed rows the loop will make (a pack counts its total once, then a zero per further
-    sample: what matters is the row's length and its number of samples)."""
+def planned_rows(plan: Plan, start: int, steps: int, budget: int | None = None) -> list[list[int]]:
+    """Each packed row's samples as estimated token counts (``plan.lengths``, a TokenEstimate), for ``steps`` steps
+    from ``start``: the rows the loop will make, one per micro-batch, or with ``budget`` (``packed_row_tokens``) a
+    step's samples regrouped as :func:`rows_by_budget` regroups them."""
     rows, orders = [], {}
     for step in range(start, min(plan.total_steps, start + steps)):
         epoch, micro = plan.step_micro(step)
         if epoch not in orders:
             orders[epoch] = plan.epoch_order(epoch)
-        for j in micro:
-            row: list[int] = []
-            for i in plan.micro_batch(epoch, j, orders[epoch]):
-                raw = records[i].raw
-                row += [plan.lengths(i)] + [0] * ((len(raw) if isinstance(raw, list) else 1) - 1)
-            rows.append(row)
+        step_rows = [[n for i in plan.micro_batch(epoch, j, orders[epoch]) for n in plan.lengths.samples(i)]
+                     for j in micro]
+        if budget:
+            flat = [n for row in step_rows for n in row]
+            step_rows = [[flat[i] for i in r] for r in speed.rows_by_budget(flat, budget)]
+        rows += step_rows
     return rows
 
 
@@ -374,13 +380,6 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return min(4, cores - 2) if device.type == "cuda" and cores >= 6 else 0
 
 
-def packed_row_cap(cfg: TrainConfig) -> int:
-    """The longest packed row a micro-batch can make."""
-    if cfg.packed_row_tokens:
-        return max(cfg.packed_row_tokens, cfg.model_max_length)
-    return cfg.per_device_train_batch_size * cfg.model_max_length
-
-
 def resolve_recompute_scope(cfg: TrainConfig, device: torch.device, world_size: int = 1,
                             records=()) -> tuple[str, str]:
     """``gradient_checkpointing_scope`` for this run, before the model loads (the memory preflight counts it): from
@@ -396,7 +395,7 @@ def resolve_recompute_scope(cfg: TrainConfig, device: torch.device, world_size: 
     shape = model_for_plan(cfg.model_name_or_path)
     moe = shape is None or shape.is_moe  # unknown: the cautious answer
     packed = cfg.data_flatten or cfg.data_packing
-    per_sample = packed and packed_attention_for(cfg.packed_attention, device, packed_row_cap(cfg)) in (
+    per_sample = packed and packed_attention_for(cfg.packed_attention, device, cfg.longest_row()) in (
         "per_sample", PER_SAMPLE_ATTENTION)
     compiling, _ = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
                                         varlen=varlen_available() and cfg.bf16)
@@ -692,7 +691,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     if packed:  # one row per micro-batch: each sample attends only to itself, with its own mRoPE positions
         from qvl.data.packing import RopeIndex, rope_index_fn, use_packed_attention
 
-        attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, packed_row_cap(cfg)))
+        attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, cfg.longest_row()))
         rope_index = rope_index_fn(model)
         encoder.rope_index = RopeIndex(model)  # positions computed where samples are encoded (workers)
     per_sample = packed and attn == PER_SAMPLE_ATTENTION
@@ -787,10 +786,11 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     tracker = Tracker(out, cfg, plan.total_steps, start_step, dist.rank, log=say, device=device)
     # no cast cache under CUDA graphs: a cached cast made while recording would live in the graphs' memory pool
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=not graphs)
-    if decoder_graphs is not None and not cfg.packed_row_tokens:  # the rows' shapes are known before they come
+    if decoder_graphs is not None:  # the rows' shapes are known before they come
         from qvl.train.graphs import planned_row_shapes
 
-        shapes = planned_row_shapes(planned_rows(plan, records, start_step, GRAPH_STEPS_AHEAD), row_multiple)
+        shapes = planned_row_shapes(planned_rows(plan, start_step, GRAPH_STEPS_AHEAD, cfg.packed_row_tokens),
+                                    row_multiple)
         t0 = time.perf_counter()
         try:
             with autocast:
@@ -805,6 +805,9 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     losses: list[float] = []
     row: dict = {}
     fakes = distributed.FakeMedia(processor, cfg)  # label-free image / video for balancing ranks (made when needed)
+    # packed rows built in the loader workers, off the step's thread: one process, and packed_row_tokens (if set)
+    # regroups one micro-batch per step (with several, the loop regroups the step's samples across them)
+    rows_in_workers = not dist.enabled and (not cfg.packed_row_tokens or cfg.gradient_accumulation_steps == 1)
 
     def fetch_steps():
         """Yield (step, [micro-batches]) from ``start_step`` on, following the plan."""
@@ -813,8 +816,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             epoch, _ = plan.step_micro(step)
             first = plan.step_micro(step)[1].start
             it = micro_batches(plan, encoder, epoch, first, pad_id, loader_workers(cfg.dataloader_num_workers, device),
-                               pack_rows=not dist.enabled and not cfg.packed_row_tokens,
-                               pin_memory=device.type == "cuda", row_multiple=row_multiple)
+                               pack_rows=rows_in_workers, pin_memory=device.type == "cuda", row_multiple=row_multiple,
+                               row_budget=cfg.packed_row_tokens if rows_in_workers else None)
             while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
                 n = len(plan.step_micro(step)[1])
                 yield step, [next(it) for _ in range(n)]
@@ -823,8 +826,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     # 6. the loop
     try:
         for step, items in fetch_steps():
-            if cfg.packed_row_tokens:  # the step's samples regrouped into rows of up to N tokens (before balancing:
-                items = rows_by_budget(items, cfg.packed_row_tokens)  # ranks must compare the rows they will run)
+            if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
+                items = rows_by_budget(items, cfg.packed_row_tokens)  # tokens (before balancing: ranks compare rows)
                 if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
                     items = distributed.pad_micro_batches(items, device)
             if dist.enabled:  # every rank runs as many micro-batches, and the vision tower as often, as the others
@@ -838,6 +841,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                     encoder.examples.setdefault(why, example)
                 if item.get("samples"):
                     rows.append(item["samples"])
+                elif item.get("batches"):
+                    batches += item["batches"]
                 elif item["batch"] is not None:
                     batches.append(item["batch"])
             batches += [pack_micro_batch(r, rope_index, row_multiple, pad_id) for r in rows]

@@ -197,7 +197,7 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=())
         return 1.0, "every layer recomputed (no memory plan for this card)"
     kw = plan_kwargs(cfg, world_size, has_video(records))
     targets = parse_lora_targets(kw["lora_targets"]) if cfg.lora_enable else ()
-    row_tokens = kw["batch"] * kw["seq_len"]
+    row_tokens = cfg.longest_row()
     per_token = layer_saved_bytes_per_token(shape, cfg.lora_r if cfg.lora_enable else 0, targets,
                                             cfg.lora_dropout if cfg.lora_enable else 0.0)
     if kw["recompute_keeps_attention"]:  # the plan counts every layer's attention half already
