@@ -207,15 +207,16 @@ class StepClock:
         self.t_start = time.perf_counter()
         self.profile_steps, self.profile_out, self.prof, self.prof_t0 = profile_steps, profile_out, None, 0.0
         self.trace = False  # also export the chrome trace beside profile_out and report the GPU's idle gaps
+        self.paused = 0.0  # seconds spent writing the profile: not a step's time
 
     timeline = None
 
     def __call__(self, step: int, row: dict) -> None:
         now = time.perf_counter()
         if self.timeline is not None:
-            self.timeline.step_done(now - (self.marks[-1][1] if self.marks else self.t_start))
+            self.timeline.step_done(now - self.paused - (self.marks[-1][1] if self.marks else self.t_start))
             now = time.perf_counter()  # the timeline's own sync is not the next step's time
-        self.marks.append((step, now, row["tokens_per_s"] * row["elapsed_s"]))
+        self.marks.append((step, now - self.paused, row["tokens_per_s"] * row["elapsed_s"]))
         if self.profile_steps and step == self.profile_steps[0]:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                            torch.profiler.ProfilerActivity.CUDA])
@@ -227,6 +228,7 @@ class StepClock:
             self.prof.__exit__(None, None, None)
             write_profile(self.prof, wall, step - self.profile_steps[0], self.profile_out, trace=self.trace)
             self.prof = None
+            self.paused += time.perf_counter() - now
 
     def stats(self, warmup: int, last: int, samples_per_step: int) -> dict:
         timed = [(s, t, k) for s, t, k in self.marks if warmup <= s <= last]  # mark of step `warmup` opens it
@@ -377,7 +379,7 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     cfg = loop_config(args, model_dir, registry, work / f"run-{name}", **overrides)
     profile_out = Path(args.profile_out) if args.profile_out else None
     if profile_out is not None and "," in args.profile_row:  # several rows profiled: one file each
-        profile_out = profile_out.with_name(f"{profile_out.stem}_{name}{profile_out.suffix}")
+        profile_out = profile_out.with_name(f"{profile_out.stem}_{name.replace('#', '_run')}{profile_out.suffix}")
     clock = StepClock(profile, profile_out)
     clock.trace = args.trace
     timeline = Timeline() if args.timeline and args.device.startswith("cuda") else None

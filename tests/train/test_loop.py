@@ -280,6 +280,26 @@ def test_recompute_scope_mlp_trains_the_same(make_cfg, tmp_path):
     assert any("gradient_checkpointing_scope=mlp: 2 recomputed layers keep their attention half" in s for s in said)
 
 
+def test_a_step_is_read_once_the_next_is_queued(make_cfg, tmp_path, monkeypatch):
+    """The loop reads a step's loss (a host sync) after it has queued the next step, so the GPU is not idle while
+    the host reads and prepares; a checkpoint's step is read before it is saved, the last step after the loop. The
+    numbers are the steps' own: the logged losses are the run's, in order."""
+    from qvl.train import distributed
+    from qvl.train.track import read_metrics
+
+    events = []
+    micro_step = distributed.micro_step
+    monkeypatch.setattr(distributed, "micro_step", lambda *a, **k: events.append("run") or micro_step(*a, **k))
+    save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda out, step, *a, **k: events.append(f"save {step}") or
+                        save(out, step, *a, **k))
+    r = train(make_cfg(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, save_strategy="steps"),
+              log=lambda *_: None, callbacks=[lambda step, row: events.append(f"read {step}")])
+    assert events == ["run", "run", "read 1", "read 2", "save 2", "run", "run", "read 3", "read 4", "save 4"], events
+    logged = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and [m["loss"] for m in logged] == r.losses
+
+
 def test_running_out_of_gpu_memory_says_what_to_change(make_cfg, monkeypatch):
     """An out-of-memory error in a step is a QvlError naming the settings that lower memory (cuda_graphs first when
     it is on), not a bare CUDA traceback; the run's files are left as they are."""

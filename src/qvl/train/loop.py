@@ -823,7 +823,28 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                 yield step, [next(it) for _ in range(n)]
                 step += 1
 
-    # 6. the loop
+    def report(done: int, loss_sum, grad_norm, n_labels: float, n_tokens: int, step_lrs: dict) -> dict:
+        """Read a finished step's loss and gradient norm (one host sync), log them and run the callbacks."""
+        loss_sum, grad_norm = speed.host_floats(loss_sum, grad_norm)
+        step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
+        losses.append(step_loss)
+        metrics = {"loss": step_loss, "lr": step_lrs[main_group],
+                   "epoch": done / plan.steps_per_epoch, "label_tokens": n_labels}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        for name, lr in step_lrs.items():
+            metrics[f"lr/{name}"] = lr
+        step_row = tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
+                                log_now=done % cfg.logging_steps == 0 or done == plan.total_steps)
+        if not math.isfinite(step_loss):
+            raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
+                           "instead of fp16; the last checkpoint is intact")
+        for cb in callbacks:
+            cb(done, step_row)
+        return step_row
+
+    # 6. the loop: each step's numbers are read once the next step is queued (report)
+    pending = None
     try:
         for step, items in fetch_steps():
             if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
@@ -855,31 +876,23 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                                               last=j == len(batches) - 1, autocast=autocast)
                 loss_sum += part
             grad_norm = distributed.finish_step(eng)
-
-            loss_sum, grad_norm = speed.host_floats(loss_sum, grad_norm)
-            step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
-            losses.append(step_loss)
             done = step + 1
-            metrics = {"loss": step_loss, "lr": step_lrs[main_group],
-                       "epoch": done / plan.steps_per_epoch, "label_tokens": n_labels}
-            if grad_norm is not None:
-                metrics["grad_norm"] = grad_norm
-            for name, lr in step_lrs.items():
-                metrics[f"lr/{name}"] = lr
-            row = tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
-                               log_now=done % cfg.logging_steps == 0 or done == plan.total_steps)
-            if not math.isfinite(step_loss):
-                raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
-                               "instead of fp16; the last checkpoint is intact")
-            if cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps:
+            saving = cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps
+            # the previous step's numbers are read now, with this step queued behind them: the GPU is not left idle
+            # while the host reads them and builds the next step (a checkpoint reads its own step's first)
+            if pending is not None:
+                row = report(*pending)
+            pending = (done, loss_sum, grad_norm, n_labels, n_tokens, step_lrs)
+            if saving:
+                row, pending = report(*pending), None
                 path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
                                             {"step": done, "epoch": done / plan.steps_per_epoch,
                                              "total_steps": plan.total_steps, "seed": cfg.seed},
                                             rank=dist.rank, save_total_limit=cfg.save_total_limit,
                                             write_state=distributed.state_writer(eng, model))
                 say(f"saved {path}")
-            for cb in callbacks:
-                cb(done, row)
+        if pending is not None:
+            row = report(*pending)
 
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, cfg, graphs, ckpt_ratio) from e
