@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -515,10 +516,17 @@ def main(argv=None):
                     "(qvl-auto-long, qvl-cudagraphs: CUDA graphs record once per row length)")
     ap.add_argument("--long-timed", type=int, default=40, help="timed steps of the long-window rows")
     ap.add_argument("--row-multiple", type=int, default=256, help="qvl-cudagraphs: cuda_graphs_row_multiple")
+    ap.add_argument("--lazy-kernels", action="store_true", help="keep CUDA's lazy kernel loading (qvl train loads "
+                    "them eagerly: speed.load_kernels_eagerly); for the whole process, every contestant")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = ap.parse_args(argv)
     t_begin = time.time()
     cuda = args.device.startswith("cuda")
+    if args.lazy_kernels:
+        os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
+    from qvl.train.speed import load_kernels_eagerly
+
+    print(f"CUDA kernels loaded {'eagerly' if load_kernels_eagerly() else 'lazily'} (every contestant)", flush=True)
 
     torch.manual_seed(0)
     t0 = time.time()
