@@ -1,6 +1,7 @@
 """What eager CUDA kernel loading costs at start-up: time and GPU memory of a fresh process that initialises CUDA
-and runs one bf16 matmul, with CUDA_MODULE_LOADING=LAZY (torch's default) and EAGER (qvl train's,
-qvl.train.speed.load_kernels_eagerly). Each mode runs in its own process (the setting is read when CUDA starts).
+and runs one bf16 matmul, with CUDA_MODULE_LOADING=LAZY (torch's default, which qvl train keeps) and EAGER
+(``bench/train_throughput.py --eager-kernels``). Each mode runs in its own process (the setting is read when CUDA
+starts).
 
     python bench/kernel_loading.py
 """

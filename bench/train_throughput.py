@@ -516,17 +516,15 @@ def main(argv=None):
                     "(qvl-auto-long, qvl-cudagraphs: CUDA graphs record once per row length)")
     ap.add_argument("--long-timed", type=int, default=40, help="timed steps of the long-window rows")
     ap.add_argument("--row-multiple", type=int, default=256, help="qvl-cudagraphs: cuda_graphs_row_multiple")
-    ap.add_argument("--lazy-kernels", action="store_true", help="keep CUDA's lazy kernel loading (qvl train loads "
-                    "them eagerly: speed.load_kernels_eagerly); for the whole process, every contestant")
+    ap.add_argument("--eager-kernels", action="store_true", help="CUDA_MODULE_LOADING=EAGER for the whole process "
+                    "(every contestant): CUDA loads all kernels at start instead of at each one's first launch "
+                    "(torch's default, lazy, which qvl train keeps); see bench/kernel_loading.py")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = ap.parse_args(argv)
     t_begin = time.time()
     cuda = args.device.startswith("cuda")
-    if args.lazy_kernels:
-        os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
-    from qvl.train.speed import load_kernels_eagerly
-
-    print(f"CUDA kernels loaded {'eagerly' if load_kernels_eagerly() else 'lazily'} (every contestant)", flush=True)
+    if args.eager_kernels:  # read when CUDA starts: nothing before this line may use it
+        os.environ["CUDA_MODULE_LOADING"] = "EAGER"
 
     torch.manual_seed(0)
     t0 = time.time()

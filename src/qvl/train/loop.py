@@ -583,7 +583,6 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     """Train as ``cfg`` says. ``callbacks`` are called as ``cb(step, row)`` after each step (tests use them)."""
     import torch._dynamo
 
-    speed.load_kernels_eagerly()  # before CUDA starts (see there)
     suppress = torch._dynamo.config.suppress_errors  # compile_layers: auto sets it for the run only
     try:
         return _train(cfg, log, callbacks)

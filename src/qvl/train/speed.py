@@ -19,7 +19,6 @@ the plain path (tests/train/test_speed.py); measured effects are in docs/benchma
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -27,21 +26,6 @@ import torch
 from qvl.errors import QvlError
 
 from qvl.plan.memory import CE_CHUNK_BYTES  # rows x vocabulary logits per chunk (compute dtype + fp32); the planner counts it
-
-
-# --------------------------------------------------------------------------------------------------
-# CUDA kernels loaded when the process starts
-# --------------------------------------------------------------------------------------------------
-
-def load_kernels_eagerly() -> bool:
-    """Ask CUDA to load every kernel when it starts (``CUDA_MODULE_LOADING=EAGER``) instead of at each kernel's
-    first launch (torch's default, LAZY). A lazy load blocks the launching thread until the GPU has caught up, so in
-    a training step that queues its work ahead each new kernel (a new matmul shape in the loss head or the vision
-    tower) left the GPU idle. Returns whether it applies (only before CUDA starts; a value the user set is kept)."""
-    if "CUDA_MODULE_LOADING" in os.environ or torch.cuda.is_initialized():
-        return os.environ.get("CUDA_MODULE_LOADING") == "EAGER"
-    os.environ["CUDA_MODULE_LOADING"] = "EAGER"
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
