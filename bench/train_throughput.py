@@ -450,19 +450,26 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     return res
 
 
-def row_lengths(plan, encs, batch: int, warmup: int, timed: int, multiple: int) -> str:
-    """How many distinct padded row lengths (CUDA graph recordings) the warm-up and the timed steps meet."""
+def row_lengths(plan, encs, batch: int, warmup: int, timed: int, multiple: int, budget: int | None = None) -> str:
+    """How many distinct padded row lengths (CUDA graph recordings) the warm-up and the timed steps meet; with
+    ``budget`` (packed_row_tokens) each step's samples regrouped as the loop regroups them."""
     from qvl.data.packing import graph_row_length
+    from qvl.train.speed import rows_by_budget
 
     order = [i for epoch in range((warmup + timed) * batch // len(plan.epoch_order(0)) + 1)
              for i in plan.epoch_order(epoch)]
-    rows = [graph_row_length(sum(len(encs[i]) for i in order[k * batch:(k + 1) * batch]), multiple)
-            for k in range(warmup + timed)]
-    seen_warm = set(rows[:warmup])
-    new_in_timed = {r for r in rows[warmup:] if r not in seen_warm}
-    padding = 1 - sum(sum(len(encs[i]) for i in order[k * batch:(k + 1) * batch]) for k in range(warmup + timed)) / sum(rows)
-    return (f"row lengths padded to multiples of {multiple}: {len(set(rows))} distinct, {len(seen_warm)} in the "
-            f"warm-up, {len(new_in_timed)} first met in the timed steps (unless recorded ahead); padding "
+    steps = []  # per step: its rows' real token counts
+    for k in range(warmup + timed):
+        lengths = [len(encs[i]) for i in order[k * batch:(k + 1) * batch]]
+        groups = rows_by_budget(lengths, budget) if budget else [range(len(lengths))]
+        steps.append([sum(lengths[i] for i in g) for g in groups])
+    padded = [[graph_row_length(n, multiple) for n in step] for step in steps]
+    seen_warm = {r for step in padded[:warmup] for r in step}
+    new_in_timed = {r for step in padded[warmup:] for r in step if r not in seen_warm}
+    padding = 1 - sum(map(sum, steps)) / sum(map(sum, padded))
+    return (f"row lengths padded to multiples of {multiple}: {len({r for step in padded for r in step})} distinct, "
+            f"{len(seen_warm)} in the warm-up, {len(new_in_timed)} first met in the timed steps (unless recorded "
+            f"ahead); padding "
             f"{padding:.1%} of the tokens")
 
 
@@ -743,7 +750,9 @@ def main(argv=None):
             timed = overrides.pop("bench_timed", timed)
             overrides = dict(overrides, max_steps=warmup + timed)
         if overrides.get("cuda_graphs", "auto") and cuda:
-            print(f"{name}: {row_lengths(plan, encs, args.batch, warmup, timed, overrides.get('cuda_graphs_row_multiple', 256))}", flush=True)
+            lengths = row_lengths(plan, encs, args.batch, warmup, timed, overrides.get("cuda_graphs_row_multiple", 256),
+                                  overrides.get("packed_row_tokens"))
+            print(f"{name}: {lengths}", flush=True)
         per_step = args.batch * overrides.get("gradient_accumulation_steps", 1)
         profile = None
         if name in profiled and cuda and args.profile_out:
