@@ -187,6 +187,9 @@ def strip_adapters(model) -> None:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, base)
     speed.uncompile(model)
+    import torch._dynamo
+
+    torch._dynamo.reset()  # the next row compiles afresh (its settings may differ), below dynamo's recompile limit
     if hasattr(model, "peft_config"):
         del model.peft_config
     for p in model.parameters():
@@ -413,8 +416,6 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
 
     cpp_wrapper, budget = inductor_config.cpp_wrapper, functorch_config.activation_memory_budget
     inductor_config.cpp_wrapper = "cpp_wrapper" in levers_on  # inductor's C++ wrapper: kernels launched from C++
-    if "memory_budget" in levers_on:  # the compiler's partitioner recomputes to keep half the activations, no checkpoint
-        functorch_config.activation_memory_budget = 0.5
     try:
         said: list[str] = []
 
@@ -672,6 +673,14 @@ def main(argv=None):
         *[(f"qvl-rows{n}", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                                  bench_warmup=8, gradient_checkpointing_scope="auto", packed_row_tokens=n))
           for n in (1536, 2048, 2560, 3072)],
+        # the compiler's partitioner under a memory budget (activation_memory_budget) instead of, or with, layers
+        # recomputed by checkpointing: it recomputes the cheapest work per byte first (elementwise, attention forward)
+        *[(f"qvl-budget{round(b * 100)}-nockpt", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
+                                                      packed_attention="per_sample", bench_warmup=8,
+                                                      activation_memory_budget=b))
+          for b in (0.95, 0.9, 0.8, 0.7)],
+        ("qvl-budget90", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
+                              bench_warmup=8, gradient_checkpointing_scope="auto", activation_memory_budget=0.9)),
         ("qvl-rows2048-nockpt", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
                                      packed_attention="per_sample", bench_warmup=8, packed_row_tokens=2048)),
         # the defaults without CUDA graphs (cuda_graphs auto is on for this job on an H100)
@@ -708,7 +717,7 @@ def main(argv=None):
                                        cuda_graphs_row_multiple=args.row_multiple, bench_warmup=args.long_warmup,
                                        bench_timed=args.long_timed)),
         ("qvl-cudagraphs-budget", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
-                                       packed_attention="per_sample", cuda_graphs=True, levers_on=("memory_budget",),
+                                       packed_attention="per_sample", cuda_graphs=True, activation_memory_budget=0.5,
                                        cuda_graphs_row_multiple=args.row_multiple, bench_warmup=args.long_warmup,
                                        bench_timed=args.long_timed)),
         ("qvl-cudagraphs", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",

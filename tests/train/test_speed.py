@@ -283,6 +283,52 @@ def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, a
         speed.compile_layers(model, scope="model")
 
 
+def _saved_bytes(model, lm, rows, rope_index) -> int:
+    """Bytes the forward pass of ``rows`` keeps for backward, parameters left out."""
+    from qvl.train.loop import pack_micro_batch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    batches = [pack_micro_batch(r, rope_index) for r in rows]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = [lm(b, 1.0)[0] for b in batches]
+    sum(losses).backward()
+    model.zero_grad()
+    return sum(kept.values())
+
+
+def test_activation_memory_budget_keeps_less_for_the_same_gradients(make_cfg, mixed_data):
+    """activation_memory_budget (the compiler's partitioner, min-cut as inductor's; aot_eager on CPU): whole compiled
+    layers without checkpointing keep less for backward under a budget of 0.5, and give the eager model's loss and
+    gradients (only what is recomputed changes)."""
+    import torch._functorch.config as functorch_config
+
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.train.loop import LossModule
+
+    model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
+    use_packed_attention(model, "per_sample")
+    steps = [[[enc(0), enc(8)]], [[enc(1), enc(2), enc(9)]]]
+    ref = [_packed_loss_grads(model, LossModule(model, fused_cross_entropy=True), rows, rope_index_fn(model))
+           for rows in steps]
+    lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=True)
+    kept = {}
+    for budget in (1.0, 0.5):
+        def measure(n, budget=budget):
+            kept[budget] = _saved_bytes(model, lm, steps[1], rope_index_fn(model))
+
+        with functorch_config.patch(activation_memory_budget=budget):
+            _compiled_equals(model, lm, steps, ref, "layer", measure)
+    assert kept[0.5] < 0.8 * kept[1.0], kept
+
+
 class _OpsInBackward(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the attention forward calls and the matmuls the backward pass runs."""
 

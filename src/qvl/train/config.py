@@ -159,6 +159,12 @@ class TrainConfig(BaseModel):
                             "dynamic lengths), and a frozen vision tower's blocks. auto: on a GPU for packed rows with per_sample attention on one GPU / "
                             "DDP (measured faster there), a part that fails to compile runs eagerly; true: any "
                             "single-GPU / DDP run; false: off")
+    activation_memory_budget: float | None = Field(
+        None, description="with compile_layers: the compiler's activation memory budget for what the compiled "
+                          "layers keep for backward (torch._functorch's activation_memory_budget): below 1 its "
+                          "partitioner recomputes the cheapest work per byte first (elementwise ops, then the "
+                          "attention kernel's forward, then matmuls) until the kept activations are that fraction "
+                          "of what it would keep; null: the compiler's default partition")
     compile_scope: Literal["layer", "parts"] = Field(
         "layer", description="what compile_layers compiles: layer = each whole decoder layer (norms, attention, LoRA "
                              "adapters, MLP, residual adds; gradient checkpointing inside the compiled code), parts = "
@@ -288,6 +294,9 @@ class TrainConfig(BaseModel):
             bad("lr_scheduler_type", f"unknown scheduler {self.lr_scheduler_type!r}", f"use one of {list(SCHEDULERS)}")
         if self.optim not in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_torch_foreach"):
             bad("optim", f"optimizer {self.optim!r} is not supported", "use adamw_torch (fused kernel on CUDA)")
+        if self.activation_memory_budget is not None and not 0 < self.activation_memory_budget <= 1:
+            bad("activation_memory_budget", f"activation_memory_budget={self.activation_memory_budget} must be in "
+                "(0, 1]")
         if self.gradient_checkpointing_ratio != "auto" and not 0 <= self.gradient_checkpointing_ratio <= 1:
             bad("gradient_checkpointing_ratio", f"gradient_checkpointing_ratio={self.gradient_checkpointing_ratio} "
                 "must be in [0, 1]")

@@ -583,11 +583,14 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     """Train as ``cfg`` says. ``callbacks`` are called as ``cb(step, row)`` after each step (tests use them)."""
     import torch._dynamo
 
-    suppress = torch._dynamo.config.suppress_errors  # compile_layers: auto sets it for the run only
+    import torch._functorch.config as functorch_config
+
+    # set for the run only: compile_layers auto (suppress_errors), activation_memory_budget
+    suppress, budget = torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget
     try:
         return _train(cfg, log, callbacks)
     finally:
-        torch._dynamo.config.suppress_errors = suppress
+        torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget = suppress, budget
 
 
 def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
@@ -721,8 +724,17 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             tower = f", and the frozen vision tower's {blocks} blocks" if blocks else ""
         say(f"compile_layers ({why}): {n} modules compiled ({what}; one graph for all layers){tower}; the first "
             "steps compile (~1 min on an H100); compile_layers=false turns it off")
+        if cfg.activation_memory_budget is not None:
+            import torch._functorch.config as functorch_config
+
+            functorch_config.activation_memory_budget = cfg.activation_memory_budget
+            say(f"activation_memory_budget={cfg.activation_memory_budget:g}: the compiled layers keep that share of "
+                "their activations for backward, recomputing the cheapest work per byte")
     elif why:
         say(f"compile_layers off: {why}")
+    if not compiling and cfg.activation_memory_budget is not None:
+        say(f"activation_memory_budget={cfg.activation_memory_budget:g} has no effect: it is the compiled layers' "
+            "(compile_layers is off)")
     if graphs:
         say(f"cuda_graphs ({graphs_why}): the decoder stack replays as CUDA graphs; rows padded to a multiple of "
             f"{row_multiple} tokens; each row shape is recorded once, ahead of training where the plan tells it; "
