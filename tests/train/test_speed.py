@@ -416,49 +416,37 @@ def test_compile_auto_only_where_measured(make_cfg):
     assert speed.compile_choice(True, gpu, "fsdp", True, False)[0] is False
 
 
-def test_recompute_scope_auto_where_layers_compile_whole(make_cfg):
-    """gradient_checkpointing_scope: auto is mlp where the layers compile whole on one GPU / DDP with a dense model,
-    resolved before the model loads (the preflight plans it); layer elsewhere; an explicit choice stays."""
-    from qvl.train.loop import resolve_recompute_scope
+def test_whole_layer_compile_told_before_the_model_loads(make_cfg):
+    """compiles_whole_layers (what activation_memory_budget auto is chosen for) follows compile_layers and
+    compile_scope, from the config alone."""
+    from qvl.train.loop import compiles_whole_layers
 
-    assert make_cfg().gradient_checkpointing_scope == "auto"
-    assert speed.recompute_scope_choice("auto", True, "layer", "ddp", False)[0] == "mlp"
-    for args in ((False, "layer", "ddp", False), (True, "parts", "ddp", False), (True, "layer", "fsdp", False),
-                 (True, "layer", "ddp", True)):
-        assert speed.recompute_scope_choice("auto", *args) == ("layer", "")
-    assert speed.recompute_scope_choice("mlp", False, "parts", "ddp", False) == ("mlp", "")
     cpu = torch.device("cpu")
-    ckpt = dict(gradient_checkpointing=True, data_flatten=True)
-    assert resolve_recompute_scope(make_cfg(**ckpt), cpu)[0] == "layer"  # auto compiles nothing on CPU
-    assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True), cpu)[0] == "mlp"
-    assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True, compile_scope="parts"), cpu)[0] == "layer"
-    assert resolve_recompute_scope(make_cfg(data_flatten=True, compile_layers=True), cpu)[0] == "layer"  # no ckpt
-    assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True, lora_enable=True, lora_r=8), cpu)[0] == "mlp"
-    # a LoRA rank the policy would take for a projection (the tiny model: hidden and q 64, kv 32)
-    assert resolve_recompute_scope(make_cfg(**ckpt, compile_layers=True, lora_enable=True, lora_r=32), cpu)[0] == "layer"
-    # 8B LoRA on a 24 GiB card, 4,096-token rows: whole-layer recompute fits, the kept attention halves would not
-    big = dict(ckpt, model_name_or_path="8B", compile_layers=True, lora_enable=True, tune_mm_llm=False,
-               per_device_train_batch_size=1, model_max_length=4096, fused_cross_entropy=True)
-    assert resolve_recompute_scope(make_cfg(**big, gpu_mem="24GiB"), cpu)[0] == "layer"
-    assert resolve_recompute_scope(make_cfg(**big, gpu_mem="80GiB"), cpu)[0] == "mlp"
+    assert make_cfg().gradient_checkpointing_scope == "auto"
+    assert not compiles_whole_layers(make_cfg(data_flatten=True), cpu)  # auto compiles nothing on CPU
+    assert compiles_whole_layers(make_cfg(data_flatten=True, compile_layers=True), cpu)
+    assert not compiles_whole_layers(make_cfg(data_flatten=True, compile_layers=True, compile_scope="parts"), cpu)
 
 
 def test_train_restores_dynamos_error_setting(make_cfg, monkeypatch):
-    """compile_layers' eager fallback (dynamo's process-wide suppress_errors) lasts for the run only."""
+    """compile_layers' eager fallback (dynamo's process-wide suppress_errors) and the partitioner's
+    activation_memory_budget last for the run only."""
     import torch._dynamo
+    import torch._functorch.config as functorch_config
 
     from qvl.train import loop
 
     def fake_train(cfg, log, callbacks):
         with pytest.raises(TypeError):  # no decoder layers to compile; the setting is made first
             speed.compile_layers(torch.nn.Module(), eager_fallback=True)
+        functorch_config.activation_memory_budget = 0.8
         assert torch._dynamo.config.suppress_errors is True
         return "done"
 
     monkeypatch.setattr(loop, "_train", fake_train)
-    before = torch._dynamo.config.suppress_errors
+    before = torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget
     assert loop.train(make_cfg()) == "done"
-    assert torch._dynamo.config.suppress_errors == before
+    assert (torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget) == before
 
 
 # ---------------------------------------------------------------- LoRA inputs under autocast

@@ -106,9 +106,9 @@ def test_auto_checkpoint_ratio_follows_the_card(make_cfg, tmp_path):
     cfg = make_cfg(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True, per_device_train_batch_size=2,
                    model_max_length=512)
     assert cfg.gradient_checkpointing_ratio == "auto"
-    assert auto_checkpoint_ratio(cfg, None)[0] == 1.0
+    assert auto_checkpoint_ratio(cfg, None)[:2] == (1.0, None)
     roomy = check(cfg, gpu="h100", say=lambda *a: None)
-    ratio, why = auto_checkpoint_ratio(cfg, roomy)
+    ratio, _, why = auto_checkpoint_ratio(cfg, roomy)
     assert ratio == 0.0 and "0 of" in why
     shape = model_for_plan(cfg.model_name_or_path)
     layer_gib = layer_saved_bytes_per_token(shape, cfg.lora_r, ("q", "k", "v", "o", "gate", "up", "down"),
@@ -119,10 +119,44 @@ def test_auto_checkpoint_ratio_follows_the_card(make_cfg, tmp_path):
     tight = check(make_cfg(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True,
                            per_device_train_batch_size=2, model_max_length=512, gpu_mem=f"{tight_mem:.6f}GiB"),
                   say=lambda *a: None)
-    ratio, why = auto_checkpoint_ratio(cfg, tight)
+    ratio, _, why = auto_checkpoint_ratio(cfg, tight)
     assert ratio == (shape.layers - 1) / shape.layers, why
+    ratio_tight = ratio
     # rows capped at half the tokens (packed_row_tokens): each kept layer costs half, three fit (both layers kept)
     capped = make_cfg(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True, per_device_train_batch_size=2,
                       model_max_length=512, data_flatten=True, packed_row_tokens=512)
-    ratio, why = auto_checkpoint_ratio(capped, tight)
+    ratio, _, why = auto_checkpoint_ratio(capped, tight)
     assert shape.layers == 2 and ratio == 0.0 and "rows up to 512 tokens" in why, why
+    # the rows the run's plan makes (row_tokens) count the same way, never above what a micro-batch can make
+    assert auto_checkpoint_ratio(cfg, tight, row_tokens=512)[0] == 0.0
+    assert auto_checkpoint_ratio(cfg, tight, row_tokens=10**6)[0] == ratio_tight
+
+
+def test_auto_budget_for_compiled_layers(make_cfg):
+    """Whole compiled layers: every layer kept under the loosest budget that fits (the compiler's own partition, then
+    activation_memory_budget 0.9, then 0.8), then 0.8 with the fewest layers recomputed whole."""
+    from qvl.plan.memory import COMPILED_BUDGETS, compiled_layer_saved_bytes_per_token
+    from qvl.plan.preflight import model_for_plan
+    from qvl.train.preflight import AUTO_CHECKPOINT_BUDGET, auto_checkpoint_ratio, check
+
+    kw = dict(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True, per_device_train_batch_size=2,
+              model_max_length=512, data_flatten=True, lora_target_regex=r".*\.(q_proj|k_proj|v_proj|o_proj)")
+    cfg = make_cfg(**kw)
+    shape = model_for_plan(cfg.model_name_or_path)
+    total = check(cfg, gpu="h100", say=lambda *a: None).plan.total_gib
+    per_layer = {b: compiled_layer_saved_bytes_per_token(shape, b, cfg.lora_r, 4) * 1024 / 2**30
+                 for b in COMPILED_BUDGETS}
+    assert per_layer[None] > per_layer[0.9] > per_layer[0.8]
+
+    def card(free_gib):
+        pf = check(make_cfg(**kw, gpu_mem=f"{(total + free_gib) / AUTO_CHECKPOINT_BUDGET:.6f}GiB"),
+                   say=lambda *a: None)
+        return pf
+
+    n = shape.layers
+    for budget in COMPILED_BUDGETS:  # room for every layer at this budget, not at the looser one
+        ratio, got, why = auto_checkpoint_ratio(cfg, card(n * per_layer[budget] * 1.01), row_tokens=1024,
+                                                compiled=True)
+        assert (ratio, got) == (0.0, budget), why
+    ratio, got, why = auto_checkpoint_ratio(cfg, card(1.5 * per_layer[0.8]), row_tokens=1024, compiled=True)
+    assert (ratio, got) == ((n - 1) / n, 0.8) and "activation_memory_budget 0.8" in why, why

@@ -184,6 +184,34 @@ def attention_saved_bytes_per_token(m: ModelShape) -> int:
     return 2 * (2 * m.q_dim + 2 * m.kv_dim + m.hidden) + 4 * m.heads
 
 
+# activation_memory_budget levels the planner knows for compiled layers: None (the compiler's default partition), 0.9,
+# 0.8 (below 0.8 the partitioner starts recomputing matmuls; 0.8's figure is then an upper bound)
+COMPILED_BUDGETS = (None, 0.9, 0.8)
+
+
+def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = None, lora_r: int = 0,
+                                         n_adapters: int = 0, mlp_trains: bool = False) -> int:
+    """What one whole decoder layer compiled by inductor keeps for backward per token beyond its input, not
+    recomputed, with frozen projections (LoRA on attention, bf16 autocast), under ``activation_memory_budget``.
+
+    Measured on the 8B layer (``bench/layer_memory.py``, H100: 106.8 / 86.8 / 68.7 KB per token for the default
+    partition / 0.9 / 0.8, docs/benchmarks.md) and written in the model's widths: the SwiGLU gate and up outputs
+    (its product and the down projection's input are recomputed), the attention's q, k, v and output, its
+    log-sum-exp and the adapters' rank-r intermediates; 0.9 and the default partition keep pre-norm and pre-RoPE
+    copies the budgets recompute instead. ``mlp_trains`` (MLP weights or adapters on them; not measured): the MLP
+    projections' inputs too, which their weight gradients need.
+    """
+    h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
+    b = 4 * inter + 2 * (qd + 2 * kvd + h) + 4 * m.heads + 2 * lora_r * n_adapters
+    if mlp_trains:
+        b += 2 * h + 2 * inter
+    if budget is None or budget > 0.85:  # 0.85 measured as 0.9
+        b += 2 * (qd + kvd + h)
+    if budget is None or budget >= 1.0:
+        b += 2 * (qd + 2 * kvd + h)
+    return b
+
+
 def layer_transient_bytes_per_token(m: ModelShape) -> int:
     """Inference (no grad) working set of one decoder layer, per token: residual + fp32 norm + the larger of
     attention (q, k, v, RoPE copies, output) and the SwiGLU MLP (gate, up, act, product)."""

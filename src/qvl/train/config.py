@@ -149,9 +149,9 @@ class TrainConfig(BaseModel):
     gradient_checkpointing_scope: Literal["auto", "layer", "mlp"] = Field(
         "auto", description="what a recomputed decoder layer recomputes: layer = all of it (least memory); mlp = only "
                             "its MLP projections and elementwise work, keeping the attention half's matmul and "
-                            "attention outputs (~half the recompute work for ~30 KB per token per layer at 8B; one "
-                            "GPU / DDP, dense models). auto: mlp where compile_layers compiles whole layers, else "
-                            "layer")
+                            "attention outputs (~30 KB per token per layer at 8B; one GPU / DDP, dense models). auto: "
+                            "layer (where whole layers compile, layers kept under activation_memory_budget 0.8 plus "
+                            "layers recomputed whole were measured faster than mlp for the same memory)")
     fused_cross_entropy: bool = Field(True, description="lm_head + loss in row chunks, never the full-vocabulary "
                                       "logits tensor")
     compile_layers: bool | Literal["auto"] = Field(
@@ -159,12 +159,14 @@ class TrainConfig(BaseModel):
                             "dynamic lengths), and a frozen vision tower's blocks. auto: on a GPU for packed rows with per_sample attention on one GPU / "
                             "DDP (measured faster there), a part that fails to compile runs eagerly; true: any "
                             "single-GPU / DDP run; false: off")
-    activation_memory_budget: float | None = Field(
-        None, description="with compile_layers: the compiler's activation memory budget for what the compiled "
-                          "layers keep for backward (torch._functorch's activation_memory_budget): below 1 its "
-                          "partitioner recomputes the cheapest work per byte first (elementwise ops, then the "
-                          "attention kernel's forward, then matmuls) until the kept activations are that fraction "
-                          "of what it would keep; null: the compiler's default partition")
+    activation_memory_budget: float | Literal["auto"] | None = Field(
+        "auto", description="with compile_layers: the compiler's activation memory budget for what the compiled "
+                            "layers keep for backward (torch._functorch's activation_memory_budget): below 1 its "
+                            "partitioner recomputes the cheapest work per byte first (elementwise ops and copies, "
+                            "then matmuls) until the kept activations are that fraction of what it would keep; "
+                            "null: the compiler's default partition. auto: chosen with gradient_checkpointing_ratio "
+                            "auto where whole layers compile (the loosest of none / 0.9 / 0.8 at which every layer "
+                            "is kept, else 0.8 with the fewest layers recomputed), else null")
     compile_scope: Literal["layer", "parts"] = Field(
         "layer", description="what compile_layers compiles: layer = each whole decoder layer (norms, attention, LoRA "
                              "adapters, MLP, residual adds; gradient checkpointing inside the compiled code), parts = "
@@ -294,7 +296,8 @@ class TrainConfig(BaseModel):
             bad("lr_scheduler_type", f"unknown scheduler {self.lr_scheduler_type!r}", f"use one of {list(SCHEDULERS)}")
         if self.optim not in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_torch_foreach"):
             bad("optim", f"optimizer {self.optim!r} is not supported", "use adamw_torch (fused kernel on CUDA)")
-        if self.activation_memory_budget is not None and not 0 < self.activation_memory_budget <= 1:
+        if (self.activation_memory_budget not in (None, "auto")
+                and not 0 < self.activation_memory_budget <= 1):
             bad("activation_memory_budget", f"activation_memory_budget={self.activation_memory_budget} must be in "
                 "(0, 1]")
         if self.gradient_checkpointing_ratio != "auto" and not 0 <= self.gradient_checkpointing_ratio <= 1:

@@ -380,18 +380,12 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return min(4, cores - 2) if device.type == "cuda" and cores >= 6 else 0
 
 
-def resolve_recompute_scope(cfg: TrainConfig, device: torch.device, world_size: int = 1,
-                            records=()) -> tuple[str, str]:
-    """``gradient_checkpointing_scope`` for this run, before the model loads (the memory preflight counts it): from
-    whether the layers will compile whole (:func:`qvl.train.speed.compile_choice` on what the config and the model's
-    config say); ``mlp`` only where the planner says its kept attention halves fit the card (else ``layer``, which
-    may fit), and where no LoRA rank looks like a projection to its policy."""
+def compiles_whole_layers(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the decoder layers will compile whole (``compile_layers`` on, ``compile_scope: layer``), told before the
+    model loads from what the config and the model's shape say (:func:`qvl.train.speed.compile_choice`)."""
     from qvl.data.packing import PER_SAMPLE_ATTENTION, varlen_available
     from qvl.plan.preflight import model_for_plan
-    from qvl.train.preflight import plan_fits
 
-    if cfg.gradient_checkpointing_scope != "auto" or not cfg.gradient_checkpointing:
-        return ("layer" if cfg.gradient_checkpointing_scope == "auto" else cfg.gradient_checkpointing_scope), ""
     shape = model_for_plan(cfg.model_name_or_path)
     moe = shape is None or shape.is_moe  # unknown: the cautious answer
     packed = cfg.data_flatten or cfg.data_packing
@@ -399,15 +393,20 @@ def resolve_recompute_scope(cfg: TrainConfig, device: torch.device, world_size: 
         "per_sample", PER_SAMPLE_ATTENTION)
     compiling, _ = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
                                         varlen=varlen_available() and cfg.bf16)
-    scope, why = speed.recompute_scope_choice("auto", compiling, cfg.compile_scope, cfg.engine, moe)
-    if scope != "mlp":
-        return scope, why
-    if cfg.lora_enable and cfg.lora_r in speed.projection_sizes(shape.hidden, shape.heads * shape.head_dim,
-                                                               shape.kv_heads * shape.head_dim):
-        return "layer", ""
-    if plan_fits(cfg.model_copy(update={"gradient_checkpointing_scope": "mlp"}), world_size, records) is False:
-        return "layer", ""
-    return scope, why
+    return compiling and cfg.compile_scope == "layer"
+
+
+def longest_planned_row(plan: Plan, cfg: TrainConfig, steps: int = 2000) -> int | None:
+    """The longest packed row (estimated tokens, padded as CUDA graphs pad rows) of the run's first ``steps`` steps,
+    or None for padded batches; what ``gradient_checkpointing_ratio: auto`` sizes the kept layers for."""
+    if not (cfg.data_flatten or cfg.data_packing):
+        return None
+    from qvl.data.packing import graph_row_length
+
+    longest = max((sum(row) for row in planned_rows(plan, 0, steps, cfg.packed_row_tokens)), default=0)
+    if not longest:
+        return None
+    return graph_row_length(longest, cfg.cuda_graphs_row_multiple) if cfg.cuda_graphs is not False else longest
 
 
 def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int | None = None) -> str:
@@ -616,16 +615,9 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     records = _load_data(cfg)
     from qvl.train.preflight import check as preflight
 
-    scope, scope_why = resolve_recompute_scope(cfg, device, dist.world_size, records)
-    if scope != cfg.gradient_checkpointing_scope:  # resolved before the preflight: the plan counts what it keeps
-        cfg = cfg.model_copy(update={"gradient_checkpointing_scope": scope})
+    if cfg.gradient_checkpointing_scope == "auto":  # resolved before the preflight: the plan counts what it keeps
+        cfg = cfg.model_copy(update={"gradient_checkpointing_scope": "layer"})
     memory_plan = preflight(cfg, world_size=dist.world_size, records=records, say=say)
-    ckpt_ratio = cfg.gradient_checkpointing_ratio
-    if cfg.gradient_checkpointing and ckpt_ratio == "auto":
-        from qvl.train.preflight import auto_checkpoint_ratio
-
-        ckpt_ratio, why = auto_checkpoint_ratio(cfg, memory_plan, dist.world_size, records)
-        say(f"gradient checkpointing (gradient_checkpointing_ratio auto): {why}")
 
     # 1. run folder: resume, or start fresh (moving old files aside; nothing is deleted)
     resume_from = None
@@ -658,6 +650,17 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     from qvl.data.lengths import TokenEstimate
 
     plan = Plan(len(records), cfg, dist, lengths=TokenEstimate(records, processor, encoder.budget))
+    ckpt_ratio, memory_budget = cfg.gradient_checkpointing_ratio, cfg.activation_memory_budget
+    if cfg.gradient_checkpointing and ckpt_ratio == "auto":
+        from qvl.train.preflight import auto_checkpoint_ratio
+
+        ckpt_ratio, auto_budget, why = auto_checkpoint_ratio(
+            cfg, memory_plan, dist.world_size, records, row_tokens=longest_planned_row(plan, cfg),
+            compiled=(memory_budget == "auto" and cfg.gradient_checkpointing_scope == "layer"
+                      and compiles_whole_layers(cfg, device)))
+        memory_budget = auto_budget if memory_budget == "auto" else memory_budget
+        say(f"gradient checkpointing (gradient_checkpointing_ratio auto): {why}")
+    memory_budget = None if memory_budget == "auto" else memory_budget
 
     # 3. model: dtype, what trains, memory savers
     load_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -674,8 +677,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                                f"under DDP, not under {cfg.engine}", where="gradient_checkpointing_scope",
                                fix="gradient_checkpointing_scope: layer")
             n = speed.recompute_scope(model, cfg.gradient_checkpointing_scope, cfg.lora_r if cfg.lora_enable else None)
-            said = f" ({scope_why})" if scope_why else ""
-            say(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope}{said}: {n} recomputed layers keep "
+            say(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope}: {n} recomputed layers keep "
                 "their attention half and recompute the MLP; gradient_checkpointing_scope=layer recomputes them whole")
     trainable = [p for p in model.parameters() if p.requires_grad]
     fp32_masters = load_dtype != torch.float32 and distributed.master_weights_fp32(cfg)
@@ -724,17 +726,17 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             tower = f", and the frozen vision tower's {blocks} blocks" if blocks else ""
         say(f"compile_layers ({why}): {n} modules compiled ({what}; one graph for all layers){tower}; the first "
             "steps compile (~1 min on an H100); compile_layers=false turns it off")
-        if cfg.activation_memory_budget is not None:
+        if memory_budget is not None:
             import torch._functorch.config as functorch_config
 
-            functorch_config.activation_memory_budget = cfg.activation_memory_budget
-            say(f"activation_memory_budget={cfg.activation_memory_budget:g}: the compiled layers keep that share of "
-                "their activations for backward, recomputing the cheapest work per byte")
+            functorch_config.activation_memory_budget = memory_budget
+            say(f"activation_memory_budget={memory_budget:g}: the compiled layers keep that share of their "
+                "activations for backward, recomputing the cheapest work per byte")
     elif why:
         say(f"compile_layers off: {why}")
-    if not compiling and cfg.activation_memory_budget is not None:
-        say(f"activation_memory_budget={cfg.activation_memory_budget:g} has no effect: it is the compiled layers' "
-            "(compile_layers is off)")
+    if not compiling and memory_budget is not None:
+        say(f"activation_memory_budget={memory_budget:g} has no effect: it is the compiled layers' (compile_layers "
+            "is off)")
     if graphs:
         say(f"cuda_graphs ({graphs_why}): the decoder stack replays as CUDA graphs; rows padded to a multiple of "
             f"{row_multiple} tokens; each row shape is recorded once, ahead of training where the plan tells it; "

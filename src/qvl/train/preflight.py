@@ -185,27 +185,46 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
 AUTO_CHECKPOINT_BUDGET = 0.9
 
 
-def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=()) -> tuple[float, str]:
-    """(ratio, why) for ``gradient_checkpointing_ratio: auto``: the fewest recomputed decoder layers whose kept
-    activations, at the longest row a micro-batch can make, fit what the all-recomputed plan leaves free."""
-    from qvl.plan.memory import attention_saved_bytes_per_token, layer_saved_bytes_per_token, parse_lora_targets
+def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(), row_tokens: int | None = None,
+                          compiled: bool = False) -> tuple[float, float | None, str]:
+    """(ratio, activation_memory_budget, why) for ``gradient_checkpointing_ratio: auto``: the fewest recomputed
+    decoder layers whose kept activations, at rows of ``row_tokens`` (the longest row the run's plan makes; default
+    the longest a micro-batch can make), fit what the all-recomputed plan leaves free.
+
+    ``compiled`` (whole layers compiled, the compiler choosing what a kept layer keeps): the budget is the loosest of
+    :data:`qvl.plan.memory.COMPILED_BUDGETS` at which every layer is kept, else 0.8 (a kept layer then costs the
+    least for what it saves: ``bench/layer_memory.py``) with the fewest layers recomputed whole. Otherwise the
+    budget is None and a kept layer costs the planner's eager estimate."""
+    from qvl.plan.memory import (COMPILED_BUDGETS, attention_saved_bytes_per_token,
+                                 compiled_layer_saved_bytes_per_token, layer_saved_bytes_per_token, parse_lora_targets)
     from qvl.train.speed import ratio_for_memory
 
     plan = getattr(pf, "plan", None)
     shape = model_for_plan(cfg.model_name_or_path) if plan is not None else None
     if plan is None or shape is None or not plan.fits:
-        return 1.0, "every layer recomputed (no memory plan for this card)"
+        return 1.0, None, "every layer recomputed (no memory plan for this card)"
     kw = plan_kwargs(cfg, world_size, has_video(records))
     targets = parse_lora_targets(kw["lora_targets"]) if cfg.lora_enable else ()
-    row_tokens = cfg.longest_row()
-    per_token = layer_saved_bytes_per_token(shape, cfg.lora_r if cfg.lora_enable else 0, targets,
-                                            cfg.lora_dropout if cfg.lora_enable else 0.0)
-    if kw["recompute_keeps_attention"]:  # the plan counts every layer's attention half already
-        per_token -= attention_saved_bytes_per_token(shape)
-    layer = per_token * row_tokens
+    row_tokens = min(row_tokens or cfg.longest_row(), cfg.longest_row())
     free = (AUTO_CHECKPOINT_BUDGET * plan.gpu_total_gib - plan.total_gib) * 2**30
+    budget = None
+    if compiled:
+        r = cfg.lora_r if cfg.lora_enable else 0
+        mlp_trains = not cfg.lora_enable or any(t in ("gate", "up", "down") for t in targets)
+        for budget in COMPILED_BUDGETS:
+            layer = compiled_layer_saved_bytes_per_token(shape, budget, r, len(targets), mlp_trains) * row_tokens
+            if shape.layers * layer <= free:
+                break
+    else:
+        per_token = layer_saved_bytes_per_token(shape, cfg.lora_r if cfg.lora_enable else 0, targets,
+                                                cfg.lora_dropout if cfg.lora_enable else 0.0)
+        if kw["recompute_keeps_attention"]:  # the plan counts every layer's attention half already
+            per_token -= attention_saved_bytes_per_token(shape)
+        layer = per_token * row_tokens
     ratio = ratio_for_memory(shape.layers, free, layer)
     kept = shape.layers - round(ratio * shape.layers)
-    return ratio, (f"{shape.layers - kept} of {shape.layers} layers recomputed: {kept} kept at "
-                   f"{layer / 2**30:.2f} GiB each (rows up to {row_tokens:,} tokens) within "
-                   f"{AUTO_CHECKPOINT_BUDGET:.0%} of {plan.gpu_total_gib:.1f} GiB")
+    how = "" if not compiled else (" (the compiler's own partition)" if budget is None
+                                   else f" (activation_memory_budget {budget:g})")
+    return ratio, budget, (f"{shape.layers - kept} of {shape.layers} layers recomputed: {kept} kept{how} at "
+                           f"{layer / 2**30:.2f} GiB each (rows up to {row_tokens:,} tokens) within "
+                           f"{AUTO_CHECKPOINT_BUDGET:.0%} of {plan.gpu_total_gib:.1f} GiB")

@@ -128,18 +128,6 @@ def checkpoint_some_layers(model, ratio: float) -> list[int]:
     return [i for i, layer in enumerate(layers) if layer.gradient_checkpointing]
 
 
-def recompute_scope_choice(choice: str, compiling: bool, compile_scope: str, engine: str, moe: bool) -> tuple[str, str]:
-    """(scope, why) for ``gradient_checkpointing_scope``. ``auto`` is ``mlp`` where the layers compile whole (the
-    policy then goes into their compiled graphs: no host cost) on one GPU / DDP with a dense model, where it was
-    measured: 8B LoRA on an H100, +1 %, +13 % and +20 % over recomputing whole layers in three calls, +2.2 GiB
-    (docs/benchmarks.md); ``layer`` elsewhere. ``why`` is empty for an explicit choice."""
-    if choice != "auto":
-        return choice, ""
-    if compiling and compile_scope == "layer" and engine == "ddp" and not moe:
-        return "mlp", "auto: the layers compile whole"
-    return "layer", ""
-
-
 def recompute_scope(model, scope: str, lora_r: int | None = None) -> int:
     """``gradient_checkpointing_scope``: ``layer`` recomputes a checkpointed decoder layer whole (transformers' own
     checkpointing); ``mlp`` keeps its attention half (:func:`recompute_mlp_only`). ``lora_r``: the adapters' rank,
