@@ -24,7 +24,11 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 qvl-all-linear (qvl's default LoRA targets, per_sample attention), qvl-loop-plain
                 (levers off), qvl-rows16k (informational: 16 samples per step in rows of <= 16k tokens),
                 qvl-auto-compile (the loop's defaults; on an H100 they include cuda_graphs, every row shape
-                recorded before the first step), qvl-graphs-off (the same without CUDA graphs).
+                recorded before the first step), qvl-graphs-off (the same without CUDA graphs),
+                qvl-budget{95,90,80,70}-nockpt (nothing checkpointed, the compiler's partition under
+                activation_memory_budget), qvl-fit-b80 (4 layers recomputed whole, 32 kept under budget 0.8:
+                within the baseline's memory at 8B), qvl-mlp-keep4 (session 8's defaults: 32 layers
+                recomputing their MLP), qvl-pad128 (the defaults, rows padded to 128-token multiples).
 Every contestant (but qvl-rows16k) sees the same 4 samples per optimizer step, in the loop's seeded order, so losses are comparable step by step.
 Useful tokens are non-padding tokens. MFU counts 4 x LLM non-embedding params per token (LoRA:
 forward + input gradients, no recompute) plus causal attention, over 790 TFLOP/s (H100 dense bf16).
@@ -683,6 +687,9 @@ def main(argv=None):
         # (68.7 KB per token each, bench/layer_memory.py), 4 recomputed whole
         ("qvl-fit-b80", dict(compile_layers=True, gradient_checkpointing_ratio=4 / 36, packed_attention="per_sample",
                              bench_warmup=8, activation_memory_budget=0.8)),
+        # the defaults with rows padded to 128-token multiples for the CUDA graphs (half the padding, more recordings)
+        ("qvl-pad128", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
+                            bench_warmup=8, cuda_graphs_row_multiple=128)),
         # the previous defaults: 32 layers recomputing their MLP (gradient_checkpointing_scope mlp), 4 kept
         ("qvl-mlp-keep4", dict(compile_layers=True, gradient_checkpointing_ratio=32 / 36,
                                packed_attention="per_sample", bench_warmup=8, gradient_checkpointing_scope="mlp",

@@ -7,7 +7,6 @@ Scheduler: joins between steps, leaves free their slot for the next request, can
 
 from __future__ import annotations
 
-import queue
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from qvl.infer.continuous import ContinuousBatcher
 from qvl.infer.decode import DecodeModel, supports
 from qvl.infer.engine import Prepared
 from qvl.infer.sampler import TokenStats, choose
-from qvl.infer.transformers_backend import PresencePenalty, TransformersEngine, _Job, _Row, cache_shape
+from qvl.infer.transformers_backend import PresencePenalty, TransformersEngine, _Job, cache_shape
 from qvl.infer.types import Handle, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, presence_penalty=0.0, max_new_tokens=24, ignore_eos=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qvl.errors import QvlError
-from qvl.train.config import build_config, deepspeed_config, from_argv, load_config, parse_overrides
+from qvl.train.config import deepspeed_config, from_argv, load_config, parse_overrides
 
 BASE = ["model_name_or_path=m", "dataset_use=d"]
 

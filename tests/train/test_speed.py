@@ -252,7 +252,6 @@ def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, a
     gradient checkpointing inside the compiled code. Half the layers recompute: same loss and gradients as the eager
     model over rows of three lengths, one graph for every layer and length, the same state dict, and uncompile puts
     transformers' checkpointing back as it was."""
-    import torch._dynamo
 
     from qvl.data.packing import rope_index_fn, use_packed_attention
     from qvl.train import components as comp

@@ -7,7 +7,6 @@ tunable numbers, each with the reason for its value.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 

@@ -144,7 +144,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing_ratio: float | Literal["auto"] = Field(
         "auto", description="with gradient_checkpointing: the fraction of LLM decoder layers recomputed (evenly "
                             "spaced); lower is faster and uses more memory. auto: on a GPU, as few as the memory "
-                            "preflight's plan allows at 90 % of the card with the longest possible rows; 1.0 when "
+                            "preflight's plan allows at 90 % of the card, kept layers sized for the run's longest "
+                            "planned row (with activation_memory_budget auto where whole layers compile); 1.0 when "
                             "the card is unknown (CPU)")
     gradient_checkpointing_scope: Literal["auto", "layer", "mlp"] = Field(
         "auto", description="what a recomputed decoder layer recomputes: layer = all of it (least memory); mlp = only "
