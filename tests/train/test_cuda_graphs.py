@@ -93,7 +93,8 @@ def test_planned_rows_are_the_rows_the_loop_packs(make_cfg, tmp_path):
     from qvl.data.lengths import TokenEstimate
     from qvl.data.registry import load_mixture
     from qvl.models.load import load_processor
-    from qvl.train.loop import Dist, Encoder, Plan, planned_rows
+    from qvl.data.packing import graph_row_length
+    from qvl.train.loop import Dist, Encoder, Plan, longest_planned_row, planned_rows
 
     data = make_colour_data(tmp_path / "data", 10, seed=2, text_only=3)
     cfg = make_cfg(dataset_use=data, data_flatten=True, per_device_train_batch_size=3, num_train_epochs=3,
@@ -113,6 +114,11 @@ def test_planned_rows_are_the_rows_the_loop_packs(make_cfg, tmp_path):
     budget = 80
     regrouped = [[row[i] for i in r] for row in real for r in speed.rows_by_budget(row, budget)]
     assert planned_rows(plan, 1, 5, budget) == regrouped and len(regrouped) > len(real), regrouped
+    # what gradient_checkpointing_ratio auto sizes kept layers for: the longest planned row, padded as graphs pad it
+    every = [sum(r) for r in planned_rows(plan, 0, plan.total_steps)]
+    assert longest_planned_row(plan, cfg) == graph_row_length(max(every), cfg.cuda_graphs_row_multiple)
+    assert longest_planned_row(plan, cfg.model_copy(update={"cuda_graphs": False})) == max(every)
+    assert longest_planned_row(plan, cfg.model_copy(update={"data_flatten": False})) is None  # padded batches
 
 
 def test_cuda_graphs_choice_says_why_not():
