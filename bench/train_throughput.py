@@ -28,7 +28,8 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 qvl-budget{95,90,80,70}-nockpt (nothing checkpointed, the compiler's partition under
                 activation_memory_budget), qvl-fit-b80 (4 layers recomputed whole, 32 kept under budget 0.8:
                 within the baseline's memory at 8B), qvl-mlp-keep4 (session 8's defaults: 32 layers
-                recomputing their MLP), qvl-pad128 (the defaults, rows padded to 128-token multiples).
+                recomputing their MLP), qvl-pad128 (the defaults, rows padded to 128-token multiples),
+                qvl-read-late (the defaults with each step's numbers copied to the host only when read).
 Every contestant (but qvl-rows16k) sees the same 4 samples per optimizer step, in the loop's seeded order, so losses are comparable step by step.
 Useful tokens are non-padding tokens. MFU counts 4 x LLM non-embedding params per token (LoRA:
 forward + input gradients, no recompute) plus causal attention, over 790 TFLOP/s (H100 dense bf16).
@@ -301,7 +302,7 @@ class Timeline:
               ("      DecoderGraphs (replay)", "qvl.train.graphs", "DecoderGraphs.__call__"),
               ("    backward graph (replay)", "qvl.train.graphs", "_Replay.backward"),
               ("finish_step (clip + optimizer)", "qvl.train.distributed", "finish_step"),
-              ("host_floats (waits for the GPU)", "qvl.train.speed", "host_floats"))
+              ("host_read (waits for the GPU)", "qvl.train.speed", "host_read"))
 
     def __init__(self):
         import importlib
@@ -408,7 +409,9 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         attn_mod.use_vision_sdpa = lambda model: original(model, varlen=False)
     if "lora_16bit" in levers_off:  # PEFT casts LoRA inputs to fp32
         speed.lora_inputs_stay_16bit = lambda model: 0
-    compile_vision_blocks = speed.compile_vision_blocks
+    compile_vision_blocks, queue_host_read = speed.compile_vision_blocks, speed.queue_host_read
+    if "read_ahead" in levers_off:  # a step's numbers copied when read (behind the next step: it waits for that too)
+        speed.queue_host_read = lambda *values: (None, values, None)
     if "compile_vision" in levers_off:  # the frozen vision tower's blocks left eager
         speed.compile_vision_blocks = lambda model, **k: 0
     if args.device.startswith("cuda"):
@@ -434,7 +437,7 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
             print(f"{name}: host and GPU time per step (steps {warmup}-{warmup + timed}):\n"
                   f"{timeline.report(warmup)}", flush=True)
         inductor_config.cpp_wrapper, functorch_config.activation_memory_budget = cpp_wrapper, budget
-        speed.compile_vision_blocks = compile_vision_blocks
+        speed.compile_vision_blocks, speed.queue_host_read = compile_vision_blocks, queue_host_read
         load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit = saved
     cuda = args.device.startswith("cuda")
     res = clock.stats(warmup, warmup + timed, samples_per_step)
@@ -690,6 +693,10 @@ def main(argv=None):
         # the defaults with rows padded to 128-token multiples for the CUDA graphs (half the padding, more recordings)
         ("qvl-pad128", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                             bench_warmup=8, cuda_graphs_row_multiple=128)),
+        # the defaults with each step's numbers copied to the host when read, once the next step is queued (before
+        # session 10): the read waits for the next step too, and the GPU idles while the host builds the one after
+        ("qvl-read-late", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
+                               bench_warmup=8, levers_off=("read_ahead",))),
         # the previous defaults: 32 layers recomputing their MLP (gradient_checkpointing_scope mlp), 4 kept
         ("qvl-mlp-keep4", dict(compile_layers=True, gradient_checkpointing_ratio=32 / 36,
                                packed_attention="per_sample", bench_warmup=8, gradient_checkpointing_scope="mlp",

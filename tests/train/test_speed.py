@@ -546,6 +546,26 @@ def test_speed_config_keys(make_cfg):
         make_cfg(optim="sgd")
 
 
+def test_queued_host_read_gives_host_floats():
+    """Off CUDA a queued read is a plain read when asked: the same floats as host_floats."""
+    queued = speed.queue_host_read(torch.tensor(1.5), None, 2, torch.tensor([3.0]))
+    assert speed.host_read(queued) == [1.5, None, 2.0, 3.0]
+    assert speed.host_read(speed.queue_host_read()) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_queued_host_read_waits_for_its_own_work_only():
+    """A read queued before later GPU work returns while that work still runs (a plain read would wait for it)."""
+    loss = torch.full((), 2.5, device="cuda")
+    queued = speed.queue_host_read(loss, None)
+    torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU work queued after the copy
+    later = torch.cuda.Event()
+    later.record()
+    assert speed.host_read(queued) == [2.5, None]
+    assert not later.query()  # the later work is still running: the read did not wait for it
+    torch.cuda.synchronize()
+
+
 def test_host_floats_mixes_devices_and_plain_numbers():
     from qvl.train.speed import host_floats
 

@@ -837,9 +837,10 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                 yield step, [next(it) for _ in range(n)]
                 step += 1
 
-    def report(done: int, loss_sum, grad_norm, n_labels: float, n_tokens: int, step_lrs: dict) -> dict:
-        """Read a finished step's loss and gradient norm (one host sync), log them and run the callbacks."""
-        loss_sum, grad_norm = speed.host_floats(loss_sum, grad_norm)
+    def report(done: int, queued: tuple, n_labels: float, n_tokens: int, step_lrs: dict) -> dict:
+        """Read a finished step's loss and gradient norm (``queued`` by :func:`speed.queue_host_read` at the end of
+        the step: the read waits for that step only), log them and run the callbacks."""
+        loss_sum, grad_norm = speed.host_read(queued)
         step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
         losses.append(step_loss)
         metrics = {"loss": step_loss, "lr": step_lrs[main_group],
@@ -892,11 +893,13 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             grad_norm = distributed.finish_step(eng)
             done = step + 1
             saving = cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps
-            # the previous step's numbers are read now, with this step queued behind them: the GPU is not left idle
-            # while the host reads them and builds the next step (a checkpoint reads its own step's first)
+            # this step's numbers are copied to the host behind its work now and read once the next step is queued:
+            # the read waits for this step only, so the GPU runs the next step while the host builds the one after
+            # (a checkpoint reads its own step's first)
+            queued = speed.queue_host_read(loss_sum, grad_norm)
             if pending is not None:
                 row = report(*pending)
-            pending = (done, loss_sum, grad_norm, n_labels, n_tokens, step_lrs)
+            pending = (done, queued, n_labels, n_tokens, step_lrs)
             if saving:
                 row, pending = report(*pending), None
                 path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,

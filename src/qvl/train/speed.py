@@ -13,7 +13,8 @@ the plain path (tests/train/test_speed.py); measured effects are in docs/benchma
 * :func:`adamw_options` — the fused AdamW kernel on CUDA (same update, one kernel for all parameters).
 * :func:`rows_by_budget` — a step's samples regrouped into packed rows of up to N tokens (the loss is
   token-weighted over the whole step, so how samples are split into rows does not change it).
-* :func:`host_floats` — a step's scalars copied to the host in one synchronisation.
+* :func:`host_floats` — a step's scalars copied to the host in one synchronisation; :func:`queue_host_read` /
+  :func:`host_read` — the same copy queued at the end of its step, read later without waiting for later steps.
 """
 
 from __future__ import annotations
@@ -455,11 +456,47 @@ def rows_by_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return sorted(rows, key=lambda r: r[0])
 
 
+def _floats(values, got) -> list[float | None]:
+    """``values`` with each tensor replaced by the next of ``got`` (their read values), in order."""
+    got = iter(got)
+    return [next(got) if isinstance(v, torch.Tensor) else (None if v is None else float(v)) for v in values]
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # one device for the stack: DeepSpeed's grad norm can live elsewhere (CPU offload) than the loss
+    return torch.stack([t.detach().float().reshape(()).to(tensors[0].device) for t in tensors])
+
+
 def host_floats(*values) -> list[float | None]:
     """Tensors (or numbers, or None) -> floats, with one device-to-host copy for all the tensors."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    # one device for the stack: DeepSpeed's grad norm can live elsewhere (CPU offload) than the loss
-    device = tensors[0].device if tensors else None
-    got = iter(torch.stack([t.detach().float().reshape(()).to(device) for t in tensors]).tolist()) if tensors \
-        else iter(())
-    return [next(got) if isinstance(v, torch.Tensor) else (None if v is None else float(v)) for v in values]
+    return _floats(values, _stacked(tensors).tolist() if tensors else ())
+
+
+def queue_host_read(*values) -> tuple:
+    """Queue the device-to-host copy of ``values``' tensors behind the work queued so far; :func:`host_read` gives
+    their floats (as :func:`host_floats`) later, waiting for that work only.
+
+    Why: a plain read (``.tolist()``) waits for everything queued on the stream before it. The loop reads a step's
+    numbers once the next step is queued, so a plain read there waits for the next step as well, and the GPU then
+    idles while the host builds the step after it. Copied into pinned memory at the end of its own step, with an
+    event after the copy, the read waits for its own step only: the host builds step N+2 while the GPU runs N+1.
+    Off CUDA (or with a tensor elsewhere) the values are read plainly when asked."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return None, values, None
+    stacked = _stacked(tensors)
+    host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+    host.copy_(stacked, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return copied, values, host
+
+
+def host_read(queued: tuple) -> list[float | None]:
+    """The floats of a :func:`queue_host_read` (one wait, for the work queued before it)."""
+    copied, values, host = queued
+    if copied is None:
+        return host_floats(*values)
+    copied.synchronize()
+    return _floats(values, host.tolist())
