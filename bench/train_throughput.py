@@ -29,7 +29,8 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 activation_memory_budget), qvl-fit-b80 (4 layers recomputed whole, 32 kept under budget 0.8:
                 within the baseline's memory at 8B), qvl-mlp-keep4 (session 8's defaults: 32 layers
                 recomputing their MLP), qvl-pad128 (the defaults, rows padded to 128-token multiples),
-                qvl-read-late (the defaults with each step's numbers copied to the host only when read).
+                qvl-read-late (the defaults with each step's numbers copied to the host only when read),
+                qvl-workers8 (the defaults with 8 DataLoader workers).
 Every contestant (but qvl-rows16k) sees the same 4 samples per optimizer step, in the loop's seeded order, so losses are comparable step by step.
 Useful tokens are non-padding tokens. MFU counts 4 x LLM non-embedding params per token (LoRA:
 forward + input gradients, no recompute) plus causal attention, over 790 TFLOP/s (H100 dense bf16).
@@ -521,8 +522,10 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds: skip contestants that would start later")
     ap.add_argument("--profile-out", default=None, help="write a torch.profiler summary of the best qvl row here")
     ap.add_argument("--profile-row", default="qvl-per-sample-keep10", help="the contestant --profile-out profiles")
-    ap.add_argument("--profile-at", type=int, default=None, help="profile 2 steps from this step (default: after "
+    ap.add_argument("--profile-at", type=int, default=None, help="profile from this step (default: after "
                     "the timed ones; inside them, the profiler's overhead counts in the timing)")
+    ap.add_argument("--profile-steps", type=int, default=2, help="how many steps to profile (the first one starts "
+                    "behind the profiler's own start: more steps show the steady state)")
     ap.add_argument("--trace", action="store_true", help="with --profile-out: export the chrome trace and report "
                     "the GPU's idle gaps and what the host did in them (bench/trace_gaps.py)")
     ap.add_argument("--timeline", action="store_true", help="print each qvl row's host and GPU time per step phase "
@@ -697,6 +700,9 @@ def main(argv=None):
         # session 10): the read waits for the next step too, and the GPU idles while the host builds the one after
         ("qvl-read-late", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                                bench_warmup=8, levers_off=("read_ahead",))),
+        # the defaults with 8 DataLoader workers instead of 4 (is the loader what a step waits for?)
+        ("qvl-workers8", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
+                              bench_warmup=8, dataloader_num_workers=8)),
         # the previous defaults: 32 layers recomputing their MLP (gradient_checkpointing_scope mlp), 4 kept
         ("qvl-mlp-keep4", dict(compile_layers=True, gradient_checkpointing_ratio=32 / 36,
                                packed_attention="per_sample", bench_warmup=8, gradient_checkpointing_scope="mlp",
@@ -786,9 +792,9 @@ def main(argv=None):
         profile = None
         if name in profiled and cuda and args.profile_out:
             at = args.profile_at if args.profile_at is not None else warmup + timed
-            profile = (at, at + 2)
-            # two more steps when after the timed ones
-            overrides = dict(overrides, max_steps=max(warmup + timed, at + 2))
+            profile = (at, at + args.profile_steps)
+            # more steps when after the timed ones
+            overrides = dict(overrides, max_steps=max(warmup + timed, at + args.profile_steps))
         print(f"{name}: {overrides}", flush=True)
         torch.manual_seed(0)
         try:
