@@ -456,6 +456,8 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         res["cuda_graphs"] = graph_lines
     # each step's wall time (a step that records CUDA graphs, or compiles, stands out)
     res["step_times"] = [round(b[1] - a[1], 3) for a, b in zip(clock.marks, clock.marks[1:])]
+    # and its useful tokens: the rate over any window can be computed again from the JSON
+    res["step_tokens"] = [round(b[2] - a[2]) for a, b in zip(clock.marks, clock.marks[1:])]
     return res
 
 
