@@ -117,6 +117,14 @@ def compiles(fn, device) -> str:
         return f"no: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
+def table_line(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"{name:<10} {r['error']}"
+    return (f"{name:<10}{r['apart_gpu_ms_per_step']:>10.2f}{r['together_gpu_ms_per_step']:>13.2f}"
+            f"{r['tflops_together']:>9.0f}{r['host_ms_per_call']:>14.3f}{r['first_call_ms_new_length']:>15.2f}"
+            f"{r['max_abs_diff_to_flash']:>10.1e}  {r['compiles']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=24)
@@ -159,13 +167,7 @@ def main() -> None:
           f"attention per step ({BLOCKS} blocks, {HEADS} heads x {HEAD_DIM})")
     print(f"{'kernel':<10}{'apart ms':>10}{'together ms':>13}{'TFLOP/s':>9}{'host ms/call':>14}{'new length ms':>15}"
           f"{'max diff':>10}  compiles")
-    for name, r in result["kernels"].items():
-        if "error" in r:
-            print(f"{name:<10} {r['error']}")
-            continue
-        print(f"{name:<10}{r['apart_gpu_ms_per_step']:>10.2f}{r['together_gpu_ms_per_step']:>13.2f}"
-              f"{r['tflops_together']:>9.0f}{r['host_ms_per_call']:>14.3f}{r['first_call_ms_new_length']:>15.2f}"
-              f"{r['max_abs_diff_to_flash']:>10.1e}  {r['compiles']}")
+    print("\n".join(table_line(name, r) for name, r in result["kernels"].items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

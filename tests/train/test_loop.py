@@ -323,3 +323,19 @@ def test_running_out_of_gpu_memory_says_what_to_change(make_cfg, monkeypatch):
     err = out_of_memory(torch.OutOfMemoryError("CUDA out of memory"), cfg, True, 0.5)
     assert err.fix.startswith("cuda_graphs=false") and "gradient_checkpointing_ratio=1.0" in err.fix
     assert "gradient_checkpointing=true" in out_of_memory(RuntimeError("x"), make_cfg(), False, 1.0).fix
+
+
+def test_gemm_row_multiple_trains_like_plain(make_cfg, tmp_path):
+    """gemm_row_multiple on the packed-row path (padding images in the tower, padded loss-head rows): the plain
+    run's losses, and the log says what was padded."""
+    from train_helpers import make_colour_data
+
+    data = make_colour_data(tmp_path / "data", 8, seed=7, text_only=2)
+    kw = dict(dataset_use=data, data_flatten=True, tune_mm_llm=False, lora_enable=True, packed_attention="per_sample",
+              per_device_train_batch_size=4, max_steps=3, save_strategy="no", compile_layers=False)
+    plain = train(make_cfg(output_dir=str(tmp_path / "plain"), **kw), log=lambda *_: None)
+    said = []
+    padded = train(make_cfg(output_dir=str(tmp_path / "padded"), gemm_row_multiple=24, **kw), log=said.append)
+    assert any(line.startswith("gemm_row_multiple=24: the loss head's label rows and each medium's vision-tower "
+                               "patches") for line in said), said
+    assert padded.losses == pytest.approx(plain.losses, rel=1e-4)

@@ -132,3 +132,48 @@ def test_compiled_tower_gives_the_same_loss(setup):
         assert not speed.compile_vision_tower(model, backend="aot_eager")
     finally:
         visual.merger.linear_fc1.weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("row", ["images", "video+image", "video"])
+def test_padded_media_and_loss_rows_give_the_same_loss_and_gradients(setup, row):
+    """gemm_row_multiple: each medium's patches grown to a multiple by a padding image (pad_media), the fused loss
+    head's rows padded: the loss and LoRA gradients of the unpadded row, on the packed-row path."""
+    from qvl.train.loop import LossModule, pack_micro_batch
+
+    model, processor, rope, samples = setup
+    pad_id = processor.tokenizer.pad_token_id
+    plain = pack_micro_batch([samples[i] for i in ROWS[row]], rope, 64, pad_id)
+    padded = pack_micro_batch([samples[i] for i in ROWS[row]], rope, 64, pad_id, media_multiple=64)
+    for pixel_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if pixel_key in plain:
+            n, grid = plain[pixel_key].shape[0], padded[grid_key]
+            assert padded[pixel_key].shape[0] % 64 == 0 and padded[pixel_key].shape[0] > n
+            assert int(grid.prod(-1).sum()) == padded[pixel_key].shape[0]  # the padding image is in the grid
+            assert grid[-1, :2].tolist() == [1, 2] and not padded[pixel_key][n:].any()
+    n_labels = float(int((plain["labels"] != -100).sum()))
+
+    def run(batch, multiple):
+        lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=True, row_bound=True)
+        lm.gemm_row_multiple = multiple
+        model.zero_grad()
+        loss, _ = lm(dict(batch), n_labels)
+        loss.backward()
+        return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = run(plain, 0)
+    loss, grads = run(padded, 8)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert set(grads) == set(ref_grads) and grads
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-7)
+
+
+def test_pad_media_needs_whole_merged_tokens():
+    from qvl.train.row_forward import pad_media
+
+    batch = {"pixel_values": torch.ones(8, 3), "image_grid_thw": torch.tensor([[1, 2, 4]])}
+    assert pad_media(dict(batch), 8, 2)["pixel_values"].shape[0] == 8  # already a multiple: unchanged
+    grown = pad_media(dict(batch), 12, 2)
+    assert grown["pixel_values"].shape[0] == 12 and grown["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 2]]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pad_media(dict(batch), 6, 2)

@@ -47,6 +47,40 @@ def test_linear_cross_entropy_equals_plain(chunk):
     assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [37, 8, 3])
+def test_linear_cross_entropy_padded_rows_equal_plain(rows):
+    """gemm_row_multiple: chunks a multiple of 8 rows, the last one padded with zero rows: the same loss and
+    gradients (the padding adds nothing), and every matmul sees a multiple of 8 rows."""
+    torch.manual_seed(2)
+    h = torch.randn(rows, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (rows,))
+    ref = F.cross_entropy(h @ w.t(), t, reduction="sum")
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    seen = []
+    matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):  # the rows' dimension: a's first (logits, input gradient) or, for the weight gradient, its second
+        seen.append(a.shape[1] if a.shape[0] == 50 else a.shape[0])
+        return matmul(a, b)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "__matmul__", spy)
+        got = speed.linear_cross_entropy(h, w, t, chunk=12, row_multiple=8)  # chunk rounded down to 8
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
+    assert seen and all(n % 8 == 0 for n in seen), seen
+    # a multiple above the chunk: every matmul sees one chunk's rows (no more memory than the chunk the planner counts)
+    seen.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "__matmul__", spy)
+        again = speed.linear_cross_entropy(h.detach(), w.detach(), t, chunk=12, row_multiple=512)
+    assert again.item() == pytest.approx(ref.item(), rel=1e-5) and set(seen) == {12}, seen
+
+
 def test_linear_cross_entropy_frozen_weight_and_autocast():
     torch.manual_seed(1)
     h = torch.randn(20, 32, requires_grad=True)

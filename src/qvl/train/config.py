@@ -184,6 +184,12 @@ class TrainConfig(BaseModel):
     cuda_graphs_row_multiple: int = Field(256, ge=1, description="with cuda_graphs: packed rows are padded to a "
                                           "multiple of this many tokens (a padding sample without labels); larger: "
                                           "fewer recordings, more padding computed")
+    gemm_row_multiple: int = Field(0, ge=0, description="the loss head's label rows and the frozen vision tower's "
+                                   "patches (each medium's, by a padding image whose tokens are not used) rounded up "
+                                   "to a multiple of this many, so their matmul shapes repeat from step to step: "
+                                   "cuBLAS holds the host until the GPU is idle the first time it meets a shape "
+                                   "(bench/kernel_loading.py). 0: off. A multiple of 4 (the tower merges 2 x 2 "
+                                   "patches); the tower's padding needs the packed-row path (per_sample attention)")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
     gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "
@@ -328,6 +334,9 @@ class TrainConfig(BaseModel):
                 "keep one: deepspeed=examples/deepspeed/zero3.json or fsdp=full_shard")
         if self.nproc is not None and self.nproc < 1:
             bad("nproc", f"nproc={self.nproc} must be >= 1")
+        if self.gemm_row_multiple % 4:
+            bad("gemm_row_multiple", f"gemm_row_multiple={self.gemm_row_multiple} is not a multiple of 4 (the vision "
+                "tower merges 2 x 2 patches)", "use 0 (off), 128 or 512")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             bad("dataloader_num_workers", "must be >= 0")
         if self.gpu_mem is not None:

@@ -222,12 +222,13 @@ class MicroBatches(torch.utils.data.Dataset):
     """Item ``j`` = the collated micro-batch ``j`` of one epoch (workers encode in parallel)."""
 
     def __init__(self, plan: Plan, encoder: Encoder, epoch: int, pad_id: int, pack_rows: bool = False,
-                 row_multiple: int = 0, row_budget: int | None = None):
+                 row_multiple: int = 0, row_budget: int | None = None, media_multiple: int = 0):
         self.plan, self.encoder, self.epoch, self.pad_id = plan, encoder, epoch, pad_id
         self.order = plan.epoch_order(epoch)
         # packed rows built here (workers) when the loop regroups nothing across micro-batches (one process;
         # packed_row_tokens only with one micro-batch per step: row_budget, regrouped here then)
         self.pack_rows, self.row_multiple, self.row_budget = pack_rows, row_multiple, row_budget
+        self.media_multiple = media_multiple
 
     def __len__(self):
         return self.plan.micro_per_epoch
@@ -254,8 +255,8 @@ class MicroBatches(torch.utils.data.Dataset):
         if packed and self.pack_rows and self.encoder.rope_index is not None:  # positions came with the samples
             groups = (speed.rows_by_budget([len(e) for e in kept], self.row_budget) if self.row_budget
                       else [range(len(kept))])
-            rows = [pack_micro_batch([kept[i] for i in g], self.encoder.rope_index, self.row_multiple, self.pad_id)
-                    for g in groups]
+            rows = [pack_micro_batch([kept[i] for i in g], self.encoder.rope_index, self.row_multiple, self.pad_id,
+                                     self.media_multiple) for g in groups]
             return dict(item, batch=rows[0]) if len(rows) == 1 else dict(item, batches=rows)
         if packed:  # the loop regroups samples (packed_row_tokens, ranks), then packs them (see pack_micro_batch)
             return dict(item, samples=kept)
@@ -264,8 +265,8 @@ class MicroBatches(torch.utils.data.Dataset):
 
 def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: int, workers: int,
                   pack_rows: bool = False, pin_memory: bool = False, row_multiple: int = 0,
-                  row_budget: int | None = None):
-    ds = MicroBatches(plan, encoder, epoch, pad_id, pack_rows, row_multiple, row_budget)
+                  row_budget: int | None = None, media_multiple: int = 0):
+    ds = MicroBatches(plan, encoder, epoch, pad_id, pack_rows, row_multiple, row_budget, media_multiple)
     sub = torch.utils.data.Subset(ds, range(start, len(ds)))
     # own generator: creating an iterator must not draw from the global RNG (dropout must replay on resume)
     gen = torch.Generator().manual_seed(plan.cfg.seed + epoch)
@@ -277,12 +278,13 @@ def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: 
     yield from loader
 
 
-def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0) -> dict:
+def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0, media_multiple: int = 0) -> dict:
     """One packed row (per-sample mRoPE, block-diagonal attention) for :class:`LossModule`; with ``row_multiple``
     grown to a multiple of that many tokens by a label-free padding sample (``padding``: how many tokens, popped
-    before the forward)."""
+    before the forward); with ``media_multiple`` each medium's patches grown to a multiple of that many by a padding
+    image (:func:`qvl.train.row_forward.pad_media`: the packed-row path only)."""
     from qvl.data.packing import pack, pad_row
-    from qvl.train.row_forward import row_extras
+    from qvl.train.row_forward import pad_media, row_extras
 
     batch = pack(encs, rope_index)
     batch.pop("use_cache")  # LossModule passes use_cache=False itself
@@ -293,6 +295,8 @@ def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0) -
         batch["padding"] = batch["input_ids"].shape[-1] - n
     config = getattr(rope_index, "config", None) or getattr(getattr(rope_index, "__self__", None), "config", None)
     if config is not None and getattr(config, "vision_config", None) is not None:
+        if media_multiple > 1:
+            batch = pad_media(batch, media_multiple, config.vision_config.spatial_merge_size)
         batch.update(row_extras(batch, config))  # made here (a worker, mostly), not on the step
     return batch
 
@@ -480,6 +484,7 @@ class LossModule(torch.nn.Module):
         # packed rows with their host-side facts made when packed (row_forward.row_extras): no host read per step
         self.config, self.row_forward = base.config, row_forward.usable(self.inner, base.config)
         self.graphs = graphs  # qvl.train.graphs.DecoderGraphs (cuda_graphs), set by the loop
+        self.gemm_row_multiple = 0  # the fused loss head's rows padded to a multiple (gemm_row_multiple)
         self.vision_trains = any(p.requires_grad for p in self.visual.parameters())
         vc = base.config.vision_config
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
@@ -518,7 +523,8 @@ class LossModule(torch.nn.Module):
             hidden, target = hidden[keep], target[keep]
         # a plain Linear only: a LoRA-wrapped lm_head (lora_target_regex) would lose its adapter's output
         if self.fused_ce and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None:
-            loss_sum = speed.linear_cross_entropy(hidden, self.lm_head.weight, target)
+            loss_sum = speed.linear_cross_entropy(hidden, self.lm_head.weight, target,
+                                                  row_multiple=self.gemm_row_multiple)
         else:
             logits = self.lm_head(hidden).float()
             loss_sum = F.cross_entropy(logits, target, reduction="sum")
@@ -747,6 +753,14 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                              bounds_as_inputs=per_sample, row_bound=graphs)
     if cfg.engine != "ddp":  # FSDP / DeepSpeed gather weights in module hooks: transformers' own forward there
         loss_module.row_forward = False
+    # gemm_row_multiple: the loss head's rows, and the tower's patches where the packed-row path runs the tower
+    # (transformers' own forward checks the features' count against the placeholders: no padding image there)
+    loss_module.gemm_row_multiple = cfg.gemm_row_multiple
+    media_multiple = cfg.gemm_row_multiple if per_sample and loss_module.row_forward else 0
+    if cfg.gemm_row_multiple:
+        what = "the loss head's label rows" + (" and each medium's vision-tower patches" if media_multiple else "")
+        say(f"gemm_row_multiple={cfg.gemm_row_multiple}: {what} rounded up to a multiple of it (their matmul shapes "
+            "repeat across steps)")
     encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
 
     # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
@@ -831,7 +845,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             first = plan.step_micro(step)[1].start
             it = micro_batches(plan, encoder, epoch, first, pad_id, loader_workers(cfg.dataloader_num_workers, device),
                                pack_rows=rows_in_workers, pin_memory=device.type == "cuda", row_multiple=row_multiple,
-                               row_budget=cfg.packed_row_tokens if rows_in_workers else None)
+                               row_budget=cfg.packed_row_tokens if rows_in_workers else None,
+                               media_multiple=media_multiple)
             while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
                 n = len(plan.step_micro(step)[1])
                 yield step, [next(it) for _ in range(n)]
@@ -881,7 +896,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                     batches += item["batches"]
                 elif item["batch"] is not None:
                     batches.append(item["batch"])
-            batches += [pack_micro_batch(r, rope_index, row_multiple, pad_id) for r in rows]
+            batches += [pack_micro_batch(r, rope_index, row_multiple, pad_id, media_multiple) for r in rows]
             n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
             n_tokens = sum(batch_tokens(b) for b in batches)
             loss_sum = torch.zeros((), device=device)  # stays on the device: one host sync per step (below)

@@ -63,6 +63,28 @@ def row_extras(batch: dict, model_config) -> dict:
     return out
 
 
+def pad_media(batch: dict, multiple: int, merge: int) -> dict:
+    """Each medium's patches grown to a multiple of ``multiple`` by one padding image at its end: zero pixels, grid
+    (1, ``merge``, n / ``merge``) (``gemm_row_multiple``).
+
+    Why: the tower's matmuls then meet a few patch counts instead of a new one almost every step, and cuBLAS holds
+    the host until the GPU is idle the first time it meets a shape (``bench/kernel_loading.py``). The tower attends
+    within each image, so the padding changes no real patch's output; its tokens come after every real one, so
+    :func:`row_hidden`'s ``masked_scatter`` places the real tokens and leaves them unused. The packed-row path only:
+    transformers' own forward checks the features' count against the placeholders."""
+    if multiple % (merge * merge):
+        raise ValueError(f"a padding image needs a multiple of {merge * merge} patches, not {multiple}")
+    for _, pixel_key, grid_key in MEDIA:
+        pixels = batch.get(pixel_key)
+        if pixels is None or pixels.shape[0] % multiple == 0:
+            continue
+        n = multiple - pixels.shape[0] % multiple  # a multiple of merge^2, as both counts are
+        batch[pixel_key] = torch.cat([pixels, pixels.new_zeros(n, pixels.shape[1])])
+        grid = batch[grid_key]
+        batch[grid_key] = torch.cat([grid, grid.new_tensor([[1, merge, n // merge]])])
+    return batch
+
+
 def take_extras(batch: dict) -> dict:
     """Remove and return the ``qvl_*`` entries of ``batch`` (without their prefix)."""
     return {k[len(EXTRA_PREFIX):]: batch.pop(k) for k in [k for k in batch if k.startswith(EXTRA_PREFIX)]}

@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from qvl.errors import QvlError
 
@@ -37,7 +38,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i); gradients made chunk by chunk in forward, scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk: int):
+    def forward(ctx, hidden, weight, target, chunk: int, row_multiple: int = 0):
         need_h, need_w = hidden.requires_grad, weight.requires_grad
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -45,16 +46,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 h, t = hidden[s:s + chunk], target[s:s + chunk]
+                n = h.shape[0]
+                if row_multiple > 1 and n % row_multiple:  # zero rows: the matmuls' shapes repeat across steps
+                    h = F.pad(h, (0, 0, 0, row_multiple - n % row_multiple))
                 logits = (h @ weight.t()).float()  # rounded to the compute dtype first, as lm_head(h).float() is
                 lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                total += (lse[:n] - logits[:n].gather(1, t[:, None]).squeeze(1)).sum()
                 if not (need_h or need_w):
                     continue
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                probs[n:] = 0.0  # padding rows: no gradient
+                probs[torch.arange(n, device=t.device), t] -= 1.0
                 g = probs.to(h.dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = g @ weight
+                    grad_h[s:s + n] = (g @ weight)[:n]
                 if need_w:
                     grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
@@ -66,16 +71,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+                         chunk: int | None = None, row_multiple: int = 0) -> torch.Tensor:
     """Sum over rows of the cross-entropy of ``hidden @ weight.T`` against ``target`` (fp32 result).
 
     Computes what ``F.cross_entropy(lm_head(hidden).float(), target, reduction="sum")`` computes, under
     autocast too (inputs are cast to the autocast dtype like ``lm_head`` would), without keeping the
     logits: peak extra memory is one chunk of rows.
+
+    ``row_multiple`` (``gemm_row_multiple``): chunks are a multiple of it and the last one is padded with zero rows
+    to one, so the matmuls meet few shapes however many label rows a step has (a shape cuBLAS has not met holds
+    the host until the GPU is idle). The padding rows add nothing to the loss or the gradients.
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -86,9 +95,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     if chunk is None:
         per_row = weight.shape[0] * (4 + weight.element_size())
         chunk = max(16, CE_CHUNK_BYTES // per_row)
+    if row_multiple > 1:  # within the chunk's memory (the planner counts CE_CHUNK_BYTES): at most one chunk's rows
+        row_multiple = min(row_multiple, chunk)
+        chunk = chunk // row_multiple * row_multiple
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum() * 0.0).float() * 0.0
-    return _LinearCrossEntropy.apply(hidden, weight, target, int(chunk))
+    return _LinearCrossEntropy.apply(hidden, weight, target, int(chunk), int(row_multiple))
 
 
 # --------------------------------------------------------------------------------------------------
