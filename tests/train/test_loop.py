@@ -338,4 +338,5 @@ def test_gemm_row_multiple_trains_like_plain(make_cfg, tmp_path):
     padded = train(make_cfg(output_dir=str(tmp_path / "padded"), gemm_row_multiple=24, **kw), log=said.append)
     assert any(line.startswith("gemm_row_multiple=24: the loss head's label rows and each medium's vision-tower "
                                "patches") for line in said), said
+    assert any(line.startswith("gemm_row_multiple: ran the loss head at its") for line in said), said
     assert padded.losses == pytest.approx(plain.losses, rel=1e-4)

@@ -168,6 +168,29 @@ def test_padded_media_and_loss_rows_give_the_same_loss_and_gradients(setup, row)
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-7)
 
 
+def test_warm_tower_runs_every_padded_patch_count(setup, monkeypatch):
+    """warm_tower: one tower call per size pad_media can make (gemm_ladder), each of zero images whose grid holds
+    exactly that many patches; the tower's output is one merged token per merge x merge patches."""
+    from qvl.train import row_forward
+    from qvl.train.speed import gemm_ladder
+
+    model, _, _, _ = setup
+    visual = model.get_base_model().model.visual
+    seen, real = [], row_forward.run_tower
+
+    def spy(visual, pixels, grid, kw):
+        out = real(visual, pixels, grid, kw)
+        seen.append((pixels.shape[0], int(grid.prod(-1).sum()), out.pooler_output.shape[0]))
+        return out
+
+    monkeypatch.setattr(row_forward, "run_tower", spy)
+    vc = model.config.vision_config
+    assert row_forward.warm_tower(visual, vc, 3000, 64, "cpu") == len(gemm_ladder(3000, 64))
+    assert [n for n, _, _ in seen] == gemm_ladder(3000, 64)
+    merge = vc.spatial_merge_size
+    assert all(n == in_grid == merged * merge ** 2 for n, in_grid, merged in seen)
+
+
 def test_pad_media_needs_whole_merged_tokens():
     from qvl.train.row_forward import pad_media
 
@@ -175,5 +198,8 @@ def test_pad_media_needs_whole_merged_tokens():
     assert pad_media(dict(batch), 8, 2)["pixel_values"].shape[0] == 8  # already a multiple: unchanged
     grown = pad_media(dict(batch), 12, 2)
     assert grown["pixel_values"].shape[0] == 12 and grown["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 2]]
+    many = {"pixel_values": torch.ones(4 * 37, 3), "image_grid_thw": torch.tensor([[1, 2, 74]])}
+    grown = pad_media(many, 4, 2)  # 37 multiples -> 40 (the ladder's step is 4 multiples there)
+    assert grown["pixel_values"].shape[0] == 160 and grown["image_grid_thw"][-1].tolist() == [1, 2, 6]
     with pytest.raises(ValueError, match="multiple of 4"):
         pad_media(dict(batch), 6, 2)

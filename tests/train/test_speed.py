@@ -605,3 +605,33 @@ def test_host_floats_mixes_devices_and_plain_numbers():
 
     meta_free = torch.tensor(2.5, dtype=torch.float64)  # another dtype (and, on a GPU, possibly another device)
     assert host_floats(torch.tensor(1.0), meta_free, None, 3) == [1.0, 2.5, None, 3.0]
+
+
+def test_gemm_rows_ladder():
+    """gemm_rows: every multiple up to 15 of them, then 8 sizes per doubling (at most 1/8 more rows); gemm_ladder
+    lists exactly the sizes it gives."""
+    from qvl.train.speed import gemm_ladder, gemm_rows
+
+    assert [gemm_rows(n, 128) for n in (1, 128, 129, 15 * 128, 15 * 128 + 1)] == [128, 128, 256, 1920, 2048]
+    assert gemm_rows(5, 0) == 5 and gemm_ladder(1000, 0) == []
+    made = {gemm_rows(n, 8) for n in range(1, 5001)}
+    assert sorted(made) == gemm_ladder(5000, 8)
+    for n in range(1, 5001):
+        r = gemm_rows(n, 8)
+        assert r >= n and r % 8 == 0 and (r - n < 8 or (r - n) * 8 < n + 8 * 8)
+    assert len([s for s in made if 1024 < s <= 2048]) == 8  # sizes per doubling, above 15 multiples
+
+
+def test_warm_loss_head_meets_each_chunk_shape(monkeypatch):
+    from qvl.train import speed
+
+    seen = []
+    real = speed._LinearCrossEntropy.apply
+    monkeypatch.setattr(speed._LinearCrossEntropy, "apply",
+                        lambda h, w, t, chunk, m: seen.append((h.shape[0], chunk, m)) or real(h, w, t, chunk, m))
+    weight = torch.randn(50, 16)
+    assert speed.warm_loss_head(weight, 8, 30) == 4  # 8, 16, 24, 32 rows: up to 30 label rows
+    assert [(n, m) for n, _, m in seen] == [(8, 8), (16, 8), (24, 8), (32, 8)]
+    assert speed.warm_loss_head(weight, 0, 30) == 0
+    chunk, multiple = speed.loss_chunk_rows(151_936, 2, 128)  # Qwen3-VL's vocabulary in bf16: 294 rows -> 256
+    assert (chunk, multiple) == (256, 128)

@@ -186,8 +186,9 @@ class TrainConfig(BaseModel):
                                           "fewer recordings, more padding computed")
     gemm_row_multiple: int = Field(0, ge=0, description="the loss head's label rows and the frozen vision tower's "
                                    "patches (each medium's, by a padding image whose tokens are not used) rounded up "
-                                   "to a multiple of this many, so their matmul shapes repeat from step to step: "
-                                   "cuBLAS holds the host until the GPU is idle the first time it meets a shape "
+                                   "to a few multiples of this many (every one up to 15, then 8 per doubling: at most "
+                                   "1/8 more), each met once before training, so no step meets a new matmul shape: "
+                                   "cuBLAS holds the host until the GPU is idle the first time it meets one "
                                    "(bench/kernel_loading.py). 0: off. A multiple of 4 (the tower merges 2 x 2 "
                                    "patches); the tower's padding needs the packed-row path (per_sample attention)")
     # --- memory preflight (docs/plan.md) ---

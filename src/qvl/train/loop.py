@@ -490,6 +490,25 @@ class LossModule(torch.nn.Module):
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
         self.merge = vc.spatial_merge_size
 
+    def fused_head(self) -> bool:
+        """The loss head runs as :func:`speed.linear_cross_entropy` (a plain Linear only: a LoRA-wrapped lm_head,
+        lora_target_regex, would lose its adapter's output)."""
+        return self.fused_ce and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None
+
+    def warm_gemm_shapes(self, row_tokens: int, media: bool) -> tuple[int, int]:
+        """``gemm_row_multiple``: meet every loss-head and (``media``: padded on the packed-row path, frozen) tower
+        matmul shape rows of up to ``row_tokens`` tokens can make, before training, under the step's autocast.
+        Returns (loss-head shapes, tower patch counts)."""
+        from qvl.train.row_forward import warm_tower
+
+        multiple = self.gemm_row_multiple
+        head = speed.warm_loss_head(self.lm_head.weight, multiple, row_tokens) if self.fused_head() else 0
+        tower = 0
+        if media and not self.vision_trains:  # a row's patches: at most merge^2 per token
+            tower = warm_tower(self.visual, self.config.vision_config, self.merge ** 2 * row_tokens, multiple,
+                               self.lm_head.weight.device)
+        return head, tower
+
     def dummy_vision(self, device, dtype) -> torch.Tensor:
         m = self.merge
         pixels = torch.zeros(m * m, self.patch_dim, device=device, dtype=dtype)
@@ -521,8 +540,7 @@ class LossModule(torch.nn.Module):
         else:
             keep = target != IGNORE_INDEX
             hidden, target = hidden[keep], target[keep]
-        # a plain Linear only: a LoRA-wrapped lm_head (lora_target_regex) would lose its adapter's output
-        if self.fused_ce and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None:
+        if self.fused_head():
             loss_sum = speed.linear_cross_entropy(hidden, self.lm_head.weight, target,
                                                   row_multiple=self.gemm_row_multiple)
         else:
@@ -759,8 +777,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     media_multiple = cfg.gemm_row_multiple if per_sample and loss_module.row_forward else 0
     if cfg.gemm_row_multiple:
         what = "the loss head's label rows" + (" and each medium's vision-tower patches" if media_multiple else "")
-        say(f"gemm_row_multiple={cfg.gemm_row_multiple}: {what} rounded up to a multiple of it (their matmul shapes "
-            "repeat across steps)")
+        say(f"gemm_row_multiple={cfg.gemm_row_multiple}: {what} rounded up to a few multiples of it (every one up "
+            "to 15, then 8 per doubling): their matmul shapes repeat across steps")
     encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
 
     # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
@@ -829,6 +847,14 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             say(f"cuda_graphs: recorded {n} row shapes ahead ({shapes[-1][0]:,}-{shapes[0][0]:,} tokens, estimated "
                 f"for the next {GRAPH_STEPS_AHEAD} steps) in {time.perf_counter() - t0:.1f} s; a row of another "
                 "shape is recorded when it comes")
+    if cfg.gemm_row_multiple:  # the shapes padding makes, met before the first step (speed.gemm_rows)
+        t0 = time.perf_counter()
+        with autocast:
+            heads, towers = loss_module.warm_gemm_shapes(longest_planned_row(plan, cfg) or 0,
+                                                         media=bool(media_multiple))
+        if heads or towers:
+            say(f"gemm_row_multiple: ran the loss head at its {heads} row counts and the vision tower at its {towers} "
+                f"patch counts before training, in {time.perf_counter() - t0:.1f} s")
     skipped: Counter = Counter()
     losses: list[float] = []
     row: dict = {}

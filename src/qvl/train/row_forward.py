@@ -64,25 +64,58 @@ def row_extras(batch: dict, model_config) -> dict:
 
 
 def pad_media(batch: dict, multiple: int, merge: int) -> dict:
-    """Each medium's patches grown to a multiple of ``multiple`` by one padding image at its end: zero pixels, grid
-    (1, ``merge``, n / ``merge``) (``gemm_row_multiple``).
+    """Each medium's patches grown to one of a few sizes (:func:`qvl.train.speed.gemm_rows`: multiples of
+    ``multiple`` on a ladder) by one padding image at its end: zero pixels, grid (1, ``merge``, n / ``merge``)
+    (``gemm_row_multiple``).
 
     Why: the tower's matmuls then meet a few patch counts instead of a new one almost every step, and cuBLAS holds
-    the host until the GPU is idle the first time it meets a shape (``bench/kernel_loading.py``). The tower attends
-    within each image, so the padding changes no real patch's output; its tokens come after every real one, so
-    :func:`row_hidden`'s ``masked_scatter`` places the real tokens and leaves them unused. The packed-row path only:
-    transformers' own forward checks the features' count against the placeholders."""
+    the host until the GPU is idle the first time it meets a shape (``bench/kernel_loading.py``); :func:`warm_tower`
+    meets them all before training. The tower attends within each image, so the padding changes no real patch's
+    output; its tokens come after every real one, so :func:`row_hidden`'s ``masked_scatter`` places the real tokens
+    and leaves them unused. The packed-row path only: transformers' own forward checks the features' count against
+    the placeholders."""
+    from qvl.train.speed import gemm_rows
+
     if multiple % (merge * merge):
         raise ValueError(f"a padding image needs a multiple of {merge * merge} patches, not {multiple}")
     for _, pixel_key, grid_key in MEDIA:
         pixels = batch.get(pixel_key)
-        if pixels is None or pixels.shape[0] % multiple == 0:
+        if pixels is None:
             continue
-        n = multiple - pixels.shape[0] % multiple  # a multiple of merge^2, as both counts are
+        n = gemm_rows(pixels.shape[0], multiple) - pixels.shape[0]  # a multiple of merge^2, as both counts are
+        if not n:
+            continue
         batch[pixel_key] = torch.cat([pixels, pixels.new_zeros(n, pixels.shape[1])])
         grid = batch[grid_key]
         batch[grid_key] = torch.cat([grid, grid.new_tensor([[1, merge, n // merge]])])
     return batch
+
+
+def run_tower(visual, pixels: torch.Tensor, grid_thw: torch.Tensor, kw: dict):
+    """The vision tower's output for ``pixels`` with its :func:`vision_extras` ``kw`` (on the device), compiled
+    where :func:`qvl.train.speed.compile_vision_tower` compiled it."""
+    compiled = getattr(visual, "qvl_compiled_forward", None)
+    if compiled is not None:
+        return compiled(visual, pixels.type(visual.dtype), grid_thw=grid_thw, **kw)
+    return visual(pixels.type(visual.dtype), grid_thw=grid_thw, return_dict=True, **kw)
+
+
+def warm_tower(visual, vision_config, most_patches: int, multiple: int, device) -> int:
+    """Run the frozen tower once at every patch count :func:`pad_media` can make for up to ``most_patches`` patches
+    (zero images, under the caller's autocast and grad mode: the step's), so that no step meets a matmul
+    shape for the first time. Returns how many counts."""
+    from qvl.train.speed import gemm_ladder
+
+    merge = vision_config.spatial_merge_size
+    patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+    sizes = gemm_ladder(most_patches, multiple)
+    side = 32 // merge * merge  # images of at most side x side patches: the warm-up's attention stays small
+    for n in sizes:
+        rows = [[1, side, side]] * (n // side ** 2) + ([[1, merge, n % side ** 2 // merge]] if n % side ** 2 else [])
+        grid = torch.tensor(rows)
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vision_extras(grid, vision_config).items()}
+        run_tower(visual, torch.zeros(n, patch_dim, device=device), grid.to(device), kw)
+    return len(sizes)
 
 
 def take_extras(batch: dict) -> dict:
@@ -114,12 +147,7 @@ def row_hidden(inner, config, batch: dict, extras: dict, row_bound: bool = False
         pixels = batch.get(pixel_key)
         if pixels is None:
             continue
-        kw = {key: extras[f"{kind}_{key}"] for key in VISION_KEYS}
-        compiled = getattr(visual, "qvl_compiled_forward", None)  # speed.compile_vision_tower
-        if compiled is not None:
-            out = compiled(visual, pixels.type(visual.dtype), grid_thw=batch[grid_key], **kw)
-        else:
-            out = visual(pixels.type(visual.dtype), grid_thw=batch[grid_key], return_dict=True, **kw)
+        out = run_tower(visual, pixels, batch[grid_key], {key: extras[f"{kind}_{key}"] for key in VISION_KEYS})
         mask = (ids == getattr(config, f"{kind}_token_id"))[..., None]
         embeds = embeds.masked_scatter(mask.expand_as(embeds), out.pooler_output.to(embeds.dtype))
         placed.append((mask, out.deepstack_features))

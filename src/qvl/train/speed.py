@@ -74,6 +74,57 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
+def gemm_rows(n: int, multiple: int) -> int:
+    """``n`` rows rounded up to one of a few sizes (``gemm_row_multiple``): every multiple of ``multiple`` up to
+    15 of them, then 8 sizes per doubling (so at most 1/8 more rows). Why a ladder, not every multiple: a step's
+    patch count ranges over thousands, so a plain multiple still meets a new matmul shape almost every step, and the
+    first time cuBLAS meets a shape it holds the host until the GPU is idle (``bench/kernel_loading.py``)."""
+    if multiple <= 1:
+        return n
+    k = -(-n // multiple)
+    step = 1 << max(0, k.bit_length() - 4)
+    return -(-k // step) * step * multiple
+
+
+def gemm_ladder(most: int, multiple: int) -> list[int]:
+    """Every size :func:`gemm_rows` gives for 1 to ``most`` rows, ascending."""
+    sizes, n = [], 1
+    while multiple > 1 and n <= most:
+        sizes.append(gemm_rows(n, multiple))
+        n = sizes[-1] + 1
+    return sizes
+
+
+def loss_chunk_rows(vocab: int, element_size: int, row_multiple: int = 0, chunk: int | None = None) -> tuple[int, int]:
+    """(rows per chunk, row multiple) of :func:`linear_cross_entropy`'s chunks for a ``vocab``-row head computed in
+    ``element_size``-byte floats: as many rows as ``CE_CHUNK_BYTES`` of logits hold (unless ``chunk``); with
+    ``row_multiple`` a multiple of it (at most one chunk)."""
+    if chunk is None:
+        chunk = max(16, CE_CHUNK_BYTES // (vocab * (4 + element_size)))
+    if row_multiple > 1:  # within the chunk's memory (the planner counts CE_CHUNK_BYTES): at most one chunk's rows
+        row_multiple = min(row_multiple, chunk)
+        chunk = chunk // row_multiple * row_multiple
+    return chunk, row_multiple
+
+
+def warm_loss_head(weight: torch.Tensor, row_multiple: int, most_rows: int) -> int:
+    """Run :func:`linear_cross_entropy` (gradient included) once at each chunk shape it can meet with
+    ``row_multiple`` for up to ``most_rows`` label rows (under the caller's autocast), so that training meets none
+    for the first time. Returns how many shapes."""
+    device_type = weight.device.type
+    size = (torch.get_autocast_dtype(device_type).itemsize if torch.is_autocast_enabled(device_type)
+            else weight.element_size())
+    chunk, multiple = loss_chunk_rows(weight.shape[0], size, row_multiple)
+    if multiple <= 1:
+        return 0
+    sizes = range(multiple, min(chunk, -(-most_rows // multiple) * multiple) + 1, multiple)
+    for n in sizes:
+        hidden = torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=weight.device, requires_grad=True)
+        linear_cross_entropy(hidden, weight.detach(), torch.zeros(n, dtype=torch.long, device=weight.device),
+                             row_multiple=row_multiple)
+    return len(sizes)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          chunk: int | None = None, row_multiple: int = 0) -> torch.Tensor:
     """Sum over rows of the cross-entropy of ``hidden @ weight.T`` against ``target`` (fp32 result).
@@ -92,12 +143,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     elif hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
-    if chunk is None:
-        per_row = weight.shape[0] * (4 + weight.element_size())
-        chunk = max(16, CE_CHUNK_BYTES // per_row)
-    if row_multiple > 1:  # within the chunk's memory (the planner counts CE_CHUNK_BYTES): at most one chunk's rows
-        row_multiple = min(row_multiple, chunk)
-        chunk = chunk // row_multiple * row_multiple
+    chunk, row_multiple = loss_chunk_rows(weight.shape[0], weight.element_size(), row_multiple, chunk)
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum() * 0.0).float() * 0.0
     return _LinearCrossEntropy.apply(hidden, weight, target, int(chunk), int(row_multiple))
