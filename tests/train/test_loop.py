@@ -340,3 +340,25 @@ def test_gemm_row_multiple_trains_like_plain(make_cfg, tmp_path):
                                "patches") for line in said), said
     assert any(line.startswith("gemm_row_multiple: ran the loss head at its") for line in said), said
     assert padded.losses == pytest.approx(plain.losses, rel=1e-4)
+
+
+def test_host_embeddings_train_like_plain(make_cfg, tmp_path):
+    """host_embeddings: rows looked up in the host-memory table give the plain run's losses; off the packed-row path
+    the error names the flag."""
+    from train_helpers import make_colour_data
+
+    from qvl.errors import QvlError
+
+    data = make_colour_data(tmp_path / "data", 8, seed=7, text_only=2)
+    kw = dict(dataset_use=data, data_flatten=True, tune_mm_llm=False, lora_enable=True, packed_attention="per_sample",
+              per_device_train_batch_size=4, max_steps=3, save_strategy="no", compile_layers=False)
+    cfg = make_cfg(output_dir=str(tmp_path / "plain"), **kw)
+    plain = train(cfg, log=lambda *_: None)
+    said = []
+    host = train(make_cfg(output_dir=str(tmp_path / "host"), host_embeddings=True, **kw), log=said.append)
+    assert any(line.startswith("host_embeddings: the input-embedding table") for line in said), said
+    assert host.losses == pytest.approx(plain.losses, rel=1e-5)
+    with pytest.raises(QvlError, match="per_sample") as e:
+        train(make_cfg(output_dir=str(tmp_path / "sdpa"), host_embeddings=True, **dict(kw, packed_attention="sdpa")),
+              log=lambda *_: None)
+    assert e.value.where == "host_embeddings"

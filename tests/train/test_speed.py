@@ -635,3 +635,35 @@ def test_warm_loss_head_meets_each_chunk_shape(monkeypatch):
     assert speed.warm_loss_head(weight, 0, 30) == 0
     chunk, multiple = speed.loss_chunk_rows(151_936, 2, 128)  # Qwen3-VL's vocabulary in bf16: 294 rows -> 256
     assert (chunk, multiple) == (256, 128)
+
+
+def test_embeddings_to_host_and_back():
+    """host_embeddings: the frozen table moves to the host and back, lookups there equal the embedding's; a table
+    that trains or is tied to the LM head stays."""
+    from qvl.train import speed
+
+    class Toy(torch.nn.Module):
+        def __init__(self, tied):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+            self.emb.weight.requires_grad_(False)
+            if tied:
+                self.head.weight = self.emb.weight
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def get_output_embeddings(self):
+            return self.head
+
+    toy = Toy(tied=False)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    want = toy.emb(ids)
+    table = speed.embeddings_to_host(toy)
+    torch.testing.assert_close(speed.host_embed(table, ids, pin=False), want)
+    speed.embeddings_to_device(toy, "cpu")
+    with pytest.raises(ValueError, match="tied"):
+        speed.embeddings_to_host(Toy(tied=True))
+    toy.emb.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="train"):
+        speed.embeddings_to_host(toy)

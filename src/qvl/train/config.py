@@ -191,6 +191,11 @@ class TrainConfig(BaseModel):
                                    "cuBLAS holds the host until the GPU is idle the first time it meets one "
                                    "(bench/kernel_loading.py). 0: off. A multiple of 4 (the tower merges 2 x 2 "
                                    "patches); the tower's padding needs the packed-row path (per_sample attention)")
+    host_embeddings: bool = Field(False, description="keep the frozen input-embedding table in host memory and "
+                                  "look each packed row's tokens up there (1.16 GiB of GPU memory back at 8B, "
+                                  "37 MB copied per 4,608-token row): room for fewer recomputed layers. Needs the "
+                                  "packed-row path (per_sample attention), one process, an embedding that is frozen "
+                                  "and not tied to the LM head (Qwen3-VL 8B and up)")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
     gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "

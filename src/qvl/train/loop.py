@@ -780,6 +780,20 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         say(f"gemm_row_multiple={cfg.gemm_row_multiple}: {what} rounded up to a few multiples of it (every one up "
             "to 15, then 8 per doubling): their matmul shapes repeat across steps")
     encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
+    host_table = None
+    if cfg.host_embeddings:  # rows looked up on the host, the table off the GPU (put back after the loop)
+        why = ("it needs packed rows with per_sample attention" if not (packed and per_sample and loss_module.row_forward)
+               else "it runs in one process" if dist.enabled else "")
+        try:
+            host_table = None if why else speed.embeddings_to_host(model)
+        except ValueError as e:
+            why = str(e)
+        if why:
+            raise QvlError(f"host_embeddings: {why}", where="host_embeddings", fix="host_embeddings: false")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        say(f"host_embeddings: the input-embedding table ({host_table.numel() * host_table.element_size() / 2**30:.2f} "
+            "GiB) stays in host memory; each row's tokens are looked up there")
 
     # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
     #    component x decay, each with its LR) and schedule
@@ -928,6 +942,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             loss_sum = torch.zeros((), device=device)  # stays on the device: one host sync per step (below)
             step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
             for j, batch in enumerate(batches):
+                if host_table is not None:
+                    batch["qvl_embeds"] = speed.host_embed(host_table, batch["input_ids"], pin=device.type == "cuda")
                 part = distributed.micro_step(eng, to_device(batch, device), n_labels / dist.world_size,  # engines average over ranks
                                               last=j == len(batches) - 1, autocast=autocast)
                 loss_sum += part
@@ -955,6 +971,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, cfg, graphs, ckpt_ratio) from e
     finally:  # the recordings' memory goes back (benchmarks train the same model object again)
+        if host_table is not None:
+            speed.embeddings_to_device(model, device)
         if decoder_graphs is not None:
             say(f"cuda_graphs: {decoder_graphs.summary()}")
             decoder_graphs.close()

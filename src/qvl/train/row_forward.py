@@ -140,7 +140,9 @@ def row_hidden(inner, config, batch: dict, extras: dict, row_bound: bool = False
     from qvl.train.graphs import decoder_stack
 
     ids, positions = batch["input_ids"], batch["position_ids"]
-    embeds = inner.get_input_embeddings()(ids)
+    embeds = extras.get("embeds")  # looked up on the host (host_embeddings)
+    if embeds is None:
+        embeds = inner.get_input_embeddings()(ids)
     visual, text = inner.visual, inner.language_model
     placed = []  # (mask (1, L, 1), deepstack features) per medium
     for kind, pixel_key, grid_key in MEDIA:

@@ -383,6 +383,33 @@ def checkpoint_inside(layer, context_fn=None) -> None:
     layer.__class__ = _checkpoint_inside_class(type(layer))
 
 
+def embeddings_to_host(model) -> torch.Tensor:
+    """``host_embeddings``: move the frozen input-embedding table to host memory and return it (the rows are looked
+    up there by :func:`host_embed`; :func:`embeddings_to_device` puts the table back). Raises ValueError when the
+    table trains or is the LM head's too (tied: the head needs it on the device every step)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if emb.weight.requires_grad:
+        raise ValueError("the input embeddings train")
+    if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
+        raise ValueError("the input embeddings are tied to the LM head (tie_word_embeddings)")
+    emb.weight.data = emb.weight.data.to("cpu")
+    return emb.weight.data
+
+
+def embeddings_to_device(model, device) -> None:
+    emb = model.get_input_embeddings()
+    emb.weight.data = emb.weight.data.to(device)
+
+
+def host_embed(table: torch.Tensor, ids: torch.Tensor, pin: bool) -> torch.Tensor:
+    """``table[ids]`` (ids on the host), gathered straight into pinned memory when ``pin`` (the copy to the GPU
+    then neither blocks the host nor pins again)."""
+    out = torch.empty((*ids.shape, table.shape[1]), dtype=table.dtype, pin_memory=pin)
+    torch.index_select(table, 0, ids.reshape(-1), out=out.view(-1, table.shape[1]))
+    return out
+
+
 def lora_inputs_stay_16bit(model) -> int:
     """Turn off PEFT's cast of LoRA inputs to the adapter dtype; returns the layers changed.
 
