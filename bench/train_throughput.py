@@ -30,8 +30,9 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 within the baseline's memory at 8B), qvl-mlp-keep4 (session 8's defaults: 32 layers
                 recomputing their MLP), qvl-pad128 (the defaults, rows padded to 128-token multiples),
                 qvl-read-late (the defaults with each step's numbers copied to the host only when read),
-                qvl-workers8 (the defaults with 8 DataLoader workers), qvl-gemm128 / qvl-gemm512 (the defaults
-                with gemm_row_multiple: loss-head rows and tower patches rounded up to a multiple).
+                qvl-workers8 (the defaults with 8 DataLoader workers), qvl-gemm0 / qvl-gemm512 (the defaults
+                with gemm_row_multiple off / 512 instead of auto's 128: loss-head rows and tower patches rounded up
+                on a ladder of multiples, each shape met before training), qvl-fit-host (host_embeddings).
 Every contestant (but qvl-rows16k) sees the same 4 samples per optimizer step, in the loop's seeded order, so losses are comparable step by step.
 Useful tokens are non-padding tokens. MFU counts 4 x LLM non-embedding params per token (LoRA:
 forward + input gradients, no recompute) plus causal attention, over 790 TFLOP/s (H100 dense bf16).
@@ -693,9 +694,10 @@ def main(argv=None):
                                                       activation_memory_budget=b))
           for b in (0.95, 0.9, 0.8, 0.7)],
         # within the baseline's memory (8B, this workload's 4,608-token longest row): 32 layers kept under budget 0.8
-        # (68.7 KB per token each, bench/layer_memory.py), 4 recomputed whole
+        # (68.7 KB per token each, bench/layer_memory.py), 4 recomputed whole; gemm_row_multiple off, as measured
+        # before session 11 made auto 128 on a GPU (qvl-fit-b80-gemm128 is this row with it)
         ("qvl-fit-b80", dict(compile_layers=True, gradient_checkpointing_ratio=4 / 36, packed_attention="per_sample",
-                             bench_warmup=8, activation_memory_budget=0.8)),
+                             bench_warmup=8, activation_memory_budget=0.8, gemm_row_multiple=0)),
         # the defaults with rows padded to 128-token multiples for the CUDA graphs (half the padding, more recordings)
         ("qvl-pad128", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                             bench_warmup=8, cuda_graphs_row_multiple=128)),
@@ -706,10 +708,11 @@ def main(argv=None):
         # the defaults with 8 DataLoader workers instead of 4 (is the loader what a step waits for?)
         ("qvl-workers8", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                               bench_warmup=8, dataloader_num_workers=8)),
-        # the defaults with the loss head's rows and the tower's patches rounded up to a multiple (gemm_row_multiple):
-        # the matmuls outside the CUDA graphs meet few shapes (a new one holds the host until the GPU is idle)
+        # the defaults with the loss head's rows and the tower's patches rounded up (gemm_row_multiple; auto = 128 on a
+        # GPU) off or coarser: with it the matmuls outside the CUDA graphs meet no new shape (a new one holds the host
+        # until the GPU is idle)
         *[(f"qvl-gemm{m}", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
-                                bench_warmup=8, gemm_row_multiple=m)) for m in (128, 512)],
+                                bench_warmup=8, gemm_row_multiple=m)) for m in (0, 512)],
         # the within-memory row (qvl-fit-b80) with the same rounding
         *[(f"qvl-fit-b80-gemm{m}", dict(compile_layers=True, gradient_checkpointing_ratio=4 / 36,
                                         packed_attention="per_sample", bench_warmup=8, activation_memory_budget=0.8,

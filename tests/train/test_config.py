@@ -51,6 +51,8 @@ def test_yaml_then_overrides(tmp_path):
     (["tune_mm_llm=true", "warmup_ratio=2"], "warmup_ratio"),
     (["tune_mm_llm=true", "gradient_accumulation_steps=0"], "gradient_accumulation_steps"),
     (["tune_mm_llm=true", "gemm_row_multiple=6"], "gemm_row_multiple"),
+    (["tune_mm_llm=true", "gemm_row_multiple=-4"], "gemm_row_multiple"),
+    (["tune_mm_llm=true", "gemm_row_multiple=often"], "gemm_row_multiple"),
 ])
 def test_errors_name_the_key(args, key):
     with pytest.raises(QvlError) as e:

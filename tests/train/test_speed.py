@@ -667,3 +667,12 @@ def test_embeddings_to_host_and_back():
     toy.emb.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="train"):
         speed.embeddings_to_host(toy)
+
+
+def test_gemm_multiple_auto_is_on_for_one_gpu_or_ddp_only():
+    from qvl.train.speed import gemm_multiple_for
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert gemm_multiple_for("auto", cuda) == 128 and gemm_multiple_for("auto", cuda, "ddp") == 128
+    assert gemm_multiple_for("auto", cpu) == 0 and gemm_multiple_for("auto", cuda, "deepspeed") == 0
+    assert gemm_multiple_for(512, cpu) == 512 and gemm_multiple_for(0, cuda) == 0

@@ -184,13 +184,14 @@ class TrainConfig(BaseModel):
     cuda_graphs_row_multiple: int = Field(256, ge=1, description="with cuda_graphs: packed rows are padded to a "
                                           "multiple of this many tokens (a padding sample without labels); larger: "
                                           "fewer recordings, more padding computed")
-    gemm_row_multiple: int = Field(0, ge=0, description="the loss head's label rows and the frozen vision tower's "
+    gemm_row_multiple: int | Literal["auto"] = Field("auto", description="the loss head's label rows and the frozen vision tower's "
                                    "patches (each medium's, by a padding image whose tokens are not used) rounded up "
                                    "to a few multiples of this many (every one up to 15, then 8 per doubling: at most "
                                    "1/8 more), each met once before training, so no step meets a new matmul shape: "
                                    "cuBLAS holds the host until the GPU is idle the first time it meets one "
-                                   "(bench/kernel_loading.py). 0: off. A multiple of 4 (the tower merges 2 x 2 "
-                                   "patches); the tower's padding needs the packed-row path (per_sample attention)")
+                                   "(bench/kernel_loading.py). auto: 128 on a GPU (one process or DDP), else 0 (off). "
+                                   "A multiple of 4 (the tower merges 2 x 2 patches); the tower's padding needs the "
+                                   "packed-row path (per_sample attention)")
     host_embeddings: bool = Field(False, description="keep the frozen input-embedding table in host memory and "
                                   "look each packed row's tokens up there (1.16 GiB of GPU memory back at 8B, "
                                   "37 MB copied per 4,608-token row): room for fewer recomputed layers. Needs the "
@@ -340,9 +341,9 @@ class TrainConfig(BaseModel):
                 "keep one: deepspeed=examples/deepspeed/zero3.json or fsdp=full_shard")
         if self.nproc is not None and self.nproc < 1:
             bad("nproc", f"nproc={self.nproc} must be >= 1")
-        if self.gemm_row_multiple % 4:
+        if self.gemm_row_multiple != "auto" and (self.gemm_row_multiple < 0 or self.gemm_row_multiple % 4):
             bad("gemm_row_multiple", f"gemm_row_multiple={self.gemm_row_multiple} is not a multiple of 4 (the vision "
-                "tower merges 2 x 2 patches)", "use 0 (off), 128 or 512")
+                "tower merges 2 x 2 patches) >= 0", "use auto, 0 (off), 128 or 512")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             bad("dataloader_num_workers", "must be >= 0")
         if self.gpu_mem is not None:

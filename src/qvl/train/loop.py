@@ -773,12 +773,14 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         loss_module.row_forward = False
     # gemm_row_multiple: the loss head's rows, and the tower's patches where the packed-row path runs the tower
     # (transformers' own forward checks the features' count against the placeholders: no padding image there)
-    loss_module.gemm_row_multiple = cfg.gemm_row_multiple
-    media_multiple = cfg.gemm_row_multiple if per_sample and loss_module.row_forward else 0
-    if cfg.gemm_row_multiple:
+    gemm_multiple = speed.gemm_multiple_for(cfg.gemm_row_multiple, device, cfg.engine)
+    loss_module.gemm_row_multiple = gemm_multiple
+    media_multiple = gemm_multiple if per_sample and loss_module.row_forward else 0
+    if gemm_multiple:
         what = "the loss head's label rows" + (" and each medium's vision-tower patches" if media_multiple else "")
-        say(f"gemm_row_multiple={cfg.gemm_row_multiple}: {what} rounded up to a few multiples of it (every one up "
-            "to 15, then 8 per doubling): their matmul shapes repeat across steps")
+        say(f"gemm_row_multiple={gemm_multiple}{' (auto)' if cfg.gemm_row_multiple == 'auto' else ''}: {what} rounded "
+            "up to a few multiples of it (every one up to 15, then 8 per doubling): their matmul shapes repeat across "
+            "steps; gemm_row_multiple=0 turns it off")
     encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
     host_table = None
     if cfg.host_embeddings:  # rows looked up on the host, the table off the GPU (put back after the loop)
@@ -861,7 +863,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             say(f"cuda_graphs: recorded {n} row shapes ahead ({shapes[-1][0]:,}-{shapes[0][0]:,} tokens, estimated "
                 f"for the next {GRAPH_STEPS_AHEAD} steps) in {time.perf_counter() - t0:.1f} s; a row of another "
                 "shape is recorded when it comes")
-    if cfg.gemm_row_multiple:  # the shapes padding makes, met before the first step (speed.gemm_rows)
+    if gemm_multiple and cfg.engine == "ddp":  # the shapes padding makes, met before the first step (speed.gemm_rows)
         t0 = time.perf_counter()
         with autocast:
             heads, towers = loss_module.warm_gemm_shapes(longest_planned_row(plan, cfg) or 0,

@@ -86,6 +86,15 @@ def gemm_rows(n: int, multiple: int) -> int:
     return -(-k // step) * step * multiple
 
 
+def gemm_multiple_for(choice, device: torch.device, engine: str = "ddp") -> int:
+    """``gemm_row_multiple`` resolved: ``auto`` is 128 on a GPU under one process or DDP (8B LoRA on an H100: +1.9 %
+    tokens/s, docs/benchmarks.md session 11; the warm-up takes the tower's compilation the first steps took), else
+    0; a number is itself."""
+    if choice != "auto":
+        return int(choice)
+    return 128 if device.type == "cuda" and engine == "ddp" else 0
+
+
 def gemm_ladder(most: int, multiple: int) -> list[int]:
     """Every size :func:`gemm_rows` gives for 1 to ``most`` rows, ascending."""
     sizes, n = [], 1
