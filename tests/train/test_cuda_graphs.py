@@ -198,6 +198,9 @@ def test_cuda_graphs_train_like_compiled_layers_on_a_gpu(make_cfg, tmp_path):
     graphed = train(make_cfg(output_dir=str(tmp_path / "graphs"), cuda_graphs=True, cuda_graphs_row_multiple=64,
                              **kw), log=said.append)
     summary = next(line for line in said if line.startswith("cuda_graphs: ") and "replays" in line)
+    # gemm_row_multiple auto on a GPU: tower patches and loss-head rows padded, their shapes met before training
+    assert any(line.startswith("gemm_row_multiple=128 (auto)") for line in said), said
+    assert any(line.startswith("gemm_row_multiple: ran the loss head at its") for line in said), said
     assert "without graphs" not in summary and not summary.startswith("cuda_graphs: 0 replays"), said
     # every row's shape was recorded before the first step (the estimate is exact for images and text)
     ahead = next(line for line in said if "row shapes ahead" in line)
