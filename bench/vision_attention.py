@@ -11,6 +11,8 @@ videos), forward only (the tower is frozen under LoRA):
   flash      torch's flash-attention varlen (what qvl runs now)
   cudnn      cuDNN's attention with ragged offsets (``aten._cudnn_attention_forward``, cum_seq)
   efficient  the memory-efficient (cutlass) varlen kernel
+  triton     qvl's Triton kernel (qvl.models.segment_attention; since session 12 what the frozen tower runs), and
+             triton-MxN-Ww-Ss the same with other block sizes, warps and pipeline stages
 
 and reports each kernel's time, its FLOP rate (non-causal: 4 x L^2 x head dim x heads per segment), the host time
 per call (cuDNN builds a plan per new shape), the largest difference to flash, and whether it compiles.
@@ -64,7 +66,19 @@ def efficient(q, k, v, cu, longest):
     return out[0]
 
 
-KERNELS = {"flash": flash, "cudnn": cudnn, "efficient": efficient}
+def triton_segments(blocks=None):
+    """qvl's Triton kernel (qvl.models.segment_attention) with its (BLOCK_M, BLOCK_N, warps, stages) ``blocks``
+    (default: the ones it picks for this card), through the op the compiled tower calls."""
+    from qvl.models import segment_attention
+
+    if blocks is None:
+        return lambda q, k, v, cu, longest: torch.ops.qvl.segment_attention(q, k, v, cu, longest, HEAD_DIM ** -0.5)
+    return lambda q, k, v, cu, longest: segment_attention.attend(q, k, v, cu, longest, blocks=blocks)
+
+
+KERNELS = {"flash": flash, "cudnn": cudnn, "efficient": efficient, "triton": triton_segments(),
+           **{f"triton-{m}x{n}-{w}w{s}s": triton_segments((m, n, w, s))
+              for m, n, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)]}}
 
 
 def time_kernel(fn, segments_per_call: list[list[int]], device) -> dict:
@@ -119,8 +133,8 @@ def compiles(fn, device) -> str:
 
 def table_line(name: str, r: dict) -> str:
     if "error" in r:
-        return f"{name:<10} {r['error']}"
-    return (f"{name:<10}{r['apart_gpu_ms_per_step']:>10.2f}{r['together_gpu_ms_per_step']:>13.2f}"
+        return f"{name:<22} {r['error']}"
+    return (f"{name:<22}{r['apart_gpu_ms_per_step']:>10.2f}{r['together_gpu_ms_per_step']:>13.2f}"
             f"{r['tflops_together']:>9.0f}{r['host_ms_per_call']:>14.3f}{r['first_call_ms_new_length']:>15.2f}"
             f"{r['max_abs_diff_to_flash']:>10.1e}  {r['compiles']}")
 
@@ -129,7 +143,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--out", default="bench/results/vision_attention.json")
+    ap.add_argument("--kernels", default="", help=f"comma list of kernels to time (default all: {', '.join(KERNELS)})")
     args = ap.parse_args()
+    kernels = {k: KERNELS[k] for k in args.kernels.split(",")} if args.kernels else KERNELS
     device = torch.device("cuda")
     rng = random.Random(0)
     steps = [step_segments(rng) for _ in range(args.steps)]
@@ -146,7 +162,7 @@ def main() -> None:
     q, k, v = (torch.randn(sum(lengths), HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16) for _ in range(3))
     cu = cu_of(lengths, device)
     ref = flash(q, k, v, cu, max(lengths)).float()
-    for name, fn in KERNELS.items():
+    for name, fn in kernels.items():
         row: dict = {}
         try:
             row["max_abs_diff_to_flash"] = float((fn(q, k, v, cu, max(lengths)).float() - ref).abs().max())
@@ -165,7 +181,7 @@ def main() -> None:
     print(f"\n{result['card']}, torch {result['torch']}, cuDNN {result['cudnn']}: {args.steps} steps, "
           f"{result['patches_per_step']:.0f} patches and {result['attention_tflop_per_step']:.2f} TFLOP of tower "
           f"attention per step ({BLOCKS} blocks, {HEADS} heads x {HEAD_DIM})")
-    print(f"{'kernel':<10}{'apart ms':>10}{'together ms':>13}{'TFLOP/s':>9}{'host ms/call':>14}{'new length ms':>15}"
+    print(f"{'kernel':<22}{'apart ms':>10}{'together ms':>13}{'TFLOP/s':>9}{'host ms/call':>14}{'new length ms':>15}"
           f"{'max diff':>10}  compiles")
     print("\n".join(table_line(name, r) for name, r in result["kernels"].items()))
     out = Path(args.out)

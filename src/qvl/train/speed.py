@@ -306,7 +306,8 @@ def compile_vision_tower(model, backend: str = "inductor") -> bool:
     (27 for Qwen3-VL), on a step that waits on the host (8B LoRA on an H100: the tower's forward took ~60 ms of host
     time per call with its blocks compiled apart, for ~15 ms of kernels; docs/benchmarks.md). transformers'
     output-capturing decorator is left out (``__wrapped__``: dynamo cannot trace its ContextVar); what it adds
-    (``output_hidden_states`` / ``output_attentions``) training does not ask for. False (nothing compiled) when any
+    (``output_hidden_states`` / ``output_attentions``) training does not ask for. The patch embedding runs as a matmul
+    and the rotary cos / sin are stored once (:mod:`qvl.models.tower_speed`). False (nothing compiled) when any
     vision weight trains, or the forward is not a decorated one. Undone by :func:`uncompile`."""
     visual = next((m for m in model.modules() if type(m).__name__.endswith("VisionModel")), None)
     if visual is None or any(p.requires_grad for p in visual.parameters()):
@@ -314,6 +315,10 @@ def compile_vision_tower(model, backend: str = "inductor") -> bool:
     core = getattr(type(visual).forward, "__wrapped__", None)
     if core is None:
         return False
+    from qvl.models import tower_speed
+
+    tower_speed.linear_patch_embed(visual)
+    tower_speed.stored_rotary(visual)
     visual.qvl_compiled_forward = torch.compile(core, backend=backend, dynamic=True)
     return True
 
@@ -439,7 +444,10 @@ def uncompile(model) -> None:
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
-        m.__dict__.pop("qvl_compiled_forward", None)
+        if m.__dict__.pop("qvl_compiled_forward", None) is not None:
+            from qvl.models import tower_speed
+
+            tower_speed.restore(m)
         base = getattr(type(m), "qvl_base_class", None)
         if base is not None:
             m.__class__ = base
