@@ -417,11 +417,9 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         speed.queue_host_read = lambda *values: (None, values, None)
     if "compile_vision" in levers_off:  # the frozen vision tower's blocks left eager
         speed.compile_vision_blocks = lambda model, **k: 0
-    from qvl.models import segment_attention, tower_speed
+    from qvl.models import tower_speed
 
-    tower_saved = (segment_attention.usable, tower_speed.linear_patch_embed, tower_speed.stored_rotary)
-    if "segment_kernel" in levers_off:  # the frozen tower's attention on torch's flash varlen (before session 12)
-        segment_attention.usable = lambda *a: False
+    tower_saved = (tower_speed.linear_patch_embed, tower_speed.stored_rotary)
     if "tower_forward" in levers_off:  # the patch embedding as cuDNN's Conv3d, cos / sin recomputed per block
         tower_speed.linear_patch_embed = tower_speed.stored_rotary = lambda visual: False
     if args.device.startswith("cuda"):
@@ -448,7 +446,7 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
                   f"{timeline.report(warmup)}", flush=True)
         inductor_config.cpp_wrapper, functorch_config.activation_memory_budget = cpp_wrapper, budget
         speed.compile_vision_blocks, speed.queue_host_read = compile_vision_blocks, queue_host_read
-        segment_attention.usable, tower_speed.linear_patch_embed, tower_speed.stored_rotary = tower_saved
+        tower_speed.linear_patch_embed, tower_speed.stored_rotary = tower_saved
         load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit = saved
     cuda = args.device.startswith("cuda")
     res = clock.stats(warmup, warmup + timed, samples_per_step)
@@ -730,18 +728,14 @@ def main(argv=None):
         ("qvl-fit-host", dict(compile_layers=True, gradient_checkpointing_ratio=0.0, packed_attention="per_sample",
                               bench_warmup=8, activation_memory_budget=0.8, gemm_row_multiple=128,
                               host_embeddings=True)),
-        # qvl-fit-host with the frozen tower as before session 12: flash varlen attention (padded to 96 dimensions),
-        # the patch embedding as a Conv3d, cos / sin recomputed in every block; and with only the attention as before
+        # qvl-fit-host with the frozen tower's forward as before session 12: the patch embedding as cuDNN's Conv3d,
+        # cos / sin recomputed inside every block's kernels
         ("qvl-fit-host-oldtower", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
                                        packed_attention="per_sample", bench_warmup=8, activation_memory_budget=0.8,
-                                       gemm_row_multiple=128, host_embeddings=True,
-                                       levers_off=("segment_kernel", "tower_forward"))),
-        ("qvl-fit-host-flash", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
-                                    packed_attention="per_sample", bench_warmup=8, activation_memory_budget=0.8,
-                                    gemm_row_multiple=128, host_embeddings=True, levers_off=("segment_kernel",))),
-        # the defaults with the frozen tower as before session 12
+                                       gemm_row_multiple=128, host_embeddings=True, levers_off=("tower_forward",))),
+        # the defaults with the frozen tower's forward as before session 12
         ("qvl-oldtower", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
-                              bench_warmup=8, levers_off=("segment_kernel", "tower_forward"))),
+                              bench_warmup=8, levers_off=("tower_forward",))),
         # the previous defaults: 32 layers recomputing their MLP (gradient_checkpointing_scope mlp), 4 kept
         ("qvl-mlp-keep4", dict(compile_layers=True, gradient_checkpointing_ratio=32 / 36,
                                packed_attention="per_sample", bench_warmup=8, gradient_checkpointing_scope="mlp",

@@ -11,8 +11,9 @@ videos), forward only (the tower is frozen under LoRA):
   flash      torch's flash-attention varlen (what qvl runs now)
   cudnn      cuDNN's attention with ragged offsets (``aten._cudnn_attention_forward``, cum_seq)
   efficient  the memory-efficient (cutlass) varlen kernel
-  triton     qvl's Triton kernel (qvl.models.segment_attention; since session 12 what the frozen tower runs), and
-             triton-MxN-Ww-Ss the same with other block sizes, warps and pipeline stages
+  triton     a Triton kernel without flash's padding (bench/segment_attention_triton.py, an experiment that lost:
+             25.9 against flash's 16.1 ms per step on an H200), and triton-MxN-Ww-Ss the same with other block
+             sizes, warps and pipeline stages
 
 and reports each kernel's time, its FLOP rate (non-causal: 4 x L^2 x head dim x heads per segment), the host time
 per call (cuDNN builds a plan per new shape), the largest difference to flash, and whether it compiles.
@@ -67,18 +68,16 @@ def efficient(q, k, v, cu, longest):
 
 
 def triton_segments(blocks=None):
-    """qvl's Triton kernel (qvl.models.segment_attention) with its (BLOCK_M, BLOCK_N, warps, stages) ``blocks``
-    (default: the ones it picks for this card), through the op the compiled tower calls."""
-    from qvl.models import segment_attention
+    """The Triton kernel of bench/segment_attention_triton.py (an experiment: the tower runs flash) with its
+    (BLOCK_M, BLOCK_N, warps, stages) ``blocks`` (default: the ones it picks for this card)."""
+    from segment_attention_triton import attend
 
-    if blocks is None:
-        return lambda q, k, v, cu, longest: torch.ops.qvl.segment_attention(q, k, v, cu, longest, HEAD_DIM ** -0.5)
-    return lambda q, k, v, cu, longest: segment_attention.attend(q, k, v, cu, longest, blocks=blocks)
+    return lambda q, k, v, cu, longest: attend(q, k, v, cu, longest, HEAD_DIM ** -0.5, blocks)
 
 
 KERNELS = {"flash": flash, "cudnn": cudnn, "efficient": efficient, "triton": triton_segments(),
            **{f"triton-{m}x{n}-{w}w{s}s": triton_segments((m, n, w, s))
-              for m, n, w, s in [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)]}}
+              for m, n, w, s in [(128, 64, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3)]}}
 
 
 def time_kernel(fn, segments_per_call: list[list[int]], device) -> dict:

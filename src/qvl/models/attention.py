@@ -12,8 +12,7 @@ Where torch has the flash-attention varlen kernel (torch >= 2.10), the tower's a
 ``qvl_flash_varlen_vision`` (the name says "flash", so transformers hands it the segment bounds ``cu_seqlens``
 and their longest length, read once per tower forward) runs every image and frame of a block in one varlen call
 instead of one sdpa call per image, with no host read per block; where the kernel cannot run (CPU, fp32) it
-runs the same per-segment sdpa as above. A frozen tower (no gradient asked for) on a GPU runs qvl's own Triton
-kernel for that call instead (:mod:`qvl.models.segment_attention`: heads of 72 without flash's padding to 96).
+runs the same per-segment sdpa as above.
 """
 
 from __future__ import annotations
@@ -44,12 +43,6 @@ def vision_varlen_attention(module, query, key, value, attention_mask, scaling=N
         # an int from transformers (a SymInt when the block is compiled: int() would fix it to one value, and every
         # new value would recompile); a tensor from older callers
         longest = max_length_q if isinstance(max_length_q, (int, torch.SymInt)) else int(max_length_q)
-        from qvl.models import segment_attention  # imports Triton: only where this kernel may run
-
-        if segment_attention.usable(query, key, value):  # a frozen tower: the Triton kernel, no head-dim padding
-            q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D)
-            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-            return torch.ops.qvl.segment_attention(q, k, v, cu_seq_lens_q, longest, scale).unsqueeze(0), None
         return varlen_causal(query, key, value, cu_seq_lens_q, longest, scaling, causal=False), None
     starts = cu_seq_lens_q.tolist()
     outs = [vision_sdpa_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling,
