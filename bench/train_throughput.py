@@ -520,7 +520,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per contestant (after warm-up)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=8, help="warm-up steps before the timed ones; 8, the compiled "
+                    "rows' warm-up, so every contestant is timed on the same steps and samples, and the baseline's "
+                    "one-off costs at its first shapes (up to 3 s a step on a fresh machine) stay out of its timing")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--only", default="", help="comma list of contestants to run")
     ap.add_argument("--in-order", action="store_true",  # also: "name#2" in --only runs a contestant again
