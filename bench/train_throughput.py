@@ -33,6 +33,9 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 qvl-workers8 (the defaults with 8 DataLoader workers), qvl-gemm0 / qvl-gemm512 (the defaults
                 with gemm_row_multiple off / 512 instead of auto's 128: loss-head rows and tower patches rounded up
                 on a ladder of multiples, each shape met before training), qvl-fit-host (host_embeddings).
+  baseline-liger  the baseline with Liger's Qwen3-VL kernels (RoPE, RMSNorm, fused linear + cross-entropy), as
+                TRL / LLaMA-Factory run it with use_liger_kernel (needs liger-kernel; always runs last: it patches
+                transformers' Qwen3-VL module for the whole process)
 Every contestant (but qvl-rows16k) sees the same 4 samples per optimizer step, in the loop's seeded order, so losses are comparable step by step.
 Useful tokens are non-padding tokens. MFU counts 4 x LLM non-embedding params per token (LoRA:
 forward + input gradients, no recompute) plus causal attention, over 790 TFLOP/s (H100 dense bf16).
@@ -847,9 +850,34 @@ def main(argv=None):
         finish(name, res, targets, overrides.get("gradient_checkpointing_ratio", 1.0),
                overrides.get("packed_attention", "auto (sdpa)"))
 
+    # last: Liger patches transformers' Qwen3-VL rotary functions for the whole process, so no row may follow it
+    if want("baseline-liger"):
+        res = liger_baseline(base, groups, pad_id, args, qkvo_flops)
+        finish("baseline-liger", res, QKVO, True, "sdpa (padded), Liger kernels")
+
     summary = summary_of(args, results, encs, hist, padding)
     print_table(summary)
     write(args, summary)
+
+
+def liger_baseline(base, groups, pad_id, args, flops_per_token) -> dict:
+    """The baseline with Liger's kernels for Qwen3-VL (RoPE, RMSNorm, fused linear + cross-entropy): what TRL or
+    LLaMA-Factory users get with ``use_liger_kernel``. Same LoRA, batches, checkpointing and optimizer."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+    except ImportError:
+        return {"error": "skipped: liger-kernel is not installed (pip install liger-kernel)"}
+    apply_liger_kernel_to_qwen3_vl(model=model_of(base))
+    torch.manual_seed(0)
+    peft_model = add_lora(base, QKVO)
+    set_checkpointing(peft_model, True)
+    try:
+        return run("baseline-liger", peft_model, groups, step_padded, pad_id, args.device, args.warmup,
+                   flops_per_token)
+    except torch.OutOfMemoryError as e:
+        return {"error": f"OOM: {str(e).splitlines()[0]}"}
+    finally:
+        peft_model.unload()
 
 
 def model_of(m):

@@ -47,6 +47,40 @@ def test_linear_cross_entropy_equals_plain(chunk):
     assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
 
 
+def test_add_product_fp32_on_cpu_and_gpu():
+    """The weight gradient's accumulation: fp32 sum of 16-bit products (on a GPU inside the matmul)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        torch.manual_seed(3)
+        a = torch.randn(48, 40, device=device, dtype=torch.bfloat16)
+        b = torch.randn(40, 24, device=device, dtype=torch.bfloat16)
+        total = torch.ones(48, 24, device=device)
+        speed.add_product_fp32(total, a, b)
+        speed.add_product_fp32(total, a, b)
+        want = 1 + 2 * (a.float() @ b.float())
+        assert total.dtype == torch.float32
+        assert (total - want).abs().max() / want.abs().max() < 1e-2, device  # at most a bf16 rounding per product
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_linear_cross_entropy_trained_bf16_head_on_gpu():
+    """Full fine-tuning's head on a GPU (its weight gradient summed in fp32 by the matmul): plain's loss and
+    gradients within bf16 rounding."""
+    torch.manual_seed(4)
+    h = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(1000, 64, device="cuda") * 0.1).to(torch.bfloat16).requires_grad_(True)
+    t = torch.randint(0, 1000, (300,), device="cuda")
+    ref = F.cross_entropy((h @ w.t()).float(), t, reduction="sum")
+    ref.backward()
+    gh, gw = h.grad.float(), w.grad.float()
+    h.grad = w.grad = None
+    got = speed.linear_cross_entropy(h, w, t, chunk=64, row_multiple=32)
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert (h.grad.float() - gh).abs().max() / gh.abs().max() < 2e-2
+    assert (w.grad.float() - gw).abs().max() / gw.abs().max() < 2e-2
+
+
 @pytest.mark.parametrize("rows", [37, 8, 3])
 def test_linear_cross_entropy_padded_rows_equal_plain(rows):
     """gemm_row_multiple: chunks a multiple of 8 rows, the last one padded with zero rows: the same loss and
