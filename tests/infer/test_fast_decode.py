@@ -196,6 +196,30 @@ def test_engine_streams_and_runs_the_worker_loop(tiny):
         e.close()
 
 
+def test_close_under_running_requests_ends_their_streams_cleanly(tiny, caplog):
+    """close() while a request decodes: the step in flight is collected and the stream ends "cancelled".
+    (The shutdown path once called ``_collect()`` without its step: a TypeError logged as a failed generation.)"""
+    import logging
+    import time
+
+    from qvl.data.samples import Message as M
+    from qvl.infer.types import Request
+
+    e = TransformersEngine(*tiny, name="tiny", fast=True, max_batch_size=2)
+    handle = e.stream(Request([M("user", ["go on"])], e.sampling(temperature=0, max_new_tokens=100_000,
+                                                                   ignore_eos=True)))
+    deadline = time.time() + 60
+    while e.batcher.steps < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    with caplog.at_level(logging.ERROR, logger="qvl.infer"):
+        e.close()
+        e._worker.join(timeout=60)
+        chunks = list(handle)
+    assert not e._worker.is_alive()
+    assert chunks[-1].finish_reason == "cancelled" and chunks[-1].error is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_ignore_eos_and_fallback_reason(tiny):
     model, _ = tiny
     assert supports(model) is None

@@ -142,6 +142,28 @@ def test_bad_input_is_4xx_and_server_keeps_serving(tiny_server, case):
     still_serving(tiny_server)
 
 
+@pytest.mark.parametrize("body,param", [
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff!"}]}]}',
+     "messages[0].content[0].text"),
+    (b'{"model": "tiny\\ud83d", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    (b'{"model": "tiny", "stop": ["\\ud800"], "messages": [{"role": "user", "content": "hi"}]}', "stop[0]"),
+    (b'{"model": "tiny", "\\ud800": 1, "messages": [{"role": "user", "content": "hi"}]}', "\\ud800"),
+])
+def test_lone_surrogate_is_a_400_naming_the_field(tiny_server, body, param):
+    """A lone UTF-16 surrogate in the text was a 500 (the tokenizer refused it): now a 400 that says where."""
+    for stream in (b"false", b"true"):
+        r = post(tiny_server, body[:-1] + b', "stream": ' + stream + b"}", raw=True)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_unicode" and err["param"] == param and param in err["message"]
+    ok = b"hi \\ud83d\\ude00"  # a proper pair (an emoji) is fine
+    r = post(tiny_server, b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "'
+             + ok + b'"}]}', raw=True)
+    assert r.status_code == 200, r.text
+    still_serving(tiny_server)
+
+
 def test_over_long_prompt(tiny, serve):
     from qvl.infer.transformers_backend import TransformersEngine
 

@@ -99,10 +99,13 @@ class ContinuousBatcher:
             if closing:
                 break
             self.turn()
-        if self.inflight is not None:
-            self._guard(self._collect, list(self.running))
+        last, self.inflight = self.inflight, None
+        if last is not None:  # the tokens of the step launched last still reach their streams
+            self._guard(lambda: self._collect(last), [s for s, _ in last.rows])
         for slot in list(self.running):  # the engine closed under running requests: end their streams
-            self.running[slot].row.job.handle.cancel()
+            row = self.running[slot].row
+            row.job.handle.cancel()
+            row.finish = row.finish or "cancelled"
             self._finish(slot)
         for _, job in self.waiting:
             job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))

@@ -16,7 +16,7 @@ SAMPLING_FIELDS = {
     "max_tokens": (int,), "max_completion_tokens": (int,),
 }
 ACCEPTED_AND_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
-KNOWN = {"model", "messages", "stream", "stream_options", "stop", "n", "logprobs", "top_logprobs",
+KNOWN = {"model", "messages", "stream", "stream_options", "stop", "n", "logprobs", "top_logprobs", "ignore_eos",
          "response_format", "tools", "tool_choice", "functions", "function_call", "logit_bias",
          *SAMPLING_FIELDS, *ACCEPTED_AND_IGNORED}
 MAX_STOP_CHARS = 256  # stop strings are matched on every token: a megabyte-long one would stall the worker
@@ -56,15 +56,45 @@ class ChatRequest:
         return [p for _, parts in self.messages for p in parts if isinstance(p, MediaRef)]
 
 
+def _lone_surrogate(value) -> str | None:
+    """Where in a parsed JSON value a string holds a lone UTF-16 surrogate (``"\\ud800"``), or None.
+
+    JSON allows the escape, Python keeps it, and the tokenizer (and any UTF-8 encoder) fails on it later, so
+    it is found here, with its place, before anything else reads the request. Iterative: deep JSON is legal."""
+    todo = [("", value)]
+    while todo:
+        where, v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "(the body)"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                name = k.encode("utf-8", "backslashreplace").decode("utf-8")  # a key can hold one too
+                if name != k:
+                    return f"{where}.{name}" if where else name
+                todo.append((f"{where}.{k}" if where else k, item))
+        elif isinstance(v, list):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(v))
+    return None
+
+
 def parse_json(raw: bytes):
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"request body is not valid JSON: {e}", code="invalid_json") from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise bad(f"request body cannot be read: {e}", code="invalid_json") from None
     except RecursionError:  # '[[[[...' thousands deep: refuse it instead of a 500
         raise bad("request body is nested too deeply", code="invalid_json") from None
+    where = _lone_surrogate(body)
+    if where is not None:
+        raise bad(f"'{where}' holds a lone UTF-16 surrogate (an escape like \\ud800 without its pair), which is "
+                  "not valid Unicode; send the text as UTF-8 or escape both halves of the pair", param=where,
+                  code="invalid_unicode")
+    return body
 
 
 def _number(body: dict, key: str):
@@ -188,6 +218,11 @@ def parse_chat(body, limits: dict[str, int]) -> ChatRequest:
         s["max_new_tokens"] = s.pop("max_tokens")
         if s["max_new_tokens"] < 1:
             raise bad("'max_tokens' must be at least 1", param="max_tokens")
+    ignore_eos = body.get("ignore_eos")  # vLLM's extra: run to max_tokens (benchmarks with random weights)
+    if ignore_eos is not None:
+        if not isinstance(ignore_eos, bool):
+            raise bad("'ignore_eos' must be true or false", param="ignore_eos", code="invalid_type")
+        s["ignore_eos"] = ignore_eos
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
