@@ -257,7 +257,7 @@ class StepClock:
 
 def write_profile(prof, wall: float, steps: int, out: Path | None, trace: bool = False) -> None:
     """GPU busy fraction over ``steps`` steps and the kernels that take the time; with ``trace`` the chrome trace
-    beside ``out`` and where the GPU waited (bench/trace_gaps.py)."""
+    beside ``out`` and where the GPU waited (bench/experiments/trace_gaps.py)."""
     events = prof.key_averages()
 
     def dev(e):
@@ -285,6 +285,7 @@ def write_profile(prof, wall: float, steps: int, out: Path | None, trace: bool =
     text = (f"{steps} steps, wall {wall:.3f} s, summed device (kernel) time {busy:.3f} s = {busy / wall:.0%} busy\n"
             + "\n".join(lines) + "\n" + table + "\nby host time:\n" + host)
     if trace and out is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))
         from trace_gaps import gap_report
 
         trace_path = out.with_suffix(".trace.json")
@@ -542,7 +543,7 @@ def main(argv=None):
     ap.add_argument("--profile-steps", type=int, default=2, help="how many steps to profile (the first one starts "
                     "behind the profiler's own start: more steps show the steady state)")
     ap.add_argument("--trace", action="store_true", help="with --profile-out: export the chrome trace and report "
-                    "the GPU's idle gaps and what the host did in them (bench/trace_gaps.py)")
+                    "the GPU's idle gaps and what the host did in them (bench/experiments/trace_gaps.py)")
     ap.add_argument("--timeline", action="store_true", help="print each qvl row's host and GPU time per step phase "
                     "(CUDA events around the loop's functions; adds one sync per step)")
     ap.add_argument("--long-warmup", type=int, default=40, help="warm-up steps of the long-window rows "
@@ -551,7 +552,7 @@ def main(argv=None):
     ap.add_argument("--row-multiple", type=int, default=256, help="qvl-cudagraphs: cuda_graphs_row_multiple")
     ap.add_argument("--eager-kernels", action="store_true", help="CUDA_MODULE_LOADING=EAGER for the whole process "
                     "(every contestant): CUDA loads all kernels at start instead of at each one's first launch "
-                    "(torch's default, lazy, which qvl train keeps); see bench/kernel_loading.py")
+                    "(torch's default, lazy, which qvl train keeps); see bench/experiments/kernel_loading.py")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = ap.parse_args(argv)
     t_begin = time.time()
@@ -705,7 +706,7 @@ def main(argv=None):
                                                       activation_memory_budget=b))
           for b in (0.95, 0.9, 0.8, 0.7)],
         # within the baseline's memory (8B, this workload's 4,608-token longest row): 32 layers kept under budget 0.8
-        # (68.7 KB per token each, bench/layer_memory.py), 4 recomputed whole; gemm_row_multiple off, as measured
+        # (68.7 KB per token each, bench/experiments/layer_memory.py), 4 recomputed whole; gemm_row_multiple off, as measured
         # before session 11 made auto 128 on a GPU (qvl-fit-b80-gemm128 is this row with it)
         ("qvl-fit-b80", dict(compile_layers=True, gradient_checkpointing_ratio=4 / 36, packed_attention="per_sample",
                              bench_warmup=8, activation_memory_budget=0.8, gemm_row_multiple=0)),

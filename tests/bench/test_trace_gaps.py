@@ -1,4 +1,4 @@
-"""bench/trace_gaps.py on a hand-made chrome trace: which gaps are the host's fault and what the host was doing."""
+"""bench/experiments/trace_gaps.py on a hand-made chrome trace: which gaps are the host's fault and what the host was doing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "experiments"))
 
 from trace_gaps import gap_report  # noqa: E402
 

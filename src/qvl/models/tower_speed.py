@@ -1,7 +1,7 @@
 """Two changes to a frozen Qwen3-VL vision tower's forward that compute the same values with less GPU work, for the
 compiled tower of training (:func:`qvl.train.speed.compile_vision_tower`).
 
-The profile of an 8B LoRA step (1 x H200, ``docs/benchmarks.md`` session 12) put 60-74 ms of a 210-280 ms step in the
+The profile of an 8B LoRA step (1 x H200, 2026-11-28, ``bench/train_throughput.py --profile-row qvl-fit-host``) put 60-74 ms of a 210-280 ms step in the
 frozen tower, which MFU does not count. Two parts of it are not the tower's work:
 
 - **The patch embedding** is a ``Conv3d`` whose kernel is its stride (each patch is one output), so it is a matmul of

@@ -193,7 +193,7 @@ def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = N
     """What one whole decoder layer compiled by inductor keeps for backward per token beyond its input, not
     recomputed, with frozen projections (LoRA on attention, bf16 autocast), under ``activation_memory_budget``.
 
-    Measured on the 8B layer (``bench/layer_memory.py``, H100: 106.8 / 86.8 / 68.7 KB per token for the default
+    Measured on the 8B layer (``bench/experiments/layer_memory.py``, H100: 106.8 / 86.8 / 68.7 KB per token for the default
     partition / 0.9 / 0.8, docs/benchmarks.md) and written in the model's widths: the SwiGLU gate and up outputs
     (its product and the down projection's input are recomputed), the attention's q, k, v and output, its
     log-sum-exp and the adapters' rank-r intermediates; 0.9 and the default partition keep pre-norm and pre-RoPE

@@ -193,7 +193,7 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
 
     ``compiled`` (whole layers compiled, the compiler choosing what a kept layer keeps): the budget is the loosest of
     :data:`qvl.plan.memory.COMPILED_BUDGETS` at which every layer is kept, else 0.8 (a kept layer then costs the
-    least for what it saves: ``bench/layer_memory.py``) with the fewest layers recomputed whole. Otherwise the
+    least for what it saves: ``bench/experiments/layer_memory.py``) with the fewest layers recomputed whole. Otherwise the
     budget is None and a kept layer costs the planner's eager estimate."""
     from qvl.plan.memory import (COMPILED_BUDGETS, attention_saved_bytes_per_token,
                                  compiled_layer_saved_bytes_per_token, layer_saved_bytes_per_token, parse_lora_targets)
