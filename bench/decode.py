@@ -183,10 +183,13 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     from qvl.models.build import random_model
 
-    out: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    import datetime
+
     import transformers
 
-    out["transformers"] = transformers.__version__
+    out: dict = {"benchmark": "bench/decode.py", "card": torch.cuda.get_device_name(0),
+                 "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
     def save():
         with open(args.json, "w") as f:

@@ -130,7 +130,8 @@ def finish(p: subprocess.Popen, warmup: int = 3) -> dict:
     if (out / "metrics.jsonl").is_file():
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     res = {"rc": rc, "timed_out": timed_out, "seconds": round(time.time() - p.qvl["t0"], 1),
-           "steps": len(rows), "losses": [r["loss"] for r in rows], "command": p.qvl["cmd"]}
+           "steps": len(rows), "losses": [r["loss"] for r in rows], "command": p.qvl["cmd"],
+           "bench_command": "python3 " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
     if rows:
         res["peak_mem_gib"] = max(r.get("peak_mem_gib", 0.0) for r in rows)
         k = warmup if len(rows) > warmup else 1  # steady state: after the first k steps
@@ -190,6 +191,7 @@ def main(argv=None) -> None:
     gpus = torch.cuda.device_count()
     results["card"] = torch.cuda.get_device_name(0) if gpus else "cpu"
     results["gpus"] = gpus
+    results["date"] = time.strftime("%Y-%m-%d")
     import transformers
 
     results.setdefault("versions", {}).update(torch=torch.__version__, transformers=transformers.__version__)

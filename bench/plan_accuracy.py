@@ -168,8 +168,17 @@ def main() -> None:
               f"{row['rel_error_total']:+7.1%}", flush=True)
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        import datetime
+
+        import torch
+        import transformers
+
+        out = {"benchmark": "bench/plan_accuracy.py", "card": torch.cuda.get_device_name(0),
+               "date": datetime.date.today().isoformat(),
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+               "command": "python " + " ".join(sys.argv), "rows": rows}
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":
