@@ -1,0 +1,368 @@
+"""`qvl serve` under load, measured the way `vllm bench serve` measures a server, against the engine alone.
+
+One call:
+
+1. **HTTP**: starts `qvl serve --model DIR` through the real CLI in its own process, waits for
+   /health, and drives it from this process with async streaming clients (httpx): every request is
+   one PNG (its own random pixels, so no request reuses another's image) + a short question, a fixed
+   number of new tokens (``ignore_eos``: random weights never stop on their own).
+   * concurrency sweep: N clients (1, 8, 32, 64, 128), one request each, started 20 ms apart;
+   * Poisson mode: requests arriving at R per second;
+   * turns: a two-turn conversation about one 1024x1024 image (turn 2 re-sends the image, the answer
+     and a new question): TTFT of turn 2 vs turn 1, at concurrency 1.
+   Reported per row: output tok/s, TTFT / TPOT / inter-token latency (mean, p50, p99), errors.
+   Peak GPU memory of the card is sampled (nvidia-smi) while the server runs.
+2. **Engine**: the same model loaded in this process (same slots, context and cache), the same
+   requests prepared beforehand and submitted with the same arrival times: the engine's ceiling,
+   and ``http_vs_engine`` = HTTP output tok/s / engine output tok/s per row.
+
+Both phases first run a warm-up (1 request, then the largest level) so CUDA graph captures and
+compilation are not timed. Results go to ``--json`` (card, versions, date, command).
+
+    qvl model random --size 8B --out /tmp/qwen3vl-8b-random
+    python bench/serve.py --model /tmp/qwen3vl-8b-random --json bench/results/serve.json
+    python bench/serve.py --smoke --json /tmp/serve_smoke.json     # CPU, the tiny model (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from qvl.serve.loadgen import RequestResult, run_poisson, run_staggered, summarize  # noqa: E402
+from qvl.serve.process import ServerProcess  # noqa: E402
+
+QUESTION = "Describe this image in detail."
+FOLLOW_UP = "What colours stand out, and where are they?"
+
+
+def png(w: int, h: int, seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+class Workload:
+    """The requests of one run; seeds make every request's image distinct and the same in both phases."""
+
+    def __init__(self, size: tuple[int, int], tokens: int, model: str):
+        self.size, self.tokens, self.model = size, tokens, model
+        self._seed = 0
+
+    def images(self, n: int) -> list[bytes]:
+        out = [png(*self.size, self._seed + i) for i in range(n)]
+        self._seed += n
+        return out
+
+    def body(self, image: bytes, messages_before: list | None = None, question: str = QUESTION) -> dict:
+        user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                            {"type": "text", "text": question}]}
+        return {"model": self.model, "messages": (messages_before or []) + [user], "max_tokens": self.tokens,
+                "ignore_eos": True}
+
+
+# ---------------------------------------------------------------------------------------------- GPU memory
+class GpuMemory:
+    """Peak memory in use on the card while the server runs (nvidia-smi, sampled every 0.5 s)."""
+
+    def __init__(self):
+        self.peak_mib = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+                used = float(out.strip().splitlines()[0])
+                self.peak_mib = max(self.peak_mib or 0.0, used)
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return  # no nvidia-smi (CPU): nothing to sample
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+# ---------------------------------------------------------------------------------------------- HTTP phase
+def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
+    server_args = ["--model", args.model, "--max-batch-size", str(args.max_batch_size),
+                   "--max-model-len", str(args.max_model_len)]
+    if args.kv_cache_gib:
+        server_args += ["--kv-cache-gib", str(args.kv_cache_gib)]
+    if args.cpu:
+        server_args += ["--cpu-only"]
+    server = ServerProcess(server_args, log_path=Path(args.log_dir) / "server.log")
+    out["server_command"] = " ".join(["qvl", *server.command[3:]])
+    t = time.perf_counter()
+    with GpuMemory() as memory, server:
+        out["server_startup_s"] = time.perf_counter() - t
+        url = server.url + "/v1/chat/completions"
+        print(f"qvl serve ready in {out['server_startup_s']:.0f} s ({server.url})", flush=True)
+        rows = out.setdefault("http", {})
+        t = time.perf_counter()
+        for n in plan["warmup"]:
+            asyncio.run(run_staggered(url, [work.body(i) for i in plan["images"][f"warmup{n}"]], args.stagger))
+        rows["warmup_s"] = time.perf_counter() - t
+        for n in plan["clients"]:
+            results = asyncio.run(run_staggered(url, [work.body(i) for i in plan["images"][f"c{n}"]],
+                                                args.stagger))
+            rows[f"clients_{n}"] = summarize(results)
+            print(f"http {n} clients: {_line(rows[f'clients_{n}'])}", flush=True)
+            save()
+        for rate in plan["rates"]:
+            results = asyncio.run(run_poisson(url, [work.body(i) for i in plan["images"][f"r{rate}"]], rate))
+            rows[f"rate_{rate:g}"] = summarize(results)
+            print(f"http {rate:g} req/s: {_line(rows[f'rate_{rate:g}'])}", flush=True)
+            save()
+        if plan["turns"]:
+            out["turns"] = turns(url, plan["turn_work"], plan["turns"])
+            print(f"turns: {out['turns']}", flush=True)
+        out["server_alive_after"] = server.alive()
+        out["server_rss_gib"] = server.rss_bytes() / 2**30
+    out["peak_gpu_memory_gib"] = memory.peak_mib / 1024 if memory.peak_mib else None
+    save()
+
+
+def turns(url: str, work: Workload, images: list[bytes]) -> dict:
+    """TTFT of turn 1 (a new image) and turn 2 (the image, the answer, a follow-up), one conversation at a time."""
+    import statistics
+
+    first, second = [], []
+    for image in images:
+        r1 = asyncio.run(run_staggered(url, [work.body(image)], 0.0))[0]
+        history = work.body(image)["messages"] + [{"role": "assistant", "content": r1.text}]
+        follow = {**work.body(image), "messages": history + [{"role": "user", "content": FOLLOW_UP}]}
+        r2 = asyncio.run(run_staggered(url, [follow], 0.0))[0]
+        if not (r1.ok and r2.ok):
+            return {"error": r1.error or r2.error}
+        first.append(r1.ttft)
+        second.append(r2.ttft)
+    t1, t2 = statistics.median(first), statistics.median(second)
+    return {"image": f"{work.size[0]}x{work.size[1]}", "conversations": len(images), "turn1_ttft_s": t1,
+            "turn2_ttft_s": t2, "turn2_vs_turn1": t2 / t1, "turn1_ttft_all_s": first, "turn2_ttft_all_s": second}
+
+
+def _line(s: dict) -> str:
+    f = lambda v: "-" if v is None else f"{v * 1e3:.0f} ms"  # noqa: E731
+    return (f"{s['output_tok_s']:.0f} tok/s, TTFT p50 {f(s['ttft_p50_s'])} p99 {f(s['ttft_p99_s'])}, "
+            f"TPOT p50 {f(s['tpot_p50_s'])}, ITL p50 {f(s['itl_p50_s'])} p99 {f(s['itl_p99_s'])}, "
+            f"errors {s['errors']}/{s['requests']}")
+
+
+# ---------------------------------------------------------------------------------------------- engine phase
+def engine_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
+    """The same requests straight into an in-process engine (prepared beforehand: the engine's ceiling)."""
+    import torch
+
+    from qvl.infer.transformers_backend import TransformersEngine
+
+    t = time.perf_counter()
+    engine = TransformersEngine.load(args.model, device="cpu" if args.cpu else None,
+                                     max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                                     kv_cache_gib=args.kv_cache_gib, say=print)
+    out["engine_load_s"] = time.perf_counter() - t
+    out["engine"] = {"describe": engine.describe()}
+    rows = out["engine"]
+    try:
+        for n in plan["warmup"]:
+            _engine_run(engine, work, plan["images"][f"warmup{n}"], [i * args.stagger for i in range(n)])
+        for n in plan["clients"]:
+            results = _engine_run(engine, work, plan["images"][f"c{n}"], [i * args.stagger for i in range(n)])
+            rows[f"clients_{n}"] = summarize(results)
+            print(f"engine {n} clients: {_line(rows[f'clients_{n}'])}", flush=True)
+            save()
+        import random
+
+        for rate in plan["rates"]:
+            rng, t, offsets = random.Random(0), 0.0, []  # the loadgen's arrival times (same seed)
+            for _ in plan["images"][f"r{rate}"]:
+                offsets.append(t)
+                t += rng.expovariate(rate)
+            rows[f"rate_{rate:g}"] = summarize(_engine_run(engine, work, plan["images"][f"r{rate}"], offsets))
+            print(f"engine {rate:g} req/s: {_line(rows[f'rate_{rate:g}'])}", flush=True)
+            save()
+    finally:
+        engine.close()
+        engine._worker.join(timeout=60)
+    if torch.cuda.is_available():
+        out["engine_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del engine
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
+def _engine_run(engine, work: Workload, images: list[bytes], offsets: list[float]) -> list[RequestResult]:
+    from PIL import Image
+
+    from qvl.data.samples import Media, Message
+    from qvl.infer.types import Request
+
+    sampling = engine.sampling(max_new_tokens=work.tokens, ignore_eos=True)
+    prepared = [engine.prepare(Request([Message("user", [Media("image", Image.open(io.BytesIO(b)).convert("RGB")),
+                                                          QUESTION])], sampling)) for b in images]
+    results = [RequestResult() for _ in images]
+    done = threading.Event()
+    left = [len(images)]
+    lock = threading.Lock()
+
+    def on_chunk(r: RequestResult):
+        def take(c):
+            now = time.perf_counter()
+            if c.text:
+                r.token_times.append(now)
+            if c.finish_reason is not None:
+                r.end, r.finish_reason = now, c.finish_reason
+                r.completion_tokens, r.prompt_tokens = c.completion_tokens, c.prompt_tokens
+                r.ok, r.error = c.finish_reason in ("stop", "length"), c.error
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+        return take
+
+    t0 = time.perf_counter()
+    for p, r, offset in zip(prepared, results, offsets):
+        time.sleep(max(0.0, t0 + offset - time.perf_counter()))
+        r.start = time.perf_counter()
+        engine.submit(p, on_chunk(r))
+    done.wait(1800)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- main
+def versions() -> dict:
+    import torch
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("fastapi", "uvicorn", "httpx"):
+        try:
+            v[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            v[name] = None
+    try:
+        v["qvl_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                         text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        v["qvl_commit"] = None
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint folder (e.g. `qvl model random --size 8B --out DIR`)")
+    ap.add_argument("--clients", default="1,8,32,64,128", help="concurrency levels (one request per client)")
+    ap.add_argument("--stagger", type=float, default=0.02, help="seconds between the clients' requests")
+    ap.add_argument("--rates", default="8,24", help="Poisson request rates (req/s); '' for none")
+    ap.add_argument("--rate-requests", type=int, default=96, help="requests per Poisson run")
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per request (ignore_eos)")
+    ap.add_argument("--image", default="448x448", help="WxH of each request's PNG")
+    ap.add_argument("--turn-image", default="1024x1024", help="WxH of the two-turn conversation's image")
+    ap.add_argument("--conversations", type=int, default=3, help="two-turn conversations (0: none)")
+    ap.add_argument("--max-batch-size", type=int, default=64, help="KV-cache slots (server and engine)")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--kv-cache-gib", type=float, default=40.0)
+    ap.add_argument("--skip", default="", help="comma list: http, engine")
+    ap.add_argument("--cpu", action="store_true", help="run the server and the engine on the CPU")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU, the tiny model (built if --model is not given), small levels: checks the bench runs")
+    ap.add_argument("--log-dir", default=None, help="where the server's log goes (default: next to --json)")
+    ap.add_argument("--json", default="bench/results/serve.json")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.cpu = True
+        args.clients, args.rates, args.rate_requests, args.tokens = "1,4", "20", 6, 6
+        args.image, args.turn_image, args.conversations = "64x64", "96x96", 1
+        args.max_batch_size, args.max_model_len, args.kv_cache_gib = 4, 1024, 0.25
+        if not args.model:
+            from qvl.models.build import build_tiny
+
+            args.model = str(build_tiny(Path(tempfile.mkdtemp(prefix="qvl-bench-")) / "tiny").path)
+    if not args.model:
+        ap.error("--model is required (except with --smoke)")
+    args.log_dir = args.log_dir or str(Path(args.json).resolve().parent)
+    skip = set(filter(None, args.skip.split(",")))
+    clients = [int(x) for x in args.clients.split(",") if x]
+    rates = [float(x) for x in args.rates.split(",") if x]
+    size = tuple(int(x) for x in args.image.split("x"))
+    turn_size = tuple(int(x) for x in args.turn_image.split("x"))
+
+    import torch
+
+    out: dict = {"benchmark": "bench/serve.py", "date": datetime.date.today().isoformat(),
+                 "command": " ".join(["python", "bench/serve.py", *(argv if argv is not None else sys.argv[1:])]),
+                 "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else
+                 f"CPU ({os.cpu_count()} cores)", "versions": versions(), "model": args.model,
+                 "workload": {"image": args.image, "question": QUESTION, "new_tokens": args.tokens,
+                              "stagger_s": args.stagger, "clients": clients, "rates": rates,
+                              "rate_requests": args.rate_requests, "max_batch_size": args.max_batch_size,
+                              "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib}}
+    Path(args.json).resolve().parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        tmp = Path(args.json).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(out, indent=2))
+        os.replace(tmp, args.json)
+
+    work = Workload(size, args.tokens, Path(args.model).resolve().name)
+    warmup = [1, max(clients)] if clients else [1]
+    plan = {"clients": clients, "rates": rates, "warmup": warmup, "images": {}}
+    for n in warmup:
+        plan["images"][f"warmup{n}"] = work.images(n)
+    for n in clients:
+        plan["images"][f"c{n}"] = work.images(n)
+    for rate in rates:
+        plan["images"][f"r{rate}"] = work.images(args.rate_requests)
+    turn_work = Workload(turn_size, args.tokens, work.model)
+    turn_work._seed = 10**6
+    plan["turns"] = turn_work.images(args.conversations) if args.conversations else []
+    plan["turn_work"] = turn_work
+    save()
+    if "http" not in skip:
+        http_phase(args, work, plan, out, save)
+    if "engine" not in skip:
+        engine_phase(args, work, plan, out, save)
+    if "http" in out and "engine" in out:
+        out["http_vs_engine"] = {k: out["http"][k]["output_tok_s"] / out["engine"][k]["output_tok_s"]
+                                 for k in out["http"] if k in out["engine"] and out["engine"][k]["output_tok_s"]}
+    save()
+    print(json.dumps({k: out[k] for k in ("http_vs_engine", "turns", "peak_gpu_memory_gib") if k in out}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
