@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from qvl.errors import QvlError
 from qvl.plan.gpus import GIB, Gpu, gpu_from_args
 from qvl.plan.model import ModelShape, resolve_model
+from qvl.plan.vllm import accounting_for as vllm_accounting_for
+from qvl.plan.vllm import budget as vllm_budget
+from qvl.plan.vllm import default_batching
 
 # --- constants ------------------------------------------------------------------------------------------
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
@@ -26,9 +29,6 @@ LOGITS_TRAIN_BYTES = 14
 CE_CHUNK_BYTES = 256 * 2**20
 LORA_ADAPTER_BYTES = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True) on a bf16 base
 NF4_BYTES = 4.127 / 8  # 4-bit NF4 + double-quantised absmax (bitsandbytes, blocksize 64)
-VLLM_SAMPLER_BYTES = 16  # fp32 logits + probs + int64 sort indices, per vocab entry per sequence (dummy run)
-VLLM_NON_TORCH_GIB = 0.3  # non-torch increase measured during vLLM profiling (cuBLAS workspace, …)
-VLLM_CUDAGRAPH_GIB_PER_LAYER = 0.02  # graph pools for ~67 capture sizes; ~0.7 GiB for a 36-layer model
 ZERO_BUCKET_ELEMS = 2e8  # DeepSpeed reduce/allgather bucket sizes (official zero2/zero3 json)
 MODEL_MAX_LEN = 262_144  # Qwen3-VL native context (max_position_embeddings)
 
@@ -67,8 +67,17 @@ class Plan:
     max_batch_that_fits: int | None = None
     max_seq_len_that_fits: int | None = None
     cpu_ram_gib: float = 0.0  # offloaded states (ZeRO offload), per GPU
+    kv_margin_gib: float | None = None  # ± on kv_available_gib (vLLM: the spread of the logs behind each term)
     warnings: list[str] = field(default_factory=list)
     recommendations: list[Recommendation] = field(default_factory=list)
+
+    @property
+    def kv_estimate(self) -> str:
+        """'≈ 4.5 ± 1.0 GiB': vLLM's KV budget and its margin ('' without vLLM)."""
+        if self.kv_available_gib is None:
+            return ""
+        margin = f" ± {self.kv_margin_gib:.1f}" if self.kv_margin_gib else ""
+        return f"≈ {self.kv_available_gib:.1f}{margin} GiB"
 
     @property
     def verdict(self) -> str:
@@ -76,12 +85,17 @@ class Plan:
             if self.kv_available_gib is not None and self.kv_needed_gib is not None \
                     and self.kv_available_gib < self.kv_needed_gib:
                 return (f"does not fit: one {self.settings['max_model_len']:,}-token sequence needs "
-                        f"{self.kv_needed_gib:.1f} GiB of KV cache, vLLM would have {self.kv_available_gib:.1f} GiB")
+                        f"{self.kv_needed_gib:.1f} GiB of KV cache, vLLM would have {self.kv_estimate}")
             return f"does not fit: needs {self.total_gib:.1f} GiB of {self.gpu_total_gib:.1f} GiB " \
                    f"({-self.headroom_gib:.1f} GiB over)"
         tight = " (tight: under 5% headroom)" if self.headroom_gib < 0.05 * self.gpu_total_gib else ""
+        kv = ""
+        if self.kv_available_gib is not None and self.kv_needed_gib is not None:
+            kv = f"; vLLM KV cache {self.kv_estimate} for {self.kv_needed_gib:.1f} GiB needed"
+            if self.kv_margin_gib and self.kv_available_gib - self.kv_margin_gib < self.kv_needed_gib:
+                kv += " (within the margin: may not start)"
         return f"fits: {self.total_gib:.1f} GiB of {self.gpu_total_gib:.1f} GiB, " \
-               f"{self.headroom_gib:.1f} GiB headroom{tight}"
+               f"{self.headroom_gib:.1f} GiB headroom{tight}{kv}"
 
     def to_json(self) -> dict:
         return {
@@ -95,6 +109,7 @@ class Plan:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_needed_gib": None if self.kv_needed_gib is None else round(self.kv_needed_gib, 2),
             "kv_available_gib": None if self.kv_available_gib is None else round(self.kv_available_gib, 2),
+            "kv_margin_gib": None if self.kv_margin_gib is None else round(self.kv_margin_gib, 2),
             "max_model_len_that_fits": self.max_model_len_that_fits,
             "max_batch_that_fits": self.max_batch_that_fits,
             "max_seq_len_that_fits": self.max_seq_len_that_fits,
@@ -264,8 +279,11 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
                max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                image_tokens: int | None = None, video_frames: int = 0, video_frame_tokens: int = 256,
                kv_cache_dtype: str = "auto", enforce_eager: bool = False, gpus: int = 1,
+               vllm_version: str | None = None, vllm_engine: str | None = None,
                recommend: bool = True, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
-    """Predict per-GPU memory for serving. vLLM: reproduce vLLM's KV budget; transformers: peak of generate."""
+    """Predict per-GPU memory for serving. vLLM: reproduce vLLM's KV budget (``qvl.plan.vllm``: the accounting
+    of ``vllm_version``, default the newest; ``vllm_engine='v0'`` for the V0 engine); transformers: peak of
+    generate."""
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
     if backend not in ("vllm", "transformers", "hf"):
@@ -283,16 +301,19 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
         image_tokens = visual_tokens_image(m, HUB_IMAGE_MAX_PIXELS) if backend == "vllm" else 1024
     video_tokens = math.ceil(video_frames / m.temporal_patch) * video_frame_tokens if video_frames else 0
     mm_item_tokens = max(image_tokens, video_tokens)
-    big = card.total_gib >= 70
-    if max_num_seqs is None:
-        max_num_seqs = (1024 if big else 256) if backend == "vllm" else 1
-    if max_num_batched_tokens is None:
-        max_num_batched_tokens = 8192 if big else 2048
+    acct = vllm_accounting_for(vllm_version, vllm_engine)
+    if backend == "vllm":
+        dflt_seqs, dflt_tokens = default_batching(acct, card.total_gib, model_len)
+        max_num_seqs = max_num_seqs or dflt_seqs
+        max_num_batched_tokens = max_num_batched_tokens or dflt_tokens
+    elif max_num_seqs is None:
+        max_num_seqs = 1
     settings = dict(backend=backend, max_model_len=model_len, gpu_memory_utilization=gpu_memory_utilization,
                     max_num_seqs=max_num_seqs, image_tokens=image_tokens, video_frames=video_frames,
                     kv_cache_dtype=kv_cache_dtype, gpus=gpus)
     if backend == "vllm":
-        settings.update(max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
+        settings.update(max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
+                        vllm_version=vllm_version, vllm_engine=vllm_engine, vllm_accounting=acct.name)
 
     tp = gpus
     kv_per_token = m.kv_bytes_per_token(kv_dtype_bytes)
@@ -317,31 +338,23 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
 
     if backend == "vllm":
         requested = card.total_gib * gpu_memory_utilization * GIB
-        # profile_run: encoder on the largest multimodal item, then a dummy forward of max_num_batched_tokens,
-        # then the sampler on max_num_seqs rows; the torch peak is the largest of the three.
-        enc_cache = mm_item_tokens * m.hidden * 2 * (1 + m.deepstack) / tp
-        llm_fwd = max_num_batched_tokens * (layer_transient_bytes_per_token(m) / tp + 4 * m.hidden)
-        sampler = max_num_seqs * m.vocab * VLLM_SAMPLER_BYTES
-        peak = max(vision, enc_cache + llm_fwd, enc_cache + sampler)
-        graphs = 0.0 if enforce_eager else VLLM_CUDAGRAPH_GIB_PER_LAYER * m.layers * GIB
-        which = {vision: "vision encoder on the largest image/video", enc_cache + llm_fwd:
-                 f"LLM dummy forward of {max_num_batched_tokens:,} tokens",
-                 enc_cache + sampler: f"sampler on {max_num_seqs} sequences"}[peak]
-        parts["vLLM non-torch memory"] = VLLM_NON_TORCH_GIB
-        notes["vLLM non-torch memory"] = "non-torch increase during profiling"
-        parts["vLLM profiling peak"] = _gib(peak)
-        notes["vLLM profiling peak"] = (
-            f"max(vision encoder {_gib(vision):.2f} GiB for a {mm_item_tokens:,}-token item, "
-            f"LLM {max_num_batched_tokens:,} tokens {_gib(llm_fwd + enc_cache):.2f} GiB, "
-            f"sampler {max_num_seqs}×{m.vocab} {_gib(sampler + enc_cache):.2f} GiB): {which}")
-        parts["CUDA graphs"] = _gib(graphs)
-        notes["CUDA graphs"] = "disabled (--enforce-eager)" if enforce_eager else \
-            "graph memory pools (recent vLLM subtracts its estimate from the KV budget)"
-        non_kv = weights + VLLM_NON_TORCH_GIB * GIB + peak + graphs
-        kv_avail = requested - non_kv
+        b = vllm_budget(m, card_gib=card.total_gib, utilization=gpu_memory_utilization, tp=tp, max_model_len=model_len,
+                        mm_item_tokens=mm_item_tokens, max_num_seqs=max_num_seqs,
+                        max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager, acct=acct,
+                        weights_bytes=weights, vision_patch_bytes=vision_transient_bytes_per_patch(m))
+        for name in ("vLLM non-torch memory", "vLLM profiling peak"):
+            parts[name] = b.parts[name]
+            notes[name] = b.notes[name]
+        parts["CUDA graphs"] = b.graphs_gib
+        notes["CUDA graphs"] = b.notes["CUDA graphs"]
+        kv_avail = b.kv_available_gib * GIB
+        peak = b.parts["vLLM profiling peak"] * GIB
         parts["KV cache (allocated)"] = max(0.0, _gib(kv_avail))
         notes["KV cache (allocated)"] = (f"{gpu_memory_utilization:.2f} × {card.total_gib:.1f} GiB − weights − "
-                                         "non-torch − profiling peak − CUDA graphs; vLLM takes all of it")
+                                         "non-torch − profiling peak" +
+                                         (" − CUDA graphs" if acct.graphs_subtracted else "") +
+                                         f"; vLLM takes all of it ({acct.name}); ± {b.margin_gib:.1f} GiB")
+        plan.kv_margin_gib = b.margin_gib
         plan.kv_available_gib = _gib(kv_avail)
         cap_tokens = int(max(0, kv_avail) // kv_per_token_gpu)
         plan.max_model_len_that_fits = min(MODEL_MAX_LEN, cap_tokens // 16 * 16) if cap_tokens >= 16 else 0
@@ -396,7 +409,8 @@ def _serve_recommendations(plan: Plan, m: ModelShape, card: Gpu) -> list[Recomme
                 gpu_memory_utilization=s["gpu_memory_utilization"], image_tokens=s["image_tokens"],
                 video_frames=s["video_frames"], kv_cache_dtype=s["kv_cache_dtype"], gpus=s["gpus"])
     if s["backend"] == "vllm":
-        base.update(max_num_batched_tokens=s["max_num_batched_tokens"], enforce_eager=s["enforce_eager"])
+        base.update(max_num_batched_tokens=s["max_num_batched_tokens"], enforce_eager=s["enforce_eager"],
+                    vllm_version=s["vllm_version"], vllm_engine=s["vllm_engine"])
 
     def trial(text: str, **changes) -> None:
         p = plan_serve(m.name, _shape=m, _gpu=card, recommend=False, **{**base, **changes})

@@ -211,3 +211,42 @@ def resolve_model(model: str | Path) -> ModelShape:
     except KeyError:
         raise QvlError(f"unknown model {s!r}", fix=f"use a size ({', '.join(SIZES)}), an official hub id such as "
                        "Qwen/Qwen3-VL-8B-Instruct, or the path of a checkpoint folder / config.json") from None
+
+
+def from_dims(name: str, *, layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+              tied: bool = False, head_dim: int | None = None, qkv_bias: bool = False,
+              vision: dict | None = None) -> ModelShape:
+    """A ModelShape from a decoder's config numbers (any Llama/Qwen2-style model, optionally with a
+    Qwen2.5-VL-style vision tower), for checking the vLLM accounting against start-up logs of models other
+    than Qwen3-VL. Parameters are counted from the dimensions: attention q/k/v/o (+ q/k/v bias), SwiGLU MLP
+    (3·h·I), two RMSNorms per layer, embeddings and (untied) lm_head.
+
+    ``vision`` (Qwen2.5-VL): depth, hidden, intermediate, heads, patch_size, spatial_merge, temporal_patch;
+    blocks are qkv + proj + SwiGLU MLP + two RMSNorms, then a patch embedding and a 2-layer merger to ``hidden``.
+    """
+    hd = head_dim or hidden // heads
+    q, kv = heads * hd, kv_heads * hd
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * intermediate + 2 * hidden
+    if qkv_bias:
+        per_layer += q + 2 * kv
+    embed = vocab * hidden
+    total = layers * per_layer + embed * (1 if tied else 2) + hidden
+    v = vision or {}
+    vision_params = 0
+    if v:
+        vh, vi, merge = v["hidden"], v["intermediate"], v.get("spatial_merge", 2)
+        block = 4 * vh * vh + 4 * vh + 3 * vh * vi + 2 * vi + vh + 2 * vh
+        patch = 3 * v.get("temporal_patch", 2) * v.get("patch_size", 14) ** 2 * vh
+        mh = vh * merge**2
+        merger = vh + mh * mh + mh + mh * hidden + hidden
+        vision_params = v["depth"] * block + patch + merger
+        total += vision_params
+    return ModelShape(
+        name=name, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=hd,
+        intermediate=intermediate, vocab=vocab, tied=tied,
+        vision_depth=v.get("depth", 0), vision_hidden=v.get("hidden", 0),
+        vision_intermediate=v.get("intermediate", 0), vision_heads=v.get("heads", 0),
+        patch_size=v.get("patch_size", 14), spatial_merge=v.get("spatial_merge", 2),
+        temporal_patch=v.get("temporal_patch", 2), deepstack=0,
+        params_total=total, params_vision=vision_params, params_embed=embed,
+    )
