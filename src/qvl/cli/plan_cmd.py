@@ -43,6 +43,9 @@ def serve(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
           video_frame_tokens: int = typer.Option(256, help="Visual tokens per pair of video frames."),
           kv_cache_dtype: str = typer.Option("auto", help="auto (bf16) or fp8."),
           enforce_eager: bool = typer.Option(False, help="vLLM without CUDA graphs."),
+          vllm_version: str = typer.Option(None, help="The vLLM version whose KV accounting to reproduce, e.g. 0.11.0 "
+                                           "(default: the newest; V0 before 0.8, CUDA graphs subtracted from 0.21)."),
+          vllm_engine: str = typer.Option(None, help="v0 for vLLM's V0 engine (VLLM_USE_V1=0) on 0.8 – 0.10."),
           as_json: bool = _JSON):
     """Memory for serving: vLLM's KV-cache budget (or transformers generate peak) and the largest context that fits."""
     from qvl.plan.memory import plan_serve
@@ -51,7 +54,8 @@ def serve(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
                       gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=max_num_batched_tokens, image_tokens=image_tokens,
                       video_frames=video_frames, video_frame_tokens=video_frame_tokens,
-                      kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, gpus=gpus)
+                      kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, gpus=gpus,
+                      vllm_version=vllm_version, vllm_engine=vllm_engine)
     _emit(plan, as_json)
     if not plan.fits:
         raise typer.Exit(1)

@@ -14,6 +14,7 @@ from qvl.errors import QvlError
 from qvl.plan.gpus import Gpu, detect_gpu, gpu_from_args
 from qvl.plan.memory import Plan, plan_serve, plan_train
 from qvl.plan.model import ModelShape, resolve_model
+from qvl.plan.vllm import installed_vllm_version
 
 MIN_CONTEXT = 4096  # below this a Qwen3-VL server cannot take one large image and an answer
 
@@ -64,23 +65,27 @@ def _card(gpu: str | None, gpu_mem) -> Gpu | None:
 def preflight_serve(model, *, gpu: str | None = None, gpu_mem=None, backend: str = "vllm",
                     max_model_len: int | None = None, gpu_memory_utilization: float = 0.9,
                     max_num_seqs: int | None = None, image_tokens: int | None = None, video_frames: int = 0,
-                    kv_cache_dtype: str = "auto", enforce_eager: bool = False, gpus: int = 1) -> Preflight:
+                    kv_cache_dtype: str = "auto", enforce_eager: bool = False, gpus: int = 1,
+                    vllm_version: str | None = None) -> Preflight:
     """Check a serve setting. With vLLM and no (or a too large) max_model_len, pick the largest that fits.
 
     ``model``: a size, hub id, checkpoint folder / config.json, or a resolved ModelShape.
     ``gpu``/``gpu_mem`` name the card; both None: detect CUDA device 0 (no CUDA: skip the check, ok=True).
+    ``vllm_version``: whose KV accounting to reproduce; None: the installed vLLM's (the newest when none is).
     """
     card = _card(gpu, gpu_mem)
     if card is None:
         return Preflight(True, "memory preflight skipped: no CUDA device", None, {})
     m = model if isinstance(model, ModelShape) else resolve_model(model)
+    if backend == "vllm" and vllm_version is None:
+        vllm_version = installed_vllm_version()
     kw = dict(backend=backend, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
               image_tokens=image_tokens, video_frames=video_frames, kv_cache_dtype=kv_cache_dtype,
-              enforce_eager=enforce_eager, gpus=gpus)
+              enforce_eager=enforce_eager, gpus=gpus, vllm_version=vllm_version)
     plan = plan_serve(m.name, _shape=m, _gpu=card, max_model_len=max_model_len, **kw)
     asked = plan.settings["max_model_len"]
     if plan.fits:
-        kv = f"KV {plan.kv_available_gib:.1f} GiB available" if plan.kv_available_gib is not None else \
+        kv = f"KV {plan.kv_estimate} available" if plan.kv_available_gib is not None else \
             f"{plan.total_gib:.1f} GiB of {card.total_gib:.1f} GiB"
         return Preflight(True, f"max_model_len {asked:,} fits on {card.name} ({kv})", plan,
                          {"max_model_len": asked})

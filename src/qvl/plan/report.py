@@ -38,7 +38,8 @@ def render(plan: Plan, console=None) -> None:
                   (f"; one {s['max_model_len']:,}-token sequence needs {plan.kv_needed_gib:.2f} GiB"
                    if plan.kv_needed_gib is not None else ""))
     if plan.kv_available_gib is not None:
-        console.print(f"vLLM KV cache available: {plan.kv_available_gib:.2f} GiB")
+        console.print(f"vLLM KV cache available: {plan.kv_estimate} ({s.get('vllm_accounting', 'vLLM')}; the margin is "
+                      "the spread of the start-up logs behind each term, docs/plan.md)")
     if plan.mode == "serve":
         console.print(f"largest max_model_len that fits: {plan.max_model_len_that_fits or 0:,}")
     else:

@@ -1,0 +1,131 @@
+"""The planner's vLLM KV budget against real vLLM start-up logs (tests/plan/vllm_logs.json).
+
+Every 'modelled' case: the available KV cache predicted within 15 % of the logged value (0.5 GiB when the
+logged value is under 4 GiB), and every logged failure predicted as "does not fit". The table in docs/plan.md
+is this file's output (``python tests/plan/test_vllm_logs.py`` prints it); a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qvl.plan.gpus import GIB, Gpu
+from qvl.plan.memory import plan_serve
+from qvl.plan.model import from_dims, resolve_model
+
+HERE = Path(__file__).resolve().parent
+DATA = json.loads((HERE / "vllm_logs.json").read_text())
+DOC = HERE.parents[1] / "docs" / "plan.md"
+MODELLED = [c for c in DATA["cases"] if c["status"] == "modelled"]
+REL_TOL, ABS_TOL_GIB, SMALL_GIB = 0.15, 0.5, 4.0
+
+
+def shape(case: dict):
+    name = case["shape"]
+    if name.startswith("qwen3-vl:"):
+        return resolve_model(name.split(":", 1)[1])
+    return from_dims(case["model"], **DATA["shapes"][name])
+
+
+def predict(case: dict):
+    s = {**case.get("assumed", {}), **case["settings"]}
+    return plan_serve(case["model"], _shape=shape(case), _gpu=Gpu("logged", case["card_gib"], case["card"]),
+                      backend="vllm", gpu_memory_utilization=s.get("gpu_memory_utilization", 0.9),
+                      max_model_len=s.get("max_model_len"), max_num_seqs=s.get("max_num_seqs"),
+                      max_num_batched_tokens=s.get("max_num_batched_tokens"), gpus=s.get("tensor_parallel_size", 1),
+                      enforce_eager=s.get("enforce_eager", False), vllm_version=case["vllm_version"],
+                      vllm_engine=case["engine"], recommend=False)
+
+
+def within(predicted: float, logged: float) -> bool:
+    if logged < SMALL_GIB:
+        return abs(predicted - logged) <= ABS_TOL_GIB
+    return abs(predicted - logged) <= REL_TOL * logged
+
+
+def failed(case: dict) -> bool:
+    return case["outcome"].startswith("failed")
+
+
+@pytest.mark.parametrize("case", MODELLED, ids=[c["id"] for c in MODELLED])
+def test_available_kv_within_tolerance(case):
+    logged = case["logged"].get("kv_available_gib")
+    if logged is None:
+        pytest.skip("outcome-only case (no KV figure logged)")
+    p = predict(case)
+    assert within(p.kv_available_gib, logged), \
+        f"{case['id']}: predicted {p.kv_available_gib:.2f} GiB, logged {logged:.2f} GiB ({case['source']})"
+
+
+@pytest.mark.parametrize("case", MODELLED, ids=[c["id"] for c in MODELLED])
+def test_outcome_matches_the_log(case):
+    p = predict(case)
+    if failed(case):
+        assert not p.fits and "does not fit" in p.verdict, f"{case['id']}: logged {case['outcome']}, planned {p.verdict}"
+    else:
+        assert p.fits, f"{case['id']}: logged {case['outcome']}, planned {p.verdict}"
+
+
+@pytest.mark.parametrize("case", [c for c in MODELLED if "weights_gib" in c["logged"]], ids=lambda c: c["id"])
+def test_weights_from_the_shape_match_model_loading(case):
+    # the parameter count from the config's dimensions (no per-case number) against vLLM's own "weights take"
+    p = predict(case)
+    assert p.parts["weights"] == pytest.approx(case["logged"]["weights_gib"], rel=0.02)
+
+
+def test_every_case_has_a_source_and_a_reason_when_not_modelled():
+    ids = [c["id"] for c in DATA["cases"]]
+    assert len(ids) == len(set(ids))
+    for c in DATA["cases"]:
+        assert c["source"].startswith("https://github.com/"), c["id"]
+        assert c["status"] in ("modelled", "not_modelled"), c["id"]
+        assert c["status"] == "modelled" or c.get("reason"), c["id"]
+
+
+def test_the_verdict_states_the_margin():
+    p = predict(MODELLED[0])
+    assert p.kv_margin_gib and p.kv_margin_gib > 0.3
+    assert f"≈ {p.kv_available_gib:.1f} ± {p.kv_margin_gib:.1f} GiB" in p.verdict
+
+
+def test_doc_table_is_generated_from_the_logs():
+    assert table() in DOC.read_text(), "docs/plan.md is stale: paste the output of python tests/plan/test_vllm_logs.py"
+
+
+def _link(case: dict) -> str:
+    src = case["source"].removeprefix("https://github.com/")
+    repo, _, num = src.rpartition("/")
+    repo = repo.rsplit("/", 1)[0]
+    return f"[{repo}#{num}]({case['source']})"
+
+
+def table() -> str:
+    """The markdown tables of docs/plan.md: modelled cases (logged vs predicted) and the cases not modelled."""
+    rows = ["| case | model | card × TP | vLLM | logged KV | predicted KV | error | logged outcome → plan |",
+            "|---|---|---|---|---|---|---|---|"]
+    for c in MODELLED:
+        p = predict(c)
+        s = {**c.get("assumed", {}), **c["settings"]}
+        logged = c["logged"].get("kv_available_gib")
+        err = "–" if logged is None else (f"{p.kv_available_gib - logged:+.2f} GiB" if logged < SMALL_GIB else
+                                           f"{(p.kv_available_gib - logged) / logged:+.1%}")
+        outcome = ("fails" if failed(c) else "starts") + " → " + ("does not fit" if not p.fits else "fits")
+        rows.append(f"| {c['id']} ({_link(c)}) | {c['model']} | {c['card']} × {s.get('tensor_parallel_size', 1)} | "
+                    f"{c['vllm_version'].split(' ')[0]} {c['engine'].upper()} | "
+                    f"{'–' if logged is None else f'{logged:.2f} GiB'} | "
+                    f"{p.kv_available_gib:.2f} ± {p.kv_margin_gib:.2f} GiB | {err} | {outcome} |")
+    rows += ["", "| case (not modelled) | model | logged | why not |", "|---|---|---|---|"]
+    for c in DATA["cases"]:
+        if c["status"] == "modelled":
+            continue
+        kv = c["logged"].get("kv_available_gib")
+        kv = "–" if kv is None else (", ".join(f"{x:.2f}" for x in kv) if isinstance(kv, list) else f"{kv:.2f}")
+        rows.append(f"| {c['id']} ({_link(c)}) | {c['model']} | KV {kv} GiB; {c['outcome']} | {c['reason']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
