@@ -36,8 +36,18 @@ def predict(case: dict):
                       backend="vllm", gpu_memory_utilization=s.get("gpu_memory_utilization", 0.9),
                       max_model_len=s.get("max_model_len"), max_num_seqs=s.get("max_num_seqs"),
                       max_num_batched_tokens=s.get("max_num_batched_tokens"), gpus=s.get("tensor_parallel_size", 1),
+                      image_tokens=s.get("image_tokens"),
                       enforce_eager=s.get("enforce_eager", False), vllm_version=case["vllm_version"],
                       vllm_engine=case["engine"], recommend=False)
+
+
+def compared(case: dict) -> str:
+    """The logged figure a case is checked on: the available KV cache, or (a log without it) the profiling peak."""
+    return case.get("compare", "kv_available_gib")
+
+
+def predicted(case: dict, plan) -> float:
+    return plan.parts["vLLM profiling peak"] if compared(case) == "activation_peak_gib" else plan.kv_available_gib
 
 
 def within(predicted: float, logged: float) -> bool:
@@ -52,12 +62,12 @@ def failed(case: dict) -> bool:
 
 @pytest.mark.parametrize("case", MODELLED, ids=[c["id"] for c in MODELLED])
 def test_available_kv_within_tolerance(case):
-    logged = case["logged"].get("kv_available_gib")
+    logged = case["logged"].get(compared(case))
     if logged is None:
         pytest.skip("outcome-only case (no KV figure logged)")
-    p = predict(case)
-    assert within(p.kv_available_gib, logged), \
-        f"{case['id']}: predicted {p.kv_available_gib:.2f} GiB, logged {logged:.2f} GiB ({case['source']})"
+    value = predicted(case, predict(case))
+    assert within(value, logged), \
+        f"{case['id']}: {compared(case)} predicted {value:.2f} GiB, logged {logged:.2f} GiB ({case['source']})"
 
 
 @pytest.mark.parametrize("case", MODELLED, ids=[c["id"] for c in MODELLED])
@@ -96,27 +106,30 @@ def test_doc_table_is_generated_from_the_logs():
 
 
 def _link(case: dict) -> str:
-    src = case["source"].removeprefix("https://github.com/")
-    repo, _, num = src.rpartition("/")
-    repo = repo.rsplit("/", 1)[0]
-    return f"[{repo}#{num}]({case['source']})"
+    parts = case["source"].removeprefix("https://github.com/").split("/")
+    repo = "/".join(parts[:2])
+    label = f"{repo} {parts[-1]}" if "blob" in parts else f"{repo}#{parts[-1]}"
+    return f"[{label}]({case['source']})"
 
 
 def table() -> str:
     """The markdown tables of docs/plan.md: modelled cases (logged vs predicted) and the cases not modelled."""
-    rows = ["| case | model | card × TP | vLLM | logged KV | predicted KV | error | logged outcome → plan |",
+    rows = ["| case | model | card × TP | vLLM | logged | predicted | error | logged outcome → plan |",
             "|---|---|---|---|---|---|---|---|"]
     for c in MODELLED:
         p = predict(c)
         s = {**c.get("assumed", {}), **c["settings"]}
-        logged = c["logged"].get("kv_available_gib")
-        err = "–" if logged is None else (f"{p.kv_available_gib - logged:+.2f} GiB" if logged < SMALL_GIB else
-                                           f"{(p.kv_available_gib - logged) / logged:+.1%}")
+        logged = c["logged"].get(compared(c))
+        value = predicted(c, p)
+        what = "peak" if compared(c) == "activation_peak_gib" else "KV"
+        err = "–" if logged is None else (f"{value - logged:+.2f} GiB" if logged < SMALL_GIB else
+                                           f"{(value - logged) / logged:+.1%}")
+        margin = f" ± {p.kv_margin_gib:.2f}" if what == "KV" else ""
         outcome = ("fails" if failed(c) else "starts") + " → " + ("does not fit" if not p.fits else "fits")
         rows.append(f"| {c['id']} ({_link(c)}) | {c['model']} | {c['card']} × {s.get('tensor_parallel_size', 1)} | "
                     f"{c['vllm_version'].split(' ')[0]} {c['engine'].upper()} | "
-                    f"{'–' if logged is None else f'{logged:.2f} GiB'} | "
-                    f"{p.kv_available_gib:.2f} ± {p.kv_margin_gib:.2f} GiB | {err} | {outcome} |")
+                    f"{'–' if logged is None else f'{what} {logged:.2f} GiB'} | "
+                    f"{what} {value:.2f}{margin} GiB | {err} | {outcome} |")
     rows += ["", "| case (not modelled) | model | logged | why not |", "|---|---|---|---|"]
     for c in DATA["cases"]:
         if c["status"] == "modelled":

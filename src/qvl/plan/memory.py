@@ -355,6 +355,8 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
                                          (" − CUDA graphs" if acct.graphs_subtracted else "") +
                                          f"; vLLM takes all of it ({acct.name}); ± {b.margin_gib:.1f} GiB")
         plan.kv_margin_gib = b.margin_gib
+        if acct.warning:
+            plan.warnings.append(acct.warning)
         plan.kv_available_gib = _gib(kv_avail)
         cap_tokens = int(max(0, kv_avail) // kv_per_token_gpu)
         plan.max_model_len_that_fits = min(MODEL_MAX_LEN, cap_tokens // 16 * 16) if cap_tokens >= 16 else 0

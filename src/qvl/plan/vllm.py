@@ -23,10 +23,10 @@ from qvl.plan.gpus import GIB
 from qvl.plan.model import ModelShape
 
 # --- constants fitted to the start-up logs (tests/plan/vllm_logs.json) ---------------------------------------
-# Non-torch increase during profiling (cuBLAS/cuDNN workspaces, NCCL's own buffers are allocated before the
-# baseline): logged 0.03-0.43 GiB on dedicated TP1-TP4 cards (vllm-project/vllm#10517, #13061, #15815, #16570);
+# Non-torch increase during profiling on one GPU (cuBLAS/cuDNN workspaces): logged 0.03-0.43 GiB (V0:
+# vllm-project/vllm#10517, #13061, #15815, #16570; V1 v0.11-v0.19: 0.13-0.25, llm-d-incubation/llm-d-planner);
 # the top of that range. (The 1.79 / 3.58 GiB of the v0.6.5 development build in vllm-project/vllm#10511 is
-# an outlier of that build.)
+# an outlier of that build.) With tensor parallelism V1 adds its all-reduce buffers: see Accounting.
 NON_TORCH_GIB = 0.45
 NON_TORCH_SPREAD_GIB = 0.4
 # The dummy forward of max_num_batched_tokens tokens, per token: fused gate_up output (2·I·2 B) + SiluAndMul
@@ -36,24 +36,23 @@ NON_TORCH_SPREAD_GIB = 0.4
 FORWARD_MLP_BYTES = 6
 FORWARD_HIDDEN_BYTES = 6
 FORWARD_SPREAD = 0.10
-# Sampler dummy run on max_num_seqs rows × vocabulary (fp32 logits, softmax, log-probs, sort values and int64
-# indices for top-p/top-k). V0 logs: 1.26 GiB for 256 × 128,256 (Llama-3-8B, vllm-project/vllm#10511: 41 B),
-# ≤ 1.26 GiB for 256 × 152,064 (Qwen2.5-32B TP2, #15815: ≤ 35 B), 0.61 GiB more for 256 than 128 rows
-# (vllm-project/vllm#9003: up to 56 B) -> 48. V1 (the sampler was reworked): 5.66 GiB peak for 1,024 × 248,320
-# (vllm-project/vllm#50722, v0.2x: 24 B) -> 32 (one log; the margin covers it).
-SAMPLER_BYTES = {"v0": 48, "v1": 32}
-SAMPLER_SPREAD = 0.30
-# Vision-encoder working set spread (no Qwen-VL start-up log with the settings visible could be read: see
-# docs/plan.md "vLLM accounting against start-up logs").
-ENCODER_SPREAD = 0.35
+# Vision encoder on the profiled items: per patch the working set of qvl.plan.memory.vision_transient_bytes_per_patch,
+# NOT divided by tensor parallelism (vLLM gathers q/k/v to all heads in the vision tower, and Qwen3-VL's
+# --mm-encoder-tp-mode data replicates it). Qwen2.5-VL-architecture logs: 2.51 GiB at TP 4 (Qwen2.5-VL-72B,
+# vllm-project/vllm#16570, V0 0.8.3) and 2.49 GiB at TP 1 (MiMo-VL-7B, vLLM 0.19, llm-d-incubation/llm-d-planner#205)
+# for one 16,384-token image (65,536 patches): 40.9 kB/patch against 42.9 kB counted. No Qwen3-VL log with its
+# settings could be read: the spread is wider than the two logs'.
+ENCODER_SPREAD = 0.25
 # CUDA graph pools: vLLM >= 0.21 estimates them before sizing the KV cache ("CUDA graph memory profiling is
-# enabled (default since v0.21.0)"); logged pools 0.09-1.34 GiB (noonghunna/club-3090#1087, #1139,
-# vllm-project/vllm#50722, #39559). ~0.02 GiB per decoder layer: 0.72 GiB for a 36-layer model.
+# enabled (default since v0.21.0)"); logged pools 0.09-1.85 GiB (noonghunna/club-3090#1087, #1139,
+# vllm-project/vllm#50722, #39559; 0.51-1.85 GiB over 58 v0.19 runs, llm-d-incubation/llm-d-planner#205).
+# ~0.02 GiB per decoder layer: 0.72 GiB for a 36-layer model.
 CUDAGRAPH_GIB_PER_LAYER = 0.02
 CUDAGRAPH_SPREAD = 0.5
 # The encoder cache budget V1 profiles with: a fixed 16,384 tokens, made configurable (same default) in
 # vllm-project/vllm#34051; the profile fills it with as many of the largest items as fit (#38459: regardless of
-# limit_mm_per_prompt unless a modality is set to 0).
+# limit_mm_per_prompt unless a modality is set to 0). The largest image is the processor's maximum, whatever
+# max_model_len is (vllm-project/vllm#27992).
 ENCODER_BUDGET_TOKENS = 16_384
 V0_CHUNKED_PREFILL_ABOVE = 32_768  # V0 turned chunked prefill on above this max_model_len
 
@@ -62,22 +61,36 @@ V0_CHUNKED_PREFILL_ABOVE = 32_768  # V0 turned chunked prefill on above this max
 class Accounting:
     """How one vLLM version range sizes its KV cache."""
 
-    name: str  # e.g. "V1, >= 0.21"
+    name: str  # e.g. "V1 engine, >= 0.21"
     engine: str  # "v0" or "v1"
     graphs_subtracted: bool  # CUDA graph memory estimated and taken from the KV budget before allocation
     encoder_budget: bool  # V1: the encoder profile is sized by the encoder cache budget
-    note: str = ""
+    sampler_bytes: int  # sampler dummy run, bytes per row per vocabulary entry
+    sampler_spread: float
+    tp_non_torch_gib: float  # non-torch increase with tensor parallelism > 1 (all-reduce buffers)
+    warning: str = ""
 
 
+# Sampler dummy run on max_num_seqs rows × vocabulary (fp32 logits, softmax, log-probs, sort values and int64
+# indices for top-p/top-k):
+#   V0: 1.26 GiB for 256 × 128,256 (Llama-3-8B, vllm-project/vllm#10511: 41 B), <= 1.26 GiB for 256 × 152,064
+#       (Qwen2.5-32B TP2, #15815: <= 35 B), 0.61 GiB more for 256 than 128 rows (#9003: up to 56 B) -> 48 ± 30 %.
+#   V1 up to 0.16: 1,024 rows on an H100, 4.76 GiB for vocab 128,256, 5.56 / 5.64 for 151,936, 7.38 for 201,088
+#       (v0.11, llm-d-incubation/llm-d-planner docs/empirical-vllm-memory-results.md), 5.64 GiB for Qwen3-14B on
+#       v0.15 and v0.16 (llm-d-planner#205): 38.4-39.6 B -> 40 ± 10 %.
+#   V1 0.17 and later: 2.23 GiB for Qwen3-14B on v0.17/v0.18, 1.89 (vocab 128,256), 2.21 (151,936-152,064),
+#       3.62-3.99 (256,000-262,144) on v0.19 (llm-d-planner#205): 15.2-15.9 B -> 16 ± 10 %.
+# Non-torch with TP > 1: 0.25-0.43 GiB in V0 (#13061, #15815, #16570), 0.54-0.55 on v0.11, 2.06-2.17 on v0.19
+# (llm-d-planner#205; v0.18 raised the TP-1 figure too, 0.13 -> 0.25).
 ACCOUNTINGS = {
-    "v0": Accounting("V0 engine (< 0.8, or VLLM_USE_V1=0)", "v0", False, False,
-                     "profile = forward of max_num_batched_tokens (= max_model_len without chunked prefill) and the "
-                     "sampler; CUDA graphs captured afterwards, from the (1 − utilisation) margin"),
-    "v1": Accounting("V1 engine, 0.9.1 – 0.20", "v1", False, True,
-                     "encoder profile on the 16,384-token encoder budget, forward, sampler; CUDA graphs captured "
-                     "after the KV cache, from the (1 − utilisation) margin"),
-    "v1-graphs": Accounting("V1 engine, >= 0.21", "v1", True, True,
-                            "as 0.9.1 – 0.20, and the CUDA graph estimate is taken from the KV budget"),
+    "v0": Accounting("V0 engine (< 0.8, or VLLM_USE_V1=0)", "v0", False, False, 48, 0.30, NON_TORCH_GIB),
+    "v1-early": Accounting("V1 engine, 0.8 – 0.9.0", "v1", False, True, 40, 0.10, 0.6,
+                           warning="vLLM 0.8 – 0.9.0 (V1) counted allocator-cached memory as non-torch memory "
+                                   "(replaced in vllm-project/vllm#19312): it may start with less KV cache than "
+                                   "planned, or refuse a low --gpu-memory-utilization"),
+    "v1": Accounting("V1 engine, 0.9.1 – 0.16", "v1", False, True, 40, 0.10, 0.6),
+    "v1-0.17": Accounting("V1 engine, 0.17 – 0.20", "v1", False, True, 16, 0.10, 2.3),
+    "v1-graphs": Accounting("V1 engine, >= 0.21", "v1", True, True, 16, 0.10, 2.3),
 }
 LATEST = "v1-graphs"
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
@@ -94,9 +107,11 @@ def accounting_for(version: str | None = None, engine: str | None = None) -> Acc
     v = parse_version(version) if version else None
     if engine == "v0" or (v is not None and v < (0, 8, 0)):
         return ACCOUNTINGS["v0"]
-    if v is not None and v < (0, 21, 0):
-        return ACCOUNTINGS["v1"]
-    return ACCOUNTINGS[LATEST]
+    if v is None or v >= (0, 21, 0):
+        return ACCOUNTINGS[LATEST]
+    if v < (0, 9, 1):
+        return ACCOUNTINGS["v1-early"]
+    return ACCOUNTINGS["v1" if v < (0, 17, 0) else "v1-0.17"]
 
 
 def installed_vllm_version() -> str | None:
@@ -152,33 +167,39 @@ def budget(m: ModelShape, *, card_gib: float, utilization: float, tp: int, max_m
     tokens = max_num_batched_tokens or tokens
     b = Budget(acct, card_gib * utilization, max_num_seqs=seqs, max_num_batched_tokens=tokens)
 
-    # vision encoder profile
+    # vision encoder profile: the processor's largest item (not capped by max_model_len); V1 fills the encoder
+    # budget with as many as fit, V0 puts one in each of min(max_num_seqs, tokens // item) dummy sequences (>= 1)
     vision = enc_cache = 0.0
+    item = mm_item_tokens if m.vision_hidden else 0
     items = 0
-    item = min(mm_item_tokens, max_model_len) if m.vision_hidden else 0
     if item:
-        enc_tokens = max(ENCODER_BUDGET_TOKENS, tokens) if acct.encoder_budget else item
-        items = max(1, enc_tokens // item) if acct.encoder_budget else 1
-        patches = items * item * m.spatial_merge**2
-        vision = patches * vision_patch_bytes / tp
-        enc_cache = items * item * m.hidden * 2 * (1 + m.deepstack) / tp
+        if acct.encoder_budget:
+            items = max(1, max(ENCODER_BUDGET_TOKENS, tokens) // item)
+        else:
+            items = max(1, min(seqs, tokens // item))
+        vision = items * item * m.spatial_merge**2 * vision_patch_bytes  # not sharded by TP (see ENCODER_SPREAD)
+        enc_cache = items * item * m.hidden * 2 * (1 + m.deepstack)
     forward = tokens * forward_bytes_per_token(m, tp)
-    sampler = seqs * m.vocab * SAMPLER_BYTES[acct.engine]
+    sampler = seqs * m.vocab * acct.sampler_bytes
     phases = {"vision": vision, "forward": enc_cache + forward, "sampler": enc_cache + sampler}
     which = max(phases, key=phases.get)
     peak = phases[which]
-    spread = {"vision": ENCODER_SPREAD, "forward": FORWARD_SPREAD, "sampler": SAMPLER_SPREAD}[which]
+    spread = {"vision": ENCODER_SPREAD, "forward": FORWARD_SPREAD, "sampler": acct.sampler_spread}[which]
     graphs = 0.0 if enforce_eager else CUDAGRAPH_GIB_PER_LAYER * m.layers
+    non_torch = acct.tp_non_torch_gib if tp > 1 else NON_TORCH_GIB
 
     b.parts["weights"] = weights_bytes / GIB
-    b.parts["vLLM non-torch memory"] = NON_TORCH_GIB
-    b.notes["vLLM non-torch memory"] = "non-torch increase during profiling (cuBLAS workspaces …), 0.03–0.43 GiB logged"
+    b.parts["vLLM non-torch memory"] = non_torch
+    b.notes["vLLM non-torch memory"] = ("non-torch increase during profiling (cuBLAS workspaces …; 0.03–0.43 GiB "
+                                        "logged on one GPU)" if tp == 1 else
+                                        f"non-torch increase during profiling with TP {tp} (all-reduce buffers; "
+                                        f"{acct.name})")
     b.parts["vLLM profiling peak"] = peak / GIB
     label = {"vision": f"vision encoder on {items}× a {item:,}-token item",
              "forward": f"forward of {tokens:,} tokens", "sampler": f"sampler on {seqs:,} rows × {m.vocab:,}"}
     b.notes["vLLM profiling peak"] = (
         f"max(vision encoder {vision / GIB:.2f} GiB, forward of {tokens:,} tokens {(enc_cache + forward) / GIB:.2f} "
-        f"GiB, sampler {seqs:,}×{m.vocab:,}×{SAMPLER_BYTES[acct.engine]} B {(enc_cache + sampler) / GIB:.2f} GiB): "
+        f"GiB, sampler {seqs:,}×{m.vocab:,}×{acct.sampler_bytes} B {(enc_cache + sampler) / GIB:.2f} GiB): "
         f"{label[which]}")
     b.graphs_gib = graphs
     b.notes["CUDA graphs"] = ("disabled (--enforce-eager)" if enforce_eager else
