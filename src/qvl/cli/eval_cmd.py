@@ -20,6 +20,9 @@ def register(app: typer.Typer) -> None:
               limit: int = typer.Option(0, min=0, help="Evaluate only the first N samples (0: all)."),
               batch_size: int = typer.Option(8, min=1), max_new_tokens: int = typer.Option(64, min=1),
               device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if available)."),
+              backend: str = typer.Option("transformers", help="transformers (alias hf), or vllm: every prompt of "
+                                          "a batch in flight at once in vLLM (pass a large --batch-size)."),
+              max_model_len: int = typer.Option(None, help="vLLM: context length (default: the largest that fits)."),
               out: Path = typer.Option(Path("eval_results"), help="Folder for eval.json and predictions."),
               seed: int = typer.Option(42, help="Seed for %X sampling."),
               choices: str = typer.Option(None, help="Closed-set scoring: 'auto' (the split's distinct answers, "
@@ -39,6 +42,12 @@ def register(app: typer.Typer) -> None:
         from qvl.utils.fs import atomic_write_json, atomic_write_jsonl
 
         names = list(models or []) + [m for m in compare if m]
+        backend = {"hf": "transformers"}.get(backend, backend)
+        if backend not in ("transformers", "vllm"):
+            raise QvlError(f"unknown backend {backend!r}", fix="use --backend transformers (alias hf) or vllm")
+        if backend == "vllm" and choices:
+            raise QvlError("--choices scores answers by the model's log-likelihoods, which qvl reads with "
+                           "transformers only", fix="drop --backend vllm for closed-set scoring")
         if not names:
             raise QvlError("no model given", fix="qvl eval MODEL --data NAME, or --compare BASE TUNED")
         if adapter is not None and len(names) != 1:
@@ -52,13 +61,24 @@ def register(app: typer.Typer) -> None:
         results = []
         console = Console(stderr=True)
         for name in names:
-            model, processor = load(name, device=dev, adapter=adapter)
+            engine = generate = None
+            if backend == "vllm":
+                from qvl.eval.run import engine_generate
+                from qvl.infer.engine import load_engine
+
+                engine = load_engine(name, backend="vllm", adapter=str(adapter) if adapter else None,
+                                     max_model_len=max_model_len, say=lambda m: typer.echo(m, err=True))
+                model, processor, generate = None, engine.processor, engine_generate(engine)
+            else:
+                model, processor = load(name, device=dev, adapter=adapter)
             with Progress(console=console, transient=True) as bar:
                 task = bar.add_task(f"eval {name}", total=len(records))
                 results.append(evaluate(model, processor, records, name=name, batch_size=batch_size,
-                                        max_new_tokens=max_new_tokens, choices=choices,
+                                        max_new_tokens=max_new_tokens, choices=choices, generate=generate,
                                         progress=lambda n: bar.update(task, completed=n)))
             del model
+            if engine is not None:
+                engine.close()
         table = Table(title=f"qvl eval on {data} ({len(records)} samples)")
         table.add_column("metric")
         for r in results:
@@ -67,7 +87,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(*row)
         Console().print(table)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "eval.json", {"data": data, "choices": choices, "results": [
+        atomic_write_json(out / "eval.json", {"data": data, "backend": backend, "choices": choices, "results": [
             {"model": r.name, "summary": r.summary, "seconds": r.seconds, "skipped": r.skipped,
              "predictions": f"predictions-{i}.jsonl"} for i, r in enumerate(results)]})
         for i, r in enumerate(results):

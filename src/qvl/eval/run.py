@@ -53,9 +53,27 @@ def generate_batch(model, processor, prompts: list[Sample], max_new_tokens: int,
     return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
+def engine_generate(engine):
+    """A ``generate`` for :func:`evaluate` that runs through a serving engine (``--backend vllm``): greedy, with
+    every prompt of a batch in flight at once, so vLLM batches them itself. ``RequestError`` (a prompt longer
+    than the context) stops the run with the engine's message."""
+    from qvl.infer.types import Request
+
+    def generate(prompts: list[Sample], max_new_tokens: int) -> list[str]:
+        sampling = engine.sampling(temperature=0, presence_penalty=0.0, frequency_penalty=0.0,
+                                   repetition_penalty=1.0, max_new_tokens=max_new_tokens)
+        handles = [engine.stream(Request(p.messages, sampling)) for p in prompts]
+        return [h.result().text.strip() for h in handles]
+
+    return generate
+
+
 def evaluate(model, processor, records: list[RawRecord], name: str = "model", batch_size: int = 8,
-             max_new_tokens: int = 64, budget=None, progress=None, choices=None) -> EvalResult:
+             max_new_tokens: int = 64, budget=None, progress=None, choices=None, generate=None) -> EvalResult:
     """Score ``model`` on ``records``.
+
+    ``generate(prompts, max_new_tokens) -> answers`` replaces batched ``model.generate`` (e.g.
+    :func:`engine_generate` for vLLM; ``model`` may then be None, closed-set scoring needs the model).
 
     ``choices``: None (greedy generation), ``"auto"`` (the distinct reference answers of these
     records, if at most 30, else generation with a warning), or a list / comma-separated string
@@ -80,7 +98,8 @@ def evaluate(model, processor, records: list[RawRecord], name: str = "model", ba
         chunk = items[b:b + step]
         prompts = [p for _, p, _ in chunk]
         if candidates is None:
-            answers = generate_batch(model, processor, prompts, max_new_tokens, budget)
+            answers = (generate(prompts, max_new_tokens) if generate is not None
+                       else generate_batch(model, processor, prompts, max_new_tokens, budget))
             extra = [{} for _ in chunk]
         else:
             ll = score_candidates(model, processor, prompts, candidates, budget, batch_size=max(batch_size, 1))

