@@ -191,3 +191,37 @@ def test_tiny_temperature_is_greedy(engine):
     greedy = engine.generate(ask(engine, max_new_tokens=6, temperature=0))
     tiny_t = engine.generate(ask(engine, max_new_tokens=6, temperature=1e-300))
     assert tiny_t.text == greedy.text and tiny_t.finish_reason == greedy.finish_reason
+
+
+def _stream_ids(tokenizer, ids):
+    from qvl.infer.engine import Prepared
+    from qvl.infer.transformers_backend import _Job, _Row
+    from qvl.infer.types import Handle, SamplingParams
+
+    handle = Handle(1)
+    row = _Row(_Job(Prepared(None, SamplingParams(max_new_tokens=10**6), 1, None), handle), tokenizer, set(), "")
+    sent = []
+    for token in ids:
+        row.push(token)
+        sent += [c.text for c in _drain(handle) if c.text]
+    row.close()
+    return sent + [c.text for c in _drain(handle) if c.text]
+
+
+def test_incremental_detokenisation_equals_decoding_everything(tiny_processor):
+    """The streamed pieces join to exactly ``tokenizer.decode(all ids)``: random ids (special ones, lone UTF-8
+    bytes, anything), byte tokens that build multi-byte characters, and real multilingual text."""
+    import random
+
+    tok = tiny_processor.tokenizer
+    rng = random.Random(0)
+    texts = ["The quick brown fox.\nNew line — ümlaut, 日本語のテキスト, emoji 🙂🎉 and 한국어.\n\n  spaces  ",
+             '{"bbox_2d": [12, 40, 300, 512], "label": "cat"}', "ab\u200dcd\ufffd"]
+    seqs = [tok.encode(t) for t in texts]
+    seqs += [[rng.randrange(len(tok)) for _ in range(rng.randrange(1, 60))] for _ in range(150)]
+    seqs += [[rng.randrange(256) for _ in range(rng.randrange(1, 40))] for _ in range(150)]  # byte tokens
+    for ids in seqs:
+        pieces = _stream_ids(tok, ids)
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True), ids
+    pieces = _stream_ids(tok, tok.encode(texts[1]))
+    assert len(pieces) >= len(tok.encode(texts[1])) // 2  # streamed as it goes, not at the end

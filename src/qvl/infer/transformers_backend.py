@@ -51,6 +51,16 @@ class _Job:
     handle: Handle
 
 
+def text_decoder(tokenizer):
+    """ids -> text without special tokens: the Rust tokenizer itself when the Python wrapper would only add its
+    call overhead (~4 us of ~5 per short decode; no clean-up of tokenization spaces configured)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode") and \
+            getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class _Row:
     """Streaming state of one batch row: incremental detokenisation, stop strings, finish reason."""
 
@@ -59,9 +69,12 @@ class _Row:
         self.eos = set() if job.prepared.sampling.ignore_eos else eos_ids
         self.max_new = job.prepared.sampling.max_new_tokens
         self.stops = job.prepared.sampling.stop
-        self.ids: list[int] = []  # tokens since the last newline (decode window)
+        self.ids: list[int] = []  # the generated tokens (EOS excluded)
+        # incremental detokenisation (as vLLM's): only ids[prefix:] is decoded for each new token; ids[prefix:read]
+        # is text already sent, decoded again so that the new token's text is what it adds in context
+        self.prefix = self.read = 0
+        self._decode = text_decoder(tokenizer)
         self.count = 0
-        self.printed = 0
         self.held = ""  # decoded text not sent yet: it may be the start of a stop string
         self.cut = False  # a stop string ended the text: nothing after it is sent
         self.finish: str | None = None
@@ -97,15 +110,7 @@ class _Row:
             self.finish = "stop"
             return
         self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            new = ""
-        else:
-            new = text[self.printed:]
-            self.printed = len(text)
-            if text.endswith("\n"):
-                self.ids, self.printed = [], 0
-        self._out(new)
+        self._out(self._new_text())
         if self.finish is not None:
             return
         if self.job.handle.cancelled:
@@ -113,11 +118,20 @@ class _Row:
         elif self.count >= self.max_new:
             self.finish = "length"
 
+    def _new_text(self, final: bool = False) -> str:
+        """The text the tokens since the last sent one add (held back while it ends in an incomplete UTF-8
+        sequence, unless ``final``). O(1) per token: decoding all tokens each time cost ~34 us a token at 128."""
+        decode = self._decode
+        done = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        text = decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done):]
+
     def close(self, default: str = "length") -> None:
-        if self.ids and not self.cut:
-            rest = self.tok.decode(self.ids, skip_special_tokens=True)[self.printed:]
-            self.ids, self.printed = [], 0
-            self._out(rest, final=True)  # text held back waiting for the rest of a UTF-8 sequence
+        if self.read < len(self.ids) and not self.cut:
+            self._out(self._new_text(final=True), final=True)  # text held back for the rest of a UTF-8 sequence
         if self.held and not self.cut:
             self._out("", final=True)  # the start of a stop string that never completed
         p = self.job.prepared
