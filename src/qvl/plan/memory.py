@@ -444,6 +444,15 @@ def _serve_recommendations(plan: Plan, m: ModelShape, card: Gpu) -> list[Recomme
                         out.append(Recommendation(f"--gpus {g} (tensor parallel)", {"gpus": g},
                                                   round(p.total_gib, 2), True))
                         break
+                    n = (p.max_model_len_that_fits or 0) // 1024 * 1024
+                    if n >= 4096:  # the full context does not fit even split: the largest that does
+                        p = plan_serve(m.name, _shape=m, _gpu=card, recommend=False,
+                                       **{**base, "gpus": g, "max_model_len": n})
+                        if p.fits:
+                            out.append(Recommendation(f"--gpus {g} --max-model-len {n:,} (tensor parallel; the "
+                                                      "largest context that fits, in steps of 1024)",
+                                                      {"gpus": g, "max_model_len": n}, round(p.total_gib, 2), True))
+                            break
         out.sort(key=lambda r: not r.fits)
     else:
         if s["backend"] == "vllm" and plan.kv_available_gib and plan.kv_needed_gib:
