@@ -101,6 +101,35 @@ def test_the_verdict_states_the_margin():
     assert f"≈ {p.kv_available_gib:.1f} ± {p.kv_margin_gib:.1f} GiB" in p.verdict
 
 
+@pytest.mark.parametrize("version,engine,name", [
+    ("0.6.4", None, "V0"), ("0.10.1", "v0", "V0"), ("0.8.5.post1", None, "0.8 – 0.9.0"), ("v0.11.0", None, "0.9.1 – 0.16"),
+    ("0.17.0", None, "0.17 – 0.20"), ("0.21.0", None, ">= 0.21"), (None, None, ">= 0.21"), ("nightly", None, ">= 0.21")])
+def test_each_vllm_version_gets_its_accounting(version, engine, name):
+    from qvl.plan.vllm import accounting_for
+
+    assert name in accounting_for(version, engine).name
+
+
+def test_version_changes_move_the_kv_budget_the_way_the_logs_do():
+    # the v0.17 sampler rework frees KV (Qwen3-14B: 41.94 -> 45.34 GiB logged); >= 0.21 takes the CUDA graphs
+    old, new, graphs = (plan_serve("8B", "h100", vllm_version=v, recommend=False) for v in ("0.16.0", "0.17.0", "0.21.0"))
+    assert new.kv_available_gib > old.kv_available_gib
+    assert graphs.kv_available_gib == pytest.approx(new.kv_available_gib - graphs.parts["CUDA graphs"])
+
+
+def test_vision_encoder_profile_is_not_split_by_tensor_parallel():
+    one, two = (plan_serve("8B", "h100", gpus=g, max_num_seqs=8, recommend=False) for g in (1, 2))
+    assert "vision encoder" in one.notes["vLLM profiling peak"].split(":")[-1]
+    assert two.parts["vLLM profiling peak"] == pytest.approx(one.parts["vLLM profiling peak"])
+
+
+def test_skipping_the_encoder_profile_frees_kv_and_warns():
+    kw = dict(max_model_len=32768, recommend=False)
+    full, skipped = plan_serve("8B", "rtx5090", **kw), plan_serve("8B", "rtx5090", skip_mm_profiling=True, **kw)
+    assert skipped.kv_available_gib > full.kv_available_gib
+    assert any("no vision-encoder profile" in w for w in skipped.warnings) and not full.warnings
+
+
 def test_doc_table_is_generated_from_the_logs():
     assert table() in DOC.read_text(), "docs/plan.md is stale: paste the output of python tests/plan/test_vllm_logs.py"
 

@@ -46,6 +46,8 @@ def serve(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
           vllm_version: str = typer.Option(None, help="The vLLM version whose KV accounting to reproduce, e.g. 0.11.0 "
                                            "(default: the newest; V0 before 0.8, CUDA graphs subtracted from 0.21)."),
           vllm_engine: str = typer.Option(None, help="v0 for vLLM's V0 engine (VLLM_USE_V1=0) on 0.8 – 0.10."),
+          skip_mm_profiling: bool = typer.Option(False, "--skip-mm-profiling", help="vLLM's --skip-mm-profiling "
+                                                 "(or --limit-mm-per-prompt with every modality 0): no encoder profile."),
           as_json: bool = _JSON):
     """Memory for serving: vLLM's KV-cache budget (or transformers generate peak) and the largest context that fits."""
     from qvl.plan.memory import plan_serve
@@ -55,7 +57,7 @@ def serve(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
                       max_num_batched_tokens=max_num_batched_tokens, image_tokens=image_tokens,
                       video_frames=video_frames, video_frame_tokens=video_frame_tokens,
                       kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, gpus=gpus,
-                      vllm_version=vllm_version, vllm_engine=vllm_engine)
+                      vllm_version=vllm_version, vllm_engine=vllm_engine, skip_mm_profiling=skip_mm_profiling)
     _emit(plan, as_json)
     if not plan.fits:
         raise typer.Exit(1)

@@ -279,11 +279,12 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
                max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                image_tokens: int | None = None, video_frames: int = 0, video_frame_tokens: int = 256,
                kv_cache_dtype: str = "auto", enforce_eager: bool = False, gpus: int = 1,
-               vllm_version: str | None = None, vllm_engine: str | None = None,
+               vllm_version: str | None = None, vllm_engine: str | None = None, skip_mm_profiling: bool = False,
                recommend: bool = True, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
     """Predict per-GPU memory for serving. vLLM: reproduce vLLM's KV budget (``qvl.plan.vllm``: the accounting
     of ``vllm_version``, default the newest; ``vllm_engine='v0'`` for the V0 engine); transformers: peak of
-    generate."""
+    generate. ``skip_mm_profiling``: vLLM's --skip-mm-profiling (or --limit-mm-per-prompt with every modality 0):
+    no vision-encoder profile."""
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
     if backend not in ("vllm", "transformers", "hf"):
@@ -313,7 +314,8 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
                     kv_cache_dtype=kv_cache_dtype, gpus=gpus)
     if backend == "vllm":
         settings.update(max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
-                        vllm_version=vllm_version, vllm_engine=vllm_engine, vllm_accounting=acct.name)
+                        vllm_version=vllm_version, vllm_engine=vllm_engine, vllm_accounting=acct.name,
+                        skip_mm_profiling=skip_mm_profiling)
 
     tp = gpus
     kv_per_token = m.kv_bytes_per_token(kv_dtype_bytes)
@@ -341,7 +343,8 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
         b = vllm_budget(m, card_gib=card.total_gib, utilization=gpu_memory_utilization, tp=tp, max_model_len=model_len,
                         mm_item_tokens=mm_item_tokens, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager, acct=acct,
-                        weights_bytes=weights, vision_patch_bytes=vision_transient_bytes_per_patch(m))
+                        weights_bytes=weights, vision_patch_bytes=vision_transient_bytes_per_patch(m),
+                        skip_mm_profiling=skip_mm_profiling)
         for name in ("vLLM non-torch memory", "vLLM profiling peak"):
             parts[name] = b.parts[name]
             notes[name] = b.notes[name]
@@ -357,6 +360,10 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
         plan.kv_margin_gib = b.margin_gib
         if acct.warning:
             plan.warnings.append(acct.warning)
+        if skip_mm_profiling and m.vision_hidden:
+            plan.warnings.append("no vision-encoder profile: vLLM keeps no memory for it, so the first large image "
+                                 f"can run out of memory (the encoder on a {mm_item_tokens:,}-token item takes "
+                                 f"~{_gib(mm_item_tokens * m.spatial_merge**2 * vision_transient_bytes_per_patch(m)):.1f} GiB)")
         plan.kv_available_gib = _gib(kv_avail)
         cap_tokens = int(max(0, kv_avail) // kv_per_token_gpu)
         plan.max_model_len_that_fits = min(MODEL_MAX_LEN, cap_tokens // 16 * 16) if cap_tokens >= 16 else 0
@@ -412,7 +419,8 @@ def _serve_recommendations(plan: Plan, m: ModelShape, card: Gpu) -> list[Recomme
                 video_frames=s["video_frames"], kv_cache_dtype=s["kv_cache_dtype"], gpus=s["gpus"])
     if s["backend"] == "vllm":
         base.update(max_num_batched_tokens=s["max_num_batched_tokens"], enforce_eager=s["enforce_eager"],
-                    vllm_version=s["vllm_version"], vllm_engine=s["vllm_engine"])
+                    vllm_version=s["vllm_version"], vllm_engine=s["vllm_engine"],
+                    skip_mm_profiling=s["skip_mm_profiling"])
 
     def trial(text: str, **changes) -> None:
         p = plan_serve(m.name, _shape=m, _gpu=card, recommend=False, **{**base, **changes})

@@ -159,7 +159,8 @@ class Budget:
 
 def budget(m: ModelShape, *, card_gib: float, utilization: float, tp: int, max_model_len: int,
            mm_item_tokens: int, max_num_seqs: int | None, max_num_batched_tokens: int | None,
-           enforce_eager: bool, acct: Accounting, weights_bytes: float, vision_patch_bytes: int) -> Budget:
+           enforce_eager: bool, acct: Accounting, weights_bytes: float, vision_patch_bytes: int,
+           skip_mm_profiling: bool = False) -> Budget:
     """Every term of vLLM's KV budget for one GPU (``vision_patch_bytes``: the vision encoder's working set per
     patch, ``qvl.plan.memory.vision_transient_bytes_per_patch``)."""
     seqs, tokens = default_batching(acct, card_gib, max_model_len)
@@ -170,7 +171,8 @@ def budget(m: ModelShape, *, card_gib: float, utilization: float, tp: int, max_m
     # vision encoder profile: the processor's largest item (not capped by max_model_len); V1 fills the encoder
     # budget with as many as fit, V0 puts one in each of min(max_num_seqs, tokens // item) dummy sequences (>= 1)
     vision = enc_cache = 0.0
-    item = mm_item_tokens if m.vision_hidden else 0
+    # (--skip-mm-profiling, vllm-project/vllm#22950, or --limit-mm-per-prompt with every modality 0: no encoder run)
+    item = mm_item_tokens if m.vision_hidden and not skip_mm_profiling else 0
     items = 0
     if item:
         if acct.encoder_budget:
