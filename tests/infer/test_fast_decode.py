@@ -366,3 +366,63 @@ def test_adapter_folder_is_merged_for_the_fast_path(tiny_model_dir, tmp_path):
         assert e.batcher is not None and not hasattr(e.model, "peft_config")
     finally:
         e.close()
+
+
+# ---------------------------------------------------------------------------- vision cache (multi-turn)
+
+
+def test_follow_up_turn_does_not_encode_its_image_again(tiny):
+    """Turn 2 re-sends turn 1's image: the tower runs on no item of it (only on a new image), and the answers
+    equal those of an engine without the cache and of model.generate."""
+    from qvl.data.samples import Message as M
+    from qvl.infer.types import Request
+
+    red, blue = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (48, 64), "blue")
+    sampling = SamplingParams(temperature=0.0, presence_penalty=0.0, max_new_tokens=8, ignore_eos=True)
+    cached = TransformersEngine(*tiny, name="tiny", fast=True, max_batch_size=2)
+    plain = TransformersEngine(*tiny, name="tiny", fast=True, max_batch_size=2, vision_cache_mb=0)
+    reference = TransformersEngine(*tiny, name="tiny", fast=False)
+    try:
+        cache = cached.vision_cache
+        assert cache is not None and plain.vision_cache is None
+        turn1 = [M("user", [Media("image", red), "what is this?"])]
+        answer = cached.generate(Request(turn1, sampling)).text
+        assert cache.encoded_items == 1 and cache.hits == 0
+        turn2 = turn1 + [M("assistant", [answer]), M("user", ["and its colour?"])]
+        second = cached.generate(Request(turn2, sampling)).text
+        assert cache.encoded_items == 1 and cache.hits == 1  # the tower did not run again
+        assert second == plain.generate(Request(turn2, sampling)).text == \
+            reference.generate(Request(turn2, sampling)).text
+        turn3 = turn2 + [M("assistant", [second]), M("user", [Media("image", blue), "and this one?"])]
+        third = cached.generate(Request(turn3, sampling)).text
+        assert cache.encoded_items == 2 and cache.hits == 2  # only the new image was encoded
+        assert third == plain.generate(Request(turn3, sampling)).text
+        assert "forward" not in cached.batcher.decoder.base.model.visual.__dict__  # the model is left as it was
+    finally:
+        for e in (cached, plain, reference):
+            e.close()
+
+
+def test_vision_cache_is_bounded(tiny):
+    from qvl.infer.vision_cache import VisionCache, media_keys
+
+    model, processor = tiny
+    visual = model.model.visual
+    encs = [_encode(processor, [Media("image", Image.new("RGB", (64, 48), (i, 0, 0))), "?"]) for i in range(5)]
+    keys = [media_keys(e)["pixel_values"][0] for e in encs]
+    assert len(set(keys)) == 5 and media_keys(encs[0]) == media_keys(_encode(
+        processor, [Media("image", Image.new("RGB", (64, 48), (0, 0, 0))), "?"]))  # the same pixels, the same key
+    cache = VisionCache(visual, max_bytes=10**9, max_items=3)
+    with torch.inference_mode(), cache.attached():
+        for e, k in zip(encs, keys):
+            cache.expect(e.pixel_values, [k])
+            visual(e.pixel_values, grid_thw=e.image_grid_thw)
+    assert list(cache.entries) == keys[2:] and cache.encoded_items == 5
+    one = sum(t.numel() * t.element_size() for t in (cache.entries[keys[2]][0], *cache.entries[keys[2]][1]))
+    assert cache.bytes == 3 * one
+    small = VisionCache(visual, max_bytes=2 * one)
+    with torch.inference_mode(), small.attached():
+        for e, k in zip(encs, keys):
+            small.expect(e.pixel_values, [k])
+            visual(e.pixel_values, grid_thw=e.image_grid_thw)
+    assert len(small.entries) == 2 and small.bytes <= 2 * one

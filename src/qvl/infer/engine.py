@@ -36,6 +36,7 @@ class Prepared:
     sampling: SamplingParams  # max_new_tokens already clipped to the context left
     prompt_tokens: int
     inputs: Any  # backend-specific (an Encoded for transformers, a prompt dict for vLLM)
+    media_keys: dict | None = None  # content keys of its images/videos (the transformers vision cache)
 
 
 class Engine(ABC):

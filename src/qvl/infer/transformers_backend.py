@@ -172,7 +172,8 @@ class TransformersEngine(Engine):
 
     def __init__(self, model, processor, name: str = "model", max_model_len: int | None = None,
                  sampling: SamplingParams | None = None, thinking: bool | None = None, max_batch_size: int = 8,
-                 budget=None, fast: bool | None = None, kv_cache_gib: float | None = None, say=None):
+                 budget=None, fast: bool | None = None, kv_cache_gib: float | None = None, say=None,
+                 vision_cache_mb: float | None = None):
         from qvl.models.tokens import token_ids
 
         self.model, self.processor, self.name = model, processor, name
@@ -193,8 +194,9 @@ class TransformersEngine(Engine):
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self.batcher = None  # continuous batching over a slot KV cache, when the model allows it
+        self.vision_cache = None
         if fast is not False:
-            self._start_fast(kv_cache_gib, say or log.info, required=bool(fast))
+            self._start_fast(kv_cache_gib, say or log.info, required=bool(fast), vision_cache_mb=vision_cache_mb)
         self._worker = threading.Thread(target=self._run, name="qvl-generate", daemon=True)
         self._worker.start()
 
@@ -203,7 +205,8 @@ class TransformersEngine(Engine):
     def load(cls, model: str, adapter: str | None = None, device: str | None = None, dtype=None,
              flash_attn2: bool = False, max_model_len: int | None = None, name: str | None = None,
              max_new_tokens: int | None = None, max_batch_size: int = 8, say=print, fast: bool | None = None,
-             kv_cache_gib: float | None = None, **ignored) -> TransformersEngine:
+             kv_cache_gib: float | None = None, vision_cache_mb: float | None = None,
+             **ignored) -> TransformersEngine:
         from qvl.models.load import load
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,15 +227,18 @@ class TransformersEngine(Engine):
             m = apply_adapter(m, adapter)
         log.info("loaded %s on %s in %.1fs", model, device, time.time() - t0)
         engine = cls(m, processor, name=name or served_name(model), max_model_len=max_model_len,
-                     max_batch_size=max_batch_size, fast=fast, kv_cache_gib=kv_cache_gib, say=say)
+                     max_batch_size=max_batch_size, fast=fast, kv_cache_gib=kv_cache_gib, say=say,
+                     vision_cache_mb=vision_cache_mb)
         if max_new_tokens:
             engine.default_sampling = engine.default_sampling.replace(max_new_tokens=max_new_tokens)
         return engine
 
-    def _start_fast(self, kv_cache_gib: float | None, say, required: bool) -> None:
+    def _start_fast(self, kv_cache_gib: float | None, say, required: bool,
+                    vision_cache_mb: float | None = None) -> None:
         from qvl.data.packing import rope_index_fn
         from qvl.infer.continuous import ContinuousBatcher
         from qvl.infer.decode import DecodeModel, supports
+        from qvl.infer.vision_cache import VisionCache
 
         why = supports(self.model)
         if why:
@@ -246,9 +252,15 @@ class TransformersEngine(Engine):
                 f"fills the memory set aside for it (lower --max-batch-size for longer contexts)")
         self.max_model_len, self.max_batch_size = length, slots
         decoder = DecodeModel(self.model, slots, length)
+        if vision_cache_mb is None:  # a chat turn re-sends its images: keep their encoder outputs
+            vision_cache_mb = 1024 if decoder.device.type == "cuda" else 256
+        visual = getattr(decoder.base.model, "visual", None)
+        if vision_cache_mb > 0 and visual is not None:
+            self.vision_cache = VisionCache(visual, int(vision_cache_mb * 2**20))
+        self.rope_index = rope_index_fn(self.model)
         self.batcher = ContinuousBatcher(
             decoder, lambda job: _Row(job, self.tokenizer, self.eos_ids, "<think>\n" if self.thinking else ""),
-            self.ids.pad, rope_index_fn(self.model))
+            self.ids.pad, self.rope_index, vision_cache=self.vision_cache)
 
     def describe(self) -> str:
         how = (f"; continuous batching, {self.max_batch_size} slots" if self.batcher
@@ -273,7 +285,14 @@ class TransformersEngine(Engine):
         except QvlError as e:
             raise RequestError(e.what, code="invalid_media", param="messages", fix=e.fix) from None
         sampling = context_check(len(enc), self.max_model_len, request.sampling)
-        return Prepared(request, sampling, len(enc), enc)
+        keys = None
+        if self.batcher is not None:  # host work of the prefill, done here (the caller's thread), not on the worker
+            from qvl.data.packing import sample_positions
+            from qvl.infer.vision_cache import media_keys
+
+            enc.positions = sample_positions(enc, self.rope_index)
+            keys = media_keys(enc) if self.vision_cache is not None else None
+        return Prepared(request, sampling, len(enc), enc, keys)
 
     def submit(self, prepared: Prepared, on_chunk=None) -> Handle:
         if self._closed:
