@@ -92,3 +92,12 @@ def test_banner_warns_on_open_bind(tiny_engine):
     text = banner(tiny_engine, ServeSettings(host="0.0.0.0"))
     assert "warning" in text and "--api-key" in text
     assert "warning" not in banner(tiny_engine, ServeSettings())
+
+
+def test_serve_vision_cache_flag(tiny_model_dir, captured):
+    r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--cpu-only"])
+    assert r.exit_code == 0, r.output
+    assert captured["engine"].vision_cache is not None  # on by default with the fast decode path
+    r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--cpu-only", "--vision-cache-mb", "0"])
+    assert r.exit_code == 0, r.output
+    assert captured["engine"].vision_cache is None

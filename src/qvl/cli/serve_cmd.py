@@ -17,7 +17,7 @@ def _say(msg: str) -> None:
 
 def _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_model_len, max_new_tokens,
             gpu_memory_utilization=0.9, tensor_parallel_size=None, limit_mm_per_prompt=None, name=None,
-            max_batch_size=None, kv_cache_gib=None, decode="auto"):
+            max_batch_size=None, kv_cache_gib=None, decode="auto", vision_cache_mb=None):
     from qvl.errors import QvlError
     from qvl.infer.engine import load_engine
 
@@ -45,7 +45,8 @@ def _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_m
                        flash_attn2=flash_attn2, max_model_len=max_model_len, max_new_tokens=max_new_tokens,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt=limit_mm_per_prompt, name=name, max_batch_size=max_batch_size, say=_say,
-                       kv_cache_gib=kv_cache_gib, fast={"auto": None, "fast": True, "generate": False}[decode])
+                       kv_cache_gib=kv_cache_gib, fast={"auto": None, "fast": True, "generate": False}[decode],
+                       vision_cache_mb=vision_cache_mb)
 
 
 def _sampling(engine, temperature, top_p, top_k, presence_penalty, seed, max_new_tokens):
@@ -195,6 +196,10 @@ def register(app: typer.Typer) -> None:
                                                             "the free GPU memory less 4 GiB; CPU: up to 4 GiB)."),
               decode: str = typer.Option("auto", help="transformers: fast (slot KV cache, CUDA graphs, continuous "
                                                       "batching), generate (model.generate), or auto."),
+              vision_cache_mb: float = typer.Option(None, help="transformers: memory for vision-encoder outputs "
+                                                               "kept for later chat turns, so a turn that re-sends "
+                                                               "an image does not encode it again (default 1024 on "
+                                                               "a GPU, 256 on CPU; 0: off)."),
               allowed_media_dir: Path = typer.Option(None, help="Allow local file paths under this folder."),
               no_remote_media: bool = typer.Option(False, "--no-remote-media", help="Refuse http(s) media URLs."),
               allow_private_media_urls: bool = typer.Option(
@@ -215,7 +220,7 @@ def register(app: typer.Typer) -> None:
             served_model_name=served_model_name, inbrowser=inbrowser, share=share)
         engine = _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_model_len, max_new_tokens,
                          gpu_memory_utilization, tensor_parallel_size, settings.limit_mm_per_prompt,
-                         served_model_name, max_batch_size, kv_cache_gib, decode)
+                         served_model_name, max_batch_size, kv_cache_gib, decode, vision_cache_mb)
         run_server(engine, settings, say=typer.echo)
 
     @app.command("merge")
