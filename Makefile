@@ -21,15 +21,22 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev,serve]" $(QUIET)
 	touch $(STAMP)
 
+# DeepSpeed for the tests: its pure-Python install (DS_BUILD_OPS=0: no ops compiled now; CPU Adam builds on first
+# use), so the ZeRO-2/3 tests run on a CPU too. A stamp of its own, so adding it reinstalls nothing else.
+DS_STAMP := $(VENV)/.deepspeed
+$(DS_STAMP): | $(STAMP)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q "deepspeed==0.19.8" $(QUIET)
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/qvl demo --out demo_out
 
-test: $(STAMP)
+test: $(STAMP) $(DS_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(DS_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
 # The oldest supported transformers (5.17, what the GPU machine has): an overlay venv that reuses
@@ -42,7 +49,7 @@ $(COMPAT)/.installed: $(STAMP)
 	$(COMPAT)/bin/pip install -q "transformers==5.17.*" "huggingface_hub<2" $(QUIET)
 	touch $@
 
-test-compat: $(COMPAT)/.installed
+test-compat: $(COMPAT)/.installed $(DS_STAMP)
 	HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests
 
 clean:
