@@ -23,7 +23,8 @@ from qvl.train.track import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 ZERO = {n: str(ROOT / "examples" / "deepspeed" / f"{n}.json") for n in ("zero2", "zero3", "zero3_offload")}
 HAS_DS = importlib.util.find_spec("deepspeed") is not None
-needs_ds = pytest.mark.skipif(not HAS_DS, reason="DeepSpeed is not installed (pip install deepspeed)")
+needs_ds = pytest.mark.skipif(not HAS_DS, reason="DeepSpeed is not installed: `make test` installs it "
+                                                  "(DS_BUILD_OPS=0 pip install deepspeed==0.19.8)")
 BASE = ["model_name_or_path=m", "dataset_use=d", "tune_mm_llm=true"]
 
 

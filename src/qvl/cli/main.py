@@ -7,6 +7,9 @@ import sys
 import typer
 
 from qvl.cli.common import friendly  # noqa: F401  (re-exported for command modules)
+from qvl.utils.library_warnings import quiet_library_noise
+
+quiet_library_noise()  # before any command imports a library
 
 app = typer.Typer(
     help="qvl: fine-tune, evaluate and serve Qwen3-VL on one GPU (or a CPU to try things).",

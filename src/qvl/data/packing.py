@@ -21,8 +21,6 @@ each sample's slice; either way the cost is per sample, not per row.
 
 from __future__ import annotations
 
-import functools
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -218,8 +216,9 @@ def varlen_usable(query: torch.Tensor, dropout: float) -> bool:
             and not dropout and _ampere_or_newer(query.device.index))
 
 
-@functools.lru_cache(maxsize=None)
 def _ampere_or_newer(index: int | None) -> bool:
+    # not lru_cache'd: compiled layers call this, and dynamo traces through a cache wrapper anyway, printing a
+    # warning with a call stack; torch keeps the device's properties, so the eager call is cheap
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 

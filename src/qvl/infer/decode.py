@@ -238,7 +238,11 @@ class DecodeModel:
         if max(lengths) > self.max_len:
             raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache length {self.max_len}")
         out = self.base.model(**batch, position_ids=positions, use_cache=True)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        # transformers >= 5.24 names it `cache` (reading `past_key_values` there prints a deprecation); 5.17 has only
+        # `past_key_values`
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
         hidden = out.last_hidden_state[torch.arange(len(lengths), device=self.device), last]
         index = torch.tensor(slots, device=self.device)
