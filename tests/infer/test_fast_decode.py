@@ -385,6 +385,8 @@ def test_follow_up_turn_does_not_encode_its_image_again(tiny):
     try:
         cache = cached.vision_cache
         assert cache is not None and plain.vision_cache is None
+        for e in (cached, plain):  # the tower alone here (a kept prefix would skip the image altogether)
+            e.batcher.reuse_prefixes = False
         turn1 = [M("user", [Media("image", red), "what is this?"])]
         answer = cached.generate(Request(turn1, sampling)).text
         assert cache.encoded_items == 1 and cache.hits == 0
@@ -426,3 +428,48 @@ def test_vision_cache_is_bounded(tiny):
             small.expect(e.pixel_values, [k])
             visual(e.pixel_values, grid_thw=e.image_grid_thw)
     assert len(small.entries) == 2 and small.bytes <= 2 * one
+
+
+def test_follow_up_turn_prefills_only_what_its_kept_prefix_lacks(tiny):
+    """Turn 2 continues turn 1's prompt: it takes turn 1's freed slot and runs only the answer and the new
+    question on top of the kept keys/values; its answer equals a full prefill's and model.generate's, also
+    when the kept slot sat inside a decoding batch meanwhile (free rows advance each step). Another image of
+    the same size (the same placeholder tokens) is not mistaken for it."""
+    import time
+
+    from qvl.data.samples import Message as M
+    from qvl.infer.types import Request
+
+    red, other = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "green")
+    sampling = SamplingParams(temperature=0.0, presence_penalty=0.0, max_new_tokens=8, ignore_eos=True)
+    reusing = TransformersEngine(*tiny, name="tiny", fast=True, max_batch_size=2)
+    plain = TransformersEngine(*tiny, name="tiny", fast=True, max_batch_size=2, vision_cache_mb=0)
+    plain.batcher.reuse_prefixes = False
+    reference = TransformersEngine(*tiny, name="tiny", fast=False)
+    try:
+        b = reusing.batcher
+        system = [M("system", ["You are a careful assistant who describes pictures in detail. " * 3])]
+        turn1 = system + [M("user", [Media("image", red), "what is this?"])]
+        first = reusing.stream(Request(turn1, sampling))  # slot 0
+        long = reusing.stream(Request([M("user", ["keep going"])], sampling.replace(max_new_tokens=400)))  # slot 1
+        answer = first.result().text
+        assert b.reused_tokens == 0 and list(b.kept) == [0]
+        steps = b.steps
+        deadline = time.time() + 60
+        while b.steps < steps + 20 and time.time() < deadline:  # the kept slot sits in the decoding batch a while
+            time.sleep(0.005)
+        turn2 = turn1 + [M("assistant", [answer]), M("user", ["and its colour?"])]
+        second = reusing.generate(Request(turn2, sampling)).text
+        long.result()
+        kept = len(reusing.prepare(Request(turn1, sampling)).inputs)
+        assert b.reused_tokens == kept  # the whole turn-1 prompt, image included, was not run again
+        assert second == plain.generate(Request(turn2, sampling)).text == \
+            reference.generate(Request(turn2, sampling)).text
+        swapped = system + [M("user", [Media("image", other), "what is this?"]), M("assistant", [answer]),
+                            M("user", ["and its colour?"])]
+        third = reusing.generate(Request(swapped, sampling)).text
+        assert b.reused_tokens == kept  # same tokens, other pixels: prefilled in full
+        assert third == plain.generate(Request(swapped, sampling)).text
+    finally:
+        for e in (reusing, plain, reference):
+            e.close()

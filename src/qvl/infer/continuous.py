@@ -60,9 +60,14 @@ class InFlight:
 
 class ContinuousBatcher:
     def __init__(self, decoder: DecodeModel, make_row, pad_id: int, rope_index, max_prefill_tokens: int = 16384,
-                 max_prefill_batch: int = 8, coalesce_s: float = 0.05, vision_cache=None):
+                 max_prefill_batch: int = 8, coalesce_s: float = 0.05, vision_cache=None,
+                 reuse_prefixes: bool = True):
         self.decoder, self.make_row, self.pad_id, self.rope_index = decoder, make_row, pad_id, rope_index
         self.vision_cache = vision_cache  # a qvl.infer.vision_cache.VisionCache in front of the tower, or None
+        self.reuse_prefixes = reuse_prefixes  # qvl.infer.prefix: follow-ups run only what a freed slot lacks
+        self.kept: dict = {}  # free slot -> qvl.infer.prefix.Kept (the prompt its cache still holds)
+        self._kept_since: dict = {}  # running slot -> the prompt it was prefilled with
+        self.reused_tokens = 0  # prompt tokens not prefilled again thanks to a kept prefix
         self.max_prefill_tokens, self.max_prefill_batch, self.coalesce_s = (
             max_prefill_tokens, max_prefill_batch, coalesce_s)
         self.vocab = decoder.head.shape[0]
@@ -140,7 +145,7 @@ class ContinuousBatcher:
                     p = run.row.job.prepared
                     run.row.job.handle.emit(Chunk(finish_reason="error", error=f"{type(e).__name__}: {e}",
                                                   prompt_tokens=p.prompt_tokens))
-                self.decoder.release(slot)
+                self._release(slot, keep=False)  # what its cache holds is unknown after a failure
 
     # ------------------------------------------------------------------ joining
     def _admit(self) -> None:
@@ -167,14 +172,59 @@ class ContinuousBatcher:
             tokens += n
         if not batch:
             return
-        slots = free[:len(batch)]
-        for slot, job in zip(slots, batch):  # placeholders, so a failing prefill reports to them
+        fresh, taken = [], set()
+        for job in batch:  # a follow-up of a finished request whose slot still holds its prompt runs only the rest
+            hit = self._kept_prefix(job, [s for s in free if s not in taken]) if self.reuse_prefixes else None
+            if hit is None:
+                fresh.append(job)
+                continue
+            slot, start = hit
+            taken.add(slot)
             self.running[slot] = Running(self.make_row(job))
-        self._guard(lambda: self._prefill(slots, batch), slots)
+            self._guard(lambda: self._prefill_rest(slot, job, start), [slot])
+        if not fresh:
+            return
+        slots = sorted((s for s in free if s not in taken), key=self._slot_preference)[:len(fresh)]
+        for slot, job in zip(slots, fresh):  # placeholders, so a failing prefill reports to them
+            self.running[slot] = Running(self.make_row(job))
+        self._guard(lambda: self._prefill(slots, fresh), slots)
+
+    def _slot_preference(self, slot: int) -> tuple:
+        """Sort key of a free slot for a new request. Rows below the decode batch's bucket are computed anyway:
+        there, slots keeping no prompt come first, then those kept longest ago. Beyond it, the lowest slot (a
+        batch that grows past its bucket costs every step; a lost kept prompt costs one prefill)."""
+        from qvl.infer.decode import bucket
+
+        d = self.decoder
+        limit = bucket(max(self.running) + 1, d.batch_buckets) if self.running else 0
+        kept = self.kept.get(slot)
+        if slot < limit:
+            return (0, slot) if kept is None else (1, kept.serial)
+        return (2, slot)
+
+    def _kept_prefix(self, job, free: list[int]):
+        from qvl.infer.prefix import find
+
+        enc = job.prepared.inputs
+        if enc.positions is None:
+            return None
+        return find(self.kept, free, enc, job.prepared.media_keys, self.decoder.max_len)
+
+    def _prefill_rest(self, slot: int, job, start: int) -> None:
+        from qvl.infer.prefix import Kept, prefill_rest
+
+        t = time.perf_counter()
+        self.kept.pop(slot, None)  # the slot's content changes now (a failure must not leave it matchable)
+        logits = prefill_rest(self.decoder, slot, start, job.prepared.inputs)
+        self._kept_since[slot] = Kept(job.prepared.inputs.input_ids, job.prepared.media_keys or {})
+        self.reused_tokens += start
+        self._first_tokens([slot], [job], logits)
+        self.prefill_times.append((1, time.perf_counter() - t))
 
     def _prefill(self, slots: list[int], jobs: list) -> None:
         from qvl.data.collate import collate
         from qvl.data.packing import sample_positions
+        from qvl.infer.prefix import Kept
 
         t = time.perf_counter()
         d = self.decoder
@@ -195,19 +245,29 @@ class ContinuousBatcher:
                 keys = [k for j in jobs for k in ((j.prepared.media_keys or {}).get(key) or [])]
                 if self.vision_cache is not None and len(keys) == len(inputs[grid_key]):
                     self.vision_cache.expect(inputs[key], keys)
+        for slot in slots:
+            self.kept.pop(slot, None)
         with self.vision_cache.attached() if self.vision_cache is not None else contextlib.nullcontext():
             logits = d.prefill(slots, inputs, positions.to(d.device), [len(e) for e in encs])
-        params = []
         for slot, job, enc in zip(slots, jobs, encs):
+            if enc.positions is not None:  # what a follow-up needs to continue it (the engine's prepare sets it)
+                self._kept_since[slot] = Kept(enc.input_ids, job.prepared.media_keys or {})
+        self._first_tokens(slots, jobs, logits)
+        self.prefill_times.append((len(jobs), time.perf_counter() - t))
+
+    def _first_tokens(self, slots: list[int], jobs: list, logits: torch.Tensor) -> None:
+        """Sample each prefilled request's first token from its last logits, feed it to the next step, stream it."""
+        d = self.decoder
+        params = []
+        for slot, job in zip(slots, jobs):
             s = job.prepared.sampling
-            self.stats.start(slot, enc.input_ids.tolist(), s)
+            self.stats.start(slot, job.prepared.inputs.input_ids.tolist(), s)
             if s.seed is not None:
                 self.running[slot].generator = torch.Generator(device=d.device).manual_seed(s.seed)
             params.append(s)
         rp = row_params(slots, params, [self.running[s].generator for s in slots], self.vocab, d.device)
         tokens = choose(logits, rp, self.stats)
         d.set_tokens(rp.slots, tokens)
-        self.prefill_times.append((len(jobs), time.perf_counter() - t))
         for slot, token in zip(slots, tokens.tolist()):
             self._push(slot, self.running[slot], token)
 
@@ -255,7 +315,20 @@ class ContinuousBatcher:
 
     def _finish(self, slot: int) -> None:
         run = self.running.pop(slot)
+        self._release(slot)  # before the stream ends: a client's follow-up must find the slot free and kept
         run.row.close()
-        self.decoder.release(slot)
+
+    def _release(self, slot: int, keep: bool = True) -> None:
+        """Free ``slot``; its prompt stays matchable for a follow-up (``keep``) until another prefill takes it."""
+        d = self.decoder
+        d.release(slot)
+        # decode steps advance free rows of the batch too: park this one's writes at the cache's last entry,
+        # outside any kept prompt
+        d.length[slot] = d.max_len - 1
+        prompt = self._kept_since.pop(slot, None)
+        if keep and prompt is not None:
+            self.kept[slot] = prompt
+        else:
+            self.kept.pop(slot, None)
         if not self.running:
             self._last_collect = None
