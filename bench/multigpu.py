@@ -136,9 +136,9 @@ def finish(p: subprocess.Popen, warmup: int = 3) -> dict:
         res["peak_mem_gib"] = max(r.get("peak_mem_gib", 0.0) for r in rows)
         k = warmup if len(rows) > warmup else 1  # steady state: after the first k steps
         first, last = rows[k - 1], rows[-1]
-        tokens = last["tokens_per_s"] * last["elapsed_s"] - first["tokens_per_s"] * first["elapsed_s"]
+        tokens = last["tokens"] - first["tokens"]
         dt = last["elapsed_s"] - first["elapsed_s"]
-        res["tokens_per_s"] = round(tokens / dt, 1) if dt > 0 else round(last["tokens_per_s"], 1)
+        res["tokens_per_s"] = round(tokens / dt, 1) if dt > 0 else round(last["tokens_per_s"] or 0.0, 1)
         res["step_s"] = round(dt / max(1, len(rows) - k), 3)
     log = (out.parent.parent / f"{name}.log").read_text(errors="replace").splitlines()
     keep = [line for line in log if line.startswith(("step", "done", "model", "memory", "error", "fix", "note",

@@ -33,6 +33,14 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 qvl-workers8 (the defaults with 8 DataLoader workers), qvl-gemm0 / qvl-gemm512 (the defaults
                 with gemm_row_multiple off / 512 instead of auto's 128: loss-head rows and tower patches rounded up
                 on a ladder of multiples, each shape met before training), qvl-fit-host (host_embeddings).
+  baseline-full plain transformers full fine-tuning (LLM + merger, bf16 weights and AdamW states as the Hugging Face
+                Trainer keeps them for a bf16 model), padded batches, checkpointing: the reference for cli:full_4b
+  cli:EXAMPLE   `qvl train examples/EXAMPLE.yaml` through the CLI in its own process, as shipped but for the model
+                (these random weights, saved), the data (this workload) and max_steps (--cli-steps); its own
+                batch, LoRA targets and vision budget (bench/train_cli.py). cli:EXAMPLE@GPU: the same on an
+                emulated card (QVL_GPU=GPU, e.g. rtx4090: the run caps its allocator to that card's memory)
+  recipe        the reference's one-card LoRA command line (torchrun -m qvl.train --deepspeed zero2.json ...)
+                with lora_8b_24gb.yaml's batch settings, without DeepSpeed installed
   baseline-liger  the baseline with Liger's Qwen3-VL kernels (RoPE, RMSNorm, fused linear + cross-entropy), as
                 TRL / LLaMA-Factory run it with use_liger_kernel (needs liger-kernel; always runs last: it patches
                 transformers' Qwen3-VL module for the whole process)
@@ -179,7 +187,8 @@ def loop_config(args, model_dir: Path, registry: Path, out: Path, **overrides):
                   # whole layers recomputed unless a row says otherwise (qvl-*-mlp; qvl-auto-compile: the default)
                   gradient_checkpointing_scope="layer",
                   data_flatten=True, save_strategy="no", report_to="none", logging_steps=5, seed=0, resume=False,
-                  model_max_length=4096, force=True, **BUDGET_KEYS)
+                  model_max_length=4096, force=True, warmup_shapes="ahead",  # every shape met before the timed steps
+                  **BUDGET_KEYS)
     values.update(overrides)
     return build_config(values)
 
@@ -231,7 +240,7 @@ class StepClock:
         if self.timeline is not None:
             self.timeline.step_done(now - self.paused - (self.marks[-1][1] if self.marks else self.t_start))
             now = time.perf_counter()  # the timeline's own sync is not the next step's time
-        self.marks.append((step, now - self.paused, row["tokens_per_s"] * row["elapsed_s"]))
+        self.marks.append((step, now - self.paused, row["tokens"]))
         if self.profile_steps and step == self.profile_steps[0]:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                            torch.profiler.ProfilerActivity.CUDA])
@@ -553,6 +562,7 @@ def main(argv=None):
     ap.add_argument("--eager-kernels", action="store_true", help="CUDA_MODULE_LOADING=EAGER for the whole process "
                     "(every contestant): CUDA loads all kernels at start instead of at each one's first launch "
                     "(torch's default, lazy, which qvl train keeps); see bench/experiments/kernel_loading.py")
+    ap.add_argument("--cli-steps", type=int, default=30, help="max_steps of the cli:* and recipe rows")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = ap.parse_args(argv)
     t_begin = time.time()
@@ -616,6 +626,24 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
         write(args, summary_of(args, results, encs, hist, padding))
+
+    if want("baseline-full"):  # full fine-tuning of the LLM and the merger, as the official recipe's full runs
+        torch.manual_seed(0)
+        trained = [p for n, p in base.named_parameters() if "language_model" in n or ".merger" in n
+                   or n.startswith("lm_head")]
+        for p in trained:
+            p.requires_grad_(True)
+        set_checkpointing(base, True)
+        full_flops = 1.5 * llm_flops_per_token(base, used)  # weight gradients too: 6 instead of 4 x params
+        try:
+            res = run("baseline-full", base, groups, step_padded, pad_id, args.device, args.warmup, full_flops)
+        except torch.OutOfMemoryError as e:
+            res = {"error": f"OOM: {str(e).splitlines()[0]}"}
+        for p in trained:
+            p.requires_grad_(False)
+            p.grad = None
+        set_checkpointing(base, False)
+        finish("baseline-full", res, ["llm (full)", "merger (full)"], True, "sdpa (padded)")
 
     # baseline and flatten: plain transformers + peft steps (unchanged)
     for name, step_fn, attn in (("baseline", step_padded, None), ("flatten", step_flatten, "sdpa")):
@@ -851,6 +879,29 @@ def main(argv=None):
         finish(name, res, targets, overrides.get("gradient_checkpointing_ratio", 1.0),
                overrides.get("packed_attention", "auto (sdpa)"))
 
+    # `qvl train` as a user runs it: the shipped YAMLs through the CLI, each in its own process (bench/train_cli.py)
+    cli_rows = [n for n in (args.only.split(",") if args.only else []) if n.startswith("cli:") or n == "recipe"]
+    if cli_rows:
+        import train_cli
+
+        t0 = time.time()
+        model_of(base).save_pretrained(model_dir)  # the weights the commands load, once
+        print(f"saved the model's weights for the CLI rows in {time.time() - t0:.1f} s", flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+        for name in cli_rows:
+            if not want(name):
+                continue
+            example, _, gpu = name[len("cli:"):].split("#")[0].partition("@")  # "#2": the same row again
+            out = work / ("run-" + name.replace(":", "-").replace("@", "-"))
+            argv = (train_cli.recipe_command(model_dir, registry, out, args.cli_steps) if name == "recipe" else
+                    train_cli.qvl_train_command(example, model_dir, registry, out, args.cli_steps))
+            res = train_cli.run_command(name, argv, out, env={"QVL_GPU": gpu} if gpu else None)
+            full = example.startswith("full")
+            res["mfu"] = res["tokens_per_s"] * all_flops * (1.5 if full else 1.0) / (PEAK_TFLOPS * 1e12)
+            res["baseline_row"] = "baseline-full" if full else "baseline"
+            finish(name, res, ["as the YAML says"], "as the YAML says", "as the YAML says")
+
     # last: Liger patches transformers' Qwen3-VL rotary functions for the whole process, so no row may follow it
     if want("baseline-liger"):
         res = liger_baseline(base, groups, pad_id, args, qkvo_flops)
@@ -913,6 +964,16 @@ def summary_of(args, results, encs, hist, padding) -> dict:
             name, r = defaults
             summary["qvl_defaults"] = {"row": name, **{k: r.get(k) for k in ("tokens_per_s", "peak_gib", "mfu")},
                                        "speedup": r["tokens_per_s"] / base["tokens_per_s"]}
+    cli = {}
+    for name, r in results.items():  # the user's path: each CLI row against its baseline from this call
+        ref = results.get(r.get("baseline_row", ""), {})
+        if r.get("tokens_per_s") and ref.get("tokens_per_s"):
+            cli[name] = {"vs": r["baseline_row"], "speedup": r["tokens_per_s"] / ref["tokens_per_s"],
+                         "time_to_first_step_s": r.get("time_to_first_step_s"), "peak_gib": r.get("peak_gib"),
+                         "peak_reserved_gib": r.get("peak_reserved_gib"),
+                         "loss_last5_vs_baseline": r["final_loss_mean5"] / ref["final_loss_mean5"] - 1}
+    if cli:
+        summary["cli"] = cli
     ref = results.get("qvl-selective", {}).get("losses")
     if ref:  # the same samples per step: a lever that changes the maths shows here (bf16 noise ~1e-2)
         summary["max_abs_loss_diff_vs_qvl_selective"] = {
@@ -932,8 +993,17 @@ def print_table(summary: dict) -> None:
             continue
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         res = f"{r['peak_reserved_gib']:.1f}" if r.get("peak_reserved_gib") is not None else "-"
+        if "time_to_first_step_s" in r:  # a CLI row: its own columns follow the table
+            continue
         print(f"{name:<16}{r['tokens_per_s']:>9.0f}{r['samples_per_s']:>11.2f}{r['step_s']:>8.3f}{peak:>10}{res:>10}"
               f"{r['mfu']:>7.1%}{r['final_loss_mean5']:>13.4f}  {r.get('gradient_checkpointing')}")
+    for name, c in summary.get("cli", {}).items():
+        r = summary["contestants"][name]
+        first = r.get("time_to_first_step_s")
+        print(f"{name:<28} steady {r['tokens_per_s']:>7.0f} tok/s ({c['speedup']:.2f}x {c['vs']}), whole run "
+              f"{r.get('whole_run_tokens_per_s', 0):.0f} tok/s, first step at {first if first is None else round(first)} s, "
+              f"peak {r.get('peak_gib') or 0:.1f} GiB (reserved {r.get('peak_reserved_gib') or 0:.1f}), "
+              f"MFU {r['mfu']:.1%}, loss last5 {r['final_loss_mean5']:.4f} ({c['loss_last5_vs_baseline']:+.2%})")
     if "speedup" in summary:
         print(f"speedup ({summary['qvl']['row']}, the baseline's targets, within its memory, vs baseline): "
               f"{summary['speedup']:.2f}x")

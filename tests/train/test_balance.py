@@ -39,13 +39,13 @@ def max_tokens(ps: list[Plan], lengths, j: int) -> int:
 
 
 def test_default_is_on_for_packed_rows_on_several_ranks():
-    cfg = from_argv(BASE)
-    assert not cfg.balances_tokens(2)  # padded batches: today's strided split
+    assert from_argv(BASE).balances_tokens(2)  # packed rows are the default
+    assert not from_argv(BASE + ["data_flatten=false"]).balances_tokens(2)  # padded batches: the strided split
     assert from_argv(BASE + ["data_flatten=true"]).balances_tokens(2)
     assert from_argv(BASE + ["data_packing=true"]).balances_tokens(4)
     assert not from_argv(BASE + ["data_flatten=true"]).balances_tokens(1)
     assert not from_argv(BASE + ["data_flatten=true", "balance_tokens=false"]).balances_tokens(2)
-    assert from_argv(BASE + ["balance_tokens=true"]).balances_tokens(2)
+    assert from_argv(BASE + ["data_flatten=false", "balance_tokens=true"]).balances_tokens(2)
     assert not Plan(10, from_argv(BASE + ["data_flatten=true"]), Dist(0, 2, 0)).balanced  # no lengths: strided
 
 

@@ -43,6 +43,22 @@ def test_one_key_chooses_the_engine():
         from_argv(BASE + ["nproc=0"])
 
 
+def test_zero_1_2_on_one_process_is_single_gpu_training_without_deepspeed():
+    """The reference's one-card recipe passes --deepspeed zero2.json: with one rank ZeRO-2 shards nothing, so it runs
+    on the single-GPU path (no DeepSpeed install needed); ZeRO-3 and offload keep DeepSpeed, several ranks too."""
+    lora = from_argv(BASE[:2] + [f"deepspeed={ZERO['zero2']}", "lora_enable=true", "bf16=true"])
+    cfg, note = D.engine_for_ranks(lora, world_size=1)
+    assert cfg.engine == "ddp" and cfg.deepspeed is None and cfg.master_weights == "auto"
+    assert "ZeRO-2" in note and "without DeepSpeed" in note
+    full, note = D.engine_for_ranks(from_argv(BASE + [f"deepspeed={ZERO['zero2']}", "bf16=true"]), world_size=1)
+    assert full.engine == "ddp" and full.master_weights == "fp32" and "fp32 master weights" in note  # as DeepSpeed
+    for kept, world in ((ZERO["zero3"], 1), (ZERO["zero3_offload"], 1), (ZERO["zero2"], 2)):
+        cfg = from_argv(BASE + [f"deepspeed={kept}"])
+        assert D.engine_for_ranks(cfg, world) == (cfg, "")
+    plain = from_argv(BASE)
+    assert D.engine_for_ranks(plain, 1) == (plain, "")
+
+
 def test_deepspeed_optimizer_block_never_replaces_the_lr_groups(tmp_path):
     official = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                           "weight_decay": "auto"}},

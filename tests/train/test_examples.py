@@ -26,3 +26,11 @@ def test_example_takes_one_step(path, tiny_model_dir, colour_data, tmp_path):
     cfg = load_config(path, overrides)
     r = train(cfg, log=lambda *_: None)
     assert r.steps == 1 and r.losses and r.losses[0] == r.losses[0]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_takes_the_packed_row_path_as_written(path):
+    """The fast path needs no flag a user would not know: every shipped config trains packed rows as written."""
+    cfg = load_config(path)
+    assert cfg.data_flatten or cfg.data_packing
+    assert cfg.warmup_shapes == "lazy" and cfg.compile_layers == "auto" and cfg.cuda_graphs == "auto"

@@ -601,7 +601,7 @@ def test_speed_config_keys(make_cfg):
                    compile_layers="auto")
     assert cfg.fused_cross_entropy and cfg.compile_layers == "auto" and cfg.packed_row_tokens == 16384
     with pytest.raises(QvlError, match="packed_row_tokens"):
-        make_cfg(packed_row_tokens=4096)  # nothing packed
+        make_cfg(packed_row_tokens=4096, data_flatten=False)  # nothing packed
     # the longest row a micro-batch makes: batch x length, or the budget (a longer sample alone), or the whole step
     kw = dict(data_flatten=True, per_device_train_batch_size=4, model_max_length=4096)
     assert make_cfg(**kw).longest_row() == 16384

@@ -105,13 +105,16 @@ def test_text_only_packed_row_still_reaches_the_vision_tower(make_cfg, mixed_dat
 
 
 def test_flatten_trains_like_padded(make_cfg, mixed_data, tmp_path):
-    """Same data, seeds and steps: data_flatten gives the padded run's loss curve and gradient norms."""
+    """Same data, seeds and steps: the default (packed rows, data_flatten) gives the padded run's loss curve and
+    gradient norms; padded batches say what they cost."""
     kw = dict(dataset_use=mixed_data, tune_mm_vision=True, per_device_train_batch_size=4,
               gradient_accumulation_steps=2, max_steps=4, save_strategy="no")
-    a = train(make_cfg(output_dir=str(tmp_path / "padded"), **kw), **quiet)
-    logs = []
-    b = train(make_cfg(output_dir=str(tmp_path / "flat"), data_flatten=True, **kw), log=logs.append)
+    padded_logs, logs = [], []
+    a = train(make_cfg(output_dir=str(tmp_path / "padded"), data_flatten=False, **kw), log=padded_logs.append)
+    assert any(line.startswith("data_flatten=false: padded batches") for line in padded_logs)
+    b = train(make_cfg(output_dir=str(tmp_path / "flat"), **kw), log=logs.append)  # the default
     assert any("packed rows with sdpa attention" in line for line in logs)
+    assert not any(line.startswith("data_flatten=false") for line in logs)
     assert b.losses == pytest.approx(a.losses, rel=1e-4)
     assert b.losses[-1] < b.losses[0]  # it learns
     ga = [r["grad_norm"] for r in read_metrics(tmp_path / "padded" / "metrics.jsonl")]

@@ -160,3 +160,37 @@ def test_auto_budget_for_compiled_layers(make_cfg):
         assert (ratio, got) == (0.0, budget), why
     ratio, got, why = auto_checkpoint_ratio(cfg, card(1.5 * per_layer[0.8]), row_tokens=1024, compiled=True)
     assert (ratio, got) == ((n - 1) / n, 0.8) and "activation_memory_budget 0.8" in why, why
+
+
+def test_memory_cap_names_the_card_to_fit(make_cfg, monkeypatch):
+    """gpu_mem / QVL_GPU_MEM / QVL_GPU name the card the run must fit: its size (the cap itself is applied on a GPU
+    larger than that card, where torch's allocator is limited to it); nothing named, no cap."""
+    import torch
+
+    from qvl.train.preflight import cap_memory
+
+    for var in ("QVL_GPU_MEM", "QVL_GPU"):
+        monkeypatch.delenv(var, raising=False)
+    cpu = torch.device("cpu")
+    assert cap_memory(make_cfg(), cpu) == (None, "")
+    assert cap_memory(make_cfg(gpu_mem="24GiB"), cpu) == (24.0, "")
+    monkeypatch.setenv("QVL_GPU", "rtx4090")
+    assert cap_memory(make_cfg(), cpu)[0] == pytest.approx(23.6)
+    monkeypatch.setenv("QVL_GPU_MEM", "32GiB")  # the memory wins over the card's name
+    assert cap_memory(make_cfg(), cpu)[0] == 32.0
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU (the cap limits its allocator)")
+def test_memory_cap_limits_the_allocator_on_a_gpu(make_cfg):
+    import torch
+
+    from qvl.train.preflight import cap_memory
+
+    device = torch.device("cuda", 0)
+    try:
+        gib, note = cap_memory(make_cfg(gpu_mem="4GiB"), device)
+        assert gib == 4.0 and "capped at 4.0 GiB" in note
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(4.5 * 2**30), dtype=torch.uint8, device=device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)

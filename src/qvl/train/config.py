@@ -128,7 +128,10 @@ class TrainConfig(BaseModel):
                                         "on a longer row; the step's samples and loss stay the same. null: on with "
                                         "packed rows (data_flatten / data_packing) on several ranks, else off")
     # --- packed rows (docs/train.md, "Packing") ---
-    data_flatten: bool = Field(False, description="concatenate each micro-batch's samples into one row (no padding)")
+    data_flatten: bool = Field(True, description="concatenate each micro-batch's samples into one row (no padding), "
+                               "each sample attending only to itself with its own positions: the same loss as padded "
+                               "batches (tests/train/test_train_packing.py), 3.9x faster on an H200 (8B LoRA, "
+                               "docs/benchmarks.md). false: padded batches, as the official recipe's default")
     data_packing: bool = Field(False, description="records are packs (lists of samples, `qvl data pack`); each "
                                                   "micro-batch is per_device_train_batch_size packs in one row")
     packed_attention: Literal["auto", "flex", "sdpa", "per_sample", "flash_attention_2"] = Field(
@@ -192,6 +195,13 @@ class TrainConfig(BaseModel):
                                    "(bench/kernel_loading.py). auto: 128 on a GPU (one process or DDP), else 0 (off). "
                                    "A multiple of 4 (the tower merges 2 x 2 patches); the tower's padding needs the "
                                    "packed-row path (per_sample attention)")
+    warmup_shapes: Literal["lazy", "ahead"] = Field(
+        "lazy", description="when the shapes the fast path prepares are met: lazy = each when a step first needs it "
+                            "(a CUDA graph recorded for a new row shape, a matmul shape met), so training starts "
+                            "after the model loads and the layers compile; ahead = every row shape the first 500 steps "
+                            "will make recorded, and every loss-head and vision-tower matmul shape met, before step 1 "
+                            "(minutes on an 8B model; no later step pauses). Steps that compile or record are "
+                            "warm-up steps: the progress line's tok/s and ETA leave them out")
     host_embeddings: bool = Field(False, description="keep the frozen input-embedding table in host memory and "
                                   "look each packed row's tokens up there (1.16 GiB of GPU memory back at 8B, "
                                   "37 MB copied per 4,608-token row): room for fewer recomputed layers. Needs the "
@@ -199,8 +209,10 @@ class TrainConfig(BaseModel):
                                   "and not tied to the LM head (Qwen3-VL 8B and up)")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
-    gpu_mem: str | float | None = Field(None, description="GPU memory for the preflight (e.g. 24GiB; default: the detected "
-                                                  "card, or $QVL_GPU_MEM)")
+    gpu_mem: str | float | None = Field(None, description="the GPU memory to train within (e.g. 24GiB; default: the "
+                                        "detected card, or $QVL_GPU_MEM): the preflight and automatic recompute plan "
+                                        "for it, and on a larger card the process's allocator is capped to it, so a "
+                                        "run that fits here fits a card of that size")
     # --- accepted for compatibility (see IGNORED_KEYS) ---
     ignored: dict = Field(default_factory=dict, exclude=True)
 

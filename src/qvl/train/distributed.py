@@ -52,6 +52,32 @@ def needs_launch(cfg: TrainConfig) -> bool:
     return bool(cfg.nproc and cfg.nproc > 1 and not under_launcher())
 
 
+def engine_for_ranks(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, str]:
+    """(config, note): a DeepSpeed ZeRO-0/1/2 JSON on one process runs as plain single-GPU training.
+
+    ZeRO-1/2 shard optimizer states and gradients between ranks; with one rank they shard nothing, and DeepSpeed's
+    engine would only stand between the loop and the fast path (packed rows replayed as CUDA graphs, compiled
+    layers). The official one-card recipe passes ``--deepspeed zero2.json`` all the same, so it runs here without
+    DeepSpeed installed. ZeRO-3 and offload keep DeepSpeed: they move memory (to the CPU) even on one GPU. Full
+    fine-tuning keeps fp32 master weights under ``master_weights: auto``, as DeepSpeed would have."""
+    if world_size != 1 or not cfg.deepspeed:
+        return cfg, ""
+    from qvl.train.preflight import zero_settings
+
+    stage, offload = zero_settings(cfg)
+    if stage > 2 or offload:
+        return cfg, ""
+    update = {"deepspeed": None}
+    masters = ""
+    if not cfg.lora_enable and cfg.bf16 and cfg.master_weights == "auto":
+        update["master_weights"] = "fp32"
+        masters = "; fp32 master weights, as DeepSpeed keeps them"
+    note = (f"deepspeed={cfg.deepspeed} (ZeRO-{stage}) on one process: ZeRO-{stage} shards nothing with one rank, so "
+            f"this runs as single-GPU training on qvl's fast path, without DeepSpeed{masters}; ZeRO-3 or offload "
+            "would keep DeepSpeed")
+    return cfg.model_copy(update=update), note
+
+
 def torchrun_command(argv: list[str], nproc: int) -> list[str]:
     """The command that runs ``python -m qvl.train ARGV`` on ``nproc`` local processes (one machine)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

@@ -14,9 +14,11 @@ images), the LM head with the loss at the label positions and the optimizer run 
   recording per (row length, samples in the row). The attention gets the row length as its longest-sample bound.
   The deepstack features (at the image positions, which vary) go in as dense (L, H) tensors that are zero
   elsewhere: adding zero there changes nothing.
-- **Ahead of training.** The loop records every shape the next steps will make before the first one
-  (:meth:`DecoderGraphs.prerecord`, shapes from :func:`planned_row_shapes`); a row of another shape (a video's
-  estimate off by a token, a skipped sample) is recorded when it comes.
+- **When.** By default (``warmup_shapes: lazy``) a shape is recorded the first time a row of it comes, the shared
+  buffers sized ahead for the longest row the plan makes (:meth:`DecoderGraphs.reserve`); with ``warmup_shapes:
+  ahead`` the loop records every shape the next steps will make before the first one (:meth:`DecoderGraphs.prerecord`,
+  shapes from :func:`planned_row_shapes`), and a row of another shape (a video's estimate off by a token, a skipped
+  sample) is recorded when it comes.
 - **Memory.** All recordings share one memory pool. That is safe because they never overlap: a forward replay is
   followed by its backward before any other graph runs, and nothing made inside a graph is kept past its replay.
   The large inputs and outputs are views of shared buffers, outside autograd. When a longer row comes, the buffers
@@ -279,6 +281,12 @@ class DecoderGraphs:
             del out, computed, pairs  # their memory goes back to the pool: the next recording may reuse it
         torch.cuda.current_stream().wait_stream(self.stream)
         return Recording(forward=forward, backward=backward, grads=grads)
+
+    def reserve(self, length: int, dtype: torch.dtype, device) -> None:
+        """Size the shared buffers for rows of up to ``length`` tokens now (recording nothing), so that recordings
+        made as rows come are not dropped and made again when a longer row grows the buffers."""
+        if length and not self.unfit(torch.empty(1, 1, 1, device=device), []):
+            self._fit_buffers(length, torch.empty(1, 1, self.text.config.hidden_size, dtype=dtype, device=device))
 
     def prerecord(self, shapes: list[tuple[int, int]], dtype: torch.dtype, device) -> int:
         """Record ``shapes`` ((row length, sample bounds), :func:`planned_row_shapes`) before training, so that

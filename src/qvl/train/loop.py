@@ -355,6 +355,31 @@ def rows_by_budget(items: list[dict], max_tokens: int) -> list[dict]:
     return out
 
 
+class WarmUpEvents:
+    """What compiled, was recorded or met a matmul shape for the first time since the last step was reported:
+    :class:`qvl.train.track.Throughput` leaves such steps out of tok/s and ETA. Compilations are dynamo's graph count
+    (a backward compiles in the step whose forward compiled); recordings, the CUDA graphs' (``graphs``: a
+    DecoderGraphs, or None); matmul shapes, those ``loss_module.shapes_met`` holds (gemm_row_multiple on a GPU)."""
+
+    def __init__(self, graphs=None, loss_module=None):
+        self.graphs, self.loss_module = graphs, loss_module
+        self.last = self._counts()
+
+    def _counts(self) -> tuple[int, int, int]:
+        from torch._dynamo.utils import counters
+
+        return (counters["stats"]["unique_graphs"], self.graphs.recorded if self.graphs is not None else 0,
+                len(getattr(self.loss_module, "shapes_met", ())))
+
+    def since_last(self) -> str:
+        """'compiled 2 graphs, recorded 1 row shape, met 3 matmul shapes' since the previous call; '' when none."""
+        now = self._counts()
+        new = [b - a for a, b in zip(self.last, now)]
+        self.last = now
+        what = ("compiled {} graph", "recorded {} row shape", "met {} new matmul shape")
+        return ", ".join(w.format(n) + "s" * (n != 1) for w, n in zip(what, new) if n > 0)
+
+
 def batch_tokens(batch: dict) -> int:
     """Real (non-padding) tokens of a micro-batch."""
     mask = batch.get("attention_mask")
@@ -485,6 +510,9 @@ class LossModule(torch.nn.Module):
         self.config, self.row_forward = base.config, row_forward.usable(self.inner, base.config)
         self.graphs = graphs  # qvl.train.graphs.DecoderGraphs (cuda_graphs), set by the loop
         self.gemm_row_multiple = 0  # the fused loss head's rows padded to a multiple (gemm_row_multiple)
+        # matmul shapes met so far (gemm_row_multiple on a GPU): the first time cuBLAS meets one it holds the host
+        # until the GPU is idle, so a step that meets new ones is a warm-up step (WarmUpEvents)
+        self.shapes_met: set = set()
         self.vision_trains = any(p.requires_grad for p in self.visual.parameters())
         vc = base.config.vision_config
         self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
@@ -521,6 +549,10 @@ class LossModule(torch.nn.Module):
 
         labels = batch.pop("labels")
         batch.pop("padding", None)  # pack_micro_batch's count of padding tokens (they have no labels)
+        watch = self.gemm_row_multiple and labels.is_cuda
+        if watch:
+            self.shapes_met.update((key, batch[key].shape[0]) for key in ("pixel_values", "pixel_values_videos")
+                                   if key in batch)
         extras = take_extras(batch)  # pack_micro_batch's host-side facts (row_forward.row_extras)
         positions = batch.get("position_ids")
         packed_row = positions is not None and positions.dim() == 3 and positions.shape[:2] == (4, 1)
@@ -540,6 +572,8 @@ class LossModule(torch.nn.Module):
         else:
             keep = target != IGNORE_INDEX
             hidden, target = hidden[keep], target[keep]
+        if watch:
+            self.shapes_met.add(("loss head", speed.gemm_rows(target.numel(), self.gemm_row_multiple)))
         if self.fused_head():
             loss_sum = speed.linear_cross_entropy(hidden, self.lm_head.weight, target,
                                                   row_multiple=self.gemm_row_multiple)
@@ -629,19 +663,35 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         deepspeed_config(cfg)  # refuse a JSON with its own optimizer / scheduler before anything else
     dist = setup_dist()
     device = pick_device(dist)
-    if cfg.engine != "ddp":  # DeepSpeed and FSDP2 need a process group, also for one process
-        distributed.init_group(device)
     is_main = dist.rank == 0
     say = log if is_main else (lambda *a, **k: None)
+    cfg, engine_note = distributed.engine_for_ranks(cfg, dist.world_size)
+    if engine_note:
+        say(engine_note)
+    if cfg.engine != "ddp":  # DeepSpeed and FSDP2 need a process group, also for one process
+        distributed.init_group(device)
+    from qvl.train.preflight import cap_memory
+
+    card_gib, cap_note = cap_memory(cfg, device)  # before anything is allocated on the GPU
+    if cap_note:
+        say(cap_note)
     out = Path(cfg.output_dir)
 
-    # 0. data records, then the memory preflight: stop before anything loads (or moves) if it cannot fit
+    # 0. data records and their order, then the memory preflight for the rows they make: stop before anything loads
+    #    (or moves) if it cannot fit
     records = _load_data(cfg)
+    processor = load_processor(cfg.model_name_or_path)  # saved untouched: inference budgets stay the model's
+    pad_id = token_ids(processor.tokenizer).pad
+    encoder = Encoder(records, processor, cfg)
+    from qvl.data.lengths import TokenEstimate
+
+    plan = Plan(len(records), cfg, dist, lengths=TokenEstimate(records, processor, encoder.budget))
+    longest_row = longest_planned_row(plan, cfg)
     from qvl.train.preflight import check as preflight
 
     if cfg.gradient_checkpointing_scope == "auto":  # resolved before the preflight: the plan counts what it keeps
         cfg = cfg.model_copy(update={"gradient_checkpointing_scope": "layer"})
-    memory_plan = preflight(cfg, world_size=dist.world_size, records=records, say=say)
+    memory_plan = preflight(cfg, world_size=dist.world_size, records=records, say=say, row_tokens=longest_row)
 
     # 1. run folder: resume, or start fresh (moving old files aside; nothing is deleted)
     resume_from = None
@@ -667,19 +717,13 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    # 2. data
-    processor = load_processor(cfg.model_name_or_path)  # saved untouched: inference budgets stay the model's
-    pad_id = token_ids(processor.tokenizer).pad
-    encoder = Encoder(records, processor, cfg)
-    from qvl.data.lengths import TokenEstimate
-
-    plan = Plan(len(records), cfg, dist, lengths=TokenEstimate(records, processor, encoder.budget))
+    # 2. recompute: as little as the card allows for the rows the data makes
     ckpt_ratio, memory_budget = cfg.gradient_checkpointing_ratio, cfg.activation_memory_budget
     if cfg.gradient_checkpointing and ckpt_ratio == "auto":
         from qvl.train.preflight import auto_checkpoint_ratio
 
         ckpt_ratio, auto_budget, why = auto_checkpoint_ratio(
-            cfg, memory_plan, dist.world_size, records, row_tokens=longest_planned_row(plan, cfg),
+            cfg, memory_plan, dist.world_size, records, row_tokens=longest_row,
             compiled=(memory_budget == "auto" and cfg.gradient_checkpointing_scope == "layer"
                       and compiles_whole_layers(cfg, device)))
         memory_budget = auto_budget if memory_budget == "auto" else memory_budget
@@ -688,7 +732,9 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
 
     # 3. model: dtype, what trains, memory savers
     load_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    t_load = time.perf_counter()
     model = load_model(cfg.model_name_or_path, dtype=load_dtype, attn_implementation=cfg.attn_implementation)
+    t_load = time.perf_counter() - t_load
     use_vision_sdpa(model)  # load_model does it too; said here because the step's host time depends on it
     model = comp.apply_training_mode(model, cfg)
     if cfg.gradient_checkpointing:
@@ -723,6 +769,10 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, cfg.longest_row()))
         rope_index = rope_index_fn(model)
         encoder.rope_index = RopeIndex(model)  # positions computed where samples are encoded (workers)
+    else:
+        say("data_flatten=false: padded batches, which compute the padding and turn off the fast path (packed rows, "
+            "compiled layers, CUDA graphs): 3.9x slower for 8B LoRA on an H200 (docs/benchmarks.md); "
+            "data_flatten=true (the default) gives the same loss")
     per_sample = packed and attn == PER_SAMPLE_ATTENTION
     from qvl.data.packing import varlen_available
 
@@ -733,7 +783,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     graphs, graphs_why = speed.cuda_graphs_choice(
         cfg.cuda_graphs, device, dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
         compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream,
-        total_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None)
+        total_gib=card_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
+                               if device.type == "cuda" else None))
     row_multiple = cfg.cuda_graphs_row_multiple if graphs else 0
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
         n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
@@ -762,9 +813,10 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         say(f"activation_memory_budget={memory_budget:g} has no effect: it is the compiled layers' (compile_layers "
             "is off)")
     if graphs:
+        when = ("when a row of it first comes" if cfg.warmup_shapes == "lazy"
+                else "ahead of training where the plan tells it")
         say(f"cuda_graphs ({graphs_why}): the decoder stack replays as CUDA graphs; rows padded to a multiple of "
-            f"{row_multiple} tokens; each row shape is recorded once, ahead of training where the plan tells it; "
-            "cuda_graphs=false turns it off")
+            f"{row_multiple} tokens; each row shape is recorded once, {when}; cuda_graphs=false turns it off")
     elif graphs_why:
         say(graphs_why)
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,
@@ -848,22 +900,27 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     tracker = Tracker(out, cfg, plan.total_steps, start_step, dist.rank, log=say, device=device)
     # no cast cache under CUDA graphs: a cached cast made while recording would live in the graphs' memory pool
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=not graphs)
-    if decoder_graphs is not None:  # the rows' shapes are known before they come
-        from qvl.train.graphs import planned_row_shapes
+    t_warm = time.perf_counter()
+    if decoder_graphs is not None:
+        if cfg.warmup_shapes == "lazy":  # shapes recorded as rows come; the shared buffers sized once, now
+            decoder_graphs.reserve(longest_planned_row(plan, cfg) or 0, load_dtype, device)
+        else:
+            from qvl.train.graphs import planned_row_shapes
 
-        shapes = planned_row_shapes(planned_rows(plan, start_step, GRAPH_STEPS_AHEAD, cfg.packed_row_tokens),
-                                    row_multiple)
-        t0 = time.perf_counter()
-        try:
-            with autocast:
-                n = decoder_graphs.prerecord(shapes, load_dtype, device)
-        except torch.OutOfMemoryError as e:
-            raise out_of_memory(e, cfg, graphs, ckpt_ratio) from e
-        if n:
-            say(f"cuda_graphs: recorded {n} row shapes ahead ({shapes[-1][0]:,}-{shapes[0][0]:,} tokens, estimated "
-                f"for the next {GRAPH_STEPS_AHEAD} steps) in {time.perf_counter() - t0:.1f} s; a row of another "
-                "shape is recorded when it comes")
-    if gemm_multiple and cfg.engine == "ddp":  # the shapes padding makes, met before the first step (speed.gemm_rows)
+            shapes = planned_row_shapes(planned_rows(plan, start_step, GRAPH_STEPS_AHEAD, cfg.packed_row_tokens),
+                                        row_multiple)
+            say(f"warming up: compiling the decoder layers and recording {len(shapes)} row shapes (warmup_shapes=ahead)")
+            t0 = time.perf_counter()
+            try:
+                with autocast:
+                    n = decoder_graphs.prerecord(shapes, load_dtype, device)
+            except torch.OutOfMemoryError as e:
+                raise out_of_memory(e, cfg, graphs, ckpt_ratio) from e
+            if n:
+                say(f"cuda_graphs: recorded {n} row shapes ahead ({shapes[-1][0]:,}-{shapes[0][0]:,} tokens, "
+                    f"estimated for the next {GRAPH_STEPS_AHEAD} steps) in {time.perf_counter() - t0:.1f} s; a row "
+                    "of another shape is recorded when it comes")
+    if gemm_multiple and cfg.engine == "ddp" and cfg.warmup_shapes == "ahead":  # the shapes padding makes, met now
         t0 = time.perf_counter()
         with autocast:
             heads, towers = loss_module.warm_gemm_shapes(longest_planned_row(plan, cfg) or 0,
@@ -871,6 +928,12 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         if heads or towers:
             say(f"gemm_row_multiple: ran the loss head at its {heads} row counts and the vision tower at its {towers} "
                 f"patch counts before training, in {time.perf_counter() - t0:.1f} s")
+    t_warm = time.perf_counter() - t_warm
+    if (compiling or decoder_graphs is not None) and cfg.warmup_shapes == "lazy":
+        say("warming up: the first steps compile the layers" + (" and record each new row shape as a CUDA graph"
+                                                                 if decoder_graphs is not None else "")
+            + " (about a minute on an 8B model); tok/s and ETA count the steps after warm-up")
+    warm_events = WarmUpEvents(decoder_graphs, loss_module)
     skipped: Counter = Counter()
     losses: list[float] = []
     row: dict = {}
@@ -907,7 +970,8 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         for name, lr in step_lrs.items():
             metrics[f"lr/{name}"] = lr
         step_row = tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
-                                log_now=done % cfg.logging_steps == 0 or done == plan.total_steps)
+                                log_now=done % cfg.logging_steps == 0 or done == plan.total_steps,
+                                warm=warm_events.since_last())
         if not math.isfinite(step_loss):
             raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
                            "instead of fp16; the last checkpoint is intact")
@@ -917,6 +981,7 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
 
     # 6. the loop: each step's numbers are read once the next step is queued (report)
     pending = None
+    t_first = time.perf_counter()
     try:
         for step, items in fetch_steps():
             if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
@@ -951,6 +1016,12 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                 loss_sum += part
             grad_norm = distributed.finish_step(eng)
             done = step + 1
+            if done == start_step + 1:  # one wait, once: when the first step really finished
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                say(f"first step done {time.perf_counter() - t_start:.0f} s after start (model load {t_load:.0f} s"
+                    f"{f', shapes met ahead {t_warm:.0f} s' if t_warm >= 1 else ''}, first step "
+                    f"{time.perf_counter() - t_first:.0f} s)")
             saving = cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps
             # this step's numbers are copied to the host behind its work now and read once the next step is queued:
             # the read waits for this step only, so the GPU runs the next step while the host builds the one after
@@ -1008,5 +1079,5 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     if dist.enabled:
         torch.distributed.barrier()
     return TrainResult(out, done, start_step, losses, total_skipped, seconds,
-                       row.get("tokens_per_s", 0.0), row.get("peak_mem_gib", 0.0), files,
+                       row.get("tokens_per_s") or 0.0, row.get("peak_mem_gib", 0.0), files,
                        str(resume_from) if resume_from else None)

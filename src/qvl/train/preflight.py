@@ -25,6 +25,37 @@ def card_args(gpu_mem=None, gpu: str | None = None) -> dict:
     return {"gpu": gpu, "gpu_mem": gpu_mem}
 
 
+def card_gib(cfg: TrainConfig) -> float | None:
+    """The memory (GiB) ``gpu_mem`` / ``$QVL_GPU_MEM`` / ``$QVL_GPU`` name, or None when none is given."""
+    from qvl.plan.gpus import gpu_from_args
+
+    card = card_args(cfg.gpu_mem)
+    if card["gpu"] is None and card["gpu_mem"] is None:
+        return None
+    return gpu_from_args(card["gpu"], card["gpu_mem"]).total_gib
+
+
+def cap_memory(cfg: TrainConfig, device) -> tuple[float | None, str]:
+    """(GiB the run trains within, note): on a GPU larger than the card ``gpu_mem`` / ``$QVL_GPU_MEM`` / ``$QVL_GPU``
+    names, torch's allocator is capped so the run uses no more than that card would have (its CUDA context and
+    library workspaces, outside the allocator, counted as the planner counts them): a config that runs under the
+    cap fits that card, and one that would not fails here rather than there. (None, '') when no card is named or
+    there is no GPU; the card's size and no cap when it is not larger."""
+    gib = card_gib(cfg)
+    if gib is None or getattr(device, "type", "cpu") != "cuda":
+        return gib, ""
+    import torch
+
+    from qvl.plan.memory import CUDA_CONTEXT_GIB
+
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if gib >= total:
+        return total, ""
+    torch.cuda.set_per_process_memory_fraction(max(gib - CUDA_CONTEXT_GIB, 0.5) / total, device)
+    return gib, (f"GPU memory capped at {gib:.1f} GiB of this card's {total:.1f} (gpu_mem / QVL_GPU_MEM / QVL_GPU): "
+                 f"torch may allocate {gib - CUDA_CONTEXT_GIB:.1f} GiB, the rest is the CUDA context's")
+
+
 def zero_settings(cfg: TrainConfig) -> tuple[int, bool]:
     """(ZeRO stage, optimizer offload) from the DeepSpeed JSON, (0, False) without one."""
     if not cfg.deepspeed:
@@ -139,9 +170,13 @@ def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None
         return None
 
 
-def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: str | None = None):
+def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: str | None = None,
+          row_tokens: int | None = None):
     """Run the preflight: print its one line; raise QvlError (numbers + fix) when it will not fit, unless ``force``.
 
+    ``row_tokens``: packed rows, the longest the run's data makes (:func:`qvl.train.loop.longest_planned_row`):
+    planned for instead of ``batch x model_max_length``, which the data may never reach (a 24 GB card refused an
+    8B LoRA run of ~1.8k-token samples because two 4,096-token samples would not have fitted).
     Returns the :class:`qvl.plan.Preflight`, or None when skipped (no CUDA and no gpu_mem, unknown model shape).
     """
     from qvl.plan.preflight import Preflight, preflight_train
@@ -158,19 +193,23 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
         say(f"memory preflight skipped: the planner does not know the shape of {cfg.model_name_or_path}")
         return None
     kw = plan_kwargs(cfg, world_size, has_video(records))
+    if row_tokens and (cfg.data_flatten or cfg.data_packing) and row_tokens < kw["batch"] * kw["seq_len"]:
+        kw.update(batch=1, seq_len=row_tokens)
     try:
         pf = preflight_train(shape, force=True, **card, **kw)
     except QvlError as e:  # e.g. more visual tokens per sample than model_max_length: the encoder reports those
         say(f"memory preflight skipped: {e.what}")
         return None
     plan = pf.plan
+    rows = f" (packed rows up to {row_tokens:,} tokens, the longest this data makes)" if kw["batch"] == 1 and \
+        row_tokens == kw["seq_len"] else ""
     if plan.fits:
-        say(pf.message)
+        say(pf.message + rows)
         return pf
     fixes = [f for f in (train_fix(r, cfg) for r in plan.recommendations if r.fits) if f]
     if kw["recompute_keeps_attention"] and plan_fits(cfg, world_size, records, gpu, recompute_keeps_attention=False):
         fixes.insert(0, "gradient_checkpointing_scope=layer")
-    what = f"{plan.verdict}" + (f"; try {fixes[0]}" if fixes else "")
+    what = f"{plan.verdict}{rows}" + (f"; try {fixes[0]}" if fixes else "")
     if cfg.force:
         say(f"memory preflight: {what} (force=true: trying anyway)")
         return Preflight(True, f"memory preflight: {what} (force=true: trying anyway)", plan, {})

@@ -22,9 +22,56 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (process RSS)
 
 
+def peak_reserved_gib(device) -> float | None:
+    """What torch's allocator held at most (what a memory cap limits), None off the GPU."""
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return None
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Throughput:
+    """tok/s and ETA from the steps done after warm-up.
+
+    A warm-up step is the first one, or one that compiled code or recorded a CUDA graph (the loop says which): it can
+    take seconds more than the steps after it, so counting it would make the first lines' rate far too low and their
+    ETA far too long (an 8B run read "250 tok/s | ETA 0:21:28" while warming up, 30 s before it ended). Rate and ETA
+    therefore come from the other steps; until one has finished, both are unknown (None) and the line says "warming
+    up".
+    A step's time is the wall time since the previous step was reported (the first since the tracker started)."""
+
+    def __init__(self, total_steps: int, start_step: int, now: float):
+        self.total, self.last_step, self.last_time = total_steps, start_step, now
+        self.tokens = 0  # every step's, warm-up included
+        self.steady_tokens, self.steady_seconds, self.steady_steps = 0, 0.0, 0
+        self.warm_steps, self.warm_seconds = 0, 0.0
+
+    def add(self, step: int, tokens: int, now: float, warm: bool) -> None:
+        seconds, steps = now - self.last_time, max(1, step - self.last_step)
+        self.last_step, self.last_time = step, now
+        self.tokens += tokens
+        if warm:
+            self.warm_steps += steps
+            self.warm_seconds += seconds
+        else:
+            self.steady_tokens += tokens
+            self.steady_seconds += seconds
+            self.steady_steps += steps
+
+    @property
+    def rate(self) -> float | None:
+        """Tokens per second over the steps after warm-up (None before the first)."""
+        return self.steady_tokens / self.steady_seconds if self.steady_steps and self.steady_seconds > 0 else None
+
+    def eta(self, step: int) -> float | None:
+        """Seconds left at ``step``: the remaining steps at the mean time of a step after warm-up."""
+        if not self.steady_steps:
+            return None
+        return self.steady_seconds / self.steady_steps * max(0, self.total - step)
 
 
 class Tracker:
@@ -33,7 +80,7 @@ class Tracker:
         self.run_dir, self.cfg, self.total, self.rank, self.log_fn = Path(run_dir), cfg, total_steps, rank, log
         self.device = device
         self.start_step, self.t0 = start_step, time.perf_counter()
-        self.tokens = 0
+        self.throughput = Throughput(total_steps, start_step, self.t0)
         self.notes: list[str] = []
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tb = self.wandb = self.bar = None
@@ -62,8 +109,9 @@ class Tracker:
             try:
                 from tqdm.auto import tqdm
 
+                # tqdm's own rate and ETA would count the warm-up steps: the postfix carries Throughput's
                 self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                                file=sys.stderr)
+                                file=sys.stderr, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
             except ImportError:
                 pass
         for n in self.notes:
@@ -83,34 +131,42 @@ class Tracker:
 
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
-    def step(self, step: int, metrics: dict, tokens: int, log_now: bool) -> dict:
-        """Record one optimizer step; returns the row with throughput and ETA filled in."""
-        self.tokens += tokens
-        elapsed = time.perf_counter() - self.t0
-        done = step - self.start_step
-        row = {"step": step, **metrics, "tokens_per_s": self.tokens / max(elapsed, 1e-9),
-               "peak_mem_gib": peak_memory_gib(self.device), "elapsed_s": elapsed,
-               "eta_s": elapsed / max(done, 1) * (self.total - step)}
+    def step(self, step: int, metrics: dict, tokens: int, log_now: bool, warm: str = "") -> dict:
+        """Record one optimizer step; returns the row with throughput and ETA filled in. ``warm``: what this step
+        warmed up (compiled, recorded), empty for a steady step (:class:`Throughput`)."""
+        now = time.perf_counter()
+        if step == self.start_step + 1 and not warm:  # the loader's workers start, the allocator grows
+            warm = "the first step"
+        self.throughput.add(step, tokens, now, bool(warm))
+        rate, eta = self.throughput.rate, self.throughput.eta(step)
+        elapsed = now - self.t0
+        row = {"step": step, **metrics, "tokens": self.throughput.tokens, "tokens_per_s": rate,
+               "peak_mem_gib": peak_memory_gib(self.device), "peak_reserved_gib": peak_reserved_gib(self.device),
+               "elapsed_s": elapsed, "eta_s": eta,
+               "warm_up": warm or None, "time": time.time()}
         if self.rank != 0:
             return row
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"train/{k}", v, step)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
-        line = (f"step {step}/{self.total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-                f"{row['tokens_per_s']:,.0f} tok/s | peak {row['peak_mem_gib']:.2f} GiB | "
-                f"ETA {_fmt_time(row['eta_s'])}")
+            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=step)
+        speed = (f"warming up ({warm})" if warm and rate is None else
+                 "warming up" if rate is None else f"{rate:,.0f} tok/s" + (f" (this step: {warm})" if warm else ""))
+        line = (f"step {step}/{self.total} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {speed} | "
+                f"peak {row['peak_mem_gib']:.2f} GiB | ETA {'-' if eta is None else _fmt_time(eta)}")
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(f"loss {row['loss']:.4f} lr {row['lr']:.1e} {row['tokens_per_s']:,.0f} tok/s "
-                                     f"peak {row['peak_mem_gib']:.1f} GiB", refresh=False)
-            if log_now:
+            self.bar.set_postfix_str(f"loss {row['loss']:.4f} lr {row['lr']:.1e} "
+                                     f"{'warming up' if rate is None else f'{rate:,.0f} tok/s'} "
+                                     f"peak {row['peak_mem_gib']:.1f} GiB ETA {'-' if eta is None else _fmt_time(eta)}",
+                                     refresh=False)
+            if log_now or warm:
                 self.bar.write(line, file=sys.stderr)
-        elif log_now:
+        elif log_now or warm:
             self.log_fn(line)
         return row
 

@@ -1,0 +1,108 @@
+"""`qvl train` measured the way a user runs it: the shipped YAML through the CLI, in its own process.
+
+``bench/train_throughput.py`` runs these rows beside its baseline (contestants ``cli:<example>``, ``cli:<example>@<gpu>``
+and ``recipe``): the example YAML as shipped, with only the model and data paths and ``max_steps`` changed, started
+as a subprocess. What is reported comes from outside the loop: the time from the command's start to the line that
+says the first optimizer step finished, and, from the run's ``metrics.jsonl`` (a row per step, wall time and tokens),
+the steady rate over the steps that compiled or recorded nothing (``warm_up`` empty) and the whole run's rate with
+its warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# the official one-card LoRA recipe (qwen-vl-finetune's sft script flags), with lora_8b_24gb.yaml's batch settings
+RECIPE_FLAGS = ["--deepspeed", str(REPO / "examples/deepspeed/zero2.json"), "--data_flatten", "True",
+                "--lora_enable", "True", "--lora_r", "64", "--lora_alpha", "128", "--lora_dropout", "0.05", "--bf16",
+                "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8",
+                "--model_max_length", "4096", "--gradient_checkpointing", "True", "--learning_rate", "1e-4",
+                "--weight_decay", "0", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
+                "--max_pixels", "655360", "--min_pixels", "65536", "--eval_strategy", "no",
+                "--save_strategy", "steps", "--save_steps", "1000", "--logging_steps", "1", "--report_to", "none"]
+
+
+def qvl_train_command(example: str, model_dir: Path, registry: Path, out: Path, steps: int) -> list[str]:
+    """``qvl train examples/EXAMPLE.yaml`` with the model, data, output folder and max_steps changed, nothing else."""
+    return [sys.executable, "-c", "from qvl.cli.main import app; app()", "train", str(REPO / "examples" /
+            f"{example}.yaml"), f"model_name_or_path={model_dir}", f"dataset_registry={registry}",
+            "dataset_use=workload", f"output_dir={out}", f"max_steps={steps}", "resume=false"]
+
+
+def recipe_command(model_dir: Path, registry: Path, out: Path, steps: int) -> list[str]:
+    """The reference's one-card LoRA command line, torchrun and DeepSpeed's ZeRO-2 JSON included."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "qvl.train", *RECIPE_FLAGS,
+            "--model_name_or_path", str(model_dir), "--dataset_registry", str(registry), "--dataset_use", "workload",
+            "--output_dir", str(out), "--max_steps", str(steps)]
+
+
+def run_command(name: str, argv: list[str], out: Path, env: dict | None = None, timeout: float = 900) -> dict:
+    """Run ``argv`` (a training command writing to ``out``), echo its lines with the seconds since its start, and
+    measure it: time to the first optimizer step, steady and whole-run tok/s, peak memory, losses."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": "1", **(env or {})}
+    t0 = time.time()
+    lines: list[tuple[float, str]] = []
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    try:
+        for line in proc.stdout:
+            lines.append((time.time() - t0, line.rstrip()))
+            print(f"  {name} {lines[-1][0]:7.1f}s | {lines[-1][1]}", flush=True)
+            if time.time() - t0 > timeout:
+                proc.kill()
+                break
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    res = measure(lines, read_rows(out / "metrics.jsonl"), t0)
+    res.update(rc=rc, command=" ".join(argv), env={k: v for k, v in (env or {}).items() if k.startswith("QVL_")})
+    if rc != 0:
+        res["error"] = f"exit code {rc}: " + " / ".join(text for _, text in lines[-3:])[:400]
+    return res
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict:
+    """The numbers of one run: ``lines`` its output as (seconds since start, text), ``rows`` its metrics.jsonl,
+    ``t0`` its start (unix time). Steady tok/s: tokens over wall time of the steps whose row has no ``warm_up``
+    (each step timed from the previous row); whole run: every step's tokens over the time from the start."""
+    first = next((t for t, text in lines if text.startswith("first step done")), None)
+    steady_tokens = steady_s = 0.0
+    steady_steps = warm_steps = 0
+    for prev, row in zip(rows, rows[1:]):
+        if row.get("warm_up"):
+            warm_steps += 1
+            continue
+        steady_tokens += row["tokens"] - prev["tokens"]
+        steady_s += row["time"] - prev["time"]
+        steady_steps += 1
+    res = {"time_to_first_step_s": first, "steps": len(rows), "steady_steps": steady_steps,
+           "warm_up_steps": warm_steps + (1 if rows else 0),
+           "tokens_per_s": steady_tokens / steady_s if steady_s else 0.0,
+           "step_s": steady_s / steady_steps if steady_steps else None,
+           "peak_gib": max((r.get("peak_mem_gib") or 0 for r in rows), default=None),
+           "peak_reserved_gib": max((r.get("peak_reserved_gib") or 0 for r in rows), default=None),
+           "losses": [r["loss"] for r in rows]}
+    if rows:
+        res["wall_s"] = rows[-1]["time"] - t0
+        res["whole_run_tokens_per_s"] = rows[-1]["tokens"] / res["wall_s"]
+        res["final_loss_mean5"] = sum(res["losses"][-5:]) / len(res["losses"][-5:])
+        res["warm_up_notes"] = [f"step {r['step']}: {r['warm_up']}" for r in rows if r.get("warm_up")]
+    res["start_up"] = [text for _, text in lines if text.startswith(("first step", "warming up", "cuda_graphs",
+                                                                      "compile_layers", "gradient checkpointing",
+                                                                      "memory preflight", "GPU memory capped",
+                                                                      "deepspeed=", "data_flatten"))]
+    return res

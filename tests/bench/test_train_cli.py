@@ -1,0 +1,48 @@
+"""bench/train_cli.py: what a CLI row reports from a run's output lines and metrics.jsonl, and the commands it runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from train_cli import measure, qvl_train_command, recipe_command  # noqa: E402
+
+
+def test_steady_rate_leaves_warm_up_steps_out_and_first_step_comes_from_the_log():
+    t0 = 1000.0
+    lines = [(12.0, "memory preflight: fits"), (70.5, "first step done 70 s after start (model load 9 s)"),
+             (71.0, "step 1/5 | loss 4.0 | ...")]
+    rows = [{"step": 1, "tokens": 1000, "time": t0 + 71.0, "warm_up": "compiled 5 graphs", "loss": 4.0,
+             "peak_mem_gib": 30.0, "peak_reserved_gib": 40.0},
+            {"step": 2, "tokens": 2000, "time": t0 + 72.0, "warm_up": None, "loss": 3.9, "peak_mem_gib": 31.0},
+            {"step": 3, "tokens": 3000, "time": t0 + 75.0, "warm_up": "recorded 1 row shape", "loss": 3.8},
+            {"step": 4, "tokens": 5000, "time": t0 + 76.0, "warm_up": None, "loss": 3.7},
+            {"step": 5, "tokens": 6000, "time": t0 + 76.5, "warm_up": None, "loss": 3.6}]
+    res = measure(lines, rows, t0)
+    assert res["time_to_first_step_s"] == 70.5
+    assert res["steady_steps"] == 3 and res["warm_up_steps"] == 2
+    assert res["tokens_per_s"] == pytest.approx((1000 + 2000 + 1000) / (1.0 + 1.0 + 0.5))
+    assert res["whole_run_tokens_per_s"] == pytest.approx(6000 / 76.5)
+    assert res["peak_gib"] == 31.0 and res["peak_reserved_gib"] == 40.0
+    assert res["final_loss_mean5"] == pytest.approx(3.8)
+    assert res["start_up"] == ["memory preflight: fits", "first step done 70 s after start (model load 9 s)"]
+    assert res["warm_up_notes"] == ["step 1: compiled 5 graphs", "step 3: recorded 1 row shape"]
+
+
+def test_a_run_that_wrote_nothing_measures_as_empty():
+    res = measure([(3.0, "error: memory preflight: does not fit")], [], 0.0)
+    assert res["tokens_per_s"] == 0.0 and res["time_to_first_step_s"] is None and res["steps"] == 0
+
+
+def test_commands_change_only_paths_and_steps(tmp_path):
+    cmd = qvl_train_command("lora_8b_24gb", tmp_path / "m", tmp_path / "r.yaml", tmp_path / "o", 30)
+    assert cmd[3:5] == ["train", str(Path(__file__).resolve().parents[2] / "examples" / "lora_8b_24gb.yaml")]
+    assert sorted(a.split("=")[0] for a in cmd[5:]) == ["dataset_registry", "dataset_use", "max_steps",
+                                                       "model_name_or_path", "output_dir", "resume"]
+    recipe = recipe_command(tmp_path / "m", tmp_path / "r.yaml", tmp_path / "o", 30)
+    assert recipe[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m"]
+    assert "--deepspeed" in recipe and recipe[recipe.index("--per_device_train_batch_size") + 1] == "2"

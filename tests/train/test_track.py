@@ -1,0 +1,53 @@
+"""The progress line's rate and ETA leave warm-up steps out; what the tracker writes per step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qvl.train.track import Throughput, Tracker
+
+
+def test_rate_and_eta_count_only_steps_after_warm_up():
+    t = Throughput(total_steps=40, start_step=0, now=0.0)
+    t.add(1, tokens=1000, now=60.0, warm=True)  # compiled and recorded: a minute
+    assert t.rate is None and t.eta(1) is None  # unknown, not "17 tok/s, ETA 40 min"
+    t.add(2, tokens=2000, now=61.0, warm=False)
+    assert t.rate == pytest.approx(2000.0)
+    assert t.eta(2) == pytest.approx(38 * 1.0)
+    t.add(3, tokens=1000, now=66.0, warm=True)  # a new row shape recorded: left out again
+    t.add(4, tokens=3000, now=67.5, warm=False)
+    assert t.rate == pytest.approx(5000 / 2.5)
+    assert t.eta(4) == pytest.approx(36 * 1.25)
+    assert t.tokens == 7000  # every step's tokens are still counted
+    assert t.eta(40) == 0
+
+
+def test_rate_after_resume_and_logging_gaps():
+    t = Throughput(total_steps=100, start_step=50, now=10.0)
+    t.add(51, tokens=500, now=20.0, warm=True)
+    t.add(60, tokens=9000, now=29.0, warm=False)  # nine steps since the last report
+    assert t.rate == pytest.approx(1000.0)
+    assert t.eta(60) == pytest.approx(40 * 1.0)
+
+
+def test_tracker_lines_say_warming_up_until_a_steady_step(tmp_path):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(report_to=["none"], run_name=None)
+    said = []
+    tracker = Tracker(tmp_path, cfg, total_steps=10, log=said.append)
+    metrics = {"loss": 1.0, "lr": 1e-4}
+    tracker.step(1, metrics, 100, log_now=False)  # the first step is a warm-up step: printed all the same
+    tracker.step(2, metrics, 100, log_now=False, warm="recorded 1 row shape")
+    tracker.step(3, metrics, 100, log_now=True)
+    assert len(said) == 3
+    assert "warming up (the first step)" in said[0] and "ETA -" in said[0]
+    assert "warming up (recorded 1 row shape)" in said[1]
+    assert "tok/s" in said[2] and "ETA -" not in said[2]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["warm_up"] for r in rows] == ["the first step", "recorded 1 row shape", None]
+    assert [r["tokens"] for r in rows] == [100, 200, 300]
+    assert rows[0]["tokens_per_s"] is None and rows[2]["tokens_per_s"] > 0
+    assert all(r["time"] > 0 for r in rows)
