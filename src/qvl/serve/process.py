@@ -33,6 +33,9 @@ class ServerProcess:
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = startup_timeout
         self.env = {**os.environ, **(env or {})}
+        # the child imports this same qvl, installed or not (a checkout run with PYTHONPATH=src, say)
+        here = str(Path(__file__).resolve().parents[2])
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (here, self.env.get("PYTHONPATH")) if p)
         self.proc: subprocess.Popen | None = None
         self._log = None
 
