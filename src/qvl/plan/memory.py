@@ -235,10 +235,12 @@ def layer_transient_bytes_per_token(m: ModelShape) -> int:
 
 def vision_transient_bytes_per_patch(m: ModelShape) -> int:
     """Vision encoder working set (no grad) per patch: the larger of the attention block (qkv, fp32 RoPE on
-    q/k) and the MLP, plus the fp32 + bf16 pixel input."""
+    q/k) and the MLP, plus the fp32 pixel input. (The bf16 copy of the pixels is gone by then: the tower
+    rebinds it to the patch embedding's output before the first block, so only the caller's fp32 tensor is
+    alive at the block peak; the vLLM logs in tests/plan/vllm_logs.json agree, see qvl.plan.vllm.)"""
     vh, vi = m.vision_hidden, m.vision_intermediate
     pixel = 3 * m.temporal_patch * m.patch_size**2
-    return max(26 * vh, 4 * vh + 4 * vi) + 2 * vh + 6 * pixel
+    return max(26 * vh, 4 * vh + 4 * vi) + 2 * vh + 4 * pixel
 
 
 def vision_saved_bytes_per_patch(m: ModelShape) -> int:
