@@ -132,7 +132,7 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
         t = time.perf_counter()
         for n in plan["warmup"]:
             asyncio.run(run_staggered(url, [work.body(i) for i in plan["images"][f"warmup{n}"]], args.stagger))
-        rows["warmup_s"] = time.perf_counter() - t
+        out["http_warmup_s"] = time.perf_counter() - t
         for n in plan["clients"]:
             results = asyncio.run(run_staggered(url, [work.body(i) for i in plan["images"][f"c{n}"]],
                                                 args.stagger))
