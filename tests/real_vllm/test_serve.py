@@ -164,9 +164,10 @@ def test_concurrent_requests_each_get_their_own_answer(servers, prompts):
 
 def bad_requests() -> dict:
     """The API tests' bad requests, plus a prompt longer than the 4,096-token context."""
-    from test_api import BAD  # tests/serve/test_api.py (on sys.path through serve_helpers' folder)
+    from test_api import BAD, image_message  # tests/serve/test_api.py (on sys.path with serve_helpers' folder)
 
     cases = {name: body for name, (body, _, _) in BAD.items()}
+    cases["too_many_media"] = {"model": "tiny", "messages": image_message(n=9)}  # the default limit is 8 images
     cases["context_length_exceeded"] = {"model": "tiny", "messages": [
         {"role": "user", "content": "red green blue " * 2000}]}
     return cases
