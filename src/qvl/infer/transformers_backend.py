@@ -23,6 +23,7 @@ from qvl.infer.engine import Engine, Prepared, RequestError, context_check
 from qvl.infer.types import Chunk, Handle, Request, SamplingParams, default_sampling, is_thinking
 
 log = logging.getLogger("qvl.infer")
+WARMUP_KEYS = 4096  # decode-step graphs captured at start-up cover contexts up to this many tokens
 
 
 class PresencePenalty:
@@ -252,6 +253,11 @@ class TransformersEngine(Engine):
                 f"fills the memory set aside for it (lower --max-batch-size for longer contexts)")
         self.max_model_len, self.max_batch_size = length, slots
         decoder = DecodeModel(self.model, slots, length)
+        if decoder.use_graphs:  # compile and capture now: the first requests must not wait for it (~0.1 s a shape)
+            t = time.time()
+            decoder.warmup(max_keys=min(length, WARMUP_KEYS))
+            say(f"decode step captured for {len(decoder._graphs)} batch x length shapes (up to "
+                f"{min(length, WARMUP_KEYS):,} tokens; longer ones at first use) in {time.time() - t:.0f} s")
         if vision_cache_mb is None:  # a chat turn re-sends its images: keep their encoder outputs
             vision_cache_mb = 1024 if decoder.device.type == "cuda" else 256
         visual = getattr(decoder.base.model, "visual", None)
