@@ -38,10 +38,13 @@ FORWARD_HIDDEN_BYTES = 6
 FORWARD_SPREAD = 0.10
 # Vision encoder on the profiled items: per patch the working set of qvl.plan.memory.vision_transient_bytes_per_patch,
 # NOT divided by tensor parallelism (vLLM gathers q/k/v to all heads in the vision tower, and Qwen3-VL's
-# --mm-encoder-tp-mode data replicates it). Qwen2.5-VL-architecture logs: 2.51 GiB at TP 4 (Qwen2.5-VL-72B,
-# vllm-project/vllm#16570, V0 0.8.3) and 2.49 GiB at TP 1 (MiMo-VL-7B, vLLM 0.19, llm-d-incubation/llm-d-planner#205)
-# for one 16,384-token image (65,536 patches): 40.9 kB/patch against 42.9 kB counted. No Qwen3-VL log with its
-# settings could be read: the spread is wider than the two logs'.
+# --mm-encoder-tp-mode data replicates it). Qwen2.5-VL-architecture logs for one 16,384-token image (65,536
+# patches): 2.51 GiB at TP 4 (Qwen2.5-VL-72B, vllm-project/vllm#16570, V0 0.8.3), 2.49 GiB at TP 1 (MiMo-VL-7B,
+# vLLM 0.19, llm-d-incubation/llm-d-planner#205), and at most 2.39 GiB with the non-torch memory (Qwen2.5-VL-7B on
+# an L4, vLLM 0.9.0.1, tsailiming/openshift-ai-bootstrap): 36-41 kB/patch against 40.5 kB counted (the fp32 pixel
+# input, not a bf16 copy besides it: the tower rebinds that before its first block). No Qwen3-VL log with its
+# settings and an image profile could be read (the one read profiled a video: tests/plan/vllm_logs.json,
+# qwen3-vl-30b-a3b-4x3090-tp4-v0.11): the spread is wider than the logs'.
 ENCODER_SPREAD = 0.25
 # CUDA graph pools: vLLM >= 0.21 estimates them before sizing the KV cache ("CUDA graph memory profiling is
 # enabled (default since v0.21.0)"); logged pools 0.09-1.85 GiB (noonghunna/club-3090#1087, #1139,
