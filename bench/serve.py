@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turn-image", default="1024x1024", help="WxH of the two-turn conversation's image")
     ap.add_argument("--conversations", type=int, default=3, help="two-turn conversations (0: none)")
     ap.add_argument("--max-batch-size", type=int, default=64, help="KV-cache slots (server and engine)")
-    ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--kv-cache-gib", type=float, default=40.0)
+    ap.add_argument("--max-model-len", type=int, default=2048, help="context (the turns need ~1,500 tokens)")
+    ap.add_argument("--kv-cache-gib", type=float, default=24.0, help="64 slots x 2,048 tokens of the 8B: 18 GiB")
     ap.add_argument("--skip", default="", help="comma list: http, engine")
     ap.add_argument("--cpu", action="store_true", help="run the server and the engine on the CPU")
     ap.add_argument("--smoke", action="store_true",
