@@ -27,7 +27,7 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 recorded before the first step), qvl-graphs-off (the same without CUDA graphs),
                 qvl-budget{95,90,80,70}-nockpt (nothing checkpointed, the compiler's partition under
                 activation_memory_budget), qvl-fit-b80 (4 layers recomputed whole, 32 kept under budget 0.8:
-                within the baseline's memory at 8B), qvl-mlp-keep4 (session 8's defaults: 32 layers
+                within the baseline's memory at 8B), qvl-mlp-keep4 (the defaults until 2026-11-27: 32 layers
                 recomputing their MLP), qvl-pad128 (the defaults, rows padded to 128-token multiples),
                 qvl-read-late (the defaults with each step's numbers copied to the host only when read),
                 qvl-workers8 (the defaults with 8 DataLoader workers), qvl-gemm0 / qvl-gemm512 (the defaults
@@ -735,14 +735,14 @@ def main(argv=None):
           for b in (0.95, 0.9, 0.8, 0.7)],
         # within the baseline's memory (8B, this workload's 4,608-token longest row): 32 layers kept under budget 0.8
         # (68.7 KB per token each, bench/experiments/layer_memory.py), 4 recomputed whole; gemm_row_multiple off, as measured
-        # before session 11 made auto 128 on a GPU (qvl-fit-b80-gemm128 is this row with it)
+        # before auto became 128 on a GPU (2026-11-28; qvl-fit-b80-gemm128 is this row with it)
         ("qvl-fit-b80", dict(compile_layers=True, gradient_checkpointing_ratio=4 / 36, packed_attention="per_sample",
                              bench_warmup=8, activation_memory_budget=0.8, gemm_row_multiple=0)),
         # the defaults with rows padded to 128-token multiples for the CUDA graphs (half the padding, more recordings)
         ("qvl-pad128", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                             bench_warmup=8, cuda_graphs_row_multiple=128)),
         # the defaults with each step's numbers copied to the host when read, once the next step is queued (before
-        # session 10): the read waits for the next step too, and the GPU idles while the host builds the one after
+        # 2026-11-28): the read waits for the next step too, and the GPU idles while the host builds the one after
         ("qvl-read-late", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                                bench_warmup=8, levers_off=("read_ahead",))),
         # the defaults with 8 DataLoader workers instead of 4 (is the loader what a step waits for?)
@@ -762,12 +762,12 @@ def main(argv=None):
         ("qvl-fit-host", dict(compile_layers=True, gradient_checkpointing_ratio=0.0, packed_attention="per_sample",
                               bench_warmup=8, activation_memory_budget=0.8, gemm_row_multiple=128,
                               host_embeddings=True)),
-        # qvl-fit-host with the frozen tower's forward as before session 12: the patch embedding as cuDNN's Conv3d,
+        # qvl-fit-host with the frozen tower's forward as before 2026-11-28: the patch embedding as cuDNN's Conv3d,
         # cos / sin recomputed inside every block's kernels
         ("qvl-fit-host-oldtower", dict(compile_layers=True, gradient_checkpointing_ratio=0.0,
                                        packed_attention="per_sample", bench_warmup=8, activation_memory_budget=0.8,
                                        gemm_row_multiple=128, host_embeddings=True, levers_off=("tower_forward",))),
-        # the defaults with the frozen tower's forward as before session 12
+        # the defaults with the frozen tower's forward as before 2026-11-28
         ("qvl-oldtower", dict(compile_layers=True, gradient_checkpointing_ratio="auto", packed_attention="per_sample",
                               bench_warmup=8, levers_off=("tower_forward",))),
         # the previous defaults: 32 layers recomputing their MLP (gradient_checkpointing_scope mlp), 4 kept
@@ -782,7 +782,7 @@ def main(argv=None):
                                 gradient_checkpointing_scope="auto", cuda_graphs=False)),
         ("qvl-auto-layer", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                 packed_attention="per_sample", bench_warmup=8)),
-        # the defaults with the frozen vision tower's blocks left eager (session 5 measured the reverse row,
+        # the defaults with the frozen vision tower's blocks left eager (2026-11-27 measured the reverse row,
         # qvl-vision-compiled, before compiling them became the default)
         ("qvl-vision-eager", dict(compile_layers=True, gradient_checkpointing_ratio="auto",
                                   packed_attention="per_sample", bench_warmup=8, gradient_checkpointing_scope="auto",

@@ -136,7 +136,10 @@ def apply_training_mode(model, cfg):
 def enable_gradient_checkpointing(model) -> None:
     """Recompute activations; non-reentrant (works with LoRA and frozen embeddings)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns there)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers 5.17
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
     if any(not p.requires_grad for p in base.model.language_model.embed_tokens.parameters()):
         base.enable_input_require_grads()

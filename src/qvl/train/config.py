@@ -192,7 +192,7 @@ class TrainConfig(BaseModel):
                                    "to a few multiples of this many (every one up to 15, then 8 per doubling: at most "
                                    "1/8 more), each met once before training, so no step meets a new matmul shape: "
                                    "cuBLAS holds the host until the GPU is idle the first time it meets one "
-                                   "(bench/kernel_loading.py). auto: 128 on a GPU (one process or DDP), else 0 (off). "
+                                   "(bench/experiments/kernel_loading.py). auto: 128 on a GPU (one process or DDP), else 0 (off). "
                                    "A multiple of 4 (the tower merges 2 x 2 patches); the tower's padding needs the "
                                    "packed-row path (per_sample attention)")
     warmup_shapes: Literal["lazy", "ahead"] = Field(

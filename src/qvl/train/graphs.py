@@ -2,7 +2,7 @@
 
 Why: without graphs a LoRA step on an H100 waits for the host a quarter of the time. Python, dynamo's guards, the
 compiled layers' wrappers and the autograd engine launch ~5k kernels per step, and the GPU idles in the gaps (8B:
-busy 77 % of a step; with the decoder replayed, 96 %: docs/benchmarks.md, session 7). A CUDA graph replays a
+busy 77 % of a step; with the decoder replayed, 96 %: 2026-11-27, bench/train_throughput.py --trace). A CUDA graph replays a
 recorded forward of all decoder layers as one call, and their backward (recompute included) as another.
 
 What is recorded: the text model's rotary embedding, its decoder layers, the deepstack additions and the final norm.

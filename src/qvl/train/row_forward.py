@@ -69,7 +69,7 @@ def pad_media(batch: dict, multiple: int, merge: int) -> dict:
     (``gemm_row_multiple``).
 
     Why: the tower's matmuls then meet a few patch counts instead of a new one almost every step, and cuBLAS holds
-    the host until the GPU is idle the first time it meets a shape (``bench/kernel_loading.py``); :func:`warm_tower`
+    the host until the GPU is idle the first time it meets a shape (``bench/experiments/kernel_loading.py``); :func:`warm_tower`
     meets them all before training. The tower attends within each image, so the padding changes no real patch's
     output; its tokens come after every real one, so :func:`row_hidden`'s ``masked_scatter`` places the real tokens
     and leaves them unused. The packed-row path only: transformers' own forward checks the features' count against

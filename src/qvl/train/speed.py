@@ -38,7 +38,7 @@ def add_product_fp32(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
     """``total += a @ b`` for 16-bit ``a``, ``b`` into an fp32 ``total``. On a GPU the matmul adds into ``total``
     itself (cuBLAS with an fp32 output): a full fine-tuning head's weight gradient (vocabulary x hidden, 2.5 GB in
     fp32 at 8B) is then read and written once per chunk, instead of a 16-bit product written, copied to fp32 and
-    added (about twice the memory traffic and two more kernels; bench/liger_levers.py --train-head)."""
+    added (about twice the memory traffic and two more kernels; bench/experiments/liger_levers.py --train-head)."""
     if total.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and hasattr(torch.ops.aten.addmm, "dtype_out"):
         torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
     else:
@@ -89,7 +89,7 @@ def gemm_rows(n: int, multiple: int) -> int:
     """``n`` rows rounded up to one of a few sizes (``gemm_row_multiple``): every multiple of ``multiple`` up to
     15 of them, then 8 sizes per doubling (so at most 1/8 more rows). Why a ladder, not every multiple: a step's
     patch count ranges over thousands, so a plain multiple still meets a new matmul shape almost every step, and the
-    first time cuBLAS meets a shape it holds the host until the GPU is idle (``bench/kernel_loading.py``)."""
+    first time cuBLAS meets a shape it holds the host until the GPU is idle (``bench/experiments/kernel_loading.py``)."""
     if multiple <= 1:
         return n
     k = -(-n // multiple)
@@ -99,7 +99,7 @@ def gemm_rows(n: int, multiple: int) -> int:
 
 def gemm_multiple_for(choice, device: torch.device, engine: str = "ddp") -> int:
     """``gemm_row_multiple`` resolved: ``auto`` is 128 on a GPU under one process or DDP (8B LoRA on an H100: +1.9 %
-    tokens/s, docs/benchmarks.md session 11; the warm-up takes the tower's compilation the first steps took), else
+    tokens/s, 2026-11-28, the levers in bench/results/train_throughput.json; the warm-up takes the tower's compilation the first steps took), else
     0; a number is itself."""
     if choice != "auto":
         return int(choice)
