@@ -193,3 +193,20 @@ def test_dtype_and_head_dim_on_cpu():
 def test_ignore_eos_reaches_vllm():
     assert to_vllm_sampling(SamplingParams(ignore_eos=True))["ignore_eos"] is True
     assert "ignore_eos" not in to_vllm_sampling(SamplingParams())
+
+
+def test_prompt_count_includes_the_generation_prompt(tiny_processor):
+    """The context check counted the conversation without `<|im_start|>assistant\\n` (3 tokens short of what vLLM
+    is sent; the transformers backend counted them): found when both backends refused the same long prompt."""
+    from qvl.data.preprocess import count_tokens
+    from qvl.data.samples import Sample
+    from qvl.infer.vllm_backend import generation_prompt_tokens
+
+    msgs = [Message("user", [Media("image", Image.new("RGB", (64, 64), "red")), "red green blue " * 50])]
+    prompt = to_vllm_prompt(tiny_processor, msgs)["prompt"]
+    added = generation_prompt_tokens(tiny_processor, msgs, prompt)
+    assert added == len(tiny_processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+    from qvl.data.preprocess import encode
+
+    enc = encode(Sample(msgs), tiny_processor, for_generation=True)
+    assert count_tokens(Sample(msgs), tiny_processor) + added == len(enc)

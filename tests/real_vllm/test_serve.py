@@ -124,6 +124,19 @@ def test_stream_equals_non_stream_with_usage(servers, prompts, name):
     assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
 
 
+def test_stream_arrives_over_time(servers, prompts):
+    """Server-sent events leave as vLLM produces tokens, not in one block at the end."""
+    import time
+
+    vllm, _ = servers
+    started, stamps = time.perf_counter(), []
+    for ev in ask(vllm, prompts["one_image"], max_tokens=300, ignore_eos=True, stream=True, **PLAIN_GREEDY):
+        if any(ch.delta.content for ch in ev.choices):
+            stamps.append(time.perf_counter() - started)
+    assert len(stamps) > 100
+    assert stamps[len(stamps) // 2] - stamps[0] > 0.25 * (stamps[-1] - stamps[0])  # spread over the generation
+
+
 @pytest.mark.parametrize("n", [1, 5, 17])
 def test_max_tokens(servers, prompts, n):
     vllm, hf = servers
@@ -196,3 +209,57 @@ def test_bad_requests_get_the_same_4xx_as_transformers(servers):
             assert (a.status_code, without_temp_paths(a.text)) == (b.status_code, without_temp_paths(b.text)), name
     r = ask(vllm, [{"role": "user", "content": "still there?"}], max_tokens=2)  # the engine survived them all
     assert r.usage.completion_tokens >= 1
+
+
+# The whole assistant message, reasoning included: random weights emit <think> tokens mid-answer, and the page
+# then moves the text so far into the folded reasoning (the answer's own length jumps back to 0)
+RECORD_MESSAGE = """() => {
+  window.__lens = [];
+  new MutationObserver(() => {
+    const a = [...document.querySelectorAll('.msg.assistant')].pop();
+    if (a) window.__lens.push(a.textContent.length);
+  }).observe(document.getElementById('chat'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_web_chat_page_streams_from_vllm(servers, tmp_path):
+    """The chat page of `qvl serve --backend vllm` in a real headless Chromium (skipped without one): an image
+    and a question, an answer and the usage line. That the answer streams is checked on the wire
+    (test_stream_arrives_over_time): in the page, run after the other tests of this module, the whole answer
+    (~270 tokens in 1.7 s) was painted at once, while run alone it appeared piece by piece (not explained)."""
+    import os
+    import shutil
+
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from test_browser import ARGS, CHROMIUM  # tests/serve/test_browser.py: the same Chromium and flags
+
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    vllm, _ = servers
+    img = tmp_path / "red.png"
+    img.write_bytes(png_bytes(96, 64))
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True, timeout=60_000)
+        page = b.new_page(viewport={"width": 1200, "height": 800})
+        page.set_default_timeout(120_000)
+        page.goto(vllm.url + "/")
+        page.wait_for_function("document.getElementById('temperature').value !== ''")  # config loaded
+        page.fill("#max_tokens", "200")
+        page.set_input_files("#file", str(img))
+        page.wait_for_selector("#attach .chip")
+        page.fill("#prompt", "What colour is the picture?")
+        page.evaluate(RECORD_MESSAGE)
+        import time
+
+        started = time.perf_counter()
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-state=done]")
+        took = time.perf_counter() - started
+        answer = page.text_content(".msg.assistant")
+        lens = page.evaluate("window.__lens")
+        status = page.text_content("#status")
+        b.close()
+    assert answer and len(answer) > 3 and lens and max(lens) == len(answer), (lens, took, status)
+    assert "prompt +" in status and "completion tokens" in status

@@ -42,12 +42,14 @@ build_cache() {
   [ -f "$cache/.complete" ] || build_cache
 ) 9>"$root/venv-vllm-$key.lock"
 
-if [ "$(cat "$OVERLAY/.installed" 2>/dev/null)" != "$key $PWD" ]; then
+# the overlay is remade when the cache, the checkout, qvl's requirements or this script change
+stamp="$key $PWD $(cat pyproject.toml "$HERE/venv.sh" | sha256sum | cut -c1-16)"
+if [ "$(cat "$OVERLAY/.installed" 2>/dev/null)" != "$stamp" ]; then
   rm -rf "$OVERLAY"
   $PY -m venv "$OVERLAY"
   site=$("$OVERLAY/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   base=$("$cache/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   echo "import site; site.addsitedir('$base')" > "$site/_qvl_vllm_base.pth"
-  pip_in "$OVERLAY/bin/python" install -c "$HERE/pins.txt" -e ".[serve]" pytest pytest-timeout
-  echo "$key $PWD" > "$OVERLAY/.installed"
+  pip_in "$OVERLAY/bin/python" install -c "$HERE/pins.txt" -e ".[serve,dev]"
+  echo "$stamp" > "$OVERLAY/.installed"
 fi

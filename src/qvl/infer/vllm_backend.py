@@ -262,6 +262,18 @@ def to_vllm_prompt(processor, messages: list[Message], budget=None) -> dict:
     return out
 
 
+def generation_prompt_tokens(processor, messages: list[Message], prompt: str) -> int:
+    """Tokens the generation prompt (``<|im_start|>assistant\n``, plus ``<think>\n`` on Thinking models) adds to
+    the conversation: ``count_tokens`` counts the conversation as training sees it, vLLM the prompt it is sent."""
+    from qvl.data.preprocess import render
+
+    plain = render(processor, messages)
+    if not prompt.startswith(plain):  # a template that renders the turns differently with the prompt added
+        return len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - \
+            len(processor.tokenizer(plain, add_special_tokens=False)["input_ids"])
+    return len(processor.tokenizer(prompt[len(plain):], add_special_tokens=False)["input_ids"])
+
+
 def adapter_touches_vision(adapter: str | Path) -> bool:
     """True if a PEFT adapter has weights on the vision tower or merger (vLLM would drop them)."""
     adapter = Path(adapter)
@@ -399,7 +411,8 @@ class VllmEngine(Engine):
             raise RequestError("the last message must be a user message", param="messages")
         try:
             prompt = to_vllm_prompt(self.processor, request.messages)
-            n = count_tokens(Sample(request.messages), self.processor) if self._count else 0
+            n = (count_tokens(Sample(request.messages), self.processor)
+                 + generation_prompt_tokens(self.processor, request.messages, prompt["prompt"])) if self._count else 0
         except QvlError as e:
             raise RequestError(e.what, code="invalid_media", param="messages", fix=e.fix) from None
         sampling = context_check(n, self.max_model_len, request.sampling)
