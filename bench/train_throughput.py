@@ -199,14 +199,14 @@ BUDGET_KEYS = dict(min_pixels=64 * 1024, max_pixels=1400 * 1024, video_fps=2.0, 
 
 def strip_adapters(model) -> None:
     """Undo what a qvl run did to the shared base model: LoRA layers, compiled parts, checkpointing."""
-    from qvl.train import speed
+    from qvl.train import compile
 
     for name, module in list(model.named_modules()):
         base = getattr(module, "base_layer", None)
         if base is not None and hasattr(module, "lora_A"):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, base)
-    speed.uncompile(model)
+    compile.uncompile(model)
     import torch._dynamo
 
     torch._dynamo.reset()  # the next row compiles afresh (its settings may differ), below dynamo's recompile limit
@@ -318,7 +318,7 @@ class Timeline:
               ("      DecoderGraphs (replay)", "qvl.train.graphs", "DecoderGraphs.__call__"),
               ("    backward graph (replay)", "qvl.train.graphs", "_Replay.backward"),
               ("finish_step (clip + optimizer)", "qvl.train.distributed", "finish_step"),
-              ("host_read (waits for the GPU)", "qvl.train.speed", "host_read"))
+              ("host_read (waits for the GPU)", "qvl.train.host", "host_read"))
 
     def __init__(self):
         import importlib
@@ -396,7 +396,7 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
     from qvl.train.loop import train
 
     import qvl.models.attention as attn_mod
-    from qvl.train import speed
+    from qvl.train import compile, components, host
 
     levers_off = overrides.pop("levers_off", ())  # one lever switched off, to measure what it gives
     levers_on = overrides.pop("levers_on", ())  # a lever not in the loop yet, to measure what it would give
@@ -412,7 +412,7 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         clock.timeline = timeline
     if profile:  # named ranges for the profile: the vision tower's forward and the loss head
         label(model_of(base).model.visual, "bench: vision tower")
-    saved = (load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit)
+    saved = (load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, components.lora_inputs_stay_16bit)
     load_mod.load_model = lambda *a, **k: base
     ckpt_mod.save_final = lambda *a, **k: []  # the servable folder at the end is not part of the throughput
     if "vision_sdpa" in levers_off:  # the vision tower's sdpa may pick cuDNN
@@ -424,12 +424,12 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
         original = saved[2]
         attn_mod.use_vision_sdpa = lambda model: original(model, varlen=False)
     if "lora_16bit" in levers_off:  # PEFT casts LoRA inputs to fp32
-        speed.lora_inputs_stay_16bit = lambda model: 0
-    compile_vision_blocks, queue_host_read = speed.compile_vision_blocks, speed.queue_host_read
+        components.lora_inputs_stay_16bit = lambda model: 0
+    compile_vision_blocks, queue_host_read = compile.compile_vision_blocks, host.queue_host_read
     if "read_ahead" in levers_off:  # a step's numbers copied when read (behind the next step: it waits for that too)
-        speed.queue_host_read = lambda *values: (None, values, None)
+        host.queue_host_read = lambda *values: (None, values, None)
     if "compile_vision" in levers_off:  # the frozen vision tower's blocks left eager
-        speed.compile_vision_blocks = lambda model, **k: 0
+        compile.compile_vision_blocks = lambda model, **k: 0
     from qvl.models import tower_speed
 
     tower_saved = (tower_speed.linear_patch_embed, tower_speed.stored_rotary)
@@ -458,9 +458,9 @@ def run_loop(name, args, base, model_dir, registry, work: Path, flops_per_token,
             print(f"{name}: host and GPU time per step (steps {warmup}-{warmup + timed}):\n"
                   f"{timeline.report(warmup)}", flush=True)
         inductor_config.cpp_wrapper, functorch_config.activation_memory_budget = cpp_wrapper, budget
-        speed.compile_vision_blocks, speed.queue_host_read = compile_vision_blocks, queue_host_read
+        compile.compile_vision_blocks, host.queue_host_read = compile_vision_blocks, queue_host_read
         tower_speed.linear_patch_embed, tower_speed.stored_rotary = tower_saved
-        load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, speed.lora_inputs_stay_16bit = saved
+        load_mod.load_model, ckpt_mod.save_final, attn_mod.use_vision_sdpa, components.lora_inputs_stay_16bit = saved
     cuda = args.device.startswith("cuda")
     res = clock.stats(warmup, warmup + timed, samples_per_step)
     res.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -486,14 +486,14 @@ def row_lengths(plan, encs, batch: int, warmup: int, timed: int, multiple: int, 
     """How many distinct padded row lengths (CUDA graph recordings) the warm-up and the timed steps meet; with
     ``budget`` (packed_row_tokens) each step's samples regrouped as the loop regroups them."""
     from qvl.data.packing import graph_row_length
-    from qvl.train.speed import rows_by_budget
+    from qvl.train.loop import row_groups
 
     order = [i for epoch in range((warmup + timed) * batch // len(plan.epoch_order(0)) + 1)
              for i in plan.epoch_order(epoch)]
     steps = []  # per step: its rows' real token counts
     for k in range(warmup + timed):
         lengths = [len(encs[i]) for i in order[k * batch:(k + 1) * batch]]
-        groups = rows_by_budget(lengths, budget) if budget else [range(len(lengths))]
+        groups = row_groups(lengths, budget) if budget else [range(len(lengths))]
         steps.append([sum(lengths[i] for i in g) for g in groups])
     padded = [[graph_row_length(n, multiple) for n in step] for step in steps]
     seen_warm = {r for step in padded[:warmup] for r in step}
@@ -509,12 +509,12 @@ def ratio_to_fit(model, budget_gib: float, all_ckpt_peak_gib: float, longest_row
     """Selective checkpointing that fits ``budget_gib``: the planner's per-layer activations (kept when a layer
     is not recomputed) x the longest row, against what the all-recompute run left free."""
     from qvl.plan.memory import layer_saved_bytes_per_token
-    from qvl.train import speed
+    from qvl.train import recompute
 
     shape = _shape_of(model)
     layer = layer_saved_bytes_per_token(shape, 64, targets) * longest_row
     free = (budget_gib - all_ckpt_peak_gib) * 2**30
-    return speed.ratio_for_memory(shape.layers, free, layer)
+    return recompute.ratio_for_memory(shape.layers, free, layer)
 
 
 def _shape_of(model):

@@ -33,7 +33,7 @@ def make_layer(cfg, device, setting: str):
     from peft import LoraConfig, get_peft_model
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer
 
-    from qvl.train import speed
+    from qvl.train import components, recompute
 
     class Stack(torch.nn.Module):  # decoder_layers() finds .layers through language_model()
         def __init__(self):
@@ -46,14 +46,14 @@ def make_layer(cfg, device, setting: str):
         p.requires_grad_(False)
     model = get_peft_model(stack, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0,
                                              target_modules=r".*\.(q_proj|k_proj|v_proj|o_proj)"))
-    speed.lora_inputs_stay_16bit(model)
+    components.lora_inputs_stay_16bit(model)
     layer = model.base_model.model.layers[0]
     layer.gradient_checkpointing = setting in ("mlp", "layer")
     context = None
     if setting == "mlp":
         heads, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        context = speed.recompute_mlp_only(cfg.hidden_size, heads * hd, kv * hd)
-    speed.checkpoint_inside(layer, context)
+        context = recompute.recompute_mlp_only(cfg.hidden_size, heads * hd, kv * hd)
+    recompute.checkpoint_inside(layer, context)
     layer.compile(backend="inductor", dynamic=True)
     return layer
 

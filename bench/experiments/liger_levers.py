@@ -3,7 +3,7 @@
     python bench/experiments/liger_levers.py --out liger_levers.json
 
 #7 lists Liger (fused linear + cross-entropy, RMSNorm, RoPE) as a lever. qvl does not use it: the loss head is
-qvl's own chunked linear + cross-entropy (``qvl.train.speed.linear_cross_entropy``) and the decoder layers are
+qvl's own chunked linear + cross-entropy (``qvl.train.loss_head.linear_cross_entropy``) and the decoder layers are
 compiled, so inductor fuses their norms and rotary embedding into the kernels around them. This measures each
 op alone on Qwen3-VL-8B's shapes, forward + backward, frozen weights (LoRA: the head and the norms get no gradient;
 ``--train-head`` gives the head one, as full fine-tuning does):
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from qvl.models.sizes import RMS_NORM_EPS, VOCAB_SIZE, get_size  # noqa: E402
-from qvl.train.speed import linear_cross_entropy  # noqa: E402
+from qvl.train.loss_head import linear_cross_entropy  # noqa: E402
 
 
 def timed(fn, reps: int) -> tuple[float, float]:

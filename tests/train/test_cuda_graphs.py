@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qvl.data.packing import graph_row_length, pad_row, padded_length
-from qvl.train import speed
+from qvl.train import graphs, loop
 from qvl.train.loop import train
 from qvl.train.track import read_metrics
 
@@ -112,7 +112,7 @@ def test_planned_rows_are_the_rows_the_loop_packs(make_cfg, tmp_path):
     assert planned == real and len(real) >= 5 and [33] in real, (planned, real, plan.total_steps)
     # packed_row_tokens: a step's samples (one micro-batch here) regrouped by the loop's rule, from the estimates
     budget = 80
-    regrouped = [[row[i] for i in r] for row in real for r in speed.rows_by_budget(row, budget)]
+    regrouped = [[row[i] for i in r] for row in real for r in loop.row_groups(row, budget)]
     assert planned_rows(plan, 1, 5, budget) == regrouped and len(regrouped) > len(real), regrouped
     # what gradient_checkpointing_ratio auto sizes kept layers for: the longest planned row, padded as graphs pad it
     every = [sum(r) for r in planned_rows(plan, 0, plan.total_steps)]
@@ -123,27 +123,27 @@ def test_planned_rows_are_the_rows_the_loop_packs(make_cfg, tmp_path):
 
 def test_cuda_graphs_choice_says_why_not():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert speed.cuda_graphs_choice(False, gpu, 1, True, True) == (False, "")
-    assert "CUDA" in speed.cuda_graphs_choice(True, cpu, 1, True, True)[1]
-    assert "one process" in speed.cuda_graphs_choice(True, gpu, 2, True, True)[1]
-    assert "per_sample" in speed.cuda_graphs_choice(True, gpu, 1, False, True)[1]
-    assert "varlen" in speed.cuda_graphs_choice(True, gpu, 1, True, False)[1]
-    assert speed.cuda_graphs_choice(True, gpu, 1, True, True) == (True, "on")
+    assert graphs.cuda_graphs_choice(False, gpu, 1, True, True) == (False, "")
+    assert "CUDA" in graphs.cuda_graphs_choice(True, cpu, 1, True, True)[1]
+    assert "one process" in graphs.cuda_graphs_choice(True, gpu, 2, True, True)[1]
+    assert "per_sample" in graphs.cuda_graphs_choice(True, gpu, 1, False, True)[1]
+    assert "varlen" in graphs.cuda_graphs_choice(True, gpu, 1, True, False)[1]
+    assert graphs.cuda_graphs_choice(True, gpu, 1, True, True) == (True, "on")
     # auto: where it was measured, and said when not
-    assert speed.cuda_graphs_choice("auto", cpu, 1, True, True) == (False, "")
-    assert speed.cuda_graphs_choice("auto", gpu, 2, True, True) == (False, "")  # DDP: quiet under auto
-    assert speed.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=80) == (True, "auto")
-    assert "compile_layers" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, compiled=False)[1]
-    assert "LoRA" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, lora=False)[1]
-    assert "LoRA" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, upstream_trains=True)[1]
-    assert "24 GiB card" in speed.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=24)[1]
-    assert speed.cuda_graphs_choice(True, gpu, 1, True, True, compiled=False, total_gib=24) == (True, "on")
+    assert graphs.cuda_graphs_choice("auto", cpu, 1, True, True) == (False, "")
+    assert graphs.cuda_graphs_choice("auto", gpu, 2, True, True) == (False, "")  # DDP: quiet under auto
+    assert graphs.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=80) == (True, "auto")
+    assert "compile_layers" in graphs.cuda_graphs_choice("auto", gpu, 1, True, True, compiled=False)[1]
+    assert "LoRA" in graphs.cuda_graphs_choice("auto", gpu, 1, True, True, lora=False)[1]
+    assert "LoRA" in graphs.cuda_graphs_choice("auto", gpu, 1, True, True, upstream_trains=True)[1]
+    assert "24 GiB card" in graphs.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=24)[1]
+    assert graphs.cuda_graphs_choice(True, gpu, 1, True, True, compiled=False, total_gib=24) == (True, "on")
 
 
 def test_standing_grads_are_added_into():
     p = torch.nn.Parameter(torch.ones(3))
     frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
-    assert speed.standing_grads([p, frozen]) == 1 and frozen.grad is None
+    assert graphs.standing_grads([p, frozen]) == 1 and frozen.grad is None
     held = p.grad
     (p * 2).sum().backward()
     (p * 3).sum().backward()
@@ -168,7 +168,7 @@ def test_loop_with_graph_settings_trains_like_plain(make_cfg, tmp_path, monkeypa
 
     plain = train(make_cfg(output_dir=str(tmp_path / "plain"), **kw), callbacks=[counter("plain")], **quiet)
     said = []
-    monkeypatch.setattr(speed, "cuda_graphs_choice", lambda *a, **k: (True, "on"))
+    monkeypatch.setattr(graphs, "cuda_graphs_choice", lambda *a, **k: (True, "on"))
     graphed = train(make_cfg(output_dir=str(tmp_path / "graphs"), cuda_graphs=True, cuda_graphs_row_multiple=128,
                              **kw), callbacks=[counter("graphs")], log=said.append)
     assert "cuda_graphs: a forward ran without graphs: not one packed row of embeddings on a GPU" in said

@@ -284,7 +284,7 @@ def test_a_step_is_read_once_the_next_is_queued(make_cfg, tmp_path, monkeypatch)
     """The loop reads a step's loss (a host sync) after it has queued the next step, so the GPU is not idle while
     the host reads and prepares; a checkpoint's step is read before it is saved, the last step after the loop. The
     numbers are the steps' own: the logged losses are the run's, in order."""
-    from qvl.train import distributed, speed
+    from qvl.train import distributed, host
     from qvl.train.track import read_metrics
 
     events = []
@@ -293,8 +293,8 @@ def test_a_step_is_read_once_the_next_is_queued(make_cfg, tmp_path, monkeypatch)
     save = ckpt.save_checkpoint
     monkeypatch.setattr(ckpt, "save_checkpoint", lambda out, step, *a, **k: events.append(f"save {step}") or
                         save(out, step, *a, **k))
-    queue = speed.queue_host_read
-    monkeypatch.setattr(speed, "queue_host_read", lambda *v: events.append("copy") or queue(*v))
+    queue = host.queue_host_read
+    monkeypatch.setattr(host, "queue_host_read", lambda *v: events.append("copy") or queue(*v))
     r = train(make_cfg(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, save_strategy="steps"),
               log=lambda *_: None, callbacks=[lambda step, row: events.append(f"read {step}")])
     # each step's copy to the host is queued right behind its own work (before the next step's), so its read

@@ -109,9 +109,9 @@ def test_extras_equal_what_transformers_derives(setup):
 
 
 def test_compiled_tower_gives_the_same_loss(setup):
-    """speed.compile_vision_tower (the whole forward, undecorated, dynamic shapes) on a row with images and a video:
+    """compile.compile_vision_tower (the whole forward, undecorated, dynamic shapes) on a row with images and a video:
     transformers' loss; uncompile takes it away."""
-    from qvl.train import speed
+    from qvl.train import compile
     from qvl.train.loop import LossModule, pack_micro_batch
 
     model, processor, rope, samples = setup
@@ -120,16 +120,16 @@ def test_compiled_tower_gives_the_same_loss(setup):
     lm = LossModule(model, bounds_as_inputs=True)
     with torch.no_grad():
         ref = float(lm(dict(batch), n)[0])
-        assert speed.compile_vision_tower(model, backend="aot_eager")
+        assert compile.compile_vision_tower(model, backend="aot_eager")
         visual = model.get_base_model().model.visual
         assert visual.qvl_compiled_forward is not None
         got = [float(lm(dict(batch), n)[0]) for _ in range(2)]
-    speed.uncompile(model)
+    compile.uncompile(model)
     assert "qvl_compiled_forward" not in visual.__dict__
     assert got == pytest.approx([ref, ref], rel=1e-5)
     visual.merger.linear_fc1.weight.requires_grad_(True)  # a tower that trains: left alone
     try:
-        assert not speed.compile_vision_tower(model, backend="aot_eager")
+        assert not compile.compile_vision_tower(model, backend="aot_eager")
     finally:
         visual.merger.linear_fc1.weight.requires_grad_(False)
 
@@ -172,7 +172,7 @@ def test_warm_tower_runs_every_padded_patch_count(setup, monkeypatch):
     """warm_tower: one tower call per size pad_media can make (gemm_ladder), each of zero images whose grid holds
     exactly that many patches; the tower's output is one merged token per merge x merge patches."""
     from qvl.train import row_forward
-    from qvl.train.speed import gemm_ladder
+    from qvl.train.loss_head import gemm_ladder
 
     model, _, _, _ = setup
     visual = model.get_base_model().model.visual

@@ -1,4 +1,5 @@
-"""Speed levers (src/qvl/train/speed.py) compute what the plain path computes.
+"""Speed levers (src/qvl/train/: loss_head, recompute, compile, graphs, host; components, distributed) compute
+what the plain path computes.
 
 Each lever against the plain path on CPU (tiny model, fp32): losses rel 1e-5, gradients max |diff| /
 max |grad| < 1e-4 per parameter, unless said otherwise. Liger / flex / fused CUDA kernels are GPU-only
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from qvl.errors import QvlError
-from qvl.train import speed
+from qvl.train import compile, components, distributed, host, loop, loss_head, recompute
 from qvl.train.loop import train
 from qvl.train.track import read_metrics
 
@@ -40,7 +41,7 @@ def test_linear_cross_entropy_equals_plain(chunk):
     (ref / 7).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    got = speed.linear_cross_entropy(h, w, t, chunk=chunk)
+    got = loss_head.linear_cross_entropy(h, w, t, chunk=chunk)
     (got / 7).backward()
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -55,8 +56,8 @@ def test_add_product_fp32_on_cpu_and_gpu():
         a = torch.randn(48, 40, device=device, dtype=torch.bfloat16)
         b = torch.randn(40, 24, device=device, dtype=torch.bfloat16)
         total = torch.ones(48, 24, device=device)
-        speed.add_product_fp32(total, a, b)
-        speed.add_product_fp32(total, a, b)
+        loss_head.add_product_fp32(total, a, b)
+        loss_head.add_product_fp32(total, a, b)
         want = 1 + 2 * (a.float() @ b.float())
         assert total.dtype == torch.float32
         assert (total - want).abs().max() / want.abs().max() < 1e-2, device  # at most a bf16 rounding per product
@@ -74,7 +75,7 @@ def test_linear_cross_entropy_trained_bf16_head_on_gpu():
     ref.backward()
     gh, gw = h.grad.float(), w.grad.float()
     h.grad = w.grad = None
-    got = speed.linear_cross_entropy(h, w, t, chunk=64, row_multiple=32)
+    got = loss_head.linear_cross_entropy(h, w, t, chunk=64, row_multiple=32)
     got.backward()
     assert got.item() == pytest.approx(ref.item(), rel=1e-4)
     assert (h.grad.float() - gh).abs().max() / gh.abs().max() < 2e-2
@@ -102,7 +103,7 @@ def test_linear_cross_entropy_padded_rows_equal_plain(rows):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.Tensor, "__matmul__", spy)
-        got = speed.linear_cross_entropy(h, w, t, chunk=12, row_multiple=8)  # chunk rounded down to 8
+        got = loss_head.linear_cross_entropy(h, w, t, chunk=12, row_multiple=8)  # chunk rounded down to 8
     got.backward()
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
@@ -111,7 +112,7 @@ def test_linear_cross_entropy_padded_rows_equal_plain(rows):
     seen.clear()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.Tensor, "__matmul__", spy)
-        again = speed.linear_cross_entropy(h.detach(), w.detach(), t, chunk=12, row_multiple=512)
+        again = loss_head.linear_cross_entropy(h.detach(), w.detach(), t, chunk=12, row_multiple=512)
     assert again.item() == pytest.approx(ref.item(), rel=1e-5) and set(seen) == {12}, seen
 
 
@@ -126,11 +127,11 @@ def test_linear_cross_entropy_frozen_weight_and_autocast():
     g = h.grad.clone()
     h.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = speed.linear_cross_entropy(h, w, t, chunk=6)
+        got = loss_head.linear_cross_entropy(h, w, t, chunk=6)
     got.backward()
     assert got.item() == pytest.approx(ref.item(), rel=1e-4)
     assert (h.grad - g).abs().max() / g.abs().max() < 2e-2  # bf16 rounding of the logits' gradient
-    empty = speed.linear_cross_entropy(h[:0], w, t[:0])
+    empty = loss_head.linear_cross_entropy(h[:0], w, t[:0])
     assert empty.item() == 0.0
 
 
@@ -203,11 +204,11 @@ def test_loss_module_fused_ce_keeps_lora_on_the_lm_head(make_cfg, mixed_data):
 # ---------------------------------------------------------------- selective checkpointing
 
 def test_spread_and_ratio_for_memory():
-    assert speed.spread(0, 36) == [] and speed.spread(36, 36) == list(range(36))
-    assert speed.spread(2, 4) == [1, 3] and len(speed.spread(9, 36)) == 9
-    assert speed.ratio_for_memory(36, free_bytes=10e9, layer_bytes=1e9) == pytest.approx(26 / 36)
-    assert speed.ratio_for_memory(36, free_bytes=-1, layer_bytes=1e9) == 1.0
-    assert speed.ratio_for_memory(36, free_bytes=1e12, layer_bytes=1e9) == 0.0
+    assert recompute.spread(0, 36) == [] and recompute.spread(36, 36) == list(range(36))
+    assert recompute.spread(2, 4) == [1, 3] and len(recompute.spread(9, 36)) == 9
+    assert recompute.ratio_for_memory(36, free_bytes=10e9, layer_bytes=1e9) == pytest.approx(26 / 36)
+    assert recompute.ratio_for_memory(36, free_bytes=-1, layer_bytes=1e9) == 1.0
+    assert recompute.ratio_for_memory(36, free_bytes=1e12, layer_bytes=1e9) == 0.0
 
 
 def test_selective_checkpointing_same_gradients(make_cfg, mixed_data):
@@ -221,14 +222,14 @@ def test_selective_checkpointing_same_gradients(make_cfg, mixed_data):
     lm = LossModule(model)
     ref = _packed_loss_grads(model, lm, rows, rope_index_fn(model))
     comp.enable_gradient_checkpointing(model)
-    n = len(speed.decoder_layers(model))
-    assert speed.checkpoint_some_layers(model, 0.5) == speed.spread(n // 2, n)
+    n = len(recompute.decoder_layers(model))
+    assert recompute.checkpoint_some_layers(model, 0.5) == recompute.spread(n // 2, n)
     got = _packed_loss_grads(model, lm, rows, rope_index_fn(model))
     assert got[0] == pytest.approx(ref[0], rel=1e-6)
     assert _worst(got[1], ref[1]) < 1e-5
-    assert speed.checkpoint_some_layers(model, 1.0) == speed.spread(n // 2, n)  # never turns recompute back on
+    assert recompute.checkpoint_some_layers(model, 1.0) == recompute.spread(n // 2, n)  # never turns recompute back on
     with pytest.raises(QvlError, match="gradient_checkpointing_ratio"):
-        speed.checkpoint_some_layers(model, 1.5)
+        recompute.checkpoint_some_layers(model, 1.5)
 
 
 # ---------------------------------------------------------------- regional compilation
@@ -243,11 +244,11 @@ def _compiled_equals(model, lm, steps, ref, scope: str, check) -> int:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     try:
-        check(speed.compile_layers(model, backend="aot_eager", scope=scope))
+        check(compile.compile_layers(model, backend="aot_eager", scope=scope))
         got = [_packed_loss_grads(model, lm, rows, rope_index_fn(model)) for rows in steps]
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
-        speed.uncompile(model)
+        compile.uncompile(model)
         torch._dynamo.reset()
     for (gl, gg), (rl, rg) in zip(got, ref):
         assert gl == pytest.approx(rl, rel=1e-5)
@@ -268,19 +269,19 @@ def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, a
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
     use_packed_attention(model, attention)
-    n_parts = len(speed.COMPILED_PARTS)
+    n_parts = len(compile.COMPILED_PARTS)
     steps = [[[enc(0), enc(8)]], [[enc(1), enc(2), enc(9)]], [[enc(3)], [enc(10)]]]
     ref = [_packed_loss_grads(model, LossModule(model, fused_cross_entropy=True), rows, rope_index_fn(model))
            for rows in steps]
     lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=attention == "per_sample")
 
     def compiled(n):
-        assert n == n_parts * len(speed.decoder_layers(model))
+        assert n == n_parts * len(recompute.decoder_layers(model))
 
     graphs = _compiled_equals(model, lm, steps, ref, "parts", compiled)
     assert 0 < graphs <= 2 * n_parts, graphs  # no recompile per layer or per row length
-    assert speed.compile_wanted("auto", torch.device("cpu")) is False
-    assert speed.compile_wanted("auto", torch.device("cuda", 0)) is True
+    assert compile.compile_wanted("auto", torch.device("cpu")) is False
+    assert compile.compile_wanted("auto", torch.device("cuda", 0)) is True
 
 
 def test_compiled_vision_blocks_equal_eager(make_cfg, mixed_data):
@@ -301,17 +302,17 @@ def test_compiled_vision_blocks_equal_eager(make_cfg, mixed_data):
         inputs.append((torch.randn(int(grid.prod(-1).sum()), patch_dim), grid))
     with torch.no_grad():
         ref = [[t.clone() for t in _tensors(visual(x, grid_thw=g))] for x, g in inputs]
-        n = speed.compile_vision_blocks(model, backend="aot_eager")
+        n = compile.compile_vision_blocks(model, backend="aot_eager")
         assert n == len(visual.blocks) > 0
         assert all(b._compiled_call_impl is not None for b in visual.blocks)
         got = [list(_tensors(visual(x, grid_thw=g))) for x, g in inputs]
-    speed.uncompile(model)
+    compile.uncompile(model)
     assert all(b._compiled_call_impl is None for b in visual.blocks)
     for r, g in zip(ref, got):
         assert len(r) == len(g) > 1
         assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(r, g))
     visual.blocks[0].mlp.linear_fc1.weight.requires_grad_(True)  # a tower that trains: left eager
-    assert speed.compile_vision_blocks(model, backend="aot_eager") == 0
+    assert compile.compile_vision_blocks(model, backend="aot_eager") == 0
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "per_sample"])
@@ -328,8 +329,8 @@ def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, a
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
     use_packed_attention(model, attention)
     comp.enable_gradient_checkpointing(model)
-    layers = speed.decoder_layers(model)
-    recomputed = speed.checkpoint_some_layers(model, 0.5)
+    layers = recompute.decoder_layers(model)
+    recomputed = recompute.checkpoint_some_layers(model, 0.5)
     steps = [[[enc(0), enc(8)]], [[enc(1), enc(2), enc(9)]], [[enc(3)], [enc(10)]]]
     ref = [_packed_loss_grads(model, LossModule(model, fused_cross_entropy=True), rows, rope_index_fn(model))
            for rows in steps]
@@ -347,7 +348,7 @@ def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, a
     assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == recomputed
     assert all(not hasattr(type(layer), "qvl_base_class") for layer in layers)
     with pytest.raises(QvlError, match="compile_scope"):
-        speed.compile_layers(model, scope="model")
+        compile.compile_layers(model, scope="model")
 
 
 def _saved_bytes(model, lm, rows, rope_index) -> int:
@@ -438,28 +439,28 @@ def test_recompute_mlp_only_keeps_attention(make_cfg, mixed_data):
                                  lora_r=8))
     use_packed_attention(model, "per_sample")
     comp.enable_gradient_checkpointing(model)
-    n_layers = len(speed.decoder_layers(model))
+    n_layers = len(recompute.decoder_layers(model))
     row, rope = [enc(0), enc(8), enc(1)], rope_index_fn(model)
     lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=True)
     ref_loss, ref_grads, whole = _loss_grads_counting(model, lm, row, rope)
-    assert speed.recompute_scope(model, "mlp") == n_layers
+    assert recompute.recompute_scope(model, "mlp") == n_layers
     loss, grads, selective = _loss_grads_counting(model, lm, row, rope)
     assert loss == pytest.approx(ref_loss, rel=1e-6) and _worst(grads, ref_grads) < 1e-5
     assert whole.attention == n_layers * len(row) and selective.attention == 0  # per_sample on CPU: one per sample
     assert selective.mm <= whole.mm - 4 * n_layers  # q, k, v, o not recomputed
     torch._dynamo.reset()
     try:
-        speed.compile_layers(model, backend="aot_eager", scope="layer")
+        compile.compile_layers(model, backend="aot_eager", scope="layer")
         loss, grads, _ = _loss_grads_counting(model, lm, row, rope)
     finally:
-        speed.uncompile(model)
+        compile.uncompile(model)
         torch._dynamo.reset()
     assert loss == pytest.approx(ref_loss, rel=1e-5) and _worst(grads, ref_grads) < 1e-4
-    assert speed.recompute_scope(model, "layer") == 0
+    assert recompute.recompute_scope(model, "layer") == 0
     with pytest.raises(QvlError, match="gradient_checkpointing_scope"):
-        speed.recompute_scope(model, "attention")
+        recompute.recompute_scope(model, "attention")
     with pytest.raises(QvlError, match="LoRA rank 32"):  # kv_dim of the tiny model
-        speed.recompute_scope(model, "mlp", lora_r=32)
+        recompute.recompute_scope(model, "mlp", lora_r=32)
     from qvl.plan.model import resolve_model
 
     m = resolve_model("8B")
@@ -471,16 +472,16 @@ def test_compile_auto_only_where_measured(make_cfg):
     it outside that; sharding engines never; the reason is said whenever a wish is not granted."""
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert make_cfg().compile_layers == "auto"
-    assert speed.compile_choice("auto", gpu, "ddp", True, False) == (True, "auto")
-    assert speed.compile_choice("auto", cpu, "ddp", True, False) == (False, "")
-    assert speed.compile_choice(False, gpu, "ddp", True, False) == (False, "")
+    assert compile.compile_choice("auto", gpu, "ddp", True, False) == (True, "auto")
+    assert compile.compile_choice("auto", cpu, "ddp", True, False) == (False, "")
+    assert compile.compile_choice(False, gpu, "ddp", True, False) == (False, "")
     for args in (("ddp", False, False), ("ddp", True, True), ("deepspeed", True, False), ("fsdp", True, False)):
-        on, why = speed.compile_choice("auto", gpu, *args)
+        on, why = compile.compile_choice("auto", gpu, *args)
         assert not on and why
-    on, why = speed.compile_choice("auto", gpu, "ddp", True, False, varlen=False)  # no flash varlen: L x L masks
+    on, why = compile.compile_choice("auto", gpu, "ddp", True, False, varlen=False)  # no flash varlen: L x L masks
     assert not on and "varlen" in why
-    assert speed.compile_choice(True, gpu, "ddp", False, True) == (True, "on")
-    assert speed.compile_choice(True, gpu, "fsdp", True, False)[0] is False
+    assert compile.compile_choice(True, gpu, "ddp", False, True) == (True, "on")
+    assert compile.compile_choice(True, gpu, "fsdp", True, False)[0] is False
 
 
 def test_whole_layer_compile_told_before_the_model_loads(make_cfg):
@@ -505,7 +506,7 @@ def test_train_restores_dynamos_error_setting(make_cfg, monkeypatch):
 
     def fake_train(cfg, log, callbacks):
         with pytest.raises(TypeError):  # no decoder layers to compile; the setting is made first
-            speed.compile_layers(torch.nn.Module(), eager_fallback=True)
+            compile.compile_layers(torch.nn.Module(), eager_fallback=True)
         functorch_config.activation_memory_budget = 0.8
         assert torch._dynamo.config.suppress_errors is True
         return "done"
@@ -539,7 +540,7 @@ def test_lora_inputs_stay_16bit_changes_no_value(make_cfg, mixed_data):
             return _packed_loss_grads(model, lm, rows, rope_index_fn(model))
 
     ref_loss, ref_grads = run()
-    assert speed.lora_inputs_stay_16bit(model) > 0
+    assert components.lora_inputs_stay_16bit(model) > 0
     assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules() if hasattr(m, "lora_A"))
     loss, grads = run()
     assert loss == ref_loss
@@ -561,23 +562,23 @@ def test_fused_adamw_equals_foreach():
         a.step()
         b.step()
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ps, qs))
-    assert speed.adamw_options("adamw_torch", torch.device("cuda", 0)) == {"fused": True}
-    assert speed.adamw_options("adamw_torch_foreach", torch.device("cuda", 0)) == {"foreach": True}
-    assert speed.adamw_options("adamw_torch", torch.device("cpu")) == {}
+    assert distributed.adamw_options("adamw_torch", torch.device("cuda", 0)) == {"fused": True}
+    assert distributed.adamw_options("adamw_torch_foreach", torch.device("cuda", 0)) == {"foreach": True}
+    assert distributed.adamw_options("adamw_torch", torch.device("cpu")) == {}
 
 
 def test_rows_by_budget():
-    rows = speed.rows_by_budget([100, 900, 300, 700, 2000, 50], 1000)
+    rows = loop.row_groups([100, 900, 300, 700, 2000, 50], 1000)
     assert sorted(i for r in rows for i in r) == list(range(6))
     lengths = [100, 900, 300, 700, 2000, 50]
     assert all(sum(lengths[i] for i in r) <= 1000 or len(r) == 1 for r in rows)
     assert [4] in rows and len(rows) == 4  # the 2,000-token sample alone; 900+100, 700+300(+50 somewhere)
-    assert speed.rows_by_budget([10, 10], 100) == [[0, 1]]
+    assert loop.row_groups([10, 10], 100) == [[0, 1]]
 
 
 def test_host_floats():
-    assert speed.host_floats(torch.tensor(1.5), None, 2, torch.tensor([3.0])) == [1.5, None, 2.0, 3.0]
-    assert speed.host_floats() == []
+    assert host.host_floats(torch.tensor(1.5), None, 2, torch.tensor([3.0])) == [1.5, None, 2.0, 3.0]
+    assert host.host_floats() == []
 
 
 # ---------------------------------------------------------------- the loop: levers on vs off
@@ -616,26 +617,26 @@ def test_speed_config_keys(make_cfg):
 
 def test_queued_host_read_gives_host_floats():
     """Off CUDA a queued read is a plain read when asked: the same floats as host_floats."""
-    queued = speed.queue_host_read(torch.tensor(1.5), None, 2, torch.tensor([3.0]))
-    assert speed.host_read(queued) == [1.5, None, 2.0, 3.0]
-    assert speed.host_read(speed.queue_host_read()) == []
+    queued = host.queue_host_read(torch.tensor(1.5), None, 2, torch.tensor([3.0]))
+    assert host.host_read(queued) == [1.5, None, 2.0, 3.0]
+    assert host.host_read(host.queue_host_read()) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_queued_host_read_waits_for_its_own_work_only():
     """A read queued before later GPU work returns while that work still runs (a plain read would wait for it)."""
     loss = torch.full((), 2.5, device="cuda")
-    queued = speed.queue_host_read(loss, None)
+    queued = host.queue_host_read(loss, None)
     torch.cuda._sleep(4_000_000_000)  # ~2 s of GPU work queued after the copy
     later = torch.cuda.Event()
     later.record()
-    assert speed.host_read(queued) == [2.5, None]
+    assert host.host_read(queued) == [2.5, None]
     assert not later.query()  # the later work is still running: the read did not wait for it
     torch.cuda.synchronize()
 
 
 def test_host_floats_mixes_devices_and_plain_numbers():
-    from qvl.train.speed import host_floats
+    from qvl.train.host import host_floats
 
     meta_free = torch.tensor(2.5, dtype=torch.float64)  # another dtype (and, on a GPU, possibly another device)
     assert host_floats(torch.tensor(1.0), meta_free, None, 3) == [1.0, 2.5, None, 3.0]
@@ -644,7 +645,7 @@ def test_host_floats_mixes_devices_and_plain_numbers():
 def test_gemm_rows_ladder():
     """gemm_rows: every multiple up to 15 of them, then 8 sizes per doubling (at most 1/8 more rows); gemm_ladder
     lists exactly the sizes it gives."""
-    from qvl.train.speed import gemm_ladder, gemm_rows
+    from qvl.train.loss_head import gemm_ladder, gemm_rows
 
     assert [gemm_rows(n, 128) for n in (1, 128, 129, 15 * 128, 15 * 128 + 1)] == [128, 128, 256, 1920, 2048]
     assert gemm_rows(5, 0) == 5 and gemm_ladder(1000, 0) == []
@@ -657,24 +658,24 @@ def test_gemm_rows_ladder():
 
 
 def test_warm_loss_head_meets_each_chunk_shape(monkeypatch):
-    from qvl.train import speed
+    from qvl.train import loss_head
 
     seen = []
-    real = speed._LinearCrossEntropy.apply
-    monkeypatch.setattr(speed._LinearCrossEntropy, "apply",
+    real = loss_head._LinearCrossEntropy.apply
+    monkeypatch.setattr(loss_head._LinearCrossEntropy, "apply",
                         lambda h, w, t, chunk, m: seen.append((h.shape[0], chunk, m)) or real(h, w, t, chunk, m))
     weight = torch.randn(50, 16)
-    assert speed.warm_loss_head(weight, 8, 30) == 4  # 8, 16, 24, 32 rows: up to 30 label rows
+    assert loss_head.warm_loss_head(weight, 8, 30) == 4  # 8, 16, 24, 32 rows: up to 30 label rows
     assert [(n, m) for n, _, m in seen] == [(8, 8), (16, 8), (24, 8), (32, 8)]
-    assert speed.warm_loss_head(weight, 0, 30) == 0
-    chunk, multiple = speed.loss_chunk_rows(151_936, 2, 128)  # Qwen3-VL's vocabulary in bf16: 294 rows -> 256
+    assert loss_head.warm_loss_head(weight, 0, 30) == 0
+    chunk, multiple = loss_head.loss_chunk_rows(151_936, 2, 128)  # Qwen3-VL's vocabulary in bf16: 294 rows -> 256
     assert (chunk, multiple) == (256, 128)
 
 
 def test_embeddings_to_host_and_back():
     """host_embeddings: the frozen table moves to the host and back, lookups there equal the embedding's; a table
     that trains or is tied to the LM head stays."""
-    from qvl.train import speed
+    from qvl.train import host
 
     class Toy(torch.nn.Module):
         def __init__(self, tied):
@@ -693,18 +694,18 @@ def test_embeddings_to_host_and_back():
     toy = Toy(tied=False)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     want = toy.emb(ids)
-    table = speed.embeddings_to_host(toy)
-    torch.testing.assert_close(speed.host_embed(table, ids, pin=False), want)
-    speed.embeddings_to_device(toy, "cpu")
+    table = host.embeddings_to_host(toy)
+    torch.testing.assert_close(host.host_embed(table, ids, pin=False), want)
+    host.embeddings_to_device(toy, "cpu")
     with pytest.raises(ValueError, match="tied"):
-        speed.embeddings_to_host(Toy(tied=True))
+        host.embeddings_to_host(Toy(tied=True))
     toy.emb.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="train"):
-        speed.embeddings_to_host(toy)
+        host.embeddings_to_host(toy)
 
 
 def test_gemm_multiple_auto_is_on_for_one_gpu_or_ddp_only():
-    from qvl.train.speed import gemm_multiple_for
+    from qvl.train.loss_head import gemm_multiple_for
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert gemm_multiple_for("auto", cuda) == 128 and gemm_multiple_for("auto", cuda, "ddp") == 128

@@ -116,7 +116,7 @@ def _checkpoint_scope(scope: str, gradient_checkpointing: bool, zero: int, model
     """--checkpoint-scope -> the planner's recompute_keeps_attention; refused where `qvl train` refuses mlp."""
     from qvl.errors import QvlError
     from qvl.plan.model import resolve_model
-    from qvl.train.speed import RECOMPUTE_SCOPES
+    from qvl.train.recompute import RECOMPUTE_SCOPES
 
     if scope not in RECOMPUTE_SCOPES:
         raise QvlError(f"--checkpoint-scope {scope!r} is not one of {', '.join(RECOMPUTE_SCOPES)}",

@@ -1,5 +1,5 @@
 """Two changes to a frozen Qwen3-VL vision tower's forward that compute the same values with less GPU work, for the
-compiled tower of training (:func:`qvl.train.speed.compile_vision_tower`).
+compiled tower of training (:func:`qvl.train.compile.compile_vision_tower`).
 
 The profile of an 8B LoRA step (1 x H200, 2026-11-28, ``bench/train_throughput.py --profile-row qvl-fit-host``) put 60-74 ms of a 210-280 ms step in the
 frozen tower, which MFU does not count. Two parts of it are not the tower's work:

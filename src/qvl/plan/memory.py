@@ -24,7 +24,7 @@ ALLOCATOR_FRACTION = 0.05  # torch caching-allocator reserve over peak allocated
 # Training loss: bf16 logits (2) + fp32 log-softmax kept for backward (4) + its grad (4) + the grad of the
 # upcast logits (4) are alive together at the start of backward: 14 bytes per vocab entry per token.
 LOGITS_TRAIN_BYTES = 14
-# qvl's fused linear + cross-entropy (qvl.train.speed) makes logits in row chunks of about this many bytes
+# qvl's fused linear + cross-entropy (qvl.train.loss_head) makes logits in row chunks of about this many bytes
 # (compute dtype + fp32): the tokens x vocabulary tensor never exists.
 CE_CHUNK_BYTES = 256 * 2**20
 LORA_ADAPTER_BYTES = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True) on a bf16 base

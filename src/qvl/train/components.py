@@ -17,6 +17,10 @@ Rules the official code breaks and this module keeps: ``requires_grad`` is set o
 honours r/alpha/dropout exactly; LoRA combines with the tune flags (a component with adapters
 trains through them, the flags fully train the others via PEFT ``modules_to_save``, so the saved
 adapter holds every trained weight); each LR applies on its own.
+
+Under autocast, :func:`lora_inputs_stay_16bit` skips PEFT's cast of each LoRA layer's input to the adapter's fp32
+dtype: autocast casts it straight back to bf16 for the matmul, so it made two full-activation copies per adapted
+linear, forward, recompute and backward, for bit-identical values.
 """
 
 from __future__ import annotations
@@ -143,6 +147,21 @@ def enable_gradient_checkpointing(model) -> None:
     base.config.use_cache = False
     if any(not p.requires_grad for p in base.model.language_model.embed_tokens.parameters()):
         base.enable_input_require_grads()
+
+
+def lora_inputs_stay_16bit(model) -> int:
+    """Turn off PEFT's cast of LoRA inputs to the adapter dtype; returns the layers changed.
+
+    Only for training under autocast: there every matmul runs in the autocast dtype whatever its inputs,
+    so the fp32 copy changes no value (bf16 -> fp32 is exact, and autocast rounds it back), it only costs
+    memory traffic and kernel launches.
+    """
+    n = 0
+    for m in model.modules():
+        if getattr(m, "cast_input_dtype_enabled", None) is True and hasattr(m, "lora_A"):
+            m.cast_input_dtype_enabled = False
+            n += 1
+    return n
 
 
 def _unique_params(model):

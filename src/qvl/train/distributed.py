@@ -188,7 +188,7 @@ class Engine:
     zero: int = 0
     offload: bool = False
     notes: list[str] = field(default_factory=list)
-    standing_grads: bool = False  # .grad tensors are zeroed, never freed (CUDA graphs: speed.standing_grads)
+    standing_grads: bool = False  # .grad tensors are zeroed, never freed (CUDA graphs: graphs.standing_grads)
 
     @property
     def balance_vision(self) -> bool:
@@ -197,6 +197,14 @@ class Engine:
         vision tower ran on a dummy input reduces different buckets than one that ran it on images - a
         collective size mismatch, seen on 2 gloo ranks)."""
         return (self.sharded or self.name == "deepspeed") and self.world_size > 1
+
+
+def adamw_options(optim: str, device: torch.device) -> dict:
+    """Extra ``torch.optim.AdamW`` arguments: the fused kernel on CUDA unless ``adamw_torch_foreach`` is asked (same
+    update, one kernel for all parameters)."""
+    if device.type == "cuda" and optim != "adamw_torch_foreach":
+        return {"fused": True}
+    return {"foreach": True} if optim == "adamw_torch_foreach" else {}
 
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device, offload: bool = False, notes=None):
@@ -219,8 +227,6 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device, offload: bool
             if notes is not None:
                 notes.append(f"DeepSpeed's CPU Adam could not be built ({type(e).__name__}: {str(e)[:200]}); "
                              "torch AdamW runs on the offloaded states instead (slower)")
-    from qvl.train.speed import adamw_options
-
     # the fused kernel on one GPU / DDP / DeepSpeed; FSDP2's sharded (DTensor) states take the default path
     options = adamw_options(cfg.optim, device) if cfg.engine != "fsdp" else {}
     return torch.optim.AdamW(groups, **kw, **options)

@@ -24,7 +24,7 @@ images), the LM head with the loss at the label positions and the optimizer run 
   The large inputs and outputs are views of shared buffers, outside autograd. When a longer row comes, the buffers
   grow and the recordings are made again.
 - **Gradients.** The backward graph adds the trainable weights' gradients into their standing ``.grad`` tensors
-  (:func:`qvl.train.speed.standing_grads`). Every replay checks that those tensors are still the ones it recorded.
+  (:func:`standing_grads`). Every replay checks that those tensors are still the ones it recorded.
 
 A recording runs the stack's Python once more, forward and backward, without the GPU doing the work. The first one
 warms up before (one real forward and backward, results dropped: the layers compile there). On an 8B model a
@@ -162,7 +162,7 @@ class DecoderGraphs:
         if deepstack and len(deepstack) != self.n_deepstack:
             return f"{len(deepstack)} deepstack features for {self.n_deepstack} layers"
         if any(p.grad is None for p in self.params):
-            return "trainable weights without a standing .grad (speed.standing_grads)"
+            return "trainable weights without a standing .grad (graphs.standing_grads)"
         return ""
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, deepstack: list):
@@ -321,3 +321,51 @@ class DecoderGraphs:
         fell = f"; {sum(self.fallbacks.values())} without graphs" if self.fallbacks else ""
         return (f"{self.replays} replays of {self.recorded} recordings ({len(self.recordings)} row shapes kept, "
                 f"{self.record_s:.1f} s recording, rows up to {self.capacity:,} tokens){fell}")
+
+
+GRAPHS_AUTO_MIN_GIB = 40  # cuda_graphs auto: cards with at least this much memory (the graphs' pool: ~+10 GiB at 8B)
+
+
+def cuda_graphs_choice(choice, device: torch.device, world_size: int, per_sample: bool, varlen: bool,
+                       compiled: bool = True, lora: bool = True, upstream_trains: bool = False,
+                       total_gib: float | None = None) -> tuple[bool, str]:
+    """(CUDA graphs?, why) for the loop: the LLM's decoder stack replayed as CUDA graphs (:mod:`qvl.train.graphs`).
+
+    A replay launches a whole forward or backward of the stack at once: the GPU no longer waits for the host between
+    kernels (8B LoRA on an H100: busy 77 % -> 96 % of a step, +11 % tokens/s with every row shape recorded ahead;
+    docs/benchmarks.md). Built and tested for one process, packed rows with per_sample attention on the flash varlen
+    kernel (``varlen``: torch >= 2.10 and bf16; its sample bounds are device tensors, no host read). ``auto`` turns
+    it on where it was measured: compiled layers, LoRA with nothing before the decoder training, a card of at least
+    ``GRAPHS_AUTO_MIN_GIB`` (the graphs' memory pool adds to the reserved memory); ``true`` wherever it can run."""
+    if not choice:
+        return False, ""
+    structural = ("no CUDA device" if device.type != "cuda" else
+                  "one process only (not tested with DDP's gradient hooks)" if world_size > 1 else
+                  "it needs packed rows with per_sample attention (data_flatten=true)" if not per_sample else
+                  "it needs the flash varlen kernel (torch >= 2.10, bf16=true)" if not varlen else "")
+    if structural:  # auto stays quiet here: most runs of these kinds never asked for graphs
+        return False, "" if choice == "auto" else f"cuda_graphs off: {structural}"
+    if choice != "auto":
+        return True, "on"
+    if not compiled:
+        return False, "cuda_graphs auto: off without compile_layers (measured with compiled layers); true forces it"
+    if not lora or upstream_trains:
+        return False, ("cuda_graphs auto: off unless LoRA trains and nothing before the decoder (vision tower, merger, "
+                       "embeddings) does (what was measured); true forces it where it can replay")
+    if total_gib is not None and total_gib < GRAPHS_AUTO_MIN_GIB:
+        return False, (f"cuda_graphs auto: off on a {total_gib:.0f} GiB card (its memory pool needs room; on from "
+                       f"{GRAPHS_AUTO_MIN_GIB} GiB); true forces it")
+    return True, "auto"
+
+
+def standing_grads(params) -> int:
+    """Give every trainable parameter a zeroed ``.grad`` that stays (zero it, never free it, between steps).
+
+    A CUDA graph's backward (:mod:`qvl.train.graphs`) adds into the ``.grad`` tensors it was recorded with: they must
+    stay the same tensors for as long as the recording is replayed."""
+    n = 0
+    for p in params:
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+            n += 1
+    return n

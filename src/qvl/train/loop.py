@@ -7,6 +7,12 @@
        -> clip -> optimizer / scheduler step -> log -> checkpoint
     -> final servable folder
 
+:func:`_train` runs these as one function per stage, in this order: :func:`_setup_run`, :func:`_setup_data`,
+:func:`_prepare_output_dir`, :func:`_plan_recompute`, :func:`_setup_model`, :func:`_setup_fast_path` (compiled
+layers, CUDA graphs), :func:`_setup_loss_module` (loss head, matmul row counts, host embeddings),
+:func:`_setup_engine`, :func:`_resume`, :func:`_warm_up`, :func:`_run_steps`, :func:`_save_final`; a :class:`Run`
+carries what one stage hands to the next.
+
 Loss under gradient accumulation is the sum of per-token losses over every micro-batch of the
 step (and every rank) divided by the number of label tokens in all of them, so a step's loss does
 not depend on how its samples were split into micro-batches.
@@ -22,6 +28,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +39,7 @@ from qvl.data.preprocess import IGNORE_INDEX, TooLong
 from qvl.errors import QvlError
 from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
-from qvl.train import distributed, speed
+from qvl.train import compile, distributed, graphs, host, loss_head, recompute
 from qvl.train.config import TrainConfig
 
 
@@ -253,7 +260,7 @@ class MicroBatches(torch.utils.data.Dataset):
         if not kept:
             return item
         if packed and self.pack_rows and self.encoder.rope_index is not None:  # positions came with the samples
-            groups = (speed.rows_by_budget([len(e) for e in kept], self.row_budget) if self.row_budget
+            groups = (row_groups([len(e) for e in kept], self.row_budget) if self.row_budget
                       else [range(len(kept))])
             rows = [pack_micro_batch([kept[i] for i in g], self.encoder.rope_index, self.row_multiple, self.pad_id,
                                      self.media_multiple) for g in groups]
@@ -332,9 +339,23 @@ def planned_rows(plan: Plan, start: int, steps: int, budget: int | None = None) 
                      for j in micro]
         if budget:
             flat = [n for row in step_rows for n in row]
-            step_rows = [[flat[i] for i in r] for r in speed.rows_by_budget(flat, budget)]
+            step_rows = [[flat[i] for i in r] for r in row_groups(flat, budget)]
         rows += step_rows
     return rows
+
+
+def row_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices of a step's samples grouped into rows of at most ``max_tokens`` tokens (best fit decreasing).
+
+    A sample longer than the budget gets a row of its own (samples are never cut). Rows keep their
+    samples in the original order. The loss is token-weighted over the whole step, so how samples are split into
+    rows does not change it.
+    """
+    from qvl.data.packing import best_fit_decreasing
+
+    plan = best_fit_decreasing(lengths, max_tokens)
+    rows = [sorted(p) for p in plan.packs] + [[i] for i in plan.too_long]
+    return sorted(rows, key=lambda r: r[0])
 
 
 def rows_by_budget(items: list[dict], max_tokens: int) -> list[dict]:
@@ -349,7 +370,7 @@ def rows_by_budget(items: list[dict], max_tokens: int) -> list[dict]:
         skipped.update(item["skipped"])
         for why, example in item.get("examples", {}).items():
             examples.setdefault(why, example)
-    rows = [[flat[i] for i in r] for r in speed.rows_by_budget([len(e) for e in flat], max_tokens)]
+    rows = [[flat[i] for i in r] for r in row_groups([len(e) for e in flat], max_tokens)]
     out = [{"batch": None, "skipped": {}, "examples": {}, "samples": r} for r in rows] or [{"batch": None}]
     out[0] = dict(out[0], skipped=dict(skipped), examples=examples)
     return out
@@ -411,7 +432,7 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
 
 def compiles_whole_layers(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether the decoder layers will compile whole (``compile_layers`` on, ``compile_scope: layer``), told before the
-    model loads from what the config and the model's shape say (:func:`qvl.train.speed.compile_choice`)."""
+    model loads from what the config and the model's shape say (:func:`qvl.train.compile.compile_choice`)."""
     from qvl.data.packing import PER_SAMPLE_ATTENTION, varlen_available
     from qvl.plan.preflight import model_for_plan
 
@@ -420,7 +441,7 @@ def compiles_whole_layers(cfg: TrainConfig, device: torch.device) -> bool:
     packed = cfg.data_flatten or cfg.data_packing
     per_sample = packed and packed_attention_for(cfg.packed_attention, device, cfg.longest_row()) in (
         "per_sample", PER_SAMPLE_ATTENTION)
-    compiling, _ = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
+    compiling, _ = compile.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
                                         varlen=varlen_available() and cfg.bf16)
     return compiling and cfg.compile_scope == "layer"
 
@@ -497,7 +518,7 @@ class LossModule(torch.nn.Module):
                  row_bound: bool = False, graphs=None):
         super().__init__()
         self.model = model  # Qwen3VLForConditionalGeneration or a PeftModel around it
-        self.fused_ce = fused_cross_entropy  # speed.linear_cross_entropy: no full-vocabulary logits tensor
+        self.fused_ce = fused_cross_entropy  # loss_head.linear_cross_entropy: no full-vocabulary logits tensor
         # per_sample attention: a packed row's sample bounds read once here and handed to every layer as
         # kwargs (no host read inside the layers, which lets compile_layers compile whole attention modules)
         self.bounds_as_inputs = bounds_as_inputs
@@ -519,7 +540,7 @@ class LossModule(torch.nn.Module):
         self.merge = vc.spatial_merge_size
 
     def fused_head(self) -> bool:
-        """The loss head runs as :func:`speed.linear_cross_entropy` (a plain Linear only: a LoRA-wrapped lm_head,
+        """The loss head runs as :func:`loss_head.linear_cross_entropy` (a plain Linear only: a LoRA-wrapped lm_head,
         lora_target_regex, would lose its adapter's output)."""
         return self.fused_ce and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None
 
@@ -530,7 +551,7 @@ class LossModule(torch.nn.Module):
         from qvl.train.row_forward import warm_tower
 
         multiple = self.gemm_row_multiple
-        head = speed.warm_loss_head(self.lm_head.weight, multiple, row_tokens) if self.fused_head() else 0
+        head = loss_head.warm_loss_head(self.lm_head.weight, multiple, row_tokens) if self.fused_head() else 0
         tower = 0
         if media and not self.vision_trains:  # a row's patches: at most merge^2 per token
             tower = warm_tower(self.visual, self.config.vision_config, self.merge ** 2 * row_tokens, multiple,
@@ -573,9 +594,9 @@ class LossModule(torch.nn.Module):
             keep = target != IGNORE_INDEX
             hidden, target = hidden[keep], target[keep]
         if watch:
-            self.shapes_met.add(("loss head", speed.gemm_rows(target.numel(), self.gemm_row_multiple)))
+            self.shapes_met.add(("loss head", loss_head.gemm_rows(target.numel(), self.gemm_row_multiple)))
         if self.fused_head():
-            loss_sum = speed.linear_cross_entropy(hidden, self.lm_head.weight, target,
+            loss_sum = loss_head.linear_cross_entropy(hidden, self.lm_head.weight, target,
                                                   row_multiple=self.gemm_row_multiple)
         else:
             logits = self.lm_head(hidden).float()
@@ -650,12 +671,85 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
         torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget = suppress, budget
 
 
-def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
-    from qvl.data.packing import PER_SAMPLE_ATTENTION
-    from qvl.models.attention import use_vision_sdpa
-    from qvl.models.load import load_model, load_processor
-    from qvl.models.tokens import token_ids
+@dataclass
+class Run:
+    """What the stages of one run hand on to the next (each stage below fills its part, top to bottom)."""
+    # _setup_run
+    cfg: TrainConfig
+    say: object
+    dist: Dist
+    device: torch.device
+    is_main: bool
+    out: Path
+    t_start: float
+    card_gib: float | None = None
+    # _setup_data
+    records: object = None
+    processor: object = None
+    pad_id: int = 0
+    encoder: Encoder | None = None
+    plan: Plan | None = None
+    longest_row: int | None = None
+    memory_plan: object = None
+    # _prepare_output_dir
+    resume_from: Path | None = None
+    # _plan_recompute
+    ckpt_ratio: object = None
+    memory_budget: float | None = None
+    # _setup_model
+    load_dtype: torch.dtype = torch.float32
+    t_load: float = 0.0
+    model: object = None
+    trainable: list = field(default_factory=list)
+    fp32_masters: bool = False
+    packed: bool = False
+    attn: str | None = None
+    rope_index: object = None
+    per_sample: bool = False
+    # _setup_fast_path
+    compiling: bool = False
+    use_graphs: bool = False
+    row_multiple: int = 0
+    # _setup_loss_module
+    loss_module: LossModule | None = None
+    gemm_multiple: int = 0
+    media_multiple: int = 0
+    host_table: torch.Tensor | None = None
+    # _setup_engine
+    eng: object = None
+    optimizer: object = None
+    scheduler: object = None
+    decoder_graphs: object = None
+    main_group: str = ""
+    # _resume
+    start_step: int = 0
+    tracker: object = None
+    # _warm_up
+    autocast: object = None
+    t_warm: float = 0.0
+    # _run_steps
+    losses: list[float] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    row: dict = field(default_factory=dict)
 
+
+def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
+    run = _setup_run(cfg, log)
+    _setup_data(run)
+    _prepare_output_dir(run)
+    _plan_recompute(run)
+    _setup_model(run)
+    _setup_fast_path(run)
+    _setup_loss_module(run)
+    _setup_engine(run)
+    _resume(run)
+    _warm_up(run)
+    _run_steps(run, callbacks)
+    return _save_final(run)
+
+
+def _setup_run(cfg: TrainConfig, log) -> Run:
+    """Ranks, device, engine, and the memory cap: nothing is allocated on the GPU before the cap."""
     t_start = time.perf_counter()
     if cfg.deepspeed:
         from qvl.train.config import deepspeed_config
@@ -676,9 +770,17 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     if cap_note:
         say(cap_note)
     out = Path(cfg.output_dir)
+    return Run(cfg=cfg, say=say, dist=dist, device=device, is_main=is_main, out=out, t_start=t_start,
+               card_gib=card_gib)
 
-    # 0. data records and their order, then the memory preflight for the rows they make: stop before anything loads
-    #    (or moves) if it cannot fit
+
+def _setup_data(run: Run) -> None:
+    """Data records and their order, then the memory preflight for the rows they make: stop before anything loads
+    (or moves) if it cannot fit."""
+    from qvl.models.load import load_processor
+    from qvl.models.tokens import token_ids
+
+    cfg, dist, say = run.cfg, run.dist, run.say
     records = _load_data(cfg)
     processor = load_processor(cfg.model_name_or_path)  # saved untouched: inference budgets stay the model's
     pad_id = token_ids(processor.tokenizer).pad
@@ -692,8 +794,13 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     if cfg.gradient_checkpointing_scope == "auto":  # resolved before the preflight: the plan counts what it keeps
         cfg = cfg.model_copy(update={"gradient_checkpointing_scope": "layer"})
     memory_plan = preflight(cfg, world_size=dist.world_size, records=records, say=say, row_tokens=longest_row)
+    run.cfg, run.records, run.processor, run.pad_id, run.encoder = cfg, records, processor, pad_id, encoder
+    run.plan, run.longest_row, run.memory_plan = plan, longest_row, memory_plan
 
-    # 1. run folder: resume, or start fresh (moving old files aside; nothing is deleted)
+
+def _prepare_output_dir(run: Run) -> None:
+    """Run folder: resume, or start fresh (moving old files aside; nothing is deleted); seeds."""
+    cfg, dist, say, is_main, out = run.cfg, run.dist, run.say, run.is_main, run.out
     resume_from = None
     if cfg.resume is True:
         resume_from = ckpt.latest_checkpoint(out)
@@ -716,21 +823,33 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     import numpy as np
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    run.resume_from = resume_from
 
-    # 2. recompute: as little as the card allows for the rows the data makes
+
+def _plan_recompute(run: Run) -> None:
+    """Recompute: as little as the card allows for the rows the data makes."""
+    cfg, say = run.cfg, run.say
     ckpt_ratio, memory_budget = cfg.gradient_checkpointing_ratio, cfg.activation_memory_budget
     if cfg.gradient_checkpointing and ckpt_ratio == "auto":
         from qvl.train.preflight import auto_checkpoint_ratio
 
         ckpt_ratio, auto_budget, why = auto_checkpoint_ratio(
-            cfg, memory_plan, dist.world_size, records, row_tokens=longest_row,
+            cfg, run.memory_plan, run.dist.world_size, run.records, row_tokens=run.longest_row,
             compiled=(memory_budget == "auto" and cfg.gradient_checkpointing_scope == "layer"
-                      and compiles_whole_layers(cfg, device)))
+                      and compiles_whole_layers(cfg, run.device)))
         memory_budget = auto_budget if memory_budget == "auto" else memory_budget
         say(f"gradient checkpointing (gradient_checkpointing_ratio auto): {why}")
     memory_budget = None if memory_budget == "auto" else memory_budget
+    run.ckpt_ratio, run.memory_budget = ckpt_ratio, memory_budget
 
-    # 3. model: dtype, what trains, memory savers
+
+def _setup_model(run: Run) -> None:
+    """Model: dtype, what trains, memory savers, packed rows' attention."""
+    from qvl.data.packing import PER_SAMPLE_ATTENTION
+    from qvl.models.attention import use_vision_sdpa
+    from qvl.models.load import load_model
+
+    cfg, say, device, ckpt_ratio = run.cfg, run.say, run.device, run.ckpt_ratio
     load_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     t_load = time.perf_counter()
     model = load_model(cfg.model_name_or_path, dtype=load_dtype, attn_implementation=cfg.attn_implementation)
@@ -740,13 +859,14 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     if cfg.gradient_checkpointing:
         comp.enable_gradient_checkpointing(model)
         if ckpt_ratio != "auto" and ckpt_ratio < 1.0:  # selective: only some decoder layers recompute
-            speed.checkpoint_some_layers(model, ckpt_ratio)
+            recompute.checkpoint_some_layers(model, ckpt_ratio)
         if cfg.gradient_checkpointing_scope != "layer":
             if cfg.engine != "ddp":  # the recompute runs without the engine's gather hooks (not tested there)
                 raise QvlError(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope} runs on one GPU or "
                                f"under DDP, not under {cfg.engine}", where="gradient_checkpointing_scope",
                                fix="gradient_checkpointing_scope: layer")
-            n = speed.recompute_scope(model, cfg.gradient_checkpointing_scope, cfg.lora_r if cfg.lora_enable else None)
+            n = recompute.recompute_scope(model, cfg.gradient_checkpointing_scope,
+                                          cfg.lora_r if cfg.lora_enable else None)
             say(f"gradient_checkpointing_scope={cfg.gradient_checkpointing_scope}: {n} recomputed layers keep "
                 "their attention half and recompute the MLP; gradient_checkpointing_scope=layer recomputes them whole")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -758,46 +878,55 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         for p in trainable:  # adapters / FSDP shards keep fp32 master weights; the frozen base stays bf16
             p.data = p.data.float()
     if cfg.lora_enable and cfg.bf16:  # autocast rounds LoRA inputs to bf16 anyway: no fp32 copy on the way
-        speed.lora_inputs_stay_16bit(model)
+        comp.lora_inputs_stay_16bit(model)
     model.to(device)
     model.train()
     packed = cfg.data_flatten or cfg.data_packing
-    rope_index = None
+    attn = rope_index = None
     if packed:  # one row per micro-batch: each sample attends only to itself, with its own mRoPE positions
         from qvl.data.packing import RopeIndex, rope_index_fn, use_packed_attention
 
         attn = use_packed_attention(model, packed_attention_for(cfg.packed_attention, device, cfg.longest_row()))
         rope_index = rope_index_fn(model)
-        encoder.rope_index = RopeIndex(model)  # positions computed where samples are encoded (workers)
+        run.encoder.rope_index = RopeIndex(model)  # positions computed where samples are encoded (workers)
     else:
         say("data_flatten=false: padded batches, which compute the padding and turn off the fast path (packed rows, "
             "compiled layers, CUDA graphs): 3.9x slower for 8B LoRA on an H200 (docs/benchmarks.md); "
             "data_flatten=true (the default) gives the same loss")
-    per_sample = packed and attn == PER_SAMPLE_ATTENTION
+    run.load_dtype, run.t_load, run.model = load_dtype, t_load, model
+    run.trainable, run.fp32_masters = trainable, fp32_masters
+    run.packed, run.attn, run.rope_index = packed, attn, rope_index
+    run.per_sample = packed and attn == PER_SAMPLE_ATTENTION
+
+
+def _setup_fast_path(run: Run) -> None:
+    """Compiled layers (and vision tower) and CUDA graphs: whether, and compiling now."""
     from qvl.data.packing import varlen_available
 
-    compiling, why = speed.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample,
-                                          getattr(model.config.get_text_config(), "num_experts", 0) > 0,
-                                          varlen=varlen_available() and cfg.bf16)
+    cfg, say, device, model, per_sample = run.cfg, run.say, run.device, run.model, run.per_sample
+    compiling, why = compile.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample,
+                                            getattr(model.config.get_text_config(), "num_experts", 0) > 0,
+                                            varlen=varlen_available() and cfg.bf16)
     upstream = any(p.requires_grad and (".visual." in n or "embed_tokens" in n) for n, p in model.named_parameters())
-    graphs, graphs_why = speed.cuda_graphs_choice(
-        cfg.cuda_graphs, device, dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
+    use_graphs, graphs_why = graphs.cuda_graphs_choice(
+        cfg.cuda_graphs, device, run.dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
         compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream,
-        total_gib=card_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
-                               if device.type == "cuda" else None))
-    row_multiple = cfg.cuda_graphs_row_multiple if graphs else 0
+        total_gib=run.card_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
+                                   if device.type == "cuda" else None))
+    row_multiple = cfg.cuda_graphs_row_multiple if use_graphs else 0
+    memory_budget = run.memory_budget
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
-        n = speed.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
+        n = compile.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
         what = ("whole decoder layers, recompute inside" if cfg.compile_scope == "layer"
                 else "each layer's norms, attention and MLP")
         from qvl.train import row_forward
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if (per_sample and cfg.engine == "ddp" and row_forward.usable(base.model, base.config)
-                and speed.compile_vision_tower(model)):
+                and compile.compile_vision_tower(model)):
             tower = ", and the frozen vision tower's forward (one graph)"  # it gets its inputs precomputed
         else:
-            blocks = speed.compile_vision_blocks(model)  # frozen tower only
+            blocks = compile.compile_vision_blocks(model)  # frozen tower only
             tower = f", and the frozen vision tower's {blocks} blocks" if blocks else ""
         say(f"compile_layers ({why}): {n} modules compiled ({what}; one graph for all layers){tower}; the first "
             "steps compile (~1 min on an H100); compile_layers=false turns it off")
@@ -812,20 +941,26 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     if not compiling and memory_budget is not None:
         say(f"activation_memory_budget={memory_budget:g} has no effect: it is the compiled layers' (compile_layers "
             "is off)")
-    if graphs:
+    if use_graphs:
         when = ("when a row of it first comes" if cfg.warmup_shapes == "lazy"
                 else "ahead of training where the plan tells it")
         say(f"cuda_graphs ({graphs_why}): the decoder stack replays as CUDA graphs; rows padded to a multiple of "
             f"{row_multiple} tokens; each row shape is recorded once, {when}; cuda_graphs=false turns it off")
     elif graphs_why:
         say(graphs_why)
+    run.compiling, run.use_graphs, run.row_multiple = compiling, use_graphs, row_multiple
+
+
+def _setup_loss_module(run: Run) -> None:
+    """The module the engine runs (model + loss head), its matmuls' row counts, and the embedding table's place."""
+    cfg, say, device, model, per_sample = run.cfg, run.say, run.device, run.model, run.per_sample
     loss_module = LossModule(model, fused_cross_entropy=cfg.fused_cross_entropy,
-                             bounds_as_inputs=per_sample, row_bound=graphs)
+                             bounds_as_inputs=per_sample, row_bound=run.use_graphs)
     if cfg.engine != "ddp":  # FSDP / DeepSpeed gather weights in module hooks: transformers' own forward there
         loss_module.row_forward = False
     # gemm_row_multiple: the loss head's rows, and the tower's patches where the packed-row path runs the tower
     # (transformers' own forward checks the features' count against the placeholders: no padding image there)
-    gemm_multiple = speed.gemm_multiple_for(cfg.gemm_row_multiple, device, cfg.engine)
+    gemm_multiple = loss_head.gemm_multiple_for(cfg.gemm_row_multiple, device, cfg.engine)
     loss_module.gemm_row_multiple = gemm_multiple
     media_multiple = gemm_multiple if per_sample and loss_module.row_forward else 0
     if gemm_multiple:
@@ -833,13 +968,14 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         say(f"gemm_row_multiple={gemm_multiple}{' (auto)' if cfg.gemm_row_multiple == 'auto' else ''}: {what} rounded "
             "up to a few multiples of it (every one up to 15, then 8 per doubling): their matmul shapes repeat across "
             "steps; gemm_row_multiple=0 turns it off")
-    encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
+    run.encoder.pixel_dtype = next(loss_module.visual.parameters()).dtype
     host_table = None
     if cfg.host_embeddings:  # rows looked up on the host, the table off the GPU (put back after the loop)
-        why = ("it needs packed rows with per_sample attention" if not (packed and per_sample and loss_module.row_forward)
-               else "it runs in one process" if dist.enabled else "")
+        why = ("it needs packed rows with per_sample attention"
+               if not (run.packed and per_sample and loss_module.row_forward)
+               else "it runs in one process" if run.dist.enabled else "")
         try:
-            host_table = None if why else speed.embeddings_to_host(model)
+            host_table = None if why else host.embeddings_to_host(model)
         except ValueError as e:
             why = str(e)
         if why:
@@ -848,24 +984,30 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             torch.cuda.empty_cache()
         say(f"host_embeddings: the input-embedding table ({host_table.numel() * host_table.element_size() / 2**30:.2f} "
             "GiB) stays in host memory; each row's tokens are looked up there")
+    run.loss_module, run.gemm_multiple, run.media_multiple, run.host_table = (loss_module, gemm_multiple,
+                                                                              media_multiple, host_table)
 
-    # 4. engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per
-    #    component x decay, each with its LR) and schedule
-    eng = distributed.prepare(loss_module, model, cfg, dist, device, lr_lambda(cfg, plan.total_steps))
+
+def _setup_engine(run: Run) -> None:
+    """Engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per component x decay, each
+    with its LR) and schedule; then what the run is, said once."""
+    cfg, say, dist, device, model, plan = run.cfg, run.say, run.dist, run.device, run.model, run.plan
+    eng = distributed.prepare(run.loss_module, model, cfg, dist, device, lr_lambda(cfg, plan.total_steps))
     optimizer, scheduler = eng.optimizer, eng.scheduler
     for note in eng.notes:
         say(note)
     decoder_graphs = None
-    if graphs:  # the backward graphs add into standing .grad tensors (speed.standing_grads)
+    if run.use_graphs:  # the backward graphs add into standing .grad tensors (graphs.standing_grads)
         from qvl.train.graphs import DecoderGraphs
 
-        speed.standing_grads(eng.trainable)
+        graphs.standing_grads(eng.trainable)
         eng.standing_grads = True
-        decoder_graphs = loss_module.graphs = DecoderGraphs(model, log=say)
+        decoder_graphs = run.loss_module.graphs = DecoderGraphs(model, log=say)
     # the logged `lr`: the LLM's group (learning_rate) when it trains, else the first group's
     main_group = next((g["name"] for g in optimizer.param_groups if g["name"].split("/")[0] == "llm"),
                       optimizer.param_groups[0]["name"])
 
+    packed, attn = run.packed, run.attn
     say(f"model {cfg.model_name_or_path} ({'bf16' if cfg.bf16 else 'fp32'}, {cfg.attn_implementation}"
         f"{f'; packed rows with {attn} attention' if packed else ''}"
         f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}) on {device}"
@@ -876,19 +1018,24 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         say(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} dropout={cfg.lora_dropout:g} on {comp.lora_regex(cfg)}")
     eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * dist.world_size
     unit = "packs" if cfg.data_packing else "samples"
-    say(f"data {len(records):,} {'packs' if cfg.data_packing else 'records'} ({cfg.dataset_use}); "
+    say(f"data {len(run.records):,} {'packs' if cfg.data_packing else 'records'} ({cfg.dataset_use}); "
         f"{plan.steps_per_epoch} steps/epoch at {eff} {unit}/step"
         f"{' (each micro-batch one packed row)' if packed else ''}; {plan.total_steps} steps"
         f"{'; samples split between ranks by estimated tokens (balance_tokens)' if plan.balanced else ''}")
+    run.eng, run.optimizer, run.scheduler, run.decoder_graphs, run.main_group = (eng, optimizer, scheduler,
+                                                                                 decoder_graphs, main_group)
 
-    # 5. resume
+
+def _resume(run: Run) -> None:
+    """Resume from a checkpoint (when there is one), write the run's config, start the tracker."""
+    cfg, say, out, plan = run.cfg, run.say, run.out, run.plan
     start_step = 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, rank=dist.rank,
-                                     read_state=distributed.state_reader(eng, model))
+    if run.resume_from is not None:
+        state = ckpt.load_checkpoint(run.resume_from, run.model, run.optimizer, run.scheduler, rank=run.dist.rank,
+                                     read_state=distributed.state_reader(run.eng, run.model))
         start_step = int(state["step"])
-        say(f"resumed from {resume_from} (step {start_step}/{plan.total_steps})")
-    if is_main:
+        say(f"resumed from {run.resume_from} (step {start_step}/{plan.total_steps})")
+    if run.is_main:
         import yaml
 
         from qvl.utils.fs import atomic_write_text
@@ -897,9 +1044,16 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
 
     from qvl.train.track import Tracker
 
-    tracker = Tracker(out, cfg, plan.total_steps, start_step, dist.rank, log=say, device=device)
+    run.start_step = start_step
+    run.tracker = Tracker(out, cfg, plan.total_steps, start_step, run.dist.rank, log=say, device=run.device)
+
+
+def _warm_up(run: Run) -> None:
+    """The shapes training will meet, met before it: CUDA graphs recorded, the padded matmuls run once."""
+    cfg, say, device, plan, load_dtype = run.cfg, run.say, run.device, run.plan, run.load_dtype
+    decoder_graphs = run.decoder_graphs
     # no cast cache under CUDA graphs: a cached cast made while recording would live in the graphs' memory pool
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=not graphs)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=not run.use_graphs)
     t_warm = time.perf_counter()
     if decoder_graphs is not None:
         if cfg.warmup_shapes == "lazy":  # shapes recorded as rows come; the shared buffers sized once, now
@@ -907,83 +1061,99 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
         else:
             from qvl.train.graphs import planned_row_shapes
 
-            shapes = planned_row_shapes(planned_rows(plan, start_step, GRAPH_STEPS_AHEAD, cfg.packed_row_tokens),
-                                        row_multiple)
+            shapes = planned_row_shapes(planned_rows(plan, run.start_step, GRAPH_STEPS_AHEAD, cfg.packed_row_tokens),
+                                        run.row_multiple)
             say(f"warming up: compiling the decoder layers and recording {len(shapes)} row shapes (warmup_shapes=ahead)")
             t0 = time.perf_counter()
             try:
                 with autocast:
                     n = decoder_graphs.prerecord(shapes, load_dtype, device)
             except torch.OutOfMemoryError as e:
-                raise out_of_memory(e, cfg, graphs, ckpt_ratio) from e
+                raise out_of_memory(e, cfg, run.use_graphs, run.ckpt_ratio) from e
             if n:
                 say(f"cuda_graphs: recorded {n} row shapes ahead ({shapes[-1][0]:,}-{shapes[0][0]:,} tokens, "
                     f"estimated for the next {GRAPH_STEPS_AHEAD} steps) in {time.perf_counter() - t0:.1f} s; a row "
                     "of another shape is recorded when it comes")
-    if gemm_multiple and cfg.engine == "ddp" and cfg.warmup_shapes == "ahead":  # the shapes padding makes, met now
+    if run.gemm_multiple and cfg.engine == "ddp" and cfg.warmup_shapes == "ahead":  # the shapes padding makes, met now
         t0 = time.perf_counter()
         with autocast:
-            heads, towers = loss_module.warm_gemm_shapes(longest_planned_row(plan, cfg) or 0,
-                                                         media=bool(media_multiple))
+            heads, towers = run.loss_module.warm_gemm_shapes(longest_planned_row(plan, cfg) or 0,
+                                                             media=bool(run.media_multiple))
         if heads or towers:
             say(f"gemm_row_multiple: ran the loss head at its {heads} row counts and the vision tower at its {towers} "
                 f"patch counts before training, in {time.perf_counter() - t0:.1f} s")
     t_warm = time.perf_counter() - t_warm
-    if (compiling or decoder_graphs is not None) and cfg.warmup_shapes == "lazy":
+    if (run.compiling or decoder_graphs is not None) and cfg.warmup_shapes == "lazy":
         say("warming up: the first steps compile the layers" + (" and record each new row shape as a CUDA graph"
                                                                  if decoder_graphs is not None else "")
             + " (about a minute on an 8B model); tok/s and ETA count the steps after warm-up")
-    warm_events = WarmUpEvents(decoder_graphs, loss_module)
-    skipped: Counter = Counter()
-    losses: list[float] = []
-    row: dict = {}
-    fakes = distributed.FakeMedia(processor, cfg)  # label-free image / video for balancing ranks (made when needed)
+    run.autocast, run.t_warm = autocast, t_warm
+
+
+def _fetch_steps(run: Run, rows_in_workers: bool):
+    """Yield (step, [micro-batches]) from ``start_step`` on, following the plan."""
+    cfg, plan, device = run.cfg, run.plan, run.device
+    step = run.start_step
+    while step < plan.total_steps:
+        epoch, _ = plan.step_micro(step)
+        first = plan.step_micro(step)[1].start
+        workers = loader_workers(cfg.dataloader_num_workers, device)
+        it = micro_batches(plan, run.encoder, epoch, first, run.pad_id, workers,
+                           pack_rows=rows_in_workers, pin_memory=device.type == "cuda", row_multiple=run.row_multiple,
+                           row_budget=cfg.packed_row_tokens if rows_in_workers else None,
+                           media_multiple=run.media_multiple)
+        while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
+            n = len(plan.step_micro(step)[1])
+            yield step, [next(it) for _ in range(n)]
+            step += 1
+
+
+def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: tuple, n_labels: float, n_tokens: int,
+            step_lrs: dict) -> dict:
+    """Read a finished step's loss and gradient norm (``queued`` by :func:`host.queue_host_read` at the end of
+    the step: the read waits for that step only), log them and run the callbacks."""
+    cfg, dist, device, plan = run.cfg, run.dist, run.device, run.plan
+    loss_sum, grad_norm = host.host_read(queued)
+    step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
+    run.losses.append(step_loss)
+    metrics = {"loss": step_loss, "lr": step_lrs[run.main_group],
+               "epoch": done / plan.steps_per_epoch, "label_tokens": n_labels}
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    for name, lr in step_lrs.items():
+        metrics[f"lr/{name}"] = lr
+    step_row = run.tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
+                                log_now=done % cfg.logging_steps == 0 or done == plan.total_steps,
+                                warm=warm_events.since_last())
+    if not math.isfinite(step_loss):
+        raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
+                       "instead of fp16; the last checkpoint is intact")
+    for cb in callbacks:
+        cb(done, step_row)
+    return step_row
+
+
+def _run_steps(run: Run, callbacks) -> None:
+    """The loop: each step's numbers are read once the next step is queued (:func:`_report`). Afterwards (also on an
+    error) the embedding table goes back to the device and the CUDA graphs' memory is freed."""
+    cfg, say, dist, device, plan, out = run.cfg, run.say, run.dist, run.device, run.plan, run.out
+    model, eng, optimizer, scheduler = run.model, run.eng, run.optimizer, run.scheduler
+    host_table, decoder_graphs, start_step, pad_id = run.host_table, run.decoder_graphs, run.start_step, run.pad_id
+    t_start, t_load, t_warm = run.t_start, run.t_load, run.t_warm
+    warm_events = WarmUpEvents(decoder_graphs, run.loss_module)
+    skipped = run.skipped
+    fakes = distributed.FakeMedia(run.processor, cfg)  # label-free image / video for balancing ranks (made when needed)
     # packed rows built in the loader workers, off the step's thread: one process, and packed_row_tokens (if set)
     # regroups one micro-batch per step (with several, the loop regroups the step's samples across them)
     rows_in_workers = not dist.enabled and (not cfg.packed_row_tokens or cfg.gradient_accumulation_steps == 1)
 
-    def fetch_steps():
-        """Yield (step, [micro-batches]) from ``start_step`` on, following the plan."""
-        step = start_step
-        while step < plan.total_steps:
-            epoch, _ = plan.step_micro(step)
-            first = plan.step_micro(step)[1].start
-            it = micro_batches(plan, encoder, epoch, first, pad_id, loader_workers(cfg.dataloader_num_workers, device),
-                               pack_rows=rows_in_workers, pin_memory=device.type == "cuda", row_multiple=row_multiple,
-                               row_budget=cfg.packed_row_tokens if rows_in_workers else None,
-                               media_multiple=media_multiple)
-            while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
-                n = len(plan.step_micro(step)[1])
-                yield step, [next(it) for _ in range(n)]
-                step += 1
+    def report(*pending) -> dict:
+        return _report(run, warm_events, callbacks, *pending)
 
-    def report(done: int, queued: tuple, n_labels: float, n_tokens: int, step_lrs: dict) -> dict:
-        """Read a finished step's loss and gradient norm (``queued`` by :func:`speed.queue_host_read` at the end of
-        the step: the read waits for that step only), log them and run the callbacks."""
-        loss_sum, grad_norm = speed.host_read(queued)
-        step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
-        losses.append(step_loss)
-        metrics = {"loss": step_loss, "lr": step_lrs[main_group],
-                   "epoch": done / plan.steps_per_epoch, "label_tokens": n_labels}
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        for name, lr in step_lrs.items():
-            metrics[f"lr/{name}"] = lr
-        step_row = tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
-                                log_now=done % cfg.logging_steps == 0 or done == plan.total_steps,
-                                warm=warm_events.since_last())
-        if not math.isfinite(step_loss):
-            raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
-                           "instead of fp16; the last checkpoint is intact")
-        for cb in callbacks:
-            cb(done, step_row)
-        return step_row
-
-    # 6. the loop: each step's numbers are read once the next step is queued (report)
     pending = None
     t_first = time.perf_counter()
     try:
-        for step, items in fetch_steps():
+        for step, items in _fetch_steps(run, rows_in_workers):
             if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
                 items = rows_by_budget(items, cfg.packed_row_tokens)  # tokens (before balancing: ranks compare rows)
                 if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
@@ -996,23 +1166,23 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                     raise QvlError(*item["error"])
                 skipped.update(item["skipped"])
                 for why, example in item.get("examples", {}).items():
-                    encoder.examples.setdefault(why, example)
+                    run.encoder.examples.setdefault(why, example)
                 if item.get("samples"):
                     rows.append(item["samples"])
                 elif item.get("batches"):
                     batches += item["batches"]
                 elif item["batch"] is not None:
                     batches.append(item["batch"])
-            batches += [pack_micro_batch(r, rope_index, row_multiple, pad_id, media_multiple) for r in rows]
+            batches += [pack_micro_batch(r, run.rope_index, run.row_multiple, pad_id, run.media_multiple) for r in rows]
             n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
             n_tokens = sum(batch_tokens(b) for b in batches)
             loss_sum = torch.zeros((), device=device)  # stays on the device: one host sync per step (below)
             step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
             for j, batch in enumerate(batches):
                 if host_table is not None:
-                    batch["qvl_embeds"] = speed.host_embed(host_table, batch["input_ids"], pin=device.type == "cuda")
+                    batch["qvl_embeds"] = host.host_embed(host_table, batch["input_ids"], pin=device.type == "cuda")
                 part = distributed.micro_step(eng, to_device(batch, device), n_labels / dist.world_size,  # engines average over ranks
-                                              last=j == len(batches) - 1, autocast=autocast)
+                                              last=j == len(batches) - 1, autocast=run.autocast)
                 loss_sum += part
             grad_norm = distributed.finish_step(eng)
             done = step + 1
@@ -1026,12 +1196,12 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
             # this step's numbers are copied to the host behind its work now and read once the next step is queued:
             # the read waits for this step only, so the GPU runs the next step while the host builds the one after
             # (a checkpoint reads its own step's first)
-            queued = speed.queue_host_read(loss_sum, grad_norm)
+            queued = host.queue_host_read(loss_sum, grad_norm)
             if pending is not None:
-                row = report(*pending)
+                run.row = report(*pending)
             pending = (done, queued, n_labels, n_tokens, step_lrs)
             if saving:
-                row, pending = report(*pending), None
+                run.row, pending = report(*pending), None
                 path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
                                             {"step": done, "epoch": done / plan.steps_per_epoch,
                                              "total_steps": plan.total_steps, "seed": cfg.seed},
@@ -1039,45 +1209,50 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
                                             write_state=distributed.state_writer(eng, model))
                 say(f"saved {path}")
         if pending is not None:
-            row = report(*pending)
+            run.row = report(*pending)
 
     except torch.OutOfMemoryError as e:
-        raise out_of_memory(e, cfg, graphs, ckpt_ratio) from e
+        raise out_of_memory(e, cfg, run.use_graphs, run.ckpt_ratio) from e
     finally:  # the recordings' memory goes back (benchmarks train the same model object again)
         if host_table is not None:
-            speed.embeddings_to_device(model, device)
+            host.embeddings_to_device(model, device)
         if decoder_graphs is not None:
             say(f"cuda_graphs: {decoder_graphs.summary()}")
             decoder_graphs.close()
 
-    # 7. final: last checkpoint (resumable) + servable folder
+
+def _save_final(run: Run) -> TrainResult:
+    """Final: last checkpoint (resumable) + servable folder, and the run's summary."""
+    cfg, say, dist, out, plan, model = run.cfg, run.say, run.dist, run.out, run.plan, run.model
+    eng, start_step, losses, load_dtype = run.eng, run.start_step, run.losses, run.load_dtype
     done = max(start_step, plan.total_steps)
     if cfg.save_strategy == "steps" and start_step < plan.total_steps:
-        ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
+        ckpt.save_checkpoint(out, done, model, run.optimizer, run.scheduler,
                              {"step": done, "epoch": done / plan.steps_per_epoch, "total_steps": plan.total_steps,
                               "seed": cfg.seed}, rank=dist.rank, save_total_limit=cfg.save_total_limit,
                              write_state=distributed.state_writer(eng, model))
-    total_skipped = dict(skipped)
+    total_skipped = dict(run.skipped)
     files = []
-    if fp32_masters and not cfg.lora_enable and not eng.sharded:  # the servable weights in the model's dtype
-        for p in trainable:
+    if run.fp32_masters and not cfg.lora_enable and not eng.sharded:  # the servable weights in the model's dtype
+        for p in run.trainable:
             p.data = p.data.to(load_dtype)
     # sharded weights (ZeRO-3, FSDP) are gathered onto rank 0: every rank joins
     gathered = distributed.full_state_dict(eng, model, cfg.lora_enable, dtype=None if cfg.lora_enable else load_dtype)
-    if is_main:
-        files = ckpt.save_final(out, model, processor, cfg,
+    if run.is_main:
+        files = ckpt.save_final(out, model, run.processor, cfg,
                                 extra={"steps": done, "final_loss": losses[-1] if losses else None,
                                        "skipped": total_skipped}, state_dict=gathered)
-    plot = tracker.close()
+    plot = run.tracker.close()
     if total_skipped:
         say("skipped samples: " + ", ".join(f"{n} {why}" for why, n in total_skipped.items()))
-        for why, ex in encoder.examples.items():
+        for why, ex in run.encoder.examples.items():
             say(f"  e.g. {ex}")
-    seconds = time.perf_counter() - t_start
+    seconds = time.perf_counter() - run.t_start
     say(f"done: {done} steps in {seconds:.1f} s; servable output in {out}"
         f"{f'; loss curve {plot}' if plot else ''}")
     if dist.enabled:
         torch.distributed.barrier()
+    row, resume_from = run.row, run.resume_from
     return TrainResult(out, done, start_step, losses, total_skipped, seconds,
                        row.get("tokens_per_s") or 0.0, row.get("peak_mem_gib", 0.0), files,
                        str(resume_from) if resume_from else None)

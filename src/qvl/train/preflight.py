@@ -236,7 +236,7 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
     budget is None and a kept layer costs the planner's eager estimate."""
     from qvl.plan.memory import (COMPILED_BUDGETS, attention_saved_bytes_per_token,
                                  compiled_layer_saved_bytes_per_token, layer_saved_bytes_per_token, parse_lora_targets)
-    from qvl.train.speed import ratio_for_memory
+    from qvl.train.recompute import ratio_for_memory
 
     plan = getattr(pf, "plan", None)
     shape = model_for_plan(cfg.model_name_or_path) if plan is not None else None

@@ -64,7 +64,7 @@ def row_extras(batch: dict, model_config) -> dict:
 
 
 def pad_media(batch: dict, multiple: int, merge: int) -> dict:
-    """Each medium's patches grown to one of a few sizes (:func:`qvl.train.speed.gemm_rows`: multiples of
+    """Each medium's patches grown to one of a few sizes (:func:`qvl.train.loss_head.gemm_rows`: multiples of
     ``multiple`` on a ladder) by one padding image at its end: zero pixels, grid (1, ``merge``, n / ``merge``)
     (``gemm_row_multiple``).
 
@@ -74,7 +74,7 @@ def pad_media(batch: dict, multiple: int, merge: int) -> dict:
     output; its tokens come after every real one, so :func:`row_hidden`'s ``masked_scatter`` places the real tokens
     and leaves them unused. The packed-row path only: transformers' own forward checks the features' count against
     the placeholders."""
-    from qvl.train.speed import gemm_rows
+    from qvl.train.loss_head import gemm_rows
 
     if multiple % (merge * merge):
         raise ValueError(f"a padding image needs a multiple of {merge * merge} patches, not {multiple}")
@@ -100,7 +100,7 @@ def no_duck_sizing():
 
 def run_tower(visual, pixels: torch.Tensor, grid_thw: torch.Tensor, kw: dict):
     """The vision tower's output for ``pixels`` with its :func:`vision_extras` ``kw`` (on the device), compiled
-    where :func:`qvl.train.speed.compile_vision_tower` compiled it."""
+    where :func:`qvl.train.compile.compile_vision_tower` compiled it."""
     compiled = getattr(visual, "qvl_compiled_forward", None)
     if compiled is not None:
         # no duck sizing: a micro-batch with as many media as some other input has entries (3 images, 3 grid columns)
@@ -114,7 +114,7 @@ def warm_tower(visual, vision_config, most_patches: int, multiple: int, device) 
     """Run the frozen tower once at every patch count :func:`pad_media` can make for up to ``most_patches`` patches
     (zero images, under the caller's autocast and grad mode: the step's), so that no step meets a matmul
     shape for the first time. Returns how many counts."""
-    from qvl.train.speed import gemm_ladder
+    from qvl.train.loss_head import gemm_ladder
 
     merge = vision_config.spatial_merge_size
     patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size ** 2

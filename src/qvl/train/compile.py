@@ -1,0 +1,147 @@
+"""``torch.compile`` for training: which parts compile, whether a run compiles, and undoing it.
+
+* :func:`compile_layers` — the decoder layers' parts or whole layers (regional compilation: one graph shared by
+  every layer, dynamic sequence length, so varying row lengths do not recompile).
+* :func:`compile_vision_blocks` / :func:`compile_vision_tower` — a frozen vision tower's blocks, or its whole forward.
+* :func:`compile_choice` — ``compile_layers`` (``auto`` / true / false) resolved for a run, with why.
+* :func:`uncompile` — all of the above undone (benchmarks reuse one model for several runs).
+
+Tested on CPU against the plain path (tests/train/test_speed.py); measured effects are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qvl.errors import QvlError
+from qvl.train.recompute import checkpoint_inside, decoder_layers
+
+
+COMPILED_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+# without the attention module (per-sample attention reads sample bounds on the host mid-module): its norms
+ATTENTION_NORMS = ("q_norm", "k_norm")
+COMPILE_SCOPES = ("layer", "parts")
+
+
+def compile_layers(model, backend: str = "inductor", dynamic: bool = True, attention: bool = True,
+                   eager_fallback: bool = False, scope: str = "parts") -> int:
+    """``torch.compile`` the decoder layers in place. Returns the modules compiled.
+
+    ``scope="layer"``: each whole decoder layer (norms, attention, LoRA adapters, MLP and the residual adds in one
+    graph, forward and backward), with its gradient checkpointing moved inside the compiled code
+    (:func:`checkpoint_inside`), the same on every transformers version: the compiler then plans the recompute.
+    ``scope="parts"``: each layer's norms, attention and MLP apart, gradient checkpointing staying outside.
+    The layers share their code, so one graph serves all of them; ``dynamic=True`` makes the sequence length
+    symbolic, so rows of any length reuse it. ``attention=False`` (parts only) leaves the attention module eager
+    and compiles its q/k norms instead.
+    ``eager_fallback``: a part dynamo cannot trace, or whose forward graph the backend cannot build, runs eagerly
+    (with a warning) instead of stopping the run (dynamo's ``suppress_errors``, set for the whole process:
+    :func:`qvl.train.loop.train` restores it when it returns). The backward graph is built lazily in the first
+    backward pass and is not covered.
+    """
+    if scope not in COMPILE_SCOPES:
+        raise QvlError(f"compile scope {scope!r} is not one of {COMPILE_SCOPES}", where="compile_scope")
+    if eager_fallback:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+    n = 0
+    for layer in decoder_layers(model):
+        if scope == "layer":
+            checkpoint_inside(layer, getattr(layer, "qvl_recompute_context", None))
+            parts = [layer]
+        else:
+            parts = [getattr(layer, name, None) for name in COMPILED_PARTS if attention or name != "self_attn"]
+            if not attention:
+                parts += [getattr(layer.self_attn, name, None) for name in ATTENTION_NORMS]
+        for part in parts:
+            if part is not None:
+                part.compile(backend=backend, dynamic=dynamic)
+                n += 1
+    return n
+
+
+def compile_vision_blocks(model, backend: str = "inductor") -> int:
+    """``torch.compile`` each block of a frozen vision tower in place (dynamic patch counts); returns the blocks
+    compiled, 0 when any vision weight trains (not measured: the tower then recomputes under checkpointing).
+
+    The tower runs eagerly otherwise: ~27 blocks of small ops launched one by one from the host in every step, on a
+    step that waits on the host (8B LoRA on an H100: +14 % tok/s with the blocks compiled, the same losses;
+    docs/benchmarks.md). Undone by :func:`uncompile`."""
+    blocks = [m for m in model.modules() if type(m).__name__.endswith("VisionBlock")]
+    if not blocks or any(p.requires_grad for b in blocks for p in b.parameters()):
+        return 0
+    for block in blocks:
+        block.compile(backend=backend, dynamic=True)
+    return len(blocks)
+
+
+def compile_vision_tower(model, backend: str = "inductor") -> bool:
+    """Compile a frozen vision tower's whole forward as one graph (dynamic patch and segment counts), for callers
+    that give it its ``grid_thw``-derived inputs precomputed (:mod:`qvl.train.row_forward`, which calls
+    ``visual.qvl_compiled_forward``): one guard check and one launch sequence per call instead of one per block
+    (27 for Qwen3-VL), on a step that waits on the host (8B LoRA on an H100: the tower's forward took ~60 ms of host
+    time per call with its blocks compiled apart, for ~15 ms of kernels; docs/benchmarks.md). transformers'
+    output-capturing decorator is left out (``__wrapped__``: dynamo cannot trace its ContextVar); what it adds
+    (``output_hidden_states`` / ``output_attentions``) training does not ask for. The patch embedding runs as a matmul
+    and the rotary cos / sin are stored once (:mod:`qvl.models.tower_speed`). False (nothing compiled) when any
+    vision weight trains, or the forward is not a decorated one. Undone by :func:`uncompile`."""
+    visual = next((m for m in model.modules() if type(m).__name__.endswith("VisionModel")), None)
+    if visual is None or any(p.requires_grad for p in visual.parameters()):
+        return False
+    core = getattr(type(visual).forward, "__wrapped__", None)
+    if core is None:
+        return False
+    from qvl.models import tower_speed
+
+    tower_speed.linear_patch_embed(visual)
+    tower_speed.stored_rotary(visual)
+    visual.qvl_compiled_forward = torch.compile(core, backend=backend, dynamic=True)
+    return True
+
+
+def uncompile(model) -> None:
+    """Undo :func:`compile_layers` (benchmarks reuse one model for several runs)."""
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+        if m.__dict__.pop("qvl_compiled_forward", None) is not None:
+            from qvl.models import tower_speed
+
+            tower_speed.restore(m)
+        base = getattr(type(m), "qvl_base_class", None)
+        if base is not None:
+            m.__class__ = base
+            m.gradient_checkpointing = m.__dict__.pop("qvl_recompute")
+            m.__dict__.pop("qvl_recompute_context", None)
+
+
+def compile_wanted(choice, device: torch.device) -> bool:
+    """``compile_layers`` config value -> on/off: ``auto`` is on for CUDA, off on CPU (slow to build there)."""
+    if choice == "auto":
+        return device.type == "cuda"
+    return bool(choice)
+
+
+def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, moe: bool,
+                   varlen: bool = True) -> tuple[bool, str]:
+    """(compile?, why) for the loop. ``auto`` compiles where it was measured faster with equal losses: a GPU, one
+    process or DDP, a dense model, packed rows with per_sample attention on the flash varlen kernel (``varlen``:
+    torch >= 2.10 and bf16; without it the compiled attention would build an L x L mask per layer) (8B LoRA on an
+    H100: +10 % and +45 % in two calls, 2-3 GiB less memory; docs/benchmarks.md). ``true`` compiles any
+    single-GPU / DDP run. ``why`` is empty when there is nothing worth saying (off by choice, or auto on CPU)."""
+    if not compile_wanted(choice, device):
+        return False, ""
+    if engine != "ddp":  # sharding wrappers around compiled regions are not measured or tested: keep them apart
+        return False, f"not under {engine} (tested with one GPU and DDP only)"
+    if choice != "auto":
+        return True, "on"
+    if moe:
+        return False, "auto: mixture-of-experts layers are not measured compiled (compile_layers=true forces it)"
+    if not per_sample:
+        return False, ("auto: measured only on packed rows with per_sample attention (data_flatten=true); "
+                       "compile_layers=true forces it")
+    if not varlen:
+        return False, ("auto: per_sample attention runs without the flash varlen kernel here (it needs torch >= 2.10 "
+                       "and bf16): compiled, it would build an L x L mask per layer")
+    return True, "auto"
