@@ -442,7 +442,7 @@ def compiles_whole_layers(cfg: TrainConfig, device: torch.device) -> bool:
     per_sample = packed and packed_attention_for(cfg.packed_attention, device, cfg.longest_row()) in (
         "per_sample", PER_SAMPLE_ATTENTION)
     compiling, _ = compile.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
-                                        varlen=varlen_available() and cfg.bf16)
+                                          varlen=varlen_available() and cfg.bf16)
     return compiling and cfg.compile_scope == "layer"
 
 
@@ -597,7 +597,7 @@ class LossModule(torch.nn.Module):
             self.shapes_met.add(("loss head", loss_head.gemm_rows(target.numel(), self.gemm_row_multiple)))
         if self.fused_head():
             loss_sum = loss_head.linear_cross_entropy(hidden, self.lm_head.weight, target,
-                                                  row_multiple=self.gemm_row_multiple)
+                                                      row_multiple=self.gemm_row_multiple)
         else:
             logits = self.lm_head(hidden).float()
             loss_sum = F.cross_entropy(logits, target, reduction="sum")
