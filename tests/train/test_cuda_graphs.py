@@ -195,8 +195,10 @@ def test_cuda_graphs_train_like_compiled_layers_on_a_gpu(make_cfg, tmp_path):
               num_train_epochs=3, packed_attention="per_sample")
     plain = train(make_cfg(output_dir=str(tmp_path / "plain"), cuda_graphs=False, **kw), **quiet)
     said = []
+    # warmup_shapes=ahead: every shape recorded and met before step 1 (the default, lazy, ran the 8B CLI rows of
+    # bench/results/train_cli.json on an H200)
     graphed = train(make_cfg(output_dir=str(tmp_path / "graphs"), cuda_graphs=True, cuda_graphs_row_multiple=64,
-                             **kw), log=said.append)
+                             warmup_shapes="ahead", **kw), log=said.append)
     summary = next(line for line in said if line.startswith("cuda_graphs: ") and "replays" in line)
     # gemm_row_multiple auto on a GPU: tower patches and loss-head rows padded, their shapes met before training
     assert any(line.startswith("gemm_row_multiple=128 (auto)") for line in said), said
