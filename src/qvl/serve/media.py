@@ -203,8 +203,9 @@ class MediaResolver:
 
         try:
             info = probe_video(str(out))
-        except QvlError as e:
-            raise bad(f"'{ref.param}': unsupported video ({e.what})", param=ref.param,
+        except QvlError as e:  # the reader names the server's temporary copy: the client knows it by its param
+            what = e.what.replace(str(out), "the video")
+            raise bad(f"'{ref.param}': unsupported video ({what})", param=ref.param,
                       code="unsupported_video") from None
         if info.total_frames <= 0:
             raise bad(f"'{ref.param}': unsupported video (no frames)", param=ref.param, code="unsupported_video")
