@@ -106,3 +106,85 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
                                                                       "memory preflight", "GPU memory capped",
                                                                       "deepspeed=", "data_flatten"))]
     return res
+
+
+def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: int, device: str, warmup: int = 3):
+    """transformers + peft on the example YAML's own learning problem, padded, on the samples and in the order its
+    CLI row trains them: the YAML's seed, batch, accumulation, LoRA (targets, rank, alpha, dropout), learning-rate
+    schedule, clipping and vision budget; the loss token-weighted over the step's micro-batches as qvl's. The
+    reference for the CLI row's losses (and a second speed reference). ``base``: the bench's in-memory model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qvl.data.collate import collate
+    from qvl.data.preprocess import IGNORE_INDEX, TooLong, encode
+    from qvl.data.samples import parse_sample
+    from qvl.train.components import lora_regex
+    from qvl.train.config import load_config
+    from qvl.train.loop import Dist, Plan, _load_data, lr_lambda
+
+    cfg = load_config(REPO / "examples" / f"{example}.yaml",
+                      {"model_name_or_path": str(model_dir), "dataset_registry": str(registry),
+                       "dataset_use": "workload", "max_steps": steps})
+    from qvl.models.load import load_processor
+
+    processor = load_processor(str(model_dir))
+    records = _load_data(cfg)
+    plan = Plan(len(records), cfg, Dist())
+
+    def encoded(i):
+        sample, _ = parse_sample(records[i].raw, records[i].index, records[i].data_path, records[i].origin)
+        try:
+            return encode(sample, processor, cfg.vision_budget(), cfg.model_max_length)
+        except TooLong:
+            return None
+
+    model = get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                            target_modules=lora_regex(cfg)))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 adapters, as peft + the Trainer keep them (and qvl)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan.total_steps))
+    pad = processor.tokenizer.pad_token_id
+    losses, tokens, seconds = [], 0, 0.0
+    model.train()
+    try:
+        for step in range(plan.total_steps):
+            epoch, positions = plan.step_micro(step)
+            order = plan.epoch_order(epoch)
+            micro = [[e for e in (encoded(i) for i in plan.micro_batch(epoch, j, order)) if e is not None]
+                     for j in positions]
+            batches = [collate(m, pad) for m in micro if m]
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for b in batches:
+                b = {k: v.to(device) for k, v in b.items()}
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                    out = model(**b, use_cache=False)
+                share = int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) / max(n_labels, 1)
+                (out.loss * share).backward()  # the micro-batch's mean, weighted by its share of the label tokens
+                step_loss += out.loss.item() * share
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            losses.append(step_loss)
+            if step >= warmup:
+                seconds += time.perf_counter() - t0
+                tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+            print(f"  baseline-yaml step {step + 1}: loss {step_loss:.4f}", flush=True)
+    finally:
+        model.unload()
+        base.gradient_checkpointing_disable()
+    return {"tokens_per_s": tokens / seconds if seconds else 0.0, "losses": losses,
+            "final_loss_mean5": sum(losses[-5:]) / len(losses[-5:]), "timed_steps": max(0, len(losses) - warmup),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+            "settings": f"{example}.yaml's LoRA, batch, schedule and vision budget; padded; transformers + peft"}

@@ -39,6 +39,8 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 (these random weights, saved), the data (this workload) and max_steps (--cli-steps); its own
                 batch, LoRA targets and vision budget (bench/train_cli.py). cli:EXAMPLE@GPU: the same on an
                 emulated card (QVL_GPU=GPU, e.g. rtx4090: the run caps its allocator to that card's memory)
+  baseline-yaml transformers + peft on lora_8b_24gb.yaml's own problem (its LoRA targets, dropout, schedule, batch,
+                vision budget), padded, on the CLI row's samples in its order: the reference for its losses
   recipe        the reference's one-card LoRA command line (torchrun -m qvl.train --deepspeed zero2.json ...)
                 with lora_8b_24gb.yaml's batch settings, without DeepSpeed installed
   baseline-liger  the baseline with Liger's Qwen3-VL kernels (RoPE, RMSNorm, fused linear + cross-entropy), as
@@ -880,7 +882,8 @@ def main(argv=None):
                overrides.get("packed_attention", "auto (sdpa)"))
 
     # `qvl train` as a user runs it: the shipped YAMLs through the CLI, each in its own process (bench/train_cli.py)
-    cli_rows = [n for n in (args.only.split(",") if args.only else []) if n.startswith("cli:") or n == "recipe"]
+    cli_rows = [n for n in (args.only.split(",") if args.only else [])
+                if n.startswith("cli:") or n in ("recipe", "baseline-yaml")]
     if cli_rows:
         import train_cli
 
@@ -889,8 +892,16 @@ def main(argv=None):
         print(f"saved the model's weights for the CLI rows in {time.time() - t0:.1f} s", flush=True)
         if cuda:
             torch.cuda.empty_cache()
+        if want("baseline-yaml"):  # transformers + peft on lora_8b_24gb.yaml's own problem: the CLI rows' losses
+            torch.manual_seed(0)
+            try:
+                res = train_cli.yaml_baseline(base, model_dir, registry, "lora_8b_24gb", args.cli_steps, args.device)
+            except torch.OutOfMemoryError as e:
+                res = {"error": f"OOM: {str(e).splitlines()[0]}"}
+            res["mfu"] = res.get("tokens_per_s", 0.0) * all_flops / (PEAK_TFLOPS * 1e12)
+            finish("baseline-yaml", res, ["as lora_8b_24gb.yaml says"], True, "sdpa (padded)")
         for name in cli_rows:
-            if not want(name):
+            if name == "baseline-yaml" or not want(name):
                 continue
             example, _, gpu = name[len("cli:"):].split("#")[0].partition("@")  # "#2": the same row again
             out = work / ("run-" + name.replace(":", "-").replace("@", "-"))
@@ -900,6 +911,7 @@ def main(argv=None):
             full = example.startswith("full")
             res["mfu"] = res["tokens_per_s"] * all_flops * (1.5 if full else 1.0) / (PEAK_TFLOPS * 1e12)
             res["baseline_row"] = "baseline-full" if full else "baseline"
+            res["loss_row"] = "baseline-full" if full else "baseline-yaml" if "baseline-yaml" in results else "baseline"
             finish(name, res, ["as the YAML says"], "as the YAML says", "as the YAML says")
 
     # last: Liger patches transformers' Qwen3-VL rotary functions for the whole process, so no row may follow it
@@ -967,11 +979,13 @@ def summary_of(args, results, encs, hist, padding) -> dict:
     cli = {}
     for name, r in results.items():  # the user's path: each CLI row against its baseline from this call
         ref = results.get(r.get("baseline_row", ""), {})
+        loss_ref = results.get(r.get("loss_row", ""), {})
         if r.get("tokens_per_s") and ref.get("tokens_per_s"):
             cli[name] = {"vs": r["baseline_row"], "speedup": r["tokens_per_s"] / ref["tokens_per_s"],
                          "time_to_first_step_s": r.get("time_to_first_step_s"), "peak_gib": r.get("peak_gib"),
-                         "peak_reserved_gib": r.get("peak_reserved_gib"),
-                         "loss_last5_vs_baseline": r["final_loss_mean5"] / ref["final_loss_mean5"] - 1}
+                         "peak_reserved_gib": r.get("peak_reserved_gib"), "loss_vs": r["loss_row"],
+                         "loss_last5_vs_baseline": r["final_loss_mean5"] / loss_ref["final_loss_mean5"] - 1
+                         if loss_ref.get("final_loss_mean5") else None}
     if cli:
         summary["cli"] = cli
     ref = results.get("qvl-selective", {}).get("losses")
@@ -995,7 +1009,9 @@ def print_table(summary: dict) -> None:
         res = f"{r['peak_reserved_gib']:.1f}" if r.get("peak_reserved_gib") is not None else "-"
         if "time_to_first_step_s" in r:  # a CLI row: its own columns follow the table
             continue
-        print(f"{name:<16}{r['tokens_per_s']:>9.0f}{r['samples_per_s']:>11.2f}{r['step_s']:>8.3f}{peak:>10}{res:>10}"
+        nan = float("nan")
+        print(f"{name:<16}{r['tokens_per_s']:>9.0f}{r.get('samples_per_s', nan):>11.2f}{r.get('step_s', nan):>8.3f}"
+              f"{peak:>10}{res:>10}"
               f"{r['mfu']:>7.1%}{r['final_loss_mean5']:>13.4f}  {r.get('gradient_checkpointing')}")
     for name, c in summary.get("cli", {}).items():
         r = summary["contestants"][name]
@@ -1003,7 +1019,9 @@ def print_table(summary: dict) -> None:
         print(f"{name:<28} steady {r['tokens_per_s']:>7.0f} tok/s ({c['speedup']:.2f}x {c['vs']}), whole run "
               f"{r.get('whole_run_tokens_per_s', 0):.0f} tok/s, first step at {first if first is None else round(first)} s, "
               f"peak {r.get('peak_gib') or 0:.1f} GiB (reserved {r.get('peak_reserved_gib') or 0:.1f}), "
-              f"MFU {r['mfu']:.1%}, loss last5 {r['final_loss_mean5']:.4f} ({c['loss_last5_vs_baseline']:+.2%})")
+              f"MFU {r['mfu']:.1%}, loss last5 {r['final_loss_mean5']:.4f}"
+              + (f" ({c['loss_last5_vs_baseline']:+.2%} vs {c['loss_vs']})" if c["loss_last5_vs_baseline"] is not None
+                 else ""))
     if "speedup" in summary:
         print(f"speedup ({summary['qvl']['row']}, the baseline's targets, within its memory, vs baseline): "
               f"{summary['speedup']:.2f}x")
