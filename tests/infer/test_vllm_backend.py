@@ -131,12 +131,10 @@ def test_vllm_missing_is_a_clear_error():
         load_engine("whatever", backend="vllm")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed (pip install 'qvl[vllm]')")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not __import__("torch").cuda.is_available(),
+                    reason="needs a GPU with vLLM's CUDA build (pip install 'qvl[vllm]'); the CPU build's tests are "
+                           "tests/real_vllm (make test-vllm)")
 def test_real_vllm_streams(tiny_model_dir):  # pragma: no cover - needs vLLM and a GPU
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a GPU")
     from qvl.infer.engine import load_engine
     from qvl.infer.types import Request
 
