@@ -72,6 +72,7 @@ class Accounting:
     sampler_spread: float
     tp_non_torch_gib: float  # non-torch increase with tensor parallelism > 1 (all-reduce buffers)
     warning: str = ""
+    unexplained_spread_gib: float = 0.0  # memory the logs show taken before the KV cache that no term explains
 
 
 # Sampler dummy run on max_num_seqs rows × vocabulary (fp32 logits, softmax, log-probs, sort values and int64
@@ -87,10 +88,15 @@ class Accounting:
 # (llm-d-planner#205; v0.18 raised the TP-1 figure too, 0.13 -> 0.25).
 ACCOUNTINGS = {
     "v0": Accounting("V0 engine (< 0.8, or VLLM_USE_V1=0)", "v0", False, False, 48, 0.30, NON_TORCH_GIB),
+    # 0.8 – 0.9.0 counted allocator-cached memory as non-torch memory (vllm-project/vllm#19312): 5.6 GiB more
+    # than the terms on an L40S (Llama-3.1-8B, 0.8.4, vllm-project/vllm#17122), 4.4 GiB on an H100
+    # (Qwen2.5-VL-7B, 0.8.2, QwenLM/Qwen3-VL#1057), none on an L4 (Qwen2.5-VL-7B, 0.9.0.1): not a constant, so
+    # it widens the margin instead of moving the estimate.
     "v1-early": Accounting("V1 engine, 0.8 – 0.9.0", "v1", False, True, 40, 0.10, 0.6,
                            warning="vLLM 0.8 – 0.9.0 (V1) counted allocator-cached memory as non-torch memory "
                                    "(replaced in vllm-project/vllm#19312): it may start with less KV cache than "
-                                   "planned, or refuse a low --gpu-memory-utilization"),
+                                   "planned, or refuse a low --gpu-memory-utilization",
+                           unexplained_spread_gib=5.6),
     "v1": Accounting("V1 engine, 0.9.1 – 0.16", "v1", False, True, 40, 0.10, 0.6),
     "v1-0.17": Accounting("V1 engine, 0.17 – 0.20", "v1", False, True, 16, 0.10, 2.3),
     "v1-graphs": Accounting("V1 engine, >= 0.21", "v1", True, True, 16, 0.10, 2.3),
@@ -213,7 +219,7 @@ def budget(m: ModelShape, *, card_gib: float, utilization: float, tp: int, max_m
                                "captured after the KV cache, from the (1 − utilisation) margin (vLLM < 0.21)"))
     subtracted = sum(b.parts.values()) + (graphs if acct.graphs_subtracted else 0.0)
     b.kv_available_gib = b.requested_gib - subtracted
-    terms = [NON_TORCH_SPREAD_GIB, spread * peak / GIB, 0.01 * b.parts["weights"]]
+    terms = [NON_TORCH_SPREAD_GIB, spread * peak / GIB, 0.01 * b.parts["weights"], acct.unexplained_spread_gib]
     if acct.graphs_subtracted:
         terms.append(CUDAGRAPH_SPREAD * graphs)
     b.margin_gib = math.sqrt(sum(t * t for t in terms))
