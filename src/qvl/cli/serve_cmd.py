@@ -112,8 +112,11 @@ def register(app: typer.Typer) -> None:
         parts = [_media("image", p) for p in image] + [_media("video", p) for p in video] + [question]
         engine = _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, None, None, max_batch_size=1)
         messages = ([Message("system", [system])] if system else []) + [Message("user", parts)]
-        _stream(engine, Request(messages, _sampling(engine, temperature, top_p, top_k, presence_penalty, seed,
-                                                    max_new_tokens)))
+        try:
+            _stream(engine, Request(messages, _sampling(engine, temperature, top_p, top_k, presence_penalty, seed,
+                                                        max_new_tokens)))
+        finally:  # the worker ends before the process does
+            engine.close()
 
     @app.command("chat")
     @friendly
@@ -136,41 +139,44 @@ def register(app: typer.Typer) -> None:
         base = [Message("system", [system])] if system else []
         history, attached = list(base), []
         typer.echo(f"{engine.describe()}\n/image PATH, /video PATH attach to the next message; /reset; /quit")
-        while True:
-            try:
-                line = input("you> ")
-            except (EOFError, KeyboardInterrupt):
-                typer.echo("")
-                return
-            line = line.strip()
-            if not line:
-                continue
-            cmd, _, arg = line.partition(" ")
-            if cmd in ("/quit", "/exit"):
-                return
-            if cmd == "/reset":
-                history, attached = list(base), []
-                typer.echo("(conversation cleared)")
-                continue
-            if cmd in ("/image", "/video"):
+        try:
+            while True:
                 try:
-                    attached.append(_media(cmd[1:], arg.strip()))
-                    typer.echo(f"(attached {cmd[1:]} {arg.strip()})")
-                except QvlError as e:
+                    line = input("you> ")
+                except (EOFError, KeyboardInterrupt):
+                    typer.echo("")
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                cmd, _, arg = line.partition(" ")
+                if cmd in ("/quit", "/exit"):
+                    return
+                if cmd == "/reset":
+                    history, attached = list(base), []
+                    typer.echo("(conversation cleared)")
+                    continue
+                if cmd in ("/image", "/video"):
+                    try:
+                        attached.append(_media(cmd[1:], arg.strip()))
+                        typer.echo(f"(attached {cmd[1:]} {arg.strip()})")
+                    except QvlError as e:
+                        typer.secho(f"error: {e.render()}", fg=typer.colors.RED, err=True)
+                    continue
+                if cmd.startswith("/"):
+                    typer.echo("commands: /image PATH, /video PATH, /reset, /quit")
+                    continue
+                user = Message("user", attached + [line])
+                typer.echo("qvl> ", nl=False)
+                try:
+                    answer = _stream(engine, Request(history + [user], sampling))
+                except QvlError as e:  # a bad image or an over-long conversation: keep chatting
                     typer.secho(f"error: {e.render()}", fg=typer.colors.RED, err=True)
-                continue
-            if cmd.startswith("/"):
-                typer.echo("commands: /image PATH, /video PATH, /reset, /quit")
-                continue
-            user = Message("user", attached + [line])
-            typer.echo("qvl> ", nl=False)
-            try:
-                answer = _stream(engine, Request(history + [user], sampling))
-            except QvlError as e:  # a bad image or an over-long conversation: keep chatting
-                typer.secho(f"error: {e.render()}", fg=typer.colors.RED, err=True)
-                continue
-            history += [user, Message("assistant", [answer])]
-            attached = []
+                    continue
+                history += [user, Message("assistant", [answer])]
+                attached = []
+        finally:  # the worker ends before the process does
+            engine.close()
 
     @app.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
     @friendly

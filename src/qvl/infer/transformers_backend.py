@@ -307,9 +307,13 @@ class TransformersEngine(Engine):
         self._queue.put(_Job(prepared, handle))
         return handle
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests and wait for the worker to finish its last step: a process that exits while the
+        worker is inside a torch call can abort ("terminate called without an active exception")."""
         self._closed = True
         self._queue.put(None)
+        if self._worker is not threading.current_thread():
+            self._worker.join(timeout)
 
     # ------------------------------------------------------------------ worker
     def _batch_key(self, job: _Job):
