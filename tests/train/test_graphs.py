@@ -114,3 +114,29 @@ def test_a_trained_vision_part_keeps_the_graphs_off(lora_model_and_rows):
         assert graphs.unfit(torch.zeros(1, 4, 8), []) == "not one packed row of embeddings on a GPU"  # CPU first
     finally:
         merger.requires_grad_(False)
+
+
+def test_a_recording_compiles_one_decoder_graph_for_every_layer(lora_model_and_rows):
+    """The recorded stack gives layer 0 an input that requires a gradient, as every later layer gets: the compiled
+    layer is one graph, never a second one for layer 0 (a recompile on ``requires_grad``: ~40-60 s at 8B)."""
+    import torch._dynamo
+
+    from qvl.train.compile import compile_layers, uncompile
+    from qvl.train.graphs import StaticRow, recorded_stack
+
+    model, rows = lora_model_and_rows
+    embeds, positions, cu, deepstack, reference = row_and_reference(model, rows[0])
+    text = model.get_base_model().model.language_model
+    row = StaticRow(hidden=embeds.detach().clone(), mrope=positions[1:], text_positions=positions[0], cu_seqlens=cu,
+                    deepstack=[d.detach() for d in deepstack], output=torch.empty_like(embeds),
+                    grad_output=torch.empty_like(embeds))
+    torch._dynamo.reset()
+    compile_layers(model, backend="eager", scope="layer")
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = recorded_stack(text, row)
+            torch.autograd.grad(out.float().pow(2).mean(), [p for p in text.parameters() if p.requires_grad])
+    finally:
+        uncompile(model)
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)

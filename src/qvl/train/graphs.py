@@ -85,7 +85,13 @@ def decoder_stack(text, hidden: torch.Tensor, mrope: torch.Tensor, text_position
 
 
 def recorded_stack(text, row: StaticRow) -> torch.Tensor:
-    return decoder_stack(text, row.hidden, row.mrope, row.text_positions, row.cu_seqlens, row.deepstack,
+    # The embedded row enters as a leaf that requires a gradient (nothing reads it): every decoder layer then gets an
+    # input that requires one, as the eager path's layers do (PEFT's enable_input_require_grads), so the compiled
+    # layer is one graph. With a plain buffer, layer 0 alone differed and compiled a second forward and backward
+    # graph (8B on an H200: a recompile on `requires_grad` in TORCH_LOGS=recompiles, inside the first step's ~120 s
+    # of decoder compilation). Cost: layer 0's backward also computes its input's gradient, ~1 % of the stack's work.
+    hidden = row.hidden.detach().requires_grad_(True)
+    return decoder_stack(text, hidden, row.mrope, row.text_positions, row.cu_seqlens, row.deepstack,
                          row.hidden.shape[1])
 
 
