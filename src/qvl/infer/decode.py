@@ -9,16 +9,25 @@ concatenation; at batch 1 on an H100 that is ~6 % of what the memory bandwidth a
 * **Decode** is our own step over the same weights: RMSNorm, fused q/k/v and gate/up matrices
   (the modules' weights become views of the fused tensors, so no memory is added), q/k norms,
   RoPE, the new key/value written at each row's own position, attention over the first ``Lb``
-  cache entries with a per-row length mask, the MLP, the final norm and ``lm_head``. New tokens
+  cache entries with a per-row length mask, the MLP (or the routed experts), the final norm and ``lm_head``.
+  New tokens
   are text, whose three mRoPE components are equal, so the rotation is the plain 1-D one at
   ``position + rope_delta`` (rope_delta = the request's largest prompt position + 1 - its length).
+* **Mixture-of-experts layers** (Qwen3-VL-30B-A3B, 235B-A22B): the router as the Hugging Face block computes it
+  (softmax in float32, top-k, the k weights renormalised to sum to 1, cast back to the model dtype; no shared
+  experts), then only the selected experts' weights are read, straight from the experts' 3-D parameters (no
+  copy): either a grouped GEMM over the (token, expert) pairs sorted by expert (``torch._grouped_mm``; each
+  selected expert is read once, whatever the batch) or a gathered multiply-and-reduce per pair (one fused kernel
+  under ``torch.compile``; an expert chosen by two rows is read twice). Both have fixed shapes and no host sync,
+  so they compile and capture like the dense step; :data:`EXPERTS_GATHER_MAX_ROWS` picks between them per batch
+  bucket. The k weighted outputs of a token are summed in top-k order, as the Hugging Face grouped-GEMM path does.
 * On CUDA the per-layer pieces are compiled by ``torch.compile`` (dynamic shapes: one compile for
   every batch and length) and the whole step is captured in a CUDA graph for each (batch bucket,
   length bucket) pair, so a decode step is one graph launch. On CPU it runs eagerly (tests).
 
 Rows are cache slots: a batch of ``B`` rows reads slots ``0..B-1``; free slots inside that range
-compute garbage that nobody reads. Only dense Qwen3-VL language models without biases qualify
-(:func:`supports`); anything else (MoE, unmerged adapters) uses ``model.generate``.
+compute garbage that nobody reads. Qwen3-VL language models (dense or MoE) without biases qualify
+(:func:`supports`); anything else (unmerged adapters, shared experts) uses ``model.generate``.
 """
 
 from __future__ import annotations
@@ -50,16 +59,49 @@ def supports(model) -> str | None:
         return "attention biases are not supported by the fast path"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"hidden_act {cfg.hidden_act} is not supported by the fast path"
-    layer = text.layers[0]
-    mlp = getattr(layer, "mlp", None)
-    if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        return "mixture-of-experts layers use model.generate"
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if type(getattr(layer.self_attn, name)) is not torch.nn.Linear:
-            return "adapter-wrapped projections use model.generate (merge the adapter first)"
+    for layer in text.layers:
+        why = _mlp_kind(getattr(layer, "mlp", None))[1]
+        if why:
+            return why
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if type(getattr(layer.self_attn, name)) is not torch.nn.Linear:
+                return "adapter-wrapped projections use model.generate (merge the adapter first)"
     if getattr(cfg, "rope_parameters", {}).get("rope_type", "default") != "default":
         return "scaled RoPE variants use model.generate"
     return None
+
+
+def _mlp_kind(mlp) -> tuple[str | None, str | None]:
+    """("dense" | "moe", None) for an MLP the step can run, else (None, why not)."""
+    if mlp is None:
+        return None, "a decoder layer without an MLP"
+    if all(type(getattr(mlp, n, None)) is torch.nn.Linear for n in ("gate_proj", "up_proj", "down_proj")):
+        return "dense", None
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return None, "adapter-wrapped projections use model.generate (merge the adapter first)"
+    experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+    if experts is None or gate is None:
+        return None, f"the MLP {type(mlp).__name__} is not supported by the fast path"
+    if any(hasattr(mlp, n) for n in ("shared_expert", "shared_experts", "shared_expert_gate")):
+        return None, "shared experts are not supported by the fast path"
+    plain = (type(getattr(experts, "gate_up_proj", None)) is torch.nn.Parameter
+             and type(getattr(experts, "down_proj", None)) is torch.nn.Parameter
+             and type(getattr(gate, "weight", None)) is torch.nn.Parameter and hasattr(gate, "top_k"))
+    if not plain or hasattr(experts, "base_layer") or hasattr(gate, "base_layer"):
+        return None, "adapter-wrapped experts or router use model.generate (merge the adapter first)"
+    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+        return None, "expert biases or transposed expert weights are not supported by the fast path"
+    return "moe", None
+
+
+@dataclass
+class MoEWeights:
+    """A sparse MoE block's weights, as the model holds them (views, nothing copied)."""
+
+    router: torch.Tensor  # (experts, hidden)
+    gate_up: torch.Tensor  # (experts, 2 * moe_intermediate, hidden): gate rows, then up rows
+    down: torch.Tensor  # (experts, hidden, moe_intermediate)
+    top_k: int
 
 
 @dataclass
@@ -70,8 +112,27 @@ class LayerWeights:
     kn: torch.Tensor
     wo: torch.Tensor
     ln2: torch.Tensor
-    wgu: torch.Tensor
-    wdown: torch.Tensor
+    mlp: tuple  # dense: (fused gate/up, down); MoE: (router, experts' gate_up, experts' down)
+    top_k: int = 0  # experts per token; 0: a dense MLP
+
+    @classmethod
+    def of(cls, layer) -> LayerWeights:
+        """The step's view of a decoder layer: q/k/v and gate/up fused (the modules' weights become views)."""
+        at, mlp = layer.self_attn, layer.mlp
+        common = (layer.input_layernorm.weight.data, _fuse([at.q_proj, at.k_proj, at.v_proj]),
+                  at.q_norm.weight.data, at.k_norm.weight.data, at.o_proj.weight.data,
+                  layer.post_attention_layernorm.weight.data)
+        if _mlp_kind(mlp)[0] == "moe":
+            moe = MoEWeights(mlp.gate.weight.data, mlp.experts.gate_up_proj.data, mlp.experts.down_proj.data,
+                             int(mlp.gate.top_k))
+            return cls(*common, (moe.router, moe.gate_up, moe.down), moe.top_k)
+        return cls(*common, (_fuse([mlp.gate_proj, mlp.up_proj]), mlp.down_proj.weight.data))
+
+
+# Batch buckets up to this many rows run the MoE experts as gathered multiply-and-reduce (every row reads its own
+# k experts: no sort, one fused kernel); larger ones as a grouped GEMM over the pairs sorted by expert (each
+# selected expert read once). Not yet measured on a GPU: bench/decode.py times both at 1 and 32 rows.
+EXPERTS_GATHER_MAX_ROWS = 1
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,23 +174,70 @@ def attend(q, keys, values, mask, scale: float):
     return torch.matmul(probs, values).reshape(b, n_q * d)
 
 
-def mlp_out(a, x, wo, ln, wgu, wdown, eps: float):
-    """o_proj + residual, post-attention norm, SwiGLU MLP + residual."""
+def route(h, router, top_k: int):
+    """The Hugging Face router: softmax (float32) over the experts, top-k, the k weights renormalised and cast
+    back to the model dtype. h (B, hidden) -> weights (B, k), expert ids (B, k)."""
+    logits = F.linear(h, router)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), experts
+
+
+def experts_grouped(h, weights, experts, gate_up, down):
+    """The routed experts as two grouped GEMMs over the (row, expert) pairs sorted by expert: each selected
+    expert's weights are read once; fixed shapes (B*k pairs, all experts as groups, empty ones skipped)."""
+    b, k = experts.shape
+    flat = experts.reshape(-1)
+    ids, order = torch.sort(flat, stable=True)
+    n_experts = gate_up.shape[0]
+    # offsets[e] = pairs whose expert is <= e (the end of group e); a comparison, no histogram, no host sync
+    offs = (ids[None, :] <= torch.arange(n_experts, device=ids.device)[:, None]).sum(dim=1, dtype=torch.int32)
+    gu = torch._grouped_mm(h[order // k], gate_up.transpose(-2, -1), offs=offs)
+    gate, up = gu.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+    y = y * weights.reshape(-1)[order, None]
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return y[inverse].view(b, k, -1).sum(dim=1)
+
+
+def experts_gathered(h, weights, experts, gate_up, down):
+    """The routed experts per (row, expert) pair: the pair's expert weights indexed and multiplied-and-summed
+    (float32 accumulation, as a matmul); under torch.compile one fused kernel that reads only those rows."""
+    b, k = experts.shape
+    flat = experts.reshape(-1)
+    x = h.repeat_interleave(k, dim=0)
+    gu = (gate_up[flat].float() * x[:, None, :].float()).sum(-1).to(h.dtype)
+    gate, up = gu.chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    y = (down[flat].float() * act[:, None, :].float()).sum(-1).to(h.dtype)
+    return (y * weights.reshape(-1, 1)).view(b, k, -1).sum(dim=1)
+
+
+def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, gathered: bool = False):
+    """o_proj + residual, post-attention norm, MLP + residual: SwiGLU over ``mlp = (wgu, wdown)``, or with
+    ``top_k`` the routed experts over ``mlp = (router, gate_up, down)``."""
     x = x + F.linear(a, wo)
     h = rms_norm(x, ln, eps)
+    if top_k:
+        router, gate_up, down = mlp
+        weights, experts = route(h, router, top_k)
+        run = experts_gathered if gathered else experts_grouped
+        return x + run(h, weights, experts, gate_up, down)
+    wgu, wdown = mlp
     gate, up = F.linear(h, wgu).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, wdown)
 
 
-def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, wgu, wdown, k_cache, v_cache, rows, pos, mask, cos, sin, n_q: int,
-               n_kv: int, eps: float, scale: float):
+def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, rows, pos, mask, cos, sin, n_q: int,
+               n_kv: int, eps: float, scale: float, top_k: int = 0, gathered: bool = False):
     """A whole decoder layer for one new token per row, the cache write included (one compiled graph)."""
     q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     b, n_keys = mask.shape
     a = attend(q, k_cache[:b, :, :n_keys], v_cache[:b, :, :n_keys], mask, scale)
-    return mlp_out(a, x, wo, ln2, wgu, wdown, eps)
+    return mlp_out(a, x, wo, ln2, mlp, eps, top_k, gathered)
 
 
 def final_logits(x, norm, head, eps: float):
@@ -163,7 +271,7 @@ def bucket(value: int, buckets: list[int]) -> int:
 
 
 class DecodeModel:
-    """Prefill into slots and batched one-token decode steps for a dense Qwen3-VL model."""
+    """Prefill into slots and batched one-token decode steps for a Qwen3-VL model (dense or MoE)."""
 
     def __init__(self, model, slots: int, max_len: int, compile: bool | None = None,
                  cuda_graphs: bool | None = None):
@@ -181,13 +289,8 @@ class DecodeModel:
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim ** -0.5
         self.slots, self.max_len = slots, max_len
-        self.layers = []
-        for layer in text.layers:
-            at, mlp = layer.self_attn, layer.mlp
-            self.layers.append(LayerWeights(
-                layer.input_layernorm.weight.data, _fuse([at.q_proj, at.k_proj, at.v_proj]), at.q_norm.weight.data,
-                at.k_norm.weight.data, at.o_proj.weight.data, layer.post_attention_layernorm.weight.data,
-                _fuse([mlp.gate_proj, mlp.up_proj]), mlp.down_proj.weight.data))
+        self.layers = [LayerWeights.of(layer) for layer in text.layers]
+        self.is_moe = any(w.top_k for w in self.layers)
         self.embed = text.embed_tokens.weight
         self.norm = text.norm.weight.data
         self.head = head.weight.data
@@ -210,6 +313,8 @@ class DecodeModel:
         # "pieces": three compiled functions per layer, cache writes eager (measured: bench/results/decode.json);
         # "layer": one compiled function per layer, cache writes inside (same tokens; speed not yet measured)
         self.impl = "pieces"
+        # MoE experts: "auto" (gathered up to EXPERTS_GATHER_MAX_ROWS rows, grouped above), "grouped", "gathered"
+        self.experts = "auto"
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
@@ -270,24 +375,30 @@ class DecodeModel:
         mask = torch.arange(n_keys, device=self.device)[None, :] <= pos[:, None]
         x = F.embedding(self._tokens[:n_rows], self.embed)
         f = self._fns
+        gathered = self.experts == "gathered" or (self.experts == "auto" and n_rows <= EXPERTS_GATHER_MAX_ROWS)
         for i, w in enumerate(self.layers):
             if self.impl == "layer":
-                x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.wgu, w.wdown, self.k[i], self.v[i],
-                                    rows, pos, mask, cos, sin, self.n_q, self.n_kv, self.eps, self.scale)
+                x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, self.k[i], self.v[i],
+                                    rows, pos, mask, cos, sin, self.n_q, self.n_kv, self.eps, self.scale, w.top_k,
+                                    gathered)
                 continue
             q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps)
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
             a = f["attend"](q, self.k[i][:n_rows, :, :n_keys], self.v[i][:n_rows, :, :n_keys], mask, self.scale)
-            x = f["mlp_out"](a, x, w.wo, w.ln2, w.wgu, w.wdown, self.eps)
+            x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, gathered)
         self.length[:n_rows] += 1
         return f["final_logits"](x, self.norm, self.head, self.eps)
 
-    def set_impl(self, impl: str) -> None:
-        """Switch the step's implementation (benchmarks compare them); captured graphs are dropped."""
+    def set_impl(self, impl: str, experts: str | None = None) -> None:
+        """Switch the step's implementation (benchmarks compare them) and, for MoE, how the routed experts run
+        ("auto", "grouped", "gathered"); captured graphs are dropped."""
         if impl not in ("layer", "pieces"):
             raise ValueError(f"unknown decode step implementation {impl!r}")
+        if experts is not None and experts not in ("auto", "grouped", "gathered"):
+            raise ValueError(f"unknown experts implementation {experts!r}")
         self.impl = impl
+        self.experts = experts or self.experts
         self._graphs.clear()
         self._pool = None  # a pool whose graphs are all gone cannot take new captures
 

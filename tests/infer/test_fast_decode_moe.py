@@ -1,0 +1,137 @@
+"""The fast decode path on the tiny mixture-of-experts model (qwen3_vl_moe: 4 experts, 2 per token; CPU, eager).
+
+Equivalence with the Hugging Face block: the router's weights and experts, and greedy tokens identical to
+``model.generate`` for text and image prompts, alone and in a batch of rows of different lengths that join at
+different steps; both expert implementations (grouped GEMM, gathered); the engine and `qvl serve`'s HTTP server
+answering with generate's tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from qvl.data.samples import Media
+from qvl.infer.decode import DecodeModel, experts_gathered, experts_grouped, route, supports
+from qvl.infer.types import SamplingParams
+
+from test_fast_decode import GREEDY, _Collect, _generate_ids, _job, _run_until_done  # noqa: E402
+
+PROMPTS = {
+    "text": ["describe the red circle in detail"],
+    "image": [Media("image", Image.new("RGB", (96, 64), "blue")), "what shape is this?"],
+    "short": ["hi"],
+    "two_images": [Media("image", Image.new("RGB", (64, 64), "red")),
+                   Media("image", Image.new("RGB", (32, 64), "green")), "compare the two pictures please"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """(model, processor, folder) of the tiny MoE checkpoint. Do not mutate: the module shares it."""
+    from qvl.models.build import build_tiny
+    from qvl.models.load import load
+
+    out = tmp_path_factory.mktemp("models") / "tiny-moe"
+    build_tiny(out, variant="moe")
+    model, processor = load(out)
+    return model, processor, out
+
+
+def _batcher(model, processor, slots=4, experts="auto"):
+    from qvl.data.packing import rope_index_fn
+    from qvl.infer.continuous import ContinuousBatcher
+    from qvl.models.tokens import token_ids
+
+    decoder = DecodeModel(model, slots=slots, max_len=512)
+    decoder.set_impl(decoder.impl, experts)
+    return ContinuousBatcher(decoder, _Collect, token_ids(processor.tokenizer).pad, rope_index_fn(model),
+                             coalesce_s=0.0)
+
+
+def test_supported_and_every_layer_routed(tiny_moe):
+    model, _, _ = tiny_moe
+    assert supports(model) is None
+    decoder = DecodeModel(model, slots=1, max_len=64)
+    experts = [layer.mlp.experts for layer in model.model.language_model.layers]
+    assert decoder.is_moe and [w.top_k for w in decoder.layers] == [2] * len(experts)
+    for w, e in zip(decoder.layers, experts):  # the experts' own tensors: nothing copied
+        assert w.mlp[1].data_ptr() == e.gate_up_proj.data_ptr() and w.mlp[2].data_ptr() == e.down_proj.data_ptr()
+
+
+def test_router_and_experts_match_the_hf_block(tiny_moe):
+    """route + either expert implementation = the model's sparse MoE block, on 7 tokens (repeated experts)."""
+    model, _, _ = tiny_moe
+    block = model.model.language_model.layers[0].mlp
+    torch.manual_seed(0)
+    h = torch.randn(7, block.gate.weight.shape[1])
+    with torch.no_grad():
+        want = block(h[None])[0]
+        _, hf_weights, hf_experts = block.gate(h)
+        weights, experts = route(h, block.gate.weight, block.gate.top_k)
+        assert torch.equal(experts, hf_experts) and torch.equal(weights, hf_weights)
+        for run in (experts_grouped, experts_gathered):
+            got = run(h, weights, experts, block.experts.gate_up_proj, block.experts.down_proj)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("experts", ["grouped", "gathered"])
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_greedy_matches_generate(tiny_moe, kind, experts):
+    model, processor, _ = tiny_moe
+    job = _job(processor, PROMPTS[kind])
+    want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+    _run_until_done(_batcher(model, processor, experts=experts), {0: [job]})
+    assert job.handle.emit_tokens == want
+
+
+def test_batch_of_different_lengths_matches_generate(tiny_moe):
+    """Four prompts of different lengths (two with images) joining at steps 0, 0, 2 and 5, one leaving early:
+    each row's tokens equal model.generate's for that prompt alone (the grouped experts run at 2 and 4 rows)."""
+    model, processor, _ = tiny_moe
+    jobs = {kind: _job(processor, parts) for kind, parts in PROMPTS.items()}
+    want = {kind: _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+            for kind, job in jobs.items()}
+    early = _job(processor, ["a short one"], GREEDY.replace(max_new_tokens=3))
+    b = _batcher(model, processor)
+    _run_until_done(b, {0: [jobs["text"], jobs["short"]], 2: [jobs["image"], early], 5: [jobs["two_images"]]})
+    for kind, job in jobs.items():
+        assert job.handle.emit_tokens == want[kind], kind
+    assert len(early.handle.emit_tokens) == 3
+
+
+def test_engine_and_http_server_answer_as_generate(tiny_moe):
+    """`qvl serve`'s app over the engine loaded from the MoE folder: the fast path runs (no generate fallback)
+    and a greedy chat completion has model.generate's text."""
+    import httpx
+    import sys
+    from pathlib import Path
+
+    from qvl.data.samples import Message
+    from qvl.infer.transformers_backend import TransformersEngine
+    from qvl.infer.types import Request
+    from qvl.serve.app import ServeSettings, create_app
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
+    from serve_helpers import Running
+
+    model, processor, folder = tiny_moe
+    notes = []
+    engine = TransformersEngine.load(str(folder), device="cpu", max_batch_size=2, say=notes.append)
+    reference = TransformersEngine(model, processor, name="tiny-moe", fast=False)
+    server = Running(create_app(engine, ServeSettings()))
+    try:
+        assert engine.batcher is not None and "continuous batching" in engine.describe(), notes
+        sampling = SamplingParams(temperature=0.0, presence_penalty=0.0, max_new_tokens=12, ignore_eos=True)
+        want = reference.generate(Request([Message("user", ["describe the red circle"])], sampling)).text
+        body = {"model": engine.name, "messages": [{"role": "user", "content": "describe the red circle"}],
+                "max_tokens": 12, "temperature": 0, "presence_penalty": 0, "ignore_eos": True}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+        assert r.json()["usage"]["completion_tokens"] == 12
+    finally:
+        server.stop()
+        engine.close()
+        reference.close()
