@@ -53,6 +53,30 @@ def _logits(model, inputs):
         return model(**batch).logits.float().cpu()
 
 
+def quantized_training(adapter: str | Path) -> str | None:
+    """The ``quantization`` (nf4 / int8) a qvl run trained ``adapter`` with, from its qvl_train.json; else None."""
+    import json
+
+    meta = Path(adapter) / "qvl_train.json"
+    try:
+        return (json.loads(meta.read_text()).get("config") or {}).get("quantization") if meta.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def refuse_quantized_base(path: Path) -> None:
+    """A base whose config.json says it is stored quantised (bitsandbytes, GPTQ, AWQ...): merging there would round
+    the adapter's update into the quantised grid and write a quantised folder."""
+    from qvl.models.load import read_config
+
+    quant = read_config(path).get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "quantised") if isinstance(quant, dict) else "quantised"
+        raise QvlError(f"the base {path} is stored quantised ({method}): the merged weights would be rounded to it",
+                       where="--base", fix="pass the original 16-bit checkpoint the run was trained from (its "
+                       "adapter_config.json names it: base_model_name_or_path)")
+
+
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype=None, overwrite: bool = False,
                   verify: bool = True, device: str | None = None, say=lambda msg: None) -> MergeReport:
     import torch
@@ -63,7 +87,15 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype=
     from qvl.utils.fs import atomic_dir
 
     adapter_info(str(adapter))
+    trained_on = quantized_training(adapter)
+    if trained_on:  # QLoRA: the adapter goes into the 16-bit weights, never into dequantised 4-bit ones
+        say(f"the adapter was trained on {trained_on} base weights: it is merged into the base's own "
+            f"{'weights in ' + str(dtype).removeprefix('torch.') if dtype else 'weights (their dtype)'} from {base}, "
+            "not into dequantised ones")
     say(f"loading base {base} and adapter {adapter}")
+    from qvl.models.load import resolve
+
+    refuse_quantized_base(resolve(base))
     model, processor = load(base, dtype=dtype, device=device)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))

@@ -29,6 +29,8 @@ LOGITS_TRAIN_BYTES = 14
 CE_CHUNK_BYTES = 256 * 2**20
 LORA_ADAPTER_BYTES = 4  # peft keeps adapters in fp32 (autocast_adapter_dtype=True) on a bf16 base
 NF4_BYTES = 4.127 / 8  # 4-bit NF4 + double-quantised absmax (bitsandbytes, blocksize 64)
+INT8_BYTES = 1.0  # LLM.int8 codes; its fp32 scale per output row adds 4 / in_features bytes (< 0.1 %)
+QUANT_BYTES = {"nf4": NF4_BYTES, "int8": INT8_BYTES}  # `quantization` (qvl.train.quantize) -> bytes per weight
 ZERO_BUCKET_ELEMS = 2e8  # DeepSpeed reduce/allgather bucket sizes (official zero2/zero3 json)
 MODEL_MAX_LEN = 262_144  # Qwen3-VL native context (max_position_embeddings)
 
@@ -162,9 +164,19 @@ def parse_lora_targets(targets) -> tuple[str, ...]:
     return tuple(out)
 
 
-def lora_params(m: ModelShape, r: int, targets=LORA_TARGETS_ALL) -> int:
-    """LoRA A and B matrices on every LLM layer: r·(d_in + d_out) per adapted linear."""
-    return m.layers * sum(r * (din + dout) for din, dout in _lora_dims(m, targets))
+def lora_params(m: ModelShape, r: int, targets=LORA_TARGETS_ALL, experts: bool = False) -> int:
+    """LoRA A and B matrices on every LLM layer: r·(d_in + d_out) per adapted linear; ``experts`` (MoE, qvl's
+    ``lora_experts``): + :func:`expert_lora_params`."""
+    return m.layers * sum(r * (din + dout) for din, dout in _lora_dims(m, targets)) + \
+        (expert_lora_params(m, r) if experts else 0)
+
+
+def expert_lora_params(m: ModelShape, r: int) -> int:
+    """LoRA on a MoE model's experts (peft ``target_parameters`` on the 3-D gate_up_proj and down_proj): one rank-r
+    pair per expert and weight, r·E·((h + 2I) + (I + h)) per layer (30B-A3B at r=64: 2.5 B params); 0 for dense."""
+    if not m.is_moe:
+        return 0
+    return m.layers * r * m.moe_experts * (2 * m.hidden + 3 * m.moe_intermediate)
 
 
 def _mlp_width(m: ModelShape) -> int:
@@ -173,17 +185,22 @@ def _mlp_width(m: ModelShape) -> int:
 
 
 def layer_saved_bytes_per_token(m: ModelShape, lora_r: int = 0, targets=(), lora_dropout: float = 0.0,
-                                gqa_repeat: bool = False) -> int:
+                                gqa_repeat: bool = False, expert_lora: bool = False) -> int:
     """Activations one decoder layer keeps for backward, per token (bf16, sdpa/flash attention, no L² term).
 
     Two fp32 RMSNorms (10·h each), q/k/v and their per-head norms and RoPE copies, attention output,
     SwiGLU (gate, silu(gate), up, product: 8·I), and for LoRA the bf16 input copy (+ dropout mask) and the
-    rank-r intermediate of every adapted linear.
+    rank-r intermediate of every adapted linear. MoE: each token's top-k routed copies (the experts' input, the
+    down projection's output kept for the routing weights' gradient), their sort order and its inverse (int64),
+    fp32 router logits and probabilities; ``expert_lora``: the two rank-r intermediates per routed copy
+    (:mod:`qvl.models.moe_experts`; the experts' inputs the adapters need are kept already).
     """
     h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
     b = 20 * h + 18 * qd + 16 * kvd + 8 * inter
     if m.is_moe:
-        b += 4 * m.moe_topk * h + 8 * m.moe_experts  # permuted token copies + router logits
+        b += m.moe_topk * (4 * h + 16) + 8 * m.moe_experts
+        if lora_r and expert_lora:
+            b += m.moe_topk * 2 * (2 * lora_r)
     if gqa_repeat:  # sdpa with a padding mask expands K and V to all heads
         b += 4 * qd
     if lora_r:
@@ -228,9 +245,17 @@ def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = N
 
 def layer_transient_bytes_per_token(m: ModelShape) -> int:
     """Inference (no grad) working set of one decoder layer, per token: residual + fp32 norm + the larger of
-    attention (q, k, v, RoPE copies, output) and the SwiGLU MLP (gate, up, act, product)."""
+    attention (q, k, v, RoPE copies, output) and the SwiGLU MLP (gate, up, act, product). MoE (transformers'
+    grouped-GEMM experts): the k routed copies of the token stay alive through the block, so its peak is the
+    larger of gate_up + act + product beside them, and four k-copies at the end (copies, down output, weighted,
+    unsorted), plus the router's logits and float32 probabilities."""
     h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
-    return 12 * h + max(6 * qd + 6 * kvd, 8 * inter)
+    if m.is_moe:
+        k, i = m.moe_topk, m.moe_intermediate
+        mlp = max(2 * k * (h + 4 * i), 8 * k * h) + 6 * m.moe_experts
+    else:
+        mlp = 8 * inter
+    return 12 * h + max(6 * qd + 6 * kvd, mlp)
 
 
 def vision_transient_bytes_per_patch(m: ModelShape) -> int:
@@ -274,6 +299,12 @@ def _finish(plan: Plan) -> Plan:
 
 # --- serve -------------------------------------------------------------------------------------------------
 HUB_IMAGE_MAX_PIXELS = 16_777_216  # official preprocessor_config.json longest_edge
+# The transformers engine's fast decode path (qvl.infer.continuous / transformers_backend defaults; a test checks
+# them): one prefill runs at most this many tokens (or one longer prompt) of at most this many requests, and the
+# vision cache keeps up to this much of the encoder's outputs on the GPU.
+FAST_PREFILL_TOKENS = 16_384
+FAST_PREFILL_REQUESTS = 8
+FAST_VISION_CACHE_GIB = 1.0
 
 
 def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str = "vllm",
@@ -282,10 +313,13 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
                image_tokens: int | None = None, video_frames: int = 0, video_frame_tokens: int = 256,
                kv_cache_dtype: str = "auto", enforce_eager: bool = False, gpus: int = 1,
                vllm_version: str | None = None, vllm_engine: str | None = None, skip_mm_profiling: bool = False,
-               recommend: bool = True, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
+               recommend: bool = True, fast_decode: bool = False, _shape: ModelShape | None = None,
+               _gpu: Gpu | None = None) -> Plan:
     """Predict per-GPU memory for serving. vLLM: reproduce vLLM's KV budget (``qvl.plan.vllm``: the accounting
     of ``vllm_version``, default the newest; ``vllm_engine='v0'`` for the V0 engine); transformers: peak of
-    generate. ``skip_mm_profiling``: vLLM's --skip-mm-profiling (or --limit-mm-per-prompt with every modality 0):
+    generate, or with ``fast_decode`` of the fast decode path (`qvl serve`'s default: a slot KV cache for
+    ``max_num_seqs`` requests, prefills of at most FAST_PREFILL_TOKENS tokens, the vision cache).
+    ``skip_mm_profiling``: vLLM's --skip-mm-profiling (or --limit-mm-per-prompt with every modality 0):
     no vision-encoder profile."""
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
@@ -314,6 +348,8 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
     settings = dict(backend=backend, max_model_len=model_len, gpu_memory_utilization=gpu_memory_utilization,
                     max_num_seqs=max_num_seqs, image_tokens=image_tokens, video_frames=video_frames,
                     kv_cache_dtype=kv_cache_dtype, gpus=gpus)
+    if backend == "transformers" and fast_decode:
+        settings.update(fast_decode=True)
     if backend == "vllm":
         settings.update(max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
                         vllm_version=vllm_version, vllm_engine=vllm_engine, vllm_accounting=acct.name,
@@ -384,17 +420,24 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
     else:
         batch = max_num_seqs
         kv = batch * kv_needed
-        # prefill of the whole prompt at once (worst case: the prompt fills the context)
-        prefill = batch * model_len * (layer_transient_bytes_per_token(m) / tp + 6 * m.hidden)
-        logits = batch * m.vocab * 10  # last-token logits: bf16 + fp32 copy + softmax
+        # prefill of the whole prompt at once (worst case: the prompt fills the context); the fast path's
+        # continuous batcher prefills a few requests at a time
+        rows = min(batch, FAST_PREFILL_REQUESTS) if fast_decode else batch
+        tokens = min(rows * model_len, max(model_len, FAST_PREFILL_TOKENS)) if fast_decode else batch * model_len
+        prefill = tokens * (layer_transient_bytes_per_token(m) / tp + 6 * m.hidden)
+        logits = rows * m.vocab * 10  # last-token logits: bf16 + fp32 copy + softmax
         parts["KV cache"] = _gib(kv)
         notes["KV cache"] = f"{batch} × {model_len:,} tokens × {kv_per_token_gpu / 1024:.0f} KiB"
         act = max(vision, prefill + logits)
         parts["activations (prefill / vision)"] = _gib(act)
         notes["activations (prefill / vision)"] = (
-            f"max(prefill of {batch}×{model_len:,} tokens {_gib(prefill):.2f} GiB, vision encoder on a "
+            f"max(prefill of {tokens:,} tokens {_gib(prefill):.2f} GiB, vision encoder on a "
             f"{mm_item_tokens:,}-token item {_gib(vision):.2f} GiB)")
         alloc = weights + kv + act
+        if fast_decode and m.vision_hidden:
+            parts["vision cache"] = FAST_VISION_CACHE_GIB
+            notes["vision cache"] = "encoder outputs of recent images, kept for follow-up turns (at most)"
+            alloc += FAST_VISION_CACHE_GIB * GIB
         parts["allocator reserve"] = _gib(alloc) * ALLOCATOR_FRACTION
         notes["allocator reserve"] = f"{ALLOCATOR_FRACTION:.0%} of peak allocated (fragmentation)"
         plan.peak_allocated_gib = _gib(alloc)
@@ -404,7 +447,7 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
             return plan_serve(m.name, _shape=m, _gpu=card, backend=backend, max_model_len=n, max_num_seqs=batch,
                               image_tokens=image_tokens, video_frames=video_frames,
                               video_frame_tokens=video_frame_tokens, kv_cache_dtype=kv_cache_dtype, gpus=gpus,
-                              recommend=False).fits
+                              recommend=False, fast_decode=fast_decode).fits
         if recommend:  # the bisection's own plans (recommend=False) must not search again
             best = _search_max(fits_len, 16, MODEL_MAX_LEN)
             plan.max_model_len_that_fits = (best // 16 * 16) if best else 0
@@ -423,6 +466,8 @@ def _serve_recommendations(plan: Plan, m: ModelShape, card: Gpu) -> list[Recomme
         base.update(max_num_batched_tokens=s["max_num_batched_tokens"], enforce_eager=s["enforce_eager"],
                     vllm_version=s["vllm_version"], vllm_engine=s["vllm_engine"],
                     skip_mm_profiling=s["skip_mm_profiling"])
+    elif s.get("fast_decode"):
+        base.update(fast_decode=True)
 
     def trial(text: str, **changes) -> None:
         p = plan_serve(m.name, _shape=m, _gpu=card, recommend=False, **{**base, **changes})
@@ -483,7 +528,9 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                video_frame_pixels: int = 262_144, lora_r: int = 64, lora_targets="all", lora_dropout: float = 0.05,
                tune_mm_vision: bool = False, tune_mm_mlp: bool | None = None, tune_mm_llm: bool = True,
                optim: str = "adamw", gpus: int = 1, recommend: bool = True, master_fp32: bool = False,
-               master_bf16: bool = False, fused_ce: bool = False, recompute_keeps_attention: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None) -> Plan:
+               master_bf16: bool = False, fused_ce: bool = False, recompute_keeps_attention: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None,
+               lora_experts: bool = True,
+               quantization: str | None = None) -> Plan:
     """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
 
     ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
@@ -495,6 +542,9 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     chunk by chunk instead of the whole tokens x vocabulary tensor and its fp32 copies.
     ``recompute_keeps_attention``: checkpointed layers keep their attention half (``gradient_checkpointing_scope:
     mlp``, :func:`attention_saved_bytes_per_token`).
+    ``lora_experts``: MoE models, LoRA on the experts too (`qvl train`'s ``lora_experts``, on by default).
+    ``quantization``: nf4 or int8 LLM linears under LoRA (``quantization`` in `qvl train`; ``method="qlora"`` is
+    LoRA with nf4).
     """
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
@@ -509,6 +559,13 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         raise QvlError("--batch, --seq-len and --gpus must be at least 1")
     if offload and zero == 0:
         raise QvlError("--offload needs DeepSpeed ZeRO", fix="add --zero 2 or --zero 3")
+    if quantization not in (None, *QUANT_BYTES):
+        raise QvlError(f"unknown quantization {quantization!r}", fix="use --quantization nf4 or int8")
+    if quantization and method == "full":
+        raise QvlError("full fine-tuning cannot update quantised weights", fix="--method lora with --quantization, "
+                       "or no --quantization")
+    if quantization or method == "qlora":  # qlora: LoRA on quantised LLM linears (nf4 unless said)
+        method, quantization = "qlora", quantization or "nf4"
     if method == "qlora" and zero == 3:
         raise QvlError("QLoRA does not work with ZeRO-3 here", fix="use --zero 2 or --zero 0")
     if master_bf16 and zero == 0:
@@ -528,6 +585,10 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                     optim=optim, gpus=gpus)
     if method in ("lora", "qlora"):
         settings.update(lora_r=lora_r, lora_targets=",".join(targets), lora_dropout=lora_dropout)
+        if m.is_moe:
+            settings.update(lora_experts=lora_experts)
+    if quantization:
+        settings.update(quantization=quantization)
 
     parts: dict[str, float] = {}
     notes: dict[str, str] = {}
@@ -537,8 +598,9 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     vision_tower = m.params_vision - m.params_merger
     if method == "qlora":
         body_linear = m.params_llm_body  # norms are a rounding error here
-        w = body_linear * NF4_BYTES + (m.params_embed + m.params_lm_head + m.params_vision) * 2
-        wnote = f"LLM body {body_linear / 1e9:.2f} B params in NF4 (4.13 bits); embeddings, lm_head, vision bf16"
+        w = body_linear * QUANT_BYTES[quantization] + (m.params_embed + m.params_lm_head + m.params_vision) * 2
+        wnote = (f"LLM body {body_linear / 1e9:.2f} B params in " + ("NF4 (4.13 bits)" if quantization == "nf4"
+                 else "int8") + "; embeddings, lm_head, vision bf16")
     else:
         w = m.params_total * 2
         wnote = f"{m.params_total / 1e9:.2f} B params × 2 bytes (bf16)"
@@ -558,7 +620,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         full_trainable += (m.params_llm if tune_mm_llm else 0)
     full_trainable += m.params_merger if tune_mm_mlp else 0
     full_trainable += vision_tower if tune_mm_vision else 0
-    lora_n = lora_params(m, lora_r, targets) if method in ("lora", "qlora") else 0
+    expert_lora = m.is_moe and lora_experts and method in ("lora", "qlora")
+    lora_n = lora_params(m, lora_r, targets, experts=expert_lora) if method in ("lora", "qlora") else 0
     master = master_fp32 and zero == 0 and full_trainable > 0
     if master:  # the trained weights are upcast in place: 2 more bytes each
         w += full_trainable * 2
@@ -567,7 +630,9 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
 
     if lora_n:
         parts["LoRA params"] = _gib(lora_n * LORA_ADAPTER_BYTES)
-        notes["LoRA params"] = f"{lora_n / 1e6:.1f} M params (r={lora_r} on {','.join(targets)}) × 4 bytes (fp32)"
+        on = ",".join(t for t in targets if t in ("q", "k", "v", "o")) if m.is_moe else ",".join(targets)
+        on += f" + {m.moe_experts} experts' gate_up,down" if expert_lora else ""
+        notes["LoRA params"] = f"{lora_n / 1e6:.1f} M params (r={lora_r} on {on}) × 4 bytes (fp32)"
     # gradients
     g_full = full_trainable * (4 if master else 2)
     g_lora = lora_n * LORA_ADAPTER_BYTES
@@ -630,7 +695,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     patches = batch * vis_per_sample * m.spatial_merge**2
     gqa = batch > 1
     lr = lora_r if lora_n else 0
-    layer_full = layer_saved_bytes_per_token(m, lr, targets, lora_dropout, gqa)
+    layer_full = layer_saved_bytes_per_token(m, lr, targets, lora_dropout, gqa, expert_lora=expert_lora)
     ckpt = m.layers * 2 * m.hidden + 2 * m.hidden  # layer inputs + embeddings
     if gradient_checkpointing:
         llm_saved = tokens * ckpt
@@ -716,7 +781,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                   video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels, lora_r=lora_r,
                   lora_targets=targets, lora_dropout=lora_dropout, tune_mm_vision=tune_mm_vision,
                   tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus, master_fp32=master_fp32,
-                  master_bf16=master_bf16, fused_ce=fused_ce)
+                  master_bf16=master_bf16, fused_ce=fused_ce, quantization=quantization, lora_experts=lora_experts)
 
         def run(**ch) -> Plan | None:
             try:

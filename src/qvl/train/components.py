@@ -210,8 +210,10 @@ def optimizer_groups(groups: list[Group], weight_decay: float) -> list[dict]:
 
 def component_table(model, cfg) -> list[dict]:
     """Rows: component, trainable params, frozen params, LR (or '-') and how it trains."""
+    from qvl.train.quantize import is_quantized, logical_numel
+
     rows = {c: {"component": c, "trainable": 0, "frozen": 0, "how": ""} for c in COMPONENTS}
-    lora_hit = set()
+    lora_hit, quantized = set(), set()
     for name, p in _unique_params(model):
         comp = component_of(name)
         if ".original_module." in name:
@@ -221,7 +223,9 @@ def component_table(model, cfg) -> list[dict]:
             if is_lora(name):
                 lora_hit.add(comp)
         else:
-            rows[comp]["frozen"] += p.numel()
+            rows[comp]["frozen"] += logical_numel(p)  # a 4-bit weight packs two codes per stored byte
+            if is_quantized(p):
+                quantized.add(comp)
     out = []
     for c in COMPONENTS:
         r = rows[c]
@@ -232,17 +236,20 @@ def component_table(model, cfg) -> list[dict]:
             r["lr"] = cfg.lr_for(c)
         else:
             r["how"], r["lr"] = "frozen", None
+        if c in quantized:  # quantization: the frozen base weights of this part are stored quantised
+            r["how"] += f"+{getattr(cfg, 'quantization', None) or 'quantised'}"
         out.append(r)
     return out
 
 
 def render_table(rows: list[dict]) -> str:
-    head = f"{'component':<11} {'how':<7} {'trainable':>13} {'frozen':>13} {'lr':>9}"
+    width = max(7, *(len(r["how"]) for r in rows)) if rows else 7  # "frozen+nf4" on quantised parts
+    head = f"{'component':<11} {'how':<{width}} {'trainable':>13} {'frozen':>13} {'lr':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lr = f"{r['lr']:.2e}" if r["lr"] is not None else "-"
-        lines.append(f"{r['component']:<11} {r['how']:<7} {r['trainable']:>13,} {r['frozen']:>13,} {lr:>9}")
+        lines.append(f"{r['component']:<11} {r['how']:<{width}} {r['trainable']:>13,} {r['frozen']:>13,} {lr:>9}")
     t = sum(r["trainable"] for r in rows)
     f = sum(r["frozen"] for r in rows)
-    lines.append(f"{'total':<11} {'':<7} {t:>13,} {f:>13,}   ({100 * t / max(t + f, 1):.2f} % trainable)")
+    lines.append(f"{'total':<11} {'':<{width}} {t:>13,} {f:>13,}   ({100 * t / max(t + f, 1):.2f} % trainable)")
     return "\n".join(lines)

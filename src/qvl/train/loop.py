@@ -762,6 +762,13 @@ def _setup_run(cfg: TrainConfig, log) -> Run:
     cfg, engine_note = distributed.engine_for_ranks(cfg, dist.world_size)
     if engine_note:
         say(engine_note)
+    if cfg.quantization:  # engines that cannot hold quantised weights: refused before anything loads
+        from qvl.train.preflight import zero_settings
+        from qvl.train.quantize import engine_problem
+
+        problem = engine_problem(cfg, zero_settings(cfg)[0])
+        if problem:
+            raise problem
     if cfg.engine != "ddp":  # DeepSpeed and FSDP2 need a process group, also for one process
         distributed.init_group(device)
     from qvl.train.preflight import cap_memory
@@ -855,7 +862,16 @@ def _setup_model(run: Run) -> None:
     model = load_model(cfg.model_name_or_path, dtype=load_dtype, attn_implementation=cfg.attn_implementation)
     t_load = time.perf_counter() - t_load
     use_vision_sdpa(model)  # load_model does it too; said here because the step's host time depends on it
+    if cfg.quantization:  # the chosen linears quantised onto the device one by one, before LoRA wraps them
+        from qvl.train.quantize import quantize_model
+
+        say(quantize_model(model, cfg, device, load_dtype).line(load_dtype))
     model = comp.apply_training_mode(model, cfg)
+    from qvl.models import moe_experts
+
+    if n_moe := moe_experts.install(model):  # after peft: its expert adapters join the grouped GEMMs low-rank
+        say(f"MoE experts: grouped GEMMs over tokens sorted by expert in {n_moe} layers"
+            + (", their LoRA kept low-rank" if comp.expert_targets(model, cfg) else ""))
     if cfg.gradient_checkpointing:
         comp.enable_gradient_checkpointing(model)
         if ckpt_ratio != "auto" and ckpt_ratio < 1.0:  # selective: only some decoder layers recompute
@@ -909,8 +925,13 @@ def _setup_fast_path(run: Run) -> None:
                                             getattr(model.config.get_text_config(), "num_experts", 0) > 0,
                                             varlen=varlen_available() and cfg.bf16)
     upstream = any(p.requires_grad and (".visual." in n or "embed_tokens" in n) for n, p in model.named_parameters())
+    from qvl.train.quantize import fast_path_note
+
+    graphs_wanted, quant_note = fast_path_note(cfg, compiling)  # quantised: cuda_graphs auto off (not measured)
+    if quant_note and device.type == "cuda":
+        say(quant_note)
     use_graphs, graphs_why = graphs.cuda_graphs_choice(
-        cfg.cuda_graphs, device, run.dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
+        graphs_wanted, device, run.dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
         compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream,
         total_gib=run.card_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
                                    if device.type == "cuda" else None))
@@ -1109,6 +1130,23 @@ def _fetch_steps(run: Run, rows_in_workers: bool):
             step += 1
 
 
+def _record_seconds(run: Run) -> float:
+    return run.decoder_graphs.record_s if run.decoder_graphs is not None else 0.0
+
+
+def first_step_line(since_start: float, load: float, ahead: float, step: float, compiling: float,
+                    recording: float) -> str:
+    """Where the wait for the first step went: model load, shapes met ahead, and the first step itself with what
+    torch.compile and the CUDA-graph recordings took of it (what the step did apart from those: the rest)."""
+    parts = [f"model load {load:.0f} s"] + ([f"shapes met ahead {ahead:.0f} s"] if ahead >= 1 else [])
+    inside = [f"{what} {s:.0f} s" for what, s in (("compiling", compiling), ("recording CUDA graphs", recording))
+              if s >= 1]
+    if inside:
+        inside.append(f"the rest {max(step - compiling - recording, 0.0):.0f} s")
+    parts.append(f"first step {step:.0f} s" + (f": {', '.join(inside)}" if inside else ""))
+    return f"first step done {since_start:.0f} s after start ({'; '.join(parts)})"
+
+
 def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: tuple, n_labels: float, n_tokens: int,
             step_lrs: dict) -> dict:
     """Read a finished step's loss and gradient norm (``queued`` by :func:`host.queue_host_read` at the end of
@@ -1152,7 +1190,7 @@ def _run_steps(run: Run, callbacks) -> None:
         return _report(run, warm_events, callbacks, *pending)
 
     pending = None
-    t_first = time.perf_counter()
+    t_first, compiled_before, recorded_before = time.perf_counter(), compile.compile_seconds(), _record_seconds(run)
     try:
         for step, items in _fetch_steps(run, rows_in_workers):
             if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
@@ -1190,9 +1228,9 @@ def _run_steps(run: Run, callbacks) -> None:
             if done == start_step + 1:  # one wait, once: when the first step really finished
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                say(f"first step done {time.perf_counter() - t_start:.0f} s after start (model load {t_load:.0f} s"
-                    f"{f', shapes met ahead {t_warm:.0f} s' if t_warm >= 1 else ''}, first step "
-                    f"{time.perf_counter() - t_first:.0f} s)")
+                say(first_step_line(time.perf_counter() - t_start, t_load, t_warm, time.perf_counter() - t_first,
+                                    compile.compile_seconds() - compiled_before,
+                                    _record_seconds(run) - recorded_before))
             saving = cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps
             # this step's numbers are copied to the host behind its work now and read once the next step is queued:
             # the read waits for this step only, so the GPU runs the next step while the host builds the one after

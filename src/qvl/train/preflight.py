@@ -119,12 +119,15 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
           "master_bf16": bf16_masters(cfg) and zero >= 1,
           "recompute_keeps_attention": cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope == "mlp"}
     if cfg.lora_enable:
-        kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout)
+        kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout,
+                  lora_experts=cfg.lora_experts and "llm" in cfg.lora_components)  # as components.expert_targets
+    if cfg.quantization:  # the LLM's linears quantised (the planner counts the LLM's; vision / merger stay bf16)
+        kw.update(quantization=cfg.quantization)
     return kw
 
 
 def train_fix(rec, cfg: TrainConfig) -> str | None:
-    """A planner recommendation as `qvl train` keys; None when qvl's loop cannot apply it (QLoRA, 8-bit Adam, ZeRO)."""
+    """A planner recommendation as `qvl train` keys; None when qvl's loop cannot apply it (8-bit Adam, ZeRO)."""
     out, exact = [], True
     for key, value in rec.changes.items():
         if key == "batch":  # a divisor of the batch, so the samples per step stay the same
@@ -142,6 +145,8 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
             out.append("master_weights=bf16")
         elif key == "method" and value == "lora":
             out += ["lora_enable=true", "tune_mm_llm=false"]
+        elif key == "method" and value == "qlora":  # LoRA on a 4-bit LLM (qvl.train.quantize)
+            out += ["lora_enable=true", "tune_mm_llm=false", "quantization=nf4"]
         else:
             return None
     if not out:
