@@ -51,3 +51,14 @@ def test_tracker_lines_say_warming_up_until_a_steady_step(tmp_path):
     assert [r["tokens"] for r in rows] == [100, 200, 300]
     assert rows[0]["tokens_per_s"] is None and rows[2]["tokens_per_s"] > 0
     assert all(r["time"] > 0 for r in rows)
+
+
+def test_the_first_step_line_says_where_the_wait_went():
+    from qvl.train.loop import first_step_line
+
+    line = first_step_line(224.4, 28.2, 0.0, 196.0, 131.0, 24.6)
+    assert line == ("first step done 224 s after start (model load 28 s; first step 196 s: compiling 131 s, "
+                    "recording CUDA graphs 25 s, the rest 40 s)")
+    # nothing compiled or recorded (a CPU run): the step's time alone; shapes met ahead said when they took time
+    assert first_step_line(5.0, 2.0, 0.2, 3.0, 0.0, 0.0) == "first step done 5 s after start (model load 2 s; first step 3 s)"
+    assert "shapes met ahead 40 s" in first_step_line(90, 20, 40, 30, 10, 0)

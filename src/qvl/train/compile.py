@@ -5,6 +5,7 @@
 * :func:`compile_vision_blocks` / :func:`compile_vision_tower` — a frozen vision tower's blocks, or its whole forward.
 * :func:`compile_choice` — ``compile_layers`` (``auto`` / true / false) resolved for a run, with why.
 * :func:`uncompile` — all of the above undone (benchmarks reuse one model for several runs).
+* :func:`compile_seconds` — the time compilation took so far (the first step's line splits its time with it).
 
 Tested on CPU against the plain path (tests/train/test_speed.py); measured effects are in docs/benchmarks.md.
 """
@@ -114,6 +115,14 @@ def uncompile(model) -> None:
             m.__class__ = base
             m.gradient_checkpointing = m.__dict__.pop("qvl_recompute")
             m.__dict__.pop("qvl_recompute_context", None)
+
+
+def compile_seconds() -> float:
+    """Seconds ``torch.compile`` has spent in this process so far, by its own count (dynamo's tracing and the
+    backend's compile of each graph; with dynamic shapes a backward graph compiles with its forward)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
 
 
 def compile_wanted(choice, device: torch.device) -> bool:
