@@ -8,8 +8,9 @@ One call:
    number of new tokens (``ignore_eos``: random weights never stop on their own).
    * concurrency sweep: N clients (1, 8, 32, 64, 128), one request each, started 20 ms apart;
    * Poisson mode: requests arriving at R per second;
-   * turns: a two-turn conversation about one 1024x1024 image (turn 2 re-sends the image, the answer
-     and a new question): TTFT of turn 2 vs turn 1, at concurrency 1.
+   * turns: a two-turn conversation about one 1024x1024 image (turn 2 re-sends the image, a fixed turn-1
+     answer -- ``TURN1_ANSWER``, so its length does not depend on the weights -- and a new question):
+     TTFT of turn 2 vs turn 1, at concurrency 1.
    Reported per row: output tok/s, TTFT / TPOT / inter-token latency (mean, p50, p99), errors.
    Peak GPU memory of the card is sampled (nvidia-smi) while the server runs.
 2. **Engine**: the same model loaded in this process (same slots, context and cache), the same
@@ -22,6 +23,9 @@ compilation are not timed. Results go to ``--json`` (card, versions, date, comma
     qvl model random --size 8B --out /tmp/qwen3vl-8b-random
     python bench/serve.py --model /tmp/qwen3vl-8b-random --json bench/results/serve.json
     python bench/serve.py --smoke --json /tmp/serve_smoke.json     # CPU, the tiny model (a test runs this)
+
+The mixture-of-experts model the same way (`qvl model random --size 30B-A3B`, 58 GiB); ``peak_vs_plan`` is the
+card's peak over `qvl plan serve`'s total for the same slots and context (docs/benchmarks.md has the command).
 """
 
 from __future__ import annotations
@@ -49,6 +53,15 @@ from qvl.serve.process import ServerProcess  # noqa: E402
 
 QUESTION = "Describe this image in detail."
 FOLLOW_UP = "What colours stand out, and where are they?"
+# Turn 2 sends this as the assistant's turn-1 answer, as a chat client sends the model's answer back. Fixed, not
+# the model's own: a random-weight model's answer re-tokenises to any length (3,549 prompt tokens once, over the
+# 2,048-token context), so the turn-2 prompt would depend on the weights. Turn 2 of a 1024x1024 image: 1,330
+# prompt tokens with the built checkpoints' tokenizer (turn 1: 1,047; tests/serve/test_bench_serve.py).
+TURN1_ANSWER = ("The image is a square of fine coloured noise: every pixel takes its own random red, green and blue "
+                "value, so no shapes, edges or objects can be seen. Viewed from a distance the square looks an even "
+                "mid grey with a faint grain; up close it is a dense speckle of saturated dots in every hue. There "
+                "is no text, no border and no lighting gradient, and the noise looks the same in every corner and "
+                "in the centre, as if a television were tuned to an empty channel.")
 
 
 def png(w: int, h: int, seed: int) -> bytes:
@@ -113,6 +126,21 @@ class GpuMemory:
         self._thread.join(timeout=15)
 
 
+def planned_memory(args) -> dict:
+    """`qvl plan serve MODEL --backend transformers` for the server's slots and context (the fast decode path:
+    its slot cache, a few prompts prefilled at a time, the vision cache) on this card, to set the peak against."""
+    import torch
+
+    from qvl.plan.memory import plan_serve
+    from qvl.plan.model import resolve_model
+
+    shape = resolve_model(args.model)
+    p = plan_serve(shape.name, _shape=shape, gpu_mem=torch.cuda.get_device_properties(0).total_memory / 2**30,
+                   backend="transformers", max_model_len=args.max_model_len, max_num_seqs=args.max_batch_size,
+                   fast_decode=True, recommend=False)
+    return {"plan_total_gib": p.total_gib, "plan_parts_gib": p.parts}
+
+
 # ---------------------------------------------------------------------------------------------- HTTP phase
 def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
     server_args = ["--model", args.model, "--max-batch-size", str(args.max_batch_size),
@@ -133,16 +161,22 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
         for n in plan["warmup"]:
             asyncio.run(run_staggered(url, [work.body(i) for i in plan["images"][f"warmup{n}"]], args.stagger))
         out["http_warmup_s"] = time.perf_counter() - t
+        stages = out.setdefault("server_stages", {})
+        server_stages(server.url)  # the warm-up's requests leave the window
         for n in plan["clients"]:
             results = asyncio.run(run_staggered(url, [work.body(i) for i in plan["images"][f"c{n}"]],
                                                 args.stagger))
             rows[f"clients_{n}"] = summarize(results)
+            stages[f"clients_{n}"] = server_stages(server.url)
             print(f"http {n} clients: {_line(rows[f'clients_{n}'])}", flush=True)
+            print(f"  server, to the first token: {_stages_line(stages[f'clients_{n}'])}", flush=True)
             save()
         for rate in plan["rates"]:
             results = asyncio.run(run_poisson(url, [work.body(i) for i in plan["images"][f"r{rate}"]], rate))
             rows[f"rate_{rate:g}"] = summarize(results)
+            stages[f"rate_{rate:g}"] = server_stages(server.url)
             print(f"http {rate:g} req/s: {_line(rows[f'rate_{rate:g}'])}", flush=True)
+            print(f"  server, to the first token: {_stages_line(stages[f'rate_{rate:g}'])}", flush=True)
             save()
         if plan["turns"]:
             out["turns"] = turns(url, plan["turn_work"], plan["turns"])
@@ -150,26 +184,54 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
         out["server_alive_after"] = server.alive()
         out["server_rss_gib"] = server.rss_bytes() / 2**30
     out["peak_gpu_memory_gib"] = memory.peak_mib / 1024 if memory.peak_mib else None
+    if out["peak_gpu_memory_gib"]:
+        out.update(planned_memory(args))
+        out["peak_vs_plan"] = out["peak_gpu_memory_gib"] / out["plan_total_gib"]
     save()
+
+
+def turn_bodies(work: Workload, image: bytes) -> tuple[dict, dict]:
+    """The two requests of one conversation: turn 1 (the image, a question), turn 2 (the same image again, the
+    fixed turn-1 answer, a follow-up question) -- what a chat client sends, with a known answer length."""
+    first = work.body(image)
+    history = first["messages"] + [{"role": "assistant", "content": TURN1_ANSWER}]
+    return first, {**first, "messages": history + [{"role": "user", "content": FOLLOW_UP}]}
 
 
 def turns(url: str, work: Workload, images: list[bytes]) -> dict:
     """TTFT of turn 1 (a new image) and turn 2 (the image, the answer, a follow-up), one conversation at a time."""
     import statistics
 
-    first, second = [], []
+    first, second, prompts = [], [], None
     for image in images:
-        r1 = asyncio.run(run_staggered(url, [work.body(image)], 0.0))[0]
-        history = work.body(image)["messages"] + [{"role": "assistant", "content": r1.text}]
-        follow = {**work.body(image), "messages": history + [{"role": "user", "content": FOLLOW_UP}]}
-        r2 = asyncio.run(run_staggered(url, [follow], 0.0))[0]
+        body1, body2 = turn_bodies(work, image)
+        r1 = asyncio.run(run_staggered(url, [body1], 0.0))[0]
+        r2 = asyncio.run(run_staggered(url, [body2], 0.0))[0]
         if not (r1.ok and r2.ok):
             return {"error": r1.error or r2.error}
         first.append(r1.ttft)
         second.append(r2.ttft)
+        prompts = [r1.prompt_tokens, r2.prompt_tokens]
     t1, t2 = statistics.median(first), statistics.median(second)
-    return {"image": f"{work.size[0]}x{work.size[1]}", "conversations": len(images), "turn1_ttft_s": t1,
-            "turn2_ttft_s": t2, "turn2_vs_turn1": t2 / t1, "turn1_ttft_all_s": first, "turn2_ttft_all_s": second}
+    return {"image": f"{work.size[0]}x{work.size[1]}", "conversations": len(images), "prompt_tokens": prompts,
+            "turn1_answer_chars": len(TURN1_ANSWER), "turn1_ttft_s": t1, "turn2_ttft_s": t2,
+            "turn2_vs_turn1": t2 / t1, "turn1_ttft_all_s": first, "turn2_ttft_all_s": second}
+
+
+def server_stages(base_url: str) -> dict:
+    """The server's own split of the time to first token for the requests since the last call (its
+    /debug/stages, which starts a new window): where HTTP TTFT goes beyond the engine's."""
+    import httpx
+
+    try:
+        return httpx.get(base_url + "/debug/stages", params={"reset": "true"}, timeout=30).json()
+    except (httpx.HTTPError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _stages_line(s: dict) -> str:
+    return ", ".join(f"{k} {v['p50_ms']:.0f}/{v['p99_ms']:.0f}" for k, v in s.get("stages", {}).items()) + \
+        " ms (p50/p99)"
 
 
 def _line(s: dict) -> str:
@@ -294,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turn-image", default="1024x1024", help="WxH of the two-turn conversation's image")
     ap.add_argument("--conversations", type=int, default=3, help="two-turn conversations (0: none)")
     ap.add_argument("--max-batch-size", type=int, default=64, help="KV-cache slots (server and engine)")
-    ap.add_argument("--max-model-len", type=int, default=2048, help="context (the turns need ~1,500 tokens)")
+    ap.add_argument("--max-model-len", type=int, default=2048,
+                    help="context (turn 2 of a 1024x1024-image conversation: 1,330 tokens)")
     ap.add_argument("--kv-cache-gib", type=float, default=24.0, help="64 slots x 2,048 tokens of the 8B: 18 GiB")
     ap.add_argument("--skip", default="", help="comma list: http, engine")
     ap.add_argument("--cpu", action="store_true", help="run the server and the engine on the CPU")

@@ -33,3 +33,45 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
     assert res["turns"]["turn1_ttft_s"] > 0 and res["turns"]["turn2_ttft_s"] > 0
     assert res["server_alive_after"] is True
     assert (tmp_path / "server.log").exists()
+
+
+def _bench_serve():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_turn_two_sends_the_fixed_answer_and_fits_the_default_context():
+    """Turn 2 re-sends the image with the fixed turn-1 answer (not the model's own, whose length depends on the
+    weights): with the official checkpoints' processor its 1024x1024-image prompt fits the bench's default
+    2,048-token context, and turn 1's prompt is its prefix (what the server's prefix reuse needs)."""
+    from qvl.data.preprocess import encode
+    from qvl.data.samples import Media, Message, Sample
+    from qvl.models.build import official_processor
+    from qvl.serve.media import MediaResolver
+    from qvl.serve.schema import MediaRef, parse_chat
+
+    bench = _bench_serve()
+    work = bench.Workload((1024, 1024), 128, "m")
+    image = work.images(1)[0]
+    first, second = bench.turn_bodies(work, image)
+    assert second["messages"][0] == first["messages"][0]  # the same image, sent again
+    assert second["messages"][1] == {"role": "assistant", "content": bench.TURN1_ANSWER}
+    assert second["messages"][2] == {"role": "user", "content": bench.FOLLOW_UP}
+    assert bench.turn_bodies(work, image) == (first, second)  # nothing in it depends on a model's output
+
+    processor, resolver = official_processor(), MediaResolver()
+
+    def prompt(body):
+        chat = parse_chat(body, {"image": 8, "video": 2})  # as the server reads it
+        messages = [Message(role, [Media("image", resolver.image(p)) if isinstance(p, MediaRef) else p
+                                   for p in parts]) for role, parts in chat.messages]
+        return encode(Sample(messages), processor, for_generation=True).input_ids
+
+    one, two = prompt(first), prompt(second)
+    default_context = 2048  # bench/serve.py --max-model-len
+    assert 1000 < len(one) < len(two) < default_context - 128, (len(one), len(two))  # 1,047 and 1,330 tokens
+    assert two[:len(one)].tolist() == one.tolist()

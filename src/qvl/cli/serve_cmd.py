@@ -212,6 +212,8 @@ def register(app: typer.Typer) -> None:
                   False, "--allow-private-media-urls",
                   help="Also fetch http(s) media from loopback/private/link-local hosts (off: SSRF protection)."),
               max_body_mb: float = typer.Option(64.0, help="Largest request body."),
+              preprocess_threads: int = typer.Option(2, min=1, help="Requests preprocessed at once (chat "
+                                                                    "template, tokenizer, image processor)."),
               served_model_name: str = typer.Option(None, help="Model id in /v1 (default: folder name/hub id)."),
               share: bool = typer.Option(False, "--share", help="Accepted for web_demo_mm.py compatibility."),
               inbrowser: bool = typer.Option(False, "--inbrowser", help="Open the chat page in a browser.")):
@@ -222,7 +224,7 @@ def register(app: typer.Typer) -> None:
             host=host, port=port, api_key=api_key or None,
             allowed_media_dir=str(allowed_media_dir) if allowed_media_dir else None, max_body_mb=max_body_mb,
             limit_mm_per_prompt=parse_limits(limit_mm_per_prompt), allow_remote_media=not no_remote_media,
-            allow_private_media_urls=allow_private_media_urls,
+            allow_private_media_urls=allow_private_media_urls, preprocess_threads=preprocess_threads,
             served_model_name=served_model_name, inbrowser=inbrowser, share=share)
         engine = _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_model_len, max_new_tokens,
                          gpu_memory_utilization, tensor_parallel_size, settings.limit_mm_per_prompt,

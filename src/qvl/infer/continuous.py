@@ -213,7 +213,7 @@ class ContinuousBatcher:
     def _prefill_rest(self, slot: int, job, start: int) -> None:
         from qvl.infer.prefix import Kept, prefill_rest
 
-        t = time.perf_counter()
+        t = job.handle.prefill_started = time.perf_counter()  # the server's /debug/stages reads it
         self.kept.pop(slot, None)  # the slot's content changes now (a failure must not leave it matchable)
         logits = prefill_rest(self.decoder, slot, start, job.prepared.inputs)
         self._kept_since[slot] = Kept(job.prepared.inputs.input_ids, job.prepared.media_keys or {})
@@ -227,6 +227,8 @@ class ContinuousBatcher:
         from qvl.infer.prefix import Kept
 
         t = time.perf_counter()
+        for job in jobs:  # the server's /debug/stages reads it
+            job.handle.prefill_started = t
         d = self.decoder
         encs = [j.prepared.inputs for j in jobs]
         # the token rows are collated here; the pixels are not concatenated on the host (8 448x448 images: 38 MB

@@ -22,6 +22,7 @@ from qvl.infer.engine import Engine, RequestError
 from qvl.infer.types import Chunk, Request
 from qvl.data.grounding import parse_grounding, to_pixels
 from qvl.serve.schema import ApiError, ChatRequest, MediaRef, bad, parse_chat, parse_json
+from qvl.serve.stages import Marks, StageLog
 
 log = logging.getLogger("qvl.serve")
 
@@ -38,6 +39,9 @@ class ServeSettings:
     allow_remote_media: bool = True
     allow_private_media_urls: bool = False  # http(s) media on loopback/private/link-local hosts (SSRF)
     served_model_name: str | None = None
+    # requests preprocessed at once (chat template, tokenizer, image processor; their media are fetched and
+    # decoded before, outside this limit): see create_app's ``prepare``
+    preprocess_threads: int = 2
     inbrowser: bool = False
     share: bool = False
     log_level: str = "info"
@@ -141,8 +145,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
                           code="request_too_large", status=413)
         return bytes(body)
 
-    def prepare(chat: ChatRequest, request_id: str):
+    def prepare(chat: ChatRequest, request_id: str, marks: Marks):
         """Media -> pipeline inputs -> engine.prepare (blocking: runs in the thread pool)."""
+        marks.mark("pool")
         try:  # before any media is fetched or decoded: a request with bad settings costs nothing
             sampling = engine.sampling(**chat.sampling)
         except Exception as e:  # out-of-range values
@@ -158,20 +163,50 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
                     else:
                         out.append(p)
                 messages.append(Message(role, out))
+            marks.mark("media")
             try:  # videos are decoded inside prepare, so the temp folder lives until it returns
-                return engine.prepare(Request(messages, sampling, request_id))
+                with preprocessing:
+                    marks.mark("slot")
+                    prepared = engine.prepare(Request(messages, sampling, request_id))
+                marks.mark("prepared")
+                return prepared
             except RequestError as e:
                 raise ApiError(e.status, e.what + (f" ({e.fix})" if e.fix else ""), code=e.code, param=e.param) \
                     from None
 
-    relays: dict = {}  # event loop -> its Relay (one loop in production; tests may run several servers)
+    # Preprocessing holds the GIL for much of its time, and the engine's thread and the event loop need it too. Run
+    # by every request at once (the thread pool has 40 threads), a burst of N requests shares it N ways: all of them
+    # finish late, and meanwhile the engine and the streams of the running requests get a fraction of the
+    # interpreter. A few at a time, they finish in arrival order, each as soon as it alone would. (Media are
+    # fetched and decoded before, outside this limit: a slow remote URL holds no preprocessing slot.)
+    import threading
 
-    def start(prepared):
+    preprocessing = threading.BoundedSemaphore(max(1, settings.preprocess_threads))
+    relays: dict = {}  # event loop -> its Relay (one loop in production; tests may run several servers)
+    stage_log = StageLog()
+
+    def start(prepared, marks: Marks):
         loop = asyncio.get_running_loop()
         relay = relays.get(loop) or relays.setdefault(loop, Relay(loop))
         q: asyncio.Queue[Chunk] = asyncio.Queue()
-        handle = engine.submit(prepared, on_chunk=lambda c: relay.put(q, c))
+        put = relay.put
+
+        def on_chunk(c: Chunk) -> None:  # the engine's thread
+            if c.text and "token" not in marks:
+                marks.mark("token")
+            put(q, c)
+
+        marks.mark("submitted")
+        handle = engine.submit(prepared, on_chunk=on_chunk)
         return handle, q
+
+    def first_out(rid: str, marks: Marks, handle) -> None:
+        """The first content left: the request's stage times go to /debug/stages (and the DEBUG log)."""
+        marks.mark("sent")
+        admitted = getattr(handle, "prefill_started", None)  # set by the transformers backend's batcher
+        if admitted is not None:
+            marks.mark("admitted", admitted)
+        stage_log.finish(rid, marks)
 
     # ------------------------------------------------------------------ routes
     @app.get("/", response_class=HTMLResponse)
@@ -181,6 +216,16 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/debug/stages")
+    async def debug_stages(request: HttpRequest, reset: bool = False):
+        """Where the last requests' time went before their first token left (see qvl.serve.stages);
+        ``?reset=true`` starts a new window after answering."""
+        check_key(request)
+        out = stage_log.summary()
+        if reset:
+            stage_log.clear()
+        return out
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):
@@ -218,15 +263,20 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
+        marks = Marks()
+        marks.mark("arrived")
         check_key(request)
-        chat = parse_chat(parse_json(await read_body(request)), settings.limit_mm_per_prompt)
+        body = await read_body(request)
+        marks.mark("read")
+        chat = parse_chat(parse_json(body), settings.limit_mm_per_prompt)
+        marks.mark("parsed")
         if chat.model not in (model_id, engine.name):
             raise ApiError(404, f"model {chat.model!r} is not served here; GET /v1/models lists {model_id!r}",
                            code="model_not_found", param="model")
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        prepared = await run_in_threadpool(prepare, chat, rid)
+        prepared = await run_in_threadpool(prepare, chat, rid, marks)
         now = int(time.time())
-        handle, q = start(prepared)
+        handle, q = start(prepared, marks)
 
         def usage(c: Chunk) -> dict:
             return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
@@ -269,7 +319,12 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
                     c = chunks[-1]
                     text = "".join(content(x.text) for x in chunks if x.text)
                     if text:
-                        yield text
+                        if "sent" not in marks:
+                            marks.mark("loop")
+                            yield text
+                            first_out(rid, marks, handle)
+                        else:
+                            yield text
                 if c.finish_reason == "error":
                     err = {"error": {"message": f"generation failed: {c.error}", "type": "server_error",
                                      "param": None, "code": "generation_failed"}}
