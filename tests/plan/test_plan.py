@@ -285,3 +285,71 @@ def test_master_fp32_counts_fp32_weights_grads_and_states():
     zero = plan_train("2B", gpu_mem="80GiB", method="full", zero=2, recommend=False, master_fp32=True)
     assert zero.total_gib == pytest.approx(plan_train("2B", gpu_mem="80GiB", method="full", zero=2,
                                                       recommend=False).total_gib)
+
+
+def test_moe_lora_counts_the_experts_adapters_and_their_activations():
+    """30B-A3B with qvl's default lora_experts: a rank-r pair per expert and weight (r·E·(2h + 3I) per layer) in the
+    adapters, their gradients and both AdamW states, and the rank-r intermediates of every routed copy."""
+    from qvl.train.config import build_config
+    from qvl.train.preflight import plan_kwargs
+
+    kw = dict(lora_r=64, seq_len=4096, fused_ce=True, recommend=False)
+    on = plan_train("30B-A3B", "h200", **kw)
+    off = plan_train("30B-A3B", "h200", lora_experts=False, **kw)
+    experts = 48 * 64 * 128 * (2 * 2048 + 3 * 768)  # 2.5 B params
+    assert (on.parts["LoRA params"] - off.parts["LoRA params"]) * GIB == pytest.approx(experts * 4)
+    assert (on.parts["gradients"] - off.parts["gradients"]) * GIB == pytest.approx(experts * 4)
+    assert (on.parts["optimizer states"] - off.parts["optimizer states"]) * GIB == pytest.approx(experts * 8)
+    assert on.settings["lora_experts"] and "128 experts" in on.notes["LoRA params"]
+    assert "gate" not in off.notes["LoRA params"]  # a MoE layer has no dense MLP for those targets
+    kept = dict(kw, gradient_checkpointing=False)
+    routed = 4096 * 48 * 8 * 2 * 2 * 64  # two rank-64 bf16 intermediates per routed copy (top-8), every layer
+    assert (plan_train("30B-A3B", "h200", **kept).parts["LLM activations"]
+            - plan_train("30B-A3B", "h200", lora_experts=False, **kept).parts["LLM activations"]) * GIB \
+        == pytest.approx(routed)
+    assert on.fits  # examples/lora_30b_a3b.yaml's setting on one H200
+    assert plan_train("8B", "h100", lora_experts=False, **kw).total_gib == plan_train("8B", "h100", **kw).total_gib
+    values = {"model_name_or_path": "x", "dataset_use": "x", "output_dir": "x", "lora_enable": True}
+    assert plan_kwargs(build_config(values))["lora_experts"]
+    assert not plan_kwargs(build_config({**values, "lora_experts": False}))["lora_experts"]
+    assert not plan_kwargs(build_config({**values, "lora_target_regex": r".*q_proj"}))["lora_experts"]
+
+
+def test_30b_a3b_serving_kv_is_96_kib_per_token_on_every_path():
+    """30B-A3B: 2 (K, V) × 48 layers × 4 KV heads × 128 × 2 bytes = 96 KiB per token, in the planner (vLLM,
+    generate, the fast decode path) and in the config the decode path sizes its slot cache from."""
+    from qvl.models.build import official_config
+    from qvl.plan.model import from_size
+
+    assert HAND_KV["30B-A3B"] == 96 * 1024
+    for kw in ({}, {"backend": "transformers"}, {"backend": "transformers", "fast_decode": True, "max_num_seqs": 32}):
+        p = plan_serve("30B-A3B", "h200", max_model_len=4096, recommend=False, **kw)
+        assert p.kv_bytes_per_token == 96 * 1024, kw
+    t = official_config("30B-A3B").text_config
+    assert 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2 == 96 * 1024
+    fast = plan_serve("30B-A3B", "h200", backend="transformers", max_model_len=2048, max_num_seqs=32,
+                      fast_decode=True, recommend=False)
+    assert fast.parts["KV cache"] == pytest.approx(32 * 2048 * 96 * 1024 / GIB)  # 6 GiB of slots
+    assert fast.parts["weights"] == pytest.approx(from_size(SIZES["30B-A3B"]).params_total * 2 / GIB)  # all experts
+
+
+def test_fast_decode_serve_plan_prefills_a_few_requests_and_keeps_a_vision_cache():
+    """The fast path prefills at most FAST_PREFILL_TOKENS (of FAST_PREFILL_REQUESTS requests) at a time, not the
+    whole batch as generate does; the constants are the continuous batcher's own defaults."""
+    import inspect
+
+    from qvl.infer.continuous import ContinuousBatcher
+    from qvl.plan.memory import FAST_PREFILL_REQUESTS, FAST_PREFILL_TOKENS, layer_transient_bytes_per_token
+    from qvl.plan.model import from_size
+
+    defaults = inspect.signature(ContinuousBatcher).parameters
+    assert defaults["max_prefill_tokens"].default == FAST_PREFILL_TOKENS
+    assert defaults["max_prefill_batch"].default == FAST_PREFILL_REQUESTS
+    kw = dict(backend="transformers", max_model_len=2048, max_num_seqs=64, recommend=False)
+    for size in ("8B", "30B-A3B"):
+        generate, fast = plan_serve(size, "h200", **kw), plan_serve(size, "h200", fast_decode=True, **kw)
+        assert fast.parts["KV cache"] == generate.parts["KV cache"] and fast.parts["vision cache"] == 1.0
+        assert fast.parts["activations (prefill / vision)"] < generate.parts["activations (prefill / vision)"] / 6
+        assert fast.settings["fast_decode"] and "fast_decode" not in generate.settings
+    moe = from_size(SIZES["30B-A3B"])  # the k routed copies of each token dominate an MoE layer's prefill
+    assert layer_transient_bytes_per_token(moe) == 12 * 2048 + 8 * 8 * 2048 + 6 * 128
