@@ -149,6 +149,7 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
         server_args += ["--kv-cache-gib", str(args.kv_cache_gib)]
     if args.cpu:
         server_args += ["--cpu-only"]
+    server_args += args.server_args.split()
     server = ServerProcess(server_args, log_path=Path(args.log_dir) / "server.log")
     out["server_command"] = " ".join(["qvl", *server.command[3:]])
     t = time.perf_counter()
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=2048,
                     help="context (turn 2 of a 1024x1024-image conversation: 1,330 tokens)")
     ap.add_argument("--kv-cache-gib", type=float, default=24.0, help="64 slots x 2,048 tokens of the 8B: 18 GiB")
+    ap.add_argument("--server-args", default="", help="more `qvl serve` flags, e.g. '--preprocess-threads 40'")
     ap.add_argument("--skip", default="", help="comma list: http, engine")
     ap.add_argument("--cpu", action="store_true", help="run the server and the engine on the CPU")
     ap.add_argument("--smoke", action="store_true",

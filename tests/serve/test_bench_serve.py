@@ -31,6 +31,12 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
             assert s["ttft_p50_s"] > 0 and s["tpot_p50_s"] > 0 and s["itl_p99_s"] >= s["itl_p50_s"]
     assert set(res["http_vs_engine"]) == {"clients_1", "clients_4", "rate_20"}
     assert res["turns"]["turn1_ttft_s"] > 0 and res["turns"]["turn2_ttft_s"] > 0
+    one, two = res["turns"]["prompt_tokens"]
+    assert one < two  # turn 2: turn 1's prompt, the fixed answer and the follow-up
+    for row in ("clients_1", "clients_4", "rate_20"):  # the server's own split of the time to the first token
+        split = res["server_stages"][row]
+        assert split["requests"] == res["http"][row]["requests"], split
+        assert split["stages"]["total"]["p50_ms"] > 0 and "submitted->admitted" in split["stages"]
     assert res["server_alive_after"] is True
     assert (tmp_path / "server.log").exists()
 
