@@ -1,10 +1,12 @@
 """Generation speed on one GPU: plain generate vs transformers' static cache + compile vs qvl's engine.
 
-All in one process, on the same random-weight model (official 8B shape, bf16, sdpa):
+All in one process, on the same random-weight model (official 8B shape by default, ``--size 30B-A3B`` for the
+mixture-of-experts one; bf16, sdpa):
 
   * bandwidth: a device-to-device copy (bytes read + written / time), and the bytes of weights one
-    decode step reads (every LLM matrix and norm + lm_head; the embedding table is only indexed),
-    giving the batch-1 bound = bandwidth / bytes
+    decode step reads (every LLM matrix and norm + lm_head; the embedding table is only indexed; of an MoE
+    block the router and the top-k experts one token is routed to, not the others), giving the batch-1
+    bound = bandwidth / bytes
   * batch 1: one 1024x1024 image + ~64 text tokens, N new tokens forced (EOS ignored):
     TTFT and decode tok/s for model.generate (dynamic cache), generate with
     cache_implementation="static" + CompileConfig(fullgraph=False), and qvl's engine
@@ -14,6 +16,12 @@ All in one process, on the same random-weight model (official 8B shape, bf16, sd
     plus the decode-step times (a recompilation or capture would show as a stall)
 
     python bench/decode.py --json bench/results/decode.json
+    python bench/decode.py --size 30B-A3B --skip compiled,batch32 --json bench/results/decode_moe.json
+
+MoE: the captured step is timed per step implementation and per way of running the routed experts (grouped
+GEMM / gathered); the engine then gathers at the batch sizes where that was faster. ``qvl_vs_generate`` is the
+batch-1 decode speed over plain generate's; ``peak_vs_plan`` the peak allocated memory over `qvl plan serve`'s
+(transformers, fast decode path, the engine's slots and context).
 
 Partial results are written after each phase, so a run cut short still leaves numbers.
 """
@@ -49,9 +57,17 @@ def copy_bandwidth(gib: float = 4.0) -> float:
 
 
 def decode_weight_bytes(model) -> int:
-    """Bytes a batch-1 decode step reads: every language-model matrix and norm, and lm_head."""
+    """Bytes a batch-1 decode step reads: every language-model matrix and norm, and lm_head; of a sparse MoE
+    block the router and the ``num_experts_per_tok`` experts the token is routed to (the experts' 3-D
+    parameters hold one expert per leading index, all of one size). The embedding table is only indexed."""
     text = model.model.language_model
-    total = sum(p.numel() * p.element_size() for n, p in text.named_parameters() if "embed_tokens" not in n)
+    top_k = getattr(text.config, "num_experts_per_tok", 0)
+    total = 0
+    for name, p in text.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        routed = ".mlp.experts." in name and p.dim() == 3
+        total += (top_k * p[0].numel() if routed else p.numel()) * p.element_size()
     head = model.lm_head.weight
     return total + head.numel() * head.element_size()
 
@@ -177,6 +193,7 @@ def main() -> int:
     ap.add_argument("--batch-new", type=int, default=128)
     ap.add_argument("--stagger", type=float, default=0.02, help="seconds between arrivals")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,qvl")
+    ap.add_argument("--max-model-len", type=int, default=4096, help="the engine's context (its slot cache)")
     ap.add_argument("--json", default="decode.json")
     ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
     args = ap.parse_args()
@@ -253,7 +270,7 @@ def main() -> int:
     from qvl.infer.transformers_backend import TransformersEngine
 
     t = time.time()
-    engine = TransformersEngine(model, processor, name="bench", max_model_len=4096, max_batch_size=32,
+    engine = TransformersEngine(model, processor, name="bench", max_model_len=args.max_model_len, max_batch_size=32,
                                 fast=True, say=print)
     d = engine.batcher.decoder
     d.warmup(max_keys=len(big) + args.new + 16)
@@ -261,17 +278,28 @@ def main() -> int:
     out["qvl_slots"], out["qvl_cache_len"] = engine.max_batch_size, engine.max_model_len
     print(f"qvl engine ready in {out['qvl_warmup_s']:.0f}s", flush=True)
     steps, failed = {}, {}
-    for impl in ("pieces", "layer"):  # the captured step alone, per implementation (a failure skips it)
+    # the captured step alone, per implementation (a failure skips it); MoE: per way of running the experts too
+    variants = ([("pieces", "grouped"), ("pieces", "gathered"), ("layer", "auto")] if d.is_moe
+                else [("pieces", None), ("layer", None)])
+    for impl, experts in variants:
+        key = impl + (f"/{experts}" if experts else "")
         try:
-            d.set_impl(impl)
-            steps[impl] = {"rows1_len1100": graph_step_ms(d, 1, len(big)),
-                           "rows32_len300": graph_step_ms(d, 32, 300)}
+            d.set_impl(impl, experts)
+            steps[key] = {"rows1_len1100": graph_step_ms(d, 1, len(big)),
+                          "rows32_len300": graph_step_ms(d, 32, 300)}
         except Exception as e:  # noqa: BLE001 -- recorded in the results, the run goes on
-            failed[impl] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(f"step implementation {impl} failed: {failed[impl]}", flush=True)
+            failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"step implementation {key} failed: {failed[key]}", flush=True)
     out["graph_step_ms"], out["graph_step_failed"] = steps, failed
     best = min(steps, key=lambda k: steps[k]["rows1_len1100"])
-    d.set_impl(best)
+    if d.is_moe:  # gather the experts at the batch sizes where that was faster, grouped GEMM elsewhere
+        g, m = steps.get("pieces/gathered"), steps.get("pieces/grouped")
+        if g and m:
+            d.gather_max_rows = (d.slots if g["rows32_len300"] < m["rows32_len300"]
+                                 else 1 if g["rows1_len1100"] < m["rows1_len1100"] else 0)
+        out["experts_gather_max_rows"] = d.gather_max_rows
+        out["experts_grouped_compiled"] = d._grouped_ok  # False: grouped GEMM failed, everything gathered
+    d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["step_impl"] = best
     out["graph_only_decode_tok_s"] = 1e3 / steps[best]["rows1_len1100"]
@@ -285,6 +313,10 @@ def main() -> int:
     out["qvl_decode_tok_s"] = r["decode_tok_s"]
     out["qvl_ttft_s"] = r["ttft_s"]
     out["fraction_of_bound"] = r["decode_tok_s"] / out["bandwidth_bound_tok_s"]
+    if "baseline_decode_tok_s" in out:
+        out["qvl_vs_generate"] = r["decode_tok_s"] / out["baseline_decode_tok_s"]
+    print(f"qvl batch 1: {r['decode_tok_s']:.0f} tok/s = {out['fraction_of_bound']:.0%} of the bandwidth bound "
+          f"({out['bandwidth_bound_tok_s']:.0f} tok/s)", flush=True)
     print("qvl batch 1", r, flush=True)
     save()
     for n in (8, 32):
@@ -301,6 +333,13 @@ def main() -> int:
     out["concurrent_32_at_once"] = r
     print("qvl 32 at once", r, flush=True)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    from types import SimpleNamespace
+
+    from serve import planned_memory  # bench/serve.py: the plan of the fast decode path for these slots
+
+    out.update(planned_memory(SimpleNamespace(model=args.size, max_model_len=engine.max_model_len,
+                                              max_batch_size=engine.max_batch_size)))
+    out["peak_vs_plan"] = out["peak_gib"] / out["plan_peak_allocated_gib"]
     save()
     if args.profile:  # where a prefill of 8 requests spends its time
         from torch.profiler import ProfilerActivity, profile

@@ -138,7 +138,7 @@ def planned_memory(args) -> dict:
     p = plan_serve(shape.name, _shape=shape, gpu_mem=torch.cuda.get_device_properties(0).total_memory / 2**30,
                    backend="transformers", max_model_len=args.max_model_len, max_num_seqs=args.max_batch_size,
                    fast_decode=True, recommend=False)
-    return {"plan_total_gib": p.total_gib, "plan_parts_gib": p.parts}
+    return {"plan_total_gib": p.total_gib, "plan_peak_allocated_gib": p.peak_allocated_gib, "plan_parts_gib": p.parts}
 
 
 # ---------------------------------------------------------------------------------------------- HTTP phase

@@ -135,3 +135,40 @@ def test_engine_and_http_server_answer_as_generate(tiny_moe):
         server.stop()
         engine.close()
         reference.close()
+
+
+def test_bandwidth_bound_counts_the_routed_experts_only(tiny_moe):
+    """bench/decode.py's batch-1 bound: attention, norms, router, k of the E experts per layer, lm_head."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[2] / "bench" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, _, _ = tiny_moe
+    text = model.model.language_model
+    cfg = text.config
+    h, i, e, k, d = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.head_dim
+    attention = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d + cfg.num_attention_heads * d * h
+    per_layer = attention + 2 * d + 2 * h + e * h + k * 3 * h * i  # + q/k norms, two RMSNorms, router, k experts
+    params = cfg.num_hidden_layers * per_layer + h + model.lm_head.weight.numel()  # + final norm, lm_head
+    assert bench.decode_weight_bytes(model) == params * 4  # float32 here
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(tiny_moe):
+    """torch.compile of the MoE step (what runs on a GPU) gives the eager tokens (CPU inductor; slow: compiles)."""
+    model, processor, _ = tiny_moe
+    outs = []
+    for compiled in (False, True):
+        from qvl.data.packing import rope_index_fn
+        from qvl.infer.continuous import ContinuousBatcher
+        from qvl.models.tokens import token_ids
+
+        decoder = DecodeModel(model, slots=2, max_len=256, compile=compiled)
+        b = ContinuousBatcher(decoder, _Collect, token_ids(processor.tokenizer).pad, rope_index_fn(model),
+                              coalesce_s=0)
+        job = _job(processor, PROMPTS["text"], GREEDY.replace(max_new_tokens=8))
+        _run_until_done(b, {0: [job]})
+        outs.append(job.handle.emit_tokens)
+    assert outs[0] == outs[1]

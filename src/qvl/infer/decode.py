@@ -313,8 +313,11 @@ class DecodeModel:
         # "pieces": three compiled functions per layer, cache writes eager (measured: bench/results/decode.json);
         # "layer": one compiled function per layer, cache writes inside (same tokens; speed not yet measured)
         self.impl = "pieces"
-        # MoE experts: "auto" (gathered up to EXPERTS_GATHER_MAX_ROWS rows, grouped above), "grouped", "gathered"
+        # MoE experts: "auto" (gathered up to gather_max_rows rows, grouped above), "grouped", "gathered"
         self.experts = "auto"
+        self.gather_max_rows = EXPERTS_GATHER_MAX_ROWS
+        # inductor compiles torch._grouped_mm for 16-bit weights only: float32 ones are gathered when compiled
+        self._grouped_ok = not self.compiled or self.dtype in (torch.bfloat16, torch.float16)
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
@@ -375,7 +378,8 @@ class DecodeModel:
         mask = torch.arange(n_keys, device=self.device)[None, :] <= pos[:, None]
         x = F.embedding(self._tokens[:n_rows], self.embed)
         f = self._fns
-        gathered = self.experts == "gathered" or (self.experts == "auto" and n_rows <= EXPERTS_GATHER_MAX_ROWS)
+        gathered = (self.experts == "gathered" or not self._grouped_ok
+                    or (self.experts == "auto" and n_rows <= self.gather_max_rows))
         for i, w in enumerate(self.layers):
             if self.impl == "layer":
                 x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, self.k[i], self.v[i],
@@ -430,21 +434,37 @@ class DecodeModel:
         return graph[1]
 
     def _capture(self, b: int, lb: int):
-        """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored."""
+        """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored. Should
+        the grouped-GEMM experts fail to compile or capture, every batch gathers them from then on."""
+        try:
+            return self._capture_once(b, lb)
+        except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the grouped path
+            if not (self.is_moe and self._grouped_ok):
+                raise
+            log.warning("grouped-GEMM experts failed to compile or capture (%s: %s); gathering them instead",
+                        type(e).__name__, str(e)[:200])
+            self._grouped_ok = False
+            self._graphs.clear()
+            self._pool = None
+            return self._capture_once(b, lb)
+
+    def _capture_once(self, b: int, lb: int):
         saved = self.length.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(b, lb)
-                self.length.copy_(saved)
-        torch.cuda.current_stream().wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(b, lb)
-        self.length.copy_(saved)  # capturing does not run the step
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(b, lb)
+                    self.length.copy_(saved)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._step(b, lb)
+        finally:
+            self.length.copy_(saved)  # capturing does not run the step (nor does a failed warm-up)
         self._graphs[(b, lb)] = (graph, logits)
         log.info("captured the decode step for %d rows x %d keys", b, lb)
         return self._graphs[(b, lb)]

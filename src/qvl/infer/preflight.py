@@ -85,7 +85,8 @@ def check_serve(model, *, backend: str = "vllm", max_model_len: int | None = Non
     from qvl.plan.memory import plan_serve
 
     plan = plan_serve(shape.name, _shape=shape, _gpu=_gpu(card), backend="transformers", max_model_len=want,
-                      max_num_seqs=max_num_seqs or 1, gpus=max(1, tensor_parallel_size or 1))
+                      max_num_seqs=max_num_seqs or 1, gpus=max(1, tensor_parallel_size or 1),
+                      fast_decode=sized_cache)  # the fast path: slot cache, small prefills, vision cache
     asked = plan.settings["max_model_len"]
     seqs = plan.settings.get("max_num_seqs") or 1
     where = f"{asked:,}-token context{f' x {seqs} requests' if seqs > 1 else ''}"
