@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from qvl.data.samples import Media
-from qvl.infer.decode import DecodeModel, experts_gathered, experts_grouped, route, supports
+from qvl.infer.decode import DecodeModel, experts_gathered, experts_grouped, router_top_k, supports
 from qvl.infer.types import SamplingParams
 
 from test_fast_decode import GREEDY, _Collect, _generate_ids, _job, _run_until_done  # noqa: E402
@@ -60,8 +60,23 @@ def test_supported_and_every_layer_routed(tiny_moe):
         assert w.mlp[1].data_ptr() == e.gate_up_proj.data_ptr() and w.mlp[2].data_ptr() == e.down_proj.data_ptr()
 
 
+def test_unmerged_expert_adapters_fall_back_and_merged_ones_run(tiny_moe):
+    """peft's LoRA on the experts and router (target_parameters) wraps them: generate, with the reason; merged,
+    the experts are plain parameters again and the fast path takes the model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, _, _ = tiny_moe
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.gate.weight"]))
+    assert "merge the adapter" in supports(wrapped)
+    assert supports(wrapped.merge_and_unload()) is None
+
+
 def test_router_and_experts_match_the_hf_block(tiny_moe):
-    """route + either expert implementation = the model's sparse MoE block, on 7 tokens (repeated experts)."""
+    """router_top_k + either expert implementation = the model's sparse MoE block, on 7 tokens (repeated
+    experts)."""
     model, _, _ = tiny_moe
     block = model.model.language_model.layers[0].mlp
     torch.manual_seed(0)
@@ -69,15 +84,14 @@ def test_router_and_experts_match_the_hf_block(tiny_moe):
     with torch.no_grad():
         want = block(h[None])[0]
         _, hf_weights, hf_experts = block.gate(h)
-        weights, experts = route(h, block.gate.weight, block.gate.top_k)
+        weights, experts = router_top_k(h, block.gate.weight, block.gate.top_k)
         assert torch.equal(experts, hf_experts) and torch.equal(weights, hf_weights)
         for run in (experts_grouped, experts_gathered):
             got = run(h, weights, experts, block.experts.gate_up_proj, block.experts.down_proj)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("experts", ["grouped", "gathered"])
-@pytest.mark.parametrize("kind", ["text", "image"])
+@pytest.mark.parametrize("kind, experts", [("text", "grouped"), ("image", "gathered"), ("image", "grouped")])
 def test_greedy_matches_generate(tiny_moe, kind, experts):
     model, processor, _ = tiny_moe
     job = _job(processor, PROMPTS[kind])

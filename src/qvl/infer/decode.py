@@ -174,7 +174,7 @@ def attend(q, keys, values, mask, scale: float):
     return torch.matmul(probs, values).reshape(b, n_q * d)
 
 
-def route(h, router, top_k: int):
+def router_top_k(h, router, top_k: int):
     """The Hugging Face router: softmax (float32) over the experts, top-k, the k weights renormalised and cast
     back to the model dtype. h (B, hidden) -> weights (B, k), expert ids (B, k)."""
     logits = F.linear(h, router)
@@ -185,20 +185,12 @@ def route(h, router, top_k: int):
 
 
 def experts_grouped(h, weights, experts, gate_up, down):
-    """The routed experts as two grouped GEMMs over the (row, expert) pairs sorted by expert: each selected
-    expert's weights are read once; fixed shapes (B*k pairs, all experts as groups, empty ones skipped)."""
-    b, k = experts.shape
-    flat = experts.reshape(-1)
-    ids, order = torch.sort(flat, stable=True)
-    n_experts = gate_up.shape[0]
-    # offsets[e] = pairs whose expert is <= e (the end of group e); a comparison, no histogram, no host sync
-    offs = (ids[None, :] <= torch.arange(n_experts, device=ids.device)[:, None]).sum(dim=1, dtype=torch.int32)
-    gu = torch._grouped_mm(h[order // k], gate_up.transpose(-2, -1), offs=offs)
-    gate, up = gu.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
-    y = y * weights.reshape(-1)[order, None]
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return y[inverse].view(b, k, -1).sum(dim=1)
+    """The routed experts as grouped GEMMs over the (row, expert) pairs sorted by expert (each selected expert's
+    weights read once; fixed shapes, all experts as groups, empty ones skipped): the training path's
+    :func:`qvl.models.moe_experts.experts_output` without adapters."""
+    from qvl.models.moe_experts import experts_output
+
+    return experts_output(h, experts, weights, gate_up, down, F.silu)
 
 
 def experts_gathered(h, weights, experts, gate_up, down):
@@ -221,7 +213,7 @@ def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, gathered: bool
     h = rms_norm(x, ln, eps)
     if top_k:
         router, gate_up, down = mlp
-        weights, experts = route(h, router, top_k)
+        weights, experts = router_top_k(h, router, top_k)
         run = experts_gathered if gathered else experts_grouped
         return x + run(h, weights, experts, gate_up, down)
     wgu, wdown = mlp
@@ -316,8 +308,8 @@ class DecodeModel:
         # MoE experts: "auto" (gathered up to gather_max_rows rows, grouped above), "grouped", "gathered"
         self.experts = "auto"
         self.gather_max_rows = EXPERTS_GATHER_MAX_ROWS
-        # inductor compiles torch._grouped_mm for 16-bit weights only: float32 ones are gathered when compiled
-        self._grouped_ok = not self.compiled or self.dtype in (torch.bfloat16, torch.float16)
+        # inductor compiles torch._grouped_mm for bf16 weights only: others are gathered when compiled
+        self._grouped_ok = not self.compiled or self.dtype == torch.bfloat16
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
