@@ -35,12 +35,21 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 on a ladder of multiples, each shape met before training), qvl-fit-host (host_embeddings).
   baseline-full plain transformers full fine-tuning (LLM + merger, bf16 weights and AdamW states as the Hugging Face
                 Trainer keeps them for a bf16 model), padded batches, checkpointing: the reference for cli:full_4b
+  baseline-qlora  transformers + peft + bitsandbytes on qlora_32b_24gb.yaml's problem (on this --model): the saved
+                weights loaded in NF4 (double quantisation, bf16 compute, vision tower and lm_head bf16), its LoRA,
+                batch and schedule, padded, on the CLI row's samples in its order: the reference of cli:qlora_32b_24gb
   cli:EXAMPLE   `qvl train examples/EXAMPLE.yaml` through the CLI in its own process, as shipped but for the model
                 (these random weights, saved), the data (this workload) and max_steps (--cli-steps); its own
                 batch, LoRA targets and vision budget (bench/train_cli.py). cli:EXAMPLE@GPU: the same on an
-                emulated card (QVL_GPU=GPU, e.g. rtx4090: the run caps its allocator to that card's memory)
+                emulated card (QVL_GPU=GPU, e.g. rtx4090: the run caps its allocator to that card's memory);
+                cli:EXAMPLE+key=value[+key=value]: with those `qvl train` overrides (e.g. +compile_layers=false)
   baseline-yaml transformers + peft on lora_8b_24gb.yaml's own problem (its LoRA targets, dropout, schedule, batch,
                 vision budget), padded, on the CLI row's samples in its order: the reference for its losses
+  baseline-video the same on lora_8b_video.yaml's problem (batch 1 with 8 accumulated) for --workload video:
+                the speed and loss reference of cli:lora_8b_video
+  baseline-moe  the same on lora_30b_a3b.yaml's problem for a MoE model (--model 30B-A3B): LoRA on the attention
+                and on the experts through peft's target_parameters (its default grouped_mm experts, the adapters
+                folded into the expert stacks each forward); the speed and loss reference of cli:lora_30b_a3b
   recipe        the reference's one-card LoRA command line (torchrun -m qvl.train --deepspeed zero2.json ...)
                 with lora_8b_24gb.yaml's batch settings, without DeepSpeed installed
   baseline-liger  the baseline with Liger's Qwen3-VL kernels (RoPE, RMSNorm, fused linear + cross-entropy), as
@@ -48,7 +57,8 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 transformers' Qwen3-VL module for the whole process)
 Every contestant (but qvl-rows16k) sees the same 4 samples per optimizer step, in the loop's seeded order, so losses are comparable step by step.
 Useful tokens are non-padding tokens. MFU counts 4 x LLM non-embedding params per token (LoRA:
-forward + input gradients, no recompute) plus causal attention, over 790 TFLOP/s (H100 dense bf16).
+forward + input gradients, no recompute; MoE: the active params, top-k of the experts) plus causal attention,
+over 790 TFLOP/s (H100 dense bf16).
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from workload import histogram, make_workload  # noqa: E402
+from workload import VIDEO_BUDGET, histogram, make_video_workload, make_workload  # noqa: E402
 
 from qvl.config.vision import VisionBudget  # noqa: E402
 from qvl.data.collate import collate  # noqa: E402
@@ -80,10 +90,10 @@ ALL_LINEAR = QKVO + ["gate_proj", "up_proj", "down_proj"]
 
 
 def build(model_name: str, device: str):
-    if model_name == "tiny":
+    if model_name in ("tiny", "tiny-moe"):
         from qvl.models.build import tiny_parts
 
-        model, processor = tiny_parts()
+        model, processor = tiny_parts(variant="moe" if model_name == "tiny-moe" else "default")
         return model.to(device), processor
     from qvl.models.build import random_model
 
@@ -92,7 +102,8 @@ def build(model_name: str, device: str):
 
 def llm_flops_per_token(model, lengths: list[int]) -> float:
     tc = model.config.text_config
-    n = sum(p.numel() for name, p in model.named_parameters()
+    active = tc.num_experts_per_tok / tc.num_experts if getattr(tc, "num_experts", 0) else 1.0  # MoE: top-k of E
+    n = sum(p.numel() * (active if ".mlp.experts." in name else 1.0) for name, p in model.named_parameters()
             if "language_model" in name and "embed_tokens" not in name and "lora_" not in name)
     q_dim = tc.num_attention_heads * tc.head_dim
     # causal attention per sequence: QK^T and PV, forward 2*2*L^2*q_dim/2, backward 2x forward
@@ -190,9 +201,15 @@ def loop_config(args, model_dir: Path, registry: Path, out: Path, **overrides):
                   gradient_checkpointing_scope="layer",
                   data_flatten=True, save_strategy="no", report_to="none", logging_steps=5, seed=0, resume=False,
                   model_max_length=4096, force=True, warmup_shapes="ahead",  # every shape met before the timed steps
-                  **BUDGET_KEYS)
+                  **budget_keys(args))
     values.update(overrides)
     return build_config(values)
+
+
+def budget_keys(args) -> dict:
+    """The vision budget the harness encodes with (and its qvl rows train with): the video workload's clips keep
+    their frames and size (the video YAML's budget)."""
+    return dict(BUDGET_KEYS, **VIDEO_BUDGET) if getattr(args, "workload", "mixed") == "video" else BUDGET_KEYS
 
 
 BUDGET_KEYS = dict(min_pixels=64 * 1024, max_pixels=1400 * 1024, video_fps=2.0, video_min_frames=4,
@@ -531,9 +548,12 @@ def _shape_of(model):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="8B", help="2B, 4B, 8B (random weights) or tiny")
+    ap.add_argument("--model", default="8B", help="2B, 4B, 8B, 30B-A3B (random weights), tiny or tiny-moe")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--workload", choices=("mixed", "video"), default="mixed",
+                    help="mixed: text, images and short videos; video: every sample a 8-16 frame clip of 4k-16k tokens "
+                         "(run it with --samples 64 --batch 1 and the rows baseline-video,cli:lora_8b_video)")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per contestant (after warm-up)")
     ap.add_argument("--warmup", type=int, default=8, help="warm-up steps before the timed ones; 8, the compiled "
                     "rows' warm-up, so every contestant is timed on the same steps and samples, and the baseline's "
@@ -579,13 +599,13 @@ def main(argv=None):
           f"{time.time() - t0:.1f} s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="qvl_bench_"))
     data = work / "workload"
-    rows = make_workload(data, n=args.samples, seed=0)
+    rows = (make_video_workload if args.workload == "video" else make_workload)(data, n=args.samples, seed=0)
     registry = work / "datasets.yaml"
     registry.write_text(f"workload:\n  annotation_path: {data / 'workload.jsonl'}\n  data_path: {data}\n")
     model_dir = work / "model"  # config + processor only: train() gets the in-memory weights (run_loop)
     model.config.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
-    budget = VisionBudget(**BUDGET_KEYS)
+    budget = VisionBudget(**budget_keys(args))
     t0 = time.time()
     encs = [encode(parse_sample(r, i, data)[0], processor, budget) for i, r in enumerate(rows)]
     lengths = [len(e) for e in encs]
@@ -664,9 +684,10 @@ def main(argv=None):
         use_packed_attention(base, "sdpa")
         finish(name, res, QKVO, True, attn or "sdpa (padded)")
 
-    if qkvo_flops is None:
-        qkvo_flops = llm_flops_per_token(add_lora(base, QKVO), used)
-        base = base.unload() if hasattr(base, "unload") else base
+    if qkvo_flops is None:  # counted on a LoRA-wrapped model, unwrapped again (the CLI rows save these weights)
+        counted = add_lora(base, QKVO)
+        qkvo_flops = llm_flops_per_token(counted, used)
+        base = counted.unload()
     all_flops = qkvo_flops  # LoRA FLOPs are not counted: same model FLOPs for both target sets
     base_peak = (results.get("baseline") or {}).get("peak_gib")
 
@@ -882,36 +903,59 @@ def main(argv=None):
                overrides.get("packed_attention", "auto (sdpa)"))
 
     # `qvl train` as a user runs it: the shipped YAMLs through the CLI, each in its own process (bench/train_cli.py)
+    yaml_rows = {"baseline-yaml": "lora_8b_24gb", "baseline-moe": "lora_30b_a3b",  # in-process, the YAML's problem
+                 "baseline-video": "lora_8b_video", "baseline-qlora": "qlora_32b_24gb"}
     cli_rows = [n for n in (args.only.split(",") if args.only else [])
-                if n.startswith("cli:") or n in ("recipe", "baseline-yaml")]
+                if n.startswith("cli:") or n == "recipe" or n in yaml_rows]
     if cli_rows:
         import train_cli
 
-        t0 = time.time()
-        model_of(base).save_pretrained(model_dir)  # the weights the commands load, once
-        print(f"saved the model's weights for the CLI rows in {time.time() - t0:.1f} s", flush=True)
+        if any(n not in yaml_rows or n == "baseline-qlora" for n in cli_rows):  # baseline-qlora loads them in 4-bit
+            t0 = time.time()
+            model_of(base).save_pretrained(model_dir)  # the weights the commands load, once
+            print(f"saved the model's weights for the CLI rows in {time.time() - t0:.1f} s", flush=True)
         if cuda:
             torch.cuda.empty_cache()
-        if want("baseline-yaml"):  # transformers + peft on lora_8b_24gb.yaml's own problem: the CLI rows' losses
+        for name, example in yaml_rows.items():  # transformers + peft on the YAML's own problem: the CLI rows' losses
+            if name not in cli_rows or not want(name):
+                continue
             torch.manual_seed(0)
+            ref = qlora_base(base, model_dir, args.device) if name == "baseline-qlora" else base
             try:
-                res = train_cli.yaml_baseline(base, model_dir, registry, "lora_8b_24gb", args.cli_steps, args.device)
+                res = train_cli.yaml_baseline(ref, model_dir, registry, example, args.cli_steps, args.device,
+                                              name=name)
             except torch.OutOfMemoryError as e:
                 res = {"error": f"OOM: {str(e).splitlines()[0]}"}
+            if ref is not base:  # the 4-bit copy goes; the bench's own model comes back
+                del ref
+                model_of(base).to(args.device)
             res["mfu"] = res.get("tokens_per_s", 0.0) * all_flops / (PEAK_TFLOPS * 1e12)
-            finish("baseline-yaml", res, ["as lora_8b_24gb.yaml says"], True, "sdpa (padded)")
+            finish(name, res, [f"as {example}.yaml says"], True, "sdpa (padded)")
+        big = cuda and model_bytes(base) > 0.3 * torch.cuda.mem_get_info()[1]
+        if big and any(n not in yaml_rows for n in cli_rows):
+            model_of(base).to("cpu")  # each command loads its own copy: this one would leave it too little room
+            torch.cuda.empty_cache()
+            print("the in-memory model moved to the CPU for the CLI rows", flush=True)
         for name in cli_rows:
-            if name == "baseline-yaml" or not want(name):
+            if name in yaml_rows or not want(name):
                 continue
-            example, _, gpu = name[len("cli:"):].split("#")[0].partition("@")  # "#2": the same row again
+            spec, *sets = name[len("cli:"):].split("#")[0].split("+")  # "#2": the same row again; "+key=value"
+            example, _, gpu = spec.partition("@")
             out = work / ("run-" + name.replace(":", "-").replace("@", "-"))
             argv = (train_cli.recipe_command(model_dir, registry, out, args.cli_steps) if name == "recipe" else
-                    train_cli.qvl_train_command(example, model_dir, registry, out, args.cli_steps))
+                    train_cli.qvl_train_command(example, model_dir, registry, out, args.cli_steps) + sets)
             res = train_cli.run_command(name, argv, out, env={"QVL_GPU": gpu} if gpu else None)
             full = example.startswith("full")
             res["mfu"] = res["tokens_per_s"] * all_flops * (1.5 if full else 1.0) / (PEAK_TFLOPS * 1e12)
             res["baseline_row"] = "baseline-full" if full else "baseline"
             res["loss_row"] = "baseline-full" if full else "baseline-yaml" if "baseline-yaml" in results else "baseline"
+            # the video YAML's speed reference is transformers + peft on its own problem (batch 1, the same samples)
+            if example == yaml_rows["baseline-video"] and "tokens_per_s" in results.get("baseline-video", {}):
+                res["baseline_row"] = res["loss_row"] = "baseline-video"
+            if example == yaml_rows["baseline-qlora"] and "tokens_per_s" in results.get("baseline-qlora", {}):
+                res["baseline_row"] = res["loss_row"] = "baseline-qlora"  # transformers + peft + bitsandbytes
+            if example == yaml_rows["baseline-moe"] and "tokens_per_s" in results.get("baseline-moe", {}):
+                res["baseline_row"] = res["loss_row"] = "baseline-moe"  # peft's target_parameters on the experts
             finish(name, res, ["as the YAML says"], "as the YAML says", "as the YAML says")
 
     # last: Liger patches transformers' Qwen3-VL rotary functions for the whole process, so no row may follow it
@@ -922,6 +966,28 @@ def main(argv=None):
     summary = summary_of(args, results, encs, hist, padding)
     print_table(summary)
     write(args, summary)
+
+
+def qlora_base(base, model_dir: Path, device: str):
+    """The base of baseline-qlora, loaded as transformers + peft + bitsandbytes users load it: from the saved weights
+    with NF4, double quantisation and bf16 compute, the vision tower and lm_head in bf16 (what qvl's quantization: nf4
+    quantises too), no fp32 upcast of the rest (prepare_model_for_kbit_training's, which would only add memory).
+    The bench's 16-bit model waits on the CPU meanwhile, so the row's peak memory is its own."""
+    from transformers import BitsAndBytesConfig
+
+    from qvl.models.load import model_class, read_config
+
+    model_of(base).to("cpu")
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["model.visual", "lm_head"])
+    t0 = time.time()
+    model = model_class(read_config(model_dir)["model_type"]).from_pretrained(
+        model_dir, dtype=torch.bfloat16, quantization_config=quant, device_map={"": device})
+    print(f"baseline-qlora: loaded {model_dir} in NF4 in {time.time() - t0:.1f} s", flush=True)
+    return model
 
 
 def liger_baseline(base, groups, pad_id, args, flops_per_token) -> dict:
@@ -946,6 +1012,10 @@ def liger_baseline(base, groups, pad_id, args, flops_per_token) -> dict:
 
 def model_of(m):
     return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+def model_bytes(m) -> int:
+    return sum(p.numel() * p.element_size() for p in model_of(m).parameters())
 
 
 def summary_of(args, results, encs, hist, padding) -> dict:
