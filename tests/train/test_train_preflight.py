@@ -43,7 +43,8 @@ def test_recommendations_become_train_keys(make_cfg):
         "per_device_train_batch_size=2 gradient_accumulation_steps=4")
     assert train_fix(Recommendation("", {"seq_len": 1024, "gradient_checkpointing": True}, 5.0, True), cfg) == \
         "model_max_length=1024 gradient_checkpointing=true (→ 5.0 GiB)"
-    assert train_fix(Recommendation("", {"method": "qlora"}, 5.0, True), cfg) is None  # qvl train has no QLoRA
+    assert train_fix(Recommendation("", {"method": "qlora"}, 5.0, True), cfg) == \
+        "lora_enable=true tune_mm_llm=false quantization=nf4 (→ 5.0 GiB)"  # QLoRA: qvl.train.quantize
 
 
 def test_refuses_before_loading_with_numbers_and_fix(make_cfg, tmp_path):
