@@ -108,18 +108,20 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
     return res
 
 
-def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: int, device: str, warmup: int = 3):
+def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: int, device: str, warmup: int = 3,
+                  name: str = "baseline-yaml"):
     """transformers + peft on the example YAML's own learning problem, padded, on the samples and in the order its
     CLI row trains them: the YAML's seed, batch, accumulation, LoRA (targets, rank, alpha, dropout), learning-rate
     schedule, clipping and vision budget; the loss token-weighted over the step's micro-batches as qvl's. The
-    reference for the CLI row's losses (and a second speed reference). ``base``: the bench's in-memory model."""
+    reference for the CLI row's losses (and a second speed reference). ``base``: the bench's in-memory model. A MoE
+    model's experts get LoRA as the YAML gives them to qvl (``lora_experts``): peft's ``target_parameters``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from qvl.data.collate import collate
     from qvl.data.preprocess import IGNORE_INDEX, TooLong, encode
     from qvl.data.samples import parse_sample
-    from qvl.train.components import lora_regex
+    from qvl.train.components import expert_targets, lora_regex
     from qvl.train.config import load_config
     from qvl.train.loop import Dist, Plan, _load_data, lr_lambda
 
@@ -139,8 +141,10 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
         except TooLong:
             return None
 
+    experts = expert_targets(base, cfg)
     model = get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                            target_modules=lora_regex(cfg)))
+                                            target_modules=lora_regex(cfg),
+                                            **({"target_parameters": experts} if experts else {})))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -151,6 +155,8 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
     pad = processor.tokenizer.pad_token_id
     losses, tokens, seconds = [], 0, 0.0
     model.train()
+    if device.startswith("cuda"):  # this row's peak (the weights included), not the process's so far
+        torch.cuda.reset_peak_memory_stats()
     try:
         for step in range(plan.total_steps):
             epoch, positions = plan.step_micro(step)
@@ -180,7 +186,7 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
             if step >= warmup:
                 seconds += time.perf_counter() - t0
                 tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-            print(f"  baseline-yaml step {step + 1}: loss {step_loss:.4f}", flush=True)
+            print(f"  {name} step {step + 1}: loss {step_loss:.4f}", flush=True)
     finally:
         model.unload()
         base.gradient_checkpointing_disable()

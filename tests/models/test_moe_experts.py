@@ -118,6 +118,7 @@ def test_model_loss_and_gradients_match(plain, monkeypatch):
         return loss.detach(), {n: p.grad.clone() for n, p in plain.named_parameters() if p.requires_grad}
 
     ref_loss, ref = step()
+    assert me.has_expert_lora(plain)
     me.install(plain)
     _no_loop(monkeypatch)
     loss, grads = step()

@@ -91,8 +91,8 @@ def route(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     return order, offs
 
 
-def experts_output(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                   gate_up: torch.Tensor, down: torch.Tensor, act_fn, gate_up_lora=None, down_lora=None) -> torch.Tensor:
+def experts_output(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, act_fn, gate_up_lora=None, down_lora=None) -> torch.Tensor:
     """What ``Qwen3VLMoeTextExperts.forward`` returns (hidden (T, H), top_k_* (T, k)): each token through its k
     experts (SwiGLU: act(gate) * up, then down), weighted and summed, with the experts' LoRA deltas if given."""
     tokens, k = top_k_index.shape
@@ -142,6 +142,11 @@ def _forward(module, plain, hidden_states, top_k_index, top_k_weights):
 def _experts_modules(model):
     return [m.experts for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")
             and getattr(m, "experts", None) is not None]
+
+
+def has_expert_lora(model) -> bool:
+    """Whether LoRA reaches the experts of ``model`` (peft ``target_parameters`` on them)."""
+    return any(".mlp.experts." in name and ".lora_" in name for name, _ in model.named_parameters())
 
 
 def install(model) -> int:

@@ -871,7 +871,7 @@ def _setup_model(run: Run) -> None:
 
     if n_moe := moe_experts.install(model):  # after peft: its expert adapters join the grouped GEMMs low-rank
         say(f"MoE experts: grouped GEMMs over tokens sorted by expert in {n_moe} layers"
-            + (", their LoRA kept low-rank" if comp.expert_targets(model, cfg) else ""))
+            + (", their LoRA kept low-rank" if moe_experts.has_expert_lora(model) else ""))
     if cfg.gradient_checkpointing:
         comp.enable_gradient_checkpointing(model)
         if ckpt_ratio != "auto" and ckpt_ratio < 1.0:  # selective: only some decoder layers recompute
