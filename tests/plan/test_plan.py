@@ -353,3 +353,17 @@ def test_fast_decode_serve_plan_prefills_a_few_requests_and_keeps_a_vision_cache
         assert fast.settings["fast_decode"] and "fast_decode" not in generate.settings
     moe = from_size(SIZES["30B-A3B"])  # the k routed copies of each token dominate an MoE layer's prefill
     assert layer_transient_bytes_per_token(moe) == 12 * 2048 + 8 * 8 * 2048 + 6 * 128
+
+
+def test_cli_serve_transformers_plans_qvl_serves_decode_path():
+    """`qvl plan serve --backend transformers` plans what `qvl serve` runs (--decode fast) unless told generate."""
+    args = ["plan", "serve", "30B-A3B", "--gpu", "h200", "--backend", "transformers", "--max-num-seqs", "32",
+            "--max-model-len", "2048", "--json"]
+    fast, generate = _cli(args), _cli(args + ["--decode", "generate"])
+    assert fast.exit_code == 0 and generate.exit_code == 0, fast.output + generate.output
+    fast, generate = json.loads(fast.stdout), json.loads(generate.stdout)
+    assert fast["settings"]["fast_decode"] and "fast_decode" not in generate["settings"]
+    assert fast["kv_bytes_per_token"] == generate["kv_bytes_per_token"] == 96 * 1024
+    assert fast["total_gib"] < generate["total_gib"]
+    bad = _cli(["plan", "serve", "8B", "--gpu", "h200", "--backend", "transformers", "--decode", "fastest"])
+    assert bad.exit_code != 0 and "fast or generate" in bad.output

@@ -48,16 +48,23 @@ def serve(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
           vllm_engine: str = typer.Option(None, help="v0 for vLLM's V0 engine (VLLM_USE_V1=0) on 0.8 – 0.10."),
           skip_mm_profiling: bool = typer.Option(False, "--skip-mm-profiling", help="vLLM's --skip-mm-profiling "
                                                  "(or --limit-mm-per-prompt with every modality 0): no encoder profile."),
+          decode: str = typer.Option("fast", help="transformers: `qvl serve`'s --decode, fast (slot KV cache, a few "
+                                     "prompts prefilled at a time, vision cache) or generate (whole batch at once)."),
           as_json: bool = _JSON):
     """Memory for serving: vLLM's KV-cache budget (or transformers generate peak) and the largest context that fits."""
+    from qvl.errors import QvlError
     from qvl.plan.memory import plan_serve
+
+    if decode not in ("fast", "generate"):
+        raise QvlError(f"--decode {decode!r} is not a choice", fix="use fast or generate")
 
     plan = plan_serve(model, gpu, gpu_mem, backend=backend, max_model_len=max_model_len,
                       gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=max_num_batched_tokens, image_tokens=image_tokens,
                       video_frames=video_frames, video_frame_tokens=video_frame_tokens,
                       kv_cache_dtype=kv_cache_dtype, enforce_eager=enforce_eager, gpus=gpus,
-                      vllm_version=vllm_version, vllm_engine=vllm_engine, skip_mm_profiling=skip_mm_profiling)
+                      vllm_version=vllm_version, vllm_engine=vllm_engine, skip_mm_profiling=skip_mm_profiling,
+                      fast_decode=decode == "fast" and backend in ("transformers", "hf"))
     _emit(plan, as_json)
     if not plan.fits:
         raise typer.Exit(1)
