@@ -100,6 +100,21 @@ def test_greedy_matches_generate(tiny_moe, kind, experts):
     assert job.handle.emit_tokens == want
 
 
+def test_dense_and_sparse_layers_mixed(tiny_moe):
+    """A model whose layer 1 is a dense MLP (``mlp_only_layers``): each layer runs its own kind; = generate."""
+    from qvl.models.build import TINY_MOE_TEXT, TINY_VISION, build_config, instantiate
+
+    _, processor, _ = tiny_moe
+    config = build_config(dict(TINY_MOE_TEXT, mlp_only_layers=[1]), TINY_VISION, processor.tokenizer,
+                          tie_word_embeddings=False, moe=True, vocab_size=len(processor.tokenizer))
+    model = instantiate(config, seed=1)
+    assert [w.top_k for w in DecodeModel(model, slots=1, max_len=64).layers] == [2, 0]
+    job = _job(processor, PROMPTS["image"])
+    want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+    _run_until_done(_batcher(model, processor), {0: [job]})
+    assert job.handle.emit_tokens == want
+
+
 def test_batch_of_different_lengths_matches_generate(tiny_moe):
     """Four prompts of different lengths (two with images) joining at steps 0, 0, 2 and 5, one leaving early:
     each row's tokens equal model.generate's for that prompt alone (the grouped experts run at 2 and 4 rows)."""
