@@ -21,7 +21,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip 
 FIRST_LOSS_REL_TOL = 0.02
 
 QLORA = dict(lora_enable=True, lora_r=8, lora_alpha=16, tune_mm_llm=False, tune_mm_mlp=False, bf16=True,
-             learning_rate=1e-2, max_steps=5, save_steps=2, quantization="nf4")
+             gradient_checkpointing=True, learning_rate=1e-2, max_steps=5, save_steps=2, quantization="nf4")
 
 
 def quiet(*_a, **_k):
@@ -179,6 +179,20 @@ def test_quantization_bit_alias_and_refusals(make_cfg, tmp_path):
     assert "one GPU or DDP" in e.value.fix
     with pytest.raises(QvlError, match="FSDP2 cannot shard"):
         train(make_cfg(**QLORA, fsdp="full_shard"), log=quiet)
+
+
+def test_no_bitsandbytes_is_refused_before_the_model_loads(make_cfg, monkeypatch):
+    import sys
+
+    from qvl.models import load as load_mod
+
+    def never(*a, **k):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setattr(load_mod, "load_model", never)
+    with pytest.raises(QvlError, match="needs bitsandbytes"):
+        train(make_cfg(**QLORA), log=quiet)
 
 
 def test_refusals_without_bitsandbytes_or_its_cpu_backend(monkeypatch):

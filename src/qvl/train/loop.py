@@ -762,13 +762,14 @@ def _setup_run(cfg: TrainConfig, log) -> Run:
     cfg, engine_note = distributed.engine_for_ranks(cfg, dist.world_size)
     if engine_note:
         say(engine_note)
-    if cfg.quantization:  # engines that cannot hold quantised weights: refused before anything loads
+    if cfg.quantization:  # engines that cannot hold quantised weights, or no bitsandbytes: refused before any load
         from qvl.train.preflight import zero_settings
-        from qvl.train.quantize import engine_problem
+        from qvl.train.quantize import engine_problem, require_bitsandbytes
 
         problem = engine_problem(cfg, zero_settings(cfg)[0])
         if problem:
             raise problem
+        require_bitsandbytes(cfg.quantization, device, torch.bfloat16 if cfg.bf16 else torch.float32)
     if cfg.engine != "ddp":  # DeepSpeed and FSDP2 need a process group, also for one process
         distributed.init_group(device)
     from qvl.train.preflight import cap_memory
