@@ -73,7 +73,7 @@ def test_moe_lora_trains_saves_and_serves(moe_dir, tmp_path):
     notes = []
     engine = TransformersEngine(model, processor, name="moe", say=notes.append)
     try:
-        assert engine.batcher is None and any("model.generate" in n for n in notes)  # no fast path for MoE
+        assert engine.batcher is not None, notes  # the merged experts are plain again: the fast decode path
         from qvl.data.samples import Message
 
         r = engine.generate(Request([Message("user", ["hello"])], engine.sampling(temperature=0, max_new_tokens=4)))
