@@ -229,7 +229,9 @@ def _save(model, processor, out: Path) -> None:
     from qvl.utils.fs import atomic_dir
 
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        # 5 GB shards: transformers' default (50 GB) holds a whole shard's bytes in host memory while writing it
+        # (30B-A3B: a 50 GB shard, which a 64 GB machine writing to /dev/shm cannot hold twice)
+        model.save_pretrained(tmp, max_shard_size="5GB")
         processor.save_pretrained(tmp)
         for f in tmp.iterdir():  # safetensors writes 0600; checkpoints are meant to be shared
             os.chmod(f, 0o644)
