@@ -22,6 +22,10 @@ LOG_MESSAGES: dict[str, tuple[str, str]] = {
     "DeepSpeed": ("Setting accelerator to CPU",
                   "accelerate imports DeepSpeed (when installed) on every save; on a machine without a GPU "
                   "DeepSpeed announces its CPU fallback on stdout, though qvl picks the device itself"),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",
+                                      "peft imports bitsandbytes (when installed) for every LoRA run; on a CPU with "
+                                      "AVX-512 BF16 bitsandbytes looks for an optional kernel from the Hugging Face "
+                                      "hub and falls back to its own"),
     "torch.utils.cpp_extension": ("No CUDA runtime is found",
                                   "torch.compile on a machine without a GPU looks for a CUDA toolkit it does not "
                                   "need for CPU kernels"),
