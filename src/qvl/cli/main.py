@@ -7,9 +7,11 @@ import sys
 import typer
 
 from qvl.cli.common import friendly  # noqa: F401  (re-exported for command modules)
+from qvl.utils.compile_cache import keep_compiled_code
 from qvl.utils.library_warnings import quiet_library_noise
 
 quiet_library_noise()  # before any command imports a library
+keep_compiled_code()  # before anything compiles: later runs reuse what this one compiled
 
 app = typer.Typer(
     help="qvl: fine-tune, evaluate and serve Qwen3-VL on one GPU (or a CPU to try things).",

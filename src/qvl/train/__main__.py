@@ -13,9 +13,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from qvl.errors import QvlError
+    from qvl.utils.compile_cache import keep_compiled_code
     from qvl.utils.library_warnings import quiet_library_noise
 
     quiet_library_noise()  # as `qvl train` does: library notices the user cannot act on stay off the output
+    keep_compiled_code()  # and compiled code kept between runs
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())

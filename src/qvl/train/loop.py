@@ -1109,7 +1109,9 @@ def _warm_up(run: Run) -> None:
     if (run.compiling or decoder_graphs is not None) and cfg.warmup_shapes == "lazy":
         say("warming up: the first steps compile the layers" + (" and record each new row shape as a CUDA graph"
                                                                  if decoder_graphs is not None else "")
-            + " (about a minute on an 8B model); tok/s and ETA count the steps after warm-up")
+            + " (minutes on an 8B model the first time; compiled code is kept in "
+            + (os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "torch's temporary folder")
+            + " for later runs); tok/s and ETA count the steps after warm-up")
     run.autocast, run.t_warm = autocast, t_warm
 
 
