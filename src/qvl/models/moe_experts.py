@@ -75,8 +75,12 @@ def expert_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, lor
     y = grouped_mm(x, weight.transpose(-2, -1), offs)
     if lora is not None:
         lhs, rhs, scaling = lora
-        low = grouped_mm(x, rhs.to(weight.dtype).transpose(-2, -1), offs)
-        y = y + scaling * grouped_mm(low, lhs.to(weight.dtype).transpose(-2, -1), offs)
+        lhs, rhs = lhs.to(weight.dtype), rhs.to(weight.dtype)
+        pad = -rhs.shape[-2] % (16 // weight.element_size())  # zero rank rows: the kernel's 16-byte rows, same product
+        if pad:
+            lhs, rhs = torch.nn.functional.pad(lhs, (0, pad)), torch.nn.functional.pad(rhs, (0, 0, 0, pad))
+        low = grouped_mm(x, rhs.transpose(-2, -1), offs)
+        y = y + scaling * grouped_mm(low, lhs.transpose(-2, -1), offs)
     return y
 
 
