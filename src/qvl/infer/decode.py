@@ -10,8 +10,7 @@ concatenation; at batch 1 on an H100 that is ~6 % of what the memory bandwidth a
   (the modules' weights become views of the fused tensors, so no memory is added), q/k norms,
   RoPE, the new key/value written at each row's own position, attention over the first ``Lb``
   cache entries with a per-row length mask, the MLP (or the routed experts), the final norm and ``lm_head``.
-  New tokens
-  are text, whose three mRoPE components are equal, so the rotation is the plain 1-D one at
+  New tokens are text, whose three mRoPE components are equal, so the rotation is the plain 1-D one at
   ``position + rope_delta`` (rope_delta = the request's largest prompt position + 1 - its length).
 * **Mixture-of-experts layers** (Qwen3-VL-30B-A3B, 235B-A22B): the router as the Hugging Face block computes it
   (softmax in float32, top-k, the k weights renormalised to sum to 1, cast back to the model dtype; no shared
@@ -19,8 +18,9 @@ concatenation; at batch 1 on an H100 that is ~6 % of what the memory bandwidth a
   copy): either a grouped GEMM over the (token, expert) pairs sorted by expert (``torch._grouped_mm``; each
   selected expert is read once, whatever the batch) or a gathered multiply-and-reduce per pair (one fused kernel
   under ``torch.compile``; an expert chosen by two rows is read twice). Both have fixed shapes and no host sync,
-  so they compile and capture like the dense step; :data:`EXPERTS_GATHER_MAX_ROWS` picks between them per batch
-  bucket. The k weighted outputs of a token are summed in top-k order, as the Hugging Face grouped-GEMM path does.
+  so they compile and capture like the dense step; ``DecodeModel.gather_max_rows`` (default
+  :data:`EXPERTS_GATHER_MAX_ROWS`) picks between them per batch bucket. The k weighted outputs of a token are
+  summed in top-k order, as the Hugging Face grouped-GEMM path does.
 * On CUDA the per-layer pieces are compiled by ``torch.compile`` (dynamic shapes: one compile for
   every batch and length) and the whole step is captured in a CUDA graph for each (batch bucket,
   length bucket) pair, so a decode step is one graph launch. On CPU it runs eagerly (tests).
@@ -370,8 +370,8 @@ class DecodeModel:
         mask = torch.arange(n_keys, device=self.device)[None, :] <= pos[:, None]
         x = F.embedding(self._tokens[:n_rows], self.embed)
         f = self._fns
-        gathered = (self.experts == "gathered" or not self._grouped_ok
-                    or (self.experts == "auto" and n_rows <= self.gather_max_rows))
+        gathered = self.is_moe and (self.experts == "gathered" or not self._grouped_ok
+                                    or (self.experts == "auto" and n_rows <= self.gather_max_rows))
         for i, w in enumerate(self.layers):
             if self.impl == "layer":
                 x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, self.k[i], self.v[i],
