@@ -367,3 +367,18 @@ def test_cli_serve_transformers_plans_qvl_serves_decode_path():
     assert fast["total_gib"] < generate["total_gib"]
     bad = _cli(["plan", "serve", "8B", "--gpu", "h200", "--backend", "transformers", "--decode", "fastest"])
     assert bad.exit_code != 0 and "fast or generate" in bad.output
+
+
+def test_moe_compiled_layer_counts_the_routed_copies():
+    """A compiled MoE layer (not measured compiled) keeps what the eager one keeps for routing: the k routed copies
+    and the experts' weighted outputs (4·k·h), their order (16·k), the router's fp32 logits and probabilities (8·E)."""
+    from dataclasses import replace
+
+    from qvl.plan.memory import compiled_layer_saved_bytes_per_token
+    from qvl.plan.model import resolve_model
+
+    m = resolve_model("30B-A3B")
+    same_width = replace(m, moe_experts=0, moe_topk=0, moe_intermediate=0, intermediate=8 * 768)
+    for budget in (None, 0.9, 0.8):
+        assert compiled_layer_saved_bytes_per_token(m, budget, 64, 4, True) - \
+            compiled_layer_saved_bytes_per_token(same_width, budget, 64, 4, True) == 8 * (4 * 2048 + 16) + 8 * 128

@@ -230,10 +230,13 @@ def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = N
     (its product and the down projection's input are recomputed), the attention's q, k, v and output, its
     log-sum-exp and the adapters' rank-r intermediates; 0.9 and the default partition keep pre-norm and pre-RoPE
     copies the budgets recompute instead. ``mlp_trains`` (MLP weights or adapters on them; not measured): the MLP
-    projections' inputs too, which their weight gradients need.
+    projections' inputs too, which their weight gradients need. MoE (not measured compiled): the routed copies, their
+    order and the router's fp32 tensors as :func:`layer_saved_bytes_per_token` counts them eagerly.
     """
     h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
     b = 4 * inter + 2 * (qd + 2 * kvd + h) + 4 * m.heads + 2 * lora_r * n_adapters
+    if m.is_moe:
+        b += m.moe_topk * (4 * h + 16) + 8 * m.moe_experts
     if mlp_trains:
         b += 2 * h + 2 * inter
     if budget is None or budget > 0.85:  # 0.85 measured as 0.9

@@ -261,7 +261,8 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
                 break
     else:
         per_token = layer_saved_bytes_per_token(shape, cfg.lora_r if cfg.lora_enable else 0, targets,
-                                                cfg.lora_dropout if cfg.lora_enable else 0.0)
+                                                cfg.lora_dropout if cfg.lora_enable else 0.0,
+                                                expert_lora=bool(kw.get("lora_experts")))
         if kw["recompute_keeps_attention"]:  # the plan counts every layer's attention half already
             per_token -= attention_saved_bytes_per_token(shape)
         layer = per_token * row_tokens
