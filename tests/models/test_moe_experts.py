@@ -171,6 +171,33 @@ def test_compiles_in_bf16(plain):
     _close(compiled, eager, atol=2e-2, rtol=2e-2)
 
 
+def test_inductor_hands_the_kernel_a_layout_it_takes():
+    """peft's B factors put the expert dim innermost; inductor dropped the ``.contiguous()`` before the grouped kernel,
+    which then refused the strides (`qvl train compile_layers=true` on a MoE, CPU). Compiled by inductor: the same
+    outputs and LoRA gradients as eager, fp32 factors cast to bf16 on the way as under autocast."""
+    experts, out, rank, width = 4, 64, 16, 64
+    gen = torch.Generator().manual_seed(7)
+    b = torch.randn(out, rank * experts, generator=gen).requires_grad_(True)  # peft's lora_B weight layout
+    a = torch.randn(rank * experts, width, generator=gen).requires_grad_(True)
+    w = torch.randn(experts, out, width, generator=gen).to(torch.bfloat16)
+    x = torch.randn(40, width, generator=gen).to(torch.bfloat16)
+    offs = torch.tensor([10, 10, 25, 40], dtype=torch.int32)
+
+    def lora_linear(x, offs):
+        lhs = b.reshape(out, rank, experts).permute(2, 0, 1)
+        return me.expert_linear(x, w, offs, (lhs.to(torch.bfloat16), a.reshape(experts, rank, width).to(torch.bfloat16),
+                                             2.0))
+
+    def run(fn):
+        a.grad = b.grad = None
+        y = fn(x, offs)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(y.dtype))
+        return y.detach(), a.grad.clone(), b.grad.clone()
+
+    for got, want in zip(run(torch.compile(lora_linear, backend="inductor", dynamic=True)), run(lora_linear)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_bf16_kernel_is_as_close_as_the_expert_loop(plain, monkeypatch, device):
     """In bf16 (CPU, and the GPU's kernel where there is one): the grouped kernel's outputs and gradients are as close

@@ -48,9 +48,25 @@ def kernel_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     return all(s * size % 16 == 0 for s in strides)
 
 
+@torch.library.custom_op("qvl::contiguous_copy", mutates_args=())
+def contiguous_copy(t: torch.Tensor) -> torch.Tensor:
+    """A row-major copy of ``t`` that inductor keeps: it drops a plain ``.contiguous()`` in front of the grouped
+    kernel (whose lowering states no stride needs) and hands the kernel the strided original, which it refuses
+    ("Invalid strides/sizes"; torch 2.14, a LoRA factor with its expert dim innermost)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@contiguous_copy.register_fake
+def _(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+contiguous_copy.register_autograd(lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None)
+
+
 def _kernel_layout(w: torch.Tensor) -> torch.Tensor:
     """``w`` (G, K, N) row- or column-major in its last two dims, as the kernel reads it (copied if neither)."""
-    return w if w.stride(-1) == 1 or w.stride(-2) == 1 else w.contiguous()
+    return w if w.stride(-1) == 1 or w.stride(-2) == 1 else contiguous_copy(w)
 
 
 def looped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
