@@ -90,14 +90,19 @@ def test_grouped_mm_is_a_loop_over_the_groups(dtype):
                                                                          x[17:23] @ odd[3]]))
 
 
-@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
-def test_block_matches_transformers_and_peft(plain, monkeypatch, implementation):
+@pytest.mark.parametrize("implementation,peft_factors", [("eager", True), ("grouped_mm", True), ("eager", False)])
+def test_block_matches_transformers_and_peft(plain, monkeypatch, implementation, peft_factors):
     """One MoE block (router + experts with LoRA on gate_up_proj and down_proj): outputs, input gradients, the four
-    LoRA factors' and the router's gradients, against transformers' expert loop and its grouped_mm path under peft."""
+    LoRA factors' and the router's gradients, against transformers' expert loop and its grouped_mm path under peft;
+    with peft's own factors and with them read from its layout (peft without ``get_delta_factors``)."""
     plain.set_experts_implementation(implementation)
     block = plain.base_model.model.model.language_model.layers[0].mlp
     x = torch.randn(2, 19, block.gate.hidden_dim, generator=torch.Generator().manual_seed(2))
     ref = _step(block, x)
+    if not peft_factors:  # after the reference: this peft's own forward reads the factors through it
+        from peft.tuners.lora.layer import ParamWrapper
+
+        monkeypatch.delattr(ParamWrapper, "get_delta_factors", raising=False)
     assert me.install(plain) == len(plain.base_model.model.model.language_model.layers)
     _no_loop(monkeypatch)
     fast = _step(block, x)

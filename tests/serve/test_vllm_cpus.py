@@ -12,7 +12,7 @@ def test_the_workers_cpus_are_left():
 
 
 def test_nothing_changes_without_a_bound_worker_or_a_cpu_to_spare():
-    assert cpus_to_keep({0, 1}, [{0, 1}, {0, 1}]) is None  # nobody bound (a GPU build, VLLM_CPU_OMP_THREADS_BIND=nobind)
+    assert cpus_to_keep({0, 1}, [{0, 1}, {0, 1}]) is None  # nobody bound (GPU, VLLM_CPU_OMP_THREADS_BIND=nobind)
     assert cpus_to_keep({0, 1}, []) is None
     assert cpus_to_keep({0}, [{0}]) is None  # one CPU: nowhere else to go
     assert cpus_to_keep({0, 1}, [{0}, {1}]) is None  # workers on every CPU: stay

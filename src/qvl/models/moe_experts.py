@@ -126,6 +126,23 @@ def experts_output(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
     return y[back].view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
 
+def delta_factors(wrapper, adapter: str):
+    """(lhs, rhs, scaling) of a peft ``ParamWrapper``'s adapter on a 3-D weight, its delta ``scaling · lhs @ rhs`` in
+    the weight's shape: peft's ``get_delta_factors`` where it has one (0.21.2), else the same read from the layout its
+    ``get_delta_weight`` reads (lora_A (r·E, in), lora_B (out, r·E)), as older peft (0.21.0 on the GPU machine) keeps
+    them."""
+    if hasattr(wrapper, "get_delta_factors"):
+        return wrapper.get_delta_factors(adapter)
+    experts = wrapper.num_experts
+    a = wrapper.lora_A[adapter].weight
+    b = wrapper.lora_B[adapter].weight
+    a = a.reshape(experts, -1, a.shape[-1])  # (E, r, in)
+    b = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)  # (E, out, r)
+    if getattr(wrapper, "_did_swap_in_out_features", False):  # the weight is (E, out, in)
+        return b, a, wrapper.scaling[adapter]
+    return a.transpose(-2, -1), b.transpose(-2, -1), wrapper.scaling[adapter]
+
+
 def _unwrap(module):
     """(experts module, {weight name: LoRA factors}) when the fast path covers ``module``'s state, else None: plain
     experts, or peft ``ParamWrapper``s around them each with one active, unmerged adapter on a weight here."""
@@ -136,10 +153,10 @@ def _unwrap(module):
         if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
             return None
         adapters = [a for a in module.active_adapters if a in module.lora_A]
-        if len(adapters) > 1 or not hasattr(module, "get_delta_factors"):
+        if len(adapters) > 1 or getattr(module, "num_experts", 1) < 2:  # one adapter, on a stack of experts
             return None
         if adapters:
-            loras[module.parameter_name] = module.get_delta_factors(adapters[0])
+            loras[module.parameter_name] = delta_factors(module, adapters[0])
         module = module.base_layer
     if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
         return None

@@ -135,7 +135,7 @@ async def run_poisson(url: str, bodies: list[dict], rate: float, seed: int = 0,
         return list(await asyncio.gather(*(one(o, b) for o, b in zip(offsets, bodies))))
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
@@ -154,11 +154,11 @@ def summarize(results: list[RequestResult]) -> dict:
     wall = (max(r.end for r in results) - min(r.start for r in results)) if results else 0.0
     out = {"requests": len(results), "completed": len(good), "errors": len(results) - len(good),
            "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall if wall else 0.0,
-           "per_stream_tok_s_p50": _pct([1 / t for t in tpot if t > 0], 0.5)}
+           "per_stream_tok_s_p50": percentile([1 / t for t in tpot if t > 0], 0.5)}
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
         out[f"{name}_mean_s"] = statistics.fmean(values) if values else None
-        out[f"{name}_p50_s"] = _pct(values, 0.5)
-        out[f"{name}_p99_s"] = _pct(values, 0.99)
+        out[f"{name}_p50_s"] = percentile(values, 0.5)
+        out[f"{name}_p99_s"] = percentile(values, 0.99)
     out["ttft_max_s"] = max(ttft) if ttft else None
     first_errors = sorted({r.error or f"HTTP {r.status}" for r in results if not r.ok})[:3]
     if first_errors:

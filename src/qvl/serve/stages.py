@@ -28,6 +28,8 @@ import statistics
 import time
 from collections import deque
 
+from qvl.serve.loadgen import percentile
+
 log = logging.getLogger("qvl.serve")
 
 MARKS = ("arrived", "read", "parsed", "pool", "media", "slot", "prepared", "submitted", "admitted", "token", "loop",
@@ -50,15 +52,9 @@ def stages(marks: dict) -> dict[str, float]:
     return out
 
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 class StageLog:
-    """The stage times of the last ``keep`` requests that got a first token out (the event loop's thread only)."""
+    """The stage times of the last ``keep`` streamed requests that got a first token out (the event loop's thread
+    only)."""
 
     def __init__(self, keep: int = 4096):
         self.done: deque = deque(maxlen=keep)
@@ -77,8 +73,8 @@ class StageLog:
         out = {}
         for name in sorted(names, key=lambda n: MARKS.index(n.split("->")[0]) if "->" in n else len(MARKS)):
             v = [t[name] for t in self.done if name in t]
-            out[name] = {"n": len(v), "mean_ms": statistics.fmean(v) * 1e3, "p50_ms": _pct(v, 0.5) * 1e3,
-                         "p99_ms": _pct(v, 0.99) * 1e3, "max_ms": max(v) * 1e3}
+            out[name] = {"n": len(v), "mean_ms": statistics.fmean(v) * 1e3, "p50_ms": percentile(v, 0.5) * 1e3,
+                         "p99_ms": percentile(v, 0.99) * 1e3, "max_ms": max(v) * 1e3}
         return {"requests": len(self.done), "stages": out}
 
     def clear(self) -> None:
