@@ -112,9 +112,10 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
                   name: str = "baseline-yaml"):
     """transformers + peft on the example YAML's own learning problem, padded, on the samples and in the order its
     CLI row trains them: the YAML's seed, batch, accumulation, LoRA (targets, rank, alpha, dropout), learning-rate
-    schedule, clipping and vision budget; the loss token-weighted over the step's micro-batches as qvl's. The
-    reference for the CLI row's losses (and a second speed reference). ``base``: the bench's in-memory model. A MoE
-    model's experts get LoRA as the YAML gives them to qvl (``lora_experts``): peft's ``target_parameters``."""
+    schedule, clipping, vision budget, optimizer and adapter precision; the loss token-weighted over the step's
+    micro-batches as qvl's. The reference for the CLI row's losses (and a second speed reference). ``base``: the
+    bench's in-memory model. A MoE model's experts get LoRA as the YAML gives them to qvl (``lora_experts``): peft's
+    ``target_parameters``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -122,6 +123,7 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
     from qvl.data.preprocess import IGNORE_INDEX, TooLong, encode
     from qvl.data.samples import parse_sample
     from qvl.train.components import expert_targets, lora_regex
+    from qvl.train import optimizers
     from qvl.train.config import load_config
     from qvl.train.loop import Dist, Plan, _load_data, lr_lambda
 
@@ -148,9 +150,15 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # fp32 adapters, as peft + the Trainer keep them (and qvl)
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    for p in params:  # fp32 adapters, as peft + the Trainer keep them (and qvl), bf16 where the YAML says so
+        p.data = p.data.to(torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32)
+    if optimizers.is_8bit(cfg.optim):  # the Trainer's adamw_bnb_8bit / paged_adamw_8bit: bitsandbytes' own class
+        import bitsandbytes as bnb
+
+        opt = getattr(bnb.optim, optimizers.EIGHT_BIT[cfg.optim])(params, lr=cfg.learning_rate,
+                                                                   weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan.total_steps))
     pad = processor.tokenizer.pad_token_id
     losses, tokens, seconds = [], 0, 0.0

@@ -217,9 +217,15 @@ def test_cli_serve_json():
 
 
 def test_cli_train_table_and_exit_code():
+    """The CLI plans `qvl train`'s defaults (fused loss, no LoRA dropout); --no-fused-ce --lora-dropout 0.05 plans
+    transformers + peft's, whose full-vocabulary logits do not fit the same card."""
     r = _cli(["plan", "train", "8B", "--gpu", "rtx4090", "--batch", "2", "--seq-len", "2048"])
+    assert r.exit_code == 0 and "fits: 23.1 GiB" in r.stdout and "fused linear + cross-entropy" in r.stdout
+    r = _cli(["plan", "train", "8B", "--gpu", "rtx4090", "--batch", "2", "--seq-len", "2048", "--no-fused-ce",
+              "--lora-dropout", "0.05"])
     assert r.exit_code == 1
     assert "does not fit" in r.stdout and "logits / loss" in r.stdout and "recommendations" in r.stdout
+    assert "--fused-ce: the loss in row chunks" in r.stdout  # qvl train's default, advised first
     r = _cli(["plan", "train", "2B", "--gpu-mem", "80GiB", "--method", "lora", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["fits"] is True
 

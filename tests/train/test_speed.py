@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from qvl.errors import QvlError
-from qvl.train import compile, components, distributed, host, loop, loss_head, recompute
+from qvl.train import compile, components, distributed, host, loop, loss_head, optimizers, recompute
 from qvl.train.loop import train
 from qvl.train.track import read_metrics
 
@@ -562,9 +562,9 @@ def test_fused_adamw_equals_foreach():
         a.step()
         b.step()
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ps, qs))
-    assert distributed.adamw_options("adamw_torch", torch.device("cuda", 0)) == {"fused": True}
-    assert distributed.adamw_options("adamw_torch_foreach", torch.device("cuda", 0)) == {"foreach": True}
-    assert distributed.adamw_options("adamw_torch", torch.device("cpu")) == {}
+    assert optimizers.torch_adamw_options("adamw_torch", torch.device("cuda", 0)) == {"fused": True}
+    assert optimizers.torch_adamw_options("adamw_torch_foreach", torch.device("cuda", 0)) == {"foreach": True}
+    assert optimizers.torch_adamw_options("adamw_torch", torch.device("cpu")) == {}
 
 
 def test_rows_by_budget():

@@ -88,17 +88,21 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
           video_frame_pixels: int = typer.Option(262_144, help="Pixels per video frame."),
           lora_r: int = typer.Option(64, help="LoRA rank."),
           lora_targets: str = typer.Option("all", help="all, or a comma list of q,k,v,o,gate,up,down."),
-          lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
+          lora_dropout: float = typer.Option(0.0, help="LoRA dropout (`qvl train`'s default 0: dropout keeps a copy "
+                                             "of each adapted layer's input)."),
           tune_mm_vision: bool = typer.Option(False, help="Train the vision tower too."),
           tune_mm_mlp: bool = typer.Option(None, help="Train the merger (default: on for full, off for LoRA)."),
           tune_mm_llm: bool = typer.Option(True, help="Train the LLM (full fine-tuning)."),
-          optim: str = typer.Option("adamw", help="adamw, adamw8bit or sgd."),
+          optim: str = typer.Option("adamw", help="adamw, adamw8bit (`qvl train`'s optim: adamw_8bit) or sgd."),
           master_fp32: bool = typer.Option(False, "--master-fp32", help="Full fine-tuning without ZeRO keeps "
                                                                         "fp32 trained weights (master_weights: fp32)."),
-          master_bf16: bool = typer.Option(False, "--master-bf16", help="With --zero: bf16 master weights, gradients "
-                                           "and AdamW states (master_weights: bf16), 8 instead of 16 B per param."),
-          fused_ce: bool = typer.Option(False, "--fused-ce", help="The loss as `qvl train` computes it by default "
-                                        "(fused_cross_entropy): logits in chunks, never tokens × vocabulary."),
+          master_bf16: bool = typer.Option(False, "--master-bf16", help="master_weights: bf16. With --zero: bf16 "
+                                           "master weights, gradients and AdamW states, 8 instead of 16 B per param; "
+                                           "LoRA without ZeRO: bf16 adapters, 6 B per param (or 4 with adamw8bit) "
+                                           "instead of 16."),
+          fused_ce: bool = typer.Option(True, "--fused-ce/--no-fused-ce", help="The loss as `qvl train` computes it "
+                                        "(fused_cross_entropy, its default): logits in chunks, never tokens × "
+                                        "vocabulary. --no-fused-ce: as transformers computes it."),
           checkpoint_scope: str = typer.Option("layer", "--checkpoint-scope", help="layer, or mlp: recomputed "
                                                "layers keep their attention half (gradient_checkpointing_scope; "
                                                "`qvl train`'s auto picks mlp where it compiles whole layers: packed "

@@ -540,7 +540,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     ``model_max_length`` counts); ``batch`` is the per-GPU micro-batch. ``master_fp32``: fully trained
     weights (and so their gradients and AdamW states) in fp32 without ZeRO (``master_weights: fp32``).
     ``master_bf16``: with ZeRO / FSDP2 (``zero`` >= 1) the engine keeps bf16 master weights, gradient partitions and
-    AdamW states (``master_weights: bf16``; DeepSpeed's bf16_master_weights_and_grads + bf16_optimizer_states).
+    AdamW states (``master_weights: bf16``; DeepSpeed's bf16_master_weights_and_grads + bf16_optimizer_states); without
+    ZeRO, LoRA adapters (and their gradients and torch AdamW states) in bf16 instead of fp32.
     ``fused_ce``: the loss as qvl's fused linear + cross-entropy computes it (``fused_cross_entropy``): logits
     chunk by chunk instead of the whole tokens x vocabulary tensor and its fp32 copies.
     ``recompute_keeps_attention``: checkpointed layers keep their attention half (``gradient_checkpointing_scope:
@@ -571,7 +572,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         method, quantization = "qlora", quantization or "nf4"
     if method == "qlora" and zero == 3:
         raise QvlError("QLoRA does not work with ZeRO-3 here", fix="use --zero 2 or --zero 0")
-    if master_bf16 and zero == 0:
+    if master_bf16 and zero == 0 and method == "full":
         raise QvlError("--master-bf16 is for ZeRO / FSDP2 (their masters are fp32 by default)",
                        fix="add --zero 1, 2 or 3 (FSDP2: --zero 3); without ZeRO full fine-tuning keeps bf16 weights "
                        "and states already (--master-fp32 for fp32)")
@@ -626,26 +627,28 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     expert_lora = m.is_moe and lora_experts and method in ("lora", "qlora")
     lora_n = lora_params(m, lora_r, targets, experts=expert_lora) if method in ("lora", "qlora") else 0
     master = master_fp32 and zero == 0 and full_trainable > 0
+    adapter_bytes = 2 if master_bf16 and zero == 0 else LORA_ADAPTER_BYTES  # master_weights: bf16 on one GPU / DDP
+    adapter_dtype = "bf16" if adapter_bytes == 2 else "fp32"
     if master:  # the trained weights are upcast in place: 2 more bytes each
         w += full_trainable * 2
         parts["weights"] = _gib(w)
         notes["weights"] = wnote + f"; {full_trainable / 1e9:.2f} B trained params in fp32 (+2 bytes)"
 
     if lora_n:
-        parts["LoRA params"] = _gib(lora_n * LORA_ADAPTER_BYTES)
+        parts["LoRA params"] = _gib(lora_n * adapter_bytes)
         on = ",".join(t for t in targets if t in ("q", "k", "v", "o")) if m.is_moe else ",".join(targets)
         on += f" + {m.moe_experts} experts' gate_up,down" if expert_lora else ""
-        notes["LoRA params"] = f"{lora_n / 1e6:.1f} M params (r={lora_r} on {on}) × 4 bytes (fp32)"
+        notes["LoRA params"] = f"{lora_n / 1e6:.1f} M params (r={lora_r} on {on}) × {adapter_bytes} bytes ({adapter_dtype})"
     # gradients
     g_full = full_trainable * (4 if master else 2)
-    g_lora = lora_n * LORA_ADAPTER_BYTES
+    g_lora = lora_n * adapter_bytes
     g = g_full + g_lora
     if zero >= 2:
         g /= n
     parts["gradients"] = _gib(g)
     notes["gradients"] = (f"{full_trainable / 1e9:.2f} B full params × {'4 (fp32)' if master else '2 (bf16)'}"
                           if full_trainable else "") + \
-        (" + " if full_trainable and lora_n else "") + ("LoRA × 4 (fp32)" if lora_n else "") + \
+        (" + " if full_trainable and lora_n else "") + (f"LoRA × {adapter_bytes} ({adapter_dtype})" if lora_n else "") + \
         (f", ZeRO-{zero} sharded / {n}" if zero >= 2 and n > 1 else "")
     if n > 1 and zero == 0:
         parts["DDP gradient buckets"] = _gib(g)
@@ -665,10 +668,13 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     else:  # torch optimizer: states in the param dtype (bf16, or fp32 master weights)
         opt_full = full_trainable * states * ((4 if master else 2) if optim != "adamw8bit" else 1)
         onote = ""
-    opt_lora = lora_n * states * (4 if optim != "adamw8bit" else 1)
+    opt_lora = lora_n * states * (adapter_bytes if optim != "adamw8bit" else 1)
     opt = opt_full + opt_lora
-    onote += f"{states} {optim} state(s)" + (" in the param dtype" if zero == 0 else
-                                             " in bf16" if master_bf16 and optim == "adamw" else "")
+    if optim == "adamw8bit":  # bitsandbytes: one byte per state (block-wise; its per-block scales are < 2 %)
+        onote += f"{states} 8-bit AdamW states × 1 byte"
+    else:
+        onote += f"{states} {optim} state(s)" + (" in the param dtype" if zero == 0 else
+                                                 " in bf16" if master_bf16 and optim == "adamw" else "")
     if zero >= 1:
         opt /= n
         if n > 1:
@@ -821,14 +827,20 @@ def _train_recommendations(plan: Plan, kw: dict, run) -> list[Recommendation]:
                                       None, True))
         return out
     # single changes, cheapest in quality/speed first
+    if not s["fused_ce"]:
+        add("the loss in row chunks, never tokens × the vocabulary (`qvl train`'s default fused_cross_entropy)",
+            fused_ce=True)
     if s["batch"] > 1 and plan.max_batch_that_fits:
         b = plan.max_batch_that_fits
         acc = math.ceil(s["batch"] / b)
         add(f"same tokens per step with gradient accumulation {acc}", batch=b)
     if not s["gradient_checkpointing"]:
         add("recompute layer activations in backward (~30% slower)", gradient_checkpointing=True)
-    if s["optim"] == "adamw" and s["method"] == "full":
-        add("8-bit optimizer states", optim="adamw8bit")
+    if s["optim"] == "adamw":
+        add("8-bit optimizer states (bitsandbytes)", optim="adamw8bit")
+    if s["method"] in ("lora", "qlora") and s["zero"] == 0 and not s["master_bf16"]:
+        add("LoRA adapters, their gradients and AdamW states in bf16 (updates below bf16's resolution are lost)",
+            master_bf16=True)
     if s["tune_mm_vision"]:
         add("freeze the vision tower", tune_mm_vision=False)
     if s["max_pixels"] > 200_704 and s["images_per_sample"]:
@@ -851,19 +863,15 @@ def _train_recommendations(plan: Plan, kw: dict, run) -> list[Recommendation]:
         sl = sl // 128 * 128 if sl >= 256 else sl
         add("largest sequence that fits (samples longer than this are cut)", seq_len=sl)
     if not out:  # combinations
+        small_states = {"optim": "adamw8bit", "master_bf16": True, "fused_ce": True} if s["zero"] == 0 else {}
         for ch in ({"method": "qlora", "gradient_checkpointing": True},
+                   {"method": "qlora", "gradient_checkpointing": True, **small_states},
                    {"method": "qlora", "gradient_checkpointing": True, "batch": 1},
                    {"method": "qlora", "gradient_checkpointing": True, "batch": 1, "max_pixels": 200_704},
                    {"method": "lora", "zero": 3, "offload": True, "gradient_checkpointing": True, "batch": 1}):
             ch = {k: v for k, v in ch.items() if s.get(k) != v}
             if ch and add("combined", **ch):
                 break
-    logits_gib = plan.parts.get("logits / loss", 0.0)
-    if logits_gib > 0.2 * plan.total_gib:
-        out.append(Recommendation(
-            f"the logits / loss buffers are {logits_gib:.1f} GiB ({s['batch'] * s['seq_len']:,} tokens × the vocabulary, "
-            "mostly fp32): a chunked / fused cross-entropy (e.g. Liger's fused linear CE) would remove most of it "
-            "(not modelled)", {}, None, None))
     if not any(r.fits for r in out):
         out.append(Recommendation("nothing tried fits on this card: use a larger GPU, more GPUs with --zero 3, "
                                   "or a smaller model", {}, None, False))

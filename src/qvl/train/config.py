@@ -90,7 +90,9 @@ class TrainConfig(BaseModel):
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    optim: str = Field("adamw_torch", description="adamw_torch (fused on CUDA), adamw_torch_foreach, adamw_8bit / "
+                       "adamw_bnb_8bit or paged_adamw_8bit (bitsandbytes' 8-bit AdamW states; one GPU or DDP; "
+                       "qvl.train.optimizers)")
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
@@ -348,8 +350,11 @@ class TrainConfig(BaseModel):
                 bad(key, f"{key}={v} must be >= 0")
         if self.lr_scheduler_type not in SCHEDULERS:
             bad("lr_scheduler_type", f"unknown scheduler {self.lr_scheduler_type!r}", f"use one of {list(SCHEDULERS)}")
-        if self.optim not in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_torch_foreach"):
-            bad("optim", f"optimizer {self.optim!r} is not supported", "use adamw_torch (fused kernel on CUDA)")
+        from qvl.train.optimizers import NAMES
+
+        if self.optim not in NAMES:
+            bad("optim", f"optimizer {self.optim!r} is not supported", "use adamw_torch (fused kernel on CUDA), or "
+                "adamw_8bit / paged_adamw_8bit (bitsandbytes' 8-bit states: 2 bytes per trained parameter, not 8)")
         if (self.activation_memory_budget not in (None, "auto")
                 and not 0 < self.activation_memory_budget <= 1):
             bad("activation_memory_budget", f"activation_memory_budget={self.activation_memory_budget} must be in "

@@ -34,6 +34,7 @@ import torch
 
 from qvl.errors import QvlError
 from qvl.train import components as comp
+from qvl.train import optimizers
 from qvl.train.config import TrainConfig
 
 ENGINES = ("ddp", "deepspeed", "fsdp")
@@ -199,16 +200,9 @@ class Engine:
         return (self.sharded or self.name == "deepspeed") and self.world_size > 1
 
 
-def adamw_options(optim: str, device: torch.device) -> dict:
-    """Extra ``torch.optim.AdamW`` arguments: the fused kernel on CUDA unless ``adamw_torch_foreach`` is asked (same
-    update, one kernel for all parameters)."""
-    if device.type == "cuda" and optim != "adamw_torch_foreach":
-        return {"fused": True}
-    return {"foreach": True} if optim == "adamw_torch_foreach" else {}
-
-
 def build_optimizer(model, cfg: TrainConfig, device: torch.device, offload: bool = False, notes=None):
-    """AdamW over qvl's parameter groups; DeepSpeed's CPU Adam (same groups) when DeepSpeed offloads it."""
+    """``optim`` (torch AdamW, or bitsandbytes' 8-bit AdamW: qvl.train.optimizers) over qvl's parameter groups;
+    DeepSpeed's CPU Adam (same groups) when DeepSpeed offloads it."""
     groups = comp.optimizer_groups(comp.param_groups(model, cfg), cfg.weight_decay)
     kw = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
     if offload:
@@ -228,8 +222,7 @@ def build_optimizer(model, cfg: TrainConfig, device: torch.device, offload: bool
                 notes.append(f"DeepSpeed's CPU Adam could not be built ({type(e).__name__}: {str(e)[:200]}); "
                              "torch AdamW runs on the offloaded states instead (slower)")
     # the fused kernel on one GPU / DDP / DeepSpeed; FSDP2's sharded (DTensor) states take the default path
-    options = adamw_options(cfg.optim, device) if cfg.engine != "fsdp" else {}
-    return torch.optim.AdamW(groups, **kw, **options)
+    return optimizers.build(groups, cfg, device, sharded_states=cfg.engine == "fsdp")
 
 
 def _base(model):

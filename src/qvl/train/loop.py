@@ -39,7 +39,7 @@ from qvl.data.preprocess import IGNORE_INDEX, TooLong
 from qvl.errors import QvlError
 from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
-from qvl.train import compile, distributed, graphs, host, loss_head, recompute
+from qvl.train import compile, distributed, graphs, host, loss_head, optimizers, recompute
 from qvl.train.config import TrainConfig
 
 
@@ -770,6 +770,11 @@ def _setup_run(cfg: TrainConfig, log) -> Run:
         if problem:
             raise problem
         require_bitsandbytes(cfg.quantization, device, torch.bfloat16 if cfg.bf16 else torch.float32)
+    if optimizers.is_8bit(cfg.optim):  # likewise 8-bit optimizer states: refused before any load
+        problem = optimizers.engine_problem(cfg)
+        if problem:
+            raise problem
+        optimizers.require_bitsandbytes(cfg.optim, device)
     if cfg.engine != "ddp":  # DeepSpeed and FSDP2 need a process group, also for one process
         distributed.init_group(device)
     from qvl.train.preflight import cap_memory
@@ -894,6 +899,12 @@ def _setup_model(run: Run) -> None:
     if fp32_masters:
         for p in trainable:  # adapters / FSDP shards keep fp32 master weights; the frozen base stays bf16
             p.data = p.data.float()
+    elif cfg.lora_enable and load_dtype != torch.float32 and cfg.master_weights == "bf16" and cfg.engine == "ddp":
+        for p in trainable:  # peft made the adapters fp32 (autocast_adapter_dtype): back to the model's dtype
+            p.data = p.data.to(load_dtype)
+        say("master_weights=bf16: LoRA adapters, their gradients and optimizer states in bf16 "
+            "(6 bytes per adapter parameter with AdamW, 4 with optim=adamw_8bit, instead of 16); updates below bf16's "
+            "resolution (~0.4 % of a weight) are lost")
     if cfg.lora_enable and cfg.bf16:  # autocast rounds LoRA inputs to bf16 anyway: no fp32 copy on the way
         comp.lora_inputs_stay_16bit(model)
     model.to(device)

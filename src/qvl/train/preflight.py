@@ -14,6 +14,7 @@ from pathlib import Path
 from qvl.errors import QvlError
 from qvl.plan.preflight import model_for_plan
 from qvl.train.config import TrainConfig
+from qvl.train.optimizers import plan_name
 
 _LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -114,9 +115,11 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
           "video_max_frames": cfg.video_max_frames if video else 0,
           "video_frame_pixels": max(1, cfg.video_max_pixels // max(1, cfg.video_max_frames)),
           "tune_mm_vision": cfg.tune_mm_vision, "tune_mm_mlp": cfg.tune_mm_mlp,
-          "tune_mm_llm": cfg.tune_mm_llm or not cfg.lora_enable, "optim": "adamw", "gpus": world_size,
+          "tune_mm_llm": cfg.tune_mm_llm or not cfg.lora_enable, "optim": plan_name(cfg.optim), "gpus": world_size,
           "master_fp32": not cfg.lora_enable and master_weights_fp32(cfg), "fused_ce": cfg.fused_cross_entropy,
-          "master_bf16": bf16_masters(cfg) and zero >= 1,
+          # bf16 masters under ZeRO / FSDP2; bf16 LoRA adapters on one GPU / DDP (master_weights: bf16)
+          "master_bf16": (bf16_masters(cfg) and zero >= 1) or (cfg.lora_enable and cfg.engine == "ddp" and cfg.bf16
+                                                               and not master_weights_fp32(cfg)),
           "recompute_keeps_attention": cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope == "mlp"}
     if cfg.lora_enable:
         kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout,
@@ -127,7 +130,7 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
 
 
 def train_fix(rec, cfg: TrainConfig) -> str | None:
-    """A planner recommendation as `qvl train` keys; None when qvl's loop cannot apply it (8-bit Adam, ZeRO)."""
+    """A planner recommendation as `qvl train` keys; None when qvl's loop cannot apply it (ZeRO on one process)."""
     out, exact = [], True
     for key, value in rec.changes.items():
         if key == "batch":  # a divisor of the batch, so the samples per step stay the same
@@ -143,6 +146,10 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
             out.append(f"max_pixels={value}")
         elif key == "master_bf16" and value:
             out.append("master_weights=bf16")
+        elif key == "optim" and value == "adamw8bit" and cfg.engine == "ddp":
+            out.append("optim=adamw_8bit")
+        elif key == "fused_ce" and value:
+            out.append("fused_cross_entropy=true")
         elif key == "method" and value == "lora":
             out += ["lora_enable=true", "tune_mm_llm=false"]
         elif key == "method" and value == "qlora":  # LoRA on a 4-bit LLM (qvl.train.quantize)
