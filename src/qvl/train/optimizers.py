@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 
 from qvl.errors import QvlError
+from qvl.utils.bnb_import import import_bitsandbytes
 
 TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_torch_foreach")
 EIGHT_BIT = {"adamw_8bit": "AdamW8bit", "adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 NAMES = (*TORCH_ADAMW, *EIGHT_BIT)
-INSTALL_FIX = "pip install 'qvl[qlora]' (bitsandbytes; CPU and CUDA backends in one wheel)"
 
 
 def is_8bit(optim: str) -> bool:
@@ -50,14 +50,7 @@ def engine_problem(cfg) -> QvlError | None:
 def require_bitsandbytes(optim: str, device: torch.device):
     """bitsandbytes, checked by one 8-bit step on ``device`` (a missing install, or no backend for the device, is one
     line here, before anything loads)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise QvlError(f"optim={optim} needs bitsandbytes, which is not installed", where="optim",
-                       fix=f"{INSTALL_FIX}; or optim: adamw_torch") from None
-    except Exception as e:  # a broken install (e.g. its native library fails to load)
-        raise QvlError(f"optim={optim}: bitsandbytes does not import ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]})", where="optim", fix=INSTALL_FIX) from None
+    bnb = import_bitsandbytes(f"optim={optim}", "optim", "optim: adamw_torch")
     try:
         p = torch.nn.Parameter(torch.ones(4096, device=device))
         p.grad = torch.ones_like(p)

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 
 from qvl.errors import QvlError
+from qvl.utils.bnb_import import import_bitsandbytes
 
 QUANT_TYPES = ("nf4", "int8")
 QUANT_COMPONENTS = ("llm", "vision", "merger")
 BIT_ALIASES = {4: "nf4", 8: "int8"}  # LLaMA-Factory's quantization_bit
-INSTALL_FIX = "pip install 'qvl[qlora]' (bitsandbytes >= 0.45, CPU and CUDA backends in one wheel)"
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bitsandbytes' and transformers' default)
 
 
@@ -113,14 +113,7 @@ def require_bitsandbytes(kind: str, device: torch.device, dtype: torch.dtype):
     """bitsandbytes, checked by one small forward and backward of a ``kind`` layer on ``device``: a missing install,
     or a build without a backend for the device (CPU before 0.45, a CUDA library that does not load), is refused
     here in one line rather than failing inside the first step."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise QvlError(f"quantization={kind} needs bitsandbytes, which is not installed", where="quantization",
-                       fix=f"{INSTALL_FIX}; or quantization: null") from None
-    except Exception as e:  # a broken install (e.g. its native library fails to load)
-        raise QvlError(f"quantization={kind}: bitsandbytes does not import ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]})", where="quantization", fix=INSTALL_FIX) from None
+    bnb = import_bitsandbytes(f"quantization={kind}", "quantization", "quantization: null")
     try:
         layer = _quantized_linear(bnb, kind, torch.nn.Linear(64, 64, bias=False), dtype).to(device)
         x = torch.ones(2, 64, dtype=dtype, device=device, requires_grad=True)
