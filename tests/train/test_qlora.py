@@ -265,3 +265,22 @@ def test_planner_counts_4bit_weights():
         plan_train("8B", "rtx5090", method="full", quantization="nf4")
     cfg = build_config(dict(model_name_or_path="Qwen/Qwen3-VL-32B-Instruct", dataset_use="x", **QLORA))
     assert plan_kwargs(cfg)["quantization"] == "nf4"
+
+
+def test_planner_counts_quantised_vision_and_merger_when_named():
+    from qvl.plan.memory import plan_train
+    from qvl.plan.model import resolve_model
+    from qvl.train.config import build_config
+    from qvl.train.preflight import plan_kwargs
+
+    m = resolve_model("32B")
+    llm = plan_train("32B", "rtx5090", method="qlora")
+    both = plan_train("32B", "rtx5090", method="qlora", quantization_targets=("llm", "vision", "merger"))
+    saved = m.params_vision * (2 - 4.127 / 8) / 2**30  # the tower and the merger, 4.127 bits instead of 16
+    assert llm.parts["weights"] - both.parts["weights"] == pytest.approx(saved, rel=0.02)
+    assert "vision, merger bf16" in llm.notes["weights"] and "+ vision + merger" in both.notes["weights"]
+    with pytest.raises(QvlError, match="unknown quantization targets"):
+        plan_train("32B", "rtx5090", method="qlora", quantization_targets=("vision",))
+    cfg = build_config(dict(model_name_or_path="Qwen/Qwen3-VL-32B-Instruct", dataset_use="x", **QLORA,
+                            quantization_targets=["llm", "vision"]))
+    assert plan_kwargs(cfg)["quantization_targets"] == ("llm", "vision")

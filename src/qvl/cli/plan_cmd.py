@@ -77,6 +77,8 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
           method: str = typer.Option("lora", help="lora, qlora or full."),
           quantization: str = typer.Option(None, help="nf4 or int8: LoRA on quantised LLM linears (`qvl train`'s "
                                            "quantization; nf4 is --method qlora)."),
+          quantization_targets: str = typer.Option("llm", help="With quantization: llm, or llm,vision[,merger] "
+                                                   "(`qvl train`'s quantization_targets)."),
           zero: int = typer.Option(0, help="DeepSpeed ZeRO stage 0, 1, 2 or 3 (0: plain torch / DDP)."),
           offload: bool = typer.Option(False, help="ZeRO offload of optimizer states (and ZeRO-3 params) to CPU."),
           gradient_checkpointing: bool = typer.Option(True, help="Recompute activations in backward."),
@@ -111,7 +113,8 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
     """Memory for one training step: weights, LoRA, gradients, optimizer, activations, logits; what fits."""
     from qvl.plan.memory import plan_train
 
-    plan = plan_train(model, gpu, gpu_mem, method=method, quantization=quantization, zero=zero, offload=offload,
+    plan = plan_train(model, gpu, gpu_mem, method=method, quantization=quantization,
+                      quantization_targets=quantization_targets, zero=zero, offload=offload,
                       gradient_checkpointing=gradient_checkpointing, batch=batch, seq_len=seq_len,
                       max_pixels=max_pixels, images_per_sample=images_per_sample, video_max_frames=video_max_frames,
                       video_frame_pixels=video_frame_pixels, lora_r=lora_r, lora_targets=lora_targets,

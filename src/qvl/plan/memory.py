@@ -533,7 +533,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                optim: str = "adamw", gpus: int = 1, recommend: bool = True, master_fp32: bool = False,
                master_bf16: bool = False, fused_ce: bool = False, recompute_keeps_attention: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None,
                lora_experts: bool = True,
-               quantization: str | None = None) -> Plan:
+               quantization: str | None = None, quantization_targets=("llm",)) -> Plan:
     """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
 
     ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
@@ -548,7 +548,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     mlp``, :func:`attention_saved_bytes_per_token`).
     ``lora_experts``: MoE models, LoRA on the experts too (`qvl train`'s ``lora_experts``, on by default).
     ``quantization``: nf4 or int8 LLM linears under LoRA (``quantization`` in `qvl train`; ``method="qlora"`` is
-    LoRA with nf4).
+    LoRA with nf4). ``quantization_targets``: whose linear layers are quantised (llm; vision and merger too when
+    named, as `qvl train`'s key); the others stay bf16.
     """
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
@@ -591,8 +592,13 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         settings.update(lora_r=lora_r, lora_targets=",".join(targets), lora_dropout=lora_dropout)
         if m.is_moe:
             settings.update(lora_experts=lora_experts)
+    quantized = set(quantization_targets if isinstance(quantization_targets, (list, tuple, set))
+                    else str(quantization_targets).split(","))
+    if not quantized <= {"llm", "vision", "merger"} or "llm" not in quantized:
+        raise QvlError(f"unknown quantization targets {sorted(quantized)}", fix="llm, and vision / merger if asked "
+                       "(e.g. --quantization-targets llm,vision)")
     if quantization:
-        settings.update(quantization=quantization)
+        settings.update(quantization=quantization, quantization_targets=",".join(sorted(quantized)))
 
     parts: dict[str, float] = {}
     notes: dict[str, str] = {}
@@ -601,10 +607,15 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     # ---- parameters, gradients, optimizer states
     vision_tower = m.params_vision - m.params_merger
     if method == "qlora":
-        body_linear = m.params_llm_body  # norms are a rounding error here
-        w = body_linear * QUANT_BYTES[quantization] + (m.params_embed + m.params_lm_head + m.params_vision) * 2
-        wnote = (f"LLM body {body_linear / 1e9:.2f} B params in " + ("NF4 (4.13 bits)" if quantization == "nf4"
-                 else "int8") + "; embeddings, lm_head, vision bf16")
+        body_linear = m.params_llm_body  # norms are a rounding error here (and the tower's patch embedding)
+        parts_q = {"vision": vision_tower, "merger": m.params_merger}
+        q_extra = sum(n for part, n in parts_q.items() if part in quantized)
+        w = ((body_linear + q_extra) * QUANT_BYTES[quantization]
+             + (m.params_embed + m.params_lm_head + m.params_vision - q_extra) * 2)
+        stay = ["embeddings", "lm_head", *(part for part in parts_q if part not in quantized)]
+        wnote = (f"{' + '.join(['LLM body', *(p for p in parts_q if p in quantized)])} "
+                 f"{(body_linear + q_extra) / 1e9:.2f} B params in "
+                 + ("NF4 (4.13 bits)" if quantization == "nf4" else "int8") + f"; {', '.join(stay)} bf16")
     else:
         w = m.params_total * 2
         wnote = f"{m.params_total / 1e9:.2f} B params × 2 bytes (bf16)"
@@ -790,7 +801,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                   video_max_frames=video_max_frames, video_frame_pixels=video_frame_pixels, lora_r=lora_r,
                   lora_targets=targets, lora_dropout=lora_dropout, tune_mm_vision=tune_mm_vision,
                   tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus, master_fp32=master_fp32,
-                  master_bf16=master_bf16, fused_ce=fused_ce, quantization=quantization, lora_experts=lora_experts)
+                  master_bf16=master_bf16, fused_ce=fused_ce, quantization=quantization, lora_experts=lora_experts,
+                  quantization_targets=tuple(sorted(quantized)))
 
         def run(**ch) -> Plan | None:
             try:

@@ -124,8 +124,8 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
     if cfg.lora_enable:
         kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout,
                   lora_experts=cfg.lora_experts and "llm" in cfg.lora_components)  # as components.expert_targets
-    if cfg.quantization:  # the LLM's linears quantised (the planner counts the LLM's; vision / merger stay bf16)
-        kw.update(quantization=cfg.quantization)
+    if cfg.quantization:  # the linears of quantization_targets quantised (the planner counts them; the rest bf16)
+        kw.update(quantization=cfg.quantization, quantization_targets=tuple(cfg.quantization_targets))
     return kw
 
 
