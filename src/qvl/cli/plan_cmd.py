@@ -105,6 +105,10 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
           fused_ce: bool = typer.Option(True, "--fused-ce/--no-fused-ce", help="The loss as `qvl train` computes it "
                                         "(fused_cross_entropy, its default): logits in chunks, never tokens × "
                                         "vocabulary. --no-fused-ce: as transformers computes it."),
+          host_embeddings: bool = typer.Option(False, "--host-embeddings", help="The frozen input-embedding table in "
+                                               "host memory (`qvl train`'s host_embeddings; not a tied one)."),
+          offload_activations: bool = typer.Option(False, "--offload-activations", help="Recomputed layers' inputs "
+                                                   "in pinned host memory (`qvl train`'s activation_offloading)."),
           checkpoint_scope: str = typer.Option("layer", "--checkpoint-scope", help="layer, or mlp: recomputed "
                                                "layers keep their attention half (gradient_checkpointing_scope; "
                                                "`qvl train`'s auto picks mlp where it compiles whole layers: packed "
@@ -120,7 +124,8 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
                       video_frame_pixels=video_frame_pixels, lora_r=lora_r, lora_targets=lora_targets,
                       lora_dropout=lora_dropout, tune_mm_vision=tune_mm_vision, tune_mm_mlp=tune_mm_mlp,
                       tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus, master_fp32=master_fp32,
-                      master_bf16=master_bf16, fused_ce=fused_ce,
+                      master_bf16=master_bf16, fused_ce=fused_ce, host_embeddings=host_embeddings,
+                      offload_activations=offload_activations,
                       recompute_keeps_attention=_checkpoint_scope(checkpoint_scope, gradient_checkpointing, zero,
                                                                   model))
     _emit(plan, as_json)

@@ -533,7 +533,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                optim: str = "adamw", gpus: int = 1, recommend: bool = True, master_fp32: bool = False,
                master_bf16: bool = False, fused_ce: bool = False, recompute_keeps_attention: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None,
                lora_experts: bool = True,
-               quantization: str | None = None, quantization_targets=("llm",)) -> Plan:
+               quantization: str | None = None, quantization_targets=("llm",), host_embeddings: bool = False,
+               offload_activations: bool = False) -> Plan:
     """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
 
     ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
@@ -550,6 +551,9 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     ``quantization``: nf4 or int8 LLM linears under LoRA (``quantization`` in `qvl train`; ``method="qlora"`` is
     LoRA with nf4). ``quantization_targets``: whose linear layers are quantised (llm; vision and merger too when
     named, as `qvl train`'s key); the others stay bf16.
+    ``host_embeddings``: the frozen input-embedding table in host memory (`qvl train`'s ``host_embeddings``; an
+    embedding tied to the LM head stays). ``offload_activations``: the inputs recomputed layers keep go to pinned
+    host memory in forward and come back in backward (``activation_offloading``; with gradient checkpointing).
     """
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
@@ -599,6 +603,10 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                        "(e.g. --quantization-targets llm,vision)")
     if quantization:
         settings.update(quantization=quantization, quantization_targets=",".join(sorted(quantized)))
+    # a table tied to the LM head, or trained (full fine-tuning of the LLM), stays on the GPU (`qvl train` refuses it)
+    host_embeddings = host_embeddings and not m.tied and not (method == "full" and tune_mm_llm)
+    offload_activations = offload_activations and gradient_checkpointing
+    settings.update(host_embeddings=host_embeddings, offload_activations=offload_activations)
 
     parts: dict[str, float] = {}
     notes: dict[str, str] = {}
@@ -619,6 +627,10 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     else:
         w = m.params_total * 2
         wnote = f"{m.params_total / 1e9:.2f} B params × 2 bytes (bf16)"
+    if host_embeddings:  # the table's bytes move to the host (before ZeRO: `qvl train` runs it in one process)
+        w -= m.params_embed * 2
+        cpu += m.params_embed * 2
+        wnote += f"; the {m.params_embed * 2 / 2**30:.2f} GiB embedding table in host memory"
     if zero == 3:
         w /= n
         wnote += f", ZeRO-3 sharded / {n}"
@@ -716,12 +728,19 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     gqa = batch > 1
     lr = lora_r if lora_n else 0
     layer_full = layer_saved_bytes_per_token(m, lr, targets, lora_dropout, gqa, expert_lora=expert_lora)
-    ckpt = m.layers * 2 * m.hidden + 2 * m.hidden  # layer inputs + embeddings
+    # layer inputs + embeddings; offloaded, two layers' inputs on the GPU at a time (one coming back in backward)
+    on_gpu = min(2, m.layers) if offload_activations else m.layers
+    ckpt = on_gpu * 2 * m.hidden + 2 * m.hidden
     if gradient_checkpointing:
         llm_saved = tokens * ckpt
         recompute = tokens * (layer_full + 4 * m.hidden)
         notes["LLM activations"] = (f"gradient checkpointing: {m.layers} layer inputs × {2 * m.hidden:,} B per token "
                                     f"({tokens:,} tokens) + one layer recomputed in backward")
+        if offload_activations:
+            cpu += tokens * (m.layers - on_gpu) * 2 * m.hidden
+            notes["LLM activations"] = (f"gradient checkpointing, the {m.layers} layer inputs ({2 * m.hidden:,} B per "
+                                        f"token, {tokens:,} tokens) in pinned host memory, {on_gpu} at a time on the "
+                                        "GPU + one layer recomputed in backward")
         if recompute_keeps_attention:
             llm_saved += tokens * m.layers * attention_saved_bytes_per_token(m)
             notes["LLM activations"] += (f"; each keeps its attention half "
@@ -802,7 +821,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                   lora_targets=targets, lora_dropout=lora_dropout, tune_mm_vision=tune_mm_vision,
                   tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus, master_fp32=master_fp32,
                   master_bf16=master_bf16, fused_ce=fused_ce, quantization=quantization, lora_experts=lora_experts,
-                  quantization_targets=tuple(sorted(quantized)))
+                  quantization_targets=tuple(sorted(quantized)), host_embeddings=host_embeddings,
+                  offload_activations=offload_activations)
 
         def run(**ch) -> Plan | None:
             try:
@@ -823,8 +843,8 @@ def _train_recommendations(plan: Plan, kw: dict, run) -> list[Recommendation]:
 
     def add(text: str, **changes) -> bool:
         p = run(**changes)
-        if p is None or not p.fits:
-            return False
+        if p is None or not p.fits or any(p.settings.get(k, v) != v for k, v in changes.items()):
+            return False  # does not fit, or the planner dropped the change (e.g. a tied embedding table stays)
         flags = " ".join(_flag(k, v) for k, v in changes.items())
         out.append(Recommendation(f"{flags}: {text} → {p.total_gib:.1f} GiB", changes, round(p.total_gib, 2), True))
         return True
@@ -853,6 +873,11 @@ def _train_recommendations(plan: Plan, kw: dict, run) -> list[Recommendation]:
     if s["method"] in ("lora", "qlora") and s["zero"] == 0 and not s["master_bf16"]:
         add("LoRA adapters, their gradients and AdamW states in bf16 (updates below bf16's resolution are lost)",
             master_bf16=True)
+    if not s["host_embeddings"] and s["gpus"] == 1:
+        add("the frozen input-embedding table in host memory", host_embeddings=True)
+    if s["gradient_checkpointing"] and not s["offload_activations"] and s["gpus"] == 1:
+        add("recomputed layers' inputs in pinned host memory (activation offloading; a copy each way per layer)",
+            offload_activations=True)
     if s["tune_mm_vision"]:
         add("freeze the vision tower", tune_mm_vision=False)
     if s["max_pixels"] > 200_704 and s["images_per_sample"]:
@@ -876,8 +901,13 @@ def _train_recommendations(plan: Plan, kw: dict, run) -> list[Recommendation]:
         add("largest sequence that fits (samples longer than this are cut)", seq_len=sl)
     if not out:  # combinations
         small_states = {"optim": "adamw8bit", "master_bf16": True, "fused_ce": True} if s["zero"] == 0 else {}
+        table_moves = bool(getattr(run(host_embeddings=True), "settings", {}).get("host_embeddings"))
+        host = {"host_embeddings": table_moves, "offload_activations": True} if s["gpus"] == 1 else {}
         for ch in ({"method": "qlora", "gradient_checkpointing": True},
                    {"method": "qlora", "gradient_checkpointing": True, **small_states},
+                   {"method": "qlora", "gradient_checkpointing": True, **small_states, **host},
+                   {"method": "qlora", "gradient_checkpointing": True, **small_states, **host,
+                    "quantization_targets": "llm,merger,vision"},
                    {"method": "qlora", "gradient_checkpointing": True, "batch": 1},
                    {"method": "qlora", "gradient_checkpointing": True, "batch": 1, "max_pixels": 200_704},
                    {"method": "lora", "zero": 3, "offload": True, "gradient_checkpointing": True, "batch": 1}):

@@ -215,11 +215,18 @@ class TrainConfig(BaseModel):
                             "will make recorded, and every loss-head and vision-tower matmul shape met, before step 1 "
                             "(minutes on an 8B model; no later step pauses). Steps that compile or record are "
                             "warm-up steps: the progress line's tok/s and ETA leave them out")
-    host_embeddings: bool = Field(False, description="keep the frozen input-embedding table in host memory and "
-                                  "look each packed row's tokens up there (1.16 GiB of GPU memory back at 8B, "
-                                  "37 MB copied per 4,608-token row): room for fewer recomputed layers. Needs the "
-                                  "packed-row path (per_sample attention), one process, an embedding that is frozen "
-                                  "and not tied to the LM head (Qwen3-VL 8B and up)")
+    host_embeddings: Literal["auto"] | bool = Field(
+        "auto", description="keep the frozen input-embedding table in host memory and look each packed row's tokens "
+                            "up there (1.16 GiB of GPU memory back at 8B, 1.45 at 32B; 37 MB copied per 4,608-token "
+                            "row). Needs the packed-row path (per_sample attention), one process, an embedding that "
+                            "is frozen and not tied to the LM head (Qwen3-VL 8B and up). auto: on when the memory "
+                            "preflight says the run does not fit the card without it and does with it")
+    activation_offloading: Literal["auto"] | bool = Field(
+        "auto", description="recomputed decoder layers keep their inputs in pinned host memory (2·hidden bytes a "
+                            "token per layer: 1.25 GiB for a 2,048-token row at 32B), copied out in forward and back "
+                            "in backward (qvl.train.offload). Needs gradient checkpointing, the packed-row path and "
+                            "no CUDA graphs. auto: on when the memory preflight says the run does not fit without "
+                            "it (after host_embeddings) and does with it")
     # --- memory preflight (docs/plan.md) ---
     force: bool = Field(False, description="train even when the memory preflight predicts out-of-memory")
     gpu_mem: str | float | None = Field(None, description="the GPU memory to train within (e.g. 24GiB; default: the "

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from qvl.data.packing import BOUNDS_INPUTS, graph_row_length, language_model, padded_length
+from qvl.train.offload import around
 
 @dataclass
 class StaticRow:
@@ -72,13 +73,16 @@ def decoder_stack(text, hidden: torch.Tensor, mrope: torch.Tensor, text_position
                   deepstack: list, longest) -> torch.Tensor:
     """The text model's forward on one packed row with per_sample attention, from embedded row (1, L, H) to final
     norm: rotary embedding, decoder layers with the deepstack features added (dense, zero away from visual tokens)
-    after the first ``len(deepstack)`` layers, final norm. ``cu``: the samples' bounds (int32, device); ``longest``:
+    after the first ``len(deepstack)`` layers, final norm; a recomputed layer's inputs kept in host memory when the
+    text model carries an offload (``activation_offloading``). ``cu``: the samples' bounds (int32, device); ``longest``:
     the longest sample (or any bound above it: the row's length under CUDA graphs). What a recording holds
     (``tests/train/test_graphs.py`` checks it against transformers' forward)."""
     position_embeddings = text.rotary_emb(hidden, mrope)
+    offload = getattr(text, "qvl_offload", None)  # activation_offloading (qvl.train.offload)
     for i, layer in enumerate(text.layers):
-        hidden = layer(hidden, attention_mask=None, position_ids=text_positions, position_embeddings=position_embeddings,
-                       **{BOUNDS_INPUTS[0]: cu, BOUNDS_INPUTS[1]: longest})
+        with around(layer, offload, hidden):
+            hidden = layer(hidden, attention_mask=None, position_ids=text_positions,
+                           position_embeddings=position_embeddings, **{BOUNDS_INPUTS[0]: cu, BOUNDS_INPUTS[1]: longest})
         if i < len(deepstack):
             hidden = hidden + deepstack[i]
     return text.norm(hidden)

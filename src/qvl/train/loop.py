@@ -39,7 +39,7 @@ from qvl.data.preprocess import IGNORE_INDEX, TooLong
 from qvl.errors import QvlError
 from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
-from qvl.train import compile, distributed, graphs, host, loss_head, optimizers, recompute
+from qvl.train import compile, distributed, graphs, host, loss_head, offload, optimizers, recompute
 from qvl.train.config import TrainConfig
 
 
@@ -691,6 +691,7 @@ class Run:
     plan: Plan | None = None
     longest_row: int | None = None
     memory_plan: object = None
+    auto_on: set = field(default_factory=set)  # memory levers `auto` turned on (qvl.train.preflight.auto_levers)
     # _prepare_output_dir
     resume_from: Path | None = None
     # _plan_recompute
@@ -802,10 +803,17 @@ def _setup_data(run: Run) -> None:
 
     plan = Plan(len(records), cfg, dist, lengths=TokenEstimate(records, processor, encoder.budget))
     longest_row = longest_planned_row(plan, cfg)
+    from qvl.train.preflight import auto_levers
     from qvl.train.preflight import check as preflight
 
     if cfg.gradient_checkpointing_scope == "auto":  # resolved before the preflight: the plan counts what it keeps
         cfg = cfg.model_copy(update={"gradient_checkpointing_scope": "layer"})
+    asked = cfg
+    cfg, levers = auto_levers(cfg, world_size=dist.world_size, records=records, row_tokens=longest_row)
+    if levers:
+        say(levers)
+    run.auto_on = {key for key in ("host_embeddings", "activation_offloading")
+                   if getattr(asked, key) == "auto" and getattr(cfg, key) is True}
     memory_plan = preflight(cfg, world_size=dist.world_size, records=records, say=say, row_tokens=longest_row)
     run.cfg, run.records, run.processor, run.pad_id, run.encoder = cfg, records, processor, pad_id, encoder
     run.plan, run.longest_row, run.memory_plan = plan, longest_row, memory_plan
@@ -942,6 +950,15 @@ def _setup_fast_path(run: Run) -> None:
     graphs_wanted, quant_note = fast_path_note(cfg, compiling)  # quantised: cuda_graphs auto off (not measured)
     if quant_note and device.type == "cuda":
         say(quant_note)
+    if cfg.activation_offloading is True and graphs_wanted is not False:  # a recording keeps its inputs on the GPU
+        if graphs_wanted is True:
+            raise QvlError("activation_offloading=true and cuda_graphs=true do not go together: a recorded decoder "
+                           "stack keeps the layers' inputs in its own GPU pool", where="activation_offloading",
+                           fix="cuda_graphs: false (or auto), or activation_offloading: false")
+        graphs_wanted = False
+        if device.type == "cuda":
+            say("cuda_graphs auto: off (activation_offloading moves the layers' inputs to the host, which a recorded "
+                "decoder stack cannot)")
     use_graphs, graphs_why = graphs.cuda_graphs_choice(
         graphs_wanted, device, run.dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
         compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream,
@@ -1012,12 +1029,31 @@ def _setup_loss_module(run: Run) -> None:
             host_table = None if why else host.embeddings_to_host(model)
         except ValueError as e:
             why = str(e)
-        if why:
+        if why and "host_embeddings" in run.auto_on:
+            say(f"host_embeddings (auto) stays off: {why}")
+        elif why:
             raise QvlError(f"host_embeddings: {why}", where="host_embeddings", fix="host_embeddings: false")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        say(f"host_embeddings: the input-embedding table ({host_table.numel() * host_table.element_size() / 2**30:.2f} "
-            "GiB) stays in host memory; each row's tokens are looked up there")
+        else:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            gib = host_table.numel() * host_table.element_size() / 2**30
+            say(f"host_embeddings: the input-embedding table ({gib:.2f} GiB) stays in host memory; each row's tokens "
+                "are looked up there")
+    if cfg.activation_offloading is True:  # the decoder stack's recomputed layers keep their inputs on the host
+        why = ("it needs gradient checkpointing" if not cfg.gradient_checkpointing
+               else "it needs packed rows with per_sample attention"
+               if not (run.packed and per_sample and loss_module.row_forward) else "")
+        if why and "activation_offloading" in run.auto_on:
+            say(f"activation_offloading (auto) stays off: {why}")
+        elif why:
+            raise QvlError(f"activation_offloading: {why}", where="activation_offloading",
+                           fix="activation_offloading: false")
+        else:
+            from qvl.data.packing import language_model
+
+            offload.install(language_model(model), model, device)
+            say("activation_offloading: recomputed decoder layers keep their inputs in pinned host memory (a copy each "
+                "way per layer and step)")
     run.loss_module, run.gemm_multiple, run.media_multiple, run.host_table = (loss_module, gemm_multiple,
                                                                               media_multiple, host_table)
 
@@ -1269,6 +1305,9 @@ def _run_steps(run: Run, callbacks) -> None:
     finally:  # the recordings' memory goes back (benchmarks train the same model object again)
         if host_table is not None:
             host.embeddings_to_device(model, device)
+        from qvl.data.packing import language_model
+
+        offload.remove(language_model(model))
         if decoder_graphs is not None:
             say(f"cuda_graphs: {decoder_graphs.summary()}")
             decoder_graphs.close()

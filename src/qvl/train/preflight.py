@@ -120,7 +120,9 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
           # bf16 masters under ZeRO / FSDP2; bf16 LoRA adapters on one GPU / DDP (master_weights: bf16)
           "master_bf16": (bf16_masters(cfg) and zero >= 1) or (cfg.lora_enable and cfg.engine == "ddp" and cfg.bf16
                                                                and not master_weights_fp32(cfg)),
-          "recompute_keeps_attention": cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope == "mlp"}
+          "recompute_keeps_attention": cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope == "mlp",
+          # "auto" counts as off here: qvl.train.preflight.auto_levers resolves it before the run plans
+          "host_embeddings": cfg.host_embeddings is True, "offload_activations": cfg.activation_offloading is True}
     if cfg.lora_enable:
         kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout,
                   lora_experts=cfg.lora_experts and "llm" in cfg.lora_components)  # as components.expert_targets
@@ -150,6 +152,12 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
             out.append("optim=adamw_8bit")
         elif key == "fused_ce" and value:
             out.append("fused_cross_entropy=true")
+        elif key == "host_embeddings" and value:
+            out.append("host_embeddings=true")
+        elif key == "offload_activations" and value:
+            out.append("activation_offloading=true")
+        elif key == "quantization_targets" and cfg.quantization:
+            out.append(f"quantization_targets=[{value}]")
         elif key == "method" and value == "lora":
             out += ["lora_enable=true", "tune_mm_llm=false"]
         elif key == "method" and value == "qlora":  # LoRA on a 4-bit LLM (qvl.train.quantize)
@@ -161,9 +169,11 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
     return " ".join(out) + (f" (→ {rec.total_gib:.1f} GiB)" if rec.total_gib is not None and exact else "")
 
 
-def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None = None, **changes) -> bool | None:
-    """Whether the planner says ``cfg`` (its plan keyword arguments changed by ``changes``) fits the card; None when
-    there is no plan (no card known, unknown model shape, or the planner declines)."""
+def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None = None, row_tokens: int | None = None,
+              **changes) -> bool | None:
+    """Whether the planner says ``cfg`` (its plan keyword arguments changed by ``changes``) fits the card, at packed
+    rows of ``row_tokens`` when given (as :func:`check`); None when there is no plan (no card known, unknown model
+    shape, or the planner declines)."""
     from qvl.plan.preflight import preflight_train
 
     card = card_args(cfg.gpu_mem, gpu)
@@ -175,11 +185,48 @@ def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None
     shape = model_for_plan(cfg.model_name_or_path)
     if shape is None:
         return None
+    kw = _rows(cfg, plan_kwargs(cfg, world_size, has_video(records)), row_tokens)
     try:
-        return preflight_train(shape, force=True, **card, **{**plan_kwargs(cfg, world_size, has_video(records)),
-                                                             **changes}).plan.fits
+        return preflight_train(shape, force=True, **card, **{**kw, **changes}).plan.fits
     except QvlError:
         return None
+
+
+def _rows(cfg: TrainConfig, kw: dict, row_tokens: int | None) -> dict:
+    """Plan keyword arguments for packed rows of ``row_tokens`` (the longest the data makes) instead of
+    ``batch x model_max_length``, when that is shorter."""
+    if row_tokens and (cfg.data_flatten or cfg.data_packing) and row_tokens < kw["batch"] * kw["seq_len"]:
+        return {**kw, "batch": 1, "seq_len": row_tokens}
+    return kw
+
+
+# what `auto` may turn on when a run does not fit, in this order (the cheaper in step time first)
+AUTO_LEVERS = (("host_embeddings", "host_embeddings"), ("activation_offloading", "offload_activations"))
+
+
+def auto_levers(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None = None,
+                row_tokens: int | None = None) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with its ``auto`` memory levers (``host_embeddings``, ``activation_offloading``) resolved to true or
+    false, and a line saying what was turned on: each stays off unless the run does not fit the card without it
+    and it is needed (with the ones before it) to fit. Off where they do not apply: several processes, padded
+    batches, no gradient checkpointing (offloading), no plan."""
+    autos = [(key, plan_key) for key, plan_key in AUTO_LEVERS if getattr(cfg, key) == "auto"]
+    cfg = cfg.model_copy(update={key: False for key, _ in autos})
+    packed = cfg.data_flatten or cfg.data_packing
+    if not autos or world_size > 1 or not packed:
+        return cfg, None
+    if plan_fits(cfg, world_size, records, gpu, row_tokens) is not False:
+        return cfg, None
+    tried = cfg
+    for key, _ in autos:
+        if key == "activation_offloading" and not cfg.gradient_checkpointing:
+            continue
+        tried = tried.model_copy(update={key: True})
+        if plan_fits(tried, world_size, records, gpu, row_tokens):
+            on = [k for k, _ in AUTO_LEVERS if getattr(tried, k) is True and getattr(cfg, k) is not True]
+            return tried, (f"{' and '.join(f'{k}=true' for k in on)} (auto): without, the memory plan does not fit "
+                           "this run on the card")
+    return cfg, None  # nothing fits: the preflight says so, with the planner's fixes
 
 
 def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: str | None = None,
@@ -204,9 +251,7 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
     if shape is None:
         say(f"memory preflight skipped: the planner does not know the shape of {cfg.model_name_or_path}")
         return None
-    kw = plan_kwargs(cfg, world_size, has_video(records))
-    if row_tokens and (cfg.data_flatten or cfg.data_packing) and row_tokens < kw["batch"] * kw["seq_len"]:
-        kw.update(batch=1, seq_len=row_tokens)
+    kw = _rows(cfg, plan_kwargs(cfg, world_size, has_video(records)), row_tokens)
     try:
         pf = preflight_train(shape, force=True, **card, **kw)
     except QvlError as e:  # e.g. more visual tokens per sample than model_max_length: the encoder reports those
@@ -219,7 +264,8 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
         say(pf.message + rows)
         return pf
     fixes = [f for f in (train_fix(r, cfg) for r in plan.recommendations if r.fits) if f]
-    if kw["recompute_keeps_attention"] and plan_fits(cfg, world_size, records, gpu, recompute_keeps_attention=False):
+    if kw["recompute_keeps_attention"] and plan_fits(cfg, world_size, records, gpu, row_tokens,
+                                                     recompute_keeps_attention=False):
         fixes.insert(0, "gradient_checkpointing_scope=layer")
     what = f"{plan.verdict}{rows}" + (f"; try {fixes[0]}" if fixes else "")
     if cfg.force:
