@@ -920,7 +920,7 @@ def main(argv=None):
             if name not in cli_rows or not want(name):
                 continue
             torch.manual_seed(0)
-            ref = qlora_base(base, model_dir, args.device) if name == "baseline-qlora" else base
+            ref = qlora_base(base, model_dir, args.device, example) if name == "baseline-qlora" else base
             try:
                 res = train_cli.yaml_baseline(ref, model_dir, registry, example, args.cli_steps, args.device,
                                               name=name)
@@ -968,21 +968,28 @@ def main(argv=None):
     write(args, summary)
 
 
-def qlora_base(base, model_dir: Path, device: str):
+def qlora_base(base, model_dir: Path, device: str, example: str):
     """The base of baseline-qlora, loaded as transformers + peft + bitsandbytes users load it: from the saved weights
-    with NF4, double quantisation and bf16 compute, the vision tower and lm_head in bf16 (what qvl's quantization: nf4
-    quantises too), no fp32 upcast of the rest (prepare_model_for_kbit_training's, which would only add memory).
-    The bench's 16-bit model waits on the CPU meanwhile, so the row's peak memory is its own."""
+    with NF4, double quantisation and bf16 compute, what the example's ``quantization_targets`` quantise (the vision
+    tower, merger included, in bf16 unless named; lm_head in bf16 as qvl keeps it), no fp32 upcast of the rest
+    (prepare_model_for_kbit_training's, which would only add memory). The bench's 16-bit model waits on the CPU
+    meanwhile, so the row's peak memory is its own."""
     from transformers import BitsAndBytesConfig
 
     from qvl.models.load import model_class, read_config
+    from qvl.train.config import load_config
+
+    targets = set(load_config(Path(__file__).resolve().parents[1] / "examples" / f"{example}.yaml").quantization_targets)
+    skip = ["lm_head"] + ([] if "vision" in targets else ["model.visual"])
+    if "vision" in targets and "merger" not in targets:
+        skip += ["model.visual.merger", "model.visual.deepstack_merger_list"]
 
     model_of(base).to("cpu")
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["model.visual", "lm_head"])
+                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
     t0 = time.time()
     model = model_class(read_config(model_dir)["model_type"]).from_pretrained(
         model_dir, dtype=torch.bfloat16, quantization_config=quant, device_map={"": device})

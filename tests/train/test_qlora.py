@@ -284,3 +284,17 @@ def test_planner_counts_quantised_vision_and_merger_when_named():
     cfg = build_config(dict(model_name_or_path="Qwen/Qwen3-VL-32B-Instruct", dataset_use="x", **QLORA,
                             quantization_targets=["llm", "vision"]))
     assert plan_kwargs(cfg)["quantization_targets"] == ("llm", "vision")
+
+
+def test_vision_target_takes_the_deepstack_mergers_too(tiny_model_dir, make_cfg):
+    """quantization_targets: vision quantises the tower's blocks and the DeepStack mergers (their component follows
+    the tower), merger the patch merger: what the planner counts for each."""
+    from qvl.models.load import load_model
+    from qvl.train.quantize import quantize_model
+
+    model = load_model(tiny_model_dir, dtype=torch.bfloat16)
+    cfg = make_cfg(**{**QLORA, "quantization_targets": ["llm", "vision", "merger"]})
+    done = quantize_model(model, cfg, torch.device("cpu"), torch.bfloat16)
+    deepstack = len(model.model.visual.deepstack_merger_list)
+    assert deepstack and done.layers["deepstack"] == 2 * deepstack and done.layers["merger"] == 2
+    assert isinstance(model.model.visual.deepstack_merger_list[0].linear_fc1, bnb.nn.Linear4bit)

@@ -616,7 +616,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     vision_tower = m.params_vision - m.params_merger
     if method == "qlora":
         body_linear = m.params_llm_body  # norms are a rounding error here (and the tower's patch embedding)
-        parts_q = {"vision": vision_tower, "merger": m.params_merger}
+        main_merger = m.params_merger - m.deepstack_merger_params  # qvl.train.quantize: DeepStack goes with vision
+        parts_q = {"vision": vision_tower + m.deepstack_merger_params, "merger": main_merger}
         q_extra = sum(n for part, n in parts_q.items() if part in quantized)
         w = ((body_linear + q_extra) * QUANT_BYTES[quantization]
              + (m.params_embed + m.params_lm_head + m.params_vision - q_extra) * 2)

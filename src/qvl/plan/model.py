@@ -62,10 +62,14 @@ class ModelShape:
     def params_merger(self) -> int:
         """The patch merger plus the DeepStack mergers (part of params_vision): 4·vh → 4·vh → hidden MLPs."""
         m = self.vision_hidden * self.spatial_merge**2
-        one = m * m + m + m * self.hidden + self.hidden
-        main = one + 2 * self.vision_hidden  # LayerNorm before the shuffle
-        post = one + 2 * m  # DeepStack mergers normalise after the shuffle
-        return main + self.deepstack * post
+        main = m * m + m + m * self.hidden + self.hidden + 2 * self.vision_hidden  # LayerNorm before the shuffle
+        return main + self.deepstack_merger_params
+
+    @property
+    def deepstack_merger_params(self) -> int:
+        """The DeepStack mergers alone (they normalise after the shuffle)."""
+        m = self.vision_hidden * self.spatial_merge**2
+        return self.deepstack * (m * m + m + m * self.hidden + self.hidden + 2 * m)
 
     @property
     def q_dim(self) -> int:

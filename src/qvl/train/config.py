@@ -77,7 +77,8 @@ class TrainConfig(BaseModel):
                     "in ~18 GiB instead of 62. LLaMA-Factory's quantization_bit: 4 | 8 means the same. Needs "
                     "bitsandbytes (pip install 'qvl[qlora]'); null: the load dtype")
     quantization_targets: list[str] = Field(default_factory=lambda: ["llm"], description="with quantization: whose "
-                                            "linear layers are quantised (llm, vision, merger); the vision tower and "
+                                            "linear layers are quantised (llm, vision: the tower's blocks and "
+                                            "DeepStack mergers, merger: the patch merger); the vision tower and "
                                             "merger stay bf16 unless named")
     lora_experts: bool = Field(True, description="MoE models (30B-A3B, 235B-A22B): LoRA with the llm target also "
                                                  "reaches the experts' weights (peft target_parameters)")

@@ -146,12 +146,17 @@ def _quantized_linear(bnb, kind: str, linear: torch.nn.Linear, dtype: torch.dtyp
     return new
 
 
+# beyond LoRA's layers: the DeepStack mergers follow the vision tower (their component trains with tune_mm_vision)
+QUANT_EXTRA = {"vision": r"model\.visual\.deepstack_merger_list\.\d+\.linear_fc(1|2)"}
+
+
 def target_regex(targets) -> str:
     """Full-match regex over module names for the linears of ``targets`` (llm, vision, merger): the layers LoRA
-    targets for each component."""
+    targets for each component, and with vision the DeepStack mergers' too."""
     from qvl.train.components import LORA_PATTERNS
 
-    return "(" + "|".join(f"(?:{LORA_PATTERNS[t]})" for t in targets) + ")"
+    patterns = [LORA_PATTERNS[t] for t in targets] + [QUANT_EXTRA[t] for t in targets if t in QUANT_EXTRA]
+    return "(" + "|".join(f"(?:{p})" for p in patterns) + ")"
 
 
 def quantize_model(model, cfg, device: torch.device, dtype: torch.dtype) -> Quantized:
