@@ -38,6 +38,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,7 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
         server_args += ["--kv-cache-gib", str(args.kv_cache_gib)]
     if args.cpu:
         server_args += ["--cpu-only"]
-    server_args += args.server_args.split()
+    server_args += shlex.split(args.server_args)
     server = ServerProcess(server_args, log_path=Path(args.log_dir) / "server.log")
     out["server_command"] = " ".join(["qvl", *server.command[3:]])
     t = time.perf_counter()

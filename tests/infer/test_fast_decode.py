@@ -473,3 +473,27 @@ def test_follow_up_turn_prefills_only_what_its_kept_prefix_lacks(tiny):
     finally:
         for e in (reusing, plain, reference):
             e.close()
+
+
+def test_a_prefill_batch_is_capped_by_its_padded_tokens(tiny, fast, monkeypatch):
+    """The prefill pads every row to the longest prompt: a long prompt and short ones are admitted while
+    rows x longest stays within max_prefill_tokens (what the plan counts), not their sum; a lone prompt above it
+    still goes (alone)."""
+    _, processor = tiny
+    long_job = _job(processor, ["describe " * 40], GREEDY.replace(max_new_tokens=1))
+    shorts = [_job(processor, [f"hi {i}"], GREEDY.replace(max_new_tokens=1)) for i in range(3)]
+    longest, short = long_job.prepared.prompt_tokens, shorts[0].prepared.prompt_tokens
+    batches = []
+    b = _batcher(fast, _Collect)
+    b.max_prefill_tokens = 2 * longest + 1  # the sum of all four fits; three rows padded to the longest do not
+    assert longest + 3 * short <= b.max_prefill_tokens < 3 * longest
+    prefill = b._prefill
+    monkeypatch.setattr(b, "_prefill", lambda slots, jobs: (batches.append(len(jobs)), prefill(slots, jobs))[1])
+    _run_until_done(b, {0: [long_job, *shorts]})
+    assert batches[0] == 2 and sum(batches) == 4
+    assert all(j.handle.emit_tokens for j in (long_job, *shorts))
+    alone = _batcher(fast, _Collect)
+    alone.max_prefill_tokens = longest - 1
+    job = _job(processor, ["describe " * 40], GREEDY.replace(max_new_tokens=1))
+    _run_until_done(alone, {0: [job]})
+    assert job.handle.emit_tokens

@@ -215,3 +215,34 @@ def test_compiled_bf16_grouped_experts_trace_and_match(tiny_moe):
         want = mlp_out(a, x, wo, ln, mlp, 1e-6, 2, False)
         got = compiled(a, x, wo, ln, mlp, 1e-6, 2, False)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_grouped_capture_that_fails_falls_back_to_gathering_and_keeps_the_gathered_graphs(tiny_moe, monkeypatch):
+    """A CUDA-graph capture whose grouped-GEMM experts fail: from then on the experts are gathered, the graphs that
+    grouped them go, those that gathered stay; a capture that runs out of memory changes nothing (the request fails).
+    (The capture itself needs a GPU: it is stubbed here; what is checked is the bookkeeping around it.)"""
+    model, _, _ = tiny_moe
+    d = DecodeModel(model, slots=8, max_len=256)
+    d._grouped_ok, d.experts, d.gather_max_rows = True, "auto", 1
+    d._graphs = {(1, 128): "gathered-1", (2, 128): "grouped-2"}
+    d._pool = "pool"
+    failures = {"grouped": RuntimeError("no kernel"), "oom": None}
+
+    def capture_once(b, lb):
+        if d._grouped_for(b) and failures["grouped"]:
+            raise failures["grouped"]
+        if failures["oom"]:
+            raise failures["oom"]
+        d._graphs[(b, lb)] = f"captured-{b}"
+        return d._graphs[(b, lb)]
+
+    monkeypatch.setattr(d, "_capture_once", capture_once)
+    failures["oom"] = torch.OutOfMemoryError("CUDA out of memory")
+    failures["grouped"] = None
+    with pytest.raises(torch.OutOfMemoryError):
+        d._capture(4, 128)
+    assert d._grouped_ok and set(d._graphs) == {(1, 128), (2, 128)}  # nothing changed
+    failures["oom"], failures["grouped"] = None, RuntimeError("no kernel")
+    assert d._capture(4, 128) == "captured-4"
+    assert not d._grouped_ok and not d._grouped_for(4)
+    assert set(d._graphs) == {(1, 128), (4, 128)} and d._pool == "pool"  # the gathered graph stays, its pool too

@@ -158,7 +158,7 @@ class ContinuousBatcher:
         if self.running and len(self.waiting) < min(len(free), self.max_prefill_batch):
             if time.perf_counter() - self.waiting[0][0] < self.coalesce_s:
                 return  # let a few more arrive: one prefill for several is much cheaper than one each
-        batch, tokens = [], 0
+        batch, longest = [], 0
         while self.waiting and len(batch) < min(len(free), self.max_prefill_batch):
             job = self.waiting[0][1]
             if job.handle.cancelled:
@@ -166,10 +166,12 @@ class ContinuousBatcher:
                 job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))
                 continue
             n = job.prepared.prompt_tokens
-            if batch and tokens + n > self.max_prefill_tokens:
+            # the prefill pads every row to the longest prompt: what it computes (and its temporary cache holds)
+            # is rows x longest, kept under max_prefill_tokens (a lone longer prompt goes alone)
+            if batch and (len(batch) + 1) * max(longest, n) > self.max_prefill_tokens:
                 break
             batch.append(self.waiting.popleft()[1])
-            tokens += n
+            longest = max(longest, n)
         if not batch:
             return
         fresh, taken = [], set()

@@ -370,8 +370,7 @@ class DecodeModel:
         mask = torch.arange(n_keys, device=self.device)[None, :] <= pos[:, None]
         x = F.embedding(self._tokens[:n_rows], self.embed)
         f = self._fns
-        gathered = self.is_moe and (self.experts == "gathered" or not self._grouped_ok
-                                    or (self.experts == "auto" and n_rows <= self.gather_max_rows))
+        gathered = self.is_moe and not self._grouped_for(n_rows)
         for i, w in enumerate(self.layers):
             if self.impl == "layer":
                 x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, self.k[i], self.v[i],
@@ -385,6 +384,11 @@ class DecodeModel:
             x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, gathered)
         self.length[:n_rows] += 1
         return f["final_logits"](x, self.norm, self.head, self.eps)
+
+    def _grouped_for(self, n_rows: int) -> bool:
+        """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs (else gathered)."""
+        return self.is_moe and self._grouped_ok and (
+            self.experts == "grouped" or (self.experts == "auto" and n_rows > self.gather_max_rows))
 
     def set_impl(self, impl: str, experts: str | None = None) -> None:
         """Switch the step's implementation (benchmarks compare them) and, for MoE, how the routed experts run
@@ -427,17 +431,23 @@ class DecodeModel:
 
     def _capture(self, b: int, lb: int):
         """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored. Should
-        the grouped-GEMM experts fail to compile or capture, every batch gathers them from then on."""
+        a step with grouped-GEMM experts fail to compile or capture (not for want of memory), every batch gathers
+        them from then on: the graphs that grouped them go, those that gathered stay."""
         try:
             return self._capture_once(b, lb)
+        except torch.OutOfMemoryError:
+            raise  # not the grouped kernel's fault: the request fails, the experts keep their way
         except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the grouped path
-            if not (self.is_moe and self._grouped_ok):
+            if not self._grouped_for(b):
                 raise
             log.warning("grouped-GEMM experts failed to compile or capture (%s: %s); gathering them instead",
                         type(e).__name__, str(e)[:200])
+            grouped = [key for key in self._graphs if self._grouped_for(key[0])]
             self._grouped_ok = False
-            self._graphs.clear()
-            self._pool = None
+            for key in grouped:
+                del self._graphs[key]
+            if not self._graphs:
+                self._pool = None  # a pool whose graphs are all gone cannot take new captures
             return self._capture_once(b, lb)
 
     def _capture_once(self, b: int, lb: int):

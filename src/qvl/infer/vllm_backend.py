@@ -210,8 +210,9 @@ def weight_bytes_on_disk(path: Path) -> int:
 
 
 def cpus_to_keep(mine: set[int], children: list[set[int]]) -> set[int] | None:
-    """The CPUs this process should keep to: ``mine`` less those a child process is bound to (a subset of
-    ``mine``); None when no child is bound or nothing would be left."""
+    """The CPUs this process should keep to: ``mine`` less those a child process's thread is bound to (a subset of
+    ``mine``); ``children``: the CPU sets of the children's threads. None when no thread is bound or nothing would
+    be left."""
     bound = set().union(*(c for c in children if c < mine))
     keep = mine - bound
     return keep if bound and keep else None
@@ -230,12 +231,19 @@ def keep_off_worker_cpus() -> tuple[set[int], set[int]] | None:
     import psutil  # a dependency of vLLM
 
     mine = os.sched_getaffinity(0)
+    # per thread: vLLM binds each OpenMP thread from inside it, so a process's own mask (its main thread's) shows
+    # only the first of a worker's CPUs
     children = []
     for child in psutil.Process().children(recursive=True):
         try:
-            children.append(set(child.cpu_affinity()))
-        except psutil.Error:
+            tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        except OSError:  # the child ended meanwhile
             continue
+        for tid in tids:
+            try:
+                children.append(os.sched_getaffinity(tid))
+            except OSError:
+                continue
     keep = cpus_to_keep(mine, children)
     if keep is None:
         return None

@@ -178,7 +178,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
     # by every request at once (the thread pool has 40 threads), a burst of N requests shares it N ways: all of them
     # finish late, and meanwhile the engine and the streams of the running requests get a fraction of the
     # interpreter. A few at a time, they finish in arrival order, each as soon as it alone would. (Media are
-    # fetched and decoded before, outside this limit: a slow remote URL holds no preprocessing slot.)
+    # fetched, and images decoded, before, outside this limit: a slow remote URL holds no preprocessing slot; a
+    # video's frames are read inside prepare, so a video request holds its slot while they are.)
     import threading
 
     preprocessing = threading.BoundedSemaphore(max(1, settings.preprocess_threads))
