@@ -107,9 +107,10 @@ def test_the_loop_with_offloading_trains_like_plain(make_cfg, tmp_path, monkeypa
 def test_refusals(make_cfg):
     from qvl.errors import QvlError
 
-    with pytest.raises(QvlError, match="activation_offloading: it needs gradient checkpointing"):
+    with pytest.raises(QvlError, match="activation_offloading: it moves what recomputed layers keep, and "
+                                       "gradient_checkpointing is off"):
         train(make_cfg(activation_offloading=True, gradient_checkpointing=False, lora_enable=True,
-                       tune_mm_llm=False, max_steps=1), log=quiet)
+                       tune_mm_llm=False, max_steps=1, packed_attention="per_sample"), log=quiet)
     with pytest.raises(QvlError, match="activation_offloading: it needs packed rows"):
         train(make_cfg(activation_offloading=True, gradient_checkpointing=True, data_flatten=False,
                        lora_enable=True, tune_mm_llm=False, max_steps=1), log=quiet)
@@ -172,23 +173,35 @@ def test_planner_counts_host_levers():
 
 
 def test_the_loop_turns_on_what_auto_chose(make_cfg, tmp_path, monkeypatch):
-    """The levers auto picks reach the run; where the run cannot take them (here: sdpa instead of per_sample
-    attention) it says so and goes on, instead of stopping as it does for a lever the user set."""
+    """The levers auto picks reach the run; where the run cannot take them (sdpa instead of per_sample attention)
+    auto does not pick them, and asking for one there is refused before the model loads."""
+    from qvl.errors import QvlError
+    from qvl.models import load as load_mod
     from qvl.train import preflight
 
     monkeypatch.setattr(preflight, "plan_fits", lambda c, *a, **k: c.host_embeddings is True
                         and c.activation_offloading is True)
     kw = dict(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True, max_steps=1, save_strategy="no")
-    for attention, taken in (("per_sample", True), ("sdpa", False)):
-        said: list[str] = []
-        r = train(make_cfg(output_dir=str(tmp_path / attention), packed_attention=attention, **kw),
-                  log=lambda m="", *a, **k: said.append(str(m)))  # noqa: B023
-        assert r.steps == 1
-        assert "host_embeddings=true and activation_offloading=true (auto): without, the memory plan does not fit " \
-               "this run on the card" in said
-        if taken:
-            assert any(x.startswith("host_embeddings: the input-embedding table") for x in said)
-            assert any(x.startswith("activation_offloading: recomputed decoder layers") for x in said)
-        else:
-            assert "host_embeddings (auto) stays off: it needs packed rows with per_sample attention" in said
-            assert "activation_offloading (auto) stays off: it needs packed rows with per_sample attention" in said
+    said: list[str] = []
+    r = train(make_cfg(output_dir=str(tmp_path / "per_sample"), packed_attention="per_sample", **kw),
+              log=lambda m="", *a, **k: said.append(str(m)))
+    assert r.steps == 1
+    assert "host_embeddings=true and activation_offloading=true (auto): without, the memory plan does not fit " \
+           "this run on the card" in said
+    assert any(x.startswith("host_embeddings: the input-embedding table") for x in said)
+    assert any(x.startswith("activation_offloading: recomputed decoder layers") for x in said)
+
+    said.clear()
+    train(make_cfg(output_dir=str(tmp_path / "sdpa"), packed_attention="sdpa", **kw),
+          log=lambda m="", *a, **k: said.append(str(m)))
+    assert not any("(auto)" in x or x.startswith(("host_embeddings", "activation_offloading")) for x in said)
+
+    def never(*a, **k):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(load_mod, "load_model", never)
+    with pytest.raises(QvlError, match="activation_offloading: it needs packed rows with per_sample attention") as e:
+        train(make_cfg(packed_attention="sdpa", activation_offloading=True, **kw), log=quiet)
+    assert "packed_attention: per_sample" in e.value.fix
+
+

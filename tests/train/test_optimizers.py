@@ -120,6 +120,10 @@ def test_planner_counts_8bit_states_and_bf16_adapters(make_cfg):
     rec = type("Rec", (), {"changes": {"optim": "adamw8bit", "master_bf16": True, "fused_ce": True},
                            "total_gib": 22.5})()
     assert train_fix(rec, cfg) == "optim=adamw_8bit master_weights=bf16 fused_cross_entropy=true (→ 22.5 GiB)"
+    rec.changes = {"method": "qlora", "host_embeddings": True, "offload_activations": True,
+                   "quantization_targets": "llm,merger,vision"}  # the combination the planner names for 32B
+    assert train_fix(rec, cfg) == ("lora_enable=true tune_mm_llm=false quantization=nf4 host_embeddings=true "
+                                   "activation_offloading=true quantization_targets=[llm,merger,vision] (→ 22.5 GiB)")
 
 
 def test_planner_advises_8bit_states_for_a_lora_run_over_the_card():
@@ -147,3 +151,16 @@ def test_bf16_adapters_with_master_weights_bf16(make_cfg):
     assert saved and {t.dtype for t in saved.values()} == {torch.bfloat16}
     fp32 = train(make_cfg(**lora, output_dir=str(r.output_dir) + "-fp32"), log=quiet)
     assert {t.dtype for t in load_file(fp32.output_dir / "adapter_model.safetensors").values()} == {torch.float32}
+
+
+def test_resuming_with_another_optim_is_refused_with_the_fix(make_cfg):
+    """A checkpoint's 8-bit states load into torch AdamW without complaint and the first step fails on a missing
+    key (and the other way round): the resume says so instead."""
+    from qvl.errors import QvlError
+
+    lora = dict(lora_enable=True, lora_r=8, lora_alpha=16, tune_mm_llm=False, max_steps=2, save_steps=2)
+    train(make_cfg(**lora, optim="adamw_8bit"), log=quiet)
+    with pytest.raises(QvlError, match="optimizer states are bitsandbytes 8-bit AdamW's, this run's optimizer is "
+                                       "torch AdamW") as e:
+        train(make_cfg(**{**lora, "max_steps": 4}, optim="adamw_torch"), log=quiet)
+    assert "resume=false" in e.value.fix

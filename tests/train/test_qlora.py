@@ -298,3 +298,17 @@ def test_vision_target_takes_the_deepstack_mergers_too(tiny_model_dir, make_cfg)
     deepstack = len(model.model.visual.deepstack_merger_list)
     assert deepstack and done.layers["deepstack"] == 2 * deepstack and done.layers["merger"] == 2
     assert isinstance(model.model.visual.deepstack_merger_list[0].linear_fc1, bnb.nn.Linear4bit)
+
+
+def test_training_the_deepstack_mergers_of_a_quantised_tower_is_refused(make_cfg):
+    lora = {**QLORA, "quantization_targets": ["llm", "vision"], "lora_targets": ["llm", "vision"]}
+    with pytest.raises(QvlError, match="fully trains the DeepStack mergers") as e:
+        make_cfg(**lora, tune_mm_vision=True)
+    assert "tune_mm_vision: false" in e.value.fix
+    make_cfg(**lora, tune_mm_vision=False)  # vision LoRA on a quantised tower
+
+
+def test_quantising_without_the_llm_is_refused(make_cfg):
+    with pytest.raises(QvlError, match="leaves the LLM in 16 bits") as e:
+        make_cfg(**{**QLORA, "quantization_targets": ["vision"]})
+    assert "add llm" in e.value.fix

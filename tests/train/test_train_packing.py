@@ -187,14 +187,21 @@ def test_packed_attention_choice(monkeypatch):
         packed_attention_for("flash_attention_2", cpu)
     import importlib.util
 
-    if importlib.util.find_spec("flash_attn") is None:
-        cuda = torch.device("cuda", 0)
+    real_find_spec = importlib.util.find_spec
+    cuda = torch.device("cuda", 0)
+    for flash_attn_installed in (False, True):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: (
+            (object() if flash_attn_installed else None) if name == "flash_attn" else real_find_spec(name, *a, **k)))
         monkeypatch.setattr(packing, "_VARLEN", ("varlen", True, True))
-        assert packed_attention_for("auto", cuda, max_row_tokens=4 * 4096) == "per_sample"  # torch's varlen kernel
+        # torch's varlen kernel, what the fast path is built on, also when flash-attn is installed
+        assert packed_attention_for("auto", cuda, max_row_tokens=4 * 4096) == "per_sample"
         monkeypatch.setattr(packing, "_VARLEN", None)  # an older torch
-        assert packed_attention_for("auto", cuda, max_row_tokens=4 * 4096) == "sdpa"  # dense mask is small
-        assert packed_attention_for("auto", cuda, max_row_tokens=8 * 8192) == "flex"  # no L x L mask at long L
-        assert packed_attention_for("auto", cuda) == "flex"
+        if flash_attn_installed:
+            assert packed_attention_for("auto", cuda) == "flash_attention_2"
+        else:
+            assert packed_attention_for("auto", cuda, max_row_tokens=4 * 4096) == "sdpa"  # dense mask is small
+            assert packed_attention_for("auto", cuda, max_row_tokens=8 * 8192) == "flex"  # no L x L mask at long L
+            assert packed_attention_for("auto", cuda) == "flex"
 
 
 def test_config_keys(make_cfg):

@@ -100,7 +100,7 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
                                                                         "fp32 trained weights (master_weights: fp32)."),
           master_bf16: bool = typer.Option(False, "--master-bf16", help="master_weights: bf16. With --zero: bf16 "
                                            "master weights, gradients and AdamW states, 8 instead of 16 B per param; "
-                                           "LoRA without ZeRO: bf16 adapters, 6 B per param (or 4 with adamw8bit) "
+                                           "LoRA without ZeRO: bf16 adapters, 8 B per param (or 6 with adamw8bit) "
                                            "instead of 16."),
           fused_ce: bool = typer.Option(True, "--fused-ce/--no-fused-ce", help="The loss as `qvl train` computes it "
                                         "(fused_cross_entropy, its default): logits in chunks, never tokens × "

@@ -196,12 +196,33 @@ def _load_weights_and_optimizer(path: Path, model, optimizer) -> None:
     with torch.no_grad():
         for n, t in saved.items():
             params[n].copy_(t.to(params[n].dtype))
+    saved_optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    theirs, ours = _states_kind(saved_optim), _states_kind(optimizer.state_dict(), type(optimizer))
+    if theirs and ours and theirs != ours:  # loads without complaint, then the first step fails on a missing key
+        raise QvlError(f"the checkpoint's optimizer states are {theirs}'s, this run's optimizer is {ours}",
+                       where=str(path), fix="resume with the optim the checkpoint was written with, or start fresh "
+                       "with resume=false")
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        optimizer.load_state_dict(saved_optim)
     except ValueError as e:  # other parameter groups, e.g. weight_decay or a *_lr switched on since
         raise QvlError(f"the checkpoint's optimizer does not match this run's parameter groups ({e})", where=str(path),
                        fix="resume with the same weight_decay / vision_tower_lr / mm_projector_lr settings, or "
                        "start fresh with resume=false") from None
+
+
+def _states_kind(state_dict: dict, cls: type | None = None) -> str | None:
+    """Whose states an optimizer state dict holds: "torch AdamW" or "bitsandbytes 8-bit AdamW" (from its entries,
+    or from ``cls`` while it has none); None when it cannot tell."""
+    if cls is not None and cls.__module__.startswith("bitsandbytes"):
+        return "bitsandbytes 8-bit AdamW"
+    if cls is not None and issubclass(cls, torch.optim.AdamW):
+        return "torch AdamW"
+    for entry in state_dict.get("state", {}).values():
+        if "exp_avg" in entry:
+            return "torch AdamW"
+        if "state1" in entry or "__bnb_optimizer_quant_state__" in entry:
+            return "bitsandbytes 8-bit AdamW"
+    return None
 
 
 def holds_run(output_dir: Path) -> bool:

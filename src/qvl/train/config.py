@@ -343,6 +343,10 @@ class TrainConfig(BaseModel):
             if unknown or not self.quantization_targets:
                 bad("quantization_targets", f"unknown or no quantization target(s) {unknown}",
                     f"use any of {list(QUANT_COMPONENTS)}")
+            if "llm" not in self.quantization_targets:  # QLoRA is LoRA on a quantised LLM (the planner's model too)
+                bad("quantization_targets", f"quantization_targets={self.quantization_targets} leaves the LLM in "
+                    "16 bits: quantisation here is for LoRA on a 4-bit (or 8-bit) LLM", "add llm "
+                    "(quantization_targets: [llm, vision]), or quantization: null")
             problem = config_problem(self)
             if problem:
                 bad(*problem)

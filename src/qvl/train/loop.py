@@ -459,12 +459,32 @@ def longest_planned_row(plan: Plan, cfg: TrainConfig, steps: int = 2000) -> int 
     return graph_row_length(longest, cfg.cuda_graphs_row_multiple) if cfg.cuda_graphs is not False else longest
 
 
+HOST_LEVERS_FIX = "data_flatten: true, packed_attention: per_sample (auto on a GPU with torch >= 2.10), one GPU or DDP"
+
+
+def host_levers_refusal(cfg: TrainConfig, device: torch.device) -> str:
+    """Why ``host_embeddings`` / ``activation_offloading`` cannot apply to ``cfg`` on ``device`` ('' when they can):
+    both work on the packed-row path (per_sample attention, qvl's row forward: one GPU or DDP)."""
+    from qvl.data.packing import PER_SAMPLE_ATTENTION
+
+    packed = cfg.data_flatten or cfg.data_packing
+    if not packed or packed_attention_for(cfg.packed_attention, device, cfg.longest_row()) not in (
+            "per_sample", PER_SAMPLE_ATTENTION):
+        return "it needs packed rows with per_sample attention"
+    if cfg.engine != "ddp":
+        return f"it runs on one GPU or under DDP, not under {cfg.engine}"
+    return ""
+
+
 def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int | None = None) -> str:
     """The attention for packed rows.
 
-    ``auto``: flash_attention_2 if importable; else sdpa on CPU; on CUDA ``per_sample`` (one flash-attention
-    varlen call per layer, torch >= 2.10: 4,549 vs 3,260 tok/s for sdpa's dense block-diagonal mask, 8B LoRA on
-    an H100, docs/benchmarks.md), else sdpa while rows stay within DENSE_MASK_MAX_TOKENS and flex beyond.
+    ``auto``: sdpa on CPU; on CUDA ``per_sample`` (one flash-attention varlen call per layer, torch >= 2.10:
+    4,549 vs 3,260 tok/s for sdpa's dense block-diagonal mask, 8B LoRA on an H100, docs/benchmarks.md), the one
+    the fast path (row forward, compiled layers, CUDA graphs, activation offloading) is built on; with an older
+    torch, flash_attention_2 if flash-attn is importable, else sdpa while rows stay within DENSE_MASK_MAX_TOKENS
+    and flex beyond. (flash-attn installed used to win over per_sample, turning the fast path off for everyone who
+    installs it, as the official recipe asks.)
     """
     import importlib.util
 
@@ -474,10 +494,10 @@ def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int 
     if choice == "auto":
         if device.type != "cuda":
             return "sdpa"
-        if has_fa:
-            return "flash_attention_2"
         if varlen_available():
             return "per_sample"
+        if has_fa:
+            return "flash_attention_2"
         return "sdpa" if max_row_tokens is not None and max_row_tokens <= DENSE_MASK_MAX_TOKENS else "flex"
     if choice == "flash_attention_2" and not has_fa:
         raise QvlError("packed_attention=flash_attention_2 but flash-attn is not installed", where="packed_attention",
@@ -742,11 +762,24 @@ def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
     _setup_model(run)
     _setup_fast_path(run)
     _setup_loss_module(run)
-    _setup_engine(run)
-    _resume(run)
-    _warm_up(run)
-    _run_steps(run, callbacks)
+    try:
+        _setup_engine(run)
+        _resume(run)
+        _warm_up(run)
+        _run_steps(run, callbacks)
+    finally:
+        _put_back(run)
     return _save_final(run)
+
+
+def _put_back(run: Run) -> None:
+    """The host-memory levers undone, also when the run fails (benchmarks and tests train the model object again):
+    the embedding table back on the device, no offload hooks on the decoder stack."""
+    from qvl.data.packing import language_model
+
+    if run.host_table is not None:
+        host.embeddings_to_device(run.model, run.device)
+    offload.remove(language_model(run.model))
 
 
 def _setup_run(cfg: TrainConfig, log) -> Run:
@@ -809,7 +842,16 @@ def _setup_data(run: Run) -> None:
     if cfg.gradient_checkpointing_scope == "auto":  # resolved before the preflight: the plan counts what it keeps
         cfg = cfg.model_copy(update={"gradient_checkpointing_scope": "layer"})
     asked = cfg
-    cfg, levers = auto_levers(cfg, world_size=dist.world_size, records=records, row_tokens=longest_row)
+    why_not = host_levers_refusal(cfg, run.device)  # the host-memory levers need the packed-row path
+    for key in ("host_embeddings", "activation_offloading"):
+        if getattr(cfg, key) is True and why_not:  # asked for: refused before anything loads
+            raise QvlError(f"{key}: {why_not}", where=key, fix=f"{HOST_LEVERS_FIX}, or {key}: false")
+    if cfg.activation_offloading is True and not cfg.gradient_checkpointing:
+        raise QvlError("activation_offloading: it moves what recomputed layers keep, and gradient_checkpointing is "
+                       "off", where="activation_offloading",
+                       fix="gradient_checkpointing: true, or activation_offloading: false")
+    cfg, levers = auto_levers(cfg, world_size=dist.world_size, records=records, row_tokens=longest_row,
+                              applies=not why_not)
     if levers:
         say(levers)
     run.auto_on = {key for key in ("host_embeddings", "activation_offloading")
@@ -911,7 +953,7 @@ def _setup_model(run: Run) -> None:
         for p in trainable:  # peft made the adapters fp32 (autocast_adapter_dtype): back to the model's dtype
             p.data = p.data.to(load_dtype)
         say("master_weights=bf16: LoRA adapters, their gradients and optimizer states in bf16 "
-            "(6 bytes per adapter parameter with AdamW, 4 with optim=adamw_8bit, instead of 16); updates below bf16's "
+            "(8 bytes per adapter parameter with AdamW, 6 with optim=adamw_8bit, instead of 16); updates below bf16's "
             "resolution (~0.4 % of a weight) are lost")
     if cfg.lora_enable and cfg.bf16:  # autocast rounds LoRA inputs to bf16 anyway: no fp32 copy on the way
         comp.lora_inputs_stay_16bit(model)
@@ -1029,10 +1071,8 @@ def _setup_loss_module(run: Run) -> None:
             host_table = None if why else host.embeddings_to_host(model)
         except ValueError as e:
             why = str(e)
-        if why and "host_embeddings" in run.auto_on:
-            say(f"host_embeddings (auto) stays off: {why}")
-        elif why:
-            raise QvlError(f"host_embeddings: {why}", where="host_embeddings", fix="host_embeddings: false")
+        if why:
+            _lever_unavailable(run, "host_embeddings", why)
         else:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -1043,11 +1083,8 @@ def _setup_loss_module(run: Run) -> None:
         why = ("it needs gradient checkpointing" if not cfg.gradient_checkpointing
                else "it needs packed rows with per_sample attention"
                if not (run.packed and per_sample and loss_module.row_forward) else "")
-        if why and "activation_offloading" in run.auto_on:
-            say(f"activation_offloading (auto) stays off: {why}")
-        elif why:
-            raise QvlError(f"activation_offloading: {why}", where="activation_offloading",
-                           fix="activation_offloading: false")
+        if why:
+            _lever_unavailable(run, "activation_offloading", why)
         else:
             from qvl.data.packing import language_model
 
@@ -1056,6 +1093,18 @@ def _setup_loss_module(run: Run) -> None:
                 "way per layer and step)")
     run.loss_module, run.gemm_multiple, run.media_multiple, run.host_table = (loss_module, gemm_multiple,
                                                                               media_multiple, host_table)
+
+
+def _lever_unavailable(run: Run, key: str, why: str) -> None:
+    """A host-memory lever this run cannot take after all: an error, since the memory plan counted it (with
+    force=true, a line and the run goes on without it)."""
+    auto = key in run.auto_on
+    if auto and run.cfg.force:
+        run.say(f"{key} (auto) stays off: {why}; force=true: trying without it")
+        return
+    raise QvlError(f"{key}{' (auto: the memory plan needs it)' if auto else ''}: {why}", where=key,
+                   fix=f"{key}: false" + (" and a run that fits without it, or force=true to try anyway" if auto
+                                          else ""))
 
 
 def _setup_engine(run: Run) -> None:
@@ -1303,11 +1352,6 @@ def _run_steps(run: Run, callbacks) -> None:
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, cfg, run.use_graphs, run.ckpt_ratio) from e
     finally:  # the recordings' memory goes back (benchmarks train the same model object again)
-        if host_table is not None:
-            host.embeddings_to_device(model, device)
-        from qvl.data.packing import language_model
-
-        offload.remove(language_model(model))
         if decoder_graphs is not None:
             say(f"cuda_graphs: {decoder_graphs.summary()}")
             decoder_graphs.close()

@@ -156,7 +156,7 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
             out.append("host_embeddings=true")
         elif key == "offload_activations" and value:
             out.append("activation_offloading=true")
-        elif key == "quantization_targets" and cfg.quantization:
+        elif key == "quantization_targets" and (cfg.quantization or rec.changes.get("method") == "qlora"):
             out.append(f"quantization_targets=[{value}]")
         elif key == "method" and value == "lora":
             out += ["lora_enable=true", "tune_mm_llm=false"]
@@ -205,22 +205,23 @@ AUTO_LEVERS = (("host_embeddings", "host_embeddings"), ("activation_offloading",
 
 
 def auto_levers(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None = None,
-                row_tokens: int | None = None) -> tuple[TrainConfig, str | None]:
+                row_tokens: int | None = None, applies: bool = True) -> tuple[TrainConfig, str | None]:
     """``cfg`` with its ``auto`` memory levers (``host_embeddings``, ``activation_offloading``) resolved to true or
     false, and a line saying what was turned on: each stays off unless the run does not fit the card without it
-    and it is needed (with the ones before it) to fit. Off where they do not apply: several processes, padded
-    batches, no gradient checkpointing (offloading), no plan."""
+    and it is needed (with the ones before it) to fit. Off where they do not apply (``applies``: the packed-row path,
+    :func:`qvl.train.loop.host_levers_refusal`; several processes; no gradient checkpointing, for offloading) and
+    without a plan."""
     autos = [(key, plan_key) for key, plan_key in AUTO_LEVERS if getattr(cfg, key) == "auto"]
     cfg = cfg.model_copy(update={key: False for key, _ in autos})
     packed = cfg.data_flatten or cfg.data_packing
-    if not autos or world_size > 1 or not packed:
+    if not autos or world_size > 1 or not packed or not applies:
         return cfg, None
     if plan_fits(cfg, world_size, records, gpu, row_tokens) is not False:
         return cfg, None
     tried = cfg
     for key, _ in autos:
-        if key == "activation_offloading" and not cfg.gradient_checkpointing:
-            continue
+        if key == "activation_offloading" and (not cfg.gradient_checkpointing or cfg.cuda_graphs is True):
+            continue  # nothing recomputed to offload; or CUDA graphs asked for, which keep the inputs themselves
         tried = tried.model_copy(update={key: True})
         if plan_fits(tried, world_size, records, gpu, row_tokens):
             on = [k for k, _ in AUTO_LEVERS if getattr(tried, k) is True and getattr(cfg, k) is not True]

@@ -85,6 +85,11 @@ def config_problem(cfg) -> tuple[str, str, str] | None:
         return None
     flags = {"llm": "tune_mm_llm", "vision": "tune_mm_vision", "merger": "tune_mm_mlp"}
     for part in cfg.quantization_targets:
+        if part == "vision" and cfg.tune_mm_vision:  # its DeepStack mergers (quantised with it) have no LoRA target
+            return ("tune_mm_vision", "tune_mm_vision=true fully trains the DeepStack mergers, which quantization="
+                    f"{cfg.quantization} stores with the vision tower in {4 if cfg.quantization == 'nf4' else 8} "
+                    "bits (they cannot be updated)", "tune_mm_vision: false (vision LoRA still trains the tower's "
+                    "blocks through lora_targets), or remove vision from quantization_targets")
         if getattr(cfg, flags[part]) and part not in cfg.lora_components:
             return (flags[part], f"{flags[part]}=true fully fine-tunes the {part}, whose weights quantization="
                     f"{cfg.quantization} stores in {4 if cfg.quantization == 'nf4' else 8} bits (they cannot be "
