@@ -1090,15 +1090,18 @@ def print_table(summary: dict) -> None:
         print(f"{name:<16}{r['tokens_per_s']:>9.0f}{r.get('samples_per_s', nan):>11.2f}{r.get('step_s', nan):>8.3f}"
               f"{peak:>10}{res:>10}"
               f"{r['mfu']:>7.1%}{r['final_loss_mean5']:>13.4f}  {r.get('gradient_checkpointing')}")
-    for name, c in summary.get("cli", {}).items():
-        r = summary["contestants"][name]
+    for name, r in summary["contestants"].items():  # the CLI rows, with or without a baseline in this call
+        if "time_to_first_step_s" not in r or "error" in r:
+            continue
+        c = summary.get("cli", {}).get(name)
         first = r.get("time_to_first_step_s")
-        print(f"{name:<28} steady {r['tokens_per_s']:>7.0f} tok/s ({c['speedup']:.2f}x {c['vs']}), whole run "
+        vs = f"{c['speedup']:.2f}x {c['vs']}" if c else "no baseline timed in this call"
+        loss_vs = (f" ({c['loss_last5_vs_baseline']:+.2%} vs {c['loss_vs']})"
+                   if c and c["loss_last5_vs_baseline"] is not None else "")
+        print(f"{name:<28} steady {r['tokens_per_s']:>7.0f} tok/s ({vs}), whole run "
               f"{r.get('whole_run_tokens_per_s', 0):.0f} tok/s, first step at {first if first is None else round(first)} s, "
               f"peak {r.get('peak_gib') or 0:.1f} GiB (reserved {r.get('peak_reserved_gib') or 0:.1f}), "
-              f"MFU {r['mfu']:.1%}, loss last5 {r['final_loss_mean5']:.4f}"
-              + (f" ({c['loss_last5_vs_baseline']:+.2%} vs {c['loss_vs']})" if c["loss_last5_vs_baseline"] is not None
-                 else ""))
+              f"MFU {r['mfu']:.1%}, loss last5 {r['final_loss_mean5']:.4f}{loss_vs}")
     if "speedup" in summary:
         print(f"speedup ({summary['qvl']['row']}, the baseline's targets, within its memory, vs baseline): "
               f"{summary['speedup']:.2f}x")
