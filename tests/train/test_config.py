@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qvl.errors import QvlError
@@ -135,3 +137,21 @@ def test_save_strategy_no_from_yaml_and_command_line(tmp_path):
     assert load_config(f).save_strategy == "no"
     assert load_config(f, parse_overrides(["save_strategy=no"])[1]).save_strategy == "no"
     assert load_config(f, parse_overrides(["save_strategy=steps"])[1]).save_strategy == "steps"
+
+
+def test_cli_dry_run_plans_the_shipped_24gb_qlora_run(monkeypatch):
+    """`qvl train examples/qlora_32b_24gb.yaml --dry-run` on a 24 GB card: nothing loads, the auto host-memory levers
+    turn on as the run would turn them on, and the plan fits (what the YAML's header claims); on a 16 GB card it does
+    not (exit code 1)."""
+    from typer.testing import CliRunner
+
+    from qvl.cli.main import app
+
+    example = str(Path(__file__).resolve().parents[2] / "examples" / "qlora_32b_24gb.yaml")
+    monkeypatch.setenv("COLUMNS", "200")
+    r = CliRunner().invoke(app, ["train", example, "--dry-run", "gpu_mem=23.6GiB"])
+    assert r.exit_code == 0, r.output
+    assert "host_embeddings=true and activation_offloading=true (auto)" in r.output
+    assert "memory preflight: fits: 23.0 GiB of 23.6 GiB" in r.output and "the data is not read" in r.output
+    r = CliRunner().invoke(app, ["train", example, "--dry-run", "gpu_mem=16GiB"])
+    assert r.exit_code == 1 and "does not fit" in r.output

@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
     @friendly
     def train(ctx: typer.Context,
               config: Path = typer.Argument(..., help="YAML config (see examples/*.yaml)."),
-              dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and print it; train nothing.")):
+              dry_run: bool = typer.Option(False, "--dry-run", help="Check the config, print it and its memory plan "
+                                           "on the card (gpu_mem=24GiB or QVL_GPU=rtx4090 names one); train nothing.")):
         """Train as CONFIG.yaml says. Any key can be overridden: `key=value` or `--key value`.
 
         Re-running the same command resumes from the newest complete checkpoint in output_dir;
@@ -34,8 +35,18 @@ def register(app: typer.Typer) -> None:
 
             raise QvlError(f"unexpected argument(s) {positional}", fix="overrides look like key=value or --key value")
         cfg = load_config(config, overrides)
-        if dry_run:
+        if dry_run:  # the config as it will run, then its memory plan on the card (nothing loads)
             typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+            from qvl.train.preflight import dry_run as plan_dry_run
+
+            typer.echo("")
+            pf = plan_dry_run(cfg, say=typer.echo)
+            if pf is not None and pf.plan is not None:
+                from qvl.plan.report import render
+
+                render(pf.plan)
+                if not pf.plan.fits:
+                    raise typer.Exit(1)
             return
         from qvl.train import distributed
 

@@ -46,7 +46,8 @@ def render(plan: Plan, console=None) -> None:
         console.print(f"largest batch that fits (at seq-len {s['seq_len']:,}): {plan.max_batch_that_fits or 0}; "
                       f"largest seq-len that fits (at batch {s['batch']}): {plan.max_seq_len_that_fits or 0:,}")
         if plan.cpu_ram_gib:
-            console.print(f"CPU RAM for offloaded states: {plan.cpu_ram_gib:.1f} GiB per GPU")
+            console.print(f"host RAM for what is offloaded (states, weights, layer inputs): {plan.cpu_ram_gib:.1f} GiB "
+                          "per GPU")
     color = "green" if plan.fits else "red"
     console.print(f"[bold {color}]{plan.verdict}[/bold {color}]")
     for w in plan.warnings:

@@ -231,7 +231,7 @@ def auto_levers(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | No
 
 
 def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: str | None = None,
-          row_tokens: int | None = None):
+          row_tokens: int | None = None, rows_from: str = "the longest this data makes"):
     """Run the preflight: print its one line; raise QvlError (numbers + fix) when it will not fit, unless ``force``.
 
     ``row_tokens``: packed rows, the longest the run's data makes (:func:`qvl.train.loop.longest_planned_row`):
@@ -259,7 +259,7 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
         say(f"memory preflight skipped: {e.what}")
         return None
     plan = pf.plan
-    rows = f" (packed rows up to {row_tokens:,} tokens, the longest this data makes)" if kw["batch"] == 1 and \
+    rows = f" (packed rows up to {row_tokens:,} tokens, {rows_from})" if kw["batch"] == 1 and \
         row_tokens == kw["seq_len"] else ""
     if plan.fits:
         say(pf.message + rows)
@@ -327,3 +327,26 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
     return ratio, budget, (f"{shape.layers - kept} of {shape.layers} layers recomputed: {kept} kept{how} at "
                            f"{layer / 2**30:.2f} GiB each (rows up to {row_tokens:,} tokens) within "
                            f"{AUTO_CHECKPOINT_BUDGET:.0%} of {plan.gpu_total_gib:.1f} GiB")
+
+
+def dry_run(cfg: TrainConfig, say=print, gpu: str | None = None):
+    """`qvl train CONFIG --dry-run`'s memory part: what the run would plan on its card (``gpu_mem`` /
+    ``$QVL_GPU`` / ``$QVL_GPU_MEM``, else the GPU here) without reading the data or loading anything: rows of the
+    longest a micro-batch can make, the ``auto`` host-memory levers resolved as the run would resolve them on a GPU,
+    and the preflight's line. Returns the :class:`qvl.plan.Preflight` (None when there is no card or no known model
+    shape; the reason is said)."""
+    import torch
+
+    from qvl.train.loop import host_levers_refusal
+
+    row_tokens = cfg.longest_row()
+    cuda = torch.device("cuda")  # the levers as the run would choose them there, also from a CPU machine
+    cfg, line = auto_levers(cfg, row_tokens=row_tokens, gpu=gpu, applies=not host_levers_refusal(cfg, cuda))
+    if line:
+        say(line)
+    try:
+        return check(cfg.model_copy(update={"force": True}), say=say, gpu=gpu, row_tokens=row_tokens,
+                     rows_from="the longest a micro-batch can make: the data is not read")
+    except QvlError as e:  # not expected with force; said rather than raised: a dry run reports
+        say(f"memory preflight: {e.what}")
+        return None
