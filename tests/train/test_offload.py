@@ -151,6 +151,13 @@ def test_auto_turns_levers_on_only_when_the_plan_needs_them(make_cfg, monkeypatc
     assert (got.host_embeddings, got.activation_offloading) == (True, False)  # what the user set stays
     got, _ = preflight.auto_levers(cfg, world_size=2)
     assert (got.host_embeddings, got.activation_offloading) == (False, False)  # several processes: off
+    # 4B ties its embedding table to the LM head: it cannot move, so auto never picks it there
+    fits_when = lambda c: c.activation_offloading is True  # noqa: E731
+    tied = make_cfg(model_name_or_path="Qwen/Qwen3-VL-4B-Instruct", lora_enable=True, tune_mm_llm=False,
+                    gradient_checkpointing=True)
+    got, line = preflight.auto_levers(tied)
+    assert (got.host_embeddings, got.activation_offloading) == (False, True)
+    assert line.startswith("activation_offloading=true (auto)")
 
 
 def test_planner_counts_host_levers():

@@ -218,10 +218,14 @@ def auto_levers(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | No
         return cfg, None
     if plan_fits(cfg, world_size, records, gpu, row_tokens) is not False:
         return cfg, None
+    shape = model_for_plan(cfg.model_name_or_path)
+    table_stays = shape is None or shape.tied or (cfg.tune_mm_llm and not cfg.lora_enable)  # tied, or it trains
     tried = cfg
     for key, _ in autos:
         if key == "activation_offloading" and (not cfg.gradient_checkpointing or cfg.cuda_graphs is True):
             continue  # nothing recomputed to offload; or CUDA graphs asked for, which keep the inputs themselves
+        if key == "host_embeddings" and table_stays:
+            continue
         tried = tried.model_copy(update={key: True})
         if plan_fits(tried, world_size, records, gpu, row_tokens):
             on = [k for k, _ in AUTO_LEVERS if getattr(tried, k) is True and getattr(cfg, k) is not True]
