@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-dir", default=None, help="where the server's log goes (default: next to --json)")
     ap.add_argument("--json", default="bench/results/serve.json")
     args = ap.parse_args(argv)
+    own = {"--model", "--max-batch-size", "--max-model-len", "--kv-cache-gib", "--cpu-only"}
+    clash = sorted(own & {a.split("=")[0] for a in shlex.split(args.server_args)})
+    if clash:  # the benchmark plans and reports with its own values of these: set them through its flags
+        ap.error(f"--server-args may not set {', '.join(clash)}: use this benchmark's own flag (the memory plan and "
+                 "the report follow it)")
     if args.smoke:
         args.cpu = True
         args.clients, args.rates, args.rate_requests, args.tokens = "1,4", "20", 6, 6
