@@ -212,3 +212,25 @@ def test_the_loop_turns_on_what_auto_chose(make_cfg, tmp_path, monkeypatch):
     assert "packed_attention: per_sample" in e.value.fix
 
 
+
+
+def test_the_shipped_24gb_qlora_run_with_its_host_levers_trains_like_without(tiny_model_dir, colour_data, tmp_path):
+    """examples/qlora_32b_24gb.yaml as shipped (NF4 LLM, tower and mergers, bf16 adapters, 8-bit AdamW) on the tiny
+    model: with the two host-memory levers the preflight turns on for a 24 GB card, the losses of the run without."""
+    pytest.importorskip("bitsandbytes")
+    from pathlib import Path
+
+    from qvl.train.config import load_config
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "qlora_32b_24gb.yaml"
+
+    def run(name, on):
+        cfg = load_config(example, {"model_name_or_path": str(tiny_model_dir), "dataset_use": colour_data,
+                                    "dataset_registry": None, "output_dir": str(tmp_path / name), "max_steps": 3,
+                                    "save_strategy": "no", "report_to": "none", "max_pixels": 4096,
+                                    "min_pixels": 4096, "packed_attention": "per_sample",
+                                    "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                                    "host_embeddings": on, "activation_offloading": on})
+        return train(cfg, log=quiet).losses
+
+    assert run("with", True) == pytest.approx(run("without", False), rel=1e-5)
