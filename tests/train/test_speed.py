@@ -256,6 +256,44 @@ def _compiled_equals(model, lm, steps, ref, scope: str, check) -> int:
     return graphs
 
 
+def test_what_cannot_compile_runs_eagerly_said_in_one_line(tmp_path, caplog):
+    """compile_layers auto (dynamo's suppress_errors): a function the backend fails on runs eagerly and gives the
+    same output; dynamo's pages of traceback are kept from the log, and the loop says one line naming the function
+    and the backend's own error, with the whole text in the output folder's compile_errors.log."""
+    import logging
+    import types
+
+    import torch._dynamo
+
+    def failing_backend(gm, example_inputs):  # as inductor's partitioner failed on a GPU (2026-12-05)
+        raise AssertionError("Node add_601 was invalid, but is output")
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    want = layer(x)
+    failures = compile.CompileFailures().attach()
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(suppress_errors=True), caplog.at_level(logging.WARNING):
+            layer.compile(backend=failing_backend)
+            got = layer(x)
+    finally:
+        failures.detach()
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+    assert not [r for r in caplog.records if "WON'T CONVERT" in r.getMessage()]
+    lines = []
+    run = types.SimpleNamespace(compile_failures=failures, is_main=True, out=tmp_path, say=lines.append)
+    loop._say_compile_failures(run)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("compile_layers: torch.compile could not build ")
+    assert "AssertionError: Node add_601 was invalid, but is output" in lines[0] and "runs eagerly" in lines[0]
+    log = (tmp_path / loop.COMPILE_ERRORS).read_text()
+    assert "WON'T CONVERT" in log and "Traceback" in log
+    loop._say_compile_failures(run)  # each failure said once
+    assert len(lines) == 1
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "per_sample"])
 def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, attention):
     """aot_eager on CPU (dynamo + AOTAutograd, the parts inductor builds on): same loss and grads, and rows of

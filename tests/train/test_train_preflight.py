@@ -161,6 +161,9 @@ def test_auto_budget_for_compiled_layers(make_cfg):
         assert (ratio, got) == (0.0, budget), why
     ratio, got, why = auto_checkpoint_ratio(cfg, card(1.5 * per_layer[0.8]), row_tokens=1024, compiled=True)
     assert (ratio, got) == ((n - 1) / n, 0.8) and "activation_memory_budget 0.8" in why, why
+    # no room for one kept layer: every layer recomputed whole, and no budget (it would govern nothing)
+    ratio, got, why = auto_checkpoint_ratio(cfg, card(0.5 * per_layer[0.8]), row_tokens=1024, compiled=True)
+    assert (ratio, got) == (1.0, None) and "activation_memory_budget" not in why, why
 
 
 def test_memory_cap_names_the_card_to_fit(make_cfg, monkeypatch):

@@ -6,11 +6,16 @@
 * :func:`compile_choice` — ``compile_layers`` (``auto`` / true / false) resolved for a run, with why.
 * :func:`uncompile` — all of the above undone (benchmarks reuse one model for several runs).
 * :func:`compile_seconds` — the time compilation took so far (the first step's line splits its time with it).
+* :class:`CompileFailures` — what could not compile and runs eagerly instead, one line each, not pages of traceback.
 
 Tested on CPU against the plain path (tests/train/test_speed.py); measured effects are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
 
 import torch
 
@@ -155,3 +160,45 @@ def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, 
         return False, ("auto: per_sample attention runs without the flash varlen kernel here (it needs torch >= 2.10 "
                        "and bf16): compiled, it would build an L x L mask per layer")
     return True, "auto"
+
+
+DYNAMO_LOG = "torch._dynamo.convert_frame"  # where dynamo warns "WON'T CONVERT" when it suppresses an error
+
+
+class CompileFailures(logging.Filter):
+    """The functions dynamo could not compile under ``suppress_errors`` (``compile_layers: auto``): each then runs
+    eagerly, and dynamo warns with pages of traceback in the middle of the progress lines. Attached to dynamo's
+    logger (:meth:`attach`), this keeps them instead: :meth:`take` hands each new one over once, as
+    (function, reason, full text), for the loop to say in one line and write out whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures: list[tuple[str, str, str]] = []
+        self.taken = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("WON'T CONVERT"):
+            return True
+        words = message.splitlines()[0].split()  # WON'T CONVERT <name> <file> [line <n>]
+        where = Path(words[3]).name + (f":{words[-1]}" if words[-2:-1] == ["line"] else "") if len(words) > 3 else ""
+        name = f"{words[2]} ({where})" if len(words) > 2 else "a function"
+        error = record.exc_info[1] if record.exc_info else None
+        inner = getattr(error, "inner_exception", None) or error  # the backend's own error, not dynamo's wrapper
+        reason = (f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}" if inner is not None
+                  else message.strip().splitlines()[-1])
+        text = message + ("\n" + "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else "")
+        self.failures.append((name, reason, text))
+        return False
+
+    def attach(self) -> "CompileFailures":
+        logging.getLogger(DYNAMO_LOG).addFilter(self)
+        return self
+
+    def detach(self) -> None:
+        logging.getLogger(DYNAMO_LOG).removeFilter(self)
+
+    def take(self) -> list[tuple[str, str, str]]:
+        new = self.failures[self.taken:]
+        self.taken = len(self.failures)
+        return new

@@ -731,6 +731,7 @@ class Run:
     compiling: bool = False
     use_graphs: bool = False
     row_multiple: int = 0
+    compile_failures: compile.CompileFailures | None = None  # what runs eagerly after all (compile_layers auto)
     # _setup_loss_module
     loss_module: LossModule | None = None
     gemm_multiple: int = 0
@@ -780,6 +781,8 @@ def _put_back(run: Run) -> None:
     if run.host_table is not None:
         host.embeddings_to_device(run.model, run.device)
     offload.remove(language_model(run.model))
+    if run.compile_failures is not None:
+        run.compile_failures.detach()
 
 
 def _setup_run(cfg: TrainConfig, log) -> Run:
@@ -1010,6 +1013,7 @@ def _setup_fast_path(run: Run) -> None:
     memory_budget = run.memory_budget
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
         n = compile.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
+        run.compile_failures = compile.CompileFailures().attach() if cfg.compile_layers == "auto" else None
         what = ("whole decoder layers, recompute inside" if cfg.compile_scope == "layer"
                 else "each layer's norms, attention and MLP")
         from qvl.train import row_forward
@@ -1246,6 +1250,23 @@ def first_step_line(since_start: float, load: float, ahead: float, step: float, 
     return f"first step done {since_start:.0f} s after start ({'; '.join(parts)})"
 
 
+COMPILE_ERRORS = "compile_errors.log"
+
+
+def _say_compile_failures(run: Run) -> None:
+    """One line for each function torch.compile gave up on since the last step (it runs eagerly: the run goes on,
+    slower); the full error goes to the output folder's compile_errors.log."""
+    failures = run.compile_failures.take() if run.compile_failures is not None else []
+    if not failures or not run.is_main:
+        return
+    path = run.out / COMPILE_ERRORS
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(text.rstrip() + "\n\n" for _, _, text in failures)
+    for name, reason, _ in failures:
+        run.say(f"compile_layers: torch.compile could not build {name}: {reason}. It runs eagerly (slower than "
+                f"compiled; the run goes on); the full error is in {path}. compile_layers=false skips trying")
+
+
 def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: tuple, n_labels: float, n_tokens: int,
             step_lrs: dict) -> dict:
     """Read a finished step's loss and gradient norm (``queued`` by :func:`host.queue_host_read` at the end of
@@ -1260,6 +1281,7 @@ def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: t
         metrics["grad_norm"] = grad_norm
     for name, lr in step_lrs.items():
         metrics[f"lr/{name}"] = lr
+    _say_compile_failures(run)
     step_row = run.tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
                                 log_now=done % cfg.logging_steps == 0 or done == plan.total_steps,
                                 warm=warm_events.since_last())

@@ -326,8 +326,13 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
         layer = per_token * row_tokens
     ratio = ratio_for_memory(shape.layers, free, layer)
     kept = shape.layers - round(ratio * shape.layers)
-    how = "" if not compiled else (" (the compiler's own partition)" if budget is None
-                                   else f" (activation_memory_budget {budget:g})")
+    if not kept:
+        # the budget governs what a kept layer saves; with every layer recomputed whole it only risks the
+        # partitioner: inductor failed on the 8B layer at 0.8 with recompute inside (2026-12-05, H200 emulating a
+        # 24 GB card, bench/results/train_cli_24gb.json) and the layers ran eagerly
+        budget = None
+    how = "" if not compiled or not kept else (" (the compiler's own partition)" if budget is None
+                                               else f" (activation_memory_budget {budget:g})")
     return ratio, budget, (f"{shape.layers - kept} of {shape.layers} layers recomputed: {kept} kept{how} at "
                            f"{layer / 2**30:.2f} GiB each (rows up to {row_tokens:,} tokens) within "
                            f"{AUTO_CHECKPOINT_BUDGET:.0%} of {plan.gpu_total_gib:.1f} GiB")
