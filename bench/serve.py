@@ -181,8 +181,11 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
             print(f"  server, to the first token: {_stages_line(stages[f'rate_{rate:g}'])}", flush=True)
             save()
         if plan["turns"]:
-            out["turns"] = turns(url, plan["turn_work"], plan["turns"])
-            print(f"turns: {out['turns']}", flush=True)
+            out["turns"] = turns(url, plan["turn_work"], plan["turns"], server.url)
+            print(f"turns: { {k: v for k, v in out['turns'].items() if k != 'server'} }", flush=True)
+            for turn, runs in out["turns"].get("server", {}).items():
+                if runs:  # the last conversation's: the first may still meet new shapes
+                    print(f"  {turn}, server: {runs[-1]['stages_ms']} ms; reused {runs[-1]['reused']}", flush=True)
         out["server_alive_after"] = server.alive()
         out["server_rss_gib"] = server.rss_bytes() / 2**30
     out["peak_gpu_memory_gib"] = memory.peak_mib / 1024 if memory.peak_mib else None
@@ -200,24 +203,36 @@ def turn_bodies(work: Workload, image: bytes) -> tuple[dict, dict]:
     return first, {**first, "messages": history + [{"role": "user", "content": FOLLOW_UP}]}
 
 
-def turns(url: str, work: Workload, images: list[bytes]) -> dict:
-    """TTFT of turn 1 (a new image) and turn 2 (the image, the answer, a follow-up), one conversation at a time."""
+def turns(url: str, work: Workload, images: list[bytes], base_url: str | None = None) -> dict:
+    """TTFT of turn 1 (a new image) and turn 2 (the image, the answer, a follow-up), one conversation at a time.
+    ``base_url`` (the server's): each turn's own split of its time to first token (ms), and what the server reused
+    for it (prompt tokens not prefilled again, images not encoded again), from its /debug/stages."""
     import statistics
 
-    first, second, prompts = [], [], None
+    ttft, tokens, splits = {"turn1": [], "turn2": []}, {}, {"turn1": [], "turn2": []}
+    reuse = (server_stages(base_url).get("reuse") or {}) if base_url else {}  # the window starts here
     for image in images:
         body1, body2 = turn_bodies(work, image)
-        r1 = asyncio.run(run_staggered(url, [body1], 0.0))[0]
-        r2 = asyncio.run(run_staggered(url, [body2], 0.0))[0]
-        if not (r1.ok and r2.ok):
-            return {"error": r1.error or r2.error}
-        first.append(r1.ttft)
-        second.append(r2.ttft)
-        prompts = [r1.prompt_tokens, r2.prompt_tokens]
-    t1, t2 = statistics.median(first), statistics.median(second)
-    return {"image": f"{work.size[0]}x{work.size[1]}", "conversations": len(images), "prompt_tokens": prompts,
-            "turn1_answer_chars": len(TURN1_ANSWER), "turn1_ttft_s": t1, "turn2_ttft_s": t2,
-            "turn2_vs_turn1": t2 / t1, "turn1_ttft_all_s": first, "turn2_ttft_all_s": second}
+        for turn, body in (("turn1", body1), ("turn2", body2)):
+            r = asyncio.run(run_staggered(url, [body], 0.0))[0]
+            if not r.ok:
+                return {"error": r.error}
+            ttft[turn].append(r.ttft)
+            tokens[turn] = r.prompt_tokens
+            if base_url:
+                s = server_stages(base_url)
+                now = s.get("reuse") or {}
+                splits[turn].append({"stages_ms": {k: round(v["p50_ms"], 1) for k, v in s.get("stages", {}).items()},
+                                     "reused": {k: now[k] - reuse.get(k, 0) for k in now}})
+                reuse = now
+    t1, t2 = statistics.median(ttft["turn1"]), statistics.median(ttft["turn2"])
+    out = {"image": f"{work.size[0]}x{work.size[1]}", "conversations": len(images),
+           "prompt_tokens": [tokens["turn1"], tokens["turn2"]], "turn1_answer_chars": len(TURN1_ANSWER),
+           "turn1_ttft_s": t1, "turn2_ttft_s": t2, "turn2_vs_turn1": t2 / t1, "turn1_ttft_all_s": ttft["turn1"],
+           "turn2_ttft_all_s": ttft["turn2"]}
+    if base_url:
+        out["server"] = splits
+    return out
 
 
 def server_stages(base_url: str) -> dict:

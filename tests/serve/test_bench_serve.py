@@ -33,6 +33,11 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
     assert res["turns"]["turn1_ttft_s"] > 0 and res["turns"]["turn2_ttft_s"] > 0
     one, two = res["turns"]["prompt_tokens"]
     assert one < two  # turn 2: turn 1's prompt, the fixed answer and the follow-up
+    turn1, turn2 = (res["turns"]["server"][t][-1] for t in ("turn1", "turn2"))  # the server's split of each turn
+    assert turn2["stages_ms"]["total"] > 0 and "submitted->admitted" in turn2["stages_ms"]
+    assert turn1["reused"]["prefix_reused_tokens"] == 0
+    assert turn2["reused"]["prefix_reused_tokens"] == one  # turn 1's whole prompt, image included, kept
+    assert turn1["reused"]["vision_cache_misses"] >= 1 and turn2["reused"]["vision_cache_misses"] == 0  # not re-encoded
     for row in ("clients_1", "clients_4", "rate_20"):  # the server's own split of the time to the first token
         split = res["server_stages"][row]
         assert split["requests"] == res["http"][row]["requests"], split

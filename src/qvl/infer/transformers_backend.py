@@ -268,6 +268,16 @@ class TransformersEngine(Engine):
             decoder, lambda job: _Row(job, self.tokenizer, self.eos_ids, "<think>\n" if self.thinking else ""),
             self.ids.pad, self.rope_index, vision_cache=self.vision_cache)
 
+    def cache_stats(self) -> dict:
+        """What chat turns reused so far: prompt tokens not prefilled again (a kept prefix, qvl.infer.prefix) and the
+        vision cache's hits and misses (images and videos not encoded again); {} without the fast decode path."""
+        if self.batcher is None:
+            return {}
+        out = {"prefix_reused_tokens": self.batcher.reused_tokens}
+        if self.vision_cache is not None:
+            out.update(vision_cache_hits=self.vision_cache.hits, vision_cache_misses=self.vision_cache.misses)
+        return out
+
     def describe(self) -> str:
         how = (f"; continuous batching, {self.max_batch_size} slots" if self.batcher
                else "; model.generate batches")

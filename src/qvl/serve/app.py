@@ -220,10 +220,14 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
 
     @app.get("/debug/stages")
     async def debug_stages(request: HttpRequest, reset: bool = False):
-        """Where the last requests' time went before their first token left (see qvl.serve.stages);
-        ``?reset=true`` starts a new window after answering."""
+        """Where the last requests' time went before their first token left (see qvl.serve.stages), and what chat
+        turns reused so far (``reuse``: the engine's running totals); ``?reset=true`` starts a new window after
+        answering."""
         check_key(request)
         out = stage_log.summary()
+        cache_stats = getattr(engine, "cache_stats", None)  # running totals (the reset leaves them)
+        if cache_stats is not None:
+            out["reuse"] = cache_stats()
         if reset:
             stage_log.clear()
         return out
