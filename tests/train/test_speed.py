@@ -518,6 +518,9 @@ def test_compile_auto_only_where_measured(make_cfg):
         assert not on and why
     on, why = compile.compile_choice("auto", gpu, "ddp", True, False, varlen=False)  # no flash varlen: L x L masks
     assert not on and "varlen" in why
+    on, why = compile.compile_choice("auto", gpu, "ddp", True, False, quantized=True)  # QLoRA: eager unless asked
+    assert not on and "compile_layers=true" in why
+    assert compile.compile_choice(True, gpu, "ddp", True, False, quantized=True) == (True, "on")
     assert compile.compile_choice(True, gpu, "ddp", False, True) == (True, "on")
     assert compile.compile_choice(True, gpu, "fsdp", True, False)[0] is False
 

@@ -138,18 +138,22 @@ def compile_wanted(choice, device: torch.device) -> bool:
 
 
 def compile_choice(choice, device: torch.device, engine: str, per_sample: bool, moe: bool,
-                   varlen: bool = True) -> tuple[bool, str]:
+                   varlen: bool = True, quantized: bool = False) -> tuple[bool, str]:
     """(compile?, why) for the loop. ``auto`` compiles where it was measured faster with equal losses: a GPU, one
     process or DDP, a dense model, packed rows with per_sample attention on the flash varlen kernel (``varlen``:
     torch >= 2.10 and bf16; without it the compiled attention would build an L x L mask per layer) (8B LoRA on an
-    H100: +10 % and +45 % in two calls, 2-3 GiB less memory; docs/benchmarks.md). ``true`` compiles any
-    single-GPU / DDP run. ``why`` is empty when there is nothing worth saying (off by choice, or auto on CPU)."""
+    H100: +10 % and +45 % in two calls, 2-3 GiB less memory; docs/benchmarks.md); not quantised layers (``quantized``).
+    ``true`` compiles any single-GPU / DDP run. ``why`` is empty when there is nothing worth saying (off by choice, or auto on CPU)."""
     if not compile_wanted(choice, device):
         return False, ""
     if engine != "ddp":  # sharding wrappers around compiled regions are not measured or tested: keep them apart
         return False, f"not under {engine} (tested with one GPU and DDP only)"
     if choice != "auto":
         return True, "on"
+    if quantized:
+        return False, ("auto: 4/8-bit layers run eagerly: compiling 8B NF4 layers on an H200 had not reached the first "
+                       "step after 130 s (2026-12-05, bench/results/train_qlora.json) and its gain is not measured; "
+                       "compile_layers=true tries it")
     if moe:
         return False, ("auto: mixture-of-experts layers are not measured compiled yet (their grouped experts trace "
                        "as one graph, tests/models/test_moe_experts.py; compile_layers=true forces it)")

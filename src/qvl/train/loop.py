@@ -442,7 +442,7 @@ def compiles_whole_layers(cfg: TrainConfig, device: torch.device) -> bool:
     per_sample = packed and packed_attention_for(cfg.packed_attention, device, cfg.longest_row()) in (
         "per_sample", PER_SAMPLE_ATTENTION)
     compiling, _ = compile.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
-                                          varlen=varlen_available() and cfg.bf16)
+                                          varlen=varlen_available() and cfg.bf16, quantized=bool(cfg.quantization))
     return compiling and cfg.compile_scope == "layer"
 
 
@@ -988,7 +988,7 @@ def _setup_fast_path(run: Run) -> None:
     cfg, say, device, model, per_sample = run.cfg, run.say, run.device, run.model, run.per_sample
     compiling, why = compile.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample,
                                             getattr(model.config.get_text_config(), "num_experts", 0) > 0,
-                                            varlen=varlen_available() and cfg.bf16)
+                                            varlen=varlen_available() and cfg.bf16, quantized=bool(cfg.quantization))
     upstream = any(p.requires_grad and (".visual." in n or "embed_tokens" in n) for n, p in model.named_parameters())
     from qvl.train.quantize import fast_path_note
 
