@@ -141,3 +141,44 @@ def test_collated_batch_trains_and_generates(tmp_path, tiny):
     assert "labels" not in gen_batch
     out = model.generate(**gen_batch, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 3
+
+
+def test_prompt_with_kept_images_equals_encode(tmp_path, tiny_processor):
+    """A request's images taken from the processed-image cache (qvl.infer.image_cache): the same tokens, pixels,
+    grids and content keys as encode(for_generation=True), the first time and when kept; a data: URL and a path are
+    kept, a changed file is processed again; a video, or no cache, goes through encode()."""
+    import base64
+    import os
+
+    from qvl.data.preprocess import encode_prompt
+    from qvl.data.samples import Media, Message, Sample
+    from qvl.infer.image_cache import ProcessedImages
+    from qvl.infer.vision_cache import media_keys
+
+    write_image(tmp_path / "a.png", 333, 211)
+    write_image(tmp_path / "b.png", 64, 500)
+    url = "data:image/png;base64," + base64.b64encode((tmp_path / "b.png").read_bytes()).decode()
+    sample = Sample([Message("system", ["be brief"]),
+                     Message("user", [Media("image", str(tmp_path / "a.png")), "and", Media("image", url), "differ?"]),
+                     Message("assistant", ["yes"]), Message("user", ["how?"])])
+    for budget in (None, VisionBudget(max_pixels=32 * 32 * 8, min_pixels=1024)):
+        cache = ProcessedImages(64 * 2**20)
+        want = encode(sample, tiny_processor, budget, for_generation=True)
+        for _ in range(2):
+            got = encode_prompt(sample, tiny_processor, budget, images=cache)
+            for name in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), name
+            assert got.labels is None and media_keys(got) == media_keys(want)
+        assert (cache.misses, cache.hits) == (2, 2)
+        with pytest.raises(TooLong):
+            encode_prompt(sample, tiny_processor, budget, max_length=len(want) - 1, images=cache)
+    write_image(tmp_path / "a.png", 211, 333)  # the same path, other pixels
+    os.utime(tmp_path / "a.png", ns=(1, 1))
+    got = encode_prompt(sample, tiny_processor, None, images=cache)
+    assert torch.equal(got.pixel_values, encode(sample, tiny_processor, None, for_generation=True).pixel_values)
+    write_video(tmp_path / "v.mp4", frames=8, fps=8, w=64, h=48)
+    video = Sample([Message("user", [Media("video", str(tmp_path / "v.mp4")), "what?"])])
+    before = (cache.misses, cache.hits)
+    assert torch.equal(encode_prompt(video, tiny_processor, None, images=cache).input_ids,
+                       encode(video, tiny_processor, None, for_generation=True).input_ids)
+    assert (cache.misses, cache.hits) == before

@@ -38,6 +38,7 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
     assert turn1["reused"]["prefix_reused_tokens"] == 0
     assert turn2["reused"]["prefix_reused_tokens"] == one  # turn 1's whole prompt, image included, kept
     assert turn1["reused"]["vision_cache_misses"] >= 1 and turn2["reused"]["vision_cache_misses"] == 0  # not re-encoded
+    assert turn2["reused"]["image_cache_hits"] == 1  # the re-sent image not decoded and normalised again either
     for row in ("clients_1", "clients_4", "rate_20"):  # the server's own split of the time to the first token
         split = res["server_stages"][row]
         assert split["requests"] == res["http"][row]["requests"], split

@@ -205,7 +205,8 @@ def register(app: typer.Typer) -> None:
               vision_cache_mb: float = typer.Option(None, help="transformers: memory for vision-encoder outputs "
                                                                "kept for later chat turns, so a turn that re-sends "
                                                                "an image does not encode it again (default 1024 on "
-                                                               "a GPU, 256 on CPU; 0: off)."),
+                                                               "a GPU, 256 on CPU; 0: off, and processed images "
+                                                               "are not kept either)."),
               allowed_media_dir: Path = typer.Option(None, help="Allow local file paths under this folder."),
               no_remote_media: bool = typer.Option(False, "--no-remote-media", help="Refuse http(s) media URLs."),
               allow_private_media_urls: bool = typer.Option(

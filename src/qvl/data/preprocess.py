@@ -172,6 +172,50 @@ def encode(sample: Sample, processor, budget: VisionBudget | None = None, max_le
     )
 
 
+def encode_prompt(sample: Sample, processor, budget: VisionBudget | None = None, max_length: int | None = None,
+                  images=None) -> Encoded:
+    """``encode(sample, for_generation=True)`` for a request, with each image's processed pixels from ``images`` (a
+    :class:`qvl.infer.image_cache.ProcessedImages`) where its source came before: a chat client re-sends every image
+    of the conversation each turn, and it is then neither decoded nor normalised again. The placeholders are expanded
+    here as the processor would (its own grid per image), the text tokenised alone. Without ``images``, or with a
+    video in the sample (its frames' timestamps are text the processor writes): :func:`encode`. Equal to it
+    (tests/data/test_preprocess.py)."""
+    media = sample.media()
+    if images is None or not media or any(m.kind != "image" for m in media):
+        return encode(sample, processor, budget, max_length, for_generation=True)
+    text = render(processor, sample.messages, add_generation_prompt=True)
+    pad = processor.image_token
+    pieces = text.split(pad)
+    if len(pieces) - 1 != len(media):
+        raise QvlError(f"template rendered {len(pieces) - 1} image placeholders for {len(media)} images",
+                       where=sample.origin or None)
+    ip = processor.image_processor
+    images_kwargs = processor_kwargs(budget).get("images_kwargs", {})
+    settings = f"{type(ip).__name__}{sorted(images_kwargs.items())}"
+
+    def process(source):
+        try:
+            out = ip(images=[load_image(source)], return_tensors="pt", **images_kwargs)
+        except ValueError as e:  # as encode(): an aspect ratio above 200, an image smaller than a patch
+            raise QvlError(f"processor rejected the media: {e}", where=sample.origin or None) from None
+        return out["pixel_values"], out["image_grid_thw"]
+
+    kept = [images.get_or_make(m.source, settings, lambda m=m: process(m.source)) for m in media]
+    expanded = [pieces[0]]
+    for (_, grid, _), rest in zip(kept, pieces[1:]):
+        expanded.append(pad * (int(grid.prod()) // ip.merge_size ** 2))
+        expanded.append(rest)
+    input_ids = torch.tensor(processor.tokenizer("".join(expanded))["input_ids"], dtype=torch.long)
+    if max_length is not None and len(input_ids) > max_length:
+        raise TooLong(len(input_ids), max_length, sample.origin)
+    return Encoded(
+        input_ids=input_ids, labels=None,
+        mm_token_type_ids=(input_ids == processor.image_token_id).long(),
+        pixel_values=torch.cat([p for p, _, _ in kept]), image_grid_thw=torch.cat([g for _, g, _ in kept]),
+        origin=sample.origin, extra={"media_keys": {"pixel_values": [k for _, _, k in kept]}},
+    )
+
+
 def count_tokens(sample: Sample, processor, budget: VisionBudget | None = None, decoded_videos=None) -> int:
     """Exact token length of ``encode(sample)`` without normalising pixels for images.
 

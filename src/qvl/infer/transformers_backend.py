@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qvl.data.preprocess import TooLong, encode
+from qvl.data.preprocess import TooLong, encode_prompt
 from qvl.data.samples import Sample
 from qvl.errors import QvlError
 from qvl.infer.engine import Engine, Prepared, RequestError, context_check
@@ -168,6 +168,9 @@ class _RowsDone:
                             dtype=torch.bool, device=input_ids.device)
 
 
+IMAGE_CACHE_BYTES = 512 * 2**20  # processed images kept in host memory (~20 images of 1024x1024 at the 8B budget)
+
+
 class TransformersEngine(Engine):
     backend = "transformers"
 
@@ -196,6 +199,10 @@ class TransformersEngine(Engine):
         self._closed = False
         self.batcher = None  # continuous batching over a slot KV cache, when the model allows it
         self.vision_cache = None
+        from qvl.infer.image_cache import ProcessedImages
+
+        # a chat turn re-sends its images: keep them processed too (host memory; off with the vision cache)
+        self.image_cache = ProcessedImages(IMAGE_CACHE_BYTES) if vision_cache_mb != 0 else None
         if fast is not False:
             self._start_fast(kv_cache_gib, say or log.info, required=bool(fast), vision_cache_mb=vision_cache_mb)
         self._worker = threading.Thread(target=self._run, name="qvl-generate", daemon=True)
@@ -269,13 +276,16 @@ class TransformersEngine(Engine):
             self.ids.pad, self.rope_index, vision_cache=self.vision_cache)
 
     def cache_stats(self) -> dict:
-        """What chat turns reused so far: prompt tokens not prefilled again (a kept prefix, qvl.infer.prefix) and the
-        vision cache's hits and misses (images and videos not encoded again); {} without the fast decode path."""
+        """What chat turns reused so far: prompt tokens not prefilled again (a kept prefix, qvl.infer.prefix), the
+        vision cache's hits and misses (images and videos not encoded again) and the processed-image cache's (images
+        not decoded and normalised again, qvl.infer.image_cache); {} without the fast decode path."""
         if self.batcher is None:
             return {}
         out = {"prefix_reused_tokens": self.batcher.reused_tokens}
         if self.vision_cache is not None:
             out.update(vision_cache_hits=self.vision_cache.hits, vision_cache_misses=self.vision_cache.misses)
+        if self.image_cache is not None:
+            out.update(image_cache_hits=self.image_cache.hits, image_cache_misses=self.image_cache.misses)
         return out
 
     def describe(self) -> str:
@@ -289,8 +299,8 @@ class TransformersEngine(Engine):
             raise RequestError("the last message must be a user message", param="messages")
         sample = Sample(request.messages, origin=request.request_id)
         try:
-            enc = encode(sample, self.processor, budget=self.budget, max_length=self.max_model_len,
-                         for_generation=True)
+            enc = encode_prompt(sample, self.processor, budget=self.budget, max_length=self.max_model_len,
+                                images=self.image_cache)
         except TooLong as e:
             raise RequestError(
                 f"the prompt is {e.length} tokens (after vision expansion) but the context is {e.max_length}",

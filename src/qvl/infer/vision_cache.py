@@ -28,20 +28,30 @@ log = logging.getLogger("qvl.infer")
 MEDIA = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
 
 
+def item_key(pixel_key: str, thw: list[int], pixels: torch.Tensor) -> str:
+    """The content key of one image or video: its pixels (its rows of the pixel tensor) and grid."""
+    pixels = pixels.contiguous()
+    h = hashlib.sha256(f"{pixel_key}{thw}{pixels.dtype}".encode())
+    h.update(pixels.numpy().data)  # hashlib releases the GIL on large buffers
+    return h.hexdigest()
+
+
 def media_keys(enc) -> dict[str, list[str]]:
-    """Content keys of each image / video of an Encoded sample: {pixel key: [key per item]}."""
+    """Content keys of each image / video of an Encoded sample: {pixel key: [key per item]}; those its encoder
+    already knew (``enc.extra["media_keys"]``, qvl.infer.image_cache) are not computed again."""
+    known = enc.extra.get("media_keys", {}) if getattr(enc, "extra", None) else {}
     out = {}
     for pixel_key, grid_key in MEDIA:
         pixels, grid = getattr(enc, pixel_key, None), getattr(enc, grid_key, None)
         if pixels is None or grid is None:
             continue
+        if pixel_key in known:
+            out[pixel_key] = list(known[pixel_key])
+            continue
         keys, start = [], 0
-        flat = pixels.contiguous()
         for thw in grid.tolist():
             n = thw[0] * thw[1] * thw[2]
-            h = hashlib.sha256(f"{pixel_key}{thw}{flat.dtype}".encode())
-            h.update(flat[start:start + n].numpy().data)  # hashlib releases the GIL on large buffers
-            keys.append(h.hexdigest())
+            keys.append(item_key(pixel_key, thw, pixels[start:start + n]))
             start += n
         out[pixel_key] = keys
     return out

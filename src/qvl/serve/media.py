@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from qvl.infer.image_cache import SOURCE_INFO
 from qvl.serve.schema import ApiError, MediaRef, bad
 
 VIDEO_SUFFIX = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
@@ -183,6 +184,7 @@ class MediaResolver:
         except Exception as e:  # PIL raises many types for hostile input
             raise bad(f"'{ref.param}': unreadable image ({type(e).__name__})", param=ref.param,
                       code="invalid_image") from None
+        img.info[SOURCE_INFO] = key  # the engine keeps its processed pixels by this (qvl.infer.image_cache)
         with self._lock:
             self._cache[key] = img
             while len(self._cache) > self._cache_items or (
