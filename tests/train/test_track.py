@@ -62,3 +62,7 @@ def test_the_first_step_line_says_where_the_wait_went():
     # nothing compiled or recorded (a CPU run): the step's time alone; shapes met ahead said when they took time
     assert first_step_line(5.0, 2.0, 0.2, 3.0, 0.0, 0.0) == "first step done 5 s after start (model load 2 s; first step 3 s)"
     assert "shapes met ahead 40 s" in first_step_line(90, 20, 40, 30, 10, 0)
+    # whether the compiled code came from the compile cache: a cold cache is why a first run waits longest
+    cold = first_step_line(150, 10, 0, 135, 128, 2, cached=(0, 6))
+    assert "compiling 128 s (none in the compile cache yet: the next run of this config reuses them)" in cold
+    assert "compiling 6 s (6 of 6 graphs from the compile cache)" in first_step_line(20, 10, 0, 8, 6, 0, cached=(6, 6))

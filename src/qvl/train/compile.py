@@ -5,7 +5,8 @@
 * :func:`compile_vision_blocks` / :func:`compile_vision_tower` — a frozen vision tower's blocks, or its whole forward.
 * :func:`compile_choice` — ``compile_layers`` (``auto`` / true / false) resolved for a run, with why.
 * :func:`uncompile` — all of the above undone (benchmarks reuse one model for several runs).
-* :func:`compile_seconds` — the time compilation took so far (the first step's line splits its time with it).
+* :func:`compile_seconds` — the time compilation took so far (the first step's line splits its time with it);
+  :func:`cache_counts` — how many of the graphs came from the compile cache.
 * :class:`CompileFailures` — what could not compile and runs eagerly instead, one line each, not pages of traceback.
 
 Tested on CPU against the plain path (tests/train/test_speed.py); measured effects are in docs/benchmarks.md.
@@ -128,6 +129,15 @@ def compile_seconds() -> float:
     from torch._dynamo.utils import compilation_time_metrics
 
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+
+
+def cache_counts() -> tuple[int, int]:
+    """(graphs inductor took from its compile cache, graphs it compiled or took) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    hits = c["fxgraph_cache_hit"]
+    return hits, hits + c["fxgraph_cache_miss"] + c["fxgraph_cache_bypass"]
 
 
 def compile_wanted(choice, device: torch.device) -> bool:

@@ -1238,12 +1238,16 @@ def _record_seconds(run: Run) -> float:
 
 
 def first_step_line(since_start: float, load: float, ahead: float, step: float, compiling: float,
-                    recording: float) -> str:
+                    recording: float, cached: tuple[int, int] = (0, 0)) -> str:
     """Where the wait for the first step went: model load, shapes met ahead, and the first step itself with what
-    torch.compile and the CUDA-graph recordings took of it (what the step did apart from those: the rest)."""
+    torch.compile and the CUDA-graph recordings took of it (what the step did apart from those: the rest);
+    ``cached``: (graphs taken from the compile cache, graphs) -- a cold cache is why a first run waits longest."""
     parts = [f"model load {load:.0f} s"] + ([f"shapes met ahead {ahead:.0f} s"] if ahead >= 1 else [])
-    inside = [f"{what} {s:.0f} s" for what, s in (("compiling", compiling), ("recording CUDA graphs", recording))
-              if s >= 1]
+    hits, graphs = cached
+    how = ("" if not graphs else f" ({hits} of {graphs} graphs from the compile cache)" if hits
+           else " (none in the compile cache yet: the next run of this config reuses them)")
+    inside = [f"{what} {s:.0f} s" + (how if what == "compiling" else "")
+              for what, s in (("compiling", compiling), ("recording CUDA graphs", recording)) if s >= 1]
     if inside:
         inside.append(f"the rest {max(step - compiling - recording, 0.0):.0f} s")
     parts.append(f"first step {step:.0f} s" + (f": {', '.join(inside)}" if inside else ""))
@@ -1312,6 +1316,7 @@ def _run_steps(run: Run, callbacks) -> None:
 
     pending = None
     t_first, compiled_before, recorded_before = time.perf_counter(), compile.compile_seconds(), _record_seconds(run)
+    cached_before = compile.cache_counts()
     try:
         for step, items in _fetch_steps(run, rows_in_workers):
             if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
@@ -1351,7 +1356,8 @@ def _run_steps(run: Run, callbacks) -> None:
                     torch.cuda.synchronize(device)
                 say(first_step_line(time.perf_counter() - t_start, t_load, t_warm, time.perf_counter() - t_first,
                                     compile.compile_seconds() - compiled_before,
-                                    _record_seconds(run) - recorded_before))
+                                    _record_seconds(run) - recorded_before,
+                                    tuple(b - a for a, b in zip(cached_before, compile.cache_counts()))))
             saving = cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps
             # this step's numbers are copied to the host behind its work now and read once the next step is queued:
             # the read waits for this step only, so the GPU runs the next step while the host builds the one after
