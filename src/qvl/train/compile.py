@@ -201,6 +201,8 @@ class CompileFailures(logging.Filter):
         inner = getattr(error, "inner_exception", None) or error  # the backend's own error, not dynamo's wrapper
         reason = (f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}" if inner is not None
                   else message.strip().splitlines()[-1])
+        if any((name, reason) == (n, r) for n, r, _ in self.failures):
+            return False  # the same function failing the same way again (dynamo may retry a frame): said once
         text = message + ("\n" + "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else "")
         self.failures.append((name, reason, text))
         return False
