@@ -357,3 +357,24 @@ def test_bf16_masters_with_offload_need_deepspeeds_cpu_adam(make_cfg, monkeypatc
     opt = D.build_optimizer(model, make_cfg(deepspeed=ZERO["zero3_offload"], bf16=True), torch.device("cpu"),
                             offload=True, notes=notes)
     assert isinstance(opt, torch.optim.AdamW) and "CPU Adam could not be built" in notes[0]
+
+
+def test_the_entry_points_end_the_process_group():
+    """qvl.train's entry points destroy the group before the process exits: left to the interpreter's exit, gloo's
+    threads can abort a finished rank (pytorch/pytorch#190489). A one-process gloo group, in a process of its own (an
+    in-process group from an earlier test stays: DeepSpeed caches it); none: nothing to do."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, torch.distributed as td
+from qvl.train.distributed import end_group, init_group
+end_group(True)  # no group: nothing happens
+init_group(torch.device("cpu")); assert td.is_initialized()
+end_group(True); assert not td.is_initialized()
+init_group(torch.device("cpu"))
+end_group(False); assert not td.is_initialized()  # a failed run: no barrier, the group still goes
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

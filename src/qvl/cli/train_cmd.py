@@ -54,4 +54,9 @@ def register(app: typer.Typer) -> None:
             distributed.relaunch([str(config), *ctx.args], cfg.nproc, say=typer.echo)
         from qvl.train.loop import train as run
 
-        run(cfg, log=typer.echo)
+        finished = False
+        try:
+            run(cfg, log=typer.echo)
+            finished = True
+        finally:
+            distributed.end_group(finished)

@@ -32,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
             distributed.relaunch(argv, cfg.nproc)
         from qvl.train.loop import train
 
-        train(cfg)
+        finished = False
+        try:
+            train(cfg)
+            finished = True
+        finally:
+            distributed.end_group(finished)
     except QvlError as e:
         print(f"error: {e.render()}", file=sys.stderr)
         return 2

@@ -141,6 +141,19 @@ def init_group(device: torch.device) -> None:
     torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def end_group(finished: bool) -> None:
+    """Destroy the process group before the process exits (the entry points call this; in-process callers keep
+    theirs, which DeepSpeed caches). Left to the interpreter's exit, gloo's worker threads can abort a finished rank
+    ("terminate called without an active exception": two clean-clone CI runs on 2026-12-05 lost a 2-rank test to it;
+    pytorch/pytorch#190489), and NCCL warns that it was not destroyed. ``finished``: the run ended well, so every
+    rank meets at a barrier first (none leaves while another is still in a collective)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if finished:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def shards_weights(cfg: TrainConfig) -> bool:
     """Whether weights are gathered per module in forward (ZeRO-3, FSDP): every rank must run every module."""
     from qvl.train.preflight import zero_settings
