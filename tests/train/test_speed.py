@@ -490,8 +490,12 @@ def test_recompute_mlp_only_keeps_attention(make_cfg, mixed_data):
     assert selective.mm <= whole.mm - 4 * n_layers  # q, k, v, o not recomputed
     torch._dynamo.reset()
     try:
+        marker = compile.compile_marker()
         compile.compile_layers(model, backend="aot_eager", scope="layer")
         loss, grads, _ = _loss_grads_counting(model, lm, row, rope)
+        # the first step's line splits the compile time by what compiled: here the one graph all layers share
+        assert [what for what, _ in compile.compiled_functions(marker)] == ["decoder layer"]
+        assert compile.compiled_functions(compile.compile_marker()) == []
     finally:
         compile.uncompile(model)
         torch._dynamo.reset()

@@ -6,6 +6,7 @@
 * :func:`compile_choice` — ``compile_layers`` (``auto`` / true / false) resolved for a run, with why.
 * :func:`uncompile` — all of the above undone (benchmarks reuse one model for several runs).
 * :func:`compile_seconds` — the time compilation took so far (the first step's line splits its time with it);
+  :func:`compiled_functions` — that time by function compiled (decoder layer, vision tower...);
   :func:`cache_counts` — how many of the graphs came from the compile cache.
 * :class:`CompileFailures` — what could not compile and runs eagerly instead, one line each, not pages of traceback.
 
@@ -28,6 +29,14 @@ COMPILED_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "m
 # without the attention module (per-sample attention reads sample bounds on the host mid-module): its norms
 ATTENTION_NORMS = ("q_norm", "k_norm")
 COMPILE_SCOPES = ("layer", "parts")
+# (file, first line) of each function compiled here -> what it is, for the log's compile-time split
+_WHAT: dict[tuple[str, int], str] = {}
+
+
+def _named(fn, what: str) -> None:
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        _WHAT[(code.co_filename, code.co_firstlineno)] = what
 
 
 def compile_layers(model, backend: str = "inductor", dynamic: bool = True, attention: bool = True,
@@ -63,6 +72,7 @@ def compile_layers(model, backend: str = "inductor", dynamic: bool = True, atten
                 parts += [getattr(layer.self_attn, name, None) for name in ATTENTION_NORMS]
         for part in parts:
             if part is not None:
+                _named(type(part).forward, "decoder layer" if part is layer else f"decoder {type(part).__name__}")
                 part.compile(backend=backend, dynamic=dynamic)
                 n += 1
     return n
@@ -79,6 +89,7 @@ def compile_vision_blocks(model, backend: str = "inductor") -> int:
     if not blocks or any(p.requires_grad for b in blocks for p in b.parameters()):
         return 0
     for block in blocks:
+        _named(type(block).forward, "vision block")
         block.compile(backend=backend, dynamic=True)
     return len(blocks)
 
@@ -103,6 +114,7 @@ def compile_vision_tower(model, backend: str = "inductor") -> bool:
 
     tower_speed.linear_patch_embed(visual)
     tower_speed.stored_rotary(visual)
+    _named(core, "vision tower")
     visual.qvl_compiled_forward = torch.compile(core, backend=backend, dynamic=True)
     return True
 
@@ -129,6 +141,28 @@ def compile_seconds() -> float:
     from torch._dynamo.utils import compilation_time_metrics
 
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+
+
+def compile_marker() -> set[int]:
+    """What :func:`compiled_functions` counts from: the compilations so far."""
+    from torch._dynamo.utils import get_compilation_metrics
+
+    return {id(m) for m in get_compilation_metrics()}
+
+
+def compiled_functions(since: set[int] = frozenset()) -> list[tuple[str, float]]:
+    """(what, seconds) for each function torch.compile compiled after ``since`` (:func:`compile_marker`), summed
+    by function, longest first: "decoder layer", "vision tower" for what this module compiled, else the function's
+    name and place. With dynamic shapes a backward graph compiles with its forward, so its time is in there."""
+    from torch._dynamo.utils import get_compilation_metrics
+
+    seconds: dict[str, float] = {}
+    for m in get_compilation_metrics():  # the last 64 compilations (dynamo keeps no more)
+        if id(m) in since or not m.entire_frame_compile_time_s:
+            continue
+        what = _WHAT.get((m.co_filename, m.co_firstlineno)) or f"{m.co_name} ({Path(m.co_filename or '?').name})"
+        seconds[what] = seconds.get(what, 0.0) + m.entire_frame_compile_time_s
+    return sorted(seconds.items(), key=lambda kv: -kv[1])
 
 
 def cache_counts() -> tuple[int, int]:

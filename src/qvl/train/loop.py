@@ -1238,14 +1238,18 @@ def _record_seconds(run: Run) -> float:
 
 
 def first_step_line(since_start: float, load: float, ahead: float, step: float, compiling: float,
-                    recording: float, cached: tuple[int, int] = (0, 0)) -> str:
+                    recording: float, cached: tuple[int, int] = (0, 0),
+                    functions: list[tuple[str, float]] = ()) -> str:
     """Where the wait for the first step went: model load, shapes met ahead, and the first step itself with what
     torch.compile and the CUDA-graph recordings took of it (what the step did apart from those: the rest);
-    ``cached``: (graphs taken from the compile cache, graphs) -- a cold cache is why a first run waits longest."""
+    ``cached``: (graphs taken from the compile cache, graphs) -- a cold cache is why a first run waits longest;
+    ``functions``: (what, seconds) compiled, as :func:`qvl.train.compile.compiled_functions` gives them."""
     parts = [f"model load {load:.0f} s"] + ([f"shapes met ahead {ahead:.0f} s"] if ahead >= 1 else [])
     hits, graphs = cached
-    how = ("" if not graphs else f" ({hits} of {graphs} graphs from the compile cache)" if hits
-           else " (none in the compile cache yet: the next run of this config reuses them)")
+    split = ", ".join(f"{what} {s:.0f} s" for what, s in functions if s >= 1)
+    how = ("" if not graphs else f"{hits} of {graphs} graphs from the compile cache" if hits
+           else "none in the compile cache yet: the next run of this config reuses them")
+    how = f" ({'; '.join(filter(None, (split, how)))})" if split or how else ""
     inside = [f"{what} {s:.0f} s" + (how if what == "compiling" else "")
               for what, s in (("compiling", compiling), ("recording CUDA graphs", recording)) if s >= 1]
     if inside:
@@ -1316,7 +1320,7 @@ def _run_steps(run: Run, callbacks) -> None:
 
     pending = None
     t_first, compiled_before, recorded_before = time.perf_counter(), compile.compile_seconds(), _record_seconds(run)
-    cached_before = compile.cache_counts()
+    cached_before, compiled_marker = compile.cache_counts(), compile.compile_marker()
     try:
         for step, items in _fetch_steps(run, rows_in_workers):
             if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
@@ -1357,7 +1361,8 @@ def _run_steps(run: Run, callbacks) -> None:
                 say(first_step_line(time.perf_counter() - t_start, t_load, t_warm, time.perf_counter() - t_first,
                                     compile.compile_seconds() - compiled_before,
                                     _record_seconds(run) - recorded_before,
-                                    tuple(b - a for a, b in zip(cached_before, compile.cache_counts()))))
+                                    tuple(b - a for a, b in zip(cached_before, compile.cache_counts())),
+                                    compile.compiled_functions(compiled_marker)))
             saving = cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps
             # this step's numbers are copied to the host behind its work now and read once the next step is queued:
             # the read waits for this step only, so the GPU runs the next step while the host builds the one after
