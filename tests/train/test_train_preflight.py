@@ -198,3 +198,45 @@ def test_memory_cap_limits_the_allocator_on_a_gpu(make_cfg):
             torch.empty(int(4.5 * 2**30), dtype=torch.uint8, device=device)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def test_recomputed_layers_compile_in_parts(make_cfg):
+    """Where the auto plan recomputes layers under LoRA dropout, whole compiled layers (recompute inside: inductor's
+    partitioner failed on it on an H200) give way to compiled parts, planned as such; with every layer kept, or no
+    dropout, they stay whole; a compile_scope the user set is kept."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from qvl.plan.memory import compiled_layer_saved_bytes_per_token
+    from qvl.plan.preflight import model_for_plan
+    from qvl.train.loop import _plan_recompute
+    from qvl.train.preflight import AUTO_CHECKPOINT_BUDGET, check
+
+    kw = dict(lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True, per_device_train_batch_size=2,
+              model_max_length=512, data_flatten=True, packed_attention="per_sample", compile_layers=True,
+              gradient_checkpointing_scope="layer",  # the loop resolves "auto" to it before planning
+              lora_dropout=0.05, lora_target_regex=r".*\.(q_proj|k_proj|v_proj|o_proj)")
+    cfg = make_cfg(**kw)
+    total = check(cfg, gpu="h100", say=lambda *a: None).plan.total_gib
+    per_layer = compiled_layer_saved_bytes_per_token(model_for_plan(cfg.model_name_or_path), None, cfg.lora_r, 4)
+    per_layer *= 1024 / 2**30
+
+    def planned(free_gib: float, **extra):
+        card = check(make_cfg(**kw, gpu_mem=f"{(total + free_gib) / AUTO_CHECKPOINT_BUDGET:.6f}GiB"),
+                     say=lambda *a: None)
+        said: list[str] = []
+        run = SimpleNamespace(cfg=make_cfg(**{**kw, **extra}), say=said.append, memory_plan=card,
+                              dist=SimpleNamespace(world_size=1), records=(), longest_row=1024,
+                              device=torch.device("cpu"))
+        _plan_recompute(run)
+        return run, " / ".join(said)
+
+    roomy, said = planned(100.0)
+    assert roomy.ckpt_ratio == 0.0 and roomy.cfg.compile_scope == "layer" and "compile_scope" not in said
+    tight, said = planned(0.1 * per_layer)
+    assert tight.ckpt_ratio == 1.0 and tight.cfg.compile_scope == "parts", said
+    assert "compile_scope auto: parts" in said and tight.memory_budget is None
+    for extra in (dict(compile_scope="layer"), dict(lora_dropout=0.0)):
+        kept, said = planned(0.1 * per_layer, **extra)
+        assert kept.ckpt_ratio == 1.0 and kept.cfg.compile_scope == "layer" and "compile_scope" not in said

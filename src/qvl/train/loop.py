@@ -899,10 +899,25 @@ def _plan_recompute(run: Run) -> None:
     if cfg.gradient_checkpointing and ckpt_ratio == "auto":
         from qvl.train.preflight import auto_checkpoint_ratio
 
-        ckpt_ratio, auto_budget, why = auto_checkpoint_ratio(
-            cfg, run.memory_plan, run.dist.world_size, run.records, row_tokens=run.longest_row,
-            compiled=(memory_budget == "auto" and cfg.gradient_checkpointing_scope == "layer"
-                      and compiles_whole_layers(cfg, run.device)))
+        def plan(compiled: bool):
+            return auto_checkpoint_ratio(cfg, run.memory_plan, run.dist.world_size, run.records,
+                                         row_tokens=run.longest_row, compiled=compiled)
+
+        whole = (memory_budget == "auto" and cfg.gradient_checkpointing_scope == "layer"
+                 and compiles_whole_layers(cfg, run.device))
+        ckpt_ratio, auto_budget, why = plan(whole)
+        dropout = cfg.lora_enable and cfg.lora_dropout > 0
+        if whole and ckpt_ratio > 0 and dropout and "compile_scope" not in cfg.model_fields_set:
+            # LoRA dropout inside whole compiled layers that recompute inside: inductor's partitioner failed on it
+            # twice on an H200 ("Node add_601 was invalid, but is output"; lora_8b_24gb.yaml capped at 23.6 GiB, with
+            # and without a memory budget; 2026-12-05, bench/results/train_cli_cards.json) and the layers ran eagerly.
+            # Without dropout it compiled (+14.7 % over parts on an H100), and so did dropout with no layer
+            # recomputed (the same YAML on the full card). Parts compile with the checkpointing outside.
+            run.cfg = cfg = cfg.model_copy(update={"compile_scope": "parts"})
+            ckpt_ratio, auto_budget, why = plan(False)
+            say(f"compile_scope auto: parts (each layer's norms, attention and MLP), as layers are recomputed with "
+                f"lora_dropout {cfg.lora_dropout:g}: whole compiled layers failed to compile so on an H200 "
+                "(2026-12-05); lora_dropout=0 keeps them whole (~15 % faster)")
         memory_budget = auto_budget if memory_budget == "auto" else memory_budget
         say(f"gradient checkpointing (gradient_checkpointing_ratio auto): {why}")
     memory_budget = None if memory_budget == "auto" else memory_budget
