@@ -203,3 +203,82 @@ def test_pad_media_needs_whole_merged_tokens():
     assert grown["pixel_values"].shape[0] == 160 and grown["image_grid_thw"][-1].tolist() == [1, 2, 6]
     with pytest.raises(ValueError, match="multiple of 4"):
         pad_media(dict(batch), 6, 2)
+
+
+def test_inductor_tower_compiles_once_with_its_blocks_as_one_region(setup):
+    """inductor on CPU (as on a GPU, save the attention kernel), in a training step's modes (train, grad enabled,
+    blocks checkpointed): the compiled tower is one graph, with no fallback to eager in dynamo's records; each block
+    runs as one shared region (a block's graph, compiled once); the output equals the eager tower's for one medium
+    and then two, the second compiling nothing new; uncompile undoes it."""
+    from torch._dynamo.utils import get_compilation_metrics
+    from torch._inductor.compile_fx import compile_fx
+
+    from qvl.train import compile
+    from qvl.train.row_forward import run_tower, vision_extras
+
+    model, processor, rope, samples = setup
+    visual = model.get_base_model().model.visual
+    vc = model.config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    grids = [torch.tensor([[1, 4, 6]]), torch.tensor([[1, 4, 4], [2, 6, 6]])]  # one medium, then two (longer)
+
+    def tower(grid):
+        torch.manual_seed(int(grid.sum()))
+        pixels = torch.randn(int(grid.prod(-1).sum()), patch_dim)
+        return run_tower(visual, pixels, grid, vision_extras(grid, vc)).pooler_output
+
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return compile_fx(gm, inputs)
+
+    from qvl.train.components import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(model)  # as gradient_checkpointing: true does: the tower's blocks too
+    model.train()
+    assert all(block.gradient_checkpointing for block in visual.blocks)
+    eager = [tower(g).detach() for g in grids]
+    mark = compile.compile_marker()
+    assert compile.compile_vision_tower(model, backend=backend)
+    got = [tower(g).detach() for g in grids]
+    records = [m for m in get_compilation_metrics() if id(m) not in mark]
+    assert [m.fail_type for m in records] == [None]  # one compile, nothing fell back to eager
+    assert len(graphs) == 1
+    regions = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(regions) == len(visual.blocks)
+    # every block calls the same region (torch 2.11, the GPU's, gives the first block one of its own)
+    assert len({n.args[1] for n in regions[1:]}) == 1
+    for ours, ref in zip(got, eager):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    compile.uncompile(model)
+    assert not any("forward" in block.__dict__ for block in visual.blocks)
+    assert all(block.gradient_checkpointing for block in visual.blocks)
+
+
+def test_inductor_tower_shares_one_region_across_its_blocks(tiny_model_dir):
+    """Four blocks, one compiled block graph shared by them (torch 2.11 gives the first block its own: two)."""
+    from torch._inductor.compile_fx import compile_fx
+    from transformers import AutoConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    from qvl.models.attention import use_vision_sdpa
+    from qvl.train import compile
+    from qvl.train.row_forward import run_tower, vision_extras
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    vc = config.vision_config
+    vc.depth, vc._attn_implementation = 4, "sdpa"
+    visual = Qwen3VLVisionModel._from_config(vc).eval().requires_grad_(False)
+    holder = torch.nn.Module()
+    holder.visual, holder.config = visual, config
+    use_vision_sdpa(holder)
+    graphs = []
+    assert compile.compile_vision_tower(holder, backend=lambda gm, inputs: graphs.append(gm) or compile_fx(gm, inputs))
+    grid = torch.tensor([[1, 4, 4]])
+    with torch.no_grad():
+        run_tower(visual, torch.randn(16, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2), grid,
+                  vision_extras(grid, vc))
+    regions = [n.args[1] for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(regions) == 4 and len(set(regions[1:])) == 1
+    compile.uncompile(holder)

@@ -17,6 +17,8 @@ runs the same per-segment sdpa as above.
 
 from __future__ import annotations
 
+import torch
+
 VISION_SDPA = "qvl_vision_sdpa"
 VISION_VARLEN = "qvl_flash_varlen_vision"
 
@@ -35,8 +37,6 @@ def vision_varlen_attention(module, query, key, value, attention_mask, scaling=N
     """Full attention inside each image / frame segment of the tower's row: (1, H, L, D) -> (1, L, H, D).
 
     One flash-attention varlen call where it runs; elsewhere sdpa per segment (the bounds read on the host)."""
-    import torch
-
     from qvl.data.packing import varlen_causal, varlen_usable
 
     if varlen_usable(query, dropout):
@@ -44,10 +44,31 @@ def vision_varlen_attention(module, query, key, value, attention_mask, scaling=N
         # new value would recompile); a tensor from older callers
         longest = max_length_q if isinstance(max_length_q, (int, torch.SymInt)) else int(max_length_q)
         return varlen_causal(query, key, value, cu_seq_lens_q, longest, scaling, causal=False), None
-    starts = cu_seq_lens_q.tolist()
-    outs = [vision_sdpa_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling,
+    if dropout or (torch.is_grad_enabled() and query.requires_grad):  # a training tower: autograd through sdpa
+        return _segment_sdpa(query, key, value, cu_seq_lens_q, scaling, dropout), None
+    # a frozen tower: the host read of the bounds inside one op, so a compiled tower stays one graph here too
+    return segment_attention(query, key, value, cu_seq_lens_q, scaling), None
+
+
+def _segment_sdpa(query, key, value, cu, scaling, dropout=0.0):
+    starts = cu.tolist()
+    outs = [vision_sdpa_attention(None, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, scaling=scaling,
                                   dropout=dropout, is_causal=False)[0] for s, e in zip(starts[:-1], starts[1:])]
-    return torch.cat(outs, dim=1), None
+    return torch.cat(outs, dim=1)
+
+
+@torch.library.custom_op("qvl::segment_attention", mutates_args=())
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                      scaling: float | None) -> torch.Tensor:
+    """:func:`vision_varlen_attention` where the varlen kernel cannot run, without autograd: sdpa per segment,
+    (1, H, L, D) in, (1, L, H, D) out. One op to the compiler: the segment bounds it reads on the host would
+    otherwise split a compiled tower into a graph per block."""
+    return _segment_sdpa(query, key, value, cu_seqlens, scaling)
+
+
+@segment_attention.register_fake
+def _segment_attention_fake(query, key, value, cu_seqlens, scaling):
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[3])
 
 
 def use_vision_sdpa(model, varlen: bool | None = None) -> bool:
