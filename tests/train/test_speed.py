@@ -268,8 +268,16 @@ def test_what_cannot_compile_runs_eagerly_said_in_one_line(tmp_path, caplog):
     def failing_backend(gm, example_inputs):  # as inductor's partitioner failed on a GPU (2026-12-05)
         raise AssertionError("Node add_601 was invalid, but is output")
 
+    class Layer(torch.nn.Module):  # a module of ours: torch 2.11 does not trace torch's own nn.Linear alone
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x).relu()
+
     torch.manual_seed(0)
-    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    layer, x = Layer(), torch.randn(2, 4)
     want = layer(x)
     failures = compile.CompileFailures().attach()
     torch._dynamo.reset()
