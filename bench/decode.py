@@ -11,6 +11,8 @@ mixture-of-experts one; bf16, sdpa):
     TTFT and decode tok/s for model.generate (dynamic cache), generate with
     cache_implementation="static" + CompileConfig(fullgraph=False), and qvl's engine
   * batch 32 (448x448 image, 128 new tokens): generate, static + compile, at a fixed batch
+  * prefill alone (qvl's engine, no vision cache): one 1024x1024-image prompt, one 448x448 one and eight, as one
+    packed row (the default) and as transformers' forward over the padded batch, median ms of 5
   * qvl's scheduler with 8 and 32 concurrent requests arriving at staggered times
     (--stagger seconds apart): total output tok/s = all tokens / (last finish - first arrival),
     plus the decode-step times (a recompilation or capture would show as a stall)
@@ -189,6 +191,38 @@ def graph_step_ms(decoder, rows: int, length: int, reps: int = 50) -> float:
     return ms
 
 
+def prefill_ms(engine, encs, impl: str, reps: int = 5) -> float:
+    """Median time of one prefill of ``encs`` into the first slots by ``impl``: "packed" (one unpadded row, the
+    decode step's pieces: qvl.infer.packed_prefill, the default) or "padded" (transformers' forward over the padded
+    batch); the vision cache left out, so every run encodes its images."""
+    from types import SimpleNamespace
+
+    from qvl.data.packing import sample_positions
+    from qvl.infer import packed_prefill
+
+    b = engine.batcher
+    d, slots = b.decoder, list(range(len(encs)))
+    positions = [sample_positions(e, engine.rope_index) for e in encs]
+    jobs = [SimpleNamespace(prepared=SimpleNamespace(inputs=e, media_keys=None)) for e in encs]
+    kept, b.vision_cache = b.vision_cache, None
+    times = []
+    try:
+        for _ in range(reps + 1):  # the first run meets the shapes
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            if impl == "packed":
+                packed_prefill.prefill(d, slots, encs, positions)
+            else:
+                b._prefill_padded(slots, jobs, positions)
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t))
+            for s in slots:
+                d.release(s)
+    finally:
+        b.vision_cache = kept
+    return statistics.median(times[1:])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="8B")
@@ -196,7 +230,7 @@ def main() -> int:
     ap.add_argument("--baseline-new", type=int, default=64, help="new tokens for plain generate at batch 1 (slow)")
     ap.add_argument("--batch-new", type=int, default=128)
     ap.add_argument("--stagger", type=float, default=0.02, help="seconds between arrivals")
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,qvl")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,prefill,qvl")
     ap.add_argument("--max-model-len", type=int, default=4096, help="the engine's context (its slot cache)")
     ap.add_argument("--json", default="decode.json")
     ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
@@ -282,6 +316,14 @@ def main() -> int:
     out["qvl_warmup_s"] = time.time() - t
     out["qvl_slots"], out["qvl_cache_len"] = engine.max_batch_size, engine.max_model_len
     print(f"qvl engine ready in {out['qvl_warmup_s']:.0f}s", flush=True)
+    if "prefill" not in skip:  # the engine's two ways to prefill, same prompts, same call
+        rows = {}
+        for name, encs in (("1x1024", [big]), ("1x448", small[:1]), ("8x448", small[:8])):
+            rows[name] = {impl: prefill_ms(engine, encs, impl) for impl in ("padded", "packed")}
+            rows[name]["padded_over_packed"] = rows[name]["padded"] / rows[name]["packed"]
+            print(f"prefill {name}: {rows[name]}", flush=True)
+        out["prefill_ms"] = rows
+        save()
     steps, failed = {}, {}
     # the captured step alone, per implementation (a failure skips it); MoE: per way of running the experts, in the
     # measured step implementation (one compiled function per layer is an open row for the dense model too)

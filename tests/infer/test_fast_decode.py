@@ -107,9 +107,11 @@ def _run_until_done(b, jobs_by_step: dict[int, list]):
         k += 1
 
 
+@pytest.mark.parametrize("impl", ["packed", "padded"])
 @pytest.mark.parametrize("kind", list(PROMPTS))
-def test_greedy_matches_generate(tiny, fast, kind):
+def test_greedy_matches_generate(tiny, fast, kind, impl, monkeypatch):
     model, processor = tiny
+    monkeypatch.setattr(fast[0], "prefill_impl", impl)
     job = _job(processor, PROMPTS[kind])
     want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
     b = _batcher(fast, _Collect)
@@ -347,7 +349,7 @@ def test_compiled_step_matches_eager(tiny):
         decoder = DecodeModel(model, slots=2, max_len=256, compile=compiled)
         b = ContinuousBatcher(decoder, _Collect, token_ids(processor.tokenizer).pad, rope_index_fn(model),
                               coalesce_s=0)
-        job = _job(processor, PROMPTS["text"], GREEDY.replace(max_new_tokens=8))
+        job = _job(processor, PROMPTS["image"], GREEDY.replace(max_new_tokens=8))
         _run_until_done(b, {0: [job]})
         outs.append(job.handle.emit_tokens)
     assert outs[0] == outs[1]
@@ -475,11 +477,13 @@ def test_follow_up_turn_prefills_only_what_its_kept_prefix_lacks(tiny):
             e.close()
 
 
-def test_a_prefill_batch_is_capped_by_its_padded_tokens(tiny, fast, monkeypatch):
-    """The prefill pads every row to the longest prompt: a long prompt and short ones are admitted while
-    rows x longest stays within max_prefill_tokens (what the plan counts), not their sum; a lone prompt above it
-    still goes (alone)."""
+@pytest.mark.parametrize("impl", ["padded", "packed"])
+def test_a_prefill_batch_is_capped_by_what_it_computes(tiny, fast, monkeypatch, impl):
+    """A padded prefill pads every row to the longest prompt: a long prompt and short ones are admitted while
+    rows x longest stays within max_prefill_tokens (what the plan counts), not their sum. A packed one computes
+    their sum. Either way a lone prompt above it still goes (alone)."""
     _, processor = tiny
+    monkeypatch.setattr(fast[0], "prefill_impl", impl)
     long_job = _job(processor, ["describe " * 40], GREEDY.replace(max_new_tokens=1))
     shorts = [_job(processor, [f"hi {i}"], GREEDY.replace(max_new_tokens=1)) for i in range(3)]
     longest, short = long_job.prepared.prompt_tokens, shorts[0].prepared.prompt_tokens
@@ -490,7 +494,7 @@ def test_a_prefill_batch_is_capped_by_its_padded_tokens(tiny, fast, monkeypatch)
     prefill = b._prefill
     monkeypatch.setattr(b, "_prefill", lambda slots, jobs: (batches.append(len(jobs)), prefill(slots, jobs))[1])
     _run_until_done(b, {0: [long_job, *shorts]})
-    assert batches[0] == 2 and sum(batches) == 4
+    assert batches[0] == (2 if impl == "padded" else 4) and sum(batches) == 4
     assert all(j.handle.emit_tokens for j in (long_job, *shorts))
     alone = _batcher(fast, _Collect)
     alone.max_prefill_tokens = longest - 1

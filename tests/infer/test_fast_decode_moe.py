@@ -58,6 +58,10 @@ def test_supported_and_every_layer_routed(tiny_moe):
     assert decoder.is_moe and [w.top_k for w in decoder.layers] == [2] * len(experts)
     for w, e in zip(decoder.layers, experts):  # the experts' own tensors: nothing copied
         assert w.mlp[1].data_ptr() == e.gate_up_proj.data_ptr() and w.mlp[2].data_ptr() == e.down_proj.data_ptr()
+    assert decoder.prefill_impl == "packed"  # grouped experts over the prompts' tokens
+    # compiled and not bf16 the experts run gathered, a copy of an expert per token: prompts go padded
+    compiled = DecodeModel(model, slots=1, max_len=64, compile=True)
+    assert compiled.prefill_impl == "padded" and "gathered" in compiled.prefill_why_padded
 
 
 def test_unmerged_expert_adapters_fall_back_and_merged_ones_run(tiny_moe):

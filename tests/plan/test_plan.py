@@ -356,8 +356,12 @@ def test_fast_decode_serve_plan_prefills_a_few_requests_and_keeps_a_vision_cache
         generate, fast = plan_serve(size, "h200", **kw), plan_serve(size, "h200", fast_decode=True, **kw)
         assert fast.parts["KV cache"] == generate.parts["KV cache"] and fast.parts["vision cache"] == 1.0
         assert fast.parts["activations (prefill / vision)"] < generate.parts["activations (prefill / vision)"] / 4
-        # the prefill's own KV cache (transformers builds one, then qvl copies it into the slots) is counted
-        assert fast.parts["activations (prefill / vision)"] > FAST_PREFILL_TOKENS * fast.kv_bytes_per_token / 2**30
+        # a packed prefill of FAST_PREFILL_TOKENS tokens through one layer at a time; no temporary KV cache (its keys
+        # and values go straight into the slots)
+        m = from_size(SIZES[size])
+        prefill = FAST_PREFILL_TOKENS * (layer_transient_bytes_per_token(m) + 6 * m.hidden) / 2**30
+        temporary_cache = FAST_PREFILL_TOKENS * fast.kv_bytes_per_token / 2**30
+        assert prefill <= fast.parts["activations (prefill / vision)"] < prefill + temporary_cache
         assert fast.settings["fast_decode"] and "fast_decode" not in generate.settings
     moe = from_size(SIZES["30B-A3B"])  # the k routed copies of each token dominate an MoE layer's prefill
     assert layer_transient_bytes_per_token(moe) == 12 * 2048 + 8 * 8 * 2048 + 6 * 128

@@ -158,7 +158,8 @@ class ContinuousBatcher:
         if self.running and len(self.waiting) < min(len(free), self.max_prefill_batch):
             if time.perf_counter() - self.waiting[0][0] < self.coalesce_s:
                 return  # let a few more arrive: one prefill for several is much cheaper than one each
-        batch, longest = [], 0
+        batch, longest, total = [], 0, 0
+        packed = self.decoder.prefill_impl == "packed"
         while self.waiting and len(batch) < min(len(free), self.max_prefill_batch):
             job = self.waiting[0][1]
             if job.handle.cancelled:
@@ -166,12 +167,14 @@ class ContinuousBatcher:
                 job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))
                 continue
             n = job.prepared.prompt_tokens
-            # the prefill pads every row to the longest prompt: what it computes (and its temporary cache holds)
-            # is rows x longest, kept under max_prefill_tokens (a lone longer prompt goes alone)
-            if batch and (len(batch) + 1) * max(longest, n) > self.max_prefill_tokens:
+            # what the prefill computes is kept under max_prefill_tokens (a lone longer prompt goes alone): the
+            # prompts' sum for a packed prefill, rows x longest for a padded one (every row padded to the longest;
+            # its temporary cache holds as much)
+            cost = total + n if packed else (len(batch) + 1) * max(longest, n)
+            if batch and cost > self.max_prefill_tokens:
                 break
             batch.append(self.waiting.popleft()[1])
-            longest = max(longest, n)
+            longest, total = max(longest, n), total + n
         if not batch:
             return
         fresh, taken = [], set()
@@ -217,14 +220,29 @@ class ContinuousBatcher:
 
         t = job.handle.prefill_started = time.perf_counter()  # the server's /debug/stages reads it
         self.kept.pop(slot, None)  # the slot's content changes now (a failure must not leave it matchable)
-        logits = prefill_rest(self.decoder, slot, start, job.prepared.inputs)
+        enc = job.prepared.inputs
+        logits = self._packed_or_padded(lambda p: p.rest(self.decoder, slot, start, enc, enc.positions),
+                                        lambda: prefill_rest(self.decoder, slot, start, enc))
         self._kept_since[slot] = Kept(job.prepared.inputs.input_ids, job.prepared.media_keys or {})
         self.reused_tokens += start
         self._first_tokens([slot], [job], logits)
         self.prefill_times.append((1, time.perf_counter() - t))
 
+    def _packed_or_padded(self, packed, padded) -> torch.Tensor:
+        """``packed(qvl.infer.packed_prefill)`` where the decoder prefills packed, else ``padded()``; should the
+        packed one fail other than for memory or the prompt, the padded one runs, now and from then on."""
+        if self.decoder.prefill_impl == "packed":
+            from qvl.infer import packed_prefill
+
+            try:
+                return packed(packed_prefill)
+            except (torch.OutOfMemoryError, ValueError):
+                raise  # the request's own failure: the padded prefill would fail the same way
+            except Exception as e:  # noqa: BLE001 -- any other failure of the packed path: the padded one serves
+                packed_prefill.fall_back(self.decoder, e)
+        return padded()
+
     def _prefill(self, slots: list[int], jobs: list) -> None:
-        from qvl.data.collate import collate
         from qvl.data.packing import sample_positions
         from qvl.infer.prefix import Kept
 
@@ -233,14 +251,33 @@ class ContinuousBatcher:
             job.handle.prefill_started = t
         d = self.decoder
         encs = [j.prepared.inputs for j in jobs]
+        # the engine's prepare computed them off this thread
+        positions = [e.positions if e.positions is not None else sample_positions(e, self.rope_index) for e in encs]
+        for slot in slots:
+            self.kept.pop(slot, None)
+        logits = self._packed_or_padded(
+            lambda p: p.prefill(d, slots, encs, positions, [j.prepared.media_keys for j in jobs], self.vision_cache),
+            lambda: self._prefill_padded(slots, jobs, positions))
+        for slot, job, enc in zip(slots, jobs, encs):
+            if enc.positions is not None:  # what a follow-up needs to continue it (the engine's prepare sets it)
+                self._kept_since[slot] = Kept(enc.input_ids, job.prepared.media_keys or {})
+        self._first_tokens(slots, jobs, logits)
+        self.prefill_times.append((len(jobs), time.perf_counter() - t))
+
+    def _prefill_padded(self, slots: list[int], jobs: list, positions: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`DecodeModel.prefill`: transformers' forward over the prompts right-padded (the vision cache in
+        front of its tower); -> last logits."""
+        from qvl.data.collate import collate
+
+        d = self.decoder
+        encs = [j.prepared.inputs for j in jobs]
         # the token rows are collated here; the pixels are not concatenated on the host (8 448x448 images: 38 MB
         # copied on this thread) but sent to the device one sample at a time and joined there
         batch = collate([dataclasses.replace(e, pixel_values=None, pixel_values_videos=None) for e in encs],
                         pad_id=self.pad_id, padding_side="right")
-        positions = torch.zeros(4, len(encs), batch["input_ids"].shape[1], dtype=torch.long)
-        for i, enc in enumerate(encs):  # the engine's prepare computed them off this thread
-            positions[:, i, :len(enc)] = enc.positions if enc.positions is not None else \
-                sample_positions(enc, self.rope_index)
+        padded = torch.zeros(4, len(encs), batch["input_ids"].shape[1], dtype=torch.long)
+        for i, p in enumerate(positions):
+            padded[:, i, :p.shape[1]] = p
         inputs = {k: v.to(d.device) for k, v in batch.items()}
         for key, grid_key in MEDIA:
             parts = [getattr(e, key) for e in encs if getattr(e, key) is not None]
@@ -249,15 +286,8 @@ class ContinuousBatcher:
                 keys = [k for j in jobs for k in ((j.prepared.media_keys or {}).get(key) or [])]
                 if self.vision_cache is not None and len(keys) == len(inputs[grid_key]):
                     self.vision_cache.expect(inputs[key], keys)
-        for slot in slots:
-            self.kept.pop(slot, None)
         with self.vision_cache.attached() if self.vision_cache is not None else contextlib.nullcontext():
-            logits = d.prefill(slots, inputs, positions.to(d.device), [len(e) for e in encs])
-        for slot, job, enc in zip(slots, jobs, encs):
-            if enc.positions is not None:  # what a follow-up needs to continue it (the engine's prepare sets it)
-                self._kept_since[slot] = Kept(enc.input_ids, job.prepared.media_keys or {})
-        self._first_tokens(slots, jobs, logits)
-        self.prefill_times.append((len(jobs), time.perf_counter() - t))
+            return d.prefill(slots, inputs, padded.to(d.device), [len(e) for e in encs])
 
     def _first_tokens(self, slots: list[int], jobs: list, logits: torch.Tensor) -> None:
         """Sample each prefilled request's first token from its last logits, feed it to the next step, stream it."""

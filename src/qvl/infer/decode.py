@@ -3,9 +3,11 @@
 ``model.generate`` re-runs Python over every module for every token and grows its cache by
 concatenation; at batch 1 on an H100 that is ~6 % of what the memory bandwidth allows. Here:
 
-* **Prefill** runs the Hugging Face forward once per request batch (vision encoder, DeepStack,
-  mRoPE positions from ``qvl.data.packing.sample_positions``), keeps only the last position's
-  logits, and copies each request's keys/values into its **slot** of a pre-allocated cache.
+* **Prefill** runs a request batch once (vision encoder, DeepStack, mRoPE positions from
+  ``qvl.data.packing.sample_positions``), keeps only the last position's logits, and puts each request's
+  keys/values into its **slot** of a pre-allocated cache: by default as one packed row through the decode step's
+  own pieces (``qvl.infer.packed_prefill``), else (:meth:`DecodeModel.prefill`) through the Hugging Face forward
+  over the padded batch, its cache copied into the slots.
 * **Decode** is our own step over the same weights: RMSNorm, fused q/k/v and gate/up matrices
   (the modules' weights become views of the fused tensors, so no memory is added), q/k norms,
   RoPE, the new key/value written at each row's own position, attention over the first ``Lb``
@@ -312,6 +314,12 @@ class DecodeModel:
         self._grouped_ok = not self.compiled or self.dtype == torch.bfloat16
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
+        # how a prompt batch is prefilled: "packed" (qvl.infer.packed_prefill: one unpadded row, the decode step's
+        # pieces, keys/values written straight into the slots) where it can run, else "padded" (:meth:`prefill`)
+        from qvl.infer.packed_prefill import why_not
+
+        self.prefill_why_padded = why_not(self)
+        self.prefill_impl = "padded" if self.prefill_why_padded else "packed"
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple] = {}

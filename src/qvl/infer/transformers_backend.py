@@ -265,6 +265,18 @@ class TransformersEngine(Engine):
             decoder.warmup(max_keys=min(length, WARMUP_KEYS))
             say(f"decode step captured for {len(decoder._graphs)} batch x length shapes (up to "
                 f"{min(length, WARMUP_KEYS):,} tokens; longer ones at first use) in {time.time() - t:.0f} s")
+        if decoder.prefill_why_padded:
+            say(f"note: prompts are prefilled as padded batches through transformers' forward "
+                f"({decoder.prefill_why_padded})")
+        elif decoder.compiled:  # the compiled pieces meet a prefill's shapes now, not at the first request
+            from qvl.infer.packed_prefill import fall_back, warm
+
+            try:
+                warm(decoder)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- the padded prefill serves instead, said in the log
+                fall_back(decoder, e)
         if vision_cache_mb is None:  # a chat turn re-sends its images: keep their encoder outputs
             vision_cache_mb = 1024 if decoder.device.type == "cuda" else 256
         visual = getattr(decoder.base.model, "visual", None)
@@ -289,8 +301,8 @@ class TransformersEngine(Engine):
         return out
 
     def describe(self) -> str:
-        how = (f"; continuous batching, {self.max_batch_size} slots" if self.batcher
-               else "; model.generate batches")
+        how = (f"; continuous batching, {self.max_batch_size} slots, {self.batcher.decoder.prefill_impl} prefill"
+               if self.batcher else "; model.generate batches")
         return super().describe() + how
 
     # ------------------------------------------------------------------ requests

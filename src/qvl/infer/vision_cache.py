@@ -6,12 +6,13 @@ hash of its preprocessed pixels and grid (:func:`media_keys`, computed off the e
 its tower outputs -- the merged embeddings and the DeepStack features -- are kept in an LRU bounded
 in bytes and entries.
 
-The tower is reached through the Hugging Face forward (prefill), so during the prefill
-(:meth:`VisionCache.attached`) the cache sits in front of the tower module itself:
-:meth:`VisionCache.expect` names the keys of the pixel tensor about to be passed, and the tower then
-runs only on the items it has not seen, the output the model expects assembled from kept and new
-parts. A tower call it was not told about (a dtype copy of the pixels, say) runs as before. Per-item outputs do not depend on the other items of the call
-(the tower's attention is per item), so a kept item equals a recomputed one.
+The packed prefill (``qvl.infer.packed_prefill``, the default) asks :meth:`VisionCache.lookup` for a
+call's items and encodes only the missing ones itself. The padded prefill reaches the tower through the
+Hugging Face forward, so there (:meth:`VisionCache.attached`) the cache sits in front of the tower module
+itself: :meth:`VisionCache.expect` names the keys of the pixel tensor about to be passed, and the tower then
+runs only on the items it has not seen, the output the model expects assembled from kept and new parts. A tower
+call it was not told about (a dtype copy of the pixels, say) runs as before. Per-item outputs do not depend on
+the other items of the call (the tower's attention is per item), so a kept item equals a recomputed one.
 """
 
 from __future__ import annotations
@@ -97,20 +98,31 @@ class VisionCache:
         if keys is None or grid_thw is None or len(keys) != len(grid_thw):
             return self._original(hidden_states, grid_thw=grid_thw, **kwargs)
         rows = grid_thw.prod(-1).tolist()
+
+        def encode(missing: list[int]):
+            if len(missing) == len(keys):
+                return self._original(hidden_states, grid_thw=grid_thw, **kwargs)
+            starts = [sum(rows[:i]) for i in range(len(rows))]
+            pixels = torch.cat([hidden_states[starts[i]:starts[i] + rows[i]] for i in missing])
+            return self._original(pixels, grid_thw=grid_thw[missing], **kwargs)
+
+        out = self.lookup(keys, rows, encode)
+        return out if out is not None else self._original(hidden_states, grid_thw=grid_thw, **kwargs)
+
+    def lookup(self, keys: list[str], rows: list[int], encode):
+        """The tower's output for the items ``keys`` (``rows``: each one's patch count): kept items from here, the
+        others from ``encode(indices)`` (the tower's output for just those items, in order), then kept. None where
+        the tower's output cannot be kept (the cache turns itself off; the caller runs the tower itself)."""
         missing = [i for i, k in enumerate(keys) if k not in self.entries]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         fresh = {}
         if missing:
-            starts = [sum(rows[:i]) for i in range(len(rows))]
-            pixels = hidden_states if len(missing) == len(keys) else torch.cat(
-                [hidden_states[starts[i]:starts[i] + rows[i]] for i in missing])
-            grid = grid_thw if len(missing) == len(keys) else grid_thw[missing]
-            out = self._original(pixels, grid_thw=grid, **kwargs)
+            out = encode(missing)
             if getattr(out, "pooler_output", None) is None or getattr(out, "deepstack_features", None) is None:
                 log.warning("vision cache off: the tower's output has no pooler_output/deepstack_features")
                 self.enabled = False
-                return self._original(hidden_states, grid_thw=grid_thw, **kwargs)
+                return None
             self._output_type = type(out)
             self.encoded_items += len(missing)
             sizes = [rows[i] // self.merge for i in missing]

@@ -427,17 +427,16 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
         # continuous batcher prefills a few requests at a time
         rows = min(batch, FAST_PREFILL_REQUESTS) if fast_decode else batch
         tokens = min(rows * model_len, max(model_len, FAST_PREFILL_TOKENS)) if fast_decode else batch * model_len
+        # (the fast path's packed prefill, qvl.infer.packed_prefill, writes each layer's keys / values straight into
+        # the slots: no temporary cache as transformers' forward builds)
         prefill = tokens * (layer_transient_bytes_per_token(m) / tp + 6 * m.hidden)
-        if fast_decode:  # the prefill's own KV cache (transformers'), copied into the slots after the forward
-            prefill += tokens * kv_per_token_gpu
         logits = rows * m.vocab * 10  # last-token logits: bf16 + fp32 copy + softmax
         parts["KV cache"] = _gib(kv)
         notes["KV cache"] = f"{batch} × {model_len:,} tokens × {kv_per_token_gpu / 1024:.0f} KiB"
         act = max(vision, prefill + logits)
         parts["activations (prefill / vision)"] = _gib(act)
         notes["activations (prefill / vision)"] = (
-            f"max(prefill of {tokens:,} tokens {_gib(prefill):.2f} GiB"
-            f"{' with its temporary KV cache' if fast_decode else ''}, vision encoder on a "
+            f"max(prefill of {tokens:,} tokens {_gib(prefill):.2f} GiB, vision encoder on a "
             f"{mm_item_tokens:,}-token item {_gib(vision):.2f} GiB)")
         alloc = weights + kv + act
         if fast_decode and m.vision_hidden:

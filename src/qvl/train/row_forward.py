@@ -134,6 +134,36 @@ def usable(inner, config) -> bool:
             and hasattr(inner, "language_model") and hasattr(config, "image_token_id"))
 
 
+def row_inputs(inner, config, batch: dict, extras: dict, encode=None) -> tuple[torch.Tensor, list]:
+    """The decoder's inputs for one packed row: the embedded row (1, L, H) with each medium's tower output placed
+    at its placeholder tokens, and the DeepStack features as dense tensors (zero away from visual tokens; adding
+    zero there changes nothing), one per layer they join after. ``encode(kind, pixels, grid_thw, kw)``: the tower
+    output of one kind's media (default :func:`run_tower`; serving puts its vision cache there)."""
+    ids = batch["input_ids"]
+    embeds = extras.get("embeds")  # looked up on the host (host_embeddings)
+    if embeds is None:
+        embeds = inner.get_input_embeddings()(ids)
+    placed = []  # (mask (1, L, 1), deepstack features) per medium
+    for kind, pixel_key, grid_key in MEDIA:
+        pixels = batch.get(pixel_key)
+        if pixels is None:
+            continue
+        kw = {key: extras[f"{kind}_{key}"] for key in VISION_KEYS}
+        out = (encode(kind, pixels, batch[grid_key], kw) if encode is not None
+               else run_tower(inner.visual, pixels, batch[grid_key], kw))
+        mask = (ids == getattr(config, f"{kind}_token_id"))[..., None]
+        embeds = embeds.masked_scatter(mask.expand_as(embeds), out.pooler_output.to(embeds.dtype))
+        placed.append((mask, out.deepstack_features))
+    deepstack = []
+    if placed:
+        for i in range(len(placed[0][1])):
+            dense = torch.zeros_like(embeds)
+            for mask, features in placed:
+                dense.masked_scatter_(mask.expand_as(dense), features[i].to(dense.dtype))
+            deepstack.append(dense)
+    return embeds, deepstack
+
+
 def row_hidden(inner, config, batch: dict, extras: dict, row_bound: bool = False, graphs=None) -> torch.Tensor:
     """The final-norm hidden states (1, L, H) of one packed row, as ``inner(**batch).last_hidden_state``.
 
@@ -142,29 +172,9 @@ def row_hidden(inner, config, batch: dict, extras: dict, row_bound: bool = False
     :class:`qvl.train.graphs.DecoderGraphs` to run the decoder with."""
     from qvl.train.graphs import decoder_stack
 
-    ids, positions = batch["input_ids"], batch["position_ids"]
-    embeds = extras.get("embeds")  # looked up on the host (host_embeddings)
-    if embeds is None:
-        embeds = inner.get_input_embeddings()(ids)
-    visual, text = inner.visual, inner.language_model
-    placed = []  # (mask (1, L, 1), deepstack features) per medium
-    for kind, pixel_key, grid_key in MEDIA:
-        pixels = batch.get(pixel_key)
-        if pixels is None:
-            continue
-        out = run_tower(visual, pixels, batch[grid_key], {key: extras[f"{kind}_{key}"] for key in VISION_KEYS})
-        mask = (ids == getattr(config, f"{kind}_token_id"))[..., None]
-        embeds = embeds.masked_scatter(mask.expand_as(embeds), out.pooler_output.to(embeds.dtype))
-        placed.append((mask, out.deepstack_features))
-    deepstack = []
-    if placed:  # dense: zero where no visual token is (adding zero there changes nothing)
-        for i in range(len(placed[0][1])):
-            dense = torch.zeros_like(embeds)
-            for mask, features in placed:
-                dense.masked_scatter_(mask.expand_as(dense), features[i].to(dense.dtype))
-            deepstack.append(dense)
-    cu = extras["cu_seqlens"]
+    embeds, deepstack = row_inputs(inner, config, batch, extras)
+    positions, cu = batch["position_ids"], extras["cu_seqlens"]
     if graphs is not None:
         return graphs(embeds, positions, cu, deepstack)
-    return decoder_stack(text, embeds, positions[1:], positions[0], cu, deepstack,
-                         ids.shape[1] if row_bound else extras["longest"])
+    return decoder_stack(inner.language_model, embeds, positions[1:], positions[0], cu, deepstack,
+                         batch["input_ids"].shape[1] if row_bound else extras["longest"])

@@ -1,0 +1,210 @@
+"""Prefill as one packed row: a prefill batch's prompts laid end to end without padding, each attending only to
+itself, every layer's keys/values written straight into the prompts' cache slots.
+
+Why: :meth:`qvl.infer.decode.DecodeModel.prefill` runs transformers' forward over a right-padded batch. That
+forward reads the device several times (the tower's grid-derived values, per-image splits, placeholder
+checks), computes every row to the longest prompt, fills a temporary cache and then copies it into the slots. On an
+H200 one request with a 448x448 image (~300 tokens) took 62 ms from admission to its first token
+(``bench/results/serve.json``, 2026-12-05, ``server_stages.clients_1``), for a few ms of GEMMs.
+
+Here the host lays the row out (sample bounds, each token's slot and cache index, the tower's grid-derived inputs:
+:func:`qvl.train.row_forward.vision_extras`). Embedding, tower and feature placement are the training path's
+(:func:`qvl.train.row_forward.row_inputs`, with the vision cache in front of the tower). Each decoder layer is the
+decode step's own pieces (:func:`qvl.infer.decode.attn_in` and :func:`~qvl.infer.decode.mlp_out`, compiled on a
+GPU) around one causal varlen attention call over the row. ``tests/infer/test_packed_prefill.py`` checks the
+logits and the slots' keys/values against :meth:`DecodeModel.prefill`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from qvl.train.row_forward import MEDIA
+
+log = logging.getLogger("qvl.infer")
+
+
+def why_not(d) -> str | None:
+    """None when :func:`prefill` can run for decoder ``d`` (a :class:`qvl.infer.decode.DecodeModel`), else why not."""
+    from qvl.train.row_forward import usable
+
+    if not usable(d.base.model, d.base.config):
+        return "not a Qwen3-VL model whose tower takes precomputed inputs"
+    if d.is_moe and not d._grouped_ok:
+        return "its experts would run gathered (compiled, not bf16), which reads a copy of an expert per token"
+    return None
+
+
+def fall_back(d, error: Exception) -> None:
+    """The packed prefill failed other than for memory or a too-long prompt: prefill padded from now on (said once;
+    the request is prefilled again that way)."""
+    d.prefill_impl = "padded"
+    d.prefill_why_padded = f"the packed prefill failed: {type(error).__name__}: {str(error)[:200]}"
+    log.warning("%s; prompts are prefilled as padded batches through transformers' forward from now on",
+                d.prefill_why_padded, exc_info=error)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, bounds: list, longest: int,
+           scale: float) -> torch.Tensor:
+    """Causal attention inside each prompt of the row: q (T, Hq, D), k / v (T, Hkv, D) -> (T, Hq * D). One flash
+    varlen call on a GPU, causal sdpa per prompt elsewhere."""
+    from qvl.data.packing import varlen_causal, varlen_usable
+
+    as_heads = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, T, D) views
+    if varlen_usable(q, 0.0):
+        out = varlen_causal(*as_heads, cu, longest, scale)[0]
+    else:
+        qh, kh, vh = as_heads
+        out = torch.cat([F.scaled_dot_product_attention(qh[:, :, s:e], kh[:, :, s:e], vh[:, :, s:e], is_causal=True,
+                                                         scale=scale, enable_gqa=True) for s, e in bounds], dim=2)
+        out = out[0].transpose(0, 1)
+    return out.reshape(q.shape[0], -1)
+
+
+def _encoder(visual, vision_config, cache, keys: dict, host_grids: dict, device):
+    """``encode`` for :func:`row_inputs`: the tower's output through ``cache`` (a VisionCache) where the items have
+    content keys: kept items are not encoded again, the others are encoded on their own."""
+    from qvl.train.row_forward import run_tower, vision_extras
+
+    kinds = {kind: pixel_key for kind, pixel_key, _ in MEDIA}
+
+    def encode(kind, pixels, grid, kw):
+        pixel_key = kinds[kind]
+        items, host = keys.get(pixel_key), host_grids[pixel_key]
+        if cache is None or not cache.enabled or not items or len(items) != len(host):
+            return run_tower(visual, pixels, grid, kw)
+        rows = host.prod(-1).tolist()
+
+        def encode_items(missing: list[int]):
+            if len(missing) == len(items):
+                return run_tower(visual, pixels, grid, kw)
+            starts = [sum(rows[:i]) for i in range(len(rows))]
+            sub = host[missing]
+            extras = {k: v.to(device) if torch.is_tensor(v) else v
+                      for k, v in vision_extras(sub, vision_config).items()}
+            return run_tower(visual, torch.cat([pixels[starts[i]:starts[i] + rows[i]] for i in missing]),
+                             sub.to(device), extras)
+
+        out = cache.lookup(items, rows, encode_items)
+        return out if out is not None else run_tower(visual, pixels, grid, kw)
+
+    return encode
+
+
+def _layers(d, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_of: torch.Tensor, index_of: torch.Tensor,
+            attention, deepstack=()) -> torch.Tensor:
+    """The decoder layers over the tokens ``x`` (T, H): each token's key / value written at its slot ``slot_of`` and
+    cache index ``index_of``; ``attention(layer, q, k, v)`` -> (T, Hq * D); the DeepStack features (1, T, H) added
+    after the first layers."""
+    f = d._fns
+    for i, w in enumerate(d.layers):
+        q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, d.n_q, d.n_kv, d.eps)
+        d.k[i][slot_of, :, index_of] = k
+        d.v[i][slot_of, :, index_of] = v
+        x = f["mlp_out"](attention(i, q, k, v), x, w.wo, w.ln2, w.mlp, d.eps, w.top_k, False)
+        if i < len(deepstack):
+            x = x + deepstack[i][0]
+    return x
+
+
+def _occupy(d, slots: list[int], lengths: list[int], deltas: list[int]) -> None:
+    """The decode state of prefilled ``slots``: each decodes from its prompt's end at its RoPE offset."""
+    dev = d.device
+    index = torch.tensor(slots).to(dev, non_blocking=True)
+    for slot, n in zip(slots, lengths):
+        d.host_length[slot] = n
+        d.busy.add(slot)
+    d.length[index] = torch.tensor(lengths).to(dev, non_blocking=True)
+    d.rope_delta[index] = torch.tensor(deltas).to(dev, non_blocking=True)
+
+
+@torch.inference_mode()
+def prefill(d, slots: list[int], encs: list, positions: list[torch.Tensor], media_keys: list | None = None,
+            cache=None) -> torch.Tensor:
+    """Run the prompts ``encs`` (``positions``: each one's (4, L) text + mRoPE positions) as one packed row into
+    ``slots`` of decoder ``d``; -> each prompt's last logits (B, V) float32, as :meth:`DecodeModel.prefill`.
+    ``media_keys``: each prompt's content keys ({pixel key: [key per item]}, or None) for ``cache``, a
+    :class:`qvl.infer.vision_cache.VisionCache`."""
+    from qvl.train.row_forward import row_inputs, vision_extras
+
+    lengths = [len(e) for e in encs]
+    if max(lengths) > d.max_len:
+        raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache length {d.max_len}")
+    dev = d.device
+    inner, config = d.base.model, d.base.config
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    bounds = list(zip(starts[:-1], starts[1:]))
+    positions = torch.cat(positions, dim=1)  # (4, T): text positions, then the mRoPE rows
+    batch = {"input_ids": torch.cat([e.input_ids for e in encs])[None].to(dev, non_blocking=True)}
+    extras, keys, host_grids = {}, {}, {}
+    for kind, pixel_key, grid_key in MEDIA:
+        have = [i for i, e in enumerate(encs) if getattr(e, pixel_key) is not None]
+        if not have:
+            continue
+        # pixels go to the device one prompt at a time and are joined and cast there (as DecodeModel's callers do)
+        batch[pixel_key] = torch.cat([getattr(encs[i], pixel_key).to(dev, non_blocking=True).to(d.dtype)
+                                      for i in have])
+        host_grids[pixel_key] = torch.cat([getattr(encs[i], grid_key) for i in have])
+        batch[grid_key] = host_grids[pixel_key].to(dev, non_blocking=True)
+        for key, value in vision_extras(host_grids[pixel_key], config.vision_config).items():
+            extras[f"{kind}_{key}"] = value.to(dev, non_blocking=True) if torch.is_tensor(value) else value
+        per_prompt = [(media_keys[i] or {}).get(pixel_key) if media_keys else None for i in have]
+        keys[pixel_key] = None if any(k is None for k in per_prompt) else [k for ks in per_prompt for k in ks]
+    encode = _encoder(inner.visual, config.vision_config, cache, keys, host_grids, dev)
+    embeds, deepstack = row_inputs(inner, config, batch, extras, encode)
+
+    cos, sin = d.text.rotary_emb(embeds, positions[1:, None].to(dev, non_blocking=True))
+    slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(dev, non_blocking=True)
+    index_of = torch.cat([torch.arange(n) for n in lengths]).to(dev, non_blocking=True)
+    cu = torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True)
+    x = _layers(d, embeds[0], cos[0], sin[0], slot_of, index_of,
+                lambda i, q, k, v: attend(q, k, v, cu, bounds, max(lengths), d.scale), deepstack)
+    last = torch.tensor([e - 1 for e in starts[1:]]).to(dev, non_blocking=True)
+    logits = d._fns["final_logits"](x.index_select(0, last), d.norm, d.head, d.eps)
+
+    # RoPE offset = the prompt's largest mRoPE position + 1 - its length, as DecodeModel.prefill (host values here)
+    _occupy(d, slots, lengths, [int(positions[1:, s:e].max()) + 1 - (e - s) for s, e in bounds])
+    return logits
+
+
+def warm(d) -> None:
+    """Prefill two short text prompts into slots 0 and 1 and free them, so that the compiled pieces meet a prefill's
+    shapes before the first request does."""
+    from qvl.data.preprocess import Encoded
+
+    sizes = [16, 24][:d.slots]
+    encs = [Encoded(torch.zeros(n, dtype=torch.long), None, torch.zeros(n, dtype=torch.long)) for n in sizes]
+    prefill(d, list(range(len(sizes))), encs, [torch.arange(n).expand(4, n) for n in sizes])
+    for slot in range(len(sizes)):
+        d.release(slot)
+
+
+@torch.inference_mode()
+def rest(d, slot: int, start: int, enc, positions: torch.Tensor) -> torch.Tensor:
+    """Run tokens ``start:`` of ``enc`` (text only: :func:`qvl.infer.prefix.find` makes sure) on top of slot
+    ``slot``'s kept keys / values (its first ``start`` entries), as :func:`qvl.infer.prefix.prefill_rest`;
+    -> last logits (1, V)."""
+    dev, n = d.device, len(enc)
+    ids = enc.input_ids[start:].to(dev, non_blocking=True)
+    x = F.embedding(ids, d.embed)
+    cos, sin = d.text.rotary_emb(x[None], positions[1:, None, start:].to(dev, non_blocking=True))
+    index = torch.arange(start, n)
+    # each new token sees the kept prompt and the new tokens up to itself
+    mask = (torch.arange(n)[None, :] <= index[:, None]).to(dev, non_blocking=True)
+    index_of, slot_of = index.to(dev, non_blocking=True), torch.full((n - start,), slot).to(dev, non_blocking=True)
+
+    def attention(i, q, k, v):
+        keys, values = d.k[i][slot:slot + 1, :, :n], d.v[i][slot:slot + 1, :, :n]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=d.scale,
+                                             enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(n - start, -1)
+
+    x = _layers(d, x, cos[0], sin[0], slot_of, index_of, attention)
+    logits = d._fns["final_logits"](x[-1:], d.norm, d.head, d.eps)
+    _occupy(d, [slot], [n], [int(positions[1:].max()) + 1 - n])
+    return logits

@@ -1,0 +1,186 @@
+"""The packed prefill (qvl.infer.packed_prefill) against the padded one (transformers' forward, DecodeModel.prefill):
+the same last logits, the same keys/values in every slot, the same decode state, with text, images and a video in
+one batch; through the vision cache too. Tiny model, CPU, float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from qvl.data.packing import rope_index_fn, sample_positions
+from qvl.data.preprocess import encode
+from qvl.data.samples import Media, Message, Sample
+from qvl.infer import packed_prefill
+from qvl.infer.decode import DecodeModel
+from qvl.infer.vision_cache import VisionCache, media_keys
+
+
+def _video():
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+    from helpers import write_video
+
+    return str(write_video(Path(tempfile.mkdtemp()) / "clip.mp4", frames=8, fps=4))
+
+
+PROMPTS = [
+    ["describe the red circle in detail"],
+    [Media("image", Image.new("RGB", (96, 64), "blue")), "what shape is this?"],
+    [Media("video", _video()), "what happens?"],
+    [Media("image", Image.new("RGB", (64, 64), "red")), Media("image", Image.new("RGB", (32, 64), "green")),
+     "compare these two pictures, then say which one is larger"],
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    model, processor = tiny
+    rope = rope_index_fn(model)
+    encs = [encode(Sample([Message("user", parts)]), processor, for_generation=True) for parts in PROMPTS]
+    return encs, [sample_positions(e, rope) for e in encs]
+
+
+def _padded(d, slots, encs, positions):
+    """DecodeModel.prefill's inputs as the batcher makes them."""
+    from qvl.data.collate import collate
+
+    batch = collate(encs, pad_id=0, padding_side="right")
+    padded = torch.zeros(4, len(encs), batch["input_ids"].shape[1], dtype=torch.long)
+    for i, p in enumerate(positions):
+        padded[:, i, :p.shape[1]] = p
+    return d.prefill(slots, dict(batch), padded, [len(e) for e in encs])
+
+
+def _state(d, slots, lengths):
+    """Each prompt's keys / values per layer, then the slots' lengths, RoPE offsets and host lengths."""
+    return ([[(d.k[i][s, :, :n].clone(), d.v[i][s, :, :n].clone()) for i in range(len(d.k))]
+             for s, n in zip(slots, lengths)],
+            d.length[slots].tolist(), d.rope_delta[slots].tolist(), [d.host_length[s] for s in slots])
+
+
+def test_the_default_for_a_qwen3_vl_model(tiny):
+    model, _ = tiny
+    assert DecodeModel(model, slots=2, max_len=64).prefill_impl == "packed"
+
+
+def test_packed_prefill_equals_the_padded_one(tiny, prompts):
+    model, _ = tiny
+    encs, positions = prompts
+    slots, lengths = [3, 0, 2, 1], [len(e) for e in encs]
+    d = DecodeModel(model, slots=4, max_len=256)
+    want = _padded(d, slots, encs, positions)
+    want_kv, *want_state = _state(d, slots, lengths)
+    d = DecodeModel(model, slots=4, max_len=256)
+    got = packed_prefill.prefill(d, slots, encs, positions)
+    got_kv, *got_state = _state(d, slots, lengths)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got_state == want_state
+    for prompt_got, prompt_want in zip(got_kv, want_kv):
+        for (k, v), (k_want, v_want) in zip(prompt_got, prompt_want):
+            torch.testing.assert_close(k, k_want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(v, v_want, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_prefill_through_the_vision_cache(tiny, prompts):
+    """Kept images are not encoded again; a batch mixing kept and new items gives what encoding them all gives."""
+    model, _ = tiny
+    encs, positions = prompts
+    d = DecodeModel(model, slots=4, max_len=256)
+    cache = VisionCache(d.base.model.visual, 2**26)
+    keys = [media_keys(e) for e in encs]
+    packed_prefill.prefill(d, [0], encs[3:], positions[3:], keys[3:], cache)  # the two images of the last prompt
+    assert (cache.encoded_items, cache.hits) == (2, 0)
+    want = packed_prefill.prefill(DecodeModel(model, slots=4, max_len=256), [0, 1, 2, 3], encs, positions)
+    got = packed_prefill.prefill(d, [0, 1, 2, 3], encs, positions, keys, cache)
+    assert cache.hits == 2 and cache.encoded_items == 4  # the blue image and the video are new
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_rest_of_a_follow_up_equals_prefix_prefill_rest_and_a_full_prefill(tiny, prompts):
+    """A follow-up whose prompt continues a kept one (image and all) runs only its new tokens on top of the kept
+    keys / values: as qvl.infer.prefix.prefill_rest does, and as prefilling it whole does."""
+    import dataclasses
+
+    from qvl.infer.prefix import prefill_rest
+
+    model, _ = tiny
+    encs, positions = prompts
+    first = encs[1]
+    more = torch.tensor([11, 12, 13, 14, 15, 16, 17])
+    follow = dataclasses.replace(first, input_ids=torch.cat([first.input_ids, more]), labels=None,
+                                 mm_token_type_ids=torch.cat([first.mm_token_type_ids, torch.zeros_like(more)]))
+    follow.positions = sample_positions(follow, rope_index_fn(model))
+    start, n = len(first), len(follow)
+    results = []
+    for impl in ("padded", "packed"):
+        d = DecodeModel(model, slots=2, max_len=256)
+        packed_prefill.prefill(d, [1], [first], [positions[1]])
+        logits = (prefill_rest(d, 1, start, follow) if impl == "padded"
+                  else packed_prefill.rest(d, 1, start, follow, follow.positions))
+        results.append((logits, _state(d, [1], [n])))
+    whole = DecodeModel(model, slots=2, max_len=256)
+    want = packed_prefill.prefill(whole, [1], [follow], [follow.positions])
+    for logits, (kv, *state) in results:
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+        assert tuple(state) == _state(whole, [1], [n])[1:]
+        for (k, v), (k_want, v_want) in zip(kv[0], _state(whole, [1], [n])[0][0]):
+            torch.testing.assert_close(k, k_want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(v, v_want, rtol=1e-4, atol=1e-4)
+
+
+def test_warm_leaves_the_slots_free(tiny):
+    model, _ = tiny
+    d = DecodeModel(model, slots=2, max_len=64)
+    packed_prefill.warm(d)
+    assert not d.busy and d.host_length == [0, 0] and d.length.tolist() == [0, 0]
+    assert d.rope_delta.tolist() == [0, 0]
+
+
+def test_a_failing_packed_prefill_falls_back_to_the_padded_one(tiny, monkeypatch, caplog):
+    """Should the packed prefill fail (not for memory or the prompt), the request is prefilled padded, answers as
+    model.generate does, and the decoder prefills padded from then on, said once in the log."""
+    from test_fast_decode import GREEDY, PROMPTS, _batcher, _Collect, _generate_ids, _job, _run_until_done
+
+    from qvl.models.tokens import token_ids
+
+    model, processor = tiny
+    d = DecodeModel(model, slots=2, max_len=256)
+    fast = (d, processor, token_ids(processor.tokenizer).pad, rope_index_fn(model))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(packed_prefill, "prefill", broken)
+    job = _job(processor, PROMPTS["image"])
+    with caplog.at_level("WARNING", logger="qvl.infer"):
+        _run_until_done(_batcher(fast, _Collect), {0: [job]})
+    assert job.handle.emit_tokens == _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+    assert d.prefill_impl == "padded" and "RuntimeError: no kernel for this" in d.prefill_why_padded
+    assert sum("packed prefill failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
+    """On a GPU the pieces are compiled with dynamic shapes: once the decode step has compiled (batches of 1 and
+    2+), prefills of any length compile nothing more, and give the eager logits (CPU inductor; slow: compiles)."""
+    from torch._dynamo.utils import counters
+
+    model, _ = tiny
+    encs, positions = prompts
+    d = DecodeModel(model, slots=4, max_len=256, compile=True)
+    with torch.inference_mode():
+        for rows in (1, 2):
+            d._step(rows, 128)
+    graphs = counters["stats"]["unique_graphs"]
+    for chosen in ([0], [1, 2], [0, 1, 2, 3], [3]):
+        got = packed_prefill.prefill(d, list(range(len(chosen))), [encs[i] for i in chosen],
+                                     [positions[i] for i in chosen])
+        want = packed_prefill.prefill(DecodeModel(model, slots=4, max_len=256), list(range(len(chosen))),
+                                      [encs[i] for i in chosen], [positions[i] for i in chosen])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for slot in range(len(chosen)):
+            d.release(slot)
+    assert counters["stats"]["unique_graphs"] == graphs
