@@ -194,6 +194,12 @@ def compile_marker() -> set[int]:
     return {id(m) for m in get_compilation_metrics()}
 
 
+def compiled_name(filename: str | None, first_line: int | None, name: str | None) -> str:
+    """What a compiled function is: "decoder layer", "vision tower" for what this module compiled, else its name
+    and file."""
+    return _WHAT.get((filename, first_line)) or f"{name} ({Path(filename or '?').name})"
+
+
 def compiled_functions(since: set[int] = frozenset()) -> list[tuple[str, float]]:
     """(what, seconds) for each function torch.compile compiled after ``since`` (:func:`compile_marker`), summed
     by function, longest first: "decoder layer", "vision tower" for what this module compiled, else the function's
@@ -204,7 +210,7 @@ def compiled_functions(since: set[int] = frozenset()) -> list[tuple[str, float]]
     for m in get_compilation_metrics():  # the last 64 compilations (dynamo keeps no more)
         if id(m) in since or not m.entire_frame_compile_time_s:
             continue
-        what = _WHAT.get((m.co_filename, m.co_firstlineno)) or f"{m.co_name} ({Path(m.co_filename or '?').name})"
+        what = compiled_name(m.co_filename, m.co_firstlineno, m.co_name)
         seconds[what] = seconds.get(what, 0.0) + m.entire_frame_compile_time_s
     return sorted(seconds.items(), key=lambda kv: -kv[1])
 

@@ -41,6 +41,7 @@ from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
 from qvl.train import compile, distributed, graphs, host, loss_head, offload, optimizers, recompute
 from qvl.train.config import TrainConfig
+from qvl.train.step_watch import StepWatch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1336,8 +1337,11 @@ def _run_steps(run: Run, callbacks) -> None:
     pending = None
     t_first, compiled_before, recorded_before = time.perf_counter(), compile.compile_seconds(), _record_seconds(run)
     cached_before, compiled_marker = compile.cache_counts(), compile.compile_marker()
+    watch = StepWatch(run.tracker.write) if run.is_main else None  # a long step says what it does meanwhile
     try:
         for step, items in _fetch_steps(run, rows_in_workers):
+            if watch is not None:
+                watch.begin(step + 1)
             if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
                 items = rows_by_budget(items, cfg.packed_row_tokens)  # tokens (before balancing: ranks compare rows)
                 if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
@@ -1386,6 +1390,8 @@ def _run_steps(run: Run, callbacks) -> None:
             if pending is not None:
                 run.row = report(*pending)
             pending = (done, queued, n_labels, n_tokens, step_lrs)
+            if watch is not None:
+                watch.end()
             if saving:
                 run.row, pending = report(*pending), None
                 path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
@@ -1400,6 +1406,8 @@ def _run_steps(run: Run, callbacks) -> None:
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, cfg, run.use_graphs, run.ckpt_ratio) from e
     finally:  # the recordings' memory goes back (benchmarks train the same model object again)
+        if watch is not None:
+            watch.close()
         if decoder_graphs is not None:
             say(f"cuda_graphs: {decoder_graphs.summary()}")
             decoder_graphs.close()

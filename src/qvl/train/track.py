@@ -170,6 +170,15 @@ class Tracker:
             self.log_fn(line)
         return row
 
+    def write(self, line: str) -> None:
+        """A line above the progress bar (or to the log without one); rank 0 only."""
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            self.log_fn(line)
+
     def close(self) -> Path | None:
         if self.rank != 0:
             return None
