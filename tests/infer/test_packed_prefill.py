@@ -100,20 +100,26 @@ def test_packed_prefill_through_the_vision_cache(tiny, prompts):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _continued(model, first):
+    """``first``'s prompt followed by seven more text tokens (a follow-up turn's tokens), positions included."""
+    import dataclasses
+
+    more = torch.tensor([11, 12, 13, 14, 15, 16, 17])
+    follow = dataclasses.replace(first, input_ids=torch.cat([first.input_ids, more]), labels=None,
+                                 mm_token_type_ids=torch.cat([first.mm_token_type_ids, torch.zeros_like(more)]))
+    follow.positions = sample_positions(follow, rope_index_fn(model))
+    return follow
+
+
 def test_the_rest_of_a_follow_up_equals_prefix_prefill_rest_and_a_full_prefill(tiny, prompts):
     """A follow-up whose prompt continues a kept one (image and all) runs only its new tokens on top of the kept
     keys / values: as qvl.infer.prefix.prefill_rest does, and as prefilling it whole does."""
-    import dataclasses
-
     from qvl.infer.prefix import prefill_rest
 
     model, _ = tiny
     encs, positions = prompts
     first = encs[1]
-    more = torch.tensor([11, 12, 13, 14, 15, 16, 17])
-    follow = dataclasses.replace(first, input_ids=torch.cat([first.input_ids, more]), labels=None,
-                                 mm_token_type_ids=torch.cat([first.mm_token_type_ids, torch.zeros_like(more)]))
-    follow.positions = sample_positions(follow, rope_index_fn(model))
+    follow = _continued(model, first)
     start, n = len(first), len(follow)
     results = []
     for impl in ("padded", "packed"):
@@ -184,3 +190,26 @@ def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
         for slot in range(len(chosen)):
             d.release(slot)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_attention_off_the_varlen_kernel_gives_sdpa_every_head(tiny, prompts, monkeypatch):
+    """Where the flash varlen kernel does not run (and always for a follow-up's rest, which has a mask) sdpa gets
+    as many key / value heads as query heads: on torch 2.11, sdpa's enable_gqa works only with flash and the
+    math kernel, and the math kernel holds the whole score matrix."""
+    import torch.nn.functional as F
+
+    model, _ = tiny
+    encs, positions = prompts
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape[1], k.shape[1], v.shape[1], kwargs.get("enable_gqa", False)))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(packed_prefill.F, "scaled_dot_product_attention", spy)
+    d = DecodeModel(model, slots=2, max_len=256)
+    assert d.n_q > d.n_kv  # the tiny model groups its query heads
+    packed_prefill.prefill(d, [0], [encs[0]], [positions[0]])
+    follow = _continued(model, encs[0])
+    packed_prefill.rest(d, 0, len(encs[0]), follow, follow.positions)
+    assert calls and all(q == k == v and not gqa for q, k, v, gqa in calls), calls

@@ -57,11 +57,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, 
     if varlen_usable(q, 0.0):
         out = varlen_causal(*as_heads, cu, longest, scale)[0]
     else:
-        qh, kh, vh = as_heads
+        qh, kh, vh = as_heads[0], *(_all_heads(t, q.shape[1]) for t in as_heads[1:])
         out = torch.cat([F.scaled_dot_product_attention(qh[:, :, s:e], kh[:, :, s:e], vh[:, :, s:e], is_causal=True,
-                                                         scale=scale, enable_gqa=True) for s, e in bounds], dim=2)
+                                                         scale=scale) for s, e in bounds], dim=2)
         out = out[0].transpose(0, 1)
     return out.reshape(q.shape[0], -1)
+
+
+def _all_heads(t: torch.Tensor, n_q: int) -> torch.Tensor:
+    """(1, Hkv, L, D) -> (1, Hq, L, D), each key / value head repeated for its query heads (as transformers'
+    repeat_kv). sdpa's own grouped-query support (``enable_gqa``) is flash's and the math kernel's only in torch 2.11
+    (its docstring; memory-efficient attention has it in 2.14): with a mask, or where flash cannot run, that is the
+    math kernel, which holds the whole score matrix (32 heads x 16k x 16k floats: 34 GB)."""
+    return t if t.shape[1] == n_q else t.repeat_interleave(n_q // t.shape[1], dim=1)
 
 
 def _encoder(visual, vision_config, cache, keys: dict, host_grids: dict, device):
@@ -199,9 +207,8 @@ def rest(d, slot: int, start: int, enc, positions: torch.Tensor) -> torch.Tensor
     index_of, slot_of = index.to(dev, non_blocking=True), torch.full((n - start,), slot).to(dev, non_blocking=True)
 
     def attention(i, q, k, v):
-        keys, values = d.k[i][slot:slot + 1, :, :n], d.v[i][slot:slot + 1, :, :n]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=d.scale,
-                                             enable_gqa=True)
+        keys, values = (_all_heads(c[i][slot:slot + 1, :, :n], d.n_q) for c in (d.k, d.v))
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=d.scale)
         return out[0].transpose(0, 1).reshape(n - start, -1)
 
     x = _layers(d, x, cos[0], sin[0], slot_of, index_of, attention)
