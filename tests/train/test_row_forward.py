@@ -257,7 +257,8 @@ def test_inductor_tower_compiles_once_with_its_blocks_as_one_region(setup):
 
 
 def test_inductor_tower_shares_one_region_across_its_blocks(tiny_model_dir):
-    """Four blocks, one compiled block graph shared by them (torch 2.11 gives the first block its own: two)."""
+    """Four blocks, one compiled block graph shared by all four (torch 2.11 traced the first block as a region of
+    its own until the rotary inputs' size was said equal to the patches' before it)."""
     from torch._inductor.compile_fx import compile_fx
     from transformers import AutoConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
@@ -280,5 +281,5 @@ def test_inductor_tower_shares_one_region_across_its_blocks(tiny_model_dir):
         run_tower(visual, torch.randn(16, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2), grid,
                   vision_extras(grid, vc))
     regions = [n.args[1] for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
-    assert len(regions) == 4 and len(set(regions[1:])) == 1
+    assert len(regions) == 4 and len(set(regions)) == 1
     compile.uncompile(holder)
