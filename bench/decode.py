@@ -13,6 +13,8 @@ mixture-of-experts one; bf16, sdpa):
   * batch 32 (448x448 image, 128 new tokens): generate, static + compile, at a fixed batch
   * prefill alone (qvl's engine, no vision cache): one 1024x1024-image prompt, one 448x448 one and eight, as one
     packed row (the default) and as transformers' forward over the padded batch, median ms of 5
+  * a prompt of nearly the whole context arriving while 8 requests decode, prefilled whole and 1,024 tokens a
+    turn: the longest gap between the others' decode steps, and its own time to first token
   * qvl's scheduler with 8 and 32 concurrent requests arriving at staggered times
     (--stagger seconds apart): total output tok/s = all tokens / (last finish - first arrival),
     plus the decode-step times (a recompilation or capture would show as a stall)
@@ -191,6 +193,35 @@ def graph_step_ms(decoder, rows: int, length: int, reps: int = 50) -> float:
     return ms
 
 
+def long_prompt_stall(engine, encs, long_enc, part_tokens: int, new: int) -> dict:
+    """``encs`` decoding (``new`` tokens each), then ``long_enc`` arriving 0.3 s later, prefilled whole
+    (``part_tokens`` 0) or ``part_tokens`` a turn: the longest gap between the others' decode steps meanwhile, and
+    the long prompt's time to its first token."""
+    b = engine.batcher
+    kept, b.prefill_part_tokens = b.prefill_part_tokens, part_tokens
+    first, done = {}, threading.Event()
+
+    def on_chunk(c):
+        first.setdefault("t", time.perf_counter())
+        if c.finish_reason is not None:
+            done.set()
+
+    try:
+        before = len(b.step_times)
+        handles = [engine.submit(engine_request(engine, e, new)) for e in encs]
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        engine.submit(engine_request(engine, long_enc, 4), on_chunk)
+        done.wait(600)
+        for h in handles:
+            h.result()
+        gaps = list(b.step_times)[before:]
+    finally:
+        b.prefill_part_tokens = kept
+    return {"part_tokens": part_tokens, "long_prompt_tokens": len(long_enc), "long_ttft_s": first["t"] - t0,
+            "step_gap_ms_max": 1e3 * max(gaps), "step_gap_ms_p50": 1e3 * statistics.median(gaps)}
+
+
 def prefill_ms(engine, encs, impl: str, reps: int = 5) -> float:
     """Median time of one prefill of ``encs`` into the first slots by ``impl``: "packed" (one unpadded row, the
     decode step's pieces: qvl.infer.packed_prefill, the default) or "padded" (transformers' forward over the padded
@@ -230,7 +261,7 @@ def main() -> int:
     ap.add_argument("--baseline-new", type=int, default=64, help="new tokens for plain generate at batch 1 (slow)")
     ap.add_argument("--batch-new", type=int, default=128)
     ap.add_argument("--stagger", type=float, default=0.02, help="seconds between arrivals")
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,prefill,qvl")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,prefill,parts,qvl")
     ap.add_argument("--max-model-len", type=int, default=4096, help="the engine's context (its slot cache)")
     ap.add_argument("--json", default="decode.json")
     ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
@@ -384,6 +415,12 @@ def main() -> int:
     r = qvl_concurrent(engine, small, args.batch_new, 0.0)
     out["concurrent_32_at_once"] = r
     print("qvl 32 at once", r, flush=True)
+    if "parts" not in skip:  # a long prompt arriving while 8 others decode: prefilled whole, or a part per turn
+        long_enc = prompt(processor, 448, 448, max(0, args.max_model_len - 700))  # ~tokens: words + image + template
+        out["long_prompt"] = [long_prompt_stall(engine, small[:8], long_enc, part, args.batch_new)
+                              for part in (0, 1024)]
+        print("long prompt while 8 decode", out["long_prompt"], flush=True)
+        save()
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     from types import SimpleNamespace
 

@@ -501,3 +501,58 @@ def test_a_prefill_batch_is_capped_by_what_it_computes(tiny, fast, monkeypatch, 
     job = _job(processor, ["describe " * 40], GREEDY.replace(max_new_tokens=1))
     _run_until_done(alone, {0: [job]})
     assert job.handle.emit_tokens
+
+
+def _positioned(fast, job):
+    """As the engine's prepare leaves it: the prompt's positions computed."""
+    from qvl.data.packing import sample_positions
+
+    job.prepared.inputs.positions = sample_positions(job.prepared.inputs, fast[3])
+    return job
+
+
+def test_a_long_prompt_arriving_while_others_decode_is_prefilled_in_parts(tiny, fast, monkeypatch):
+    """A prompt above prefill_part_tokens that comes while others decode is prefilled a part per turn, with decode
+    steps of the others between its parts; all answer as model.generate does. Its slot (3) is inside the running
+    batch's bucket (4 rows), whose decode steps compute it too."""
+    from qvl.infer import packed_prefill
+
+    model, processor = tiny
+    b = _batcher(fast, _Collect)
+    b.prefill_part_tokens = 8
+    others = [_positioned(fast, _job(processor, PROMPTS[kind])) for kind in ("text", "image", "video")]
+    long = _positioned(fast, _job(processor, PROMPTS["two_images"]))
+    n = long.prepared.prompt_tokens
+    assert n > 3 * b.prefill_part_tokens
+    steps_at_parts, real = [], packed_prefill.prefill_part
+    monkeypatch.setattr(packed_prefill, "prefill_part",
+                        lambda d, slot, row, a, e: (steps_at_parts.append(b.steps), real(d, slot, row, a, e))[1])
+    slots = []
+    start = b._start_in_parts
+    monkeypatch.setattr(b, "_start_in_parts", lambda *a: (start(*a), slots.append(b.in_parts.slot)))
+    _run_until_done(b, {0: others, 2: [long]})
+    assert slots == [3] and len(steps_at_parts) == -(-n // b.prefill_part_tokens)
+    assert all(x < y for x, y in zip(steps_at_parts, steps_at_parts[1:]))  # a decode step between parts
+    for job in (*others, long):
+        assert job.handle.emit_tokens == _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+    assert b.in_parts is None and not b.running
+
+
+def test_a_prompt_cancelled_while_prefilled_in_parts_frees_its_slot(tiny, fast):
+    _, processor = tiny
+    b = _batcher(fast, _Collect)
+    b.prefill_part_tokens = 8
+    short = _positioned(fast, _job(processor, PROMPTS["text"], GREEDY.replace(max_new_tokens=12)))
+    long = _positioned(fast, _job(processor, PROMPTS["two_images"]))
+    b.submit(short)
+    b.turn()
+    b.submit(long)
+    b.turn()
+    assert b.in_parts is not None and b.in_parts.done == 8
+    held = b.in_parts.slot
+    long.handle.cancel()
+    b.turn()
+    assert b.in_parts is None and [c.finish_reason for c in long.handle] == ["cancelled"] and held not in b.kept
+    assert fast[0].length[held] == fast[0].max_len - 1  # parked: decode steps write nowhere it matters
+    _run_until_done(b, {0: []})
+    assert len(short.handle.emit_tokens) == 12

@@ -213,3 +213,25 @@ def test_attention_off_the_varlen_kernel_gives_sdpa_every_head(tiny, prompts, mo
     follow = _continued(model, encs[0])
     packed_prefill.rest(d, 0, len(encs[0]), follow, follow.positions)
     assert calls and all(q == k == v and not gqa for q, k, v, gqa in calls), calls
+
+
+@pytest.mark.parametrize("which", [1, 2])  # an image prompt, a video prompt
+def test_a_prompt_prefilled_in_parts_equals_it_prefilled_whole(tiny, prompts, which):
+    """A long prompt prefilled a part at a time (each part on top of the parts before, cut anywhere, inside an
+    image's tokens too) leaves the same keys / values and decode state, and gives the same last logits."""
+    model, _ = tiny
+    encs, positions = prompts
+    enc, n = encs[which], len(encs[which])
+    whole = DecodeModel(model, slots=2, max_len=256)
+    want = packed_prefill.prefill(whole, [1], [enc], [positions[which]])
+    d = DecodeModel(model, slots=2, max_len=256)
+    row = packed_prefill.embed(d, [enc], [positions[which]])
+    cuts = [0, 5, n // 2, n - 1, n]
+    got = [packed_prefill.prefill_part(d, 1, row, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    assert got[:-1] == [None] * (len(cuts) - 2) and d.host_length[1] == n
+    torch.testing.assert_close(got[-1], want, rtol=1e-4, atol=1e-4)
+    (kv, *state), (kv_want, *state_want) = _state(d, [1], [n]), _state(whole, [1], [n])
+    assert state == state_want
+    for (k, v), (k_want, v_want) in zip(kv[0], kv_want[0]):
+        torch.testing.assert_close(k, k_want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, v_want, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,9 @@ One worker thread runs :meth:`ContinuousBatcher.run`. Each turn of its loop:
 2. admits waiting requests into free cache slots (lowest first, so the decode batch stays small)
    and prefills them together -- one vision-encoder pass per image/video -- then streams each
    one's first token. While others are decoding, arrivals are gathered for up to
-   ``coalesce_s`` (or until ``max_prefill_batch`` wait) so one prefill serves several of them,
+   ``coalesce_s`` (or until ``max_prefill_batch`` wait) so one prefill serves several of them. A prompt above
+   ``prefill_part_tokens`` arriving while others decode is prefilled that many tokens a turn instead
+   (its parts between their decode steps),
 3. launches one decode step for every running request -- the step, the sampling and the copy of
    the new tokens into the next step's input all stay on the GPU -- and only then streams the
    tokens of the *previous* step, so the host's work (detokenising, stop strings, finishing)
@@ -49,6 +51,23 @@ class Running:
     serial: int = field(default_factory=lambda: next(_serial))
 
 
+# A prompt longer than this, arriving while others decode, is prefilled this many tokens per turn of the loop, so
+# the others' decode steps go on between its parts: on an H200 an 8B prefill runs ~0.5 s per 16k tokens (~600
+# dense TFLOP/s at 16 GFLOP a token), a stall of every stream; 4,096 tokens bound it to about an eighth of that.
+PREFILL_PART_TOKENS = 4096
+
+
+@dataclass
+class InParts:
+    """A long prompt being prefilled a part per turn (:func:`qvl.infer.packed_prefill.prefill_part`)."""
+
+    slot: int
+    job: object
+    row: object  # its embedded row (qvl.infer.packed_prefill.Row)
+    started: float
+    done: int = 0  # tokens prefilled so far
+
+
 @dataclass
 class InFlight:
     """A launched decode step whose tokens the host has not read yet."""
@@ -61,7 +80,7 @@ class InFlight:
 class ContinuousBatcher:
     def __init__(self, decoder: DecodeModel, make_row, pad_id: int, rope_index, max_prefill_tokens: int = 16384,
                  max_prefill_batch: int = 8, coalesce_s: float = 0.05, vision_cache=None,
-                 reuse_prefixes: bool = True):
+                 reuse_prefixes: bool = True, prefill_part_tokens: int = PREFILL_PART_TOKENS):
         self.decoder, self.make_row, self.pad_id, self.rope_index = decoder, make_row, pad_id, rope_index
         self.vision_cache = vision_cache  # a qvl.infer.vision_cache.VisionCache in front of the tower, or None
         self.reuse_prefixes = reuse_prefixes  # qvl.infer.prefix: follow-ups run only what a freed slot lacks
@@ -70,6 +89,10 @@ class ContinuousBatcher:
         self.reused_tokens = 0  # prompt tokens not prefilled again thanks to a kept prefix
         self.max_prefill_tokens, self.max_prefill_batch, self.coalesce_s = (
             max_prefill_tokens, max_prefill_batch, coalesce_s)
+        # a longer prompt that arrives while others decode is prefilled this many tokens a turn, their decode steps
+        # in between (packed prefill only); None while no prompt is being prefilled so
+        self.prefill_part_tokens = prefill_part_tokens
+        self.in_parts: InParts | None = None
         self.vocab = decoder.head.shape[0]
         self.stats = TokenStats(decoder.slots, self.vocab, decoder.device)
         self.running: dict[int, Running] = {}
@@ -91,7 +114,7 @@ class ContinuousBatcher:
     def run(self, jobs: queue.Queue) -> None:
         closing = False
         while not closing:
-            if not self.running and not self.waiting and self.inflight is None:
+            if not self.running and not self.waiting and self.inflight is None and self.in_parts is None:
                 job = jobs.get()
                 if job is None:
                     break
@@ -116,12 +139,15 @@ class ContinuousBatcher:
             row.job.handle.cancel()
             row.finish = row.finish or "cancelled"
             self._finish(slot)
+        if self.in_parts is not None:
+            self._drop_in_parts("cancelled")
         for _, job in self.waiting:
             job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))
 
     def turn(self) -> None:
         """Admit, launch a step, stream the previous step's tokens (tests call this directly)."""
         self._admit()
+        self._prefill_next_part()
         previous = self.inflight
         self.inflight = None
         if self.running:
@@ -152,8 +178,13 @@ class ContinuousBatcher:
         while self.waiting and self.waiting[0][1].handle.cancelled:
             _, job = self.waiting.popleft()
             job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))
-        free = [s for s in range(self.decoder.slots) if s not in self.running]
+        held = self.in_parts.slot if self.in_parts is not None else None
+        free = [s for s in range(self.decoder.slots) if s not in self.running and s != held]
         if not self.waiting or not free:
+            return
+        if self._in_parts(self.waiting[0][1], free):  # a long prompt while others decode: a part per turn
+            if self.in_parts is None:
+                self._start_in_parts(self.waiting.popleft(), free)
             return
         if self.running and len(self.waiting) < min(len(free), self.max_prefill_batch):
             if time.perf_counter() - self.waiting[0][0] < self.coalesce_s:
@@ -167,6 +198,8 @@ class ContinuousBatcher:
                 job.handle.emit(Chunk(finish_reason="cancelled", prompt_tokens=job.prepared.prompt_tokens))
                 continue
             n = job.prepared.prompt_tokens
+            if self._in_parts(job, free):  # it goes in parts, once it is first in line
+                break
             # what the prefill computes is kept under max_prefill_tokens (a lone longer prompt goes alone): the
             # prompts' sum for a packed prefill, rows x longest for a padded one (every row padded to the longest;
             # its temporary cache holds as much)
@@ -193,6 +226,72 @@ class ContinuousBatcher:
         for slot, job in zip(slots, fresh):  # placeholders, so a failing prefill reports to them
             self.running[slot] = Running(self.make_row(job))
         self._guard(lambda: self._prefill(slots, fresh), slots)
+
+    def _in_parts(self, job, free: list[int]) -> bool:
+        """Whether ``job`` is prefilled in parts: a packed prefill, others decoding, a prompt above the part size
+        (and below the cache's last entry, where decode steps park a slot that is not decoding) that no kept prefix
+        shortens (those run only their rest)."""
+        n = job.prepared.prompt_tokens
+        return (bool(self.running) and self.decoder.prefill_impl == "packed" and self.prefill_part_tokens > 0
+                and self.prefill_part_tokens < n < self.decoder.max_len - 1 and not job.handle.cancelled
+                and job.prepared.inputs.positions is not None
+                and not (self.reuse_prefixes and self._kept_prefix(job, free)))
+
+    def _start_in_parts(self, waiting: tuple, free: list[int]) -> None:
+        from qvl.infer import packed_prefill
+
+        _, job = waiting
+        slot = sorted(free, key=self._slot_preference)[0]
+        self.kept.pop(slot, None)
+        t = job.handle.prefill_started = time.perf_counter()  # the server's /debug/stages reads it
+        p = job.prepared
+        try:  # the embedding and the vision tower run now, for the whole prompt
+            row = packed_prefill.embed(self.decoder, [p.inputs], [p.inputs.positions], [p.media_keys],
+                                       self.vision_cache)
+        except Exception as e:
+            log.exception("prefill failed")
+            job.handle.emit(Chunk(finish_reason="error", error=f"{type(e).__name__}: {e}",
+                                  prompt_tokens=p.prompt_tokens))
+            return
+        # decode steps between the parts compute this row too: its writes go to the cache's last entry, not
+        # into the prompt (a slot never used would write from index 0 on)
+        self.decoder.length[slot] = self.decoder.max_len - 1
+        self.in_parts = InParts(slot, job, row, t)
+
+    def _prefill_next_part(self) -> None:
+        """The next part of the prompt being prefilled in parts; its first token once the last part is done."""
+        from qvl.infer import packed_prefill
+        from qvl.infer.prefix import Kept
+
+        parts = self.in_parts
+        if parts is None:
+            return
+        if parts.job.handle.cancelled:
+            self._drop_in_parts("cancelled")
+            return
+        n = parts.job.prepared.prompt_tokens
+        end = min(parts.done + self.prefill_part_tokens, n)
+        try:
+            logits = packed_prefill.prefill_part(self.decoder, parts.slot, parts.row, parts.done, end)
+        except Exception as e:
+            log.exception("prefill failed")
+            self._drop_in_parts("error", f"{type(e).__name__}: {e}")
+            return
+        parts.done = end
+        if logits is None:
+            return
+        self.in_parts = None
+        job, slot = parts.job, parts.slot
+        self.running[slot] = Running(self.make_row(job))
+        self._kept_since[slot] = Kept(job.prepared.inputs.input_ids, job.prepared.media_keys or {})
+        self._guard(lambda: self._first_tokens([slot], [job], logits), [slot])
+        self.prefill_times.append((1, time.perf_counter() - parts.started))
+
+    def _drop_in_parts(self, reason: str, error: str | None = None) -> None:
+        parts, self.in_parts = self.in_parts, None
+        self._release(parts.slot, keep=False)  # part of a prompt is in its cache
+        parts.job.handle.emit(Chunk(finish_reason=reason, error=error,
+                                    prompt_tokens=parts.job.prepared.prompt_tokens))
 
     def _slot_preference(self, slot: int) -> tuple:
         """Sort key of a free slot for a new request. Rows below the decode batch's bucket are computed anyway:

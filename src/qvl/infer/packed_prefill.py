@@ -18,6 +18,7 @@ logits and the slots' keys/values against :meth:`DecodeModel.prefill`.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -129,13 +130,24 @@ def _occupy(d, slots: list[int], lengths: list[int], deltas: list[int]) -> None:
     d.rope_delta[index] = torch.tensor(deltas).to(dev, non_blocking=True)
 
 
+@dataclass
+class Row:
+    """Prompts laid end to end, embedded: what the decoder layers take (:func:`embed`)."""
+
+    embeds: torch.Tensor  # (T, H), the media's tower outputs in place
+    deepstack: list  # (1, T, H) per DeepStack layer (zero away from visual tokens)
+    cos: torch.Tensor  # (T, D) mRoPE
+    sin: torch.Tensor
+    positions: torch.Tensor  # (4, T) on the host: text positions, then the mRoPE rows
+    lengths: list[int]
+
+
 @torch.inference_mode()
-def prefill(d, slots: list[int], encs: list, positions: list[torch.Tensor], media_keys: list | None = None,
-            cache=None) -> torch.Tensor:
-    """Run the prompts ``encs`` (``positions``: each one's (4, L) text + mRoPE positions) as one packed row into
-    ``slots`` of decoder ``d``; -> each prompt's last logits (B, V) float32, as :meth:`DecodeModel.prefill`.
-    ``media_keys``: each prompt's content keys ({pixel key: [key per item]}, or None) for ``cache``, a
-    :class:`qvl.infer.vision_cache.VisionCache`."""
+def embed(d, encs: list, positions: list[torch.Tensor], media_keys: list | None = None, cache=None) -> Row:
+    """The prompts ``encs`` (``positions``: each one's (4, L) text + mRoPE positions) as one embedded row: token
+    embeddings, the vision tower's outputs at their placeholders (through ``cache``, a
+    :class:`qvl.infer.vision_cache.VisionCache`, for the items with content keys: ``media_keys``, each prompt's
+    {pixel key: [key per item]} or None), the DeepStack features and the rotary cos / sin."""
     from qvl.train.row_forward import row_inputs, vision_extras
 
     lengths = [len(e) for e in encs]
@@ -143,11 +155,7 @@ def prefill(d, slots: list[int], encs: list, positions: list[torch.Tensor], medi
         raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache length {d.max_len}")
     dev = d.device
     inner, config = d.base.model, d.base.config
-    starts = [0]
-    for n in lengths:
-        starts.append(starts[-1] + n)
-    bounds = list(zip(starts[:-1], starts[1:]))
-    positions = torch.cat(positions, dim=1)  # (4, T): text positions, then the mRoPE rows
+    positions = torch.cat(positions, dim=1)
     batch = {"input_ids": torch.cat([e.input_ids for e in encs])[None].to(dev, non_blocking=True)}
     extras, keys, host_grids = {}, {}, {}
     for kind, pixel_key, grid_key in MEDIA:
@@ -165,19 +173,72 @@ def prefill(d, slots: list[int], encs: list, positions: list[torch.Tensor], medi
         keys[pixel_key] = None if any(k is None for k in per_prompt) else [k for ks in per_prompt for k in ks]
     encode = _encoder(inner.visual, config.vision_config, cache, keys, host_grids, dev)
     embeds, deepstack = row_inputs(inner, config, batch, extras, encode)
-
     cos, sin = d.text.rotary_emb(embeds, positions[1:, None].to(dev, non_blocking=True))
+    return Row(embeds[0], deepstack, cos[0], sin[0], positions, lengths)
+
+
+def _rope_delta(positions: torch.Tensor) -> int:
+    """A prompt's RoPE offset for decoding: its largest mRoPE position + 1 - its length, as DecodeModel.prefill."""
+    return int(positions[1:].max()) + 1 - positions.shape[1]
+
+
+@torch.inference_mode()
+def prefill(d, slots: list[int], encs: list, positions: list[torch.Tensor], media_keys: list | None = None,
+            cache=None) -> torch.Tensor:
+    """Run the prompts ``encs`` as one packed row (:func:`embed`) into ``slots`` of decoder ``d``; -> each prompt's
+    last logits (B, V) float32, as :meth:`DecodeModel.prefill`."""
+    row = embed(d, encs, positions, media_keys, cache)
+    dev, lengths = d.device, row.lengths
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    bounds = list(zip(starts[:-1], starts[1:]))
     slot_of = torch.repeat_interleave(torch.tensor(slots), torch.tensor(lengths)).to(dev, non_blocking=True)
     index_of = torch.cat([torch.arange(n) for n in lengths]).to(dev, non_blocking=True)
     cu = torch.tensor(starts, dtype=torch.int32).to(dev, non_blocking=True)
-    x = _layers(d, embeds[0], cos[0], sin[0], slot_of, index_of,
-                lambda i, q, k, v: attend(q, k, v, cu, bounds, max(lengths), d.scale), deepstack)
+    x = _layers(d, row.embeds, row.cos, row.sin, slot_of, index_of,
+                lambda i, q, k, v: attend(q, k, v, cu, bounds, max(lengths), d.scale), row.deepstack)
     last = torch.tensor([e - 1 for e in starts[1:]]).to(dev, non_blocking=True)
     logits = d._fns["final_logits"](x.index_select(0, last), d.norm, d.head, d.eps)
-
-    # RoPE offset = the prompt's largest mRoPE position + 1 - its length, as DecodeModel.prefill (host values here)
-    _occupy(d, slots, lengths, [int(positions[1:, s:e].max()) + 1 - (e - s) for s, e in bounds])
+    _occupy(d, slots, lengths, [_rope_delta(row.positions[:, s:e]) for s, e in bounds])
     return logits
+
+
+@torch.inference_mode()
+def prefill_part(d, slot: int, row: Row, start: int, end: int) -> torch.Tensor | None:
+    """Tokens ``start:end`` of the one-prompt ``row`` into ``slot``, on top of its first ``start`` entries (written
+    by the parts before): a long prompt prefilled a part at a time, decode steps of the others between parts. ->
+    the last logits (1, V) once ``end`` is the prompt's end (the slot then decodes from there), else None."""
+    (n,) = row.lengths
+    dev = d.device
+    index = torch.arange(start, end)
+    slot_of = torch.full((end - start,), slot).to(dev, non_blocking=True)
+    if start == 0:
+        cu = torch.tensor([0, end], dtype=torch.int32).to(dev, non_blocking=True)
+        attention = lambda i, q, k, v: attend(q, k, v, cu, [(0, end)], end, d.scale)  # noqa: E731
+    else:
+        attention = _on_cached(d, slot, index)
+    x = _layers(d, row.embeds[start:end], row.cos[start:end], row.sin[start:end], slot_of,
+                index.to(dev, non_blocking=True), attention, [f[:, start:end] for f in row.deepstack])
+    if end < n:
+        return None
+    logits = d._fns["final_logits"](x[-1:], d.norm, d.head, d.eps)
+    _occupy(d, [slot], [n], [_rope_delta(row.positions)])
+    return logits
+
+
+def _on_cached(d, slot: int, index: torch.Tensor):
+    """``attention`` for :func:`_layers` of new tokens at cache indices ``index`` (consecutive, host) of ``slot``:
+    each sees the slot's entries up to its own (those before ``index`` written earlier)."""
+    n = int(index[-1]) + 1
+    mask = (torch.arange(n)[None, :] <= index[:, None]).to(d.device, non_blocking=True)
+
+    def attention(i, q, k, v):
+        keys, values = (_all_heads(c[i][slot:slot + 1, :, :n], d.n_q) for c in (d.k, d.v))
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=d.scale)
+        return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+    return attention
 
 
 def warm(d) -> None:
@@ -198,20 +259,11 @@ def rest(d, slot: int, start: int, enc, positions: torch.Tensor) -> torch.Tensor
     ``slot``'s kept keys / values (its first ``start`` entries), as :func:`qvl.infer.prefix.prefill_rest`;
     -> last logits (1, V)."""
     dev, n = d.device, len(enc)
-    ids = enc.input_ids[start:].to(dev, non_blocking=True)
-    x = F.embedding(ids, d.embed)
+    x = F.embedding(enc.input_ids[start:].to(dev, non_blocking=True), d.embed)
     cos, sin = d.text.rotary_emb(x[None], positions[1:, None, start:].to(dev, non_blocking=True))
     index = torch.arange(start, n)
-    # each new token sees the kept prompt and the new tokens up to itself
-    mask = (torch.arange(n)[None, :] <= index[:, None]).to(dev, non_blocking=True)
-    index_of, slot_of = index.to(dev, non_blocking=True), torch.full((n - start,), slot).to(dev, non_blocking=True)
-
-    def attention(i, q, k, v):
-        keys, values = (_all_heads(c[i][slot:slot + 1, :, :n], d.n_q) for c in (d.k, d.v))
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=d.scale)
-        return out[0].transpose(0, 1).reshape(n - start, -1)
-
-    x = _layers(d, x, cos[0], sin[0], slot_of, index_of, attention)
+    x = _layers(d, x, cos[0], sin[0], torch.full((n - start,), slot).to(dev, non_blocking=True),
+                index.to(dev, non_blocking=True), _on_cached(d, slot, index))
     logits = d._fns["final_logits"](x[-1:], d.norm, d.head, d.eps)
-    _occupy(d, [slot], [n], [int(positions[1:].max()) + 1 - n])
+    _occupy(d, [slot], [n], [_rope_delta(positions)])
     return logits
