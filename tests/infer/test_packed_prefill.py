@@ -235,3 +235,27 @@ def test_a_prompt_prefilled_in_parts_equals_it_prefilled_whole(tiny, prompts, wh
     for (k, v), (k_want, v_want) in zip(kv[0], kv_want[0]):
         torch.testing.assert_close(k, k_want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(v, v_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_packed_prefill_and_its_parts_agree_with_the_padded_one(tiny, prompts):
+    """What a GPU runs (bf16, the pieces compiled, the flash varlen kernel, a part's masked attention): logits
+    within bf16's rounding of transformers' forward over the padded batch, each next token one of its best (a
+    near tie may go either way in bf16)."""
+    import copy
+
+    model, _ = tiny
+    gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    encs, positions = prompts
+    slots, lengths = [3, 0, 2, 1], [len(e) for e in encs]
+    padded = _padded(DecodeModel(gpu, slots=4, max_len=256), slots, encs, positions)
+    d = DecodeModel(gpu, slots=4, max_len=256)
+    assert d.compiled and d.prefill_impl == "packed"
+    packed = packed_prefill.prefill(d, slots, encs, positions)
+    torch.testing.assert_close(packed, padded, rtol=0.05, atol=0.05)
+    chosen = padded.gather(1, packed.argmax(-1, keepdim=True))[:, 0]
+    assert (chosen >= padded.max(-1).values - 0.05).all()
+    row = packed_prefill.embed(d, encs[1:2], positions[1:2])
+    n = lengths[1]
+    parts = [packed_prefill.prefill_part(d, 3, row, a, b) for a, b in ((0, 7), (7, n // 2), (n // 2, n))]
+    torch.testing.assert_close(parts[-1][0], padded[1], rtol=0.05, atol=0.05)
