@@ -102,7 +102,7 @@ def _run_until_done(b, jobs_by_step: dict[int, list]):
         for job in jobs_by_step.get(k, []):
             b.submit(job)
         b.turn()
-        if not b.running and not b.waiting and b.inflight is None and k >= max(jobs_by_step):
+        if not b.running and not b.waiting and b.inflight is None and b.in_parts is None and k >= max(jobs_by_step):
             return
         k += 1
 
@@ -556,3 +556,64 @@ def test_a_prompt_cancelled_while_prefilled_in_parts_frees_its_slot(tiny, fast):
     assert fast[0].length[held] == fast[0].max_len - 1  # parked: decode steps write nowhere it matters
     _run_until_done(b, {0: []})
     assert len(short.handle.emit_tokens) == 12
+
+
+def test_a_kept_prompt_with_media_is_reused_only_by_content_key(tiny):
+    """With the vision cache off the engine makes no content keys: a follow-up with the same tokens may hold
+    other pixels (another image of the same size), so a kept prompt with media is not reused for it."""
+    from qvl.infer.prefix import Kept, find
+    from qvl.infer.vision_cache import media_keys
+
+    _, processor = tiny
+    parts = [PROMPTS["image"][0], "describe it in detail " * 8]
+    first, follow = _encode(processor, parts), _encode(processor, parts + ["and its colour?"])
+    keys = media_keys(first)
+    prefix = first.input_ids[:40]  # the image and text both prompts start with
+    assert len(prefix) >= 32 and torch.equal(follow.input_ids[:len(prefix)], prefix)
+    follow.positions = torch.zeros(4, len(follow), dtype=torch.long)
+    assert find({0: Kept(prefix, {})}, [0], follow, None, 512) is None
+    assert find({0: Kept(prefix, keys)}, [0], follow, media_keys(follow), 512) == (0, len(prefix))
+
+
+def test_a_prompt_in_parts_whose_part_fails_is_prefilled_padded(tiny, fast, monkeypatch):
+    """A part that fails (not for memory or length) switches the decoder to the padded prefill, as a packed
+    prefill's failure does; the request goes first in line again and is answered as model.generate does."""
+    from qvl.infer import packed_prefill
+
+    model, processor = tiny
+    d = fast[0]
+    monkeypatch.setattr(d, "prefill_impl", "packed")
+    monkeypatch.setattr(d, "prefill_why_padded", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(packed_prefill, "prefill_part", broken)
+    b = _batcher(fast, _Collect)
+    b.prefill_part_tokens = 8
+    short = _positioned(fast, _job(processor, PROMPTS["text"]))
+    long = _positioned(fast, _job(processor, PROMPTS["two_images"]))
+    _run_until_done(b, {0: [short], 2: [long]})
+    assert d.prefill_impl == "padded" and "no kernel for this" in d.prefill_why_padded
+    assert long.handle.emit_tokens == _generate_ids(model, processor, long.prepared.inputs, GREEDY.max_new_tokens)
+
+
+def test_requests_behind_a_long_prompt_waiting_for_the_one_in_parts_are_admitted(tiny, fast):
+    """Only one prompt goes in parts at a time: a second long one waits for it, but shorter ones behind it do not."""
+    _, processor = tiny
+    b = _batcher(fast, _Collect)
+    b.prefill_part_tokens = 16
+    running = _positioned(fast, _job(processor, PROMPTS["text"]))
+    first, second = (_positioned(fast, _job(processor, PROMPTS["two_images"])) for _ in range(2))
+    short = _positioned(fast, _job(processor, ["hi"]))
+    assert short.prepared.prompt_tokens <= b.prefill_part_tokens < first.prepared.prompt_tokens
+    b.submit(running)
+    b.turn()
+    for job in (first, second, short):
+        b.submit(job)
+    b.turn()  # the first long prompt starts in parts (its first part)
+    assert b.in_parts is not None and b.in_parts.job is first
+    b.turn()  # the second waits for it; the short one behind it is admitted (and the first's last part runs)
+    assert [j for _, j in b.waiting] == [second] and any(r.row.job is short for r in b.running.values())
+    _run_until_done(b, {0: []})
+    assert all(j.handle.emit_tokens for j in (running, first, second, short))

@@ -345,24 +345,32 @@ def test_fast_decode_serve_plan_prefills_a_few_requests_and_keeps_a_vision_cache
     import inspect
 
     from qvl.infer.continuous import ContinuousBatcher
-    from qvl.plan.memory import FAST_PREFILL_REQUESTS, FAST_PREFILL_TOKENS, layer_transient_bytes_per_token
+    from qvl.infer.continuous import PREFILL_PART_TOKENS
+    from qvl.plan.memory import (FAST_PREFILL_PART_TOKENS, FAST_PREFILL_REQUESTS, FAST_PREFILL_TOKENS,
+                                 layer_transient_bytes_per_token)
     from qvl.plan.model import from_size
 
     defaults = inspect.signature(ContinuousBatcher).parameters
     assert defaults["max_prefill_tokens"].default == FAST_PREFILL_TOKENS
     assert defaults["max_prefill_batch"].default == FAST_PREFILL_REQUESTS
+    assert defaults["prefill_part_tokens"].default == PREFILL_PART_TOKENS == FAST_PREFILL_PART_TOKENS
     kw = dict(backend="transformers", max_model_len=2048, max_num_seqs=64, recommend=False)
     for size in ("8B", "30B-A3B"):
         generate, fast = plan_serve(size, "h200", **kw), plan_serve(size, "h200", fast_decode=True, **kw)
         assert fast.parts["KV cache"] == generate.parts["KV cache"] and fast.parts["vision cache"] == 1.0
         assert fast.parts["activations (prefill / vision)"] < generate.parts["activations (prefill / vision)"] / 4
-        # a packed prefill of FAST_PREFILL_TOKENS tokens through one layer at a time; no temporary KV cache (its keys
-        # and values go straight into the slots)
+        # a packed prefill of FAST_PREFILL_TOKENS tokens through one layer at a time (its embedded row 8 bytes x
+        # hidden a token); no temporary KV cache (keys and values go straight into the slots). A 2,048-token context
+        # has no prompt in parts
         m = from_size(SIZES[size])
-        prefill = FAST_PREFILL_TOKENS * (layer_transient_bytes_per_token(m) + 6 * m.hidden) / 2**30
+        prefill = FAST_PREFILL_TOKENS * (layer_transient_bytes_per_token(m) + 8 * m.hidden) / 2**30
         temporary_cache = FAST_PREFILL_TOKENS * fast.kv_bytes_per_token / 2**30
         assert prefill <= fast.parts["activations (prefill / vision)"] < prefill + temporary_cache
         assert fast.settings["fast_decode"] and "fast_decode" not in generate.settings
+        # a longer context: a prompt prefilled in parts keeps its embedded row while other prefills run
+        long = plan_serve(size, "h200", fast_decode=True, **{**kw, "max_model_len": 32768, "max_num_seqs": 4})
+        assert long.parts["activations (prefill / vision)"] >= (
+            FAST_PREFILL_TOKENS * (layer_transient_bytes_per_token(m) + 8 * m.hidden) + 32768 * 8 * m.hidden) / 2**30
     moe = from_size(SIZES["30B-A3B"])  # the k routed copies of each token dominate an MoE layer's prefill
     assert layer_transient_bytes_per_token(moe) == 12 * 2048 + 8 * 8 * 2048 + 6 * 128
 

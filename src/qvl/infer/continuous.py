@@ -65,6 +65,7 @@ class InParts:
     job: object
     row: object  # its embedded row (qvl.infer.packed_prefill.Row)
     started: float
+    arrived: float
     done: int = 0  # tokens prefilled so far
 
 
@@ -185,6 +186,18 @@ class ContinuousBatcher:
         if self._in_parts(self.waiting[0][1], free):  # a long prompt while others decode: a part per turn
             if self.in_parts is None:
                 self._start_in_parts(self.waiting.popleft(), free)
+                return
+            head = self.waiting.popleft()  # it waits for the prompt in parts; those behind it need not
+            try:
+                self._admit_batch(free)
+            finally:
+                self.waiting.appendleft(head)
+            return
+        self._admit_batch(free)
+
+    def _admit_batch(self, free: list[int]) -> None:
+        """Prefill the waiting requests from the first on, as many as one prefill takes, into ``free`` slots."""
+        if not self.waiting:
             return
         if self.running and len(self.waiting) < min(len(free), self.max_prefill_batch):
             if time.perf_counter() - self.waiting[0][0] < self.coalesce_s:
@@ -248,7 +261,10 @@ class ContinuousBatcher:
         try:  # the embedding and the vision tower run now, for the whole prompt
             row = packed_prefill.embed(self.decoder, [p.inputs], [p.inputs.positions], [p.media_keys],
                                        self.vision_cache)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
+            if self._fall_back(e):  # first in line again, to be prefilled padded and whole
+                self.waiting.appendleft(waiting)
+                return
             log.exception("prefill failed")
             job.handle.emit(Chunk(finish_reason="error", error=f"{type(e).__name__}: {e}",
                                   prompt_tokens=p.prompt_tokens))
@@ -256,7 +272,7 @@ class ContinuousBatcher:
         # decode steps between the parts compute this row too: its writes go to the cache's last entry, not
         # into the prompt (a slot never used would write from index 0 on)
         self.decoder.length[slot] = self.decoder.max_len - 1
-        self.in_parts = InParts(slot, job, row, t)
+        self.in_parts = InParts(slot, job, row, t, waiting[0])
 
     def _prefill_next_part(self) -> None:
         """The next part of the prompt being prefilled in parts; its first token once the last part is done."""
@@ -273,7 +289,12 @@ class ContinuousBatcher:
         end = min(parts.done + self.prefill_part_tokens, n)
         try:
             logits = packed_prefill.prefill_part(self.decoder, parts.slot, parts.row, parts.done, end)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
+            if self._fall_back(e):  # first in line again, to be prefilled padded and whole
+                self.in_parts = None
+                self._release(parts.slot, keep=False)
+                self.waiting.appendleft((parts.arrived, parts.job))
+                return
             log.exception("prefill failed")
             self._drop_in_parts("error", f"{type(e).__name__}: {e}")
             return
@@ -335,11 +356,22 @@ class ContinuousBatcher:
 
             try:
                 return packed(packed_prefill)
-            except (torch.OutOfMemoryError, ValueError):
-                raise  # the request's own failure: the padded prefill would fail the same way
-            except Exception as e:  # noqa: BLE001 -- any other failure of the packed path: the padded one serves
-                packed_prefill.fall_back(self.decoder, e)
+            except Exception as e:  # noqa: BLE001 -- the packed path's own failure: the padded one serves
+                if not self._fall_back(e):
+                    raise
         return padded()
+
+    def _fall_back(self, error: Exception) -> bool:
+        """After the packed prefill raised ``error``: prefill padded from now on and say so (True), unless the
+        failure is the request's own (out of memory, a prompt longer than the cache: the padded prefill would
+        fail the same way)."""
+        from qvl.infer import packed_prefill
+        from qvl.infer.decode import PromptTooLong
+
+        if isinstance(error, (torch.OutOfMemoryError, PromptTooLong)):
+            return False
+        packed_prefill.fall_back(self.decoder, error)
+        return True
 
     def _prefill(self, slots: list[int], jobs: list) -> None:
         from qvl.data.packing import sample_positions

@@ -249,6 +249,10 @@ def _fuse(modules: list[torch.nn.Linear]) -> torch.Tensor:
     return fused
 
 
+class PromptTooLong(ValueError):
+    """A prompt longer than the slot cache: the request's own fault, whichever way it is prefilled."""
+
+
 def _buckets(limit: int, first: int) -> list[int]:
     out, b = [], first
     while b < limit:
@@ -344,7 +348,7 @@ class DecodeModel:
         """
         width = batch["input_ids"].shape[1]
         if max(lengths) > self.max_len:
-            raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache length {self.max_len}")
+            raise PromptTooLong(f"prompt of {max(lengths)} tokens exceeds the cache length {self.max_len}")
         out = self.base.model(**batch, position_ids=positions, use_cache=True)
         # transformers >= 5.24 names it `cache` (reading `past_key_values` there prints a deprecation); 5.17 has only
         # `past_key_values`
@@ -452,6 +456,10 @@ class DecodeModel:
                         type(e).__name__, str(e)[:200])
             grouped = [key for key in self._graphs if self._grouped_for(key[0])]
             self._grouped_ok = False
+            from qvl.infer.packed_prefill import why_not
+
+            if why_not(self):  # the packed prefill would run them grouped too
+                self.prefill_impl, self.prefill_why_padded = "padded", why_not(self)
             for key in grouped:
                 del self._graphs[key]
             if not self._graphs:

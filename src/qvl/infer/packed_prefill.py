@@ -152,7 +152,9 @@ def embed(d, encs: list, positions: list[torch.Tensor], media_keys: list | None 
 
     lengths = [len(e) for e in encs]
     if max(lengths) > d.max_len:
-        raise ValueError(f"prompt of {max(lengths)} tokens exceeds the cache length {d.max_len}")
+        from qvl.infer.decode import PromptTooLong
+
+        raise PromptTooLong(f"prompt of {max(lengths)} tokens exceeds the cache length {d.max_len}")
     dev = d.device
     inner, config = d.base.model, d.base.config
     positions = torch.cat(positions, dim=1)

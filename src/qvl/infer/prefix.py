@@ -47,6 +47,8 @@ def find(kept: dict[int, Kept], free: list[int], enc, keys: dict | None, max_len
             continue
         if not torch.equal(enc.input_ids[:p], k.ids):
             continue
+        if not keys and enc.mm_token_type_ids[:p].any():
+            continue  # media without content keys (the vision cache off): the same tokens may hold other pixels
         mine = keys or {}
         if any(mine.get(kind, [])[:len(items)] != items for kind, items in k.keys.items()):
             continue  # the same placeholder tokens, other pixels

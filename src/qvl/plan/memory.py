@@ -307,6 +307,7 @@ HUB_IMAGE_MAX_PIXELS = 16_777_216  # official preprocessor_config.json longest_e
 # vision cache keeps up to this much of the encoder's outputs on the GPU.
 FAST_PREFILL_TOKENS = 16_384
 FAST_PREFILL_REQUESTS = 8
+FAST_PREFILL_PART_TOKENS = 4096  # a longer prompt arriving while others decode goes in parts of this many tokens
 FAST_VISION_CACHE_GIB = 1.0
 
 
@@ -428,8 +429,11 @@ def plan_serve(model="8B", gpu: str | None = None, gpu_mem=None, *, backend: str
         rows = min(batch, FAST_PREFILL_REQUESTS) if fast_decode else batch
         tokens = min(rows * model_len, max(model_len, FAST_PREFILL_TOKENS)) if fast_decode else batch * model_len
         # (the fast path's packed prefill, qvl.infer.packed_prefill, writes each layer's keys / values straight into
-        # the slots: no temporary cache as transformers' forward builds)
-        prefill = tokens * (layer_transient_bytes_per_token(m) / tp + 6 * m.hidden)
+        # the slots: no temporary cache as transformers' forward builds; its embedded row is the embeddings and three
+        # dense DeepStack features, 8 bytes x hidden a token)
+        prefill = tokens * (layer_transient_bytes_per_token(m) / tp + (8 if fast_decode else 6) * m.hidden)
+        if fast_decode and model_len > FAST_PREFILL_PART_TOKENS:  # a prompt in parts keeps its row meanwhile
+            prefill += model_len * 8 * m.hidden
         logits = rows * m.vocab * 10  # last-token logits: bf16 + fp32 copy + softmax
         parts["KV cache"] = _gib(kv)
         notes["KV cache"] = f"{batch} × {model_len:,} tokens × {kv_per_token_gpu / 1024:.0f} KiB"
