@@ -547,7 +547,8 @@ def test_a_prompt_cancelled_while_prefilled_in_parts_frees_its_slot(tiny, fast):
     b.submit(short)
     b.turn()
     b.submit(long)
-    b.turn()
+    b.turn()  # embedded
+    b.turn()  # its first part
     assert b.in_parts is not None and b.in_parts.done == 8
     held = b.in_parts.slot
     long.handle.cancel()
@@ -611,9 +612,9 @@ def test_requests_behind_a_long_prompt_waiting_for_the_one_in_parts_are_admitted
     b.turn()
     for job in (first, second, short):
         b.submit(job)
-    b.turn()  # the first long prompt starts in parts (its first part)
+    b.turn()  # the first long prompt starts in parts (embedded)
     assert b.in_parts is not None and b.in_parts.job is first
-    b.turn()  # the second waits for it; the short one behind it is admitted (and the first's last part runs)
+    b.turn()  # its first part; the second waits for it, the short one behind it is admitted
     assert [j for _, j in b.waiting] == [second] and any(r.row.job is short for r in b.running.values())
     _run_until_done(b, {0: []})
     assert all(j.handle.emit_tokens for j in (running, first, second, short))

@@ -147,8 +147,8 @@ class ContinuousBatcher:
 
     def turn(self) -> None:
         """Admit, launch a step, stream the previous step's tokens (tests call this directly)."""
+        self._prefill_next_part()  # before admitting: a prompt starting in parts embeds now, its first part next turn
         self._admit()
-        self._prefill_next_part()
         previous = self.inflight
         self.inflight = None
         if self.running:
