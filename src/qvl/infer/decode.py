@@ -310,8 +310,9 @@ class DecodeModel:
         self.compiled = on_gpu if compile is None else compile
         # "layer": one compiled function per layer, the cache writes inside; "pieces": three compiled functions per
         # layer, the cache writes eager. Same tokens (tests); "layer" took 6.97 ms a batch-1 step against 7.41 and
-        # 8.11 against 8.21 ms at 32 rows (H100, two calls, 2026-12-05, bench/results/decode_h100.json)
-        self.impl = "layer"
+        # 8.11 against 8.21 ms at 32 rows (H100, two calls, 2026-12-05, bench/results/decode_h100.json). MoE keeps
+        # "pieces": bench/decode.py compares its ways of running the experts in that one, and neither has run on a GPU
+        self.impl = "pieces" if self.is_moe else "layer"
         # MoE experts: "auto" (gathered up to gather_max_rows rows, grouped above), "grouped", "gathered"
         self.experts = "auto"
         self.gather_max_rows = EXPERTS_GATHER_MAX_ROWS
