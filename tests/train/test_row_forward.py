@@ -134,6 +134,43 @@ def test_compiled_tower_gives_the_same_loss(setup):
         visual.merger.linear_fc1.weight.requires_grad_(False)
 
 
+def test_tower_compiled_in_the_background_gives_the_same_loss(setup):
+    """compile_vision_tower(background=True): the calls run the tower uncompiled until start() has compiled it in a
+    thread (on the first call's inputs, in that call's grad mode), then compiled; the same loss either way, and the
+    training thread's call does not compile it again."""
+    from torch._dynamo.utils import counters
+
+    from qvl.train import compile
+    from qvl.train.loop import LossModule, pack_micro_batch
+
+    model, processor, rope, samples = setup
+    batch = pack_micro_batch([samples[i] for i in ROWS["video+image"]], rope, 0, processor.tokenizer.pad_token_id)
+    n = float(int((batch["labels"] != -100).sum()))
+    lm = LossModule(model, bounds_as_inputs=True)
+    try:
+        with torch.no_grad():
+            ref = float(lm(dict(batch), n)[0])
+            assert compile.compile_vision_tower(model, backend="aot_eager", background=True)
+            tower = compile.tower_in_background(model)
+            assert tower is not None and not tower.started
+            eager = float(lm(dict(batch), n)[0])
+            calls = tower.eager_calls  # the row's images, then its video
+            assert calls >= 1 and tower.compiled_calls == 0
+            assert tower.start() and not tower.start()
+            meanwhile = []  # this thread runs the model while the other one traces and compiles
+            while not tower.done.is_set() and len(meanwhile) < 20:
+                meanwhile.append(float(lm(dict(batch), n)[0]))
+            assert tower.wait(timeout=300) and tower.error == ""
+            graphs = counters["stats"]["unique_graphs"]
+            compiled = float(lm(dict(batch), n)[0])
+            assert counters["stats"]["unique_graphs"] == graphs  # the thread's graph serves this thread's call
+        assert tower.compiled_calls == calls and "compiled in the background" in tower.status()
+    finally:
+        compile.uncompile(model)
+    assert compile.tower_in_background(model) is None
+    assert [eager, compiled] + meanwhile == pytest.approx([ref] * (2 + len(meanwhile)), rel=1e-5)
+
+
 @pytest.mark.parametrize("row", ["images", "video+image", "video"])
 def test_padded_media_and_loss_rows_give_the_same_loss_and_gradients(setup, row):
     """gemm_row_multiple: each medium's patches grown to a multiple by a padding image (pad_media), the fused loss

@@ -72,3 +72,37 @@ def test_the_first_step_line_says_where_the_wait_went():
     assert "compiling 128 s (decoder layer 90 s, vision tower 37 s; none in the compile cache yet" in split
     assert "compiling 128 s (decoder layer 90 s)," in first_step_line(150, 10, 0, 135, 128, 2,
                                                                      functions=[("decoder layer", 90.4)])
+
+
+def test_steps_that_ran_the_tower_uncompiled_while_it_compiled_in_the_background_are_warm_up():
+    """WarmUpEvents: a step that ran the vision tower uncompiled while its compile went on in a thread is warm-up
+    (slower, and left out of tok/s and ETA); the step in which the compile ended says so; later steps are steady."""
+    import threading
+
+    import torch
+
+    from qvl.train.background_compile import CompileInBackground
+    from qvl.train.loop import WarmUpEvents
+
+    go_on = threading.Event()
+
+    def backend(gm, inputs):
+        assert go_on.wait(60)
+        return gm.forward
+
+    def double(x):
+        return x * 2
+
+    tower = CompileInBackground(torch.compile(double, backend=backend), double, "the vision tower")
+    events = WarmUpEvents(background=tower)
+    tower(torch.ones(3))  # the first step: before the compile starts, the first step is warm-up anyway
+    assert events.since_last() == ""
+    assert tower.start()
+    tower(torch.ones(3))
+    assert events.since_last() == "the vision tower ran uncompiled (compiling in the background)"
+    go_on.set()
+    assert tower.wait(60)
+    tower(torch.ones(3))
+    assert events.since_last().startswith("compiled 1 graph, the vision tower compiled in the background in ")
+    tower(torch.ones(3))
+    assert events.since_last() == ""

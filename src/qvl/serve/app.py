@@ -412,18 +412,25 @@ def banner(engine: Engine, settings: ServeSettings) -> str:
 
 def run_server(engine: Engine, settings: ServeSettings, say=print) -> None:
     """Serve until interrupted (blocking)."""
+    import gc
+    import sys
     import threading
     import webbrowser
 
     import uvicorn
-
-    import sys
 
     # The engine's worker and the event loop share the GIL. When the worker wakes from the GPU (its wait
     # releases the GIL) while the loop is busy sending, it waits up to the switch interval (5 ms, a whole decode
     # step) for the GIL. At 0.5 ms: a scripted engine's step time (1 ms of host work in a 5 ms step) under 128
     # streams went from 7.6 to 7.0-7.3 ms mean, p99 at 64 streams from 11 to 9 ms (docs/serve.md).
     sys.setswitchinterval(0.0005)
+    # What is loaded by now (torch, transformers, the model, the engine's compiled and captured steps) lives as
+    # long as the server: frozen, Python's full collections under load scan only what requests made since. Such a
+    # collection holds the GIL, so it stops the event loop and the engine together: a process with the 8B model
+    # built holds ~0.4 M objects, a full collection of them took 0.24-0.27 s on a 2-core CPU, and at 64 clients
+    # every server stage's p99 was ~0.6 s (H100, 2026-12-05, bench/results/serve_h100.json). vLLM freezes too.
+    gc.collect()
+    gc.freeze()
     app = create_app(engine, settings)
     say(banner(engine, settings))
     if settings.share:

@@ -95,7 +95,7 @@ def compile_vision_blocks(model, backend: str = "inductor") -> int:
     return len(blocks)
 
 
-def compile_vision_tower(model, backend: str = "inductor") -> bool:
+def compile_vision_tower(model, backend: str = "inductor", background: bool = False) -> bool:
     """Compile a frozen vision tower's whole forward as one graph (dynamic patch and segment counts), for callers
     that give it its ``grid_thw``-derived inputs precomputed (:mod:`qvl.train.row_forward`, which calls
     ``visual.qvl_compiled_forward``): one guard check and one launch sequence per call instead of one per block
@@ -105,8 +105,9 @@ def compile_vision_tower(model, backend: str = "inductor") -> bool:
     (``output_hidden_states`` / ``output_attentions``) training does not ask for. The patch embedding runs as a matmul
     and the rotary cos / sin are stored once (:mod:`qvl.models.tower_speed`). The blocks are one nested compile
     region where torch has them: one block's graph compiled and called by all (the cold compile is most of a first
-    step's wait). False (nothing compiled) when any vision weight trains, or the forward is not a decorated one.
-    Undone by :func:`uncompile`."""
+    step's wait). ``background``: the calls run the tower uncompiled until :func:`tower_in_background`'s ``start()``
+    has compiled it in a thread (:mod:`qvl.train.background_compile`). False (nothing compiled) when any vision
+    weight trains, or the forward is not a decorated one. Undone by :func:`uncompile`."""
     visual = next((m for m in model.modules() if type(m).__name__.endswith("VisionModel")), None)
     if visual is None or any(p.requires_grad for p in visual.parameters()):
         return False
@@ -138,8 +139,21 @@ def compile_vision_tower(model, backend: str = "inductor") -> bool:
         with shape_config.patch(use_duck_shape=False), dynamo_config.patch(specialize_float=True):
             return compiled(*args, **kwargs)
 
+    if background:
+        from qvl.train.background_compile import CompileInBackground
+
+        forward = CompileInBackground(forward, core, "the vision tower")
     visual.qvl_compiled_forward = forward
     return True
+
+
+def tower_in_background(model):
+    """The :class:`~qvl.train.background_compile.CompileInBackground` of a tower compiled with ``background``, or
+    None."""
+    from qvl.train.background_compile import CompileInBackground
+
+    return next((f for m in model.modules() if isinstance(f := m.__dict__.get("qvl_compiled_forward"),
+                                                           CompileInBackground)), None)
 
 
 def _block_call(block, *args, **kwargs):
@@ -171,7 +185,10 @@ def uncompile(model) -> None:
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
-        if m.__dict__.pop("qvl_compiled_forward", None) is not None:
+        tower = m.__dict__.pop("qvl_compiled_forward", None)
+        if tower is not None:
+            if hasattr(tower, "wait"):  # compiling in the background: let it end first
+                tower.wait()
             from qvl.models import tower_speed
 
             tower_speed.restore(m)

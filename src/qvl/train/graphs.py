@@ -153,6 +153,10 @@ class DecoderGraphs:
         self.stream = None
         self.fallbacks: Counter = Counter()
         self.anchor = None
+        # why no recording may be made now ('' when it may), or None: a row of a shape not recorded yet then runs
+        # without graphs (set while the vision tower compiles in another thread, whose GPU work a recording on
+        # this one must not meet)
+        self.hold = None
 
     def close(self) -> None:
         """Drop every recording and buffer (their memory goes back once the pool's last graph is gone)."""
@@ -179,13 +183,13 @@ class DecoderGraphs:
         """``embeds`` (1, L, H); ``positions`` (4, 1, L): text positions, then mRoPE; ``cu`` the samples' bounds;
         ``deepstack``: dense (1, L, H) features, or [] for a row without visual tokens."""
         length = embeds.shape[1]
-        why = self.unfit(embeds, deepstack)
+        key = (length, cu.numel(), embeds.dtype)
+        why = self.unfit(embeds, deepstack) or (self.hold() if self.hold is not None and self._new(key) else "")
         if why:
             if not self.fallbacks[why]:
                 self.log(f"cuda_graphs: a forward ran without graphs: {why}")
             self.fallbacks[why] += 1
             return decoder_stack(self.text, embeds, positions[1:], positions[0], cu, deepstack, length)
-        key = (length, cu.numel(), embeds.dtype)
         self._fit_buffers(length, embeds)
         row = self.rows.get(key) or self._new_row(key, embeds.device)
         # detached: the buffers stay out of autograd (nothing before the decoder trains, see unfit). Copying a
@@ -209,6 +213,12 @@ class DecoderGraphs:
         return _Replay.apply(recording, row, self.anchor)
 
     # ------------------------------------------------------------------ buffers and recordings
+
+    def _new(self, key: tuple) -> bool:
+        """A row of this shape would be recorded (or the buffers grown, dropping every recording)."""
+        recording = self.recordings.get(key)
+        return (key[0] > self.capacity or recording is None
+                or any(p.grad is not g for p, g in zip(self.params, recording.grads)))
 
     def _fit_buffers(self, length: int, like: torch.Tensor) -> None:
         """Shared (1, capacity, H) buffers for rows of up to ``capacity`` tokens (at first twice this row, at least

@@ -383,9 +383,11 @@ class WarmUpEvents:
     (a backward compiles in the step whose forward compiled); recordings, the CUDA graphs' (``graphs``: a
     DecoderGraphs, or None); matmul shapes, those ``loss_module.shapes_met`` holds (gemm_row_multiple on a GPU)."""
 
-    def __init__(self, graphs=None, loss_module=None):
-        self.graphs, self.loss_module = graphs, loss_module
+    def __init__(self, graphs=None, loss_module=None, background=None):
+        self.graphs, self.loss_module, self.background = graphs, loss_module, background
         self.last = self._counts()
+        self.background_said = False
+        self.eager_calls = 0
 
     def _counts(self) -> tuple[int, int, int]:
         from torch._dynamo.utils import counters
@@ -399,7 +401,16 @@ class WarmUpEvents:
         new = [b - a for a, b in zip(self.last, now)]
         self.last = now
         what = ("compiled {} graph", "recorded {} row shape", "met {} new matmul shape")
-        return ", ".join(w.format(n) + "s" * (n != 1) for w, n in zip(what, new) if n > 0)
+        said = [w.format(n) + "s" * (n != 1) for w, n in zip(what, new) if n > 0]
+        tower = self.background
+        if tower is not None and tower.started and not self.background_said:  # compiling in another thread:
+            if tower.done.is_set():  # steps run it uncompiled meanwhile
+                said.append(tower.status())
+                self.background_said = True
+            elif tower.eager_calls > self.eager_calls:
+                said.append(f"{tower.what} ran uncompiled (compiling in the background)")
+            self.eager_calls = tower.eager_calls
+        return ", ".join(said)
 
 
 def batch_tokens(batch: dict) -> int:
@@ -733,6 +744,7 @@ class Run:
     use_graphs: bool = False
     row_multiple: int = 0
     compile_failures: compile.CompileFailures | None = None  # what runs eagerly after all (compile_layers auto)
+    tower_compile: object = None  # the vision tower compiling in a thread after the first step (CompileInBackground)
     # _setup_loss_module
     loss_module: LossModule | None = None
     gemm_multiple: int = 0
@@ -1035,9 +1047,15 @@ def _setup_fast_path(run: Run) -> None:
         from qvl.train import row_forward
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # on a GPU with shapes met as they come, the tower compiles in a thread after the first step (which
+        # compiles the decoder layers): the steps need not wait for it (qvl.train.background_compile)
+        background = device.type == "cuda" and cfg.warmup_shapes == "lazy"
         if (per_sample and cfg.engine == "ddp" and row_forward.usable(base.model, base.config)
-                and compile.compile_vision_tower(model)):
-            tower = ", and the frozen vision tower's forward (one graph)"  # it gets its inputs precomputed
+                and compile.compile_vision_tower(model, background=background)):
+            run.tower_compile = compile.tower_in_background(model)
+            tower = (", and the frozen vision tower's forward (one graph" +  # it gets its inputs precomputed
+                     ("; compiled in the background once the first step is done, the steps running it uncompiled "
+                      "until then" if background else "") + ")")
         else:
             blocks = compile.compile_vision_blocks(model)  # frozen tower only
             tower = f", and the frozen vision tower's {blocks} blocks" if blocks else ""
@@ -1142,6 +1160,10 @@ def _setup_engine(run: Run) -> None:
         graphs.standing_grads(eng.trainable)
         eng.standing_grads = True
         decoder_graphs = run.loss_module.graphs = DecoderGraphs(model, log=say)
+        tower = run.tower_compile
+        if tower is not None:  # the compile's first run of the tower is GPU work no recording may meet
+            decoder_graphs.hold = lambda: ("a new row shape waits for the vision tower's compile in another thread "
+                                           "to end" if tower.compiling else "")
     # the logged `lr`: the LLM's group (learning_rate) when it trains, else the first group's
     main_group = next((g["name"] for g in optimizer.param_groups if g["name"].split("/")[0] == "llm"),
                       optimizer.param_groups[0]["name"])
@@ -1324,7 +1346,8 @@ def _run_steps(run: Run, callbacks) -> None:
     model, eng, optimizer, scheduler = run.model, run.eng, run.optimizer, run.scheduler
     host_table, decoder_graphs, start_step, pad_id = run.host_table, run.decoder_graphs, run.start_step, run.pad_id
     t_start, t_load, t_warm = run.t_start, run.t_load, run.t_warm
-    warm_events = WarmUpEvents(decoder_graphs, run.loss_module)
+    tower_compile = run.tower_compile
+    warm_events = WarmUpEvents(decoder_graphs, run.loss_module, tower_compile)
     skipped = run.skipped
     fakes = distributed.FakeMedia(run.processor, cfg)  # label-free image / video for balancing ranks (made when needed)
     # packed rows built in the loader workers, off the step's thread: one process, and packed_row_tokens (if set)
@@ -1382,6 +1405,9 @@ def _run_steps(run: Run, callbacks) -> None:
                                     _record_seconds(run) - recorded_before,
                                     tuple(b - a for a, b in zip(cached_before, compile.cache_counts())),
                                     compile.compiled_functions(compiled_marker)))
+            if tower_compile is not None and not tower_compile.started and tower_compile.start():
+                say(f"compiling {tower_compile.what} in the background: the steps run it uncompiled until it is "
+                    "done, and count as warm-up")
             saving = cfg.save_strategy == "steps" and done % cfg.save_steps == 0 and done < plan.total_steps
             # this step's numbers are copied to the host behind its work now and read once the next step is queued:
             # the read waits for this step only, so the GPU runs the next step while the host builds the one after
@@ -1402,6 +1428,9 @@ def _run_steps(run: Run, callbacks) -> None:
                 say(f"saved {path}")
         if pending is not None:
             run.row = report(*pending)
+        if tower_compile is not None and tower_compile.compiling:  # a short run: the thread ends before the process
+            say(f"training ended while {tower_compile.what} was compiling in the background: waiting for it to end")
+            tower_compile.wait()
 
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, cfg, run.use_graphs, run.ckpt_ratio) from e

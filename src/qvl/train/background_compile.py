@@ -1,0 +1,167 @@
+"""A compiled function whose cold compile runs in a thread while its callers run the plain function.
+
+The frozen vision tower's compile was the largest part of the wait for ``qvl train``'s first step (the 8B LoRA
+YAML on an H200, 2026-12-05: 128 s compiling in the first step, ~72 s of it the tower; docs/benchmarks.md). The
+tower gives the same output compiled or not, so the steps need not wait for it: :class:`CompileInBackground` runs
+the plain tower until :meth:`~CompileInBackground.start` (called by the loop once the first step, which compiles
+the decoder layers, is done) has compiled it in a thread on a copy of the first call's inputs; calls after that run
+the compiled code. Dynamo compiles one function at a time in a process, so starting before the decoder layers have
+compiled would hold their compile back.
+
+The thread sets the caller's grad mode, autocast and CUDA device (all per thread in torch) before it compiles:
+they are in the compiled code's guards, and a mismatch would compile again on the training thread. And dynamo puts
+the process's torch random states (CPU and CUDA: one for all threads) back as they were when its compile began:
+done from the thread, that would rewind the training thread's generators by the steps run meanwhile (their LoRA
+dropout masks drawn again). The thread's own calls to those setters are skipped instead: it draws no random numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import torch
+
+
+def _copied(value):
+    """``value`` with every tensor in it detached and cloned (tuples, lists and dicts followed)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
+
+
+def _first_device(value) -> torch.device | None:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((d for d in map(_first_device, items) if d is not None), None)
+
+
+def _thread_state(device: torch.device | None) -> dict:
+    """The per-thread state a compiled function's guards read: grad mode and autocast (this thread's)."""
+    kind = device.type if device is not None else "cpu"
+    return {"device": device, "grad": torch.is_grad_enabled(), "kind": kind,
+            "autocast": torch.is_autocast_enabled(kind), "dtype": torch.get_autocast_dtype(kind),
+            "cache": torch.is_autocast_cache_enabled()}
+
+
+@contextlib.contextmanager
+def _in_state(state: dict):
+    with contextlib.ExitStack() as stack:
+        device = state["device"]
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+        stack.enter_context(torch.set_grad_enabled(state["grad"]))
+        if state["autocast"]:
+            stack.enter_context(torch.autocast(state["kind"], dtype=state["dtype"], cache_enabled=state["cache"]))
+        yield
+
+
+# (module, name) of the process-wide random-state setters dynamo's compile calls when it ends
+_RNG_SETTERS = (("torch.random", "set_rng_state"), ("torch", "set_rng_state"), ("torch.cuda", "set_rng_state"))
+
+
+@contextlib.contextmanager
+def _rng_kept_from(thread: threading.Thread):
+    """While inside: the random-state setters do nothing when ``thread`` calls them (other threads' calls go through)."""
+    import importlib
+
+    saved = []
+    for module_name, name in _RNG_SETTERS:
+        module = importlib.import_module(module_name)
+        setter = getattr(module, name, None)
+        if setter is None:
+            continue
+
+        def kept(*args, _setter=setter, **kwargs):
+            if threading.current_thread() is not thread:
+                return _setter(*args, **kwargs)
+
+        saved.append((module, name, setter))
+        setattr(module, name, kept)
+    try:
+        yield
+    finally:
+        for module, name, setter in saved:
+            setattr(module, name, setter)
+
+
+class CompileInBackground:
+    """``f(*args, **kwargs)``: ``eager`` until ``compiled`` has compiled in a thread (:meth:`start`), then
+    ``compiled``. ``what`` names it in the log ("the vision tower")."""
+
+    def __init__(self, compiled, eager, what: str):
+        self.compiled, self.eager, self.what = compiled, eager, what
+        self.done = threading.Event()
+        self.error = ""  # why the compile failed ('' if it did not): the calls stay eager
+        self.seconds = 0.0  # how long the compile took, once done
+        self.compiled_calls = self.eager_calls = 0
+        self._example = None  # the first call's inputs, copied, and its thread state
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+
+    def __call__(self, *args, **kwargs):
+        if self.done.is_set() and not self.error:
+            self.compiled_calls += 1
+            return self.compiled(*args, **kwargs)
+        if self._example is None and self._thread is None:
+            self._example = (_copied(args), _copied(kwargs), _thread_state(_first_device((args, kwargs))))
+        self.eager_calls += 1
+        return self.eager(*args, **kwargs)
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def compiling(self) -> bool:
+        return self._thread is not None and not self.done.is_set()
+
+    def start(self) -> bool:
+        """Compile now, in a thread, on the first call's inputs. False when it has started already or nothing has
+        called it yet (a text-only first step: the next step tries again)."""
+        if self._thread is not None or self._example is None:
+            return False
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._compile, name=f"qvl: compiling {self.what}", daemon=True)
+        self._thread.start()
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a started compile (at most ``timeout`` s); True once it is done."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.done.is_set()
+
+    def _compile(self) -> None:
+        args, kwargs, state = self._example
+        try:
+            with _in_state(state), _rng_kept_from(threading.current_thread()):
+                self.compiled(*args, **kwargs)
+                if state["device"] is not None and state["device"].type == "cuda":
+                    torch.cuda.current_stream().synchronize()
+        except Exception as e:  # noqa: BLE001 -- the calls stay eager; the loop says why
+            while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:  # dynamo wraps the backend's
+                e = e.__cause__ or e.inner_exception
+            first = str(e).strip().splitlines()
+            self.error = f"{type(e).__name__}: {first[0] if first else ''}".rstrip(": ")
+        finally:
+            self._example = None
+            self.seconds = time.perf_counter() - self._started
+            self.done.set()
+
+    def status(self) -> str:
+        """One line on where the compile is, for the log."""
+        if self._thread is None:
+            return f"{self.what} runs uncompiled until its compile starts (after the first step with media)"
+        if not self.done.is_set():
+            return (f"{self.what} compiling in the background for {time.perf_counter() - self._started:.0f} s "
+                    "(the steps run it uncompiled meanwhile)")
+        if self.error:
+            return f"{self.what} could not compile ({self.error}): it runs uncompiled"
+        return f"{self.what} compiled in the background in {self.seconds:.0f} s"

@@ -1,0 +1,88 @@
+"""qvl.train.background_compile: a function compiled in a thread while its callers run it uncompiled -- the same
+results, the caller's grad mode and autocast carried into the thread, and the training thread's random state not
+rewound by the compile's end (dynamo puts the process's generators back as they were when its compile began)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from qvl.train.background_compile import CompileInBackground
+
+
+def scaled(x, w):
+    return torch.tanh(x @ w) * 2
+
+
+def test_runs_uncompiled_until_compiled_then_compiled_with_the_same_result():
+    compiles = []
+
+    def backend(gm, inputs):
+        compiles.append(threading.current_thread().name)
+        return gm.forward
+
+    f = CompileInBackground(torch.compile(scaled, backend=backend, dynamic=True), scaled, "f")
+    x, w = torch.randn(5, 3), torch.randn(3, 4)
+    assert not f.start()  # nothing called yet: nothing to compile with
+    assert "until its compile starts" in f.status()
+    first = f(x, w)
+    assert (f.eager_calls, f.compiled_calls, compiles) == (1, 0, [])
+    assert f.start() and f.wait(timeout=120) and f.error == ""
+    assert compiles == ["qvl: compiling f"]  # in its own thread
+    assert torch.equal(f(x, w), first) and f.compiled_calls == 1
+    assert torch.equal(f(torch.ones(7, 3), w), scaled(torch.ones(7, 3), w))  # another size: the dynamic graph
+    assert len(compiles) == 1 and "compiled in the background" in f.status()
+
+
+def test_the_callers_grad_mode_and_autocast_go_into_the_thread():
+    """Both are per thread and in the compiled code's guards: compiled under other settings, the caller's first
+    compiled call would compile again."""
+    compiles = []
+    f = CompileInBackground(torch.compile(scaled, backend=lambda gm, inputs: compiles.append(1) or gm.forward),
+                            scaled, "f")
+    x, w = torch.randn(4, 3), torch.randn(3, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        f(x, w)
+        assert f.start() and f.wait(timeout=120)
+        out = f(x, w)
+    assert out.dtype == torch.bfloat16 and not out.requires_grad
+    assert len(compiles) == 1 and f.compiled_calls == 1
+
+
+def test_a_failed_compile_leaves_the_calls_uncompiled_and_says_why():
+    def backend(gm, inputs):
+        raise RuntimeError("no kernels for you\nmore lines")
+
+    f = CompileInBackground(torch.compile(scaled, backend=backend), scaled, "the tower")
+    x, w = torch.randn(2, 3), torch.randn(3, 2)
+    f(x, w)
+    assert f.start() and f.wait(timeout=120)
+    assert "no kernels for you" in f.error and "more lines" not in f.error
+    assert torch.equal(f(x, w), scaled(x, w)) and f.compiled_calls == 0
+    assert f.status().startswith("the tower could not compile")
+
+
+def test_the_compile_does_not_rewind_the_training_threads_random_numbers():
+    """The compile begins (dynamo notes the generators' state), the training thread draws numbers, the compile ends:
+    the thread's next numbers continue the sequence; they do not repeat the ones drawn meanwhile."""
+    began, go_on = threading.Event(), threading.Event()
+
+    def backend(gm, inputs):
+        began.set()
+        assert go_on.wait(60)
+        return gm.forward
+
+    f = CompileInBackground(torch.compile(scaled, backend=backend), scaled, "f")
+    x, w = torch.randn(2, 3), torch.randn(3, 2)
+    f(x, w)
+    torch.manual_seed(7)
+    expected = torch.rand(8)
+    torch.manual_seed(7)
+    assert f.start() and began.wait(60)
+    meanwhile = torch.rand(4)
+    go_on.set()
+    assert f.wait(timeout=120) and f.error == ""
+    after = torch.rand(4)
+    assert torch.equal(torch.cat([meanwhile, after]), expected)
+    assert torch.random.set_rng_state.__module__ == "torch.random"  # the setters are torch's own again
