@@ -86,3 +86,32 @@ def test_the_compile_does_not_rewind_the_training_threads_random_numbers():
     after = torch.rand(4)
     assert torch.equal(torch.cat([meanwhile, after]), expected)
     assert torch.random.set_rng_state.__module__ == "torch.random"  # the setters are torch's own again
+
+
+def test_compiled_code_runs_on_the_training_thread_while_the_other_one_traces():
+    """On torch 2.11 fx's tracing flag is one for the process: without dynamo's force_compile_during_fx_trace a
+    compiled layer called meanwhile refused to run ("Detected that you are using FX to symbolically trace a
+    dynamo-optimized function"). The layer keeps running, with its own results."""
+    import time
+
+    from qvl.train.background_compile import supported
+
+    assert supported()
+    net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU()) for _ in range(30)])
+    net.requires_grad_(False)
+    f = CompileInBackground(torch.compile(net, backend="aot_eager", dynamic=True), net, "the tower")
+    f(torch.randn(4, 16))
+    layer = torch.nn.Linear(8, 8)
+    layer.compile(backend="aot_eager", dynamic=True)
+    z = torch.randn(3, 8)
+    expected = layer(z)  # compiled on this thread first, as the first step compiles the decoder layers
+    assert f.start()
+    calls, failures = 0, []
+    while not f.done.is_set():
+        try:
+            assert torch.equal(layer(z), expected)
+            calls += 1
+        except RuntimeError as e:
+            failures.append(str(e)[:100])
+        time.sleep(0.001)
+    assert f.error == "" and calls > 0 and failures == []

@@ -13,6 +13,14 @@ they are in the compiled code's guards, and a mismatch would compile again on th
 the process's torch random states (CPU and CUDA: one for all threads) back as they were when its compile began:
 done from the thread, that would rewind the training thread's generators by the steps run meanwhile (their LoRA
 dropout masks drawn again). The thread's own calls to those setters are skipped instead: it draws no random numbers.
+(torch 2.14 puts Python's ``random`` state back from C, out of reach: qvl's training process draws nothing from it.)
+
+Tracing in one thread is seen by the other: on torch 2.11 fx's "tracing now" flag is one for the process, and a
+compiled function called while it is up (the decoder layers, on the training thread) refuses to run ("Detected
+that you are using FX to symbolically trace a dynamo-optimized function"); dynamo's
+``force_compile_during_fx_trace`` lets those calls through while the thread compiles. :func:`supported` says
+whether this torch has one of the two (no background compile otherwise). And while the compile traces, fx wraps
+``nn.Module.__call__`` for the whole process: the training thread's module calls are slower then, not different.
 """
 
 from __future__ import annotations
@@ -42,6 +50,28 @@ def _first_device(value) -> torch.device | None:
     return next((d for d in map(_first_device, items) if d is not None), None)
 
 
+def supported() -> bool:
+    """This torch lets one thread compile while another runs compiled code: its fx tracing flag is per thread, or
+    dynamo can be told to run compiled code while it is up."""
+    import torch._dynamo.config as dynamo_config
+    import torch.fx._symbolic_trace as fx_trace
+
+    return hasattr(fx_trace, "_is_fx_tracing_tls") or hasattr(dynamo_config, "force_compile_during_fx_trace")
+
+
+@contextlib.contextmanager
+def _others_run_compiled_code():
+    """While inside: compiled functions called by other threads run while this one traces (see the module's notes)."""
+    import torch._dynamo.config as dynamo_config
+    import torch.fx._symbolic_trace as fx_trace
+
+    if hasattr(fx_trace, "_is_fx_tracing_tls") or not hasattr(dynamo_config, "force_compile_during_fx_trace"):
+        yield
+        return
+    with dynamo_config.patch(force_compile_during_fx_trace=True):
+        yield
+
+
 def _thread_state(device: torch.device | None) -> dict:
     """The per-thread state a compiled function's guards read: grad mode and autocast (this thread's)."""
     kind = device.type if device is not None else "cpu"
@@ -63,7 +93,8 @@ def _in_state(state: dict):
 
 
 # (module, name) of the process-wide random-state setters dynamo's compile calls when it ends
-_RNG_SETTERS = (("torch.random", "set_rng_state"), ("torch", "set_rng_state"), ("torch.cuda", "set_rng_state"))
+_RNG_SETTERS = (("torch.random", "set_rng_state"), ("torch", "set_rng_state"), ("torch.cuda", "set_rng_state"),
+                ("random", "setstate"))
 
 
 @contextlib.contextmanager
@@ -139,12 +170,17 @@ class CompileInBackground:
         return self.done.is_set()
 
     def _compile(self) -> None:
+        from torch._dynamo.utils import counters
+
         args, kwargs, state = self._example
+        graphs = counters["stats"]["unique_graphs"]
         try:
-            with _in_state(state), _rng_kept_from(threading.current_thread()):
+            with _in_state(state), _rng_kept_from(threading.current_thread()), _others_run_compiled_code():
                 self.compiled(*args, **kwargs)
                 if state["device"] is not None and state["device"].type == "cuda":
                     torch.cuda.current_stream().synchronize()
+            if counters["stats"]["unique_graphs"] == graphs:  # dynamo gave up quietly (suppress_errors): eager
+                self.error = "torch.compile made no graph of it"
         except Exception as e:  # noqa: BLE001 -- the calls stay eager; the loop says why
             while (e.__cause__ or getattr(e, "inner_exception", None)) is not None:  # dynamo wraps the backend's
                 e = e.__cause__ or e.inner_exception

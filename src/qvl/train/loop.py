@@ -387,7 +387,6 @@ class WarmUpEvents:
         self.graphs, self.loss_module, self.background = graphs, loss_module, background
         self.last = self._counts()
         self.background_said = False
-        self.eager_calls = 0
 
     def _counts(self) -> tuple[int, int, int]:
         from torch._dynamo.utils import counters
@@ -403,13 +402,12 @@ class WarmUpEvents:
         what = ("compiled {} graph", "recorded {} row shape", "met {} new matmul shape")
         said = [w.format(n) + "s" * (n != 1) for w, n in zip(what, new) if n > 0]
         tower = self.background
-        if tower is not None and tower.started and not self.background_said:  # compiling in another thread:
-            if tower.done.is_set():  # steps run it uncompiled meanwhile
+        if tower is not None and tower.started and not self.background_said:  # compiling in another thread: the
+            if tower.done.is_set():  # steps run it uncompiled, and the compile holds the GIL half the time
                 said.append(tower.status())
                 self.background_said = True
-            elif tower.eager_calls > self.eager_calls:
-                said.append(f"{tower.what} ran uncompiled (compiling in the background)")
-            self.eager_calls = tower.eager_calls
+            else:
+                said.append(f"{tower.what} compiling in the background")
         return ", ".join(said)
 
 
@@ -1032,11 +1030,11 @@ def _setup_fast_path(run: Run) -> None:
         if device.type == "cuda":
             say("cuda_graphs auto: off (activation_offloading moves the layers' inputs to the host, which a recorded "
                 "decoder stack cannot)")
+    total_gib = run.card_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
+                                 if device.type == "cuda" else None)
     use_graphs, graphs_why = graphs.cuda_graphs_choice(
         graphs_wanted, device, run.dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
-        compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream,
-        total_gib=run.card_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
-                                   if device.type == "cuda" else None))
+        compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream, total_gib=total_gib)
     row_multiple = cfg.cuda_graphs_row_multiple if use_graphs else 0
     memory_budget = run.memory_budget
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
@@ -1048,8 +1046,12 @@ def _setup_fast_path(run: Run) -> None:
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # on a GPU with shapes met as they come, the tower compiles in a thread after the first step (which
-        # compiles the decoder layers): the steps need not wait for it (qvl.train.background_compile)
-        background = device.type == "cuda" and cfg.warmup_shapes == "lazy"
+        # compiles the decoder layers): the steps need not wait for it (qvl.train.background_compile). Not on
+        # small cards: the compile's first run of the tower (and inductor's tuning buffers) come on top of a step
+        from qvl.train.background_compile import supported
+
+        background = (device.type == "cuda" and cfg.warmup_shapes == "lazy" and supported()
+                      and (total_gib or 0) >= graphs.GRAPHS_AUTO_MIN_GIB)
         if (per_sample and cfg.engine == "ddp" and row_forward.usable(base.model, base.config)
                 and compile.compile_vision_tower(model, background=background)):
             run.tower_compile = compile.tower_in_background(model)
@@ -1435,6 +1437,8 @@ def _run_steps(run: Run, callbacks) -> None:
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, cfg, run.use_graphs, run.ckpt_ratio) from e
     finally:  # the recordings' memory goes back (benchmarks train the same model object again)
+        if tower_compile is not None and tower_compile.compiling:  # stopped by an error: a little time for the
+            tower_compile.wait(timeout=60)  # thread's GPU work to end before the process does
         if watch is not None:
             watch.close()
         if decoder_graphs is not None:
