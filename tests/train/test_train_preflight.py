@@ -240,3 +240,34 @@ def test_recomputed_layers_compile_in_parts(make_cfg):
     for extra in (dict(compile_scope="layer"), dict(lora_dropout=0.0)):
         kept, said = planned(0.1 * per_layer, **extra)
         assert kept.ckpt_ratio == 1.0 and kept.cfg.compile_scope == "layer" and "compile_scope" not in said
+
+
+def test_memory_other_processes_hold_is_left_out_of_the_plan(make_cfg, monkeypatch):
+    """A GPU of which another process holds 17.4 GiB: the run plans within the rest (the card the planner detects
+    and the size the run trains within), and says so; a process holding less than 1 GiB (a display) is not
+    counted. An 8B LoRA run planned for the whole H100 beside such a process ran out of memory at step ~50."""
+    import types
+
+    import torch
+
+    from qvl.plan import gpus
+    from qvl.train.preflight import cap_memory
+
+    for var in ("QVL_GPU_MEM", "QVL_GPU"):
+        monkeypatch.delenv(var, raising=False)
+    gib = 2**30
+    props = types.SimpleNamespace(total_memory=int(79.2 * gib), name="NVIDIA H100 80GB HBM3", major=9)
+    free = {"bytes": int((79.2 - 17.4 - 0.5) * gib)}  # another process's 17.4 GiB, this one's CUDA context
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: props)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (free["bytes"], props.total_memory))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i=0: 0)
+    card = gpus.detect_gpu()
+    assert card.total_gib == pytest.approx(61.8) and "17.4 of its 79.2 GiB held by other processes" in card.label
+    device = torch.device("cuda", 0)
+    left, note = cap_memory(make_cfg(), device)
+    assert left == pytest.approx(61.8) and "other processes hold 17.4 GiB" in note and "61.8 GiB left" in note
+    assert cap_memory(make_cfg(gpu_mem="80GiB"), device)[0] == pytest.approx(61.8)  # more than is left
+    free["bytes"] = int((79.2 - 0.6 - 0.5) * gib)  # 0.6 GiB elsewhere: the driver's, a display's
+    assert gpus.detect_gpu().total_gib == pytest.approx(79.2)
+    assert cap_memory(make_cfg(), device) == (None, "")

@@ -92,15 +92,33 @@ def gpu_from_args(gpu: str | None, gpu_mem: str | float | None) -> Gpu:
     raise QvlError("no GPU given", fix=f"pass --gpu ({', '.join(list(GPUS)[:8])}, …) or --gpu-mem 24GiB")
 
 
+def held_by_others_gib(index: int = 0) -> float:
+    """GiB of CUDA device ``index`` that other processes hold (a server, a notebook): its used memory less this
+    process's (what torch's allocator reserves, and a CUDA context); 0 below 1 GiB (the driver's, a display's).
+    Asking creates this process's CUDA context if it has none."""
+    import torch
+
+    from qvl.plan.memory import CUDA_CONTEXT_GIB
+
+    free, total = torch.cuda.mem_get_info(index)
+    held = (total - free - torch.cuda.memory_reserved(index)) / GIB - CUDA_CONTEXT_GIB
+    return held if held >= 1.0 else 0.0
+
+
 def detect_gpu(index: int = 0) -> Gpu | None:
-    """The local CUDA device, or None when there is none (imports torch)."""
+    """The local CUDA device, or None when there is none (imports torch). Its ``total_gib`` leaves out what other
+    processes hold (:func:`held_by_others_gib`): a plan for the whole card would say "fits" and run out of memory
+    later (an 8B LoRA run beside a process holding 17.4 GiB of an H100 did, 2026-12-05)."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return None
         props = torch.cuda.get_device_properties(index)
+        others = held_by_others_gib(index)
     except Exception:  # noqa: BLE001 - no usable CUDA means "unknown", not an error
         return None
     major = getattr(props, "major", 8)
-    return Gpu("detected", props.total_memory / GIB, props.name, bf16=major >= 8)
+    total = props.total_memory / GIB
+    label = props.name + (f" ({others:.1f} of its {total:.1f} GiB held by other processes)" if others else "")
+    return Gpu("detected", total - others, label, bf16=major >= 8)

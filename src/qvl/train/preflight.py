@@ -41,17 +41,22 @@ def cap_memory(cfg: TrainConfig, device) -> tuple[float | None, str]:
     names, torch's allocator is capped so the run uses no more than that card would have (its CUDA context and
     library workspaces, outside the allocator, counted as the planner counts them): a config that runs under the
     cap fits that card, and one that would not fails here rather than there. (None, '') when no card is named or
-    there is no GPU; the card's size and no cap when it is not larger."""
+    there is no GPU; the card's size and no cap when it is not larger. Memory other processes hold on the GPU is
+    not the run's: it plans within what is left (:func:`qvl.plan.gpus.held_by_others_gib`), and the note says so."""
     gib = card_gib(cfg)
-    if gib is None or getattr(device, "type", "cpu") != "cuda":
+    if getattr(device, "type", "cpu") != "cuda":
         return gib, ""
     import torch
 
+    from qvl.plan.gpus import held_by_others_gib
     from qvl.plan.memory import CUDA_CONTEXT_GIB
 
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    if gib >= total:
-        return total, ""
+    others = held_by_others_gib(device.index or 0)
+    left = (f"other processes hold {others:.1f} GiB of this card's {total:.1f}: this run plans within the "
+            f"{total - others:.1f} GiB left" if others else "")
+    if gib is None or gib >= total - others:  # nothing named, or more than is left: what is left
+        return (total - others if others or gib is not None else None), left
     torch.cuda.set_per_process_memory_fraction(max(gib - CUDA_CONTEXT_GIB, 0.5) / total, device)
     return gib, (f"GPU memory capped at {gib:.1f} GiB of this card's {total:.1f} (gpu_mem / QVL_GPU_MEM / QVL_GPU): "
                  f"torch may allocate {gib - CUDA_CONTEXT_GIB:.1f} GiB, the rest is the CUDA context's")
