@@ -196,7 +196,7 @@ class TrainConfig(BaseModel):
                             "GPU stops waiting for the host between kernels. Rows are padded to a multiple of "
                             "cuda_graphs_row_multiple tokens; every row shape the first 500 steps will meet is "
                             "recorded before training (~0.3-2 s each on an 8B model), others when they come; the "
-                            "graphs' memory pool adds to the reserved memory (~10 GiB at 8B). Needs packed rows with "
+                            "graphs' memory pool adds to the memory (10-22 GiB at 8B, not in the plan yet). Needs packed rows with "
                             "per_sample attention, bf16, one GPU. auto: on with compile_layers for LoRA with nothing "
                             "before the decoder training, on cards of >= 40 GiB (8B LoRA on an H100: +11 % tokens/s); "
                             "true: wherever it can replay; false: off (docs/benchmarks.md)")

@@ -346,7 +346,7 @@ class DecoderGraphs:
                 f"{self.record_s:.1f} s recording (compilation apart), rows up to {self.capacity:,} tokens){fell}")
 
 
-GRAPHS_AUTO_MIN_GIB = 40  # cuda_graphs auto: cards with at least this much memory (the graphs' pool: ~+10 GiB at 8B)
+GRAPHS_AUTO_MIN_GIB = 40  # cuda_graphs auto: cards with at least this much memory (the graphs' pool: 10-22 GiB at 8B)
 
 
 def cuda_graphs_choice(choice, device: torch.device, world_size: int, per_sample: bool, varlen: bool,
