@@ -174,7 +174,9 @@ def test_a_failing_packed_prefill_falls_back_to_the_padded_one(tiny, monkeypatch
 
 def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
     """On a GPU the pieces are compiled with dynamic shapes: once the decode step has compiled (batches of 1 and
-    2+), prefills of any length compile nothing more, and give the eager logits (CPU inductor; slow: compiles)."""
+    2+) and warm() has run (the step's default, one function per layer, leaves the prefill's pieces to it), prefills
+    of any length and follow-up turns compile nothing more, and give the eager logits (CPU inductor; slow:
+    compiles)."""
     from torch._dynamo.utils import counters
 
     model, _ = tiny
@@ -183,6 +185,7 @@ def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
     with torch.inference_mode():
         for rows in (1, 2):
             d._step(rows, 128)
+    packed_prefill.warm(d)
     graphs = counters["stats"]["unique_graphs"]
     for chosen in ([0], [1, 2], [0, 1, 2, 3], [3]):
         got = packed_prefill.prefill(d, list(range(len(chosen))), [encs[i] for i in chosen],
@@ -192,6 +195,10 @@ def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for slot in range(len(chosen)):
             d.release(slot)
+    n = len(encs[0])
+    packed_prefill.prefill(d, [0], [encs[0]], [positions[0]])
+    packed_prefill.rest(d, 0, n - 5, encs[0], positions[0])  # its last 5 tokens again, as a follow-up turn's
+    d.release(0)
     assert counters["stats"]["unique_graphs"] == graphs
 
 

@@ -257,13 +257,21 @@ def _on_cached(d, slot: int, index: torch.Tensor):
 
 
 def warm(d) -> None:
-    """Prefill two short text prompts into slots 0 and 1 and free them, so that the compiled pieces meet a prefill's
-    shapes before the first request does."""
+    """Prefill two short text prompts into slots 0 and 1, then a follow-up turn on top of each (:func:`rest`), and
+    free them, so that the compiled pieces meet a prefill's shapes before the first request does. The follow-up's
+    new tokens attend to the slot's cache through a mask, with kernels a prefill does not use: the first follow-up
+    turn after start-up waited 1.3 s longer than the next ones (H100, 2026-12-05, ``turns`` of
+    bench/results/serve_h100.json)."""
     from qvl.data.preprocess import Encoded
 
-    sizes = [16, 24][:d.slots]
-    encs = [Encoded(torch.zeros(n, dtype=torch.long), None, torch.zeros(n, dtype=torch.long)) for n in sizes]
-    prefill(d, list(range(len(sizes))), encs, [torch.arange(n).expand(4, n) for n in sizes])
+    def text(n: int) -> Encoded:
+        return Encoded(torch.zeros(n, dtype=torch.long), None, torch.zeros(n, dtype=torch.long))
+
+    sizes = [n for n in (16, 24)[:d.slots] if n + 16 <= d.max_len]
+    prefill(d, list(range(len(sizes))), [text(n) for n in sizes], [torch.arange(n).expand(4, n) for n in sizes])
+    for slot, n in enumerate(sizes):  # two lengths: a function compiled for one meets a second before a request
+        longer = n + 8 * (slot + 1)
+        rest(d, slot, n, text(longer), torch.arange(longer).expand(4, longer))
     for slot in range(len(sizes)):
         d.release(slot)
 
