@@ -115,3 +115,24 @@ def test_compiled_code_runs_on_the_training_thread_while_the_other_one_traces():
             failures.append(str(e)[:100])
         time.sleep(0.001)
     assert f.error == "" and calls > 0 and failures == []
+
+
+def test_the_switch_interval_is_short_while_the_thread_compiles_and_put_back_after():
+    """The training thread waits for the interpreter lock after each op while the compile holds it: the wait is
+    short only while the compile runs."""
+    import sys
+
+    from qvl.train import background_compile
+
+    seen = []
+
+    def compiled(x):
+        seen.append(sys.getswitchinterval())
+        return x
+
+    before = sys.getswitchinterval()
+    f = CompileInBackground(compiled, lambda x: x, "f")
+    f(torch.ones(2))
+    assert f.start() and f.wait(timeout=60)
+    assert len(seen) == 1 and abs(seen[0] - background_compile.SWITCH_INTERVAL_S) < 1e-9 < before - seen[0]
+    assert sys.getswitchinterval() == before
