@@ -63,6 +63,9 @@ def run_command(name: str, argv: list[str], out: Path, env: dict | None = None, 
         if proc.poll() is None:
             proc.kill()
     res = measure(lines, read_rows(out / "metrics.jsonl"), t0)
+    times = out / "compile_times.json"  # torch.compile's seconds by phase (qvl.train.compile.phase_seconds)
+    if times.is_file():
+        res["compile_times"] = json.loads(times.read_text())
     res.update(rc=rc, command=" ".join(argv), env={k: v for k, v in (env or {}).items() if k.startswith("QVL_")})
     if rc != 0:
         res["error"] = f"exit code {rc}: " + " / ".join(text for _, text in lines[-3:])[:400]

@@ -766,3 +766,35 @@ def test_gemm_multiple_auto_is_on_for_one_gpu_or_ddp_only():
     assert gemm_multiple_for("auto", cuda) == 128 and gemm_multiple_for("auto", cuda, "ddp") == 128
     assert gemm_multiple_for("auto", cpu) == 0 and gemm_multiple_for("auto", cuda, "deepspeed") == 0
     assert gemm_multiple_for(512, cpu) == 512 and gemm_multiple_for(0, cuda) == 0
+
+
+def test_compile_times_json_says_where_the_compile_went(tmp_path):
+    """The output folder's compile_times.json: torch.compile's own phase timers (nested, longest first) and the
+    functions compiled, so a slow first step can be taken apart without a profiler; nothing when nothing compiled."""
+    import json
+    import types
+
+    import torch._dynamo
+
+    run = types.SimpleNamespace(is_main=True, out=tmp_path)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import compilation_time_metrics
+
+    kept = dict(compilation_time_metrics)
+    compilation_time_metrics.clear()
+    try:
+        loop._write_compile_times(run, "after the first step")
+        assert not (tmp_path / compile.COMPILE_TIMES).exists()
+        f = torch.compile(lambda x: (x * 2).relu(), backend="aot_eager")
+        f(torch.randn(3))
+        assert compile.phase_seconds(minimum=0.0)  # something was timed
+        compilation_time_metrics["_compile.compile_inner"].append(1.5)  # a compile long enough to list
+        loop._write_compile_times(run, "after the first step")
+    finally:
+        compilation_time_metrics.clear()
+        compilation_time_metrics.update(kept)
+        torch._dynamo.reset()
+    got = json.loads((tmp_path / compile.COMPILE_TIMES).read_text())
+    assert got["when"] == "after the first step" and "_compile.compile_inner" in got["phases_s"]
+    phases = list(got["phases_s"].values())
+    assert phases == sorted(phases, reverse=True) and min(phases) >= 0.5

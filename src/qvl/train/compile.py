@@ -211,6 +211,20 @@ def compile_seconds() -> float:
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
 
 
+def phase_seconds(minimum: float = 0.5) -> dict[str, float]:
+    """Seconds ``torch.compile`` spent in each of its own timed phases in this process so far (dynamo's
+    ``compilation_time_metrics``: bytecode tracing, AOTAutograd, inductor's forward and backward compiles, code
+    generation, kernel builds, cache loads...), those of ``minimum`` s or more, longest first. The phases nest: a
+    phase's seconds include its parts'. Where a cold first step's minutes go (:data:`COMPILE_TIMES`)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    seconds = {name: round(sum(times), 2) for name, times in compilation_time_metrics.items()}
+    return dict(sorted(((k, v) for k, v in seconds.items() if v >= minimum), key=lambda kv: -kv[1]))
+
+
+COMPILE_TIMES = "compile_times.json"  # in the output folder: phase_seconds() after the first step and at the end
+
+
 def compile_marker() -> set[int]:
     """What :func:`compiled_functions` counts from: the compilations so far."""
     from torch._dynamo.utils import get_compilation_metrics

@@ -1301,6 +1301,20 @@ def first_step_line(since_start: float, load: float, ahead: float, step: float, 
 COMPILE_ERRORS = "compile_errors.log"
 
 
+def _write_compile_times(run: Run, when: str) -> None:
+    """The output folder's compile_times.json: torch.compile's time by phase in this process so far (nothing when
+    nothing compiled). Rewritten at the end: the vision tower's background compile and later shapes add to it."""
+    phases = compile.phase_seconds()
+    if not phases or not run.is_main:
+        return
+    from qvl.utils.fs import atomic_write_json
+
+    atomic_write_json(run.out / compile.COMPILE_TIMES,
+                      {"when": when, "functions": dict(compile.compiled_functions()), "phases_s": phases,
+                       "note": "torch.compile's own phase timers, this process so far; phases nest (a phase's "
+                               "seconds include its parts')"})
+
+
 def _say_compile_failures(run: Run) -> None:
     """One line for each function torch.compile gave up on since the last step (it runs eagerly: the run goes on,
     slower); the full error goes to the output folder's compile_errors.log."""
@@ -1407,6 +1421,7 @@ def _run_steps(run: Run, callbacks) -> None:
                                     _record_seconds(run) - recorded_before,
                                     tuple(b - a for a, b in zip(cached_before, compile.cache_counts())),
                                     compile.compiled_functions(compiled_marker)))
+                _write_compile_times(run, "after the first step")
             if tower_compile is not None and not tower_compile.started and tower_compile.start():
                 say(f"compiling {tower_compile.what} in the background: the steps run it uncompiled until it is "
                     "done, and count as warm-up")
@@ -1433,6 +1448,7 @@ def _run_steps(run: Run, callbacks) -> None:
         if tower_compile is not None and tower_compile.compiling:  # a short run: the thread ends before the process
             say(f"training ended while {tower_compile.what} was compiling in the background: waiting for it to end")
             tower_compile.wait()
+        _write_compile_times(run, "at the end of training")
 
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, cfg, run.use_graphs, run.ckpt_ratio) from e
