@@ -64,8 +64,11 @@ over 790 TFLOP/s (H100 dense bf16).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -598,6 +601,10 @@ def main(argv=None):
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params, built in "
           f"{time.time() - t0:.1f} s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="qvl_bench_"))
+    # the CLI rows save the model here (16 GiB for 8B): removed at exit, also when `timeout` or the device's time
+    # limit stops the bench (SIGTERM); three such folders filled a 64 GiB disk (H200, 2026-12-05)
+    atexit.register(shutil.rmtree, work, True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data = work / "workload"
     rows = (make_video_workload if args.workload == "video" else make_workload)(data, n=args.samples, seed=0)
     registry = work / "datasets.yaml"

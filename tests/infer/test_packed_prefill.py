@@ -51,11 +51,15 @@ def _padded(d, slots, encs, positions):
     """DecodeModel.prefill's inputs as the batcher makes them."""
     from qvl.data.collate import collate
 
-    batch = collate(encs, pad_id=0, padding_side="right")
+    batch = {k: v.to(d.device) if torch.is_tensor(v) else v  # on the decoder's device, as the batcher gives it
+             for k, v in collate(encs, pad_id=0, padding_side="right").items()}
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in batch:
+            batch[key] = batch[key].to(d.dtype)
     padded = torch.zeros(4, len(encs), batch["input_ids"].shape[1], dtype=torch.long)
     for i, p in enumerate(positions):
         padded[:, i, :p.shape[1]] = p
-    return d.prefill(slots, dict(batch), padded, [len(e) for e in encs])
+    return d.prefill(slots, batch, padded.to(d.device), [len(e) for e in encs])
 
 
 def _state(d, slots, lengths):

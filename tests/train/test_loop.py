@@ -367,3 +367,80 @@ def test_host_embeddings_train_like_plain(make_cfg, tmp_path):
         train(make_cfg(output_dir=str(tmp_path / "sdpa"), host_embeddings=True, **dict(kw, packed_attention="sdpa")),
               log=lambda *_: None)
     assert e.value.where == "host_embeddings"
+
+
+def test_a_disk_too_small_stops_the_run_before_training(make_cfg, tmp_path, monkeypatch):
+    """The first checkpoint would not fit: the run stops at start-up, naming output_dir and both sizes."""
+    from qvl.errors import QvlError
+    from qvl.utils import fs
+
+    monkeypatch.setattr(fs, "free_bytes", lambda folder: 1000)
+    steps = []
+    with pytest.raises(QvlError) as e:
+        train(make_cfg(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1), log=lambda *_: None,
+              callbacks=[lambda step, row: steps.append(step)])
+    assert steps == [] and "not enough disk space" in str(e.value) and "output_dir" in str(e.value)
+    assert "GiB free" in str(e.value) and "checkpoint" in str(e.value)
+
+
+def test_running_out_of_disk_at_a_save_is_said_and_leaves_no_partial_files(make_cfg, tmp_path, monkeypatch):
+    """A write that fails for want of space is said as such, names the last complete checkpoint, and leaves no
+    half-written folder behind; the earlier checkpoint stays."""
+    import errno
+
+    from qvl.errors import QvlError
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # the second checkpoint's optimizer.pt hits a full disk
+        if str(f).endswith("optimizer.pt"):
+            calls.append(f)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(QvlError) as e:
+        train(make_cfg(output_dir=str(out), max_steps=4, save_steps=2), log=lambda *_: None)
+    assert "not enough disk space for checkpoint-4" in str(e.value) and "checkpoint-2" in str(e.value)
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["checkpoint-2"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_disk_full_errors_are_told_apart():
+    """safetensors' Rust writer raises its own error type, the OS error only in its text."""
+    import errno
+
+    from qvl.utils.fs import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_disk_needed_counts_checkpoints_kept_at_once():
+    from qvl.train.preflight import disk_needed
+
+    gib = 2**30
+    first, most, how = disk_needed(2 * gib, 8 * gib, False, 100, "steps", 10, 2)
+    assert first == 6 * gib and most == 3 * 6 * gib + 8 * gib and "3 checkpoints" in how  # a new one before pruning
+    assert disk_needed(gib, 8 * gib, True, 100, "steps", 500, None)[1] == 3 * gib + gib  # one save, adapters
+    assert disk_needed(gib, 8 * gib, False, 100, "no", 500, None)[:2] == (8 * gib, 8 * gib)
+
+
+def test_running_out_of_disk_at_the_final_save_leaves_no_partial_model(make_cfg, tmp_path, monkeypatch):
+    import errno
+
+    from qvl.errors import QvlError
+
+    def write(tmp, *args):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_final", write)
+    out = tmp_path / "run"
+    with pytest.raises(QvlError) as e:
+        train(make_cfg(output_dir=str(out), max_steps=1, save_strategy="no"), log=lambda *_: None)
+    assert "not enough disk space for the trained model" in str(e.value)
+    assert not list(out.glob(".final.tmp-*")) and not (out / "model.safetensors").exists()

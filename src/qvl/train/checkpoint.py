@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qvl.errors import QvlError
-from qvl.utils.fs import move_into_place
+from qvl.utils.fs import disk_space_for, move_into_place
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 STALE_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)(-\d+)?$")  # (-PID: older qvl)
@@ -39,6 +39,25 @@ def unwrap(model):
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in ``value`` (dicts, lists and tuples followed): what saving it writes, about."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def _disk_fix(output_dir: Path) -> str:
+    last = complete_checkpoints(output_dir)
+    keep = f"the last complete checkpoint, {last[-1]}, is kept: resume=true continues from it" if last else \
+        "no complete checkpoint was written yet"
+    return (f"free space on that disk or set output_dir to a larger one (save_total_limit keeps fewer checkpoints; "
+            f"save_steps saves less often); {keep}")
 
 
 def rng_state() -> dict:
@@ -96,11 +115,19 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step killed earlier
         tmp.mkdir(parents=True)
-        if write_state is None:
-            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        weights = trainable_state(model) if write_state is None else {}
+        optim = optimizer.state_dict() if write_state is None else {}
+        try:
+            with disk_space_for(output_dir, f"checkpoint-{step}", tensor_bytes(weights) + tensor_bytes(optim),
+                                fix=_disk_fix(output_dir)):
+                if write_state is None:
+                    save_file(weights, str(tmp / "trainable.safetensors"))
+                    torch.save(optim, tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        except QvlError:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left filling the disk
+            raise
     _barrier()  # the folder exists before the other ranks write into it
     if write_state is not None:
         write_state(tmp)
@@ -277,6 +304,25 @@ def save_final(output_dir: Path, model, processor, cfg, extra: dict | None = Non
     tmp.mkdir(parents=True)
     is_peft = hasattr(model, "peft_config")
     base = model.get_base_model() if is_peft else model
+    if state_dict is not None:
+        needed = tensor_bytes(state_dict)
+    else:
+        needed = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not is_peft)
+    try:
+        with disk_space_for(output_dir, "the trained model", needed, fix=_disk_fix(output_dir)):
+            _write_final(tmp, model, base, is_peft, processor, cfg, extra, state_dict)
+        written = []
+        for f in sorted(tmp.iterdir()):
+            os.chmod(f, 0o644)
+            os.replace(f, output_dir / f.name)
+            written.append(f.name)
+    finally:  # a failed save leaves no half-written model behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def _write_final(tmp: Path, model, base, is_peft: bool, processor, cfg, extra: dict | None,
+                 state_dict: dict | None) -> None:
     base.config.use_cache = True
     if getattr(base.config, "text_config", None) is not None:
         base.config.text_config.use_cache = True
@@ -293,13 +339,6 @@ def save_final(output_dir: Path, model, processor, cfg, extra: dict | None = Non
     processor.save_pretrained(tmp)
     (tmp / "qvl_train.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), **(extra or {})},
                                                    indent=2, default=str))
-    written = []
-    for f in sorted(tmp.iterdir()):
-        os.chmod(f, 0o644)
-        os.replace(f, output_dir / f.name)
-        written.append(f.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return written
 
 
 def load_trained(path, dtype=None, device=None, merge: bool = False):

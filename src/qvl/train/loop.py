@@ -1187,6 +1187,32 @@ def _setup_engine(run: Run) -> None:
         f"{'; samples split between ranks by estimated tokens (balance_tokens)' if plan.balanced else ''}")
     run.eng, run.optimizer, run.scheduler, run.decoder_graphs, run.main_group = (eng, optimizer, scheduler,
                                                                                  decoder_graphs, main_group)
+    _check_disk(run)
+
+
+def _check_disk(run: Run) -> None:
+    """Before any GPU time: a disk too small for the run's first checkpoint (or its trained model) stops it; one
+    that would fill up later says so. A full fine-tune of a 4B model writes ~24 GiB a checkpoint; a disk that
+    filled up at the final save lost a whole run's work (a benchmark's, on a 64 GiB disk, 2026-12-05)."""
+    from qvl.train.preflight import disk_needed
+    from qvl.utils.fs import GIB, free_bytes
+
+    free = free_bytes(run.out)
+    if not run.is_main or run.eng.sharded or free is None:  # sharded weights: each rank holds a part
+        return
+    cfg = run.cfg
+    first, most, how = disk_needed(
+        sum(p.numel() * p.element_size() for p in run.trainable),
+        sum(p.numel() for p in run.model.parameters()) * run.load_dtype.itemsize, cfg.lora_enable,
+        run.plan.total_steps, cfg.save_strategy, cfg.save_steps, cfg.save_total_limit)
+    if first > free:
+        raise QvlError(f"not enough disk space in {run.out}: the run's first write needs about {first / GIB:.1f} GiB "
+                       f"({how}), {free / GIB:.1f} GiB free", where="output_dir",
+                       fix="free space on that disk, or set output_dir to a larger one")
+    if most > free:
+        run.say(f"warning: this run's outputs grow to about {most / GIB:.1f} GiB in {run.out} ({how}), "
+                f"{free / GIB:.1f} GiB free: it would run out of disk space before the end (save_total_limit keeps "
+                f"fewer checkpoints, save_steps saves less often)")
 
 
 def _resume(run: Run) -> None:

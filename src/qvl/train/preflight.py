@@ -84,6 +84,23 @@ def _lora_targets(cfg: TrainConfig) -> str:
     return ",".join(found) if found else "all"
 
 
+def disk_needed(trainable_bytes: int, model_bytes: int, lora: bool, total_steps: int, save_strategy: str,
+                save_steps: int, save_total_limit: int | None) -> tuple[int, int, str]:
+    """(bytes of the run's first write, bytes its outputs hold at their most, how that adds up), before training.
+    A checkpoint holds the trainable weights and AdamW's two moments, each the size of the weights (an 8-bit
+    optimizer writes less); a new one is complete before the oldest beyond ``save_total_limit`` goes. The trained
+    model: the adapters (LoRA) or every weight (``model_bytes``)."""
+    final = trainable_bytes if lora else model_bytes
+    if save_strategy != "steps":
+        return final, final, f"the trained model {final / 2**30:.1f} GiB"
+    checkpoint = 3 * trainable_bytes
+    saves = (max(total_steps, 1) - 1) // save_steps + 1  # every save_steps steps, and the last step's
+    kept = min(saves, save_total_limit + 1) if save_total_limit else saves
+    return (checkpoint, kept * checkpoint + final,
+            f"{kept} checkpoint{'s' if kept > 1 else ''} of {checkpoint / 2**30:.1f} GiB on disk at once, then the "
+            f"trained model {final / 2**30:.1f} GiB")
+
+
 def has_video(records) -> bool:
     def one(raw) -> bool:
         if isinstance(raw, list):  # a pack

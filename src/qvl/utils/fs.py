@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -76,6 +77,52 @@ def refuse_same_file(output: Path, *inputs: Path) -> None:
     for i in inputs:
         if Path(i).resolve() == out:
             raise QvlError(f"output {output} is the input file", fix="write to another path; inputs are never overwritten")
+
+
+GIB = 2**30
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes free for writing on the disk that holds ``folder`` (its nearest existing parent); None if unknown."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """``e`` says its write failed for want of disk space (or quota). safetensors' Rust writer raises its own error
+    type with the OS error in its text ("No space left on device (os error 28)")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded"))
+
+
+@contextlib.contextmanager
+def disk_space_for(folder: Path, what: str, needed: int, fix: str) -> Iterator[None]:
+    """Write ``what`` (about ``needed`` bytes) into ``folder`` inside this block. Refused up front when the disk has
+    less free; a write that still runs out of space is said the same way, not as the writer's own error (torch.save's
+    is "PytorchStreamWriter failed writing file data/0: file write failed", which names no cause). The caller
+    removes its partial files."""
+    free = free_bytes(folder)
+
+    have = f"{free / GIB:.1f} GiB free" if free is not None else "free space unknown"
+    full = QvlError(f"not enough disk space for {what} in {folder}: it needs about {needed / GIB:.1f} GiB, {have}",
+                    fix=fix)
+    if free is not None and needed > free:
+        raise full
+    try:
+        yield
+    except QvlError:
+        raise
+    except Exception as e:
+        if is_disk_full(e) or (free is not None and needed > 0.9 * free):
+            raise full from e
+        raise
 
 
 def cache_dir() -> Path:
