@@ -28,3 +28,14 @@ def make_cfg(tiny_model_dir, colour_data, tmp_path):
         return build_config(values)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _dynamo_settings_restored():
+    """compile_layers sets dynamo's process-wide suppress_errors and specialize_float (train() restores them; tests
+    that call it directly get them restored here), so no test leaks them into the next."""
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(suppress_errors=dynamo_config.suppress_errors,
+                             specialize_float=dynamo_config.specialize_float):
+        yield

@@ -552,8 +552,8 @@ def test_whole_layer_compile_told_before_the_model_loads(make_cfg):
 
 
 def test_train_restores_dynamos_error_setting(make_cfg, monkeypatch):
-    """compile_layers' eager fallback (dynamo's process-wide suppress_errors) and the partitioner's
-    activation_memory_budget last for the run only."""
+    """compile_layers' eager fallback (dynamo's process-wide suppress_errors), its floats traced as constants
+    (specialize_float) and the partitioner's activation_memory_budget last for the run only."""
     import torch._dynamo
     import torch._functorch.config as functorch_config
 
@@ -563,13 +563,16 @@ def test_train_restores_dynamos_error_setting(make_cfg, monkeypatch):
         with pytest.raises(TypeError):  # no decoder layers to compile; the setting is made first
             compile.compile_layers(torch.nn.Module(), eager_fallback=True)
         functorch_config.activation_memory_budget = 0.8
-        assert torch._dynamo.config.suppress_errors is True
+        assert torch._dynamo.config.suppress_errors is True and torch._dynamo.config.specialize_float is True
         return "done"
 
     monkeypatch.setattr(loop, "_train", fake_train)
-    before = torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget
-    assert loop.train(make_cfg()) == "done"
-    assert (torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget) == before
+    settings = lambda: (torch._dynamo.config.suppress_errors, torch._dynamo.config.specialize_float,  # noqa: E731
+                        functorch_config.activation_memory_budget)
+    with torch._dynamo.config.patch(specialize_float=False):
+        before = settings()
+        assert loop.train(make_cfg()) == "done"
+        assert settings() == before
 
 
 # ---------------------------------------------------------------- LoRA inputs under autocast

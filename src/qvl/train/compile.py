@@ -58,10 +58,16 @@ def compile_layers(model, backend: str = "inductor", dynamic: bool = True, atten
     """
     if scope not in COMPILE_SCOPES:
         raise QvlError(f"compile scope {scope!r} is not one of {COMPILE_SCOPES}", where="compile_scope")
-    if eager_fallback:
-        import torch._dynamo
+    import torch._dynamo
 
+    if eager_fallback:
         torch._dynamo.config.suppress_errors = True
+    # Python floats (LoRA's scaling, dropout's p, a norm's eps) traced as constants: traced as symbols, inductor's
+    # pass that turns them into tensors gave up on them and dynamo traced each part a second time (the tiny model's
+    # LoRA run on CPU, 2026-12-05: three of four functions restarted, 5.8 of 34 s of compiling in first attempts;
+    # the compile_attempt_* rows of compile_times.json). For the whole process, like suppress_errors:
+    # qvl.train.loop.train restores both when it returns
+    torch._dynamo.config.specialize_float = True
     n = 0
     for layer in decoder_layers(model):
         if scope == "layer":

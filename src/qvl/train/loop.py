@@ -693,12 +693,13 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
 
     import torch._functorch.config as functorch_config
 
-    # set for the run only: compile_layers auto (suppress_errors), activation_memory_budget
-    suppress, budget = torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget
+    # set for the run only: compile_layers (suppress_errors, specialize_float), activation_memory_budget
+    dynamo = torch._dynamo.config
+    kept = dynamo.suppress_errors, dynamo.specialize_float, functorch_config.activation_memory_budget
     try:
         return _train(cfg, log, callbacks)
     finally:
-        torch._dynamo.config.suppress_errors, functorch_config.activation_memory_budget = suppress, budget
+        dynamo.suppress_errors, dynamo.specialize_float, functorch_config.activation_memory_budget = kept
 
 
 @dataclass
