@@ -146,12 +146,33 @@ def end_group(finished: bool) -> None:
     theirs, which DeepSpeed caches). Left to the interpreter's exit, gloo's worker threads can abort a finished rank
     ("terminate called without an active exception": two clean-clone CI runs on 2026-12-05 lost a 2-rank test to it;
     pytorch/pytorch#190489), and NCCL warns that it was not destroyed. ``finished``: the run ended well, so every
-    rank meets at a barrier first (none leaves while another is still in a collective)."""
+    rank meets at a barrier first (none leaves while another is still in a collective), and the process then ends
+    at once (:func:`_exit_without_finalizing`): the caller's code after this does not run."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if finished:
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    if finished:
+        _exit_without_finalizing()
+
+
+def _exit_without_finalizing() -> None:
+    """End a finished rank here, its outputs written and flushed, without the interpreter's finalization: a gloo
+    rank still aborted in it after the group was destroyed (SIGABRT, "terminate called without an active
+    exception", a clean-clone CI run on 2026-12-05 under load; gloo's worker threads hold tensors whose release then
+    takes the GIL from a dying interpreter, pytorch/pytorch#179291)."""
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def shards_weights(cfg: TrainConfig) -> bool:
