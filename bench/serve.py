@@ -173,6 +173,8 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
             print(f"http {n} clients: {_line(rows[f'clients_{n}'])}", flush=True)
             print(f"  server, to the first token: {_stages_line(stages[f'clients_{n}'])}", flush=True)
             save()
+        if args.profile_clients:  # an extra run, so that the sampling's cost stays out of the rows above
+            out["thread_profile"] = thread_profile(server.url, url, work, args.profile_clients, args.stagger)
         for rate in plan["rates"]:
             results = asyncio.run(run_poisson(url, [work.body(i) for i in plan["images"][f"r{rate}"]], rate))
             rows[f"rate_{rate:g}"] = summarize(results)
@@ -233,6 +235,26 @@ def turns(url: str, work: Workload, images: list[bytes], base_url: str | None = 
     if base_url:
         out["server"] = splits
     return out
+
+
+def thread_profile(base_url: str, url: str, work: Workload, n: int, stagger: float) -> dict:
+    """``n`` staggered clients again with the server sampling its threads (qvl.serve.threads): which thread spent
+    the CPU time, and where, while the HTTP path fell behind the engine."""
+    import httpx
+
+    try:
+        httpx.post(base_url + "/debug/threads", timeout=30).raise_for_status()
+    except httpx.HTTPError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    results = asyncio.run(run_staggered(url, [work.body(i) for i in work.images(n)], stagger))  # new images
+    got = httpx.get(base_url + "/debug/threads", timeout=30).json()
+    server_stages(base_url)  # these requests leave the stage window of the next row
+    busy = [t for t in got.get("threads", []) if (t.get("cpu_s") or 0) > 0.01][:12]
+    print(f"threads at {n} clients ({_line(summarize(results))}), CPU s in {got.get('seconds', 0):.1f} s:", flush=True)
+    for t in busy:
+        print(f"  {t['name'][:32]:32} {t['cpu_s']:6.2f} s  {t['in'][:2]}  {t['in_qvl'][:2]}", flush=True)
+    return {"clients": n, "http": summarize(results), "seconds": got.get("seconds"), "samples": got.get("samples"),
+            "threads": busy}
 
 
 def server_stages(base_url: str) -> dict:
@@ -378,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-gib", type=float, default=24.0, help="64 slots x 2,048 tokens of the 8B: 18 GiB")
     ap.add_argument("--server-args", default="", help="more `qvl serve` flags, e.g. '--preprocess-threads 40'")
     ap.add_argument("--skip", default="", help="comma list: http, engine")
+    ap.add_argument("--profile-clients", type=int, default=32,
+                    help="after the sweep, this many clients again with the server sampling its threads (0: none)")
     ap.add_argument("--cpu", action="store_true", help="run the server and the engine on the CPU")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, the tiny model (built if --model is not given), small levels: checks the bench runs")
@@ -394,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.rates, args.rate_requests, args.tokens = "1,4", "20", 6, 6
         args.image, args.turn_image, args.conversations = "64x64", "96x96", 1
         args.max_batch_size, args.max_model_len, args.kv_cache_gib = 4, 1024, 0.25
+        args.profile_clients = min(args.profile_clients, 4)
         if not args.model:
             from qvl.models.build import build_tiny
 

@@ -44,6 +44,9 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
         assert split["requests"] == res["http"][row]["requests"], split
         assert split["stages"]["total"]["p50_ms"] > 0 and "submitted->admitted" in split["stages"]
     assert res["server_alive_after"] is True
+    profile = res["thread_profile"]  # the extra run with the server sampling its threads
+    assert profile["clients"] == 4 and profile["http"]["errors"] == 0 and profile["samples"] > 0
+    assert all({"name", "cpu_s", "in", "in_qvl"} <= set(t) for t in profile["threads"])
     assert (tmp_path / "server.log").exists()
 
 

@@ -23,6 +23,7 @@ from qvl.infer.types import Chunk, Request
 from qvl.data.grounding import parse_grounding, to_pixels
 from qvl.serve.schema import ApiError, ChatRequest, MediaRef, bad, parse_chat, parse_json
 from qvl.serve.stages import Marks, StageLog
+from qvl.serve.threads import ThreadSampler
 
 log = logging.getLogger("qvl.serve")
 
@@ -185,6 +186,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
     preprocessing = threading.BoundedSemaphore(max(1, settings.preprocess_threads))
     relays: dict = {}  # event loop -> its Relay (one loop in production; tests may run several servers)
     stage_log = StageLog()
+    thread_sampler = ThreadSampler()
 
     def start(prepared, marks: Marks):
         loop = asyncio.get_running_loop()
@@ -230,6 +232,23 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
             out["reuse"] = cache_stats()
         if reset:
             stage_log.clear()
+        return out
+
+    @app.post("/debug/threads")
+    async def debug_threads_start(request: HttpRequest):
+        """Open a window of thread sampling (qvl.serve.threads); ``GET /debug/threads`` closes it and answers."""
+        check_key(request)
+        thread_sampler.start()
+        return {"started": True, "interval_s": thread_sampler.interval}
+
+    @app.get("/debug/threads")
+    async def debug_threads(request: HttpRequest):
+        """Each thread's CPU seconds and the functions it was seen in since ``POST /debug/threads``."""
+        check_key(request)
+        out = thread_sampler.stop()
+        if not out:
+            raise bad("no thread-sampling window is open: POST /debug/threads starts one", code="no_window",
+                      status=409)
         return out
 
     @app.get("/v1/models")
