@@ -55,3 +55,11 @@ def test_the_server_samples_its_threads_between_post_and_get(serve):
     time.sleep(0.2)
     got = httpx.get(server.url + "/debug/threads", headers=key, timeout=5).json()
     assert got["samples"] > 5 and got["threads"] and {"name", "cpu_s", "in", "in_qvl"} <= set(got["threads"][0])
+
+
+def test_a_window_left_open_stops_sampling_on_its_own():
+    sampler = ThreadSampler(interval=0.002, max_seconds=0.05)
+    sampler.start()
+    time.sleep(0.4)
+    got = sampler.stop()
+    assert got["seconds"] < 0.3 and got["samples"] < 60

@@ -136,3 +136,18 @@ def test_the_switch_interval_is_short_while_the_thread_compiles_and_put_back_aft
     assert f.start() and f.wait(timeout=60)
     assert len(seen) == 1 and abs(seen[0] - background_compile.SWITCH_INTERVAL_S) < 1e-9 < before - seen[0]
     assert sys.getswitchinterval() == before
+
+
+def test_overlapping_compiles_put_the_switch_interval_back_once_the_last_leaves():
+    import sys
+
+    from qvl.train.background_compile import _switch_interval
+
+    before = sys.getswitchinterval()
+    a, b = _switch_interval(1e-4), _switch_interval(1e-4)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)  # out of order: b still compiles
+    assert abs(sys.getswitchinterval() - 1e-4) < 1e-9
+    b.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before

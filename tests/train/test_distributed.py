@@ -361,23 +361,28 @@ def test_bf16_masters_with_offload_need_deepspeeds_cpu_adam(make_cfg, monkeypatc
 
 def test_the_entry_points_end_the_process_group():
     """qvl.train's entry points destroy the group before the process exits: left to the interpreter's exit, gloo's
-    threads can abort a finished rank (pytorch/pytorch#190489). A finished rank then ends at once, its output
-    flushed, without the interpreter's finalization (a rank still aborted there after the group was destroyed). A
-    one-process gloo group, in a process of its own (an in-process group from an earlier test stays: DeepSpeed
-    caches it); none: nothing to do."""
+    threads can abort a finished rank (pytorch/pytorch#190489). A torchrun worker's finished run then ends the
+    process at once, its output flushed, without the interpreter's finalization (a rank still aborted there after
+    the group was destroyed); a caller's own process goes on. A one-process gloo group, in a process of its own (an
+    in-process group from an earlier test stays: DeepSpeed caches it); none: nothing to do."""
     import subprocess
     import sys
 
     code = """
-import atexit, torch, torch.distributed as td
-from qvl.train.distributed import end_group, init_group
+import atexit, os, torch, torch.distributed as td
+from qvl.train.distributed import end_group, init_group, owns_process
 end_group(True)  # no group: nothing happens
 init_group(torch.device("cpu"))
 end_group(False); assert not td.is_initialized()  # a failed run: no barrier, the group goes, the caller goes on
+init_group(torch.device("cpu"))
+end_group(True); assert not td.is_initialized()  # finished, in a caller's process: it goes on
+assert not owns_process()  # not a torchrun worker
+os.environ["TORCHELASTIC_RUN_ID"] = "test"
+assert owns_process()
+init_group(torch.device("cpu")); assert not owns_process()  # a group made before the run: the caller's
 atexit.register(print, "finalized")
-init_group(torch.device("cpu")); assert td.is_initialized()
 print("ok", end="")  # unflushed: end_group flushes it
-end_group(True)
+end_group(True, exit_after=True)
 print("after end_group")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

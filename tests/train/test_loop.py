@@ -423,10 +423,24 @@ def test_disk_needed_counts_checkpoints_kept_at_once():
     from qvl.train.preflight import disk_needed
 
     gib = 2**30
-    first, most, how = disk_needed(2 * gib, 8 * gib, False, 100, "steps", 10, 2)
+    first, most, how = disk_needed(2 * gib, 8 * gib, False, 0, 100, "steps", 10, 2)
     assert first == 6 * gib and most == 3 * 6 * gib + 8 * gib and "3 checkpoints" in how  # a new one before pruning
-    assert disk_needed(gib, 8 * gib, True, 100, "steps", 500, None)[1] == 3 * gib + gib  # one save, adapters
-    assert disk_needed(gib, 8 * gib, False, 100, "no", 500, None)[:2] == (8 * gib, 8 * gib)
+    assert disk_needed(gib, 8 * gib, True, 0, 100, "steps", 500, None)[1] == 3 * gib + gib  # one save, adapters
+    assert disk_needed(gib, 8 * gib, True, 0, 100, "steps", 40, None)[1] == 3 * 3 * gib + gib  # 40, 80, 100
+    assert disk_needed(gib, 8 * gib, True, 50, 100, "steps", 40, None)[1] == 2 * 3 * gib + gib  # resumed: 80, 100
+    assert disk_needed(gib, 8 * gib, False, 100, 100, "steps", 40, None)[:2] == (8 * gib, 8 * gib)  # nothing left
+    assert disk_needed(gib, 8 * gib, False, 0, 100, "no", 500, None)[:2] == (8 * gib, 8 * gib)
+
+
+def test_other_errors_in_a_write_are_not_called_disk_full(tmp_path, monkeypatch):
+    """Only a write that ran out of space is said to have: a write that needs most of what is free and fails for
+    another reason keeps its own error."""
+    from qvl.utils import fs
+
+    monkeypatch.setattr(fs, "free_bytes", lambda folder: 10 * 2**30)
+    with pytest.raises(KeyError):
+        with fs.disk_space_for(tmp_path, "x", 9 * 2**30, fix="f"):
+            raise KeyError("not a disk problem")
 
 
 def test_running_out_of_disk_at_the_final_save_leaves_no_partial_model(make_cfg, tmp_path, monkeypatch):

@@ -54,9 +54,9 @@ def register(app: typer.Typer) -> None:
             distributed.relaunch([str(config), *ctx.args], cfg.nproc, say=typer.echo)
         from qvl.train.loop import train as run
 
-        finished = False
+        finished, owned = False, distributed.owns_process()
         try:
             run(cfg, log=typer.echo)
             finished = True
         finally:
-            distributed.end_group(finished)
+            distributed.end_group(finished, exit_after=owned)

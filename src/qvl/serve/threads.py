@@ -7,8 +7,9 @@ preprocessing threads and the engine's thread share one interpreter, so what mat
 doing what. ``POST /debug/threads`` starts a window; ``GET /debug/threads`` ends it and answers, for each thread,
 its CPU seconds in the window (Linux: ``/proc/self/task/TID/stat``; a thread running Python holds the interpreter
 lock, so a thread's CPU time bounds its lock time from above) and the functions its stack was seen in, sampled
-every ``interval`` s (the innermost frame, and the innermost frame of qvl's own code). Sampling costs the
-interpreter ~1 %: it is off unless a window is open.
+every ``interval`` s (the innermost frame, and the innermost frame of qvl's own code). Sampling holds the
+interpreter a little itself (walking ~50 threads' stacks every 10 ms), so it is off unless a window is open, and a
+window left open stops sampling after ``max_seconds``.
 """
 
 from __future__ import annotations
@@ -31,22 +32,34 @@ def cpu_seconds(native_id: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
 
 
-def _where(frame) -> tuple[str, str]:
-    """(innermost frame, innermost frame in qvl's code) as "file.py:function"."""
-    inner = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
-    own = ""
-    while frame is not None and not own:
-        if "/qvl/" in frame.f_code.co_filename.replace("\\", "/"):
-            own = f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
-        frame = frame.f_back
-    return inner, own
+_QVL_DIR = str(Path(__file__).resolve().parents[1])  # qvl's own code: src/qvl
+_labels: dict = {}  # code object -> ("file.py:function", whether it is qvl's)
+
+
+def _label(code) -> tuple[str, bool]:
+    got = _labels.get(code)
+    if got is None:
+        got = _labels[code] = (f"{Path(code.co_filename).name}:{code.co_name}",
+                               code.co_filename.startswith(_QVL_DIR))
+    return got
+
+
+def _where(frame, depth: int = 40) -> tuple[str, str]:
+    """(innermost frame, innermost frame in qvl's code within ``depth`` frames) as "file.py:function"."""
+    inner = _label(frame.f_code)[0]
+    while frame is not None and depth:
+        label, own = _label(frame.f_code)
+        if own:
+            return inner, label
+        frame, depth = frame.f_back, depth - 1
+    return inner, ""
 
 
 class ThreadSampler:
     """``start()`` opens a window, ``stop()`` closes it and returns the summary (see the module's notes)."""
 
-    def __init__(self, interval: float = 0.005, top: int = 6):
-        self.interval, self.top = interval, top
+    def __init__(self, interval: float = 0.01, top: int = 6, max_seconds: float = 300.0):
+        self.interval, self.top, self.max_seconds = interval, top, max_seconds
         self._lock = threading.Lock()
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
@@ -60,7 +73,8 @@ class ThreadSampler:
         self.stop()
         with self._lock:
             self._t0 = time.perf_counter()
-            self._cpu0 = {t.ident: cpu_seconds(t.native_id) for t in threading.enumerate()}
+            self._cpu0 = {(t.ident, t.native_id): cpu_seconds(t.native_id) for t in threading.enumerate()}
+            self._end = None  # (time, {thread: CPU seconds}) when the window ran out before stop()
             self._samples = 0
             self._seen: dict[int, tuple[Counter, Counter]] = {}
             self._stop = threading.Event()
@@ -70,6 +84,11 @@ class ThreadSampler:
     def _sample(self) -> None:
         me = threading.get_ident()
         while not self._stop.wait(self.interval):
+            if time.perf_counter() - self._t0 > self.max_seconds:  # left open: the window ends here
+                with self._lock:
+                    self._end = (time.perf_counter(), {(t.ident, t.native_id): cpu_seconds(t.native_id)
+                                                       for t in threading.enumerate()})
+                return
             frames = sys._current_frames()
             with self._lock:
                 self._samples += 1
@@ -91,14 +110,16 @@ class ThreadSampler:
         self._stop.set()
         self._thread.join()
         with self._lock:
-            seconds = time.perf_counter() - self._t0
+            end, cpu_end = self._end or (time.perf_counter(), None)
+            seconds = end - self._t0
             samples = max(self._samples, 1)
             threads = []
             for t in threading.enumerate():
                 if t is self._thread:
                     continue
-                now, before = cpu_seconds(t.native_id), self._cpu0.get(t.ident)
-                cpu = None if now is None else now - (before or 0.0)
+                key = (t.ident, t.native_id)
+                now = cpu_end.get(key) if cpu_end is not None else cpu_seconds(t.native_id)
+                cpu = None if now is None else max(now - (self._cpu0.get(key) or 0.0), 0.0)
                 inner, own = self._seen.get(t.ident, (Counter(), Counter()))
                 threads.append({
                     "name": t.name, "cpu_s": cpu, "cpu_share": None if cpu is None else cpu / seconds,

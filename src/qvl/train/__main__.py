@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
             distributed.relaunch(argv, cfg.nproc)
         from qvl.train.loop import train
 
-        finished = False
+        finished, owned = False, distributed.owns_process()
         try:
             train(cfg)
             finished = True
         finally:
-            distributed.end_group(finished)
+            distributed.end_group(finished, exit_after=owned)
     except QvlError as e:
         print(f"error: {e.render()}", file=sys.stderr)
         return 2

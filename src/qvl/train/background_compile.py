@@ -44,15 +44,26 @@ import torch
 SWITCH_INTERVAL_S = 1e-4
 
 
+_switch_lock = threading.Lock()
+_switch = {"inside": 0, "before": 0.0}  # compiles now inside _switch_interval, and the interval before the first
+
+
 @contextlib.contextmanager
 def _switch_interval(seconds: float):
-    """While inside: a thread waiting for the interpreter lock gets it after ``seconds`` (for the whole process)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(seconds, before))
+    """While inside: a thread waiting for the interpreter lock gets it after ``seconds`` (for the whole process);
+    overlapping compiles put the interval before back when the last of them leaves."""
+    with _switch_lock:
+        if not _switch["inside"]:
+            _switch["before"] = sys.getswitchinterval()
+        _switch["inside"] += 1
+        sys.setswitchinterval(min(seconds, _switch["before"]))
     try:
         yield
     finally:
-        sys.setswitchinterval(before)
+        with _switch_lock:
+            _switch["inside"] -= 1
+            if not _switch["inside"]:
+                sys.setswitchinterval(_switch["before"])
 
 
 def _copied(value):

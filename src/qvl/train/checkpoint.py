@@ -10,6 +10,7 @@ whose marker is present and whose files match it, so a save killed half-way is n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -112,40 +113,46 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"  # the same name on every rank (not per PID)
+    @contextlib.contextmanager
+    def room(needed: int):  # out of disk space: said so, and rank 0 leaves no half-written checkpoint filling it
+        try:
+            with disk_space_for(output_dir, f"checkpoint-{step}", needed, fix=_disk_fix(output_dir)):
+                yield
+        except QvlError:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step killed earlier
         tmp.mkdir(parents=True)
         weights = trainable_state(model) if write_state is None else {}
         optim = optimizer.state_dict() if write_state is None else {}
-        try:
-            with disk_space_for(output_dir, f"checkpoint-{step}", tensor_bytes(weights) + tensor_bytes(optim),
-                                fix=_disk_fix(output_dir)):
-                if write_state is None:
-                    save_file(weights, str(tmp / "trainable.safetensors"))
-                    torch.save(optim, tmp / "optimizer.pt")
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        except QvlError:
-            shutil.rmtree(tmp, ignore_errors=True)  # no half-written checkpoint left filling the disk
-            raise
+        with room(tensor_bytes(weights) + tensor_bytes(optim)):
+            if write_state is None:
+                save_file(weights, str(tmp / "trainable.safetensors"))
+                torch.save(optim, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
     _barrier()  # the folder exists before the other ranks write into it
-    if write_state is not None:
-        write_state(tmp)
-    # every rank keeps its own RNG (dropout differs per rank in DDP)
-    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    with room(0):  # each rank's own files: sharded weights / states, its RNG (dropout differs per rank in DDP)
+        if write_state is not None:
+            write_state(tmp)
+        torch.save(rng_state(), tmp / f"rng_{rank}.pt")
     _barrier()  # every RNG file is in before rank 0 lists the files and renames the folder
     if rank != 0:
         _barrier()
         return final
     if _crash_before_marker:  # tests: a save killed before it completed
         raise KeyboardInterrupt("simulated crash during checkpoint save")
-    written = sorted(f for f in tmp.rglob("*") if f.is_file())  # engines write sub-folders (deepspeed/, dcp/)
-    files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in written}
-    (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step, "files": files,
-                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
-    for f in [*written, tmp / MARKER]:
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    with room(0):
+        written = sorted(f for f in tmp.rglob("*") if f.is_file())  # engines write sub-folders (deepspeed/, dcp/)
+        files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in written}
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step, "files": files,
+                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+        for f in [*written, tmp / MARKER]:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     move_into_place(tmp, final)  # re-saving a step (after resuming from an older checkpoint) replaces it
     _fsync_dir(output_dir)
     if save_total_limit:

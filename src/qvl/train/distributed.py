@@ -141,19 +141,28 @@ def init_group(device: torch.device) -> None:
     torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def end_group(finished: bool) -> None:
+def owns_process() -> bool:
+    """This process is a torchrun worker with no process group yet: the run about to start is all it is for, so a
+    finished one may end it at once (:func:`end_group`'s ``exit_after``). Not for a caller's own process (tests, a
+    notebook, a script that made its group before calling in)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and not (torch.distributed.is_available()
+                                                         and torch.distributed.is_initialized())
+
+
+def end_group(finished: bool, exit_after: bool = False) -> None:
     """Destroy the process group before the process exits (the entry points call this; in-process callers keep
     theirs, which DeepSpeed caches). Left to the interpreter's exit, gloo's worker threads can abort a finished rank
     ("terminate called without an active exception": two clean-clone CI runs on 2026-12-05 lost a 2-rank test to it;
     pytorch/pytorch#190489), and NCCL warns that it was not destroyed. ``finished``: the run ended well, so every
-    rank meets at a barrier first (none leaves while another is still in a collective), and the process then ends
-    at once (:func:`_exit_without_finalizing`): the caller's code after this does not run."""
+    rank meets at a barrier first (none leaves while another is still in a collective). ``exit_after`` (the entry
+    points pass :func:`owns_process` from before the run): a finished run's process then ends at once
+    (:func:`_exit_without_finalizing`), and the caller's code after this does not run."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if finished:
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    if finished:
+    if finished and exit_after:
         _exit_without_finalizing()
 
 
@@ -163,8 +172,6 @@ def _exit_without_finalizing() -> None:
     exception", a clean-clone CI run on 2026-12-05 under load; gloo's worker threads hold tensors whose release then
     takes the GIL from a dying interpreter, pytorch/pytorch#179291)."""
     import logging
-    import os
-    import sys
 
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -172,6 +179,12 @@ def _exit_without_finalizing() -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+    try:  # C's own buffers too (os._exit skips libc's exit, which would flush them)
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(0)
 
 

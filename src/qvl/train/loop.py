@@ -1188,7 +1188,6 @@ def _setup_engine(run: Run) -> None:
         f"{'; samples split between ranks by estimated tokens (balance_tokens)' if plan.balanced else ''}")
     run.eng, run.optimizer, run.scheduler, run.decoder_graphs, run.main_group = (eng, optimizer, scheduler,
                                                                                  decoder_graphs, main_group)
-    _check_disk(run)
 
 
 def _check_disk(run: Run) -> None:
@@ -1205,7 +1204,7 @@ def _check_disk(run: Run) -> None:
     first, most, how = disk_needed(
         sum(p.numel() * p.element_size() for p in run.trainable),
         sum(p.numel() for p in run.model.parameters()) * run.load_dtype.itemsize, cfg.lora_enable,
-        run.plan.total_steps, cfg.save_strategy, cfg.save_steps, cfg.save_total_limit)
+        run.start_step, run.plan.total_steps, cfg.save_strategy, cfg.save_steps, cfg.save_total_limit)
     if first > free:
         raise QvlError(f"not enough disk space in {run.out}: the run's first write needs about {first / GIB:.1f} GiB "
                        f"({how}), {free / GIB:.1f} GiB free", where="output_dir",
@@ -1235,6 +1234,7 @@ def _resume(run: Run) -> None:
     from qvl.train.track import Tracker
 
     run.start_step = start_step
+    _check_disk(run)
     run.tracker = Tracker(out, cfg, plan.total_steps, start_step, run.dist.rank, log=say, device=run.device)
 
 

@@ -84,17 +84,20 @@ def _lora_targets(cfg: TrainConfig) -> str:
     return ",".join(found) if found else "all"
 
 
-def disk_needed(trainable_bytes: int, model_bytes: int, lora: bool, total_steps: int, save_strategy: str,
-                save_steps: int, save_total_limit: int | None) -> tuple[int, int, str]:
-    """(bytes of the run's first write, bytes its outputs hold at their most, how that adds up), before training.
-    A checkpoint holds the trainable weights and AdamW's two moments, each the size of the weights (an 8-bit
-    optimizer writes less); a new one is complete before the oldest beyond ``save_total_limit`` goes. The trained
-    model: the adapters (LoRA) or every weight (``model_bytes``)."""
+def disk_needed(trainable_bytes: int, model_bytes: int, lora: bool, start_step: int, total_steps: int,
+                save_strategy: str, save_steps: int, save_total_limit: int | None) -> tuple[int, int, str]:
+    """(bytes of the run's first write, bytes its new outputs hold at their most, how that adds up), for steps
+    ``start_step`` (0, or where a resume starts) to ``total_steps``. A checkpoint holds the trainable weights and
+    AdamW's two moments, each the size of the weights (an 8-bit optimizer writes less); a new one is complete
+    before the oldest beyond ``save_total_limit`` goes. The trained model: the adapters (LoRA) or every weight
+    (``model_bytes``), written at the end in any case."""
     final = trainable_bytes if lora else model_bytes
-    if save_strategy != "steps":
-        return final, final, f"the trained model {final / 2**30:.1f} GiB"
     checkpoint = 3 * trainable_bytes
-    saves = (max(total_steps, 1) - 1) // save_steps + 1  # every save_steps steps, and the last step's
+    saves = 0
+    if save_strategy == "steps" and start_step < total_steps:  # every save_steps steps, and the last step's
+        saves = 1 + sum(1 for step in range(start_step + 1, total_steps) if step % save_steps == 0)
+    if not saves:
+        return final, final, f"the trained model {final / 2**30:.1f} GiB"
     kept = min(saves, save_total_limit + 1) if save_total_limit else saves
     return (checkpoint, kept * checkpoint + final,
             f"{kept} checkpoint{'s' if kept > 1 else ''} of {checkpoint / 2**30:.1f} GiB on disk at once, then the "

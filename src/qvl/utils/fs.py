@@ -102,25 +102,30 @@ def is_disk_full(e: BaseException) -> bool:
     return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded"))
 
 
+# room kept beyond a write's own size: the small files written around it (states, markers) must fit too
+DISK_MARGIN = 64 * 2**20
+
+
 @contextlib.contextmanager
 def disk_space_for(folder: Path, what: str, needed: int, fix: str) -> Iterator[None]:
     """Write ``what`` (about ``needed`` bytes) into ``folder`` inside this block. Refused up front when the disk has
-    less free; a write that still runs out of space is said the same way, not as the writer's own error (torch.save's
-    is "PytorchStreamWriter failed writing file data/0: file write failed", which names no cause). The caller
-    removes its partial files."""
+    less free (with :data:`DISK_MARGIN`); a write that still runs out of space is said the same way, not as the
+    writer's own error (torch.save's is "PytorchStreamWriter failed writing file data/0: file write failed",
+    which names no cause: it counts as out of space when the disk is all but full now, the partial files still
+    there). The caller removes its partial files."""
     free = free_bytes(folder)
-
     have = f"{free / GIB:.1f} GiB free" if free is not None else "free space unknown"
     full = QvlError(f"not enough disk space for {what} in {folder}: it needs about {needed / GIB:.1f} GiB, {have}",
                     fix=fix)
-    if free is not None and needed > free:
+    if free is not None and needed + DISK_MARGIN > free:
         raise full
     try:
         yield
     except QvlError:
         raise
     except Exception as e:
-        if is_disk_full(e) or (free is not None and needed > 0.9 * free):
+        now = free_bytes(folder)
+        if is_disk_full(e) or (now is not None and now < max(DISK_MARGIN, needed // 100)):
             raise full from e
         raise
 
