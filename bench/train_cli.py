@@ -80,8 +80,9 @@ def read_rows(path: Path) -> list[dict]:
 
 def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict:
     """The numbers of one run: ``lines`` its output as (seconds since start, text), ``rows`` its metrics.jsonl,
-    ``t0`` its start (unix time). Steady tok/s: tokens over wall time of the steps whose row has no ``warm_up``
-    (each step timed from the previous row); whole run: every step's tokens over the time from the start."""
+    ``t0`` its start (unix time). Steady tok/s: tokens over the time of the steps whose row has no ``warm_up`` (a
+    row's ``step_s``, the GPU's time between step ends, else the time since the previous row); whole run: every
+    step's tokens over the time from the start."""
     first = next((t for t, text in lines if text.startswith("first step done")), None)
     steady_tokens = steady_s = 0.0
     steady_steps = warm_steps = 0
@@ -90,7 +91,7 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
             warm_steps += 1
             continue
         steady_tokens += row["tokens"] - prev["tokens"]
-        steady_s += row["time"] - prev["time"]
+        steady_s += row["step_s"] if row.get("step_s") is not None else row["time"] - prev["time"]
         steady_steps += 1
     res = {"time_to_first_step_s": first, "steps": len(rows), "steady_steps": steady_steps,
            "warm_up_steps": warm_steps + (1 if rows else 0),

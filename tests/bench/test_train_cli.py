@@ -33,6 +33,15 @@ def test_steady_rate_leaves_warm_up_steps_out_and_first_step_comes_from_the_log(
     assert res["warm_up_notes"] == ["step 1: compiled 5 graphs", "step 3: recorded 1 row shape"]
 
 
+def test_steady_rate_takes_the_gpu_step_time_where_a_row_has_it():
+    """A row's ``step_s`` (the GPU's time between step ends) beats the gap between rows: a video run's only steady
+    step was written 0.65 s after the one before it, while the GPU ran it for seconds."""
+    rows = [{"step": 1, "tokens": 1000, "time": 10.0, "warm_up": "compiled", "loss": 4.0, "step_s": None},
+            {"step": 2, "tokens": 81000, "time": 10.65, "warm_up": None, "loss": 3.9, "step_s": 8.0}]
+    res = measure([], rows, 0.0)
+    assert res["tokens_per_s"] == pytest.approx(80000 / 8.0) and res["step_s"] == 8.0
+
+
 def test_a_run_that_wrote_nothing_measures_as_empty():
     res = measure([(3.0, "error: memory preflight: does not fit")], [], 0.0)
     assert res["tokens_per_s"] == 0.0 and res["time_to_first_step_s"] is None and res["steps"] == 0

@@ -8,6 +8,8 @@ and measured by bench/train_throughput.py instead.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -678,6 +680,23 @@ def test_queued_host_read_gives_host_floats():
     queued = host.queue_host_read(torch.tensor(1.5), None, 2, torch.tensor([3.0]))
     assert host.host_read(queued) == [1.5, None, 2.0, 3.0]
     assert host.host_read(host.queue_host_read()) == []
+
+
+def test_step_seconds_off_cuda_are_unknown():
+    """Off CUDA there is no GPU clock: the tracker falls back to the time between reports."""
+    first, second = host.queue_host_read(torch.tensor(1.0)), host.queue_host_read(torch.tensor(2.0))
+    assert host.seconds_between(None, second) is None and host.seconds_between(first, second) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_step_seconds_come_from_the_gpu_clock():
+    """Between two queued reads lies the GPU work queued between them, however late the host reads them."""
+    first = host.queue_host_read(torch.ones((), device="cuda"))
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU work (cycles at ~2 GHz)
+    second = host.queue_host_read(torch.ones((), device="cuda"))
+    host.host_read(first), host.host_read(second)
+    time.sleep(0.5)  # a late read changes nothing
+    assert 0.2 < host.seconds_between(first, second) < 2.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

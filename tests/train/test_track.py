@@ -24,6 +24,17 @@ def test_rate_and_eta_count_only_steps_after_warm_up():
     assert t.eta(40) == 0
 
 
+def test_a_step_time_given_by_the_loop_replaces_the_gap_between_reports():
+    """The loop reads step N after queueing N+1: with the host the slow side, the gap between two reports is the
+    next step's queueing. The GPU's step time (host.seconds_between) is what counts when the loop has it."""
+    t = Throughput(total_steps=10, start_step=0, now=0.0)
+    assert t.add(1, tokens=1000, now=60.0, warm=True) == 60.0  # the first step: since the tracker started
+    assert t.add(2, tokens=8000, now=60.5, warm=False, seconds=4.0) == 4.0  # reported 0.5 s later, ran 4 s
+    assert t.rate == pytest.approx(2000.0) and t.eta(2) == pytest.approx(8 * 4.0)
+    t.add(3, tokens=8000, now=64.0, warm=False)  # no GPU time (CPU): the gap since the last report
+    assert t.rate == pytest.approx(16000 / 7.5)
+
+
 def test_rate_after_resume_and_logging_gaps():
     t = Throughput(total_steps=100, start_step=50, now=10.0)
     t.add(51, tokens=500, now=20.0, warm=True)

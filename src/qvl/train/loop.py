@@ -765,6 +765,7 @@ class Run:
     losses: list[float] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     row: dict = field(default_factory=dict)
+    last_queued: tuple | None = None  # the last reported step's queued read: its end on the GPU's clock
 
 
 def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
@@ -1362,6 +1363,7 @@ def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: t
     the step: the read waits for that step only), log them and run the callbacks."""
     cfg, dist, device, plan = run.cfg, run.dist, run.device, run.plan
     loss_sum, grad_norm = host.host_read(queued)
+    seconds, run.last_queued = host.seconds_between(run.last_queued, queued), queued
     step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
     run.losses.append(step_loss)
     metrics = {"loss": step_loss, "lr": step_lrs[run.main_group],
@@ -1373,7 +1375,7 @@ def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: t
     _say_compile_failures(run)
     step_row = run.tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
                                 log_now=done % cfg.logging_steps == 0 or done == plan.total_steps,
-                                warm=warm_events.since_last())
+                                warm=warm_events.since_last(), seconds=seconds)
     if not math.isfinite(step_loss):
         raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
                        "instead of fp16; the last checkpoint is intact")

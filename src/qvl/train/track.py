@@ -42,7 +42,8 @@ class Throughput:
     ETA far too long (an 8B run read "250 tok/s | ETA 0:21:28" while warming up, 30 s before it ended). Rate and ETA
     therefore come from the other steps; until one has finished, both are unknown (None) and the line says "warming
     up".
-    A step's time is the wall time since the previous step was reported (the first since the tracker started)."""
+    A step's time is what the loop measured (the GPU's time between two step ends), else the wall time since the
+    previous step was reported (the first since the tracker started)."""
 
     def __init__(self, total_steps: int, start_step: int, now: float):
         self.total, self.last_step, self.last_time = total_steps, start_step, now
@@ -50,8 +51,11 @@ class Throughput:
         self.steady_tokens, self.steady_seconds, self.steady_steps = 0, 0.0, 0
         self.warm_steps, self.warm_seconds = 0, 0.0
 
-    def add(self, step: int, tokens: int, now: float, warm: bool) -> None:
-        seconds, steps = now - self.last_time, max(1, step - self.last_step)
+    def add(self, step: int, tokens: int, now: float, warm: bool, seconds: float | None = None) -> float:
+        """Count one step; returns the seconds it was given."""
+        if seconds is None:
+            seconds = now - self.last_time
+        steps = max(1, step - self.last_step)
         self.last_step, self.last_time = step, now
         self.tokens += tokens
         if warm:
@@ -61,6 +65,7 @@ class Throughput:
             self.steady_tokens += tokens
             self.steady_seconds += seconds
             self.steady_steps += steps
+        return seconds
 
     @property
     def rate(self) -> float | None:
@@ -131,18 +136,20 @@ class Tracker:
 
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
-    def step(self, step: int, metrics: dict, tokens: int, log_now: bool, warm: str = "") -> dict:
+    def step(self, step: int, metrics: dict, tokens: int, log_now: bool, warm: str = "",
+             seconds: float | None = None) -> dict:
         """Record one optimizer step; returns the row with throughput and ETA filled in. ``warm``: what this step
-        warmed up (compiled, recorded), empty for a steady step (:class:`Throughput`)."""
+        warmed up (compiled, recorded), empty for a steady step; ``seconds``: the step's time where the loop measured
+        it (:class:`Throughput`)."""
         now = time.perf_counter()
         if step == self.start_step + 1 and not warm:  # the loader's workers start, the allocator grows
             warm = "the first step"
-        self.throughput.add(step, tokens, now, bool(warm))
+        seconds = self.throughput.add(step, tokens, now, bool(warm), seconds)
         rate, eta = self.throughput.rate, self.throughput.eta(step)
         elapsed = now - self.t0
         row = {"step": step, **metrics, "tokens": self.throughput.tokens, "tokens_per_s": rate,
                "peak_mem_gib": peak_memory_gib(self.device), "peak_reserved_gib": peak_reserved_gib(self.device),
-               "elapsed_s": elapsed, "eta_s": eta,
+               "elapsed_s": elapsed, "eta_s": eta, "step_s": seconds,
                "warm_up": warm or None, "time": time.time()}
         if self.rank != 0:
             return row
