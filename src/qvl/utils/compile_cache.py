@@ -2,9 +2,9 @@
 
 Inductor keeps what it compiled (generated kernels, FX graphs, AOT autograd graphs) under
 ``/tmp/torchinductor_<user>`` unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise; /tmp is emptied at reboot (and
-on many clusters per job). The first ``qvl train`` on an 8B model spends minutes compiling; with the cache warm the
-first step came 73 s sooner on an H200 (224 s cold, 151 s warm; 2026-12-04, bench/results/train_cli.json, the
-``recipe`` row ran second). Set by the command-line entry points, before anything compiles; a value the user set
+on many clusters per job). The first ``qvl train`` of an 8B model spends most of its first minute compiling; with
+the cache warm its first step came at 43 s instead of 59 s on an H200 (2026-12-05,
+bench/results/train_cli_first_step.json). Set by the command-line entry points, before anything compiles; a value the user set
 is kept.
 """
 
