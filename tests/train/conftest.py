@@ -32,10 +32,13 @@ def make_cfg(tiny_model_dir, colour_data, tmp_path):
 
 @pytest.fixture(autouse=True)
 def _dynamo_settings_restored():
-    """compile_layers sets dynamo's process-wide suppress_errors and specialize_float (train() restores them; tests
-    that call it directly get them restored here), so no test leaks them into the next."""
+    """compile_layers sets dynamo's process-wide suppress_errors and specialize_float, and LoRA dropout on CUDA
+    inductor's fallback_random (train() restores them; tests that call it directly get them restored here), so no
+    test leaks them into the next."""
     import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
 
     with dynamo_config.patch(suppress_errors=dynamo_config.suppress_errors,
-                             specialize_float=dynamo_config.specialize_float):
+                             specialize_float=dynamo_config.specialize_float), \
+            inductor_config.patch(fallback_random=inductor_config.fallback_random):
         yield

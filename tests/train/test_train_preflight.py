@@ -164,6 +164,10 @@ def test_auto_budget_for_compiled_layers(make_cfg):
     # no room for one kept layer: every layer recomputed whole, and no budget (it would govern nothing)
     ratio, got, why = auto_checkpoint_ratio(cfg, card(0.5 * per_layer[0.8]), row_tokens=1024, compiled=True)
     assert (ratio, got) == (1.0, None) and "activation_memory_budget" not in why, why
+    # LoRA dropout: only the compiler's own partition (below 1 it may redraw the mask in backward)
+    dropout = make_cfg(**kw, lora_dropout=0.05)
+    ratio, got, why = auto_checkpoint_ratio(dropout, card(n * per_layer[0.8] * 1.01), row_tokens=1024, compiled=True)
+    assert got is None and ratio > 0 and "activation_memory_budget" not in why, why
 
 
 def test_memory_cap_names_the_card_to_fit(make_cfg, monkeypatch):

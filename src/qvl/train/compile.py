@@ -40,6 +40,27 @@ def _named(fn, what: str) -> None:
         _WHAT[(code.co_filename, code.co_firstlineno)] = what
 
 
+# torch 2.13 on draws a compiled CUDA dropout's mask four values at a time where the kernel is 1-D, with offsets that
+# are only right for contiguous inputs: a dropout of a transposed, materialised tensor (the attention output that
+# LoRA on o_proj reads) repeats its mask in groups of four, and a recompute in backward draws another mask: silently
+# wrong gradients (pytorch/pytorch#198333, open). Eager random ops inside compiled code do not take that path.
+RANDOM_FOUR_WIDE_SINCE = (2, 13)
+
+
+def eager_random_ops(device, dropout: bool) -> str | None:
+    """Set inductor's ``fallback_random`` (random ops run as eager kernels inside compiled code) where compiled
+    dropout meets a CUDA torch with the four-wide path; returns the start-up line, None where nothing was set.
+    For the whole process: :func:`qvl.train.loop.train` restores it when it returns."""
+    import torch._inductor.config as inductor_config
+
+    if not dropout or getattr(device, "type", device) != "cuda" or torch.__version__ < RANDOM_FOUR_WIDE_SINCE:
+        return None
+    inductor_config.fallback_random = True
+    return (f"LoRA dropout in compiled layers runs torch's own dropout kernel (inductor fallback_random): torch "
+            f"{torch.__version__.split('+')[0]}'s compiled CUDA dropout can repeat or change its mask "
+            "(pytorch/pytorch#198333); lora_dropout=0 avoids both")
+
+
 def compile_layers(model, backend: str = "inductor", dynamic: bool = True, attention: bool = True,
                    eager_fallback: bool = False, scope: str = "parts") -> int:
     """``torch.compile`` the decoder layers in place. Returns the modules compiled.

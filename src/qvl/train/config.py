@@ -43,6 +43,19 @@ IGNORED_KEYS = {
 }
 
 
+# Below 1, torch's partitioner may move a dropout into the backward graph, where it draws a new mask: the gradients
+# then belong to another dropout than the forward's, silently. Reproduced on CPU with torch 2.11 and 2.14.1
+# (2026-12-05, tests/train/test_rng_guards.py); open upstream (pytorch/pytorch#190758). One fact, read by the
+# config check and by gradient_checkpointing_ratio auto (qvl.train.preflight).
+DROPOUT_UNDER_BUDGET = ("torch's partitioner, under an activation_memory_budget below 1, may recompute LoRA's dropout "
+                        "in backward with a new mask: silently wrong gradients (pytorch/pytorch#190758)")
+
+
+def dropout_in_layers(cfg) -> bool:
+    """Whether the decoder layers hold a random op: LoRA dropout."""
+    return bool(cfg.lora_enable and cfg.lora_dropout > 0)
+
+
 class TrainConfig(BaseModel):
     """Every key `qvl train` knows. Defaults follow the official recipe unless noted."""
 
@@ -184,7 +197,8 @@ class TrainConfig(BaseModel):
                             "then matmuls) until the kept activations are that fraction of what it would keep; "
                             "null: the compiler's default partition. auto: chosen with gradient_checkpointing_ratio "
                             "auto where whole layers compile (the loosest of none / 0.9 / 0.8 at which every layer "
-                            "is kept, else 0.8 with the fewest layers recomputed), else null")
+                            "is kept, else 0.8 with the fewest layers recomputed; none with LoRA dropout, which "
+                            "below 1 may get a new mask in backward: pytorch/pytorch#190758), else null")
     compile_scope: Literal["layer", "parts"] = Field(
         "layer", description="what compile_layers compiles: layer = each whole decoder layer (norms, attention, LoRA "
                              "adapters, MLP, residual adds; gradient checkpointing inside the compiled code), parts = "
@@ -373,6 +387,12 @@ class TrainConfig(BaseModel):
                 and not 0 < self.activation_memory_budget <= 1):
             bad("activation_memory_budget", f"activation_memory_budget={self.activation_memory_budget} must be in "
                 "(0, 1]")
+        if (dropout_in_layers(self) and self.activation_memory_budget not in (None, "auto")
+                and self.activation_memory_budget < 1):
+            bad("activation_memory_budget", f"activation_memory_budget={self.activation_memory_budget:g} with "
+                f"lora_dropout={self.lora_dropout:g}: {DROPOUT_UNDER_BUDGET}",
+                "set lora_dropout=0, or activation_memory_budget=auto (it keeps the compiler's default partition "
+                "when LoRA has dropout)")
         if self.gradient_checkpointing_ratio != "auto" and not 0 <= self.gradient_checkpointing_ratio <= 1:
             bad("gradient_checkpointing_ratio", f"gradient_checkpointing_ratio={self.gradient_checkpointing_ratio} "
                 "must be in [0, 1]")

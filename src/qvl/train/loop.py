@@ -40,7 +40,7 @@ from qvl.errors import QvlError
 from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
 from qvl.train import compile, distributed, graphs, host, loss_head, offload, optimizers, recompute
-from qvl.train.config import TrainConfig
+from qvl.train.config import TrainConfig, dropout_in_layers
 from qvl.train.step_watch import StepWatch
 
 
@@ -692,14 +692,17 @@ def train(cfg: TrainConfig, log=print, callbacks=()) -> TrainResult:
     import torch._dynamo
 
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
-    # set for the run only: compile_layers (suppress_errors, specialize_float), activation_memory_budget
+    # set for the run only: compile_layers (suppress_errors, specialize_float, fallback_random), activation_memory_budget
     dynamo = torch._dynamo.config
-    kept = dynamo.suppress_errors, dynamo.specialize_float, functorch_config.activation_memory_budget
+    kept = (dynamo.suppress_errors, dynamo.specialize_float, functorch_config.activation_memory_budget,
+            inductor_config.fallback_random)
     try:
         return _train(cfg, log, callbacks)
     finally:
-        dynamo.suppress_errors, dynamo.specialize_float, functorch_config.activation_memory_budget = kept
+        (dynamo.suppress_errors, dynamo.specialize_float, functorch_config.activation_memory_budget,
+         inductor_config.fallback_random) = kept
 
 
 @dataclass
@@ -919,8 +922,7 @@ def _plan_recompute(run: Run) -> None:
         whole = (memory_budget == "auto" and cfg.gradient_checkpointing_scope == "layer"
                  and compiles_whole_layers(cfg, run.device))
         ckpt_ratio, auto_budget, why = plan(whole)
-        dropout = cfg.lora_enable and cfg.lora_dropout > 0
-        if whole and ckpt_ratio > 0 and dropout and "compile_scope" not in cfg.model_fields_set:
+        if whole and ckpt_ratio > 0 and dropout_in_layers(cfg) and "compile_scope" not in cfg.model_fields_set:
             # LoRA dropout inside whole compiled layers that recompute inside: inductor's partitioner failed on it
             # twice on an H200 ("Node add_601 was invalid, but is output"; lora_8b_24gb.yaml capped at 23.6 GiB, with
             # and without a memory budget; 2026-12-05, bench/results/train_cli_cards.json) and the layers ran eagerly.
@@ -1041,6 +1043,9 @@ def _setup_fast_path(run: Run) -> None:
     memory_budget = run.memory_budget
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
         n = compile.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
+        random_line = compile.eager_random_ops(device, dropout_in_layers(cfg))
+        if random_line:
+            say(random_line)
         run.compile_failures = compile.CompileFailures().attach() if cfg.compile_layers == "auto" else None
         what = ("whole decoder layers, recompute inside" if cfg.compile_scope == "layer"
                 else "each layer's norms, attention and MLP")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qvl.errors import QvlError
 from qvl.plan.preflight import model_for_plan
-from qvl.train.config import TrainConfig
+from qvl.train.config import TrainConfig, dropout_in_layers
 from qvl.train.optimizers import plan_name
 
 _LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -320,7 +320,8 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
 
     ``compiled`` (whole layers compiled, the compiler choosing what a kept layer keeps): the budget is the loosest of
     :data:`qvl.plan.memory.COMPILED_BUDGETS` at which every layer is kept, else 0.8 (a kept layer then costs the
-    least for what it saves: ``bench/experiments/layer_memory.py``) with the fewest layers recomputed whole. Otherwise the
+    least for what it saves: ``bench/experiments/layer_memory.py``) with the fewest layers recomputed whole; with LoRA
+    dropout only the compiler's own partition (:data:`qvl.train.config.DROPOUT_UNDER_BUDGET`). Otherwise the
     budget is None and a kept layer costs the planner's eager estimate."""
     from qvl.plan.memory import (COMPILED_BUDGETS, attention_saved_bytes_per_token,
                                  compiled_layer_saved_bytes_per_token, layer_saved_bytes_per_token, parse_lora_targets)
@@ -338,7 +339,7 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
     if compiled:
         r = cfg.lora_r if cfg.lora_enable else 0
         mlp_trains = not cfg.lora_enable or any(t in ("gate", "up", "down") for t in targets)
-        for budget in COMPILED_BUDGETS:
+        for budget in ((None,) if dropout_in_layers(cfg) else COMPILED_BUDGETS):  # DROPOUT_UNDER_BUDGET
             layer = compiled_layer_saved_bytes_per_token(shape, budget, r, len(targets), mlp_trains) * row_tokens
             if shape.layers * layer <= free:
                 break
