@@ -66,6 +66,9 @@ def run_command(name: str, argv: list[str], out: Path, env: dict | None = None, 
     times = out / "compile_times.json"  # torch.compile's seconds by phase (qvl.train.compile.phase_seconds)
     if times.is_file():
         res["compile_times"] = json.loads(times.read_text())
+    profile = out / "profile.txt"  # profile_steps (a "+profile_steps=12-13" row): kept, as the work folder goes
+    if profile.is_file():
+        res["profile"] = profile.read_text().splitlines()[:80]
     res.update(rc=rc, command=" ".join(argv), env={k: v for k, v in (env or {}).items() if k.startswith("QVL_")})
     if rc != 0:
         res["error"] = f"exit code {rc}: " + " / ".join(text for _, text in lines[-3:])[:400]

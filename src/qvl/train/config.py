@@ -136,6 +136,9 @@ class TrainConfig(BaseModel):
     resume: bool | str = Field(True, description="true: continue from the newest complete checkpoint; false: "
                                                  "start fresh (old files are moved aside, never deleted); or a path")
     logging_steps: int = 1
+    profile_steps: str | None = Field(None, description="optimizer steps to run under torch.profiler, e.g. 12 or "
+                                      "12-14 (after warm-up): the run folder gets profile.txt (the GPU's busy share, "
+                                      "operators by device and host time) and profile_trace.json.gz")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     run_name: str | None = None
     # None: 4 worker processes on a GPU machine with cores to spare (encoding images off the step; measured
@@ -412,6 +415,10 @@ class TrainConfig(BaseModel):
             bad("num_train_epochs", "num_train_epochs <= 0 and no max_steps: there is nothing to do")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             bad("save_total_limit", f"save_total_limit={self.save_total_limit} must be >= 1 (or null for no limit)")
+        if self.profile_steps is not None:
+            from qvl.train.profile import parse_steps
+
+            parse_steps(self.profile_steps)  # names the key and the fix
         unknown = [r for r in self.report_to if r not in ("tensorboard", "wandb", "none")]
         if unknown:
             bad("report_to", f"unknown tracker(s) {unknown}", "use tensorboard, wandb or none")

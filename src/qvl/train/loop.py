@@ -41,6 +41,7 @@ from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
 from qvl.train import compile, distributed, graphs, host, loss_head, offload, optimizers, recompute
 from qvl.train.config import TrainConfig, dropout_in_layers
+from qvl.train.profile import StepProfiler, parse_steps
 from qvl.train.step_watch import StepWatch
 
 
@@ -769,6 +770,7 @@ class Run:
     skipped: Counter = field(default_factory=Counter)
     row: dict = field(default_factory=dict)
     last_queued: tuple | None = None  # the last reported step's queued read: its end on the GPU's clock
+    profiler: object = None  # profile_steps (qvl.train.profile.StepProfiler), rank 0
 
 
 def _train(cfg: TrainConfig, log, callbacks) -> TrainResult:
@@ -1380,13 +1382,18 @@ def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: t
     _say_compile_failures(run)
     step_row = run.tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
                                 log_now=done % cfg.logging_steps == 0 or done == plan.total_steps,
-                                warm=warm_events.since_last(), seconds=seconds)
+                                warm=_joined(warm_events.since_last(), run.profiler and run.profiler.covers(done)
+                                             and "profiled"), seconds=seconds)
     if not math.isfinite(step_loss):
         raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
                        "instead of fp16; the last checkpoint is intact")
     for cb in callbacks:
         cb(done, step_row)
     return step_row
+
+
+def _joined(*notes) -> str:
+    return ", ".join(n for n in notes if n)
 
 
 def _run_steps(run: Run, callbacks) -> None:
@@ -1411,10 +1418,14 @@ def _run_steps(run: Run, callbacks) -> None:
     t_first, compiled_before, recorded_before = time.perf_counter(), compile.compile_seconds(), _record_seconds(run)
     cached_before, compiled_marker = compile.cache_counts(), compile.compile_marker()
     watch = StepWatch(run.tracker.write) if run.is_main else None  # a long step says what it does meanwhile
+    profiler = run.profiler = (StepProfiler(parse_steps(cfg.profile_steps), out, device, say)
+                               if cfg.profile_steps and run.is_main else None)
     try:
         for step, items in _fetch_steps(run, rows_in_workers):
             if watch is not None:
                 watch.begin(step + 1)
+            if profiler is not None:
+                profiler.begin(step + 1)
             if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
                 items = rows_by_budget(items, cfg.packed_row_tokens)  # tokens (before balancing: ranks compare rows)
                 if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
@@ -1469,6 +1480,8 @@ def _run_steps(run: Run, callbacks) -> None:
             pending = (done, queued, n_labels, n_tokens, step_lrs)
             if watch is not None:
                 watch.end()
+            if profiler is not None:
+                profiler.end(done)
             if saving:
                 run.row, pending = report(*pending), None
                 path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
@@ -1491,6 +1504,8 @@ def _run_steps(run: Run, callbacks) -> None:
             tower_compile.wait(timeout=60)  # thread's GPU work to end before the process does
         if watch is not None:
             watch.close()
+        if profiler is not None:
+            profiler.close()
         if decoder_graphs is not None:
             say(f"cuda_graphs: {decoder_graphs.summary()}")
             decoder_graphs.close()

@@ -1,0 +1,54 @@
+"""profile_steps: torch.profiler over chosen steps of a run, written to the run folder; the steps it slows are not
+counted as steady ones."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from qvl.errors import QvlError
+from qvl.train.loop import train
+from qvl.train.profile import busy_line, parse_steps
+from qvl.train.track import read_metrics
+
+
+def test_steps_are_one_or_a_range_counted_from_one():
+    assert parse_steps("12") == (12, 12) and parse_steps(" 3-5 ") == (3, 5)
+    for bad in ("0", "5-3", "a", "2-", "-1"):
+        with pytest.raises(QvlError, match="profile_steps") as e:
+            parse_steps(bad)
+        assert "profile_steps=12-14" in str(e.value)
+
+
+def test_a_bad_range_stops_the_config(make_cfg):
+    with pytest.raises(QvlError, match="profile_steps"):
+        make_cfg(profile_steps="ten")
+
+
+def test_busy_line_says_when_the_host_is_the_slow_side():
+    assert "host is the slow side" in busy_line(1.0, 4.0, 2) and "(25%)" in busy_line(1.0, 4.0, 2)
+    assert "slow side" not in busy_line(3.8, 4.0, 2) and "2.000 s each" in busy_line(3.8, 4.0, 2)
+
+
+def test_profiled_steps_write_a_profile_and_leave_the_steady_rate(make_cfg, tmp_path):
+    said = []
+    cfg = make_cfg(output_dir=str(tmp_path / "run"), max_steps=5, profile_steps="2-3")
+    train(cfg, log=said.append)
+    run = tmp_path / "run"
+    text = (run / "profile.txt").read_text()
+    assert text.startswith("profile_steps 2-3: 2 step(s) in ") and "by host time (self):" in text
+    with gzip.open(run / "profile_trace.json.gz") as f:
+        assert json.load(f)["traceEvents"]
+    assert not (run / "profile_trace.json").exists()
+    assert any(line.startswith("profile: ") for line in said), said
+    rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+    assert [s for s, r in rows.items() if "profiled" in (r["warm_up"] or "")] == [2, 3, 4]
+    assert not rows[5]["warm_up"]
+
+
+def test_a_range_the_run_never_reaches_is_said(make_cfg, tmp_path):
+    said = []
+    train(make_cfg(output_dir=str(tmp_path / "run"), max_steps=2, profile_steps="5"), log=said.append)
+    assert any("did not reach step 5" in line for line in said) and not (tmp_path / "run" / "profile.txt").exists()
