@@ -51,6 +51,7 @@ def run_command(name: str, argv: list[str], out: Path, env: dict | None = None, 
     t0 = time.time()
     lines: list[tuple[float, str]] = []
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    stopped = False
     try:
         for line in proc.stdout:
             lines.append((time.time() - t0, line.rstrip()))
@@ -59,10 +60,14 @@ def run_command(name: str, argv: list[str], out: Path, env: dict | None = None, 
                 proc.kill()
                 break
         rc = proc.wait()
+    except SystemExit:  # the bench was stopped (SIGTERM: `timeout`, the device's limit): the steps so far count
+        stopped, rc = True, None
     finally:
         if proc.poll() is None:
             proc.kill()
     res = measure(lines, read_rows(out / "metrics.jsonl"), t0)
+    if stopped:  # the caller writes its results, then exits (a 30-step row cut at step 27 lost every number before)
+        res["stopped"] = True
     times = out / "compile_times.json"  # torch.compile's seconds by phase (qvl.train.compile.phase_seconds)
     if times.is_file():
         res["compile_times"] = json.loads(times.read_text())
@@ -70,7 +75,9 @@ def run_command(name: str, argv: list[str], out: Path, env: dict | None = None, 
     if profile.is_file():
         res["profile"] = profile.read_text().splitlines()[:80]
     res.update(rc=rc, command=" ".join(argv), env={k: v for k, v in (env or {}).items() if k.startswith("QVL_")})
-    if rc != 0:
+    if stopped:
+        res["error"] = f"stopped from outside after {res['steps']} steps: the numbers are those steps'"
+    elif rc != 0:
         res["error"] = f"exit code {rc}: " + " / ".join(text for _, text in lines[-3:])[:400]
     return res
 

@@ -966,6 +966,8 @@ def main(argv=None):
             if example == yaml_rows["baseline-moe"] and "tokens_per_s" in results.get("baseline-moe", {}):
                 res["baseline_row"] = res["loss_row"] = "baseline-moe"  # peft's target_parameters on the experts
             finish(name, res, ["as the YAML says"], "as the YAML says", "as the YAML says")
+            if res.get("stopped"):  # SIGTERM while it ran: its steps so far are written above
+                sys.exit(143)
 
     # last: Liger patches transformers' Qwen3-VL rotary functions for the whole process, so no row may follow it
     if want("baseline-liger"):

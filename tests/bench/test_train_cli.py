@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from train_cli import measure, qvl_train_command, recipe_command  # noqa: E402
+from train_cli import measure, qvl_train_command, recipe_command, run_command  # noqa: E402
 
 
 def test_steady_rate_leaves_warm_up_steps_out_and_first_step_comes_from_the_log():
@@ -55,3 +55,28 @@ def test_commands_change_only_paths_and_steps(tmp_path):
     recipe = recipe_command(tmp_path / "m", tmp_path / "r.yaml", tmp_path / "o", 30)
     assert recipe[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m"]
     assert "--deepspeed" in recipe and recipe[recipe.index("--per_device_train_batch_size") + 1] == "2"
+
+
+def test_a_stopped_bench_keeps_the_steps_its_row_ran(tmp_path):
+    """`timeout` (SIGTERM) during a CLI row: the row still reports the steps written so far, marked stopped, and the
+    training process goes (a 30-step row cut at step 27 used to lose every number)."""
+    import os
+    import signal
+    import threading
+
+    rows = [{"step": s, "tokens": 1000 * s, "time": 0.0, "warm_up": None if s > 1 else "compiled", "loss": 4.0,
+             "step_s": 0.5, "peak_mem_gib": 1.0} for s in (1, 2, 3)]
+    script = ("import json, sys, time\n"
+              f"open({str(tmp_path / 'metrics.jsonl')!r}, 'w').write(''.join(json.dumps(r) + '\\n' for r in {rows!r}))\n"
+              "print('first step done 1 s after start', flush=True)\n"
+              "time.sleep(60)\n")
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        res = run_command("row", [sys.executable, "-c", script], tmp_path, timeout=30)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert res["stopped"] and res["steps"] == 3 and "stopped from outside after 3 steps" in res["error"]
+    assert res["tokens_per_s"] == pytest.approx(2000 / 1.0) and res["rc"] is None
