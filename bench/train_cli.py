@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,21 +51,23 @@ def run_command(name: str, argv: list[str], out: Path, env: dict | None = None, 
            "PYTHONUNBUFFERED": "1", **(env or {})}
     t0 = time.time()
     lines: list[tuple[float, str]] = []
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    # a session of its own: a kill reaches torchrun's workers too, not only the launcher
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
     stopped = False
     try:
         for line in proc.stdout:
             lines.append((time.time() - t0, line.rstrip()))
             print(f"  {name} {lines[-1][0]:7.1f}s | {lines[-1][1]}", flush=True)
             if time.time() - t0 > timeout:
-                proc.kill()
+                _kill(proc)
                 break
         rc = proc.wait()
     except SystemExit:  # the bench was stopped (SIGTERM: `timeout`, the device's limit): the steps so far count
         stopped, rc = True, None
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _kill(proc)
     res = measure(lines, read_rows(out / "metrics.jsonl"), t0)
     if stopped:  # the caller writes its results, then exits (a 30-step row cut at step 27 lost every number before)
         res["stopped"] = True
@@ -82,6 +85,14 @@ def run_command(name: str, argv: list[str], out: Path, env: dict | None = None, 
     return res
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -91,8 +102,8 @@ def read_rows(path: Path) -> list[dict]:
 def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict:
     """The numbers of one run: ``lines`` its output as (seconds since start, text), ``rows`` its metrics.jsonl,
     ``t0`` its start (unix time). Steady tok/s: tokens over the time of the steps whose row has no ``warm_up`` (a
-    row's ``step_s``, the GPU's time between step ends, else the time since the previous row); whole run: every
-    step's tokens over the time from the start."""
+    row's ``step_s``: on CUDA the GPU's time between step ends; older rows without it, the time since the previous
+    row); whole run: every step's tokens over the time from the start."""
     first = next((t for t, text in lines if text.startswith("first step done")), None)
     steady_tokens = steady_s = 0.0
     steady_steps = warm_steps = 0

@@ -63,6 +63,7 @@ def test_a_stopped_bench_keeps_the_steps_its_row_ran(tmp_path):
     import os
     import signal
     import threading
+    import time
 
     rows = [{"step": s, "tokens": 1000 * s, "time": 0.0, "warm_up": None if s > 1 else "compiled", "loss": 4.0,
              "step_s": 0.5, "peak_mem_gib": 1.0} for s in (1, 2, 3)]
@@ -70,13 +71,23 @@ def test_a_stopped_bench_keeps_the_steps_its_row_ran(tmp_path):
               f"open({str(tmp_path / 'metrics.jsonl')!r}, 'w').write(''.join(json.dumps(r) + '\\n' for r in {rows!r}))\n"
               "print('first step done 1 s after start', flush=True)\n"
               "time.sleep(60)\n")
+    done = threading.Event()
+
+    def stop_once_written():  # as `timeout` would, once the row has steps to report
+        while not done.is_set():
+            if (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "metrics.jsonl").read_text().count("\n") == 3:
+                time.sleep(0.2)  # the line after it reaches the bench too
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
+    stopper = threading.Thread(target=stop_once_written, daemon=True)
+    stopper.start()
     try:
         res = run_command("row", [sys.executable, "-c", script], tmp_path, timeout=30)
     finally:
-        timer.cancel()
+        done.set()
         signal.signal(signal.SIGTERM, previous)
     assert res["stopped"] and res["steps"] == 3 and "stopped from outside after 3 steps" in res["error"]
     assert res["tokens_per_s"] == pytest.approx(2000 / 1.0) and res["rc"] is None

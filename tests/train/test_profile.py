@@ -25,6 +25,37 @@ def test_steps_are_one_or_a_range_counted_from_one():
 def test_a_bad_range_stops_the_config(make_cfg):
     with pytest.raises(QvlError, match="profile_steps"):
         make_cfg(profile_steps="ten")
+    assert make_cfg(profile_steps=12).profile_steps == 12  # a YAML number
+
+
+def test_kernel_time_counts_the_device_events_once():
+    """A kernel's time shows in its own device event and again in the operator that launched it (and a
+    user-annotated range): only the device's own, unannotated events count."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from qvl.train.profile import kernel_seconds
+
+    events = [SimpleNamespace(device_type=DeviceType.CPU, is_user_annotation=False, self_device_time_total=3e6),
+              SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=False, self_device_time_total=2e6),
+              SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=True, self_device_time_total=2e6)]
+    assert kernel_seconds(events) == 2.0
+
+
+def test_a_resumed_run_profiles_what_is_left_and_says_what_it_missed(tmp_path):
+    from qvl.train.profile import StepProfiler
+
+    said = []
+    inside = StepProfiler((3, 6), tmp_path, "cpu", said.append, start_step=4)
+    assert not inside.covers(5)
+    inside.begin(5)  # the first step this run makes
+    assert inside.covers(5) and inside.covers(7) and not inside.covers(4)
+    inside.end(6)
+    assert (tmp_path / "profile.txt").read_text().startswith("profile_steps 5-6: 2 step(s)")
+    past = StepProfiler((3, 6), tmp_path, "cpu", said.append, start_step=8)
+    past.close()
+    assert said[-1] == "profile_steps 3-6: the run resumed after step 6"
 
 
 def test_busy_line_says_when_the_host_is_the_slow_side():
@@ -44,8 +75,8 @@ def test_profiled_steps_write_a_profile_and_leave_the_steady_rate(make_cfg, tmp_
     assert not (run / "profile_trace.json").exists()
     assert any(line.startswith("profile: ") for line in said), said
     rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
-    assert [s for s, r in rows.items() if "profiled" in (r["warm_up"] or "")] == [2, 3, 4]
-    assert not rows[5]["warm_up"]
+    assert [s for s, r in rows.items() if "profiled" in (r["warm_up"] or "")] == [2, 3, 4]  # 4 waited for the write
+    assert not rows[5]["warm_up"] and rows[5]["step_s"] > 0
 
 
 def test_a_range_the_run_never_reaches_is_said(make_cfg, tmp_path):

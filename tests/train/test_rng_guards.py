@@ -76,3 +76,5 @@ def test_eager_random_ops_only_for_dropout_on_cuda_with_the_four_wide_path(monke
     monkeypatch.setattr(inductor_config, "fallback_random", False)
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.12.1"))
     assert compile.eager_random_ops(cuda, dropout=True) is None and not inductor_config.fallback_random
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.13.0a0+git1234"))  # a nightly
+    assert compile.eager_random_ops(cuda, dropout=True) and inductor_config.fallback_random

@@ -16,6 +16,7 @@ Tested on CPU against the plain path (tests/train/test_speed.py); measured effec
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 import types
 from pathlib import Path
@@ -47,13 +48,19 @@ def _named(fn, what: str) -> None:
 RANDOM_FOUR_WIDE_SINCE = (2, 13)
 
 
+def torch_release() -> tuple[int, int]:
+    """(major, minor) of this torch; pre-releases count as their release ("2.13.0a0+git..." is (2, 13))."""
+    major, minor = re.match(r"(\d+)\.(\d+)", str(torch.__version__)).groups()
+    return int(major), int(minor)
+
+
 def eager_random_ops(device, dropout: bool) -> str | None:
     """Set inductor's ``fallback_random`` (random ops run as eager kernels inside compiled code) where compiled
     dropout meets a CUDA torch with the four-wide path; returns the start-up line, None where nothing was set.
     For the whole process: :func:`qvl.train.loop.train` restores it when it returns."""
     import torch._inductor.config as inductor_config
 
-    if not dropout or getattr(device, "type", device) != "cuda" or torch.__version__ < RANDOM_FOUR_WIDE_SINCE:
+    if not dropout or getattr(device, "type", device) != "cuda" or torch_release() < RANDOM_FOUR_WIDE_SINCE:
         return None
     inductor_config.fallback_random = True
     return (f"LoRA dropout in compiled layers runs torch's own dropout kernel (inductor fallback_random): torch "

@@ -136,7 +136,7 @@ class TrainConfig(BaseModel):
     resume: bool | str = Field(True, description="true: continue from the newest complete checkpoint; false: "
                                                  "start fresh (old files are moved aside, never deleted); or a path")
     logging_steps: int = 1
-    profile_steps: str | None = Field(None, description="optimizer steps to run under torch.profiler, e.g. 12 or "
+    profile_steps: str | int | None = Field(None, description="optimizer steps to run under torch.profiler, e.g. 12 or "
                                       "12-14 (after warm-up): the run folder gets profile.txt (the GPU's busy share, "
                                       "operators by device and host time) and profile_trace.json.gz")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])

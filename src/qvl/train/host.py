@@ -64,15 +64,19 @@ def queue_host_read(*values) -> tuple:
     numbers once the next step is queued, so a plain read there waits for the next step as well, and the GPU then
     idles while the host builds the step after it. Copied into pinned memory at the end of its own step, with an
     event after the copy, the read waits for its own step only: the host builds step N+2 while the GPU runs N+1.
-    The event also carries a timestamp (:func:`seconds_between`). Off CUDA (or with a tensor elsewhere) the values
-    are read plainly when asked."""
+    The event also carries a timestamp (:func:`seconds_between`). With a tensor off the GPU (DeepSpeed's gradient
+    norm under CPU offload) the values are read plainly when asked, the event still marking the step's end; off CUDA
+    there is no event."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    if not tensors or not all(t.is_cuda for t in tensors):
+    if not any(t.is_cuda for t in tensors):
         return None, values, None
+    copied = torch.cuda.Event(enable_timing=True)
+    if not all(t.is_cuda for t in tensors):
+        copied.record()
+        return copied, values, None
     stacked = _stacked(tensors)
     host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
     host.copy_(stacked, non_blocking=True)
-    copied = torch.cuda.Event(enable_timing=True)
     copied.record()
     return copied, values, host
 
@@ -80,7 +84,7 @@ def queue_host_read(*values) -> tuple:
 def host_read(queued: tuple) -> list[float | None]:
     """The floats of a :func:`queue_host_read` (one wait, for the work queued before it)."""
     copied, values, host = queued
-    if copied is None:
+    if host is None:
         return host_floats(*values)
     copied.synchronize()
     return _floats(values, host.tolist())
@@ -97,4 +101,5 @@ def seconds_between(earlier: tuple | None, later: tuple) -> float | None:
     one step, idle time waiting for the host included."""
     if earlier is None or earlier[0] is None or later[0] is None:
         return None
+    later[0].synchronize()  # done already where its values were read from pinned memory; a plain read may not say
     return earlier[0].elapsed_time(later[0]) / 1000.0

@@ -770,6 +770,7 @@ class Run:
     skipped: Counter = field(default_factory=Counter)
     row: dict = field(default_factory=dict)
     last_queued: tuple | None = None  # the last reported step's queued read: its end on the GPU's clock
+    last_queued_at: float = 0.0  # and when the host had queued it (the CPU's step end)
     profiler: object = None  # profile_steps (qvl.train.profile.StepProfiler), rank 0
 
 
@@ -1364,13 +1365,21 @@ def _say_compile_failures(run: Run) -> None:
                 f"compiled; the run goes on); the full error is in {path}. compile_layers=false skips trying")
 
 
-def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: tuple, n_labels: float, n_tokens: int,
-            step_lrs: dict) -> dict:
+def _report(run: Run, callbacks, done: int, queued: tuple, n_labels: float, n_tokens: int, step_lrs: dict,
+            built: str, queued_at: float) -> dict:
     """Read a finished step's loss and gradient norm (``queued`` by :func:`host.queue_host_read` at the end of
-    the step: the read waits for that step only), log them and run the callbacks."""
+    the step: the read waits for that step only), log them and run the callbacks.
+
+    A step's time runs from the previous step's end to its own: on CUDA by the GPU's clock (the wait for this
+    step's build included), on the CPU, where queueing a step is running it, from one step queued (``queued_at``) to
+    the next. ``built`` (what building it compiled or recorded) says whether that time was warm-up."""
     cfg, dist, device, plan = run.cfg, run.dist, run.device, run.plan
     loss_sum, grad_norm = host.host_read(queued)
-    seconds, run.last_queued = host.seconds_between(run.last_queued, queued), queued
+    seconds = host.seconds_between(run.last_queued, queued)
+    if seconds is None and run.last_queued is not None and queued[0] is None:
+        seconds = queued_at - run.last_queued_at
+    run.last_queued, run.last_queued_at = queued, queued_at
+    warm = _joined(built, run.profiler is not None and run.profiler.covers(done) and "profiled")
     step_loss = dist.all_sum(loss_sum, device) / max(n_labels, 1.0)
     run.losses.append(step_loss)
     metrics = {"loss": step_loss, "lr": step_lrs[run.main_group],
@@ -1382,8 +1391,7 @@ def _report(run: Run, warm_events: WarmUpEvents, callbacks, done: int, queued: t
     _say_compile_failures(run)
     step_row = run.tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
                                 log_now=done % cfg.logging_steps == 0 or done == plan.total_steps,
-                                warm=_joined(warm_events.since_last(), run.profiler and run.profiler.covers(done)
-                                             and "profiled"), seconds=seconds)
+                                warm=warm, seconds=seconds)
     if not math.isfinite(step_loss):
         raise QvlError(f"loss is {step_loss} at step {done}", fix="lower learning_rate, or use bf16=true "
                        "instead of fp16; the last checkpoint is intact")
@@ -1411,15 +1419,16 @@ def _run_steps(run: Run, callbacks) -> None:
     # regroups one micro-batch per step (with several, the loop regroups the step's samples across them)
     rows_in_workers = not dist.enabled and (not cfg.packed_row_tokens or cfg.gradient_accumulation_steps == 1)
 
-    def report(*pending) -> dict:
-        return _report(run, warm_events, callbacks, *pending)
+    def report(pending) -> dict:
+        return _report(run, callbacks, *pending)
 
     pending = None
     t_first, compiled_before, recorded_before = time.perf_counter(), compile.compile_seconds(), _record_seconds(run)
     cached_before, compiled_marker = compile.cache_counts(), compile.compile_marker()
     watch = StepWatch(run.tracker.write) if run.is_main else None  # a long step says what it does meanwhile
-    profiler = run.profiler = (StepProfiler(parse_steps(cfg.profile_steps), out, device, say)
+    profiler = run.profiler = (StepProfiler(parse_steps(cfg.profile_steps), out, device, say, start_step)
                                if cfg.profile_steps and run.is_main else None)
+    after_save = ""  # a checkpoint written between two steps: the GPU waited for it in the next step's time
     try:
         for step, items in _fetch_steps(run, rows_in_workers):
             if watch is not None:
@@ -1475,23 +1484,25 @@ def _run_steps(run: Run, callbacks) -> None:
             # the read waits for this step only, so the GPU runs the next step while the host builds the one after
             # (a checkpoint reads its own step's first)
             queued = host.queue_host_read(loss_sum, grad_norm)
+            built, after_save = _joined(after_save, warm_events.since_last()), ""  # what this step's build warmed up
             if pending is not None:
-                run.row = report(*pending)
-            pending = (done, queued, n_labels, n_tokens, step_lrs)
+                run.row = report(pending)
+            pending = (done, queued, n_labels, n_tokens, step_lrs, built, time.perf_counter())
             if watch is not None:
                 watch.end()
             if profiler is not None:
                 profiler.end(done)
             if saving:
-                run.row, pending = report(*pending), None
+                run.row, pending = report(pending), None
                 path = ckpt.save_checkpoint(out, done, model, optimizer, scheduler,
                                             {"step": done, "epoch": done / plan.steps_per_epoch,
                                              "total_steps": plan.total_steps, "seed": cfg.seed},
                                             rank=dist.rank, save_total_limit=cfg.save_total_limit,
                                             write_state=distributed.state_writer(eng, model))
                 say(f"saved {path}")
+                after_save = "a checkpoint written before it"
         if pending is not None:
-            run.row = report(*pending)
+            run.row = report(pending)
         if tower_compile is not None and tower_compile.compiling:  # a short run: the thread ends before the process
             say(f"training ended while {tower_compile.what} was compiling in the background: waiting for it to end")
             tower_compile.wait()

@@ -42,8 +42,8 @@ class Throughput:
     ETA far too long (an 8B run read "250 tok/s | ETA 0:21:28" while warming up, 30 s before it ended). Rate and ETA
     therefore come from the other steps; until one has finished, both are unknown (None) and the line says "warming
     up".
-    A step's time is what the loop measured (the GPU's time between two step ends), else the wall time since the
-    previous step was reported (the first since the tracker started)."""
+    A step's time is what the loop measured (the time between two step ends: on CUDA by the GPU's clock), else (the
+    first step) the wall time since the tracker started; the row's ``step_s`` is the time used."""
 
     def __init__(self, total_steps: int, start_step: int, now: float):
         self.total, self.last_step, self.last_time = total_steps, start_step, now
