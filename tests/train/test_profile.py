@@ -83,3 +83,17 @@ def test_a_range_the_run_never_reaches_is_said(make_cfg, tmp_path):
     said = []
     train(make_cfg(output_dir=str(tmp_path / "run"), max_steps=2, profile_steps="5"), log=said.append)
     assert any("did not reach step 5" in line for line in said) and not (tmp_path / "run" / "profile.txt").exists()
+
+
+def test_a_steps_gpu_time_is_the_time_its_row_counts(make_cfg, tmp_path, monkeypatch):
+    """Where the GPU's clock gives a step's time (CUDA), the row's step_s and the tok/s use it, not the gap between
+    the host's reads (simulated here: every step after the first took 0.5 s on the GPU)."""
+    from qvl.train import host
+
+    monkeypatch.setattr(host, "seconds_between", lambda earlier, later: None if earlier is None else 0.5)
+    train(make_cfg(output_dir=str(tmp_path / "run"), max_steps=4), log=lambda *_: None)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step_s"] for r in rows[1:]] == [0.5, 0.5, 0.5]
+    steady = [r for r in rows if not r["warm_up"]]
+    tokens = sum(r["tokens"] - p["tokens"] for p, r in zip(rows, rows[1:]) if not r["warm_up"])
+    assert steady and rows[-1]["tokens_per_s"] == pytest.approx(tokens / (0.5 * len(steady)))
