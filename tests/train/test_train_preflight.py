@@ -275,3 +275,25 @@ def test_memory_other_processes_hold_is_left_out_of_the_plan(make_cfg, monkeypat
     free["bytes"] = int((79.2 - 0.6 - 0.5) * gib)  # 0.6 GiB elsewhere: the driver's, a display's
     assert gpus.detect_gpu().total_gib == pytest.approx(79.2)
     assert cap_memory(make_cfg(), device) == (None, "")
+
+
+def test_video_rows_from_the_data_are_planned(make_cfg):
+    """Packed rows of video samples: the plan is made for the rows the data makes, whose clips hold fewer visual
+    tokens than the budget's worst case (16 frames of video_max_pixels / 16). That worst case above the row used to
+    make the planner decline: the run had no preflight and recomputed every layer."""
+    from qvl.train.preflight import auto_checkpoint_ratio, check
+
+    class Video:
+        raw = {"video": ["clip.mp4"]}
+
+    cfg = make_cfg(model_name_or_path="Qwen/Qwen3-VL-8B-Instruct", lora_enable=True, tune_mm_llm=False,
+                   tune_mm_mlp=False, per_device_train_batch_size=1, model_max_length=16384, data_flatten=True,
+                   gradient_checkpointing=True, video_max_frames=16, video_max_pixels=16 * 2304 * 1024)
+    lines = []
+    pf = check(cfg, records=[Video()], gpu="H100", row_tokens=15616, say=lines.append)
+    assert pf is not None and pf.plan.fits, lines
+    assert "packed rows up to 15,616 tokens" in lines[0]
+    ratio, _, why = auto_checkpoint_ratio(cfg, pf, records=[Video()], row_tokens=15616)
+    assert 0 < ratio < 1, why  # layers kept where the card has room
+    with pytest.raises(QvlError, match="does not fit"):  # a card it does not fit is told so, with a fix
+        check(cfg, records=[Video()], gpu="RTX4090", row_tokens=15616, say=lines.append)

@@ -16,6 +16,8 @@ trained; the encoder reports the real problem later, as it always did.
 
 from __future__ import annotations
 
+import copy
+
 from qvl.config.vision import VisionBudget
 
 FALLBACK_TOKENS = 256  # a record whose estimate fails: it is most likely skipped by the encoder anyway
@@ -44,6 +46,13 @@ def _video_tokens(media, processor, budget: VisionBudget | None) -> int:
     size = kwargs.get("size") or {}
     if size:  # transformers 5.17 reads the budget here as min_pixels / max_pixels, 5.24 from `size`
         kwargs.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    if kwargs.get("cap_pixels_per_frame") is False and getattr(vp, "cap_pixels_per_frame", None):
+        # get_num_of_video_patches reads the budget's `cap_pixels_per_frame=False` as `False or the processor's
+        # own` (True in Qwen3-VL checkpoints), so it capped frames the resize keeps whole: clips of large frames
+        # were estimated at a third of their tokens (4,523 for 12,509), and every plan made from the estimate with
+        # them (transformers 5.17 and 5.24)
+        vp = copy.copy(vp)
+        vp.cap_pixels_per_frame = False
     patches = vp.get_num_of_video_patches(frames, height, width, kwargs)
     return patches // vp.merge_size ** 2 + frames // TEMPORAL_PATCH * FRAME_PAIR_MARKER_TOKENS
 

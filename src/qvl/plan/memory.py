@@ -540,7 +540,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                master_bf16: bool = False, fused_ce: bool = False, recompute_keeps_attention: bool = False, _shape: ModelShape | None = None, _gpu: Gpu | None = None,
                lora_experts: bool = True,
                quantization: str | None = None, quantization_targets=("llm",), host_embeddings: bool = False,
-               offload_activations: bool = False) -> Plan:
+               offload_activations: bool = False, visual_tokens_max: int | None = None) -> Plan:
     """Predict per-GPU peak memory of one training step (forward + backward + optimizer step).
 
     ``seq_len`` is the padded length of one sample in tokens, visual tokens included (what
@@ -560,6 +560,9 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     ``host_embeddings``: the frozen input-embedding table in host memory (`qvl train`'s ``host_embeddings``; an
     embedding tied to the LM head stays). ``offload_activations``: the inputs recomputed layers keep go to pinned
     host memory in forward and come back in backward (``activation_offloading``; with gradient checkpointing).
+    ``visual_tokens_max``: the most visual tokens a sample holds when the data says (``seq_len`` then being the
+    longest packed row it makes, visual tokens included): the budget's worst case (``video_max_frames`` frames of
+    ``video_frame_pixels``) above it is not planned for, and not refused for exceeding ``seq_len``.
     """
     m = _shape or resolve_model(model)
     card = _gpu or gpu_from_args(gpu, gpu_mem)
@@ -728,6 +731,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
     img_tok = visual_tokens_image(m, max_pixels) * images_per_sample if images_per_sample else 0
     vid_tok = visual_tokens_video(m, video_max_frames, video_frame_pixels)
     vis_per_sample = img_tok + vid_tok
+    if visual_tokens_max is not None:
+        vis_per_sample = min(vis_per_sample, visual_tokens_max)
     if vis_per_sample > seq_len:
         raise QvlError(f"{vis_per_sample:,} visual tokens per sample do not fit in --seq-len {seq_len:,}",
                        fix="raise --seq-len or lower --max-pixels / --video-max-frames")
@@ -829,7 +834,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                   tune_mm_mlp=tune_mm_mlp, tune_mm_llm=tune_mm_llm, optim=optim, gpus=gpus, master_fp32=master_fp32,
                   master_bf16=master_bf16, fused_ce=fused_ce, quantization=quantization, lora_experts=lora_experts,
                   quantization_targets=tuple(sorted(quantized)), host_embeddings=host_embeddings,
-                  offload_activations=offload_activations)
+                  offload_activations=offload_activations, visual_tokens_max=visual_tokens_max)
 
         def run(**ch) -> Plan | None:
             try:

@@ -219,9 +219,11 @@ def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None
 
 def _rows(cfg: TrainConfig, kw: dict, row_tokens: int | None) -> dict:
     """Plan keyword arguments for packed rows of ``row_tokens`` (the longest the data makes) instead of
-    ``batch x model_max_length``, when that is shorter."""
+    ``batch x model_max_length``, when that is shorter. No sample of such rows holds more visual tokens than the
+    row: the budget's worst case beyond it (16 frames of ``video_max_pixels`` / 16 for every clip) is not planned
+    for; it used to make the planner decline, leaving video runs with no preflight and every layer recomputed."""
     if row_tokens and (cfg.data_flatten or cfg.data_packing) and row_tokens < kw["batch"] * kw["seq_len"]:
-        return {**kw, "batch": 1, "seq_len": row_tokens}
+        return {**kw, "batch": 1, "seq_len": row_tokens, "visual_tokens_max": row_tokens}
     return kw
 
 
