@@ -20,7 +20,7 @@ mixture-of-experts one; bf16, sdpa):
     plus the decode-step times (a recompilation or capture would show as a stall)
 
     python bench/decode.py --json bench/results/decode.json
-    python bench/decode.py --size 30B-A3B --skip compiled,batch32 --json bench/results/decode_moe.json
+    python bench/decode.py --size 30B-A3B --skip compiled,batch32 --json bench/results/decode_moe_h100.json
 
 MoE: the captured step is timed per step implementation and per way of running the routed experts (grouped
 GEMM / gathered); the engine then gathers at the batch sizes where that was faster. ``qvl_vs_generate`` is the
@@ -265,6 +265,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096, help="the engine's context (its slot cache)")
     ap.add_argument("--json", default="decode.json")
     ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
+    ap.add_argument("--profile-step", help="write a profile of the captured batch-1 decode step here (its kernels)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from qvl.models.build import random_model
@@ -356,9 +357,11 @@ def main() -> int:
         out["prefill_ms"] = rows
         save()
     steps, failed = {}, {}
-    # the captured step alone, per implementation (a failure skips it); MoE: per way of running the experts, in the
-    # measured step implementation (one compiled function per layer is an open row for the dense model too)
-    variants = ([("pieces", "grouped"), ("pieces", "gathered")] if d.is_moe else [("pieces", None), ("layer", None)])
+    # the captured step alone, per implementation (a failure skips it); MoE: per way of running the experts, in each
+    # step implementation (three pieces a layer: 7.15 ms a batch-1 step grouped, 28 % of the bound, H100, 2026-12-05,
+    # bench/results/decode_moe_h100.json; one function a layer has fewer kernels and launches)
+    variants = ([(i, e) for i in ("pieces", "layer") for e in ("grouped", "gathered")] if d.is_moe
+                else [("pieces", None), ("layer", None)])
     for impl, experts in variants:
         key = impl + (f"/{experts}" if experts else "")
         try:
@@ -374,7 +377,9 @@ def main() -> int:
     out["graph_step_ms"], out["graph_step_failed"] = steps, failed
     best = min(steps, key=lambda k: steps[k]["rows1_len1100"])
     if d.is_moe:  # gather the experts at the batch sizes where that was faster, grouped GEMM elsewhere
-        g, m = steps.get("pieces/gathered"), steps.get("pieces/grouped")
+        impl = min(("pieces", "layer"), key=lambda i: min((v["rows1_len1100"] for k, v in steps.items()
+                                                          if k.startswith(i + "/")), default=float("inf")))
+        g, m = steps.get(f"{impl}/gathered"), steps.get(f"{impl}/grouped")
         if g and m:
             d.gather_max_rows = (d.slots if g["rows32_len300"] < m["rows32_len300"]
                                  else 1 if g["rows1_len1100"] < m["rows1_len1100"] else 0)
@@ -383,11 +388,20 @@ def main() -> int:
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["step_impl"] = best
-    one_row = (steps["pieces/gathered"] if d.is_moe and d.gather_max_rows >= 1 and "pieces/gathered" in steps
+    gathered = f"{best.split('/')[0]}/gathered"
+    one_row = (steps[gathered] if d.is_moe and d.gather_max_rows >= 1 and gathered in steps
                else steps[best])  # what a batch-1 step runs after the choice above
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)
     save()
+    if args.profile_step:  # where a batch-1 captured step goes: its kernels by device time, calls per 20 steps
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            graph_step_ms(d, 1, len(big), reps=20)
+        with open(args.profile_step, "w") as f:
+            f.write(f"{best}, batch 1 at {len(big)} tokens, 21 captured steps\n"
+                    + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
     qvl_one(engine, big, 16)
     runs = [qvl_one(engine, big, args.new) for _ in range(3)]
     r = {"ttft_s": statistics.median(x["ttft_s"] for x in runs),

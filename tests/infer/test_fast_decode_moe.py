@@ -39,13 +39,13 @@ def tiny_moe(tmp_path_factory):
     return model, processor, out
 
 
-def _batcher(model, processor, slots=4, experts="auto", compile=False):
+def _batcher(model, processor, slots=4, experts="auto", compile=False, impl=None):
     from qvl.data.packing import rope_index_fn
     from qvl.infer.continuous import ContinuousBatcher
     from qvl.models.tokens import token_ids
 
     decoder = DecodeModel(model, slots=slots, max_len=512, compile=compile)
-    decoder.set_impl(decoder.impl, experts)
+    decoder.set_impl(impl or decoder.impl, experts)
     return ContinuousBatcher(decoder, _Collect, token_ids(processor.tokenizer).pad, rope_index_fn(model),
                              coalesce_s=0.0)
 
@@ -95,12 +95,16 @@ def test_router_and_experts_match_the_hf_block(tiny_moe):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind, experts", [("text", "grouped"), ("image", "gathered"), ("image", "grouped")])
-def test_greedy_matches_generate(tiny_moe, kind, experts):
+@pytest.mark.parametrize("kind, experts, impl", [("text", "grouped", None), ("image", "gathered", None),
+                                                  ("image", "grouped", None), ("text", "grouped", "layer"),
+                                                  ("image", "gathered", "layer")])
+def test_greedy_matches_generate(tiny_moe, kind, experts, impl):
+    """Each way of running the routed experts, in the MoE default step (three pieces a layer) and in one function a
+    layer (the dense models' default; bench/decode.py times both on a GPU)."""
     model, processor, _ = tiny_moe
     job = _job(processor, PROMPTS[kind])
     want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
-    _run_until_done(_batcher(model, processor, experts=experts), {0: [job]})
+    _run_until_done(_batcher(model, processor, experts=experts, impl=impl), {0: [job]})
     assert job.handle.emit_tokens == want
 
 

@@ -133,8 +133,10 @@ class LayerWeights:
 
 # Batch buckets up to this many rows run the MoE experts as gathered multiply-and-reduce (every row reads its own
 # k experts: no sort, one fused kernel); larger ones as a grouped GEMM over the pairs sorted by expert (each
-# selected expert read once). Not yet measured on a GPU: bench/decode.py times both at 1 and 32 rows.
-EXPERTS_GATHER_MAX_ROWS = 1
+# selected expert read once). Grouped won at every size measured: the 30B-A3B captured step took 7.15 ms grouped
+# against 7.50 gathered at 1 row, 25.2 against 99.4 ms at 32 (H100, 2026-12-05, bench/results/decode_moe_h100.json).
+# Gathering stays where the grouped GEMM does not compile (non-bf16 weights) or capture.
+EXPERTS_GATHER_MAX_ROWS = 0
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -311,7 +313,8 @@ class DecodeModel:
         # "layer": one compiled function per layer, the cache writes inside; "pieces": three compiled functions per
         # layer, the cache writes eager. Same tokens (tests); "layer" took 6.97 ms a batch-1 step against 7.41 and
         # 8.11 against 8.21 ms at 32 rows (H100, two calls, 2026-12-05, bench/results/decode_h100.json). MoE keeps
-        # "pieces": bench/decode.py compares its ways of running the experts in that one, and neither has run on a GPU
+        # "pieces", the one measured on a GPU (7.15 ms a batch-1 step with grouped experts, 30B-A3B, H100,
+        # bench/results/decode_moe_h100.json); bench/decode.py times "layer" for it too
         self.impl = "pieces" if self.is_moe else "layer"
         # MoE experts: "auto" (gathered up to gather_max_rows rows, grouped above), "grouped", "gathered"
         self.experts = "auto"
