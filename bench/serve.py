@@ -372,7 +372,7 @@ def versions() -> dict:
     import transformers
 
     v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for name in ("fastapi", "uvicorn", "httpx"):
+    for name in ("fastapi", "uvicorn", "httpx", "uvloop", "httptools"):  # the last two: uvicorn's fast stack
         try:
             v[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001

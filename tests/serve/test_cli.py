@@ -94,6 +94,21 @@ def test_banner_warns_on_open_bind(tiny_engine):
     assert "warning" not in banner(tiny_engine, ServeSettings())
 
 
+def test_banner_names_the_http_stack(tiny_engine, monkeypatch):
+    """uvicorn's C loop and parser when installed (the serve extra brings them); otherwise the fix is said."""
+    import importlib.util
+
+    from qvl.serve.app import ServeSettings, banner
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    text = banner(tiny_engine, ServeSettings())
+    assert "asyncio + h11" in text and "pip install uvloop" in text
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in ("uvloop", "httptools")
+                        else real(name, *a))
+    assert "HTTP       uvloop + httptools" in banner(tiny_engine, ServeSettings())
+
+
 def test_serve_vision_cache_flag(tiny_model_dir, captured):
     r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--cpu-only"])
     assert r.exit_code == 0, r.output
