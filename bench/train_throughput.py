@@ -600,7 +600,9 @@ def main(argv=None):
     model, processor = build(args.model, args.device)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params, built in "
           f"{time.time() - t0:.1f} s", flush=True)
-    work = Path(tempfile.mkdtemp(prefix="qvl_bench_"))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    work = Path(tempfile.mkdtemp(prefix="qvl_bench_", dir=work_root(model_bytes)))
+    print(f"work folder {work}", flush=True)
     # the CLI rows save the model here (16 GiB for 8B): removed at exit, also when `timeout` or the device's time
     # limit stops the bench (SIGTERM); three such folders filled a 64 GiB disk (H200, 2026-12-05)
     atexit.register(shutil.rmtree, work, True)
@@ -942,9 +944,13 @@ def main(argv=None):
             # each command loads its own copy, as a user's run has the card to itself: kept here, the 8B model's
             # 17.4 GiB left an H100's CLI row too little for its CUDA graphs' pools (out of memory at step ~50,
             # 2026-12-05)
-            model_of(base).to("cpu")
+            if want("baseline-liger") or host_has_room(model_bytes):
+                model_of(base).to("cpu")
+                print("the in-memory model moved to the CPU for the CLI rows", flush=True)
+            else:  # nothing after the CLI rows needs it: a 30B-A3B copy in host memory beside one saved in /dev/shm
+                model_of(base).to("meta")  # would not fit a 128 GiB machine
+                print("the in-memory model freed for the CLI rows (no room for it in host memory)", flush=True)
             torch.cuda.empty_cache()
-            print("the in-memory model moved to the CPU for the CLI rows", flush=True)
         for name in cli_rows:
             if name in yaml_rows or not want(name):
                 continue
@@ -1030,6 +1036,28 @@ def liger_baseline(base, groups, pad_id, args, flops_per_token) -> dict:
 
 def model_of(m):
     return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+def work_root(model_bytes: int, spare: int = 4 * 2**30) -> str | None:
+    """Where the bench's work folder goes: the temp folder, or /dev/shm (memory) when only that has room for the
+    saved model the CLI rows load (30B-A3B: 58 GiB; a one-GPU machine here has a 64 GiB disk and 128 GiB of
+    memory). None: the temp folder."""
+    need = model_bytes + spare
+    tmp = tempfile.gettempdir()
+    if shutil.disk_usage(tmp).free >= need or not os.path.isdir("/dev/shm"):
+        return None
+    return "/dev/shm" if shutil.disk_usage("/dev/shm").free >= need else None
+
+
+def host_has_room(nbytes: int, spare: int = 16 * 2**30) -> bool:
+    """Whether host memory has ``nbytes`` and ``spare`` more available (/proc/meminfo; True where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 >= nbytes + spare
+    except OSError:
+        pass
+    return True
 
 
 def summary_of(args, results, encs, hist, padding) -> dict:

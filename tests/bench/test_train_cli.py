@@ -91,3 +91,23 @@ def test_a_stopped_bench_keeps_the_steps_its_row_ran(tmp_path):
         signal.signal(signal.SIGTERM, previous)
     assert res["stopped"] and res["steps"] == 3 and "stopped from outside after 3 steps" in res["error"]
     assert res["tokens_per_s"] == pytest.approx(2000 / 1.0) and res["rc"] is None
+
+
+def test_the_saved_model_goes_where_it_fits(monkeypatch):
+    """The CLI rows load a saved copy of the model: in the temp folder when its disk has room, else in /dev/shm
+    (30B-A3B's 58 GiB against a 64 GiB disk), else the temp folder all the same (saving then fails there, said)."""
+    import collections
+    import shutil
+
+    import train_throughput
+
+    gib = 2**30
+    free = {}
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, free["shm" if path == "/dev/shm" else "tmp"]))
+    monkeypatch.setattr(train_throughput.os.path, "isdir", lambda path: True)
+    free.update(tmp=47 * gib, shm=128 * gib)
+    assert train_throughput.work_root(16 * gib) is None  # 8B: the temp folder
+    assert train_throughput.work_root(58 * gib) == "/dev/shm"
+    free.update(shm=30 * gib)
+    assert train_throughput.work_root(58 * gib) is None
