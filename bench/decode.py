@@ -362,8 +362,14 @@ def main() -> int:
     # bench/results/decode_moe_h100.json; one function a layer has fewer kernels and launches)
     variants = ([(i, e) for i in ("pieces", "layer") for e in ("grouped", "gathered")] if d.is_moe
                 else [("pieces", None), ("layer", None)])
+    # a variant whose grouped experts fail to capture switches the decoder to gathering (and the prefill to padded)
+    # for good: each variant starts from the same state, so one's failure does not change the others' timings
+    fallbacks = ("_grouped_ok", "prefill_impl", "prefill_why_padded")
+    start = {name: getattr(d, name) for name in fallbacks}
     for impl, experts in variants:
         key = impl + (f"/{experts}" if experts else "")
+        for name, value in start.items():
+            setattr(d, name, value)
         try:
             d.set_impl(impl, experts)
             steps[key] = {"rows1_len1100": graph_step_ms(d, 1, len(big)),
@@ -376,9 +382,12 @@ def main() -> int:
             print(f"step implementation {key} failed: {failed[key]}", flush=True)
     out["graph_step_ms"], out["graph_step_failed"] = steps, failed
     best = min(steps, key=lambda k: steps[k]["rows1_len1100"])
+    for name, value in start.items():  # the chosen variant's state: its grouped experts captured, or it gathered
+        setattr(d, name, value)
+    if failed.get(f"{best.split('/')[0]}/grouped", "").startswith("grouped-GEMM"):
+        d._grouped_ok = False
     if d.is_moe:  # gather the experts at the batch sizes where that was faster, grouped GEMM elsewhere
-        impl = min(("pieces", "layer"), key=lambda i: min((v["rows1_len1100"] for k, v in steps.items()
-                                                          if k.startswith(i + "/")), default=float("inf")))
+        impl = best.split("/")[0]
         g, m = steps.get(f"{impl}/gathered"), steps.get(f"{impl}/grouped")
         if g and m:
             d.gather_max_rows = (d.slots if g["rows32_len300"] < m["rows32_len300"]
@@ -389,8 +398,9 @@ def main() -> int:
     d.warmup(max_keys=len(big) + args.new + 16)
     out["step_impl"] = best
     gathered = f"{best.split('/')[0]}/gathered"
-    one_row = (steps[gathered] if d.is_moe and d.gather_max_rows >= 1 and gathered in steps
-               else steps[best])  # what a batch-1 step runs after the choice above
+    one_row_key = (gathered if d.is_moe and (d.gather_max_rows >= 1 or not d._grouped_ok) and gathered in steps
+                   else best)  # what a batch-1 step runs after the choice above
+    one_row = steps[one_row_key]
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)
     save()
@@ -400,7 +410,7 @@ def main() -> int:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             graph_step_ms(d, 1, len(big), reps=20)
         with open(args.profile_step, "w") as f:
-            f.write(f"{best}, batch 1 at {len(big)} tokens, 21 captured steps\n"
+            f.write(f"{one_row_key}, batch 1 at {len(big)} tokens, 21 captured steps\n"
                     + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
     qvl_one(engine, big, 16)
     runs = [qvl_one(engine, big, args.new) for _ in range(3)]

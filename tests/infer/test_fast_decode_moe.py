@@ -254,3 +254,13 @@ def test_a_grouped_capture_that_fails_falls_back_to_gathering_and_keeps_the_gath
     assert d._capture(4, 128) == "captured-4"
     assert not d._grouped_ok and not d._grouped_for(4)
     assert set(d._graphs) == {(1, 128), (4, 128)} and d._pool == "pool"  # the gathered graph stays, its pool too
+
+
+def test_experts_run_grouped_at_every_batch_size_by_default(tiny_moe):
+    """Grouped GEMMs won at 1 and 32 rows on a GPU (30B-A3B, bench/results/decode_moe_h100.json): the default
+    groups at batch 1 too; gathering stays for where grouping cannot run."""
+    model, _, _ = tiny_moe
+    d = DecodeModel(model, slots=4, max_len=64)
+    assert d.experts == "auto" and all(d._grouped_for(n) for n in (1, 2, 4))
+    d._grouped_ok = False  # e.g. a capture failed, or non-bf16 weights under compile
+    assert not d._grouped_for(1)

@@ -97,13 +97,17 @@ def test_banner_warns_on_open_bind(tiny_engine):
 def test_banner_names_the_http_stack(tiny_engine, monkeypatch):
     """uvicorn's C loop and parser when installed (the serve extra brings them); otherwise the fix is said."""
     import importlib.util
+    import sys
 
     from qvl.serve.app import ServeSettings, banner
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
-    text = banner(tiny_engine, ServeSettings())
-    assert "asyncio + h11" in text and "pip install uvloop" in text
+    monkeypatch.setattr(sys, "platform", "linux")
+    text = banner(tiny_engine, ServeSettings())  # httptools still parses: only the loop's fix is said
+    assert "asyncio (`pip install uvloop` is faster) + httptools" in text
+    monkeypatch.setattr(sys, "platform", "win32")  # no uvloop there: nothing to install
+    assert "HTTP       asyncio + httptools" in banner(tiny_engine, ServeSettings())
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in ("uvloop", "httptools")
                         else real(name, *a))
     assert "HTTP       uvloop + httptools" in banner(tiny_engine, ServeSettings())

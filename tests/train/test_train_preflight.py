@@ -295,5 +295,17 @@ def test_video_rows_from_the_data_are_planned(make_cfg):
     assert "packed rows up to 15,616 tokens" in lines[0]
     ratio, _, why = auto_checkpoint_ratio(cfg, pf, records=[Video()], row_tokens=15616)
     assert 0 < ratio < 1, why  # layers kept where the card has room
-    with pytest.raises(QvlError, match="does not fit"):  # a card it does not fit is told so, with a fix
+    # rows as long as model_max_length, or longer (padded for CUDA graphs): planned too, at their length
+    for row in (16384, 16640):
+        pf = check(cfg, records=[Video()], gpu="H100", row_tokens=row, say=lines.append)
+        assert pf is not None and f"packed rows up to {row:,} tokens" in lines[-1]
+    with pytest.raises(QvlError, match="does not fit") as refused:  # a card it does not fit is told so, with fixes
         check(cfg, records=[Video()], gpu="RTX4090", row_tokens=15616, say=lines.append)
+    assert "quantization=nf4" in refused.value.fix
+    from qvl.plan.memory import plan_train
+    from qvl.plan.preflight import model_for_plan
+    from qvl.train.preflight import _rows, plan_kwargs
+
+    shape = model_for_plan(cfg.model_name_or_path)
+    plan = plan_train(shape.name, _shape=shape, gpu="RTX4090", **_rows(cfg, plan_kwargs(cfg, 1, True), 15616))
+    assert 1024 < plan.max_seq_len_that_fits < 15616  # shorter rows, with their fewer visual tokens, are searched

@@ -837,6 +837,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
                   offload_activations=offload_activations, visual_tokens_max=visual_tokens_max)
 
         def run(**ch) -> Plan | None:
+            if visual_tokens_max is not None and "seq_len" in ch:  # a shorter row holds fewer visual tokens too
+                ch = {**ch, "visual_tokens_max": min(visual_tokens_max, ch["seq_len"])}
             try:
                 return plan_train(m.name, _shape=m, _gpu=card, recommend=False, **{**kw, **ch})
             except QvlError:
@@ -844,7 +846,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
 
         plan.max_batch_that_fits = _search_max(lambda b: (p := run(batch=b)) is not None and p.fits, 1, 256)
         plan.max_seq_len_that_fits = _search_max(lambda s: (p := run(seq_len=s)) is not None and p.fits,
-                                                 max(vis_per_sample, 1), MODEL_MAX_LEN)
+                                                 1 if visual_tokens_max is not None else max(vis_per_sample, 1),
+                                                 MODEL_MAX_LEN)
         plan.recommendations = _train_recommendations(plan, kw, run)
     return plan
 

@@ -416,16 +416,20 @@ class ContentEvents:
 
 
 def http_stack() -> str:
-    """What uvicorn serves with: its C event loop and HTTP parser when installed (`pip install qvl[serve]` brings
-    them), else asyncio + the pure-Python h11, said with the fix. On a 2-core CPU (tiny model, 64 streaming clients)
-    the server's main thread spent 0.42-0.47 CPU-s against 0.56 without them, and served 2-7 % more tokens/s
-    (bench/experiments/results/serve_http_stack_cpu.json)."""
+    """What uvicorn serves with: its C event loop (uvloop) and HTTP parser (httptools) when installed (`pip install
+    qvl[serve]` brings them; uvloop has no Windows build), else asyncio and the pure-Python h11, each said with its
+    fix. On a 2-core CPU (tiny model, 64 streaming clients) the server's main thread spent 0.42-0.47 CPU-s against
+    0.56 without them, and served ~2-8 % more tokens/s (bench/experiments/results/serve_http_stack_cpu.json)."""
     import importlib.util
+    import sys
 
-    missing = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is None]
-    if not missing:
-        return "uvloop + httptools"
-    return f"asyncio + h11 ({' and '.join(missing)} not installed: `pip install {' '.join(missing)}` is faster)"
+    def have(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    loop = "uvloop" if have("uvloop") else "asyncio" + (
+        "" if sys.platform == "win32" else " (`pip install uvloop` is faster)")
+    parser = "httptools" if have("httptools") else "h11 (`pip install httptools` is faster)"
+    return f"{loop} + {parser}"
 
 
 def banner(engine: Engine, settings: ServeSettings) -> str:

@@ -147,7 +147,9 @@ def plan_kwargs(cfg: TrainConfig, world_size: int = 1, video: bool = False) -> d
                                                                and not master_weights_fp32(cfg)),
           "recompute_keeps_attention": cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope == "mlp",
           # "auto" counts as off here: qvl.train.preflight.auto_levers resolves it before the run plans
-          "host_embeddings": cfg.host_embeddings is True, "offload_activations": cfg.activation_offloading is True}
+          "host_embeddings": cfg.host_embeddings is True, "offload_activations": cfg.activation_offloading is True,
+          # the encoder refuses a sample above model_max_length: none holds more visual tokens than that
+          "visual_tokens_max": cfg.model_max_length}
     if cfg.lora_enable:
         kw.update(lora_r=cfg.lora_r, lora_targets=_lora_targets(cfg), lora_dropout=cfg.lora_dropout,
                   lora_experts=cfg.lora_experts and "llm" in cfg.lora_components)  # as components.expert_targets
@@ -218,12 +220,14 @@ def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None
 
 
 def _rows(cfg: TrainConfig, kw: dict, row_tokens: int | None) -> dict:
-    """Plan keyword arguments for packed rows of ``row_tokens`` (the longest the data makes) instead of
-    ``batch x model_max_length``, when that is shorter. No sample of such rows holds more visual tokens than the
-    row: the budget's worst case beyond it (16 frames of ``video_max_pixels`` / 16 for every clip) is not planned
-    for; it used to make the planner decline, leaving video runs with no preflight and every layer recomputed."""
-    if row_tokens and (cfg.data_flatten or cfg.data_packing) and row_tokens < kw["batch"] * kw["seq_len"]:
-        return {**kw, "batch": 1, "seq_len": row_tokens, "visual_tokens_max": row_tokens}
+    """Plan keyword arguments for packed rows of ``row_tokens`` (the longest the data makes, padded as CUDA graphs
+    pad it) instead of ``batch x model_max_length``. No sample of such rows holds more visual tokens than the row
+    (nor than ``model_max_length``, :func:`plan_kwargs`): the budget's worst case beyond it (16 frames of
+    ``video_max_pixels`` / 16 for every clip) is not planned for; it used to make the planner decline, leaving video
+    runs with no preflight and every layer recomputed."""
+    if row_tokens and (cfg.data_flatten or cfg.data_packing):
+        return {**kw, "batch": 1, "seq_len": row_tokens,
+                "visual_tokens_max": min(row_tokens, kw.get("visual_tokens_max") or row_tokens)}
     return kw
 
 
