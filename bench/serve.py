@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from qvl.serve.loadgen import RequestResult, run_poisson, run_staggered, summarize  # noqa: E402
+from qvl.serve.loadgen import EngineClients, RequestResult, run_poisson, run_staggered, summarize  # noqa: E402
 from qvl.serve.process import ServerProcess  # noqa: E402
 
 QUESTION = "Describe this image in detail."
@@ -337,33 +337,13 @@ def _engine_run(engine, work: Workload, images: list[bytes], offsets: list[float
     sampling = engine.sampling(max_new_tokens=work.tokens, ignore_eos=True)
     prepared = [engine.prepare(Request([Message("user", [Media("image", Image.open(io.BytesIO(b)).convert("RGB")),
                                                           QUESTION])], sampling)) for b in images]
-    results = [RequestResult() for _ in images]
-    done = threading.Event()
-    left = [len(images)]
-    lock = threading.Lock()
-
-    def on_chunk(r: RequestResult):
-        def take(c):
-            now = time.perf_counter()
-            if c.text:
-                r.token_times.append(now)
-            if c.finish_reason is not None:
-                r.end, r.finish_reason = now, c.finish_reason
-                r.completion_tokens, r.prompt_tokens = c.completion_tokens, c.prompt_tokens
-                r.ok, r.error = c.finish_reason in ("stop", "length"), c.error
-                with lock:
-                    left[0] -= 1
-                    if not left[0]:
-                        done.set()
-        return take
-
+    clients = EngineClients(len(images))
     t0 = time.perf_counter()
-    for p, r, offset in zip(prepared, results, offsets):
+    for i, (p, offset) in enumerate(zip(prepared, offsets)):
         time.sleep(max(0.0, t0 + offset - time.perf_counter()))
-        r.start = time.perf_counter()
-        engine.submit(p, on_chunk(r))
-    done.wait(1800)
-    return results
+        clients.start(i)
+        engine.submit(p, clients.on_chunk(i))
+    return clients.wait()
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from qvl.data.samples import Media, Message  # noqa: E402
 from qvl.infer.types import Request  # noqa: E402
-from qvl.serve.loadgen import RequestResult, summarize  # noqa: E402
+from qvl.serve.loadgen import EngineClients, summarize  # noqa: E402
 
 QUESTION = "Describe this image in detail."
 
@@ -49,34 +48,18 @@ def run(engine, images: list[bytes], mode: str, threads: int, stagger: float, to
         return Request([Message("user", [Media("image", Image.open(io.BytesIO(data)).convert("RGB")), QUESTION])],
                        sampling)
 
-    results = [RequestResult() for _ in images]
-    done, left, lock = threading.Event(), [len(images)], threading.Lock()
-
-    def on_chunk(r: RequestResult):
-        def take(c):
-            now = time.perf_counter()
-            if c.text:
-                r.token_times.append(now)
-            if c.finish_reason is not None:
-                r.end, r.finish_reason, r.ok = now, c.finish_reason, c.finish_reason in ("stop", "length")
-                r.completion_tokens, r.prompt_tokens = c.completion_tokens, c.prompt_tokens
-                with lock:
-                    left[0] -= 1
-                    if not left[0]:
-                        done.set()
-        return take
-
+    clients = EngineClients(len(images))
     prepared = [engine.prepare(request(b)) for b in images] if mode == "before" else None
     pool = ThreadPoolExecutor(threads)
     t0 = time.perf_counter()
-    for i, (data, r) in enumerate(zip(images, results)):
+    for i, data in enumerate(images):
         time.sleep(max(0.0, t0 + i * stagger - time.perf_counter()))
-        r.start = time.perf_counter()
+        clients.start(i)
         if prepared is not None:
-            engine.submit(prepared[i], on_chunk(r))
+            engine.submit(prepared[i], clients.on_chunk(i))
         else:
-            pool.submit(lambda data=data, r=r: engine.submit(engine.prepare(request(data)), on_chunk(r)))
-    done.wait(1800)
+            pool.submit(lambda data=data, i=i: engine.submit(engine.prepare(request(data)), clients.on_chunk(i)))
+    results = clients.wait()
     pool.shutdown()
     s = summarize(results)
     return {k: s[k] for k in ("completed", "output_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s")}

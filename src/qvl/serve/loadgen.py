@@ -46,6 +46,42 @@ class RequestResult:
         return (self.token_times[-1] - self.token_times[0]) / (self.completion_tokens - 1)
 
 
+class EngineClients:
+    """In-process clients of an engine (no HTTP): one :class:`RequestResult` per request, filled from the chunks the
+    engine emits (``on_chunk(i)`` is request ``i``'s callback, ``start(i)`` stamps its submission); ``wait``
+    returns once every request has finished. For the engine-level rows beside the HTTP ones."""
+
+    def __init__(self, n: int):
+        import threading
+
+        self.results = [RequestResult() for _ in range(n)]
+        self._left, self._lock, self._done = n, threading.Lock(), threading.Event()
+
+    def start(self, i: int) -> None:
+        self.results[i].start = time.perf_counter()
+
+    def on_chunk(self, i: int):
+        r = self.results[i]
+
+        def take(c) -> None:  # the engine's thread
+            now = time.perf_counter()
+            if c.text:
+                r.token_times.append(now)
+            if c.finish_reason is not None:
+                r.end, r.finish_reason = now, c.finish_reason
+                r.completion_tokens, r.prompt_tokens = c.completion_tokens, c.prompt_tokens
+                r.ok, r.error = c.finish_reason in ("stop", "length"), c.error
+                with self._lock:
+                    self._left -= 1
+                    if not self._left:
+                        self._done.set()
+        return take
+
+    def wait(self, timeout: float = 1800.0) -> list[RequestResult]:
+        self._done.wait(timeout)
+        return self.results
+
+
 def parse_events(lines) -> list[dict]:
     """The JSON objects of ``data:`` lines (the SSE stream of a chat completion), ``[DONE]`` left out."""
     out = []
