@@ -1,4 +1,4 @@
-"""bench/experiments/prepare_contention.py runs end to end on a CPU: both modes complete every request."""
+"""bench/experiments/prepare_contention.py runs end to end on a CPU: every mode completes every request."""
 
 from __future__ import annotations
 
@@ -18,5 +18,5 @@ def test_prepare_contention_smoke(tiny_model_dir, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    for mode in ("before", "threads"):
+    for mode in ("before", "threads", "workers"):
         assert rows[mode][0]["completed"] == 3 and rows[mode][0]["output_tok_s"] > 0, rows

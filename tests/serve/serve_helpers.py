@@ -22,6 +22,7 @@ class Running:
     def __init__(self, app):
         import uvicorn
 
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
@@ -37,6 +38,9 @@ class Running:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        pool = getattr(self.app.state, "prepare_pool", None)  # --preprocess-workers: its processes
+        if pool is not None:
+            pool.close()
 
 
 def png_bytes(w=64, h=48, color=(200, 30, 30), mode="RGB") -> bytes:

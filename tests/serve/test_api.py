@@ -56,6 +56,37 @@ def test_image_stream(tiny_server):
     assert r.choices[0].message.content == "".join(pieces)
 
 
+def test_preprocess_workers_answer_as_the_server_process(tiny_engine, serve, tmp_path):
+    """--preprocess-workers: requests prepared in worker processes (qvl.infer.prepare_pool) get the same greedy answers,
+    images and videos, streamed or not."""
+    def video_message(data: bytes):
+        return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(data, "video/mp4")}},
+                                             {"type": "text", "text": "What happens?"}]}]
+
+    with open(make_mp4(tmp_path / "clip.mp4"), "rb") as f:
+        mp4 = f.read()
+    video = video_message(mp4)
+    plain, pooled = serve(tiny_engine), serve(tiny_engine, preprocess_workers=1)
+    assert pooled.app.state.prepare_pool.workers == 1 and plain.app.state.prepare_pool is None
+
+    def answers(server):
+        c, out = client(server), []
+        for messages in (image_message(), video):
+            r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+            out.append((r.choices[0].message.content, r.usage.prompt_tokens))
+            out.append("".join(ch.delta.content or "" for ev in c.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True) for ch in ev.choices))
+        return out
+
+    assert answers(pooled) == answers(plain)
+    errors = []
+    for server in (plain, pooled):  # a clip its decoder fails on: the same 400
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "max_tokens": 3, "messages": video_message(mp4[: len(mp4) // 3])})
+        errors.append((r.status_code, r.json()["error"]["code"]))
+    assert errors[0] == errors[1] and errors[0][0] == 400, errors
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_video(tiny_server, tmp_path, stream):
     mp4 = make_mp4(tmp_path / "clip.mp4")

@@ -113,6 +113,24 @@ def test_banner_names_the_http_stack(tiny_engine, monkeypatch):
     assert "HTTP       uvloop + httptools" in banner(tiny_engine, ServeSettings())
 
 
+def test_preprocess_workers_flag_and_banner(tiny_model_dir, tiny_engine, captured):
+    """--preprocess-workers reaches the settings (default: auto, none on a CPU); the banner says where requests are
+    prepared."""
+    from qvl.infer.prepare_pool import PreparePool
+    from qvl.serve.app import ServeSettings, banner
+
+    r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--cpu-only"])
+    assert r.exit_code == 0 and captured["settings"].preprocess_workers is None, r.output
+    r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--cpu-only", "--preprocess-workers", "2"])
+    assert r.exit_code == 0 and captured["settings"].preprocess_workers == 2, r.output
+    assert "preprocess in the server's process, 2 at a time" in banner(tiny_engine, ServeSettings())
+    pool = PreparePool(tiny_engine.preparer, 1)
+    try:
+        assert "preprocess 1 worker process (started in" in banner(tiny_engine, ServeSettings(), pool)
+    finally:
+        pool.close()
+
+
 def test_serve_vision_cache_flag(tiny_model_dir, captured):
     r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--cpu-only"])
     assert r.exit_code == 0, r.output

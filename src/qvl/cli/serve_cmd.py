@@ -214,7 +214,13 @@ def register(app: typer.Typer) -> None:
                   help="Also fetch http(s) media from loopback/private/link-local hosts (off: SSRF protection)."),
               max_body_mb: float = typer.Option(64.0, help="Largest request body."),
               preprocess_threads: int = typer.Option(2, min=1, help="Requests preprocessed at once (chat "
-                                                                    "template, tokenizer, image processor)."),
+                                                                    "template, tokenizer, image processor) in the "
+                                                                    "server's process."),
+              preprocess_workers: int = typer.Option(None, min=0, help="transformers: worker processes preparing "
+                                                                       "requests, off the engine's interpreter "
+                                                                       "(default: on a GPU one per 4 CPU cores, "
+                                                                       "at most 4; on CPU 0: in the server's "
+                                                                       "process)."),
               served_model_name: str = typer.Option(None, help="Model id in /v1 (default: folder name/hub id)."),
               share: bool = typer.Option(False, "--share", help="Accepted for web_demo_mm.py compatibility."),
               inbrowser: bool = typer.Option(False, "--inbrowser", help="Open the chat page in a browser.")):
@@ -226,6 +232,7 @@ def register(app: typer.Typer) -> None:
             allowed_media_dir=str(allowed_media_dir) if allowed_media_dir else None, max_body_mb=max_body_mb,
             limit_mm_per_prompt=parse_limits(limit_mm_per_prompt), allow_remote_media=not no_remote_media,
             allow_private_media_urls=allow_private_media_urls, preprocess_threads=preprocess_threads,
+            preprocess_workers=preprocess_workers,
             served_model_name=served_model_name, inbrowser=inbrowser, share=share)
         engine = _engine(model, backend, adapter, cpu_only, device, dtype, flash_attn2, max_model_len, max_new_tokens,
                          gpu_memory_utilization, tensor_parallel_size, settings.limit_mm_per_prompt,

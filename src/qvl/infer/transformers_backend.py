@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qvl.data.preprocess import TooLong, encode_prompt
-from qvl.data.samples import Sample
 from qvl.errors import QvlError
-from qvl.infer.engine import Engine, Prepared, RequestError, context_check
+from qvl.infer.engine import Engine, Prepared
 from qvl.infer.types import Chunk, Handle, Request, SamplingParams, default_sampling, is_thinking
 
 log = logging.getLogger("qvl.infer")
@@ -199,12 +197,16 @@ class TransformersEngine(Engine):
         self._closed = False
         self.batcher = None  # continuous batching over a slot KV cache, when the model allows it
         self.vision_cache = None
-        from qvl.infer.image_cache import ProcessedImages
-
-        # a chat turn re-sends its images: keep them processed too (host memory; off with the vision cache)
-        self.image_cache = ProcessedImages(IMAGE_CACHE_BYTES) if vision_cache_mb != 0 else None
         if fast is not False:
             self._start_fast(kv_cache_gib, say or log.info, required=bool(fast), vision_cache_mb=vision_cache_mb)
+        from qvl.data.packing import RopeIndex
+        from qvl.infer.prepare import Preparer
+
+        # a chat turn re-sends its images: keep them processed too (host memory; off with the vision cache)
+        self.preparer = Preparer(processor, self.max_model_len, budget,
+                                 rope_index=RopeIndex(model) if self.batcher is not None else None,
+                                 media_keys=self.vision_cache is not None,
+                                 image_cache_bytes=IMAGE_CACHE_BYTES if vision_cache_mb != 0 else 0)
         self._worker = threading.Thread(target=self._run, name="qvl-generate", daemon=True)
         self._worker.start()
 
@@ -296,9 +298,7 @@ class TransformersEngine(Engine):
         out = {"prefix_reused_tokens": self.batcher.reused_tokens}
         if self.vision_cache is not None:
             out.update(vision_cache_hits=self.vision_cache.hits, vision_cache_misses=self.vision_cache.misses)
-        if self.image_cache is not None:
-            out.update(image_cache_hits=self.image_cache.hits, image_cache_misses=self.image_cache.misses)
-        return out
+        return out | self.preparer.cache_stats()
 
     def describe(self) -> str:
         how = (f"; continuous batching, {self.max_batch_size} slots, {self.batcher.decoder.prefill_impl} prefill"
@@ -307,30 +307,7 @@ class TransformersEngine(Engine):
 
     # ------------------------------------------------------------------ requests
     def prepare(self, request: Request) -> Prepared:
-        if not request.messages or request.messages[-1].role != "user":
-            raise RequestError("the last message must be a user message", param="messages")
-        sample = Sample(request.messages, origin=request.request_id)
-        try:
-            enc = encode_prompt(sample, self.processor, budget=self.budget, max_length=self.max_model_len,
-                                images=self.image_cache)
-        except TooLong as e:
-            raise RequestError(
-                f"the prompt is {e.length} tokens (after vision expansion) but the context is {e.max_length}",
-                code="context_length_exceeded", param="messages",
-                fix="send fewer or smaller images/videos or a shorter conversation") from None
-        except RequestError:
-            raise
-        except QvlError as e:
-            raise RequestError(e.what, code="invalid_media", param="messages", fix=e.fix) from None
-        sampling = context_check(len(enc), self.max_model_len, request.sampling)
-        keys = None
-        if self.batcher is not None:  # host work of the prefill, done here (the caller's thread), not on the worker
-            from qvl.data.packing import sample_positions
-            from qvl.infer.vision_cache import media_keys
-
-            enc.positions = sample_positions(enc, self.rope_index)
-            keys = media_keys(enc) if self.vision_cache is not None else None
-        return Prepared(request, sampling, len(enc), enc, keys)
+        return self.preparer(request)
 
     def submit(self, prepared: Prepared, on_chunk=None) -> Handle:
         if self._closed:

@@ -40,9 +40,12 @@ class ServeSettings:
     allow_remote_media: bool = True
     allow_private_media_urls: bool = False  # http(s) media on loopback/private/link-local hosts (SSRF)
     served_model_name: str | None = None
-    # requests preprocessed at once (chat template, tokenizer, image processor; their media are fetched and
-    # decoded before, outside this limit): see create_app's ``prepare``
+    # requests preprocessed at once in the server's process (chat template, tokenizer, image processor; their media
+    # are fetched and decoded before, outside this limit): see create_app's ``prepare``
     preprocess_threads: int = 2
+    # worker processes preparing requests instead (qvl.infer.prepare_pool); None: auto (on a GPU, qvl.infer.
+    # prepare_pool.auto_workers), 0: in the server's process
+    preprocess_workers: int | None = None
     inbrowser: bool = False
     share: bool = False
     log_level: str = "info"
@@ -104,6 +107,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
                              settings.allow_remote_media, allow_private=settings.allow_private_media_urls)
     app = FastAPI(title="qvl serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    pool = app.state.prepare_pool = start_prepare_pool(engine, settings.preprocess_workers)
+    prepare_request = pool if pool is not None else engine.prepare
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
@@ -168,7 +173,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
             try:  # videos are decoded inside prepare, so the temp folder lives until it returns
                 with preprocessing:
                     marks.mark("slot")
-                    prepared = engine.prepare(Request(messages, sampling, request_id))
+                    prepared = prepare_request(Request(messages, sampling, request_id))
                 marks.mark("prepared")
                 return prepared
             except RequestError as e:
@@ -180,10 +185,13 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
     # finish late, and meanwhile the engine and the streams of the running requests get a fraction of the
     # interpreter. A few at a time, they finish in arrival order, each as soon as it alone would. (Media are
     # fetched, and images decoded, before, outside this limit: a slow remote URL holds no preprocessing slot; a
-    # video's frames are read inside prepare, so a video request holds its slot while they are.)
+    # video's frames are read inside prepare, so a video request holds its slot while they are.) With worker
+    # processes, each prepares one request at a time: they are the limit.
+    import contextlib
     import threading
 
-    preprocessing = threading.BoundedSemaphore(max(1, settings.preprocess_threads))
+    preprocessing = (contextlib.nullcontext() if pool is not None
+                     else threading.BoundedSemaphore(max(1, settings.preprocess_threads)))
     relays: dict = {}  # event loop -> its Relay (one loop in production; tests may run several servers)
     stage_log = StageLog()
     thread_sampler = ThreadSampler()
@@ -229,7 +237,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None):
         out = stage_log.summary()
         cache_stats = getattr(engine, "cache_stats", None)  # running totals (the reset leaves them)
         if cache_stats is not None:
-            out["reuse"] = cache_stats()
+            out["reuse"] = cache_stats() | (pool.cache_stats() if pool is not None else {})
         if reset:
             stage_log.clear()
         return out
@@ -432,13 +440,35 @@ def http_stack() -> str:
     return f"{loop} + {parser}"
 
 
-def banner(engine: Engine, settings: ServeSettings) -> str:
+def start_prepare_pool(engine: Engine, workers: int | None):
+    """The worker processes that prepare requests (qvl.infer.prepare_pool), or None to prepare them in this process:
+    ``workers`` 0, an engine without a picklable preparer (vLLM prepares its own way), or auto on a CPU."""
+    preparer = getattr(engine, "preparer", None)
+    if preparer is None:
+        return None
+    from qvl.infer.prepare_pool import PreparePool, auto_workers
+
+    workers = auto_workers(engine) if workers is None else workers
+    return PreparePool(preparer, workers) if workers > 0 else None
+
+
+def preprocessing_line(pool, settings: ServeSettings) -> str:
+    if pool is not None:
+        return (f"{pool.workers} worker process{'es' if pool.workers > 1 else ''} (started in {pool.start_s:.1f} s; "
+                "--preprocess-workers)")
+    return (f"in the server's process, {settings.preprocess_threads} at a time (--preprocess-workers N: in N "
+            "processes)")
+
+
+def banner(engine: Engine, settings: ServeSettings, pool=None) -> str:
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "localhost"
     url = f"http://{host}:{settings.port}"
     lines = [f"qvl serve: {engine.describe()}",
              f"  web chat   {url}/",
              f"  OpenAI API {url}/v1  (model id {settings.served_model_name or engine.name!r})",
              f"  HTTP       {http_stack()}"]
+    if getattr(engine, "preparer", None) is not None:
+        lines.append(f"  preprocess {preprocessing_line(pool, settings)}")
     if settings.api_key:
         lines.append("  API key required (Authorization: Bearer ...)")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
@@ -469,11 +499,16 @@ def run_server(engine: Engine, settings: ServeSettings, say=print) -> None:
     gc.collect()
     gc.freeze()
     app = create_app(engine, settings)
-    say(banner(engine, settings))
+    pool = app.state.prepare_pool
+    say(banner(engine, settings, pool))
     if settings.share:
         say("  note: --share (a public Gradio link) is not available: qvl's chat page is served by this server. "
             f"Use `ssh -L {settings.port}:localhost:{settings.port} host` or bind --host 0.0.0.0 with --api-key.")
     if settings.inbrowser:
         url = f"http://{'localhost' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}/"
         threading.Timer(1.5, webbrowser.open, args=(url,)).start()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    finally:
+        if pool is not None:
+            pool.close()
