@@ -23,7 +23,8 @@ mixture-of-experts one; bf16, sdpa):
     python bench/decode.py --size 30B-A3B --skip compiled,batch32 --json bench/results/decode_moe_h100.json
 
 MoE: the captured step is timed per step implementation and per way of running the routed experts (grouped
-GEMM / gathered); the engine then gathers at the batch sizes where that was faster. ``qvl_vs_generate`` is the
+GEMM / gathered / fused: qvl.infer.moe_kernels' Triton kernels); the engine then gathers or fuses at the batch sizes
+where that was faster. ``qvl_vs_generate`` is the
 batch-1 decode speed over plain generate's; ``peak_vs_plan`` the peak allocated memory over `qvl plan serve`'s
 (transformers, fast decode path, the engine's slots and context).
 
@@ -360,11 +361,13 @@ def main() -> int:
     # the captured step alone, per implementation (a failure skips it); MoE: per way of running the experts, in each
     # step implementation (three pieces a layer: 7.15 ms a batch-1 step grouped, 28 % of the bound, H100, 2026-12-05,
     # bench/results/decode_moe_h100.json; one function a layer has fewer kernels and launches)
-    variants = ([(i, e) for i in ("pieces", "layer") for e in ("grouped", "gathered")] if d.is_moe
+    # fused: the Triton router top-k and experts (qvl.infer.moe_kernels), where they run
+    kinds = ("grouped", "gathered", "fused") if d._fused_ok else ("grouped", "gathered")
+    variants = ([(i, e) for i in ("pieces", "layer") for e in kinds] if d.is_moe
                 else [("pieces", None), ("layer", None)])
     # a variant whose grouped experts fail to capture switches the decoder to gathering (and the prefill to padded)
     # for good: each variant starts from the same state, so one's failure does not change the others' timings
-    fallbacks = ("_grouped_ok", "prefill_impl", "prefill_why_padded")
+    fallbacks = ("_grouped_ok", "_fused_ok", "prefill_impl", "prefill_why_padded")
     start = {name: getattr(d, name) for name in fallbacks}
     for impl, experts in variants:
         key = impl + (f"/{experts}" if experts else "")
@@ -377,6 +380,9 @@ def main() -> int:
             if experts == "grouped" and not d._grouped_ok:  # the decoder fell back: these were gathered timings
                 del steps[key]
                 failed[key] = "grouped-GEMM experts failed to compile or capture (the decoder gathered them)"
+            if experts == "fused" and not d._fused_ok:  # the same: grouped timings
+                del steps[key]
+                failed[key] = "fused (Triton) experts failed to compile or capture (the decoder grouped them)"
         except Exception as e:  # noqa: BLE001 -- recorded in the results, the run goes on
             failed[key] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"step implementation {key} failed: {failed[key]}", flush=True)
@@ -386,20 +392,27 @@ def main() -> int:
         setattr(d, name, value)
     if failed.get(f"{best.split('/')[0]}/grouped", "").startswith("grouped-GEMM"):
         d._grouped_ok = False
-    if d.is_moe:  # gather the experts at the batch sizes where that was faster, grouped GEMM elsewhere
+    if failed.get(f"{best.split('/')[0]}/fused", "").startswith("fused"):
+        d._fused_ok = False
+    if d.is_moe:  # gather or fuse the experts at the batch sizes where that was faster, grouped GEMM elsewhere
         impl = best.split("/")[0]
-        g, m = steps.get(f"{impl}/gathered"), steps.get(f"{impl}/grouped")
-        if g and m:
-            d.gather_max_rows = (d.slots if g["rows32_len300"] < m["rows32_len300"]
-                                 else 1 if g["rows1_len1100"] < m["rows1_len1100"] else 0)
-        out["experts_gather_max_rows"] = d.gather_max_rows
+        m = steps.get(f"{impl}/grouped")
+
+        def rows_won(other):  # all the slots where it won at 32 rows, 1 where it won at 1 row, else 0
+            o = steps.get(f"{impl}/{other}")
+            if not (o and m):
+                return 0
+            return d.slots if o["rows32_len300"] < m["rows32_len300"] else int(o["rows1_len1100"] < m["rows1_len1100"])
+
+        d.gather_max_rows, d.fused_max_rows = rows_won("gathered"), rows_won("fused")
+        out["experts_gather_max_rows"], out["experts_fused_max_rows"] = d.gather_max_rows, d.fused_max_rows
         out["experts_grouped_compiled"] = d._grouped_ok  # False: grouped GEMM failed, everything gathered
+        out["experts_fused_ran"] = d._fused_ok  # False: no Triton, or its kernels failed
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["step_impl"] = best
-    gathered = f"{best.split('/')[0]}/gathered"
-    one_row_key = (gathered if d.is_moe and (d.gather_max_rows >= 1 or not d._grouped_ok) and gathered in steps
-                   else best)  # what a batch-1 step runs after the choice above
+    chosen = f"{best.split('/')[0]}/{d._experts_for(1)}"
+    one_row_key = chosen if d.is_moe and chosen in steps else best  # what a batch-1 step runs after the choice above
     one_row = steps[one_row_key]
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)

@@ -6,6 +6,7 @@ weights, one row at ~1,100 tokens: the step's time from 50 graph replays, then 2
 within the whole decode benchmark; this runs in ~30 s on a warm machine.
 
     python bench/experiments/moe_step_profile.py --out $OUT/moe_decode_step.txt
+    python bench/experiments/moe_step_profile.py --experts fused --out $OUT/moe_decode_step_fused.txt  # Triton
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="30B-A3B")
     ap.add_argument("--tokens", type=int, default=1100, help="the row's length when the step runs")
+    ap.add_argument("--experts", default="auto", help="auto, grouped, gathered or fused (qvl.infer.moe_kernels)")
+    ap.add_argument("--impl", default=None, help="pieces or layer (default: the decoder's)")
     ap.add_argument("--out", required=True, help="the profile table goes here")
     args = ap.parse_args(argv)
 
@@ -40,8 +43,9 @@ def main(argv=None) -> int:
     model.config._attn_implementation = "sdpa"
     model.eval()
     d = DecodeModel(model, slots=2, max_len=args.tokens + 180)
+    d.set_impl(args.impl or d.impl, args.experts)
     ms = graph_step_ms(d, 1, args.tokens)
-    head = (f"{args.size} {d.impl}/{d.experts} (gather_max_rows {d.gather_max_rows}), batch 1 at {args.tokens} tokens: "
+    head = (f"{args.size} {d.impl}/{d._experts_for(1)} (asked: {args.experts}), batch 1 at {args.tokens} tokens: "
             f"{ms:.3f} ms a step; 21 steps profiled; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
             f"{time.strftime('%Y-%m-%d')}\n")
     print(head + f"(built and captured in {time.time() - t:.0f} s)", flush=True)

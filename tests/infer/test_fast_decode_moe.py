@@ -220,8 +220,8 @@ def test_compiled_bf16_grouped_experts_trace_and_match(tiny_moe):
     torch.manual_seed(0)
     a, x = (torch.randn(3, wo.shape[1], dtype=torch.bfloat16) for _ in range(2))
     with torch.no_grad():
-        want = mlp_out(a, x, wo, ln, mlp, 1e-6, 2, False)
-        got = compiled(a, x, wo, ln, mlp, 1e-6, 2, False)
+        want = mlp_out(a, x, wo, ln, mlp, 1e-6, 2, "grouped")
+        got = compiled(a, x, wo, ln, mlp, 1e-6, 2, "grouped")
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
@@ -264,3 +264,41 @@ def test_experts_run_grouped_at_every_batch_size_by_default(tiny_moe):
     assert d.experts == "auto" and all(d._grouped_for(n) for n in (1, 2, 4))
     d._grouped_ok = False  # e.g. a capture failed, or non-bf16 weights under compile
     assert not d._grouped_for(1)
+
+
+def test_fused_experts_run_where_asked_and_their_kernels_run(tiny_moe):
+    """Triton's fused experts (qvl.infer.moe_kernels): up to fused_max_rows rows under "auto" (0 by default: not yet
+    measured on a GPU), every batch under "fused"; never where the kernels cannot run (a CPU without the interpreter):
+    there grouped GEMMs as before."""
+    model, _, _ = tiny_moe
+    d = DecodeModel(model, slots=4, max_len=64)
+    assert not d._fused_ok and d._experts_for(1) == "grouped"  # this CPU
+    d.set_impl(d.impl, "fused")
+    assert d._experts_for(1) == "grouped"
+    d._fused_ok = True  # as on a GPU with Triton
+    assert [d._experts_for(n) for n in (1, 4)] == ["fused", "fused"]
+    d.set_impl(d.impl, "auto")
+    assert d._experts_for(1) == "grouped"  # fused_max_rows 0
+    d.fused_max_rows = 2
+    assert [d._experts_for(n) for n in (1, 2, 4)] == ["fused", "fused", "grouped"]
+
+
+def test_a_fused_capture_that_fails_falls_back_to_grouping(tiny_moe, monkeypatch):
+    """A capture whose fused experts fail to compile or capture: from then on they run grouped; the graphs that fused
+    them go, the others stay (the capture is stubbed: the bookkeeping is what is checked)."""
+    model, _, _ = tiny_moe
+    d = DecodeModel(model, slots=8, max_len=256)
+    d._fused_ok, d.fused_max_rows = True, 2
+    d._graphs = {(1, 128): "fused-1", (4, 128): "grouped-4"}
+    d._pool = "pool"
+
+    def capture_once(b, lb):
+        if d._experts_for(b) == "fused":
+            raise RuntimeError("triton: out of resources")
+        d._graphs[(b, lb)] = f"captured-{b}"
+        return d._graphs[(b, lb)]
+
+    monkeypatch.setattr(d, "_capture_once", capture_once)
+    assert d._capture(2, 128) == "captured-2"
+    assert not d._fused_ok and d._experts_for(1) == "grouped" and d._grouped_ok
+    assert set(d._graphs) == {(4, 128), (2, 128)} and d._pool == "pool"

@@ -19,10 +19,12 @@ concatenation; at batch 1 on an H100 that is ~6 % of what the memory bandwidth a
   experts), then only the selected experts' weights are read, straight from the experts' 3-D parameters (no
   copy): either a grouped GEMM over the (token, expert) pairs sorted by expert (``torch._grouped_mm``; each
   selected expert is read once, whatever the batch) or a gathered multiply-and-reduce per pair (one fused kernel
-  under ``torch.compile``; an expert chosen by two rows is read twice). Both have fixed shapes and no host sync,
-  so they compile and capture like the dense step; ``DecodeModel.gather_max_rows`` (default
-  :data:`EXPERTS_GATHER_MAX_ROWS`) picks between them per batch bucket. The k weighted outputs of a token are
-  summed in top-k order, as the Hugging Face grouped-GEMM path does.
+  under ``torch.compile``; an expert chosen by two rows is read twice), or, for a few rows on a GPU, Triton
+  kernels for the router's top-k and the experts (:mod:`qvl.infer.moe_kernels`: three launches a layer instead
+  of the sort, search, scatter and grouped GEMM's). All have fixed shapes and no host sync, so they compile and
+  capture like the dense step; ``DecodeModel.fused_max_rows`` and ``gather_max_rows`` (default
+  :data:`EXPERTS_FUSED_MAX_ROWS`, :data:`EXPERTS_GATHER_MAX_ROWS`) pick between them per batch bucket. The k
+  weighted outputs of a token are summed in top-k order, as the Hugging Face grouped-GEMM path does.
 * On CUDA the per-layer pieces are compiled by ``torch.compile`` (dynamic shapes: one compile for
   every batch and length) and the whole step is captured in a CUDA graph for each (batch bucket,
   length bucket) pair, so a decode step is one graph launch. On CPU it runs eagerly (tests).
@@ -137,6 +139,11 @@ class LayerWeights:
 # against 7.50 gathered at 1 row, 25.2 against 99.4 ms at 32 (H100, 2026-12-05, bench/results/decode_moe_h100.json).
 # Gathering stays where the grouped GEMM does not compile (non-bf16 weights) or capture.
 EXPERTS_GATHER_MAX_ROWS = 0
+# Batch buckets up to this many rows run the MoE layer's router top-k and experts as qvl.infer.moe_kernels' Triton
+# kernels (on CUDA). 0 until measured on a GPU: bench/decode.py times them ("fused") beside the others and sets it
+# for its own run where they win.
+EXPERTS_FUSED_MAX_ROWS = 0
+EXPERTS = ("grouped", "gathered", "fused")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -210,30 +217,35 @@ def experts_gathered(h, weights, experts, gate_up, down):
     return (y * weights.reshape(-1, 1)).view(b, k, -1).sum(dim=1)
 
 
-def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, gathered: bool = False):
+def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str = "grouped"):
     """o_proj + residual, post-attention norm, MLP + residual: SwiGLU over ``mlp = (wgu, wdown)``, or with
-    ``top_k`` the routed experts over ``mlp = (router, gate_up, down)``."""
+    ``top_k`` the routed experts over ``mlp = (router, gate_up, down)``, run as ``experts`` says (:data:`EXPERTS`)."""
     x = x + F.linear(a, wo)
     h = rms_norm(x, ln, eps)
     if top_k:
         router, gate_up, down = mlp
-        weights, experts = router_top_k(h, router, top_k)
-        run = experts_gathered if gathered else experts_grouped
-        return x + run(h, weights, experts, gate_up, down)
+        if experts == "fused":
+            from qvl.infer import moe_kernels
+
+            weights, ids = moe_kernels.route(F.linear(h, router), top_k)
+            return x + moe_kernels.experts(h, weights, ids, gate_up, down)
+        weights, ids = router_top_k(h, router, top_k)
+        run = experts_gathered if experts == "gathered" else experts_grouped
+        return x + run(h, weights, ids, gate_up, down)
     wgu, wdown = mlp
     gate, up = F.linear(h, wgu).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, wdown)
 
 
 def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, rows, pos, mask, cos, sin, n_q: int,
-               n_kv: int, eps: float, scale: float, top_k: int = 0, gathered: bool = False):
+               n_kv: int, eps: float, scale: float, top_k: int = 0, experts: str = "grouped"):
     """A whole decoder layer for one new token per row, the cache write included (one compiled graph)."""
     q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     b, n_keys = mask.shape
     a = attend(q, k_cache[:b, :, :n_keys], v_cache[:b, :, :n_keys], mask, scale)
-    return mlp_out(a, x, wo, ln2, mlp, eps, top_k, gathered)
+    return mlp_out(a, x, wo, ln2, mlp, eps, top_k, experts)
 
 
 def final_logits(x, norm, head, eps: float):
@@ -316,11 +328,16 @@ class DecodeModel:
         # "pieces", the one measured on a GPU (7.15 ms a batch-1 step with grouped experts, 30B-A3B, H100,
         # bench/results/decode_moe_h100.json); bench/decode.py times "layer" for it too
         self.impl = "pieces" if self.is_moe else "layer"
-        # MoE experts: "auto" (gathered up to gather_max_rows rows, grouped above), "grouped", "gathered"
+        # MoE experts: "auto" (fused up to fused_max_rows rows where the kernels run, else gathered up to
+        # gather_max_rows rows, grouped above), or one of EXPERTS for every batch
         self.experts = "auto"
         self.gather_max_rows = EXPERTS_GATHER_MAX_ROWS
+        self.fused_max_rows = EXPERTS_FUSED_MAX_ROWS
         # inductor compiles torch._grouped_mm for bf16 weights only: others are gathered when compiled
         self._grouped_ok = not self.compiled or self.dtype == torch.bfloat16
+        from qvl.infer import moe_kernels
+
+        self._fused_ok = self.is_moe and moe_kernels.available(self.device)
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # how a prompt batch is prefilled: "packed" (qvl.infer.packed_prefill: one unpadded row, the decode step's
@@ -387,32 +404,44 @@ class DecodeModel:
         mask = torch.arange(n_keys, device=self.device)[None, :] <= pos[:, None]
         x = F.embedding(self._tokens[:n_rows], self.embed)
         f = self._fns
-        gathered = self.is_moe and not self._grouped_for(n_rows)
+        experts = self._experts_for(n_rows)
         for i, w in enumerate(self.layers):
             if self.impl == "layer":
                 x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, self.k[i], self.v[i],
                                     rows, pos, mask, cos, sin, self.n_q, self.n_kv, self.eps, self.scale, w.top_k,
-                                    gathered)
+                                    experts)
                 continue
             q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps)
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
             a = f["attend"](q, self.k[i][:n_rows, :, :n_keys], self.v[i][:n_rows, :, :n_keys], mask, self.scale)
-            x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, gathered)
+            x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, experts)
         self.length[:n_rows] += 1
         return f["final_logits"](x, self.norm, self.head, self.eps)
 
+    def _experts_for(self, n_rows: int) -> str:
+        """How a MoE step of ``n_rows`` rows runs its experts (:data:`EXPERTS`): as asked, or by the row limits
+        ("auto"); fused only where its kernels run and grouped only where the grouped GEMM does (else gathered)."""
+        if not self.is_moe:
+            return "grouped"  # unused: a dense MLP
+        fused = self._fused_ok and (self.experts == "fused" or (self.experts == "auto"
+                                                                 and n_rows <= self.fused_max_rows))
+        if fused:
+            return "fused"
+        grouped = self._grouped_ok and (self.experts == "grouped" or (self.experts in ("auto", "fused")
+                                                                     and n_rows > self.gather_max_rows))
+        return "grouped" if grouped else "gathered"
+
     def _grouped_for(self, n_rows: int) -> bool:
-        """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs (else gathered)."""
-        return self.is_moe and self._grouped_ok and (
-            self.experts == "grouped" or (self.experts == "auto" and n_rows > self.gather_max_rows))
+        """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs."""
+        return self._experts_for(n_rows) == "grouped"
 
     def set_impl(self, impl: str, experts: str | None = None) -> None:
         """Switch the step's implementation (benchmarks compare them) and, for MoE, how the routed experts run
-        ("auto", "grouped", "gathered"); captured graphs are dropped."""
+        ("auto" or one of :data:`EXPERTS`); captured graphs are dropped."""
         if impl not in ("layer", "pieces"):
             raise ValueError(f"unknown decode step implementation {impl!r}")
-        if experts is not None and experts not in ("auto", "grouped", "gathered"):
+        if experts is not None and experts not in ("auto", *EXPERTS):
             raise ValueError(f"unknown experts implementation {experts!r}")
         self.impl = impl
         self.experts = experts or self.experts
@@ -448,28 +477,34 @@ class DecodeModel:
 
     def _capture(self, b: int, lb: int):
         """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored. Should
-        a step with grouped-GEMM experts fail to compile or capture (not for want of memory), every batch gathers
-        them from then on: the graphs that grouped them go, those that gathered stay."""
+        a step with fused (Triton) or grouped-GEMM experts fail to compile or capture (not for want of memory), no
+        batch runs them that way from then on (fused ones go grouped, grouped ones gathered): the graphs that ran
+        them go, the others stay."""
         try:
             return self._capture_once(b, lb)
         except torch.OutOfMemoryError:
-            raise  # not the grouped kernel's fault: the request fails, the experts keep their way
-        except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the grouped path
-            if not self._grouped_for(b):
+            raise  # not the experts kernels' fault: the request fails, the experts keep their way
+        except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the fused or grouped path
+            kind = self._experts_for(b)
+            if kind not in ("fused", "grouped"):
                 raise
-            log.warning("grouped-GEMM experts failed to compile or capture (%s: %s); gathering them instead",
-                        type(e).__name__, str(e)[:200])
-            grouped = [key for key in self._graphs if self._grouped_for(key[0])]
-            self._grouped_ok = False
-            from qvl.infer.packed_prefill import why_not
+            names = {"fused": "fused (Triton)", "grouped": "grouped-GEMM"}
+            log.warning("%s experts failed to compile or capture (%s: %s); %s them instead", names[kind],
+                        type(e).__name__, str(e)[:200], "grouping" if kind == "fused" else "gathering")
+            dropped = [key for key in self._graphs if self._experts_for(key[0]) == kind]
+            if kind == "fused":
+                self._fused_ok = False
+            else:
+                self._grouped_ok = False
+                from qvl.infer.packed_prefill import why_not
 
-            if why_not(self):  # the packed prefill would run them grouped too
-                self.prefill_impl, self.prefill_why_padded = "padded", why_not(self)
-            for key in grouped:
+                if why_not(self):  # the packed prefill would run them grouped too
+                    self.prefill_impl, self.prefill_why_padded = "padded", why_not(self)
+            for key in dropped:
                 del self._graphs[key]
             if not self._graphs:
                 self._pool = None  # a pool whose graphs are all gone cannot take new captures
-            return self._capture_once(b, lb)
+            return self._capture(b, lb)
 
     def _capture_once(self, b: int, lb: int):
         saved = self.length.clone()

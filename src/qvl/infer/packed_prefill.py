@@ -113,7 +113,7 @@ def _layers(d, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_of: t
         q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, d.n_q, d.n_kv, d.eps)
         d.k[i][slot_of, :, index_of] = k
         d.v[i][slot_of, :, index_of] = v
-        x = f["mlp_out"](attention(i, q, k, v), x, w.wo, w.ln2, w.mlp, d.eps, w.top_k, False)
+        x = f["mlp_out"](attention(i, q, k, v), x, w.wo, w.ln2, w.mlp, d.eps, w.top_k, "grouped")
         if i < len(deepstack):
             x = x + deepstack[i][0]
     return x

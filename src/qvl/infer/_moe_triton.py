@@ -1,0 +1,71 @@
+"""The Triton kernels of qvl.infer.moe_kernels (read its notes), as plain functions: ``moe_kernels`` jits them when
+first used. A module of their own, without postponed annotations, whose global ``tl`` Triton's interpreter can
+patch."""
+
+import triton.language as tl
+
+
+def route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_row, E: tl.constexpr, TOP_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, E)
+    x = tl.load(logits_ptr + row * stride_row + offs).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    left, total = p, 0.0
+    for _ in tl.static_range(TOP_K):  # the k largest, largest first (ties: the lower id, as torch.topk)
+        best = tl.max(left, 0)
+        total += best
+        left = tl.where(offs == tl.argmax(left, 0), -1.0, left)
+    left = p
+    for j in tl.static_range(TOP_K):
+        best = tl.max(left, 0)
+        at = tl.argmax(left, 0)
+        tl.store(weights_ptr + row * TOP_K + j, (best / total).to(weights_ptr.dtype.element_ty))
+        tl.store(ids_ptr + row * TOP_K + j, at.to(tl.int64))
+        left = tl.where(offs == at, -1.0, left)
+
+def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, H, INTER, stride_x, stride_we, stride_wn,
+                   TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pair = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < INTER
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    x_row = x_ptr + (pair // TOP_K) * stride_x
+    gate_rows = w_ptr + expert * stride_we + cols[:, None] * stride_wn
+    up_rows = gate_rows + INTER * stride_wn
+    gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, H, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        x = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        ok = col_ok[:, None] & k_ok[None, :]
+        gate += tl.sum(tl.load(gate_rows + ks[None, :], mask=ok, other=0.0).to(tl.float32) * x, 1)
+        up += tl.sum(tl.load(up_rows + ks[None, :], mask=ok, other=0.0).to(tl.float32) * x, 1)
+    dtype = act_ptr.dtype.element_ty
+    gate = gate.to(dtype).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    act = silu * up.to(dtype).to(tl.float32)
+    tl.store(act_ptr + pair * INTER + cols, act.to(dtype), mask=col_ok)
+
+def down_kernel(act_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, H, INTER, stride_we, stride_wh, stride_out,
+                TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = row * TOP_K + j
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        weight = tl.load(weights_ptr + pair).to(tl.float32)
+        rows = w_ptr + expert * stride_we + cols[:, None] * stride_wh
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, INTER, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < INTER
+            a = tl.load(act_ptr + pair * INTER + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            w = tl.load(rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * a, 1)
+        total += (acc.to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, total.to(dtype), mask=col_ok)

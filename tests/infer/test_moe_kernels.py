@@ -1,0 +1,108 @@
+"""qvl.infer.moe_kernels: the MoE decode kernels, run by Triton's interpreter on the CPU, against the plain path's
+router (qvl.infer.decode.router_top_k) and experts (the grouped GEMMs of the fast decode path).
+
+The interpreter must be on before Triton is first imported (its own library functions are built then), so the
+tests that run the kernels run in a child pytest of this file with ``TRITON_INTERPRET=1``
+(:func:`test_the_kernels_under_the_interpreter`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qvl.infer import moe_kernels
+from qvl.infer.decode import experts_grouped, router_top_k
+
+from test_fast_decode_moe import tiny_moe  # noqa: F401 -- a fixture (the tiny MoE checkpoint)
+
+pytest.importorskip("triton")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def interpreted():
+    if not INTERPRETING:
+        pytest.skip("runs in the child pytest of test_the_kernels_under_the_interpreter")
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is the child")
+def test_the_kernels_under_the_interpreter():
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+    # every test ran there but the two that run here
+    assert r.returncode == 0 and " passed, 2 skipped" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def weights(experts=8, hidden=64, inter=48, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(experts, hidden, generator=g).to(dtype),  # router
+            (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(dtype),
+            (torch.randn(experts, hidden, inter, generator=g) / inter ** 0.5).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_route_matches_the_router(interpreted, dtype, rows):
+    router, _, _ = weights(dtype=dtype)
+    h = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    want_w, want_ids = router_top_k(h, router, 2)
+    got_w, got_ids = moe_kernels.route(F.linear(h, router), 2)
+    assert torch.equal(got_ids, want_ids)
+    assert got_w.dtype == want_w.dtype
+    torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("rows, top_k, hidden, inter", [(1, 2, 64, 48), (2, 3, 300, 40), (4, 8, 64, 272)])
+def test_experts_match_the_grouped_path(interpreted, dtype, tol, rows, top_k, hidden, inter):
+    """Odd sizes too: hidden and intermediate widths that are not multiples of the tiles."""
+    router, gate_up, down = weights(hidden=hidden, inter=inter, dtype=dtype)
+    h = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(7)).to(dtype)
+    w, ids = router_top_k(h, router, top_k)
+    want = experts_grouped(h, w, ids, gate_up, down)
+    got = moe_kernels.experts(h, w, ids, gate_up, down)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
+def test_without_the_interpreter_the_cpu_runs_the_plain_path():
+    assert not moe_kernels.available(torch.device("cpu"))
+    router, gate_up, down = weights()
+    h = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    w, ids = router_top_k(h, router, 2)
+    assert torch.equal(moe_kernels.route(F.linear(h, router), 2)[1], ids)
+    torch.testing.assert_close(moe_kernels.experts(h, w, ids, gate_up, down).float(),
+                               experts_grouped(h, w, ids, gate_up, down).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_around_them(interpreted):
+    """Inside a compiled function (as the decode step compiles its MLP) they stay whole: same outputs."""
+    router, gate_up, down = weights()
+    h = torch.randn(1, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+
+    def mlp(h):
+        w, ids = moe_kernels.route(F.linear(h, router), 2)
+        return h + moe_kernels.experts(h, w, ids, gate_up, down)
+
+    torch.testing.assert_close(torch.compile(mlp, dynamic=True)(h), mlp(h))
+
+
+def test_decode_with_fused_experts_matches_generate(interpreted, tiny_moe):
+    """The fast decode path with its MoE layers on these kernels (the tiny MoE model, float32, packed prefill and
+    decode steps, both step implementations): the same greedy tokens as model.generate."""
+    from test_fast_decode_moe import GREEDY, PROMPTS, _batcher, _generate_ids, _job, _run_until_done
+
+    model, processor, _ = tiny_moe
+    for impl in ("pieces", "layer"):
+        job = _job(processor, PROMPTS["image"])
+        want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+        b = _batcher(model, processor, experts="fused", impl=impl)
+        assert b.decoder._experts_for(1) == "fused" and b.decoder._experts_for(4) == "fused"
+        _run_until_done(b, {0: [job]})
+        assert job.handle.emit_tokens == want, impl
