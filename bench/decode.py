@@ -396,13 +396,13 @@ def main() -> int:
         d._fused_ok = False
     if d.is_moe:  # gather or fuse the experts at the batch sizes where that was faster, grouped GEMM elsewhere
         impl = best.split("/")[0]
-        m = steps.get(f"{impl}/grouped")
+        timed = {e: steps[f"{impl}/{e}"] for e in kinds if f"{impl}/{e}" in steps}
 
-        def rows_won(other):  # all the slots where it won at 32 rows, 1 where it won at 1 row, else 0
-            o = steps.get(f"{impl}/{other}")
-            if not (o and m):
-                return 0
-            return d.slots if o["rows32_len300"] < m["rows32_len300"] else int(o["rows1_len1100"] < m["rows1_len1100"])
+        def fastest(at: str):
+            return min(timed, key=lambda e: timed[e][at]) if timed else None
+
+        def rows_won(kind):  # all the slots where it was fastest at 32 rows, 1 where at 1 row, else 0
+            return d.slots if fastest("rows32_len300") == kind else int(fastest("rows1_len1100") == kind)
 
         d.gather_max_rows, d.fused_max_rows = rows_won("gathered"), rows_won("fused")
         out["experts_gather_max_rows"], out["experts_fused_max_rows"] = d.gather_max_rows, d.fused_max_rows

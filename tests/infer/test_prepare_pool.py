@@ -145,3 +145,33 @@ def test_a_dead_worker_is_replaced(engine):
 
 def test_auto_workers_only_on_a_gpu(engine):
     assert prepare_pool.auto_workers(engine) == 0  # the tiny model on the CPU: its cores are the engine's
+
+
+def test_tensors_come_back_aligned():
+    """Each array starts at a 64-byte boundary of the received buffer (ATen's vectorised kernels assume aligned
+    data), whatever the lengths before it."""
+    obj = [torch.arange(n, dtype=dtype) for n, dtype in ((3, torch.uint8), (5, torch.float32), (7, torch.int64),
+                                                         (1, torch.float64))]
+    back = prepare_pool._receive(b"".join(prepare_pool._frame(*prepare_pool.dumps(obj))))
+    for a, b in zip(obj, back):
+        assert torch.equal(a, b) and b.data_ptr() % 8 == 0
+
+
+def test_a_queued_request_is_not_blamed_for_a_crash(engine):
+    """Requests waiting for a worker while it dies on another's request are prepared by its replacement."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = PreparePool(CrashingPreparer(engine.processor, engine.max_model_len), 1)
+    try:
+        with ThreadPoolExecutor(4) as threads:
+            crash = threads.submit(p, ask(engine, "crash"))
+            time.sleep(0.05)
+            fine = [threads.submit(p, ask(engine, f"fine {i}")) for i in range(3)]
+            with pytest.raises(RequestError):
+                crash.result()
+            assert all(f.result().prompt_tokens > 0 for f in fine)
+    finally:
+        p.close()
+    with pytest.raises(RequestError) as err:  # closed: no worker is started again
+        p(ask(engine, "late"))
+    assert err.value.status == 503

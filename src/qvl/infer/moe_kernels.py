@@ -64,6 +64,13 @@ def _kernels():
     return triton, triton.jit(k.route_kernel), triton.jit(k.gate_up_kernel), triton.jit(k.down_kernel)
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device (and its current stream): the tensors' own."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _plain_route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
     weights, ids = torch.topk(probs, top_k, dim=-1)
@@ -90,7 +97,8 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     b, e = logits.shape
     weights = torch.empty(b, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(b, top_k, dtype=torch.int64, device=logits.device)
-    route_kernel[(b,)](logits, weights, ids, logits.stride(0), E=e, TOP_K=top_k)
+    with _on(logits.device):
+        route_kernel[(b,)](logits, weights, ids, logits.stride(0), E=e, TOP_K=top_k)
     return weights, ids
 
 
@@ -112,13 +120,14 @@ def experts(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: 
     b, k = ids.shape
     hidden, inter = h.shape[1], down.shape[2]
     act = torch.empty(b * k, inter, dtype=h.dtype, device=h.device)
-    gate_up_kernel[(b * k, triton.cdiv(inter, BLOCK_OUT))](
-        h, ids, gate_up, act, hidden, inter, h.stride(0), gate_up.stride(0), gate_up.stride(1),
-        TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN)
     out = torch.empty_like(h)
-    down_kernel[(b, triton.cdiv(hidden, BLOCK_OUT))](
-        act, ids, weights, down, out, hidden, inter, down.stride(0), down.stride(1), out.stride(0),
-        TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN)
+    with _on(h.device):
+        gate_up_kernel[(b * k, triton.cdiv(inter, BLOCK_OUT))](
+            h, ids, gate_up, act, hidden, inter, h.stride(0), gate_up.stride(0), gate_up.stride(1),
+            TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN)
+        down_kernel[(b, triton.cdiv(hidden, BLOCK_OUT))](
+            act, ids, weights, down, out, hidden, inter, down.stride(0), down.stride(1), out.stride(0),
+            TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN)
     return out
 
 

@@ -10,7 +10,8 @@ time; the server's thread waits on the result without the interpreter lock. On a
 PNGs) a request prepared in the server's process cost it 15.1 ms of CPU, one prepared by a worker 1.8 ms
 (bench/experiments/results/prepare_contention_cpu.json; not yet measured on a GPU machine).
 
-The result comes back pickled with its tensors as numpy arrays: unpickling a 448x448 image's request takes 0.15 ms
+The result comes back pickled with its tensors as numpy arrays (bf16 ones, which numpy lacks, as torch pickles them),
+each at a 64-byte boundary: unpickling a 448x448 image's request takes 0.15 ms
 that way, against 5 ms through torch's own tensor pickling (it goes through ``torch.load``), all of it holding the
 lock (2-core CPU). A large one comes through a file in a temporary folder, not the executor's pipe: 4.8 MB took 12 ms
 through the pipe (64 KiB reads, the two processes taking turns), ~2 ms written and read back. (Not through shared
@@ -19,8 +20,9 @@ memory, as DataLoader workers return batches: requests in flight would hold it, 
 
 A request whose images the server decoded carries their source keys (``qvl.infer.image_cache.SOURCE_INFO``); it goes
 to the worker its first image's key picks, so a chat turn that re-sends an image finds it processed in that worker's
-cache. Others go to the worker with the fewest requests in hand. A worker that dies is replaced: the request it held
-is answered with a 400 naming what happened, and the next request goes to the new worker.
+cache (unless that worker has more than one request beyond the least busy one's). Others go to the least busy. Each
+worker is given one request at a time; a worker that dies is replaced, and only the request it was preparing is
+answered with a 400 naming what happened.
 """
 
 from __future__ import annotations
@@ -50,8 +52,13 @@ _folder = None  # where it writes large results
 
 def _init(preparer, folder: str, torch_threads: int) -> None:
     global _preparer, _folder
+    import signal
+
     import torch
 
+    # Ctrl-C in a terminal reaches the whole process group: the server shuts its workers down itself (a worker
+    # interrupted in its queue's read would print a traceback on the way out)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(torch_threads)
     _preparer, _folder = preparer, folder
 
@@ -67,7 +74,7 @@ class _NumpyTensors(pickle.Pickler):
         import torch
 
         if (isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.dtype != torch.bfloat16
-                and not obj.requires_grad and obj.layout == torch.strided):
+                and not obj.requires_grad and obj.layout == torch.strided and not obj.is_conj() and not obj.is_neg()):
             return torch.from_numpy, (obj.contiguous().numpy(),)
         return NotImplemented
 
@@ -79,27 +86,31 @@ def dumps(obj) -> tuple[bytes, list]:
     return buf.getvalue(), [b.raw() for b in buffers]
 
 
+ALIGN = 64  # each part of a message starts at a multiple of this: the arrays unpickled over it are aligned
+
+
 def _frame(stream: bytes, buffers: list) -> list:
-    """The parts of one message: the stream's length, the stream, then each buffer's length and bytes."""
+    """The parts of one message: for the stream, then each buffer, its length (8 bytes), padding to :data:`ALIGN`,
+    its bytes, padding to :data:`ALIGN`."""
     import struct
 
-    parts = [struct.pack("<Q", len(stream)), stream]
-    for b in buffers:
-        parts += [struct.pack("<Q", b.nbytes), b]
+    parts = []
+    for b in (stream, *buffers):
+        n = memoryview(b).nbytes
+        parts += [struct.pack("<Q", n), bytes(ALIGN - 8), b, bytes(-n % ALIGN)]
     return parts
 
 
 def _unframe(data: memoryview):
     import struct
 
-    (n,), at = struct.unpack_from("<Q", data), 8
-    stream, at = data[at:at + n], at + n
-    buffers = []
+    pieces, at = [], 0
     while at < len(data):
-        (n,), at = struct.unpack_from("<Q", data, at), at + 8
-        buffers.append(data[at:at + n])  # the arrays unpickled over it keep ``data`` alive: no more copies
-        at += n
-    return pickle.loads(stream, buffers=buffers)
+        (n,) = struct.unpack_from("<Q", data, at)
+        at += ALIGN
+        pieces.append(data[at:at + n])  # the arrays unpickled over it keep ``data`` alive: no more copies
+        at += n + (-n % ALIGN)
+    return pickle.loads(pieces[0], buffers=pieces[1:])
 
 
 def _prepare(request: Request):
@@ -126,10 +137,12 @@ def _prepare(request: Request):
 def _receive(data: bytes | str):
     """The Prepared a worker sent: its arrays over a writable buffer (torch does not take read-only ones)."""
     if isinstance(data, str):  # the file the worker wrote
-        with open(data, "rb") as f:
-            buf = bytearray(os.fstat(f.fileno()).st_size)
-            f.readinto(buf)
-        os.unlink(data)
+        try:
+            with open(data, "rb") as f:
+                buf = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(buf)
+        finally:
+            os.unlink(data)
         return _unframe(memoryview(buf))
     return _unframe(memoryview(bytearray(data)))
 
@@ -156,7 +169,10 @@ def route_key(request: Request) -> str | None:
 
 
 class PreparePool:
-    """``pool(request) -> Prepared``, as ``preparer(request)`` but in ``workers`` processes (blocking; any thread)."""
+    """``pool(request) -> Prepared``, as ``preparer(request)`` but in ``workers`` processes (blocking; any thread).
+
+    Each worker is a one-process executor given one request at a time (the others wait here, in the caller's
+    thread): a worker that dies takes only the request it was preparing with it."""
 
     def __init__(self, preparer, workers: int, torch_threads: int | None = None):
         if workers < 1:
@@ -167,14 +183,22 @@ class PreparePool:
         self._context = multiprocessing.get_context("spawn")  # never fork a process holding CUDA and threads
         self._folder = tempfile.mkdtemp(prefix="qvl-prepare-")
         self._lock = threading.Lock()
-        self._in_hand = [0] * workers
+        self._in_hand = [0] * workers  # requests given to or waiting for each worker
+        self._turns = [threading.Lock() for _ in range(workers)]  # held while a worker prepares a request
         self._stats: list[dict] = [{} for _ in range(workers)]
         self._stats_before: dict = {}  # what replaced workers had counted
         self.restarts = 0
+        self._closed = False
         t = time.perf_counter()
-        self._workers = [self._start() for _ in range(workers)]
-        for w in self._workers:  # spawned and initialised (torch and transformers imported) before the first request
-            w.submit(_ready).result()
+        self._workers: list[ProcessPoolExecutor] = []
+        try:
+            self._workers = [self._start() for _ in range(workers)]
+            # spawned and initialised (torch and transformers imported) before the first request, side by side
+            for ready in [w.submit(_ready) for w in self._workers]:
+                ready.result()
+        except BaseException:
+            self.close()
+            raise
         self.start_s = time.perf_counter() - t
 
     def _start(self) -> ProcessPoolExecutor:
@@ -186,14 +210,22 @@ class PreparePool:
         return len(self._workers)
 
     def _choose(self, request: Request) -> int:
+        """The worker for ``request`` (counted in its hand): its first image's worker, unless that one has more than
+        one request beyond the least busy's (a cache miss costs less than the wait), else the least busy."""
         key = route_key(request)
-        if key is not None:
-            return int(key[:8], 16) % len(self._workers)
-        return min(range(len(self._workers)), key=self._in_hand.__getitem__)
+        with self._lock:
+            least = min(range(len(self._workers)), key=self._in_hand.__getitem__)
+            i = least
+            if key is not None:
+                sticky = int(key[:8], 16) % len(self._workers)
+                if self._in_hand[sticky] <= self._in_hand[least] + 1:
+                    i = sticky
+            self._in_hand[i] += 1
+        return i
 
     def _replace(self, i: int, broken: ProcessPoolExecutor) -> None:
         with self._lock:
-            if self._workers[i] is not broken:  # another thread replaced it already
+            if self._closed or self._workers[i] is not broken:  # shutting down, or replaced already
                 return
             self.restarts += 1
             for k, v in self._stats[i].items():
@@ -205,29 +237,31 @@ class PreparePool:
 
     def __call__(self, request: Request) -> Prepared:
         i = self._choose(request)
-        with self._lock:
-            self._in_hand[i] += 1
         try:
-            worker = self._workers[i]
-            try:
-                future = worker.submit(_prepare, request)
-            except (BrokenProcessPool, RuntimeError):  # it died idle (killed, say): not this request's fault
-                self._replace(i, worker)
+            with self._turns[i]:
+                if self._closed:
+                    raise RequestError("the server is shutting down", code="server_shutting_down", status=503)
                 worker = self._workers[i]
-                future = worker.submit(_prepare, request)
-            try:
-                status, value, stats = future.result()
-            except BrokenProcessPool:
-                self._replace(i, worker)
-                raise RequestError("preprocessing this request crashed its worker process (an image or video its "
-                                   "decoder cannot survive?); the server started another and goes on",
-                                   code="preprocessing_crashed", param="messages",
-                                   fix="check the request's media; the server log may say more") from None
+                try:
+                    future = worker.submit(_prepare, request)
+                except (BrokenProcessPool, RuntimeError):  # it died idle (killed, say): not this request's fault
+                    self._replace(i, worker)
+                    worker = self._workers[i]
+                    future = worker.submit(_prepare, request)
+                try:
+                    status, value, stats = future.result()
+                except BrokenProcessPool:
+                    self._replace(i, worker)
+                    raise RequestError("preprocessing this request crashed its worker process (an image or video its "
+                                       "decoder cannot survive?); the server started another and goes on",
+                                       code="preprocessing_crashed", param="messages",
+                                       fix="check the request's media; the server log may say more") from None
+                with self._lock:
+                    if self._workers[i] is worker:  # not a replaced worker's late numbers
+                        self._stats[i] = stats
         finally:
             with self._lock:
                 self._in_hand[i] -= 1
-        with self._lock:
-            self._stats[i] = stats
         if status == "error":
             what, code, param, status_code, fix = value
             raise RequestError(what, code=code, param=param, status=status_code, fix=fix)
@@ -237,13 +271,16 @@ class PreparePool:
 
     def cache_stats(self) -> dict:
         """The workers' processed-image caches' hits and misses, summed (replaced workers' included)."""
-        out = dict(self._stats_before)
-        for stats in self._stats:
-            for k, v in stats.items():
-                out[k] = out.get(k, 0) + v
+        with self._lock:
+            out = dict(self._stats_before)
+            for stats in self._stats:
+                for k, v in stats.items():
+                    out[k] = out.get(k, 0) + v
         return out
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         for w in self._workers:
             w.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self._folder, ignore_errors=True)
