@@ -187,7 +187,8 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
             print(f"turns: { {k: v for k, v in out['turns'].items() if k != 'server'} }", flush=True)
             for turn, runs in out["turns"].get("server", {}).items():
                 if runs:  # the last conversation's: the first may still meet new shapes
-                    print(f"  {turn}, server: {runs[-1]['stages_ms']} ms; reused {runs[-1]['reused']}", flush=True)
+                    print(f"  {turn}, server: {runs[-1]['stages_ms']} ms; outside it {runs[-1]['outside_server_ms']} ms; "
+                          f"reused {runs[-1]['reused']}", flush=True)
         out["server_alive_after"] = server.alive()
         out["server_rss_gib"] = server.rss_bytes() / 2**30
     out["peak_gpu_memory_gib"] = memory.peak_mib / 1024 if memory.peak_mib else None
@@ -225,7 +226,8 @@ def turns(url: str, work: Workload, images: list[bytes], base_url: str | None = 
                 s = server_stages(base_url)
                 now = s.get("reuse") or {}
                 splits[turn].append({"stages_ms": {k: round(v["p50_ms"], 1) for k, v in s.get("stages", {}).items()},
-                                     "reused": {k: now[k] - reuse.get(k, 0) for k in now}})
+                                     "reused": {k: now[k] - reuse.get(k, 0) for k in now},
+                                     "outside_server_ms": outside_server(r, s.get("last") or {})})
                 reuse = now
     t1, t2 = statistics.median(ttft["turn1"]), statistics.median(ttft["turn2"])
     out = {"image": f"{work.size[0]}x{work.size[1]}", "conversations": len(images),
@@ -237,6 +239,16 @@ def turns(url: str, work: Workload, images: list[bytes], base_url: str | None = 
     if base_url:
         out["server"] = splits
     return out
+
+
+def outside_server(r, last: dict) -> dict:
+    """The client's part of a request's time to first token, from the server's absolute marks (perf_counter is one
+    clock for the machine's processes): ``client->arrived`` (encoding the body, connecting, sending it, the server's
+    HTTP parsing up to the route) and ``sent->client`` (the first content event back to the client's parse)."""
+    if "arrived" not in last or "sent" not in last or not r.token_times:
+        return {}
+    return {"client->arrived": round((last["arrived"] - r.start) * 1e3, 1),
+            "sent->client": round((r.token_times[0] - last["sent"]) * 1e3, 1)}
 
 
 def thread_profile(base_url: str, url: str, work: Workload, n: int, stagger: float) -> dict:

@@ -2,8 +2,10 @@
 
 Each request carries a few ``time.perf_counter()`` marks (a dict write each, nothing per token after the
 first); the server keeps the last ``keep`` finished requests' marks and ``GET /debug/stages`` answers the
-time between consecutive marks (p50 / p99 / mean, ms). With the ``qvl.serve`` logger at DEBUG each request's
-stages are also logged. The marks, in order:
+time between consecutive marks (p50 / p99 / mean, ms), and the last request's ``arrived`` and ``sent`` marks as they
+are (``last``: ``time.perf_counter()`` seconds, a clock every process of the machine shares on Linux, macOS and
+Windows), so a client on the same machine can tell its own part of the time to first token from the server's. With
+the ``qvl.serve`` logger at DEBUG each request's stages are also logged. The marks, in order:
 
 ========== =============================================================================================
 arrived    the route's handler starts (the body not read yet)
@@ -58,10 +60,12 @@ class StageLog:
 
     def __init__(self, keep: int = 4096):
         self.done: deque = deque(maxlen=keep)
+        self.last: dict = {}
 
     def finish(self, rid: str, marks: dict) -> None:
         times = stages(marks)
         self.done.append(times)
+        self.last = {k: marks[k] for k in ("arrived", "sent") if k in marks}
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s first token: %s", rid, ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
 
@@ -75,7 +79,8 @@ class StageLog:
             v = [t[name] for t in self.done if name in t]
             out[name] = {"n": len(v), "mean_ms": statistics.fmean(v) * 1e3, "p50_ms": percentile(v, 0.5) * 1e3,
                          "p99_ms": percentile(v, 0.99) * 1e3, "max_ms": max(v) * 1e3}
-        return {"requests": len(self.done), "stages": out}
+        return {"requests": len(self.done), "stages": out, "last": dict(self.last)}
 
     def clear(self) -> None:
         self.done.clear()
+        self.last = {}
