@@ -143,10 +143,6 @@ def test_a_dead_worker_is_replaced(engine):
         p.close()
 
 
-def test_auto_workers_only_on_a_gpu(engine):
-    assert prepare_pool.auto_workers(engine) == 0  # the tiny model on the CPU: its cores are the engine's
-
-
 def test_tensors_come_back_aligned():
     """Each array starts at a 64-byte boundary of the received buffer (ATen's vectorised kernels assume aligned
     data), whatever the lengths before it."""

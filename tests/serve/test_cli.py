@@ -114,13 +114,13 @@ def test_banner_names_the_http_stack(tiny_engine, monkeypatch):
 
 
 def test_preprocess_workers_flag_and_banner(tiny_model_dir, tiny_engine, captured):
-    """--preprocess-workers reaches the settings (default: auto, none on a CPU); the banner says where requests are
-    prepared."""
+    """--preprocess-workers reaches the settings (default 0: in the server's process); the banner says where
+    requests are prepared."""
     from qvl.infer.prepare_pool import PreparePool
     from qvl.serve.app import ServeSettings, banner
 
     r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--cpu-only"])
-    assert r.exit_code == 0 and captured["settings"].preprocess_workers is None, r.output
+    assert r.exit_code == 0 and captured["settings"].preprocess_workers == 0, r.output
     r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--cpu-only", "--preprocess-workers", "2"])
     assert r.exit_code == 0 and captured["settings"].preprocess_workers == 2, r.output
     assert "preprocess in the server's process, 2 at a time" in banner(tiny_engine, ServeSettings())

@@ -216,11 +216,10 @@ def register(app: typer.Typer) -> None:
               preprocess_threads: int = typer.Option(2, min=1, help="Requests preprocessed at once (chat "
                                                                     "template, tokenizer, image processor) in the "
                                                                     "server's process."),
-              preprocess_workers: int = typer.Option(None, min=0, help="transformers: worker processes preparing "
-                                                                       "requests, off the engine's interpreter "
-                                                                       "(default: on a GPU one per 4 CPU cores, "
-                                                                       "at most 4; on CPU 0: in the server's "
-                                                                       "process)."),
+              preprocess_workers: int = typer.Option(0, min=0, help="transformers: worker processes preparing "
+                                                                    "requests, off the engine's interpreter (0: in "
+                                                                    "the server's process; not yet measured on a "
+                                                                    "GPU, docs/serve.md)."),
               served_model_name: str = typer.Option(None, help="Model id in /v1 (default: folder name/hub id)."),
               share: bool = typer.Option(False, "--share", help="Accepted for web_demo_mm.py compatibility."),
               inbrowser: bool = typer.Option(False, "--inbrowser", help="Open the chat page in a browser.")):

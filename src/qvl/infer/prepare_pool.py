@@ -8,7 +8,9 @@ whole time to first token with requests prepared beforehand (bench/results/serve
 process holds a copy of the engine's :class:`~qvl.infer.prepare.Preparer` (no weights) and prepares one request at a
 time; the server's thread waits on the result without the interpreter lock. On a 2-core CPU (tiny model, 448x448
 PNGs) a request prepared in the server's process cost it 15.1 ms of CPU, one prepared by a worker 1.8 ms
-(bench/experiments/results/prepare_contention_cpu.json; not yet measured on a GPU machine).
+(bench/experiments/results/prepare_contention_cpu.json). Still, there the server answered slower with workers (they
+wait for a core: bench/experiments/results/prepare_pool_probe_cpu.json), so ``qvl serve`` uses them only when asked
+(``--preprocess-workers N``) until a GPU host has measured them.
 
 The result comes back pickled with its tensors as numpy arrays (bf16 ones, which numpy lacks, as torch pickles them),
 each at a 64-byte boundary: unpickling a 448x448 image's request takes 0.15 ms
@@ -145,15 +147,6 @@ def _receive(data: bytes | str):
             os.unlink(data)
         return _unframe(memoryview(buf))
     return _unframe(memoryview(bytearray(data)))
-
-
-def auto_workers(engine) -> int:
-    """Workers ``qvl serve`` starts by default: on a GPU, one per 4 host cores (at most 4); on a CPU none, since the
-    engine's own compute needs the cores there (requests are prepared in the server's process)."""
-    device = getattr(getattr(engine, "model", None), "device", None)
-    if getattr(device, "type", "cpu") == "cpu":
-        return 0
-    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def route_key(request: Request) -> str | None:

@@ -43,9 +43,9 @@ class ServeSettings:
     # requests preprocessed at once in the server's process (chat template, tokenizer, image processor; their media
     # are fetched and decoded before, outside this limit): see create_app's ``prepare``
     preprocess_threads: int = 2
-    # worker processes preparing requests instead (qvl.infer.prepare_pool); None: auto (on a GPU, qvl.infer.
-    # prepare_pool.auto_workers), 0: in the server's process
-    preprocess_workers: int | None = None
+    # worker processes preparing requests instead (qvl.infer.prepare_pool); 0: in the server's process (the default
+    # until a GPU run shows the workers faster: on a 2-core CPU they were slower, docs/serve.md)
+    preprocess_workers: int = 0
     inbrowser: bool = False
     share: bool = False
     log_level: str = "info"
@@ -440,16 +440,15 @@ def http_stack() -> str:
     return f"{loop} + {parser}"
 
 
-def start_prepare_pool(engine: Engine, workers: int | None):
+def start_prepare_pool(engine: Engine, workers: int):
     """The worker processes that prepare requests (qvl.infer.prepare_pool), or None to prepare them in this process:
-    ``workers`` 0, an engine without a picklable preparer (vLLM prepares its own way), or auto on a CPU."""
+    ``workers`` 0, or an engine without a picklable preparer (vLLM prepares its own way)."""
     preparer = getattr(engine, "preparer", None)
-    if preparer is None:
+    if preparer is None or workers < 1:
         return None
-    from qvl.infer.prepare_pool import PreparePool, auto_workers
+    from qvl.infer.prepare_pool import PreparePool
 
-    workers = auto_workers(engine) if workers is None else workers
-    return PreparePool(preparer, workers) if workers > 0 else None
+    return PreparePool(preparer, workers)
 
 
 def preprocessing_line(pool, settings: ServeSettings) -> str:
