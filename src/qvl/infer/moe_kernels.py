@@ -28,9 +28,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-# tile sizes: a block of output columns by a block of the reduced dimension, one program each (not tuned on a GPU)
+# tile sizes: a block of output columns by a block of the reduced dimension, one program each, and its warps (not
+# tuned on a GPU yet: bench/experiments/moe_kernel_tune.py times the choices)
 BLOCK_OUT = 16
 BLOCK_IN = 256
+NUM_WARPS = 4
 
 
 @functools.cache
@@ -124,10 +126,10 @@ def experts(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: 
     with _on(h.device):
         gate_up_kernel[(b * k, triton.cdiv(inter, BLOCK_OUT))](
             h, ids, gate_up, act, hidden, inter, h.stride(0), gate_up.stride(0), gate_up.stride(1),
-            TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN)
+            TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN, num_warps=NUM_WARPS)
         down_kernel[(b, triton.cdiv(hidden, BLOCK_OUT))](
             act, ids, weights, down, out, hidden, inter, down.stride(0), down.stride(1), out.stride(0),
-            TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN)
+            TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN, num_warps=NUM_WARPS)
     return out
 
 

@@ -1,0 +1,134 @@
+"""Probe: how fast are qvl.infer.moe_kernels' Triton experts against the grouped GEMM, per tile choice, at a few rows?
+
+One 30B-A3B-sized MoE layer's experts (128 experts, hidden 2,048, intermediate 768, top-8; bf16 random weights),
+``--layers`` copies of them (so the rows an expert reads are not still in the L2 cache from the call before) and fresh
+expert ids each call. Each variant's calls over all copies are captured in a CUDA graph and replayed (device time,
+no launch gaps from the host): the grouped path (qvl.infer.decode.experts_grouped, the decode default), the gathered
+one, and the fused kernels for every (BLOCK_OUT, BLOCK_IN, NUM_WARPS) choice; the router's top-k likewise (the
+Hugging Face softmax / top-k / renormalise against the route kernel). Reported per layer: microseconds, and GB/s of
+the expert rows the rows' distinct experts hold (each read once: the least any way must read). The best tile choice
+is printed as the lines to put in qvl/infer/moe_kernels.py.
+
+    python bench/experiments/moe_kernel_tune.py --json $OUT/moe_kernel_tune.json   (~1-2 min on an H100)
+    TRITON_INTERPRET=1 python bench/experiments/moe_kernel_tune.py --device cpu --experts 8 --hidden 64 --inter 32 \
+        --top-k 2 --layers 2 --rows 1,2 --block-out 16 --block-in 32 --warps 4   # a smoke test (eager timings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from qvl.infer import moe_kernels  # noqa: E402
+from qvl.infer.decode import experts_gathered, experts_grouped, router_top_k  # noqa: E402
+
+
+def graph_us(fn, calls: int, reps: int = 20) -> float:
+    """Microseconds a call of ``fn(i)`` (i = 0..calls-1) takes, replayed as one CUDA graph of all the calls (on a CPU:
+    the calls run eagerly, for a smoke test)."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        return (time.perf_counter() - t) * 1e6 / calls
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(calls):  # compile / autotune / allocate outside the capture
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * calls)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--inter", type=int, default=768)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=8, help="weight copies the calls go round")
+    ap.add_argument("--rows", default="1,2,4,8")
+    ap.add_argument("--block-out", default="8,16,32,64")
+    ap.add_argument("--block-in", default="128,256,512")
+    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    e, hid, inter, k = args.experts, args.hidden, args.inter, args.top_k
+    g = torch.Generator(device=dev).manual_seed(0)
+    layers = [((torch.randn(e, 2 * inter, hid, device=dev, generator=g) / hid ** 0.5).bfloat16(),
+               (torch.randn(e, hid, inter, device=dev, generator=g) / inter ** 0.5).bfloat16(),
+               torch.randn(e, hid, device=dev, generator=g).bfloat16()) for _ in range(args.layers)]
+    expert_bytes = 3 * hid * inter * 2
+    out = {"probe": "bench/experiments/moe_kernel_tune.py", "command": "python " + " ".join(sys.argv),
+           "date": time.strftime("%Y-%m-%d"), "card": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+           "torch": torch.__version__,
+           "shape": vars(args), "rows": {}}
+    best_overall = {}
+    for rows in (int(r) for r in args.rows.split(",")):
+        h = [torch.randn(rows, hid, device=dev, generator=g).bfloat16() for _ in layers]
+        routed = [router_top_k(x, router, k) for x, (_, _, router) in zip(h, layers)]
+        distinct = sum(int(ids.unique().numel()) for _, ids in routed) / len(routed)
+        floor_bytes = distinct * expert_bytes
+
+        def experts_call(run):
+            return lambda i: run(h[i], routed[i][0], routed[i][1], layers[i][0], layers[i][1])
+
+        row = {"distinct_experts": distinct, "us": {}}
+        row["us"]["grouped"] = graph_us(experts_call(experts_grouped), len(layers))
+        row["us"]["gathered"] = graph_us(experts_call(experts_gathered), len(layers))
+        tiles = {}
+        for tile in itertools.product(*(map(int, a.split(",")) for a in (args.block_out, args.block_in, args.warps))):
+            name = "fused/{}x{}/w{}".format(*tile)
+            tiles[name] = tile
+            moe_kernels.BLOCK_OUT, moe_kernels.BLOCK_IN, moe_kernels.NUM_WARPS = tile
+            try:
+                row["us"][name] = graph_us(experts_call(moe_kernels.experts), len(layers))
+            except Exception as err:  # noqa: BLE001 -- a tile the card cannot run: recorded, the sweep goes on
+                row["us"][name] = f"{type(err).__name__}: {str(err)[:120]}"
+        timed = {name: us for name, us in row["us"].items() if isinstance(us, float)}
+        row["gb_s"] = {name: floor_bytes / (us * 1e-6) / 1e9 for name, us in timed.items()}
+        fused = {name: us for name, us in timed.items() if name.startswith("fused")}
+        row["best_fused"] = min(fused, key=fused.get) if fused else None
+        # the router's GEMM in both
+        row["route_us"] = {"router_top_k": graph_us(lambda i: router_top_k(h[i], layers[i][2], k), len(layers)),
+                           "route_kernel": graph_us(lambda i: moe_kernels.route(F.linear(h[i], layers[i][2]), k),
+                                                    len(layers))}
+        out["rows"][rows] = row
+        best_overall[rows] = tiles.get(row["best_fused"])
+        print(f"{rows} rows ({distinct:.1f} experts, {floor_bytes / 1e6:.0f} MB): grouped {row['us']['grouped']:.1f} us, "
+              f"gathered {row['us']['gathered']:.1f}, best fused {row['best_fused']} {fused.get(row['best_fused'], 0):.1f} "
+              f"us ({row['gb_s'].get(row['best_fused'], 0):.0f} GB/s; grouped {row['gb_s']['grouped']:.0f}); route "
+              f"{row['route_us']['router_top_k']:.1f} -> {row['route_us']['route_kernel']:.1f} us", flush=True)
+    if best_overall.get(1):
+        print("for qvl/infer/moe_kernels.py (best at 1 row): BLOCK_OUT = {}; BLOCK_IN = {}; NUM_WARPS = {}".format(
+            *best_overall[1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""bench/experiments/moe_kernel_tune.py runs end to end on a CPU (Triton's interpreter, a tiny shape, eager timings):
+every variant timed, the best tile named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_moe_kernel_tune_smoke(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "t.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "experiments" / "moe_kernel_tune.py"), "--device", "cpu",
+                        "--experts", "8", "--hidden", "64", "--inter", "32", "--top-k", "2", "--layers", "2", "--rows",
+                        "1,2", "--block-out", "16,32", "--block-in", "32", "--warps", "4", "--json", str(out)],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"1", "2"}
+    for row in rows.values():
+        assert {"grouped", "gathered", "fused/16x32/w4", "fused/32x32/w4"} <= set(row["us"])
+        assert row["best_fused"] in row["us"] and set(row["route_us"]) == {"router_top_k", "route_kernel"}
+    assert "BLOCK_OUT = " in r.stdout
