@@ -401,8 +401,10 @@ def main() -> int:
         def fastest(at: str):
             return min(timed, key=lambda e: timed[e][at]) if timed else None
 
-        def rows_won(kind):  # all the slots where it was fastest at 32 rows, 1 where at 1 row, else 0
-            return d.slots if fastest("rows32_len300") == kind else int(fastest("rows1_len1100") == kind)
+        def rows_won(kind):  # every batch where it was fastest at 32 rows and (fused: checked first) at 1 row, else 1
+            at_one = fastest("rows1_len1100") == kind  # where it was fastest at 1 row, else 0
+            at_32 = fastest("rows32_len300") == kind and (at_one or kind != "fused")
+            return d.slots if at_32 else int(at_one)
 
         d.gather_max_rows, d.fused_max_rows = rows_won("gathered"), rows_won("fused")
         out["experts_gather_max_rows"], out["experts_fused_max_rows"] = d.gather_max_rows, d.fused_max_rows

@@ -1,10 +1,10 @@
 """Probe: how fast are qvl.infer.moe_kernels' Triton experts against the grouped GEMM, per tile choice, at a few rows?
 
 One 30B-A3B-sized MoE layer's experts (128 experts, hidden 2,048, intermediate 768, top-8; bf16 random weights),
-``--layers`` copies of them (so the rows an expert reads are not still in the L2 cache from the call before) and fresh
-expert ids each call. Each variant's calls over all copies are captured in a CUDA graph and replayed (device time,
+``--layers`` copies of them (so the rows an expert reads are not still in the L2 cache from the call before), each
+with its own routed rows. Each variant's calls over all copies are captured in a CUDA graph and replayed (device time,
 no launch gaps from the host): the grouped path (qvl.infer.decode.experts_grouped, the decode default), the gathered
-one, and the fused kernels for every (BLOCK_OUT, BLOCK_IN, NUM_WARPS) choice; the router's top-k likewise (the
+one (compiled, as decode runs it), and the fused kernels for every (BLOCK_OUT, BLOCK_IN, NUM_WARPS) choice; the router's top-k likewise (the
 Hugging Face softmax / top-k / renormalise against the route kernel). Reported per layer: microseconds, and GB/s of
 the expert rows the rows' distinct experts hold (each read once: the least any way must read). The best tile choice
 is printed as the lines to put in qvl/infer/moe_kernels.py.
@@ -98,9 +98,15 @@ def main(argv=None) -> int:
 
         row = {"distinct_experts": distinct, "us": {}}
         row["us"]["grouped"] = graph_us(experts_call(experts_grouped), len(layers))
-        row["us"]["gathered"] = graph_us(experts_call(experts_gathered), len(layers))
+        # as decode runs it: compiled into one kernel (eager it copies every pair's expert in float32)
+        row["us"]["gathered"] = graph_us(experts_call(torch.compile(experts_gathered, dynamic=False)), len(layers))
         tiles = {}
-        for tile in itertools.product(*(map(int, a.split(",")) for a in (args.block_out, args.block_in, args.warps))):
+        sweep = itertools.product(*(map(int, a.split(",")) for a in (args.block_out, args.block_in, args.warps)))
+        if not moe_kernels.available(dev):  # the op would run the plain path: no kernel timings to show
+            print("the Triton kernels do not run here (no Triton, or a CPU without TRITON_INTERPRET=1)", flush=True)
+            sweep = ()
+        default = (moe_kernels.BLOCK_OUT, moe_kernels.BLOCK_IN, moe_kernels.NUM_WARPS)
+        for tile in sweep:
             name = "fused/{}x{}/w{}".format(*tile)
             tiles[name] = tile
             moe_kernels.BLOCK_OUT, moe_kernels.BLOCK_IN, moe_kernels.NUM_WARPS = tile
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
                 row["us"][name] = graph_us(experts_call(moe_kernels.experts), len(layers))
             except Exception as err:  # noqa: BLE001 -- a tile the card cannot run: recorded, the sweep goes on
                 row["us"][name] = f"{type(err).__name__}: {str(err)[:120]}"
+        moe_kernels.BLOCK_OUT, moe_kernels.BLOCK_IN, moe_kernels.NUM_WARPS = default
         timed = {name: us for name, us in row["us"].items() if isinstance(us, float)}
         row["gb_s"] = {name: floor_bytes / (us * 1e-6) / 1e9 for name, us in timed.items()}
         fused = {name: us for name, us in timed.items() if name.startswith("fused")}

@@ -6,8 +6,8 @@ The same engine, the same staggered requests (one PNG + a question each, forced 
 - ``threads``: each prepared when it arrives, ``--threads`` at a time on a thread pool, then submitted, as the
   server does with ``--preprocess-workers 0`` (decode, chat template, tokenizer, image processor, positions, media
   keys);
-- ``workers``: each prepared when it arrives by ``--workers`` worker processes (qvl.infer.prepare_pool, the server's
-  default on a GPU), the threads waiting for them.
+- ``workers``: each prepared when it arrives by ``--workers`` worker processes (qvl.infer.prepare_pool, ``qvl serve
+  --preprocess-workers N``), the threads waiting for them.
 
 Run the modes ``--repeats`` times, alternating; the first, untimed pass meets every shape. Before them, what one
 request's preparing costs the server's process, one at a time, engine idle (``prepare_cost``): wall and this

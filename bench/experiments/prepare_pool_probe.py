@@ -8,7 +8,8 @@ the interpreter for ``--host-ms`` of Python (launching), then waits ``--device-m
 gives every running request one token. Requests are prepared for real (the checkpoint's chat template, tokenizer and
 image processor, positions, media keys: qvl.infer.prepare.Preparer), in the server's process (``--preprocess-workers
 0``, ``--preprocess-threads`` at a time) or by worker processes. ``qvl serve``'s own app and server (run_server) in a
-child process; the clients (``qvl.serve.loadgen``) in this one: 448x448 PNGs, 20 ms apart.
+child process (its log: ``--json``'s name with ``.server.log``); the clients (``qvl.serve.loadgen``) in this one:
+448x448 PNGs, 20 ms apart. The stand-in's "launching" spins for ``--host-ms`` of wall time.
 
 What to read: the engine's mean step against its nominal ``host + device`` (how long its thread waited for the
 interpreter), and TPOT / TTFT / tok/s. On a 2-core machine the workers also take cores from the server's process.
@@ -78,11 +79,13 @@ class StandInEngine(Engine):
                 row[0].emit(Chunk(text=" w", finish_reason="length" if done else None,
                                   prompt_tokens=row[0].prompt_tokens, completion_tokens=row[2]))
             running = [row for row in running if row[2] < row[1] and not row[0].cancelled]
-            self.steps += 1
-            self.step_seconds += time.perf_counter() - t
+            with self._lock:
+                self.steps += 1
+                self.step_seconds += time.perf_counter() - t
 
-    def cache_stats(self) -> dict:  # /debug/stages' reuse: the stand-in's step times ride along
-        return {"steps": self.steps, "step_ms_mean": self.step_seconds / max(self.steps, 1) * 1e3}
+    def cache_stats(self) -> dict:  # /debug/stages' reuse: the stand-in's step count and time ride along
+        with self._lock:
+            return {"steps": self.steps, "step_seconds": self.step_seconds}
 
 
 def serve(args) -> None:
@@ -124,7 +127,8 @@ def measure(args, workers: int, seed: int) -> dict:
              "--host-ms", str(args.host_ms), "--device-ms", str(args.device_ms)]
     import subprocess
 
-    proc = subprocess.Popen(child, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(args.log, "a") if args.log else subprocess.DEVNULL
+    proc = subprocess.Popen(child, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
@@ -135,7 +139,7 @@ def measure(args, workers: int, seed: int) -> dict:
             except httpx.HTTPError:
                 pass
             if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError("the probe's server did not start")
+                raise RuntimeError(f"the probe's server did not start (its log: {args.log})")
             time.sleep(0.2)
 
         def bodies(n: int, start: int) -> list[dict]:
@@ -149,8 +153,7 @@ def measure(args, workers: int, seed: int) -> dict:
         results = asyncio.run(run_staggered(url, bodies(args.clients, 0), args.stagger))
         after = httpx.get(base + "/debug/stages", timeout=30).json()
         steps = after["reuse"]["steps"] - before["steps"]
-        step_ms = ((after["reuse"]["step_ms_mean"] * after["reuse"]["steps"] - before["step_ms_mean"] * before["steps"])
-                   / max(steps, 1))
+        step_ms = (after["reuse"]["step_seconds"] - before["step_seconds"]) * 1e3 / max(steps, 1)
         s = summarize(results)
         return {"workers": workers, "errors": s["errors"], "output_tok_s": s["output_tok_s"],
                 "ttft_p50_ms": s["ttft_p50_s"] * 1e3, "tpot_p50_ms": s["tpot_p50_s"] * 1e3,
@@ -160,6 +163,8 @@ def measure(args, workers: int, seed: int) -> dict:
     finally:
         proc.terminate()
         proc.wait(30)
+        if args.log:
+            log.close()
 
 
 def main(argv=None) -> int:
@@ -181,6 +186,7 @@ def main(argv=None) -> int:
         args.workers = int(args.workers)
         serve(args)
         return 0
+    args.log = str(Path(args.json).with_suffix(".server.log")) if args.json else None
     out = {"probe": "bench/experiments/prepare_pool_probe.py", "command": "python " + " ".join(sys.argv),
            "date": time.strftime("%Y-%m-%d"), "workload": vars(args), "rows": []}
     for r in range(args.repeats):

@@ -1,9 +1,9 @@
 """A request's host work before the transformers engine sees it: chat template, tokenizer, image processor, the
 context check, mRoPE positions and media content keys.
 
-:class:`Preparer` holds what that work needs and nothing of the model's weights, so it pickles: ``qvl serve`` runs
-copies of it in worker processes (:mod:`qvl.infer.prepare_pool`), off the interpreter the engine's thread and the
-event loop share. Each copy keeps its own processed-image cache.
+:class:`Preparer` holds what that work needs and nothing of the model's weights, so it pickles: with
+``--preprocess-workers N``, ``qvl serve`` runs copies of it in worker processes (:mod:`qvl.infer.prepare_pool`), off
+the interpreter the engine's thread and the event loop share. Each copy keeps its own processed-image cache.
 """
 
 from __future__ import annotations

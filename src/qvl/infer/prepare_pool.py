@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from qvl.infer.engine import Prepared, RequestError
@@ -136,17 +136,29 @@ def _prepare(request: Request):
     return "ok", path, _preparer.cache_stats()
 
 
+def _aligned(size: int) -> memoryview:
+    """A writable buffer of ``size`` bytes starting at a multiple of :data:`ALIGN` in memory (torch does not take
+    read-only arrays; a bytearray starts only 16-byte aligned)."""
+    import numpy as np
+
+    raw = np.empty(size + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return memoryview(raw[start:start + size])
+
+
 def _receive(data: bytes | str):
-    """The Prepared a worker sent: its arrays over a writable buffer (torch does not take read-only ones)."""
+    """The Prepared a worker sent: its arrays over an aligned, writable buffer."""
     if isinstance(data, str):  # the file the worker wrote
         try:
             with open(data, "rb") as f:
-                buf = bytearray(os.fstat(f.fileno()).st_size)
+                buf = _aligned(os.fstat(f.fileno()).st_size)
                 f.readinto(buf)
         finally:
             os.unlink(data)
-        return _unframe(memoryview(buf))
-    return _unframe(memoryview(bytearray(data)))
+        return _unframe(buf)
+    buf = _aligned(len(data))
+    buf[:] = data
+    return _unframe(buf)
 
 
 def route_key(request: Request) -> str | None:
@@ -233,22 +245,28 @@ class PreparePool:
         try:
             with self._turns[i]:
                 if self._closed:
-                    raise RequestError("the server is shutting down", code="server_shutting_down", status=503)
+                    raise self._shutting_down()
                 worker = self._workers[i]
                 try:
-                    future = worker.submit(_prepare, request)
-                except (BrokenProcessPool, RuntimeError):  # it died idle (killed, say): not this request's fault
-                    self._replace(i, worker)
-                    worker = self._workers[i]
-                    future = worker.submit(_prepare, request)
-                try:
+                    try:
+                        future = worker.submit(_prepare, request)
+                    except (BrokenProcessPool, RuntimeError):  # it died idle (killed, say): not this request's fault
+                        self._replace(i, worker)
+                        worker = self._workers[i]
+                        future = worker.submit(_prepare, request)
                     status, value, stats = future.result()
                 except BrokenProcessPool:
+                    if self._closed:
+                        raise self._shutting_down() from None
                     self._replace(i, worker)
                     raise RequestError("preprocessing this request crashed its worker process (an image or video its "
                                        "decoder cannot survive?); the server started another and goes on",
                                        code="preprocessing_crashed", param="messages",
                                        fix="check the request's media; the server log may say more") from None
+                except (RuntimeError, CancelledError):  # close() came between: submit refused, or the future dropped
+                    if self._closed:
+                        raise self._shutting_down() from None
+                    raise
                 with self._lock:
                     if self._workers[i] is worker:  # not a replaced worker's late numbers
                         self._stats[i] = stats
@@ -261,6 +279,10 @@ class PreparePool:
         prepared = _receive(value)
         prepared.request = request
         return prepared
+
+    @staticmethod
+    def _shutting_down() -> RequestError:
+        return RequestError("the server is shutting down", code="server_shutting_down", status=503)
 
     def cache_stats(self) -> dict:
         """The workers' processed-image caches' hits and misses, summed (replaced workers' included)."""

@@ -3,8 +3,9 @@
 Each request carries a few ``time.perf_counter()`` marks (a dict write each, nothing per token after the
 first); the server keeps the last ``keep`` finished requests' marks and ``GET /debug/stages`` answers the
 time between consecutive marks (p50 / p99 / mean, ms), and the last request's ``arrived`` and ``sent`` marks as they
-are (``last``: ``time.perf_counter()`` seconds, a clock every process of the machine shares on Linux, macOS and
-Windows), so a client on the same machine can tell its own part of the time to first token from the server's. With
+are (``last``: ``time.perf_counter()`` seconds; CPython reads it from a clock the machine's processes share on Linux,
+macOS and Windows, though Python does not promise it, and a container with its own time namespace differs), so a
+client on the same machine can tell its own part of the time to first token from the server's. With
 the ``qvl.serve`` logger at DEBUG each request's stages are also logged. The marks, in order:
 
 ========== =============================================================================================
