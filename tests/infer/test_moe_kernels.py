@@ -108,3 +108,25 @@ def test_decode_with_fused_experts_matches_generate(interpreted, tiny_moe):
         assert b.decoder._experts_for(1) == "fused" and b.decoder._experts_for(4) == "fused"
         _run_until_done(b, {0: [job]})
         assert job.handle.emit_tokens == want, impl
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 4])
+def test_kernels_on_cuda(rows):
+    """The compiled kernels on a GPU, bf16, a 30B-A3B layer's widths (fewer experts) and top-8: the same ids and
+    weights as the router, outputs as the grouped GEMM's within bf16 rounding, and inside a captured CUDA graph."""
+    dev = torch.device("cuda")
+    router, gate_up, down = (t.to(dev) for t in weights(experts=32, hidden=2048, inter=768))
+    h = torch.randn(rows, 2048, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(dev)
+    want_w, want_ids = router_top_k(h, router, 8)
+    got_w, got_ids = moe_kernels.route(F.linear(h, router), 8)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-2)
+    want = experts_grouped(h, want_w, want_ids, gate_up, down)
+    got = moe_kernels.experts(h, want_w, want_ids, gate_up, down)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe_kernels.experts(h, want_w, want_ids, gate_up, down)
+    graph.replay()
+    torch.testing.assert_close(captured, got)
