@@ -173,3 +173,48 @@ def test_a_queued_request_is_not_blamed_for_a_crash(engine):
     with pytest.raises(RequestError) as err:  # closed: no worker is started again
         p(ask(engine, "late"))
     assert err.value.status == 503
+
+
+def test_workers_end_with_their_server(tiny_model_dir):
+    """A server killed outright (or ended by the signal uvicorn re-raises after its graceful shutdown, before its own
+    clean-up runs) leaves no worker behind."""
+    import subprocess
+    import sys
+
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import time
+        from qvl.infer.transformers_backend import TransformersEngine
+        from qvl.infer.prepare_pool import PreparePool
+        if __name__ == "__main__":
+            e = TransformersEngine.load({str(tiny_model_dir)!r}, device="cpu", say=lambda *a: None)
+            p = PreparePool(e.preparer, 2)
+            print(*[pid for w in p._workers for pid in w._processes], flush=True)
+            time.sleep(600)
+        """)
+    server = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in server.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        server.kill()
+        server.wait()
+    deadline = time.time() + 20
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in pids if _running(pid)]
+    assert not alive, f"workers {alive} outlived their server"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

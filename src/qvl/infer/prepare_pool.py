@@ -61,8 +61,20 @@ def _init(preparer, folder: str, torch_threads: int) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the server shuts its workers down itself (a worker
     # interrupted in its queue's read would print a traceback on the way out)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # ...unless it dies first (killed, or ended by a signal uvicorn re-raises after its graceful shutdown, before the
+    # server's `finally` runs): a worker also holds its queue's writing end, so it would wait for work forever
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), name="qvl-parent-watch", daemon=True).start()
     torch.set_num_threads(torch_threads)
     _preparer, _folder = preparer, folder
+
+
+def _exit_with(sentinel) -> None:
+    from multiprocessing.connection import wait
+
+    wait([sentinel])  # ready when the parent process has ended
+    os._exit(0)
 
 
 def _ready() -> bool:
