@@ -129,6 +129,11 @@ def test_preprocess_workers_flag_and_banner(tiny_model_dir, tiny_engine, capture
         assert "preprocess 1 worker process (started in" in banner(tiny_engine, ServeSettings(), pool)
     finally:
         pool.close()
+    from serve_helpers import ScriptedEngine  # no preparer, as the vLLM backend
+
+    assert "--preprocess-workers is for the transformers backend" in banner(ScriptedEngine("hi"),
+                                                                         ServeSettings(preprocess_workers=2))
+    assert "preprocess" not in banner(ScriptedEngine("hi"), ServeSettings())
 
 
 def test_serve_vision_cache_flag(tiny_model_dir, captured):

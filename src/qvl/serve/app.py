@@ -468,6 +468,9 @@ def banner(engine: Engine, settings: ServeSettings, pool=None) -> str:
              f"  HTTP       {http_stack()}"]
     if getattr(engine, "preparer", None) is not None:
         lines.append(f"  preprocess {preprocessing_line(pool, settings)}")
+    elif settings.preprocess_workers:
+        lines.append(f"  note: --preprocess-workers is for the transformers backend; {engine.backend} prepares "
+                     "requests its own way")
     if settings.api_key:
         lines.append("  API key required (Authorization: Bearer ...)")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
