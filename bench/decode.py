@@ -266,7 +266,7 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096, help="the engine's context (its slot cache)")
     ap.add_argument("--json", default="decode.json")
     ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
-    ap.add_argument("--profile-step", help="write a profile of the captured batch-1 decode step here (its kernels)")
+    ap.add_argument("--profile-step", help="write profiles of the captured decode step, 1 and 32 rows, here (their kernels)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     from qvl.models.build import random_model
@@ -422,11 +422,17 @@ def main() -> int:
     if args.profile_step:  # where a batch-1 captured step goes: its kernels by device time, calls per 20 steps
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            graph_step_ms(d, 1, len(big), reps=20)
+        tables = []
+        # 32 rows too: at 8B their step (8.2 ms, H200) is 1.5x a 1-row step for ~10 % more bytes read, and it
+        # sets the ceiling of 32 staggered clients (bench/serve.py's ``staggered_ceiling``)
+        for rows, keys in ((1, len(big)), (32, 300)):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                graph_step_ms(d, rows, keys, reps=20)
+            variant = best.split("/")[0] + (f"/{d._experts_for(rows)}" if d.is_moe else "")
+            tables.append(f"{variant}, batch {rows} at {keys} tokens, 21 captured steps\n"
+                          + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
         with open(args.profile_step, "w") as f:
-            f.write(f"{one_row_key}, batch 1 at {len(big)} tokens, 21 captured steps\n"
-                    + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+            f.write("\n\n".join(tables))
     qvl_one(engine, big, 16)
     runs = [qvl_one(engine, big, args.new) for _ in range(3)]
     r = {"ttft_s": statistics.median(x["ttft_s"] for x in runs),

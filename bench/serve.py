@@ -271,6 +271,18 @@ def thread_profile(base_url: str, url: str, work: Workload, n: int, stagger: flo
             "threads": busy}
 
 
+def staggered_ceiling(one: dict | None, clients: list[int], stagger: float, tokens: int) -> dict:
+    """The most output tok/s that ``n`` clients ``stagger`` s apart could show if no step were slower than one
+    client's: the last request arrives ``(n - 1) * stagger`` after the first, then needs its time to the first
+    token and ``tokens - 1`` steps, so the run lasts at least that long. ``one``: a 1-client row (its TTFT and
+    TPOT p50). A row's ``of_ceiling`` below 1 is what serving many at once costs (longer steps with more rows,
+    prefills between them); a target above the ceiling asks for steps of many rows faster than one row's."""
+    if not one or not one.get("tpot_p50_s") or one.get("ttft_p50_s") is None:
+        return {}
+    return {f"clients_{n}": n * tokens / ((n - 1) * stagger + one["ttft_p50_s"] + (tokens - 1) * one["tpot_p50_s"])
+            for n in clients}
+
+
 def server_stages(base_url: str) -> dict:
     """The server's own split of the time to first token for the requests since the last call (its
     /debug/stages, which starts a new window): where HTTP TTFT goes beyond the engine's."""
@@ -465,8 +477,18 @@ def main(argv: list[str] | None = None) -> int:
     if "http" in out and "engine" in out:
         out["http_vs_engine"] = {k: out["http"][k]["output_tok_s"] / out["engine"][k]["output_tok_s"]
                                  for k in out["http"] if k in out["engine"] and out["engine"][k]["output_tok_s"]}
+    ref = "engine" if "clients_1" in out.get("engine", {}) else "http"  # the faster single stream, if it ran
+    ceiling = staggered_ceiling(out.get(ref, {}).get("clients_1"), clients, args.stagger, args.tokens)
+    if ceiling:
+        out["staggered_ceiling"] = {"from": f"{ref} clients_1", "tok_s": ceiling,
+                                    **{f"{phase}_of_ceiling": {k: out[phase][k]["output_tok_s"] / v
+                                                               for k, v in ceiling.items() if k in out[phase]}
+                                       for phase in ("http", "engine") if phase in out}}
+        print("ceiling of staggered clients (no step slower than one client's): "
+              + ", ".join(f"{k} {v:.0f} tok/s" for k, v in ceiling.items()), flush=True)
     save()
-    print(json.dumps({k: out[k] for k in ("http_vs_engine", "turns", "peak_gpu_memory_gib") if k in out}, indent=2))
+    print(json.dumps({k: out[k] for k in ("http_vs_engine", "staggered_ceiling", "turns", "peak_gpu_memory_gib")
+                      if k in out}, indent=2))
     return 0
 
 

@@ -30,6 +30,9 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
             assert s["output_tokens"] == s["requests"] * 6 and s["output_tok_s"] > 0
             assert s["ttft_p50_s"] > 0 and s["tpot_p50_s"] > 0 and s["itl_p99_s"] >= s["itl_p50_s"]
     assert set(res["http_vs_engine"]) == {"clients_1", "clients_4", "rate_20"}
+    ceiling = res["staggered_ceiling"]  # from the engine's single stream, with both phases' rows against it
+    assert ceiling["from"] == "engine clients_1" and set(ceiling["tok_s"]) == {"clients_1", "clients_4"}
+    assert set(ceiling["http_of_ceiling"]) == set(ceiling["engine_of_ceiling"]) == {"clients_1", "clients_4"}
     assert res["turns"]["turn1_ttft_s"] > 0 and res["turns"]["turn2_ttft_s"] > 0
     one, two = res["turns"]["prompt_tokens"]
     assert one < two  # turn 2: turn 1's prompt, the fixed answer and the follow-up
@@ -92,3 +95,16 @@ def test_turn_two_sends_the_fixed_answer_and_fits_the_default_context():
     default_context = 2048  # bench/serve.py --max-model-len
     assert 1000 < len(one) < len(two) < default_context - 128, (len(one), len(two))  # 1,047 and 1,330 tokens
     assert two[:len(one)].tolist() == one.tolist()
+
+
+def test_staggered_ceiling_is_the_last_arrival_plus_one_streams_time():
+    """n clients 20 ms apart, 128 tokens each: the run lasts at least the last arrival plus one client's TTFT and
+    127 steps, so output tok/s is at most n x 128 over that (H200 figures: 1-client TTFT 0.11 s, TPOT 5.4 ms)."""
+    bench = _bench_serve()
+    one = {"ttft_p50_s": 0.11, "tpot_p50_s": 0.0054}
+    got = bench.staggered_ceiling(one, [1, 32, 64], 0.02, 128)
+    assert got["clients_1"] == pytest.approx(128 / (0.11 + 127 * 0.0054))  # one stream's own rate
+    assert got["clients_32"] == pytest.approx(32 * 128 / (31 * 0.02 + 0.11 + 127 * 0.0054))  # ~2,900 tok/s
+    assert got["clients_1"] < got["clients_32"] < got["clients_64"]
+    assert bench.staggered_ceiling({"ttft_p50_s": 0.1, "tpot_p50_s": None}, [1], 0.02, 128) == {}  # one token: none
+    assert bench.staggered_ceiling(None, [1], 0.02, 128) == {}
