@@ -423,8 +423,9 @@ def main() -> int:
         from torch.profiler import ProfilerActivity, profile
 
         tables = []
-        # 32 rows too: at 8B their step (8.2 ms, H200) is 1.5x a 1-row step for ~10 % more bytes read, and it
-        # sets the ceiling of 32 staggered clients (bench/serve.py's ``staggered_ceiling``)
+        # 32 rows too: how many clients at once cost more than one does (8B: 8.00 against 7.19 ms, H100,
+        # 2026-12-06, bench/experiments/results/decode_8b_step_h100.txt), what bench/serve.py's
+        # ``staggered_ceiling`` assumes away
         for rows, keys in ((1, len(big)), (32, 300)):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 graph_step_ms(d, rows, keys, reps=20)

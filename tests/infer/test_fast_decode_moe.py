@@ -96,11 +96,11 @@ def test_router_and_experts_match_the_hf_block(tiny_moe):
 
 
 @pytest.mark.parametrize("kind, experts, impl", [("text", "grouped", None), ("image", "gathered", None),
-                                                  ("image", "grouped", None), ("text", "grouped", "layer"),
-                                                  ("image", "gathered", "layer")])
+                                                  ("image", "grouped", None), ("text", "grouped", "pieces"),
+                                                  ("image", "gathered", "pieces")])
 def test_greedy_matches_generate(tiny_moe, kind, experts, impl):
-    """Each way of running the routed experts, in the MoE default step (three pieces a layer) and in one function a
-    layer (the dense models' default; bench/decode.py times both on a GPU)."""
+    """Each way of running the routed experts, in the default step (one function a layer, as for the dense models)
+    and in three pieces a layer (bench/decode.py times both on a GPU)."""
     model, processor, _ = tiny_moe
     job = _job(processor, PROMPTS[kind])
     want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
@@ -257,8 +257,9 @@ def test_a_grouped_capture_that_fails_falls_back_to_gathering_and_keeps_the_gath
 
 
 def test_experts_run_grouped_at_every_batch_size_by_default(tiny_moe):
-    """Grouped GEMMs won at 1 and 32 rows on a GPU (30B-A3B, bench/results/decode_moe_h100.json): the default
-    groups at batch 1 too; gathering stays for where grouping cannot run."""
+    """Grouped GEMMs beat gathering at 1 and 32 rows on a GPU (30B-A3B, bench/results/decode_moe_h100.json): where
+    the fused kernels do not run (this CPU) the default groups at batch 1 too; gathering stays for where grouping
+    cannot run."""
     model, _, _ = tiny_moe
     d = DecodeModel(model, slots=4, max_len=64)
     assert d.experts == "auto" and all(d._grouped_for(n) for n in (1, 2, 4))
@@ -267,9 +268,9 @@ def test_experts_run_grouped_at_every_batch_size_by_default(tiny_moe):
 
 
 def test_fused_experts_run_where_asked_and_their_kernels_run(tiny_moe):
-    """Triton's fused experts (qvl.infer.moe_kernels): up to fused_max_rows rows under "auto" (0 by default: not yet
-    measured on a GPU), every batch under "fused"; never where the kernels cannot run (a CPU without the interpreter):
-    there grouped GEMMs as before."""
+    """Triton's fused experts (qvl.infer.moe_kernels): up to fused_max_rows rows under "auto" (1 by default: faster
+    than grouped at 1 row, slower at 32 on an H100), every batch under "fused"; never where the kernels cannot run (a
+    CPU without the interpreter): there grouped GEMMs as before."""
     model, _, _ = tiny_moe
     d = DecodeModel(model, slots=4, max_len=64)
     assert not d._fused_ok and d._experts_for(1) == "grouped"  # this CPU
@@ -278,7 +279,7 @@ def test_fused_experts_run_where_asked_and_their_kernels_run(tiny_moe):
     d._fused_ok = True  # as on a GPU with Triton
     assert [d._experts_for(n) for n in (1, 4)] == ["fused", "fused"]
     d.set_impl(d.impl, "auto")
-    assert d._experts_for(1) == "grouped"  # fused_max_rows 0
+    assert d.fused_max_rows == 1 and [d._experts_for(n) for n in (1, 2)] == ["fused", "grouped"]
     d.fused_max_rows = 2
     assert [d._experts_for(n) for n in (1, 2, 4)] == ["fused", "fused", "grouped"]
 

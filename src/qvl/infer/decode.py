@@ -140,9 +140,11 @@ class LayerWeights:
 # Gathering stays where the grouped GEMM does not compile (non-bf16 weights) or capture.
 EXPERTS_GATHER_MAX_ROWS = 0
 # Batch buckets up to this many rows run the MoE layer's router top-k and experts as qvl.infer.moe_kernels' Triton
-# kernels (on CUDA). 0 until measured on a GPU: bench/decode.py times them ("fused") beside the others and sets it
-# for its own run where they win.
-EXPERTS_FUSED_MAX_ROWS = 0
+# kernels (on CUDA). The 30B-A3B captured step at 1 row: 4.89 ms fused against 6.80 grouped and 7.22 gathered; at 32
+# rows 29.0 against 26.0 grouped (H100, 2026-12-06, bench/results/decode_moe_fused_h100.json). Between 1 and 32 rows
+# the step was not timed: the experts alone were faster fused at 4 and 8 rows too (105 / 181 us against 174 / 250
+# grouped, bench/experiments/results/moe_kernel_tune_h100.json), the routing and the rest of the step untimed there.
+EXPERTS_FUSED_MAX_ROWS = 1
 EXPERTS = ("grouped", "gathered", "fused")
 
 
@@ -324,10 +326,10 @@ class DecodeModel:
         self.compiled = on_gpu if compile is None else compile
         # "layer": one compiled function per layer, the cache writes inside; "pieces": three compiled functions per
         # layer, the cache writes eager. Same tokens (tests); "layer" took 6.97 ms a batch-1 step against 7.41 and
-        # 8.11 against 8.21 ms at 32 rows (H100, two calls, 2026-12-05, bench/results/decode_h100.json). MoE keeps
-        # "pieces", the one measured on a GPU (7.15 ms a batch-1 step with grouped experts, 30B-A3B, H100,
-        # bench/results/decode_moe_h100.json); bench/decode.py times "layer" for it too
-        self.impl = "pieces" if self.is_moe else "layer"
+        # 8.11 against 8.21 ms at 32 rows (H100, two calls, 2026-12-05, bench/results/decode_h100.json). The same
+        # for MoE (30B-A3B, H100, 2026-12-06, bench/results/decode_moe_fused_h100.json): 4.89 against 5.13 ms a
+        # batch-1 step with fused experts, 26.0 against 26.3 at 32 rows grouped
+        self.impl = "layer"
         # MoE experts: "auto" (fused up to fused_max_rows rows where the kernels run, else gathered up to
         # gather_max_rows rows, grouped above), or one of EXPERTS for every batch
         self.experts = "auto"
