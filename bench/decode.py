@@ -194,6 +194,28 @@ def graph_step_ms(decoder, rows: int, length: int, reps: int = 50) -> float:
     return ms
 
 
+def fused_rows_sweep(decoder, impl: str, rows: list[int], length: int) -> dict[int, dict[str, float]]:
+    """The captured MoE step (``impl``) at each of ``rows`` with the fused (Triton) and the grouped experts, ms:
+    where between 1 and all slots the fused kernels, which read each pair's expert whole, stop winning."""
+    out = {}
+    for kind in ("fused", "grouped"):
+        decoder.set_impl(impl, kind)
+        for r in rows:
+            out.setdefault(r, {})[kind] = graph_step_ms(decoder, r, length)
+    return out
+
+
+def fused_rows_limit(sweep: dict[int, dict[str, float]]) -> int:
+    """The most rows up to which the fused experts were never slower than the grouped ones (1: they won at 1 row,
+    where the sweep starts from)."""
+    limit = 1
+    for rows in sorted(sweep):
+        if sweep[rows]["fused"] > sweep[rows]["grouped"]:
+            break
+        limit = rows
+    return limit
+
+
 def long_prompt_stall(engine, encs, long_enc, part_tokens: int, new: int) -> dict:
     """``encs`` decoding (``new`` tokens each), then ``long_enc`` arriving 0.3 s later, prefilled whole
     (``part_tokens`` 0) or ``part_tokens`` a turn: the longest gap between the others' decode steps meanwhile, and
@@ -407,6 +429,11 @@ def main() -> int:
             return d.slots if at_32 else int(at_one)
 
         d.gather_max_rows, d.fused_max_rows = rows_won("gathered"), rows_won("fused")
+        if "grouped" in timed and 1 <= d.fused_max_rows < d.slots:  # fused won at 1 row, not at all: up to where?
+            sweep = fused_rows_sweep(d, impl, [b for b in d.batch_buckets if 1 < b < d.slots], 300)
+            if d._fused_ok:  # else a capture failed and the "fused" timings were grouped ones
+                out["experts_rows_sweep"] = sweep
+                d.fused_max_rows = fused_rows_limit(sweep)
         out["experts_gather_max_rows"], out["experts_fused_max_rows"] = d.gather_max_rows, d.fused_max_rows
         out["experts_grouped_compiled"] = d._grouped_ok  # False: grouped GEMM failed, everything gathered
         out["experts_fused_ran"] = d._fused_ok  # False: no Triton, or its kernels failed

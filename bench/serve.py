@@ -238,6 +238,11 @@ def turns(url: str, work: Workload, images: list[bytes], base_url: str | None = 
            "first_turn2_ttft_s": ttft["turn2"][0]}
     if base_url:
         out["server"] = splits
+        totals = {turn: [run["stages_ms"].get("total") for run in runs] for turn, runs in splits.items()}
+        if all(totals[turn] and None not in totals[turn] for turn in totals):
+            # the same ratio from the server's own arrived->sent times: without the client's part (encoding and
+            # sending the body, the same for both turns), what reusing the image and the prompt saves
+            out["turn2_vs_turn1_server"] = statistics.median(totals["turn2"]) / statistics.median(totals["turn1"])
     return out
 
 

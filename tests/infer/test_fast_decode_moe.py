@@ -174,14 +174,30 @@ def test_engine_and_http_server_answer_as_generate(tiny_moe):
         reference.close()
 
 
-def test_bandwidth_bound_counts_the_routed_experts_only(tiny_moe):
-    """bench/decode.py's batch-1 bound: attention, norms, router, k of the E experts per layer, lm_head."""
+def _bench_decode():
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[2] / "bench" / "decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_fused_experts_run_up_to_the_rows_where_they_stop_winning():
+    """bench/decode.py's sweep of the MoE step between 1 and all rows: fused up to the last batch size before the
+    first one where grouped GEMMs were faster (a later win does not count: the batches between would lose)."""
+    limit = _bench_decode().fused_rows_limit
+    ms = lambda fused, grouped: {"fused": fused, "grouped": grouped}  # noqa: E731
+    assert limit({2: ms(5.0, 7.0), 4: ms(6.0, 7.5), 8: ms(8.0, 7.9), 16: ms(9.0, 12.0)}) == 4
+    assert limit({2: ms(7.1, 7.0)}) == 1  # already slower at 2 rows: batch 1 only
+    assert limit({2: ms(5.0, 7.0), 4: ms(6.0, 7.0)}) == 4
+    assert limit({}) == 1
+
+
+def test_bandwidth_bound_counts_the_routed_experts_only(tiny_moe):
+    """bench/decode.py's batch-1 bound: attention, norms, router, k of the E experts per layer, lm_head."""
+    bench = _bench_decode()
     model, _, _ = tiny_moe
     text = model.model.language_model
     cfg = text.config

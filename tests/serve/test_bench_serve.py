@@ -38,6 +38,7 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
     assert one < two  # turn 2: turn 1's prompt, the fixed answer and the follow-up
     turn1, turn2 = (res["turns"]["server"][t][-1] for t in ("turn1", "turn2"))  # the server's split of each turn
     assert turn2["stages_ms"]["total"] > 0 and "submitted->admitted" in turn2["stages_ms"]
+    assert res["turns"]["turn2_vs_turn1_server"] > 0  # the ratio from the server's own times, the client's apart
     outside = turn2["outside_server_ms"]  # the client's part, from the server's absolute marks (one clock)
     assert outside["client->arrived"] > 0 and outside["sent->client"] > 0
     assert turn1["reused"]["prefix_reused_tokens"] == 0
