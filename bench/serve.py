@@ -281,11 +281,12 @@ def staggered_ceiling(one: dict | None, clients: list[int], stagger: float, toke
     client's: the last request arrives ``(n - 1) * stagger`` after the first, then needs its time to the first
     token and ``tokens - 1`` steps, so the run lasts at least that long. ``one``: a 1-client row (its TTFT and
     TPOT p50). A row's ``of_ceiling`` below 1 is what serving many at once costs (longer steps with more rows,
-    prefills between them); a target above the ceiling asks for steps of many rows faster than one row's."""
+    prefills between them); a target above the ceiling asks for steps of many rows faster than one row's. From the
+    engine's row (requests prepared beforehand) the HTTP rows' ratio also counts preparing each request."""
     if not one or not one.get("tpot_p50_s") or one.get("ttft_p50_s") is None:
         return {}
     return {f"clients_{n}": n * tokens / ((n - 1) * stagger + one["ttft_p50_s"] + (tokens - 1) * one["tpot_p50_s"])
-            for n in clients}
+            for n in clients if n >= 1}
 
 
 def server_stages(base_url: str) -> dict:
@@ -387,8 +388,9 @@ def versions() -> dict:
         except Exception:  # noqa: BLE001
             v[name] = None
     try:
-        v["qvl_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                         text=True, timeout=10).stdout.strip() or None
+        # "-dirty": the tree had changes on top of that commit (a GPU run takes the working tree as it is)
+        v["qvl_commit"] = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT,
+                                         capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         v["qvl_commit"] = None
     return v
@@ -482,12 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     if "http" in out and "engine" in out:
         out["http_vs_engine"] = {k: out["http"][k]["output_tok_s"] / out["engine"][k]["output_tok_s"]
                                  for k in out["http"] if k in out["engine"] and out["engine"][k]["output_tok_s"]}
-    ref = "engine" if "clients_1" in out.get("engine", {}) else "http"  # the faster single stream, if it ran
-    ceiling = staggered_ceiling(out.get(ref, {}).get("clients_1"), clients, args.stagger, args.tokens)
+    ref, ceiling = None, {}
+    for ref in ("engine", "http"):  # the engine's single stream (the faster) where it ran
+        ceiling = staggered_ceiling(out.get(ref, {}).get("clients_1"), clients, args.stagger, args.tokens)
+        if ceiling:
+            break
     if ceiling:
         out["staggered_ceiling"] = {"from": f"{ref} clients_1", "tok_s": ceiling,
                                     **{f"{phase}_of_ceiling": {k: out[phase][k]["output_tok_s"] / v
-                                                               for k, v in ceiling.items() if k in out[phase]}
+                                                               for k, v in ceiling.items() if k in out[phase] and v}
                                        for phase in ("http", "engine") if phase in out}}
         print("ceiling of staggered clients (no step slower than one client's): "
               + ", ".join(f"{k} {v:.0f} tok/s" for k, v in ceiling.items()), flush=True)

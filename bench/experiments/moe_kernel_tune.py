@@ -3,7 +3,7 @@
 One 30B-A3B-sized MoE layer's experts (128 experts, hidden 2,048, intermediate 768, top-8; bf16 random weights),
 ``--layers`` copies of them (so the rows an expert reads are not still in the L2 cache from the call before), each
 with its own routed rows. Each variant's calls over all copies are captured in a CUDA graph and replayed (device time,
-no launch gaps from the host): the grouped path (qvl.infer.decode.experts_grouped, the decode default), the gathered
+no launch gaps from the host): the grouped path (qvl.infer.decode.experts_grouped, the decode default above 1 row), the gathered
 one (compiled, as decode runs it), and the fused kernels for every (BLOCK_OUT, BLOCK_IN, NUM_WARPS) choice; the router's top-k likewise (the
 Hugging Face softmax / top-k / renormalise against the route kernel). Reported per layer: microseconds, and GB/s of
 the expert rows the rows' distinct experts hold (each read once: the least any way must read). The best tile choice

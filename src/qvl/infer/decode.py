@@ -142,8 +142,9 @@ EXPERTS_GATHER_MAX_ROWS = 0
 # Batch buckets up to this many rows run the MoE layer's router top-k and experts as qvl.infer.moe_kernels' Triton
 # kernels (on CUDA). The 30B-A3B captured step at 1 row: 4.89 ms fused against 6.80 grouped and 7.22 gathered; at 32
 # rows 29.0 against 26.0 grouped (H100, 2026-12-06, bench/results/decode_moe_fused_h100.json). Between 1 and 32 rows
-# the step was not timed: the experts alone were faster fused at 4 and 8 rows too (105 / 181 us against 174 / 250
-# grouped, bench/experiments/results/moe_kernel_tune_h100.json), the routing and the rest of the step untimed there.
+# the step was not timed (bench/decode.py sweeps it now): the experts alone were faster fused at 4 and 8 rows too
+# (108 / 191 us with the tiles set, against 174 / 250 grouped, bench/experiments/results/moe_kernel_tune_h100.json).
+# Measured on 30B-A3B only; other MoE shapes and cards take the same default (a failed capture falls back).
 EXPERTS_FUSED_MAX_ROWS = 1
 EXPERTS = ("grouped", "gathered", "fused")
 
