@@ -161,10 +161,11 @@ def test_tower_compiled_in_the_background_gives_the_same_loss(setup):
             while not tower.done.is_set() and len(meanwhile) < 20:
                 meanwhile.append(float(lm(dict(batch), n)[0]))
             assert tower.wait(timeout=300) and tower.error == ""
-            graphs = counters["stats"]["unique_graphs"]
+            # a row in the loop above may have had its later tower calls compiled (done set between its calls)
+            graphs, before = counters["stats"]["unique_graphs"], tower.compiled_calls
             compiled = float(lm(dict(batch), n)[0])
             assert counters["stats"]["unique_graphs"] == graphs  # the thread's graph serves this thread's call
-        assert tower.compiled_calls == calls and "compiled in the background" in tower.status()
+        assert tower.compiled_calls - before == calls and "compiled in the background" in tower.status()
     finally:
         compile.uncompile(model)
     assert compile.tower_in_background(model) is None
