@@ -216,6 +216,31 @@ def fused_rows_limit(sweep: dict[int, dict[str, float]]) -> int:
     return limit
 
 
+def attention_choice(decoder, impl: str, long_keys: int) -> dict:
+    """The captured step (``impl``, the experts as "auto" runs them) with plain and with split-key attention
+    (qvl.infer.attend_kernels), at 1 row x ``long_keys`` and 32 rows x 300: the decoder keeps split where it was
+    never slower. -> the results' keys."""
+    if not decoder._split_ok:
+        return {"attention": decoder.attention, "attention_failed": "the split-key kernel does not run here"}
+    timed, res = {}, {}
+    for attention in ("plain", "split"):
+        try:
+            decoder.set_impl(impl, "auto" if decoder.is_moe else None, attention)
+            timed[attention] = {"rows1_len1100": graph_step_ms(decoder, 1, long_keys),
+                                "rows32_len300": graph_step_ms(decoder, 32, 300)}
+        except Exception as e:  # noqa: BLE001 -- recorded; plain attention stays
+            res["attention_failed"] = f"{attention}: {type(e).__name__}: {str(e)[:300]}"
+            for slot in list(decoder.busy):  # the rows graph_step_ms had taken
+                decoder.release(slot)
+    if not decoder._split_ok:  # a capture fell back: the "split" timings were plain ones
+        timed.pop("split", None)
+        res["attention_failed"] = "split-key attention failed to compile or capture (the decoder attended plainly)"
+    won = "split" in timed and "plain" in timed and all(timed["split"][k] <= timed["plain"][k] for k in timed["plain"])
+    decoder.attention = "split" if won else "plain"
+    print("attention", timed, "->", decoder.attention, flush=True)
+    return {**res, "attention_ms": timed, "attention": decoder.attention}
+
+
 def long_prompt_stall(engine, encs, long_enc, part_tokens: int, new: int) -> dict:
     """``encs`` decoding (``new`` tokens each), then ``long_enc`` arriving 0.3 s later, prefilled whole
     (``part_tokens`` 0) or ``part_tokens`` a turn: the longest gap between the others' decode steps meanwhile, and
@@ -448,12 +473,14 @@ def main() -> int:
         out["experts_gather_max_rows"], out["experts_fused_max_rows"] = d.gather_max_rows, d.fused_max_rows
         out["experts_grouped_compiled"] = d._grouped_ok  # False: grouped GEMM failed, everything gathered
         out["experts_fused_ran"] = d._fused_ok  # False: no Triton, or its kernels failed
+    attention = attention_choice(d, best.split("/")[0], len(big))  # split-key attention against plain
+    out.update(attention)
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["step_impl"] = best
     chosen = f"{best.split('/')[0]}/{d._experts_for(1)}"
     one_row_key = chosen if d.is_moe and chosen in steps else best  # what a batch-1 step runs after the choice above
-    one_row = steps[one_row_key]
+    one_row = attention.get("attention_ms", {}).get(d.attention) or steps[one_row_key]
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)
     save()

@@ -17,6 +17,7 @@ is printed as the lines to put in qvl/infer/moe_kernels.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -61,6 +62,31 @@ def graph_us(fn, calls: int, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (reps * calls)
 
 
+def down_row_sum(act, routed, down):
+    """The down kernel as it was before 2026-12-06 (one program per row and block of hidden columns, summing the
+    row's k pairs in turn), with the default tile: the baseline of the per-pair kernel."""
+    import triton
+
+    weights, ids = routed
+    (b, k), hidden, inter = ids.shape, down.shape[1], down.shape[2]
+    block_n, block_k, warps = moe_kernels.DOWN_TILE
+    out = torch.empty(b, hidden, dtype=act.dtype, device=act.device)
+    _row_sum_kernel()[(b, triton.cdiv(hidden, block_n))](
+        act, ids, weights, down, out, hidden, inter, down.stride(0), down.stride(1), out.stride(0),
+        TOP_K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return out
+
+
+@functools.cache
+def _row_sum_kernel():
+    import triton
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _moe_row_sum_triton import down_row_sum_kernel
+
+    return triton.jit(down_row_sum_kernel)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=128)
@@ -101,22 +127,38 @@ def main(argv=None) -> int:
         # as decode runs it: compiled into one kernel (eager it copies every pair's expert in float32)
         row["us"]["gathered"] = graph_us(experts_call(torch.compile(experts_gathered, dynamic=False)), len(layers))
         tiles = {}
-        sweep = itertools.product(*(map(int, a.split(",")) for a in (args.block_out, args.block_in, args.warps)))
+        sweep = list(itertools.product(*(map(int, a.split(",")) for a in (args.block_out, args.block_in, args.warps))))
         if not moe_kernels.available(dev):  # the op would run the plain path: no kernel timings to show
             print("the Triton kernels do not run here (no Triton, or a CPU without TRITON_INTERPRET=1)", flush=True)
-            sweep = ()
-        default = (moe_kernels.BLOCK_OUT, moe_kernels.BLOCK_IN, moe_kernels.NUM_WARPS)
-        for tile in sweep:
-            name = "fused/{}x{}/w{}".format(*tile)
+            sweep = []
+        else:
+            acts = [moe_kernels.launch_gate_up(h[i], routed[i][1], layers[i][0]) for i in range(len(layers))]
+            row["us"]["fused/default"] = graph_us(experts_call(moe_kernels.experts), len(layers))
+            # the down kernel before 2026-12-06: one program summed a row's k pairs (here for the comparison)
+            row["us"]["down/row-sum"] = graph_us(lambda i: down_row_sum(acts[i], routed[i], layers[i][1]), len(layers))
+        for tile in sweep:  # each kernel alone, per tile: the best of each is a separate choice
+            name = "{}x{}/w{}".format(*tile)
             tiles[name] = tile
-            moe_kernels.BLOCK_OUT, moe_kernels.BLOCK_IN, moe_kernels.NUM_WARPS = tile
-            try:
-                row["us"][name] = graph_us(experts_call(moe_kernels.experts), len(layers))
-            except Exception as err:  # noqa: BLE001 -- a tile the card cannot run: recorded, the sweep goes on
-                row["us"][name] = f"{type(err).__name__}: {str(err)[:120]}"
-        moe_kernels.BLOCK_OUT, moe_kernels.BLOCK_IN, moe_kernels.NUM_WARPS = default
+            for kernel, call in (("gate_up", lambda i: moe_kernels.launch_gate_up(h[i], routed[i][1], layers[i][0],
+                                                                                  tile)),
+                                 ("down", lambda i: moe_kernels.launch_down(acts[i], *routed[i], layers[i][1], tile))):
+                try:
+                    row["us"][f"{kernel}/{name}"] = graph_us(call, len(layers))
+                except Exception as err:  # noqa: BLE001 -- a tile the card cannot run: recorded, the sweep goes on
+                    row["us"][f"{kernel}/{name}"] = f"{type(err).__name__}: {str(err)[:120]}"
+        best = {}
+        for kernel in ("gate_up", "down"):
+            timed = {n: us for n, us in row["us"].items() if n.startswith(kernel + "/") and isinstance(us, float)}
+            best[kernel] = min(timed, key=timed.get).split("/", 1)[1] if timed else None
+        if all(best.values()):  # both kernels on their best tiles, as the decoder would run them
+            default = moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE
+            moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE = tiles[best["gate_up"]], tiles[best["down"]]
+            row["us"]["fused/best"] = graph_us(experts_call(moe_kernels.experts), len(layers))
+            moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE = default
         timed = {name: us for name, us in row["us"].items() if isinstance(us, float)}
-        row["gb_s"] = {name: floor_bytes / (us * 1e-6) / 1e9 for name, us in timed.items()}
+        row["gb_s"] = {name: floor_bytes / (us * 1e-6) / 1e9 for name, us in timed.items()
+                       if name in ("grouped", "gathered", "fused/default", "fused/best")}
+        row["best_tiles"] = best
         fused = {name: us for name, us in timed.items() if name.startswith("fused")}
         row["best_fused"] = min(fused, key=fused.get) if fused else None
         # the router's GEMM in both
@@ -124,14 +166,17 @@ def main(argv=None) -> int:
                            "route_kernel": graph_us(lambda i: moe_kernels.route(F.linear(h[i], layers[i][2]), k),
                                                     len(layers))}
         out["rows"][rows] = row
-        best_overall[rows] = tiles.get(row["best_fused"])
+        best_overall[rows] = {kernel: tiles.get(name) for kernel, name in best.items()}
+        per_kernel = ", ".join(f"{kernel} {name} {row['us'][f'{kernel}/{name}']:.1f} us" for kernel, name in best.items()
+                               if name)
         print(f"{rows} rows ({distinct:.1f} experts, {floor_bytes / 1e6:.0f} MB): grouped {row['us']['grouped']:.1f} us, "
-              f"gathered {row['us']['gathered']:.1f}, best fused {row['best_fused']} {fused.get(row['best_fused'], 0):.1f} "
-              f"us ({row['gb_s'].get(row['best_fused'], 0):.0f} GB/s; grouped {row['gb_s']['grouped']:.0f}); route "
+              f"gathered {row['us']['gathered']:.1f}, fused default {fused.get('fused/default', 0):.1f}, best tiles "
+              f"{fused.get('fused/best', 0):.1f} us ({per_kernel}; the row-sum down kernel "
+              f"{row['us'].get('down/row-sum', 0):.1f}); route "
               f"{row['route_us']['router_top_k']:.1f} -> {row['route_us']['route_kernel']:.1f} us", flush=True)
-    if best_overall.get(1):
-        print("for qvl/infer/moe_kernels.py (best at 1 row): BLOCK_OUT = {}; BLOCK_IN = {}; NUM_WARPS = {}".format(
-            *best_overall[1]), flush=True)
+    if best_overall.get(1) and all(best_overall[1].values()):
+        print("for qvl/infer/moe_kernels.py (best at 1 row): GATE_UP_TILE = {}; DOWN_TILE = {}".format(
+            best_overall[1]["gate_up"], best_overall[1]["down"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0

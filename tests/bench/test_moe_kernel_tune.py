@@ -1,5 +1,5 @@
 """bench/experiments/moe_kernel_tune.py runs end to end on a CPU (Triton's interpreter, a tiny shape, eager timings):
-every variant timed, the best tile named."""
+every variant timed, each kernel's best tile named."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def test_moe_kernel_tune_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"1", "2"}
     for row in rows.values():
-        assert {"grouped", "gathered", "fused/16x32/w4", "fused/32x32/w4"} <= set(row["us"])
+        assert {"grouped", "gathered", "fused/default", "fused/best", "down/row-sum", "gate_up/16x32/w4",
+                "gate_up/32x32/w4", "down/16x32/w4", "down/32x32/w4"} <= set(row["us"])
+        assert set(row["best_tiles"]) == {"gate_up", "down"} and row["best_tiles"]["down"] in ("16x32/w4", "32x32/w4")
         assert row["best_fused"] in row["us"] and set(row["route_us"]) == {"router_top_k", "route_kernel"}
-    assert "BLOCK_OUT = " in r.stdout
+    assert "GATE_UP_TILE = (" in r.stdout and "DOWN_TILE = (" in r.stdout

@@ -48,24 +48,22 @@ def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, H, INTER, stride_x, stride_we
     act = silu * up.to(dtype).to(tl.float32)
     tl.store(act_ptr + pair * INTER + cols, act.to(dtype), mask=col_ok)
 
-def down_kernel(act_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr, H, INTER, stride_we, stride_wh, stride_out,
-                TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
+def down_kernel(act_ptr, weights_ptr, w_ptr, ids_ptr, out_ptr, H, INTER, stride_we, stride_wh,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one program per (row, expert) pair and block of hidden columns, as gate_up_kernel: the pair's weighted product,
+    # rounded as the plain path rounds it; the k-sum over a row's pairs is left to the caller (moe_kernels.experts)
+    pair = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     dtype = out_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        pair = row * TOP_K + j
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        weight = tl.load(weights_ptr + pair).to(tl.float32)
-        rows = w_ptr + expert * stride_we + cols[:, None] * stride_wh
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, INTER, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < INTER
-            a = tl.load(act_ptr + pair * INTER + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            w = tl.load(rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * a, 1)
-        total += (acc.to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, total.to(dtype), mask=col_ok)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    weight = tl.load(weights_ptr + pair).to(tl.float32)
+    rows = w_ptr + expert * stride_we + cols[:, None] * stride_wh
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, INTER, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < INTER
+        a = tl.load(act_ptr + pair * INTER + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * a, 1)
+    tl.store(out_ptr + pair * H + cols, (acc.to(dtype).to(tl.float32) * weight).to(dtype), mask=col_ok)

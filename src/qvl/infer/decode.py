@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qvl.infer.triton_support import available
+
 log = logging.getLogger("qvl.infer")
 
 
@@ -147,6 +149,11 @@ EXPERTS_GATHER_MAX_ROWS = 0
 # Measured on 30B-A3B only; other MoE shapes and cards take the same default (a failed capture falls back).
 EXPERTS_FUSED_MAX_ROWS = 1
 EXPERTS = ("grouped", "gathered", "fused")
+# How a decode step attends to the cache where qvl.infer.attend_kernels' split-key Triton kernel runs (CUDA):
+# "split" (one kernel and a small merge) or "plain" (the scores' matmul, the softmax, the values' matmul: 13 us a
+# layer of the 30B-A3B batch-1 step, H100, 2026-12-06, bench/experiments/results/moe_decode_step_fused_h100.txt).
+# bench/decode.py times both (``attention_ms``); plain until a card has shown split faster.
+ATTENTION = "plain"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -177,8 +184,13 @@ def attn_in(x, ln, wqkv, qn, kn, cos, sin, n_q: int, n_kv: int, eps: float):
     return q, k, v.view(b, n_kv, d)
 
 
-def attend(q, keys, values, mask, scale: float):
-    """One query per row over its cache: q (B, Hq, D), keys/values (B, Hkv, L, D), mask (B, L) -> (B, Hq*D)."""
+def attend(q, keys, values, mask, scale: float, split: bool = False):
+    """One query per row over its cache: q (B, Hq, D), keys/values (B, Hkv, L, D), mask (B, L) -> (B, Hq*D).
+    ``split``: as qvl.infer.attend_kernels' split-key Triton kernel computes it, where that runs."""
+    if split:
+        from qvl.infer import attend_kernels
+
+        return attend_kernels.attend(q, keys, values, mask, scale)
     b, n_q, d = q.shape
     n_kv = keys.shape[1]
     qg = q.view(b, n_kv, n_q // n_kv, d)  # grouped-query: each kv head serves n_q / n_kv query heads
@@ -241,13 +253,14 @@ def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str =
 
 
 def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, rows, pos, mask, cos, sin, n_q: int,
-               n_kv: int, eps: float, scale: float, top_k: int = 0, experts: str = "grouped"):
+               n_kv: int, eps: float, scale: float, top_k: int = 0, experts: str = "grouped",
+               split_attention: bool = False):
     """A whole decoder layer for one new token per row, the cache write included (one compiled graph)."""
     q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     b, n_keys = mask.shape
-    a = attend(q, k_cache[:b, :, :n_keys], v_cache[:b, :, :n_keys], mask, scale)
+    a = attend(q, k_cache[:b, :, :n_keys], v_cache[:b, :, :n_keys], mask, scale, split_attention)
     return mlp_out(a, x, wo, ln2, mlp, eps, top_k, experts)
 
 
@@ -341,6 +354,9 @@ class DecodeModel:
         from qvl.infer import moe_kernels
 
         self._fused_ok = self.is_moe and moe_kernels.available(self.device)
+        # attention over the cache: "split" (qvl.infer.attend_kernels' Triton kernel, where it runs) or "plain"
+        self.attention = ATTENTION
+        self._split_ok = available(self.device)
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # how a prompt batch is prefilled: "packed" (qvl.infer.packed_prefill: one unpadded row, the decode step's
@@ -408,16 +424,18 @@ class DecodeModel:
         x = F.embedding(self._tokens[:n_rows], self.embed)
         f = self._fns
         experts = self._experts_for(n_rows)
+        split = self._split_attention()
         for i, w in enumerate(self.layers):
             if self.impl == "layer":
                 x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, self.k[i], self.v[i],
                                     rows, pos, mask, cos, sin, self.n_q, self.n_kv, self.eps, self.scale, w.top_k,
-                                    experts)
+                                    experts, split)
                 continue
             q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps)
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
-            a = f["attend"](q, self.k[i][:n_rows, :, :n_keys], self.v[i][:n_rows, :, :n_keys], mask, self.scale)
+            a = f["attend"](q, self.k[i][:n_rows, :, :n_keys], self.v[i][:n_rows, :, :n_keys], mask, self.scale,
+                            split)
             x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, experts)
         self.length[:n_rows] += 1
         return f["final_logits"](x, self.norm, self.head, self.eps)
@@ -435,19 +453,26 @@ class DecodeModel:
                                                                      and n_rows > self.gather_max_rows))
         return "grouped" if grouped else "gathered"
 
+    def _split_attention(self) -> bool:
+        return self.attention == "split" and self._split_ok
+
     def _grouped_for(self, n_rows: int) -> bool:
         """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs."""
         return self._experts_for(n_rows) == "grouped"
 
-    def set_impl(self, impl: str, experts: str | None = None) -> None:
-        """Switch the step's implementation (benchmarks compare them) and, for MoE, how the routed experts run
-        ("auto" or one of :data:`EXPERTS`); captured graphs are dropped."""
+    def set_impl(self, impl: str, experts: str | None = None, attention: str | None = None) -> None:
+        """Switch the step's implementation (benchmarks compare them), for MoE how the routed experts run
+        ("auto" or one of :data:`EXPERTS`) and how attention runs ("split" or "plain"); captured graphs are
+        dropped."""
         if impl not in ("layer", "pieces"):
             raise ValueError(f"unknown decode step implementation {impl!r}")
         if experts is not None and experts not in ("auto", *EXPERTS):
             raise ValueError(f"unknown experts implementation {experts!r}")
+        if attention is not None and attention not in ("split", "plain"):
+            raise ValueError(f"unknown attention implementation {attention!r}")
         self.impl = impl
         self.experts = experts or self.experts
+        self.attention = attention or self.attention
         self._graphs.clear()
         self._pool = None  # a pool whose graphs are all gone cannot take new captures
 
@@ -480,14 +505,21 @@ class DecodeModel:
 
     def _capture(self, b: int, lb: int):
         """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored. Should
-        a step with fused (Triton) or grouped-GEMM experts fail to compile or capture (not for want of memory), no
-        batch runs them that way from then on (fused ones go grouped, grouped ones gathered): the graphs that ran
-        them go, the others stay."""
+        a step with split-key attention or fused (Triton) or grouped-GEMM experts fail to compile or capture (not for
+        want of memory), no batch runs them that way from then on (attention goes plain first, then fused experts
+        go grouped, grouped ones gathered): the graphs that ran them go, the others stay."""
         try:
             return self._capture_once(b, lb)
         except torch.OutOfMemoryError:
             raise  # not the experts kernels' fault: the request fails, the experts keep their way
         except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the fused or grouped path
+            if self._split_attention():  # the split-key attention kernel goes first: every graph ran it
+                log.warning("split-key attention failed to compile or capture (%s: %s); plain attention instead",
+                            type(e).__name__, str(e)[:200])
+                self._split_ok = False
+                self._graphs.clear()
+                self._pool = None
+                return self._capture(b, lb)
             kind = self._experts_for(b)
             if kind not in ("fused", "grouped"):
                 raise

@@ -9,13 +9,14 @@ the router's GEMM (cuBLAS) and:
 
 * :func:`route` — softmax (float32) over the experts, top-k, the k weights renormalised and cast back, as the
   Hugging Face router computes them (qvl.infer.decode.router_top_k): one program a row;
-* :func:`experts` — per (row, expert) pair, ``silu(x @ gate^T) * (x @ up^T)`` (one program per pair and block of
-  intermediate columns), then per row and block of hidden columns ``sum_k w_k * (act_k @ down_k^T)``. The values are
-  rounded where the plain path rounds them (each product to the model's dtype, the k-sum accumulated in float32), so
-  outputs match it up to the order of the dot products' sums. Each pair reads its expert's rows whole: with many
-  rows sharing experts the grouped GEMM (each selected expert read once) reads less, so this is for a few rows.
+* :func:`experts` — per (row, expert) pair, ``silu(x @ gate^T) * (x @ up^T)``, then ``w_k * (act_k @ down_k^T)``
+  (each kernel one program per pair and block of output columns), summed over a row's k pairs in float32 outside
+  the kernels: compiled, that sum joins the residual add's kernel. The values are rounded where the plain path
+  rounds them (each product to the model's dtype), so outputs match it up to the order of the dot products' sums.
+  Each pair reads its expert's rows whole: with many rows sharing experts the grouped GEMM (each selected expert read
+  once) reads less, so this is for a few rows.
 
-Both are custom ops (``qvl::moe_route``, ``qvl::moe_experts``): torch.compile leaves them whole and CUDA graphs
+Both are custom ops (``qvl::moe_route``, ``qvl::moe_expert_outputs``): torch.compile leaves them whole and CUDA graphs
 capture their launches. On a CPU they run the plain path's operations, except under ``TRITON_INTERPRET=1``, where
 Triton's interpreter runs the kernels themselves (tests/infer/test_moe_kernels.py compares the two).
 """
@@ -23,39 +24,20 @@ Triton's interpreter runs the kernels themselves (tests/infer/test_moe_kernels.p
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-# tile sizes: a block of output columns by a block of the reduced dimension, one program each, and its warps. The
-# fastest at 1 row of the 30B-A3B shape (the size the decoder fuses by default): 40 us a layer's experts against 62
-# with 16 x 256 and 4 warps, 91 for the grouped GEMM (H100, 2026-12-06, bench/experiments/moe_kernel_tune.py,
-# bench/experiments/results/moe_kernel_tune_h100.json; at 4 and 8 rows 16 x 256 with 8 warps was fastest). The
-# gathered experts alone took 36 us there: the fused step wins by its route kernel and fewer launches (decode.py)
-BLOCK_OUT = 8
-BLOCK_IN = 128
-NUM_WARPS = 8
+from qvl.infer.triton_support import available, on_device
 
-
-@functools.cache
-def _triton():
-    """(triton, triton.language), or None where Triton is not installed."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    return triton, tl
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernels run on ``device``: CUDA with Triton (or Triton's interpreter on a CPU)."""
-    return _triton() is not None and (torch.device(device).type == "cuda" or interpreting())
+# tile sizes, per kernel: (a block of output columns, a block of the reduced dimension, warps), one program each.
+# The fastest at 1 row of the 30B-A3B shape (the size the decoder fuses by default), 8 x 128 with 8 warps: a layer's
+# experts in 40 us against 62 with 16 x 256 and 4 warps, 91 for the grouped GEMM (H100, 2026-12-06,
+# bench/experiments/moe_kernel_tune.py, bench/experiments/results/moe_kernel_tune_h100.json; the down kernel then
+# summed a row's k pairs in one program: 19 us for its 25 MB against gate_up's 20 for 50 MB,
+# bench/experiments/results/moe_decode_step_fused_h100.txt, so it runs a program per pair now, as gate_up does)
+GATE_UP_TILE = (8, 128, 8)
+DOWN_TILE = (8, 128, 8)
 
 
 @functools.cache
@@ -69,27 +51,20 @@ def _kernels():
     return triton, triton.jit(k.route_kernel), triton.jit(k.gate_up_kernel), triton.jit(k.down_kernel)
 
 
-def _on(device: torch.device):
-    """Triton launches on the current CUDA device (and its current stream): the tensors' own."""
-    import contextlib
-
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _plain_route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype), ids
 
 
-def _plain_experts(h, weights, ids, gate_up, down) -> torch.Tensor:
+def _plain_expert_outputs(h, weights, ids, gate_up, down) -> torch.Tensor:
     b, k = ids.shape
     flat = ids.reshape(-1)
     x = h.repeat_interleave(k, dim=0)
     gate, up = torch.bmm(gate_up[flat], x[:, :, None])[:, :, 0].chunk(2, dim=-1)
     act = F.silu(gate) * up
     y = torch.bmm(down[flat], act[:, :, None])[:, :, 0]
-    return (y * weights.reshape(-1, 1)).view(b, k, -1).float().sum(dim=1).to(h.dtype)
+    return (y * weights.reshape(-1, 1)).view(b, k, -1)
 
 
 @torch.library.custom_op("qvl::moe_route", mutates_args=())
@@ -102,7 +77,7 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     b, e = logits.shape
     weights = torch.empty(b, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(b, top_k, dtype=torch.int64, device=logits.device)
-    with _on(logits.device):
+    with on_device(logits.device):
         route_kernel[(b,)](logits, weights, ids, logits.stride(0), E=e, TOP_K=top_k)
     return weights, ids
 
@@ -113,29 +88,51 @@ def _(logits, top_k):
     return logits.new_empty(b, top_k), logits.new_empty(b, top_k, dtype=torch.int64)
 
 
-@torch.library.custom_op("qvl::moe_experts", mutates_args=())
-def experts(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-            down: torch.Tensor) -> torch.Tensor:
-    """The routed experts' weighted sum for each row: h (B, H), weights / ids (B, k), gate_up (E, 2I, H), down
-    (E, H, I) -> (B, H)."""
-    if not available(h.device) or gate_up.stride(-1) != 1 or down.stride(-1) != 1:
-        return _plain_experts(h, weights, ids, gate_up, down)
-    triton, _, gate_up_kernel, down_kernel = _kernels()
-    h, weights, ids = h.contiguous(), weights.contiguous(), ids.contiguous()
-    b, k = ids.shape
-    hidden, inter = h.shape[1], down.shape[2]
-    act = torch.empty(b * k, inter, dtype=h.dtype, device=h.device)
-    out = torch.empty_like(h)
-    with _on(h.device):
-        gate_up_kernel[(b * k, triton.cdiv(inter, BLOCK_OUT))](
-            h, ids, gate_up, act, hidden, inter, h.stride(0), gate_up.stride(0), gate_up.stride(1),
-            TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN, num_warps=NUM_WARPS)
-        down_kernel[(b, triton.cdiv(hidden, BLOCK_OUT))](
-            act, ids, weights, down, out, hidden, inter, down.stride(0), down.stride(1), out.stride(0),
-            TOP_K=k, BLOCK_N=BLOCK_OUT, BLOCK_K=BLOCK_IN, num_warps=NUM_WARPS)
+def launch_gate_up(h: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, tile=None) -> torch.Tensor:
+    """The gate_up kernel: (B * k, I) activations ``silu(gate) * up`` of every (row, expert) pair."""
+    triton, _, gate_up_kernel, _ = _kernels()
+    block_n, block_k, warps = tile or GATE_UP_TILE
+    pairs, inter = ids.numel(), gate_up.shape[1] // 2
+    act = torch.empty(pairs, inter, dtype=h.dtype, device=h.device)
+    with on_device(h.device):
+        gate_up_kernel[(pairs, triton.cdiv(inter, block_n))](
+            h, ids, gate_up, act, h.shape[1], inter, h.stride(0), gate_up.stride(0), gate_up.stride(1),
+            TOP_K=ids.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return act
+
+
+def launch_down(act: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, down: torch.Tensor,
+                tile=None) -> torch.Tensor:
+    """The down kernel: (B, k, H) weighted products ``w_k * (act_k @ down_k^T)`` of every pair."""
+    triton, _, _, down_kernel = _kernels()
+    block_n, block_k, warps = tile or DOWN_TILE
+    (b, k), hidden = ids.shape, down.shape[1]
+    out = torch.empty(b, k, hidden, dtype=act.dtype, device=act.device)
+    with on_device(act.device):
+        down_kernel[(b * k, triton.cdiv(hidden, block_n))](
+            act, weights, down, ids, out, hidden, down.shape[2], down.stride(0), down.stride(1),
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
-@experts.register_fake
+@torch.library.custom_op("qvl::moe_expert_outputs", mutates_args=())
+def expert_outputs(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """Each routed expert's weighted output for each row: h (B, H), weights / ids (B, k), gate_up (E, 2I, H), down
+    (E, H, I) -> (B, k, H), in h's dtype."""
+    if not available(h.device) or gate_up.stride(-1) != 1 or down.stride(-1) != 1:
+        return _plain_expert_outputs(h, weights, ids, gate_up, down)
+    h, weights, ids = h.contiguous(), weights.contiguous(), ids.contiguous()
+    return launch_down(launch_gate_up(h, ids, gate_up), weights, ids, down)
+
+
+@expert_outputs.register_fake
 def _(h, weights, ids, gate_up, down):
-    return torch.empty_like(h)
+    return h.new_empty(ids.shape[0], ids.shape[1], h.shape[1])
+
+
+def experts(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
+    """The routed experts' weighted sum for each row: h (B, H), weights / ids (B, k), gate_up (E, 2I, H), down
+    (E, H, I) -> (B, H); the k-sum in float32, as the plain path sums."""
+    return expert_outputs(h, weights, ids, gate_up, down).float().sum(dim=1).to(h.dtype)

@@ -1,0 +1,144 @@
+"""qvl.infer.attend_kernels: a decode step's split-key attention kernel, run by Triton's interpreter on the CPU,
+against the plain path (qvl.infer.decode.attend), and decoding with it against model.generate.
+
+The interpreter must be on before Triton is first imported, so the tests that run the kernel run in a child pytest
+of this file with ``TRITON_INTERPRET=1`` (:func:`test_the_kernel_under_the_interpreter`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qvl.infer import attend_kernels
+from qvl.infer.decode import attend
+
+from test_fast_decode_moe import tiny_moe  # noqa: F401 -- a fixture (the tiny MoE checkpoint)
+
+pytest.importorskip("triton")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def interpreted():
+    if not INTERPRETING:
+        pytest.skip("runs in the child pytest of test_the_kernel_under_the_interpreter")
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is the child")
+def test_the_kernel_under_the_interpreter():
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert r.returncode == 0 and passed and int(passed.group(1)) >= 9, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def cache(rows, n_q, n_kv, d, keys, dtype, seed=0):
+    """q (rows, Hq, D) and a slot cache one slot larger and longer than read (so the step reads strided views),
+    each row with its own length."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, n_q, d, generator=g).to(dtype)
+    k = torch.randn(rows + 1, n_kv, keys + 40, d, generator=g).to(dtype)
+    v = torch.randn(rows + 1, n_kv, keys + 40, d, generator=g).to(dtype)
+    lengths = torch.tensor([max(1, keys - 37 * i) for i in range(rows)])
+    mask = torch.arange(keys)[None, :] < lengths[:, None]
+    return q, k[:rows, :, :keys], v[:rows, :, :keys], mask
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("rows, n_q, n_kv, d, keys", [
+    (1, 4, 2, 16, 37),  # the tiny models' heads, fewer keys than a chunk
+    (3, 32, 4, 128, 300),  # 30B-A3B's heads: 8 query heads a kv head, chunks of 128 and a partial one
+    (2, 8, 8, 32, 256),  # no grouping, whole chunks
+])
+def test_matches_the_plain_path(interpreted, dtype, tol, rows, n_q, n_kv, d, keys):
+    q, k, v, mask = cache(rows, n_q, n_kv, d, keys, dtype)
+    assert k.stride(0) != k.shape[1] * k.shape[2] * d  # a view of the slot cache, as the step reads it
+    want = attend(q, k, v, mask, d ** -0.5)
+    got = attend_kernels.attend(q, k, v, mask, d ** -0.5)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_a_key_outside_the_mask_is_never_read(interpreted):
+    """Masked keys (another request's, garbage) change nothing, even huge ones: their chunks add no weight."""
+    q, k, v, mask = cache(2, 4, 2, 16, 300, torch.float32)
+    want = attend_kernels.attend(q, k, v, mask, 0.25)
+    k, v = k.clone(), v.clone()
+    k[~mask[:, None, :, None].expand_as(k)] = 1e4
+    v[~mask[:, None, :, None].expand_as(v)] = 1e4
+    torch.testing.assert_close(attend_kernels.attend(q, k, v, mask, 0.25), want)
+
+
+def test_compiled_around_it(interpreted):
+    """Inside a compiled function with dynamic shapes (as the decode step compiles it) it stays whole."""
+    q, k, v, mask = cache(2, 8, 2, 32, 200, torch.bfloat16)
+    fn = torch.compile(lambda *a: attend(*a, 32 ** -0.5, split=True), dynamic=True)
+    torch.testing.assert_close(fn(q, k, v, mask), attend_kernels.attend(q, k, v, mask, 32 ** -0.5))
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
+def test_without_the_interpreter_the_cpu_runs_the_plain_path():
+    q, k, v, mask = cache(2, 4, 2, 16, 50, torch.float32)
+    assert not attend_kernels.runs(q, k)
+    assert torch.equal(attend_kernels.attend(q, k, v, mask, 0.25), attend(q, k, v, mask, 0.25))
+
+
+def test_decode_with_split_attention_matches_generate(interpreted, tiny_moe):
+    """The fast decode path attending through the kernel (the tiny MoE model, float32, both step implementations):
+    the same greedy tokens as model.generate."""
+    from test_fast_decode_moe import PROMPTS, _batcher, _generate_ids, _job, _run_until_done
+
+    model, processor, _ = tiny_moe
+    for impl in ("pieces", "layer"):
+        job = _job(processor, PROMPTS["image"])
+        want = _generate_ids(model, processor, job.prepared.inputs, 24)
+        b = _batcher(model, processor, impl=impl, attention="split")
+        assert b.decoder._split_attention()
+        _run_until_done(b, {0: [job]})
+        assert job.handle.emit_tokens == want, impl
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 4])
+def test_kernel_on_cuda(rows):
+    """The compiled kernel on a GPU, bf16, 30B-A3B's heads at 1,094 keys: the plain path's outputs within bf16
+    rounding, and the same inside a captured CUDA graph."""
+    q, k, v, mask = (t.cuda() for t in cache(rows, 32, 4, 128, 1094, torch.bfloat16))
+    want = attend(q, k, v, mask, 128 ** -0.5)
+    got = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
+    graph.replay()
+    torch.testing.assert_close(captured, got)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
+def test_the_decode_bench_keeps_split_attention_only_where_it_was_never_slower(monkeypatch):
+    """bench/decode.py's choice: split-key attention stays on only if it was no slower at 1 row and at 32 rows."""
+    from test_fast_decode_moe import _bench_decode
+
+    bench = _bench_decode()
+
+    class Decoder:
+        is_moe, busy, attention, _split_ok = False, set(), "plain", True
+
+        def set_impl(self, impl, experts=None, attention=None):
+            self.attention = attention or self.attention
+
+    for times, want in (({"plain": (5.0, 8.0), "split": (4.5, 7.9)}, "split"),
+                        ({"plain": (5.0, 8.0), "split": (4.5, 8.2)}, "plain")):
+        monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: times[d.attention][rows != 1])
+        d = Decoder()
+        res = bench.attention_choice(d, "layer", 1100)
+        assert res["attention"] == d.attention == want
+        assert res["attention_ms"]["split"]["rows32_len300"] == times["split"][1]
+    d = Decoder()
+    d._split_ok = False
+    assert "attention_failed" in bench.attention_choice(d, "layer", 1100)
