@@ -221,7 +221,8 @@ def attention_choice(decoder, impl: str, long_keys: int) -> dict:
     (qvl.infer.attend_kernels), at 1 row x ``long_keys`` and 32 rows x 300: the decoder keeps split where it was
     never slower. -> the results' keys."""
     if not decoder._split_ok:
-        return {"attention": decoder.attention, "attention_failed": "the split-key kernel does not run here"}
+        return {"attention": "plain", "attention_failed": "the split-key kernel does not run here (no Triton, or "
+                                                          "the heads' width or dtype)"}
     timed, res = {}, {}
     for attention in ("plain", "split"):
         try:
@@ -236,7 +237,7 @@ def attention_choice(decoder, impl: str, long_keys: int) -> dict:
         timed.pop("split", None)
         res["attention_failed"] = "split-key attention failed to compile or capture (the decoder attended plainly)"
     won = "split" in timed and "plain" in timed and all(timed["split"][k] <= timed["plain"][k] for k in timed["plain"])
-    decoder.attention = "split" if won else "plain"
+    decoder.set_impl(impl, None, "split" if won else "plain")
     print("attention", timed, "->", decoder.attention, flush=True)
     return {**res, "attention_ms": timed, "attention": decoder.attention}
 
@@ -477,10 +478,11 @@ def main() -> int:
     out.update(attention)
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
+    out["attention"] = "split" if d._split_attention() else "plain"  # a capture in the warm-up may have fallen back
     out["step_impl"] = best
     chosen = f"{best.split('/')[0]}/{d._experts_for(1)}"
     one_row_key = chosen if d.is_moe and chosen in steps else best  # what a batch-1 step runs after the choice above
-    one_row = attention.get("attention_ms", {}).get(d.attention) or steps[one_row_key]
+    one_row = attention.get("attention_ms", {}).get(out["attention"]) or steps[one_row_key]
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)
     save()

@@ -4,7 +4,9 @@ One 30B-A3B-sized MoE layer's experts (128 experts, hidden 2,048, intermediate 7
 ``--layers`` copies of them (so the rows an expert reads are not still in the L2 cache from the call before), each
 with its own routed rows. Each variant's calls over all copies are captured in a CUDA graph and replayed (device time,
 no launch gaps from the host): the grouped path (qvl.infer.decode.experts_grouped, the decode default above 1 row), the gathered
-one (compiled, as decode runs it), and the fused kernels for every (BLOCK_OUT, BLOCK_IN, NUM_WARPS) choice; the router's top-k likewise (the
+one (compiled, as decode runs it), and each fused kernel (gate_up, down) alone for every (block of output
+columns, block of the reduced dimension, warps) choice, then both on their best tiles (compiled); the down kernel
+before 2026-12-06 (a program per row summing its k pairs) for comparison; the router's top-k likewise (the
 Hugging Face softmax / top-k / renormalise against the route kernel). Reported per layer: microseconds, and GB/s of
 the expert rows the rows' distinct experts hold (each read once: the least any way must read). The best tile choice
 is printed as the lines to put in qvl/infer/moe_kernels.py.
@@ -132,10 +134,12 @@ def main(argv=None) -> int:
             print("the Triton kernels do not run here (no Triton, or a CPU without TRITON_INTERPRET=1)", flush=True)
             sweep = []
         else:
+            # compiled, as decode runs it: the k-sum is one small kernel (decode's residual add takes it in)
+            fused = torch.compile(moe_kernels.experts, dynamic=False)
             acts = [moe_kernels.launch_gate_up(h[i], routed[i][1], layers[i][0]) for i in range(len(layers))]
-            row["us"]["fused/default"] = graph_us(experts_call(moe_kernels.experts), len(layers))
+            row["us"]["fused/default"] = graph_us(experts_call(fused), len(layers))
             # the down kernel before 2026-12-06: one program summed a row's k pairs (here for the comparison)
-            row["us"]["down/row-sum"] = graph_us(lambda i: down_row_sum(acts[i], routed[i], layers[i][1]), len(layers))
+            row["us"]["row_sum_down"] = graph_us(lambda i: down_row_sum(acts[i], routed[i], layers[i][1]), len(layers))
         for tile in sweep:  # each kernel alone, per tile: the best of each is a separate choice
             name = "{}x{}/w{}".format(*tile)
             tiles[name] = tile
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
         if all(best.values()):  # both kernels on their best tiles, as the decoder would run them
             default = moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE
             moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE = tiles[best["gate_up"]], tiles[best["down"]]
-            row["us"]["fused/best"] = graph_us(experts_call(moe_kernels.experts), len(layers))
+            row["us"]["fused/best"] = graph_us(experts_call(torch.compile(moe_kernels.experts, dynamic=False)),
+                                               len(layers))
             moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE = default
         timed = {name: us for name, us in row["us"].items() if isinstance(us, float)}
         row["gb_s"] = {name: floor_bytes / (us * 1e-6) / 1e9 for name, us in timed.items()
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
         print(f"{rows} rows ({distinct:.1f} experts, {floor_bytes / 1e6:.0f} MB): grouped {row['us']['grouped']:.1f} us, "
               f"gathered {row['us']['gathered']:.1f}, fused default {fused.get('fused/default', 0):.1f}, best tiles "
               f"{fused.get('fused/best', 0):.1f} us ({per_kernel}; the row-sum down kernel "
-              f"{row['us'].get('down/row-sum', 0):.1f}); route "
+              f"{row['us'].get('row_sum_down', 0):.1f}); route "
               f"{row['route_us']['router_top_k']:.1f} -> {row['route_us']['route_kernel']:.1f} us", flush=True)
     if best_overall.get(1) and all(best_overall[1].values()):
         print("for qvl/infer/moe_kernels.py (best at 1 row): GATE_UP_TILE = {}; DOWN_TILE = {}".format(

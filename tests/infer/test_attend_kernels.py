@@ -65,12 +65,12 @@ def test_matches_the_plain_path(interpreted, dtype, tol, rows, n_q, n_kv, d, key
 
 
 def test_a_key_outside_the_mask_is_never_read(interpreted):
-    """Masked keys (another request's, garbage) change nothing, even huge ones: their chunks add no weight."""
+    """Masked keys (another request's, garbage) change nothing, even huge or NaN ones: they are not read."""
     q, k, v, mask = cache(2, 4, 2, 16, 300, torch.float32)
     want = attend_kernels.attend(q, k, v, mask, 0.25)
     k, v = k.clone(), v.clone()
     k[~mask[:, None, :, None].expand_as(k)] = 1e4
-    v[~mask[:, None, :, None].expand_as(v)] = 1e4
+    v[~mask[:, None, :, None].expand_as(v)] = float("nan")
     torch.testing.assert_close(attend_kernels.attend(q, k, v, mask, 0.25), want)
 
 
@@ -84,7 +84,7 @@ def test_compiled_around_it(interpreted):
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
 def test_without_the_interpreter_the_cpu_runs_the_plain_path():
     q, k, v, mask = cache(2, 4, 2, 16, 50, torch.float32)
-    assert not attend_kernels.runs(q, k)
+    assert not attend_kernels.runs(q, k, v)
     assert torch.equal(attend_kernels.attend(q, k, v, mask, 0.25), attend(q, k, v, mask, 0.25))
 
 
@@ -132,6 +132,9 @@ def test_the_decode_bench_keeps_split_attention_only_where_it_was_never_slower(m
         def set_impl(self, impl, experts=None, attention=None):
             self.attention = attention or self.attention
 
+        def release(self, slot):
+            pass
+
     for times, want in (({"plain": (5.0, 8.0), "split": (4.5, 7.9)}, "split"),
                         ({"plain": (5.0, 8.0), "split": (4.5, 8.2)}, "plain")):
         monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: times[d.attention][rows != 1])
@@ -142,3 +145,38 @@ def test_the_decode_bench_keeps_split_attention_only_where_it_was_never_slower(m
     d = Decoder()
     d._split_ok = False
     assert "attention_failed" in bench.attention_choice(d, "layer", 1100)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
+def test_a_capture_that_fails_only_with_split_attention_turns_it_off(tiny_moe):
+    """DecodeModel._capture: a step that captures with plain attention but not with split leaves split off for the
+    captures after it; one that fails either way is not the kernel's fault (split stays, the experts fall back)."""
+    from qvl.infer.decode import DecodeModel
+
+    model, _, _ = tiny_moe
+    d = DecodeModel(model, slots=2, max_len=64)
+    tries = []
+
+    def capture_once(b, lb):
+        tries.append((d._split_attention(), d._experts_for(b)))
+        if d._split_attention():
+            raise RuntimeError("split-key attention cannot be captured here")
+        return ("graph", b, lb)
+
+    d.attention, d._split_ok, d._capture_once = "split", True, capture_once
+    assert d._capture(1, 128) == ("graph", 1, 128)
+    assert not d._split_ok and tries == [(True, "grouped"), (False, "grouped")]
+
+    tries.clear()
+    d._split_ok = True
+
+    def experts_at_fault(b, lb):
+        tries.append((d._split_attention(), d._experts_for(b)))
+        if d._experts_for(b) == "grouped":
+            raise RuntimeError("grouped GEMM cannot be captured here")
+        return ("graph", b, lb)
+
+    d._capture_once = experts_at_fault
+    assert d._capture(1, 128) == ("graph", 1, 128)
+    assert d._split_ok and not d._grouped_ok  # split kept: plain attention failed as well
+    assert tries == [(True, "grouped"), (False, "grouped"), (True, "gathered")]

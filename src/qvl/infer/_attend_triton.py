@@ -30,7 +30,8 @@ def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, n_
         keys = off + tl.arange(0, BLOCK_L)
         in_range = keys < n_keys
         keep = tl.load(mask_ptr + row * stride_mb + keys, mask=in_range, other=0) != 0
-        k = tl.load(k_base + keys[:, None] * stride_kl + ds[None, :], mask=in_range[:, None], other=0.0)
+        # keys and values outside the mask are not read: whatever a stale slot holds (even NaN) adds nothing
+        k = tl.load(k_base + keys[:, None] * stride_kl + ds[None, :], mask=keep[:, None], other=0.0)
         if DOT_FP32:  # Triton's interpreter multiplies bf16 blocks wrongly: the same products in float32
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -41,7 +42,7 @@ def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, n_
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * stride_vl + ds[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vl + ds[None, :], mask=keep[:, None], other=0.0)
         p = p.to(dtype)
         if DOT_FP32:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")

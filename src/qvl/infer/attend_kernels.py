@@ -28,12 +28,16 @@ BLOCK_L = 64
 NUM_WARPS = 4
 
 
-def runs(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether the kernel takes this step: Triton on the tensors' device, a power-of-two head width >= 16, and a
-    dtype tl.dot takes."""
-    d = q.shape[-1]
-    return (available(q.device) and d >= 16 and d & (d - 1) == 0
-            and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and keys.stride(-1) == 1)
+def takes(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel runs for heads of ``head_dim`` in ``dtype`` on ``device``: Triton there, a power-of-two
+    head width of at least 16 (tl.dot's least), a dtype tl.dot takes."""
+    return (available(device) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def runs(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the kernel takes this step (:func:`takes`, and keys / values whose head dimension is contiguous)."""
+    return takes(q.device, q.shape[-1], q.dtype) and keys.stride(-1) == 1 and values.stride(-1) == 1
 
 
 @functools.cache
@@ -83,7 +87,7 @@ def _(q, keys, values, mask, scale):
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """As qvl.infer.decode.attend: q (B, Hq, D), keys/values (B, Hkv, L, D), mask (B, L) -> (B, Hq*D)."""
-    if not runs(q, keys):
+    if not runs(q, keys, values):
         from qvl.infer.decode import attend as plain
 
         return plain(q, keys, values, mask, scale)

@@ -42,8 +42,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qvl.infer.triton_support import available
-
 log = logging.getLogger("qvl.infer")
 
 
@@ -356,7 +354,9 @@ class DecodeModel:
         self._fused_ok = self.is_moe and moe_kernels.available(self.device)
         # attention over the cache: "split" (qvl.infer.attend_kernels' Triton kernel, where it runs) or "plain"
         self.attention = ATTENTION
-        self._split_ok = available(self.device)
+        from qvl.infer import attend_kernels
+
+        self._split_ok = attend_kernels.takes(self.device, self.head_dim, self.dtype)
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # how a prompt batch is prefilled: "packed" (qvl.infer.packed_prefill: one unpadded row, the decode step's
@@ -505,21 +505,27 @@ class DecodeModel:
 
     def _capture(self, b: int, lb: int):
         """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored. Should
-        a step with split-key attention or fused (Triton) or grouped-GEMM experts fail to compile or capture (not for
-        want of memory), no batch runs them that way from then on (attention goes plain first, then fused experts
-        go grouped, grouped ones gathered): the graphs that ran them go, the others stay."""
+        a step fail to compile or capture (not for want of memory) where the same step with plain attention captures,
+        split-key attention is off for the captures from then on (the graphs made stay: they captured). Else, with
+        fused (Triton) or grouped-GEMM experts, no batch runs them that way from then on (fused ones go grouped,
+        grouped ones gathered): the graphs that ran them go, the others stay."""
         try:
             return self._capture_once(b, lb)
         except torch.OutOfMemoryError:
             raise  # not the experts kernels' fault: the request fails, the experts keep their way
         except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the fused or grouped path
-            if self._split_attention():  # the split-key attention kernel goes first: every graph ran it
-                log.warning("split-key attention failed to compile or capture (%s: %s); plain attention instead",
-                            type(e).__name__, str(e)[:200])
+            if self._split_attention():  # the same step with plain attention: if that captures, the kernel failed
                 self._split_ok = False
-                self._graphs.clear()
-                self._pool = None
-                return self._capture(b, lb)
+                try:
+                    graph = self._capture_once(b, lb)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception:  # noqa: BLE001 -- plain attention failed too: not the kernel's fault
+                    self._split_ok = True
+                else:
+                    log.warning("split-key attention failed to compile or capture (%s: %s); steps captured from "
+                                "now on attend plainly", type(e).__name__, str(e)[:200])
+                    return graph
             kind = self._experts_for(b)
             if kind not in ("fused", "grouped"):
                 raise

@@ -16,8 +16,8 @@ the router's GEMM (cuBLAS) and:
   Each pair reads its expert's rows whole: with many rows sharing experts the grouped GEMM (each selected expert read
   once) reads less, so this is for a few rows.
 
-Both are custom ops (``qvl::moe_route``, ``qvl::moe_expert_outputs``): torch.compile leaves them whole and CUDA graphs
-capture their launches. On a CPU they run the plain path's operations, except under ``TRITON_INTERPRET=1``, where
+The route and the experts' kernels are custom ops (``qvl::moe_route``, ``qvl::moe_expert_outputs``): torch.compile
+leaves them whole and CUDA graphs capture their launches. On a CPU they run the plain path's operations, except under ``TRITON_INTERPRET=1``, where
 Triton's interpreter runs the kernels themselves (tests/infer/test_moe_kernels.py compares the two).
 """
 
@@ -35,7 +35,8 @@ from qvl.infer.triton_support import available, on_device
 # experts in 40 us against 62 with 16 x 256 and 4 warps, 91 for the grouped GEMM (H100, 2026-12-06,
 # bench/experiments/moe_kernel_tune.py, bench/experiments/results/moe_kernel_tune_h100.json; the down kernel then
 # summed a row's k pairs in one program: 19 us for its 25 MB against gate_up's 20 for 50 MB,
-# bench/experiments/results/moe_decode_step_fused_h100.txt, so it runs a program per pair now, as gate_up does)
+# bench/experiments/results/moe_decode_step_fused_h100.txt; it runs a program per pair now, as gate_up does, so it
+# has 8x the programs at 1 row: its tile is the old one until the probe has timed both kernels)
 GATE_UP_TILE = (8, 128, 8)
 DOWN_TILE = (8, 128, 8)
 
