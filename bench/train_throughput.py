@@ -606,6 +606,7 @@ def main(argv=None):
     # the CLI rows save the model here (16 GiB for 8B): removed at exit, also when `timeout` or the device's time
     # limit stops the bench (SIGTERM); three such folders filled a 64 GiB disk (H200, 2026-12-05)
     atexit.register(shutil.rmtree, work, True)
+    runs = runs_folder(work, model_bytes)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data = work / "workload"
     rows = (make_video_workload if args.workload == "video" else make_workload)(data, n=args.samples, seed=0)
@@ -956,7 +957,7 @@ def main(argv=None):
                 continue
             spec, *sets = name[len("cli:"):].split("#")[0].split("+")  # "#2": the same row again; "+key=value"
             example, _, gpu = spec.partition("@")
-            out = work / ("run-" + name.replace(":", "-").replace("@", "-"))
+            out = runs / ("run-" + name.replace(":", "-").replace("@", "-"))
             argv = (train_cli.recipe_command(model_dir, registry, out, args.cli_steps) if name == "recipe" else
                     train_cli.qvl_train_command(example, model_dir, registry, out, args.cli_steps) + sets)
             res = train_cli.run_command(name, argv, out, env={"QVL_GPU": gpu} if gpu else None)
@@ -1038,15 +1039,34 @@ def model_of(m):
     return m.get_base_model() if hasattr(m, "get_base_model") else m
 
 
+def run_outputs(model_bytes: int) -> int:
+    """Room a CLI row's run takes: its last step's checkpoint and the trained model. A 30B-A3B LoRA run with the
+    experts' adapters (2.57 B fp32 params) writes a 28.7 GiB checkpoint, half its 58 GiB model; a run on the disk
+    its saved model had nearly filled stopped at qvl train's disk check (H100, 2026-12-06,
+    bench/results/train_moe_h100.json)."""
+    return model_bytes // 2
+
+
 def work_root(model_bytes: int, spare: int = 4 * 2**30) -> str | None:
     """Where the bench's work folder goes: the temp folder, or /dev/shm (memory) when only that has room for the
-    saved model the CLI rows load (30B-A3B: 58 GiB; a one-GPU machine here has a 64 GiB disk and 128 GiB of
-    memory). None: the temp folder."""
-    need = model_bytes + spare
+    saved model the CLI rows load and their runs (30B-A3B: 58 GiB; a one-GPU machine here has a 64 GiB disk and
+    128 GiB of memory). None: the temp folder."""
+    need = model_bytes + run_outputs(model_bytes) + spare
     tmp = tempfile.gettempdir()
     if shutil.disk_usage(tmp).free >= need or not os.path.isdir("/dev/shm"):
         return None
-    return "/dev/shm" if shutil.disk_usage("/dev/shm").free >= need else None
+    return "/dev/shm" if shutil.disk_usage("/dev/shm").free >= model_bytes + spare else None
+
+
+def runs_folder(work: Path, model_bytes: int, spare: int = 4 * 2**30) -> Path:
+    """Where the CLI rows write their runs: the work folder, or the temp folder's disk when the work folder went to
+    /dev/shm and that disk has room for a run (memory is kept for the saved model and the runs' processes)."""
+    tmp = tempfile.gettempdir()
+    if str(work).startswith("/dev/shm") and shutil.disk_usage(tmp).free >= run_outputs(model_bytes) + spare:
+        runs = Path(tempfile.mkdtemp(prefix="qvl_bench_runs_", dir=tmp))
+        atexit.register(shutil.rmtree, runs, True)
+        return runs
+    return work
 
 
 def host_has_room(nbytes: int, spare: int = 16 * 2**30) -> bool:

@@ -109,5 +109,30 @@ def test_the_saved_model_goes_where_it_fits(monkeypatch):
     free.update(tmp=47 * gib, shm=128 * gib)
     assert train_throughput.work_root(16 * gib) is None  # 8B: the temp folder
     assert train_throughput.work_root(58 * gib) == "/dev/shm"
+    free.update(tmp=60 * gib)  # room for the model but not for a run beside it (its 29 GiB checkpoint)
+    assert train_throughput.work_root(58 * gib) == "/dev/shm"
     free.update(shm=30 * gib)
     assert train_throughput.work_root(58 * gib) is None
+
+
+def test_the_runs_go_to_the_disk_when_the_model_went_to_memory(monkeypatch, tmp_path):
+    """With the saved model in /dev/shm, the CLI rows' runs (checkpoints, the trained model) go to the temp
+    folder's disk when it has room for one, else beside the model."""
+    import collections
+    import shutil
+    import tempfile
+
+    import train_throughput
+
+    gib = 2**30
+    free = {}
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, free["tmp"]))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    shm = Path("/dev/shm/qvl_bench_x")
+    free.update(tmp=60 * gib)
+    runs = train_throughput.runs_folder(shm, 58 * gib)
+    assert runs.parent == tmp_path and runs.name.startswith("qvl_bench_runs_")
+    free.update(tmp=20 * gib)
+    assert train_throughput.runs_folder(shm, 58 * gib) == shm
+    assert train_throughput.runs_folder(tmp_path / "w", 58 * gib) == tmp_path / "w"  # on the disk already

@@ -201,6 +201,23 @@ def test_config_json_path_matches_size_facts(tmp_path):
     assert by_path.total_gib == pytest.approx(by_name.total_gib)
 
 
+@pytest.mark.parametrize("key", ["num_experts", "num_local_experts"])
+def test_moe_config_json_plans_as_the_moe_size(tmp_path, key):
+    """The official config.json says ``num_experts``; newer transformers save ``num_local_experts``: either way a
+    30B-A3B checkpoint folder plans as 30B-A3B, its experts' LoRA included (planned as dense it "fit" an H100 with
+    64 GiB of its 102, and the first step ran out of memory)."""
+    s = SIZES["30B-A3B"]
+    text = s.text_config()
+    text[key] = text.pop("num_experts")
+    cfg = {"model_type": "qwen3_vl_moe", "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+           "text_config": text, "vision_config": s.vision_config(), "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    by_path = plan_train(str(tmp_path), "h100", recommend=False)
+    by_name = plan_train("30B-A3B", "h100", recommend=False)
+    assert by_path.parts["LoRA params"] == pytest.approx(by_name.parts["LoRA params"])
+    assert by_path.total_gib == pytest.approx(by_name.total_gib) and not by_path.fits
+
+
 # --- CLI --------------------------------------------------------------------------------------------------
 def _cli(args):
     from qvl.cli.main import app

@@ -140,17 +140,21 @@ class LayerWeights:
 # Gathering stays where the grouped GEMM does not compile (non-bf16 weights) or capture.
 EXPERTS_GATHER_MAX_ROWS = 0
 # Batch buckets up to this many rows run the MoE layer's router top-k and experts as qvl.infer.moe_kernels' Triton
-# kernels (on CUDA). The 30B-A3B captured step at 1 row: 4.89 ms fused against 6.80 grouped and 7.22 gathered; at 32
-# rows 29.0 against 26.0 grouped (H100, 2026-12-06, bench/results/decode_moe_fused_h100.json). Between 1 and 32 rows
-# the step was not timed (bench/decode.py sweeps it now): the experts alone were faster fused at 4 and 8 rows too
-# (108 / 191 us with the tiles set, against 174 / 250 grouped, bench/experiments/results/moe_kernel_tune_h100.json).
+# kernels (on CUDA). The 30B-A3B captured step at 1 row: 4.45 ms fused against 6.86 grouped and 7.24 gathered (H100,
+# 2026-12-06, bench/results/decode_moe_fused_down_h100.json). At 32 rows each fed its own token fused took 24.65 ms
+# against 26.02 grouped there, but fused reads each (row, expert) pair's expert whole, grouped each chosen expert
+# once: 32 identical requests (every row routed to the same experts) stepped in 20.6 ms fused against 9.5 grouped
+# (32 at once, p50; grouped from decode_moe_fused_h100.json, the same card a call before). How alike real rows'
+# routing is decides it, and it was not measured: one row only, where fused reads no more than grouped.
 # Measured on 30B-A3B only; other MoE shapes and cards take the same default (a failed capture falls back).
 EXPERTS_FUSED_MAX_ROWS = 1
 EXPERTS = ("grouped", "gathered", "fused")
 # How a decode step attends to the cache where qvl.infer.attend_kernels' split-key Triton kernel runs (CUDA):
-# "split" (one kernel and a small merge) or "plain" (the scores' matmul, the softmax, the values' matmul: 13 us a
-# layer of the 30B-A3B batch-1 step, H100, 2026-12-06, bench/experiments/results/moe_decode_step_fused_h100.txt).
-# bench/decode.py times both (``attention_ms``); plain until a card has shown split faster.
+# "split" (one kernel and a small merge) or "plain" (the scores' matmul, the softmax, the values' matmul). Split
+# was 1.4 % faster for the 8B step at 1 row x 1,094 keys and 2.6 % at 32 x 300 (6.89 / 7.82 ms against 6.98 /
+# 8.03, H100, 2026-12-06, bench/results/decode_8b_split_attention_h100.json) but 19 % slower for 30B-A3B's
+# (5.31 against 4.46 ms at 1 row; 4 kv heads make 36 programs at 1 row: bench/results/decode_moe_fused_down_h100.json).
+# bench/decode.py times both (``attention_ms``); plain until split wins on both shapes.
 ATTENTION = "plain"
 
 

@@ -31,14 +31,13 @@ import torch.nn.functional as F
 from qvl.infer.triton_support import available, on_device
 
 # tile sizes, per kernel: (a block of output columns, a block of the reduced dimension, warps), one program each.
-# The fastest at 1 row of the 30B-A3B shape (the size the decoder fuses by default), 8 x 128 with 8 warps: a layer's
-# experts in 40 us against 62 with 16 x 256 and 4 warps, 91 for the grouped GEMM (H100, 2026-12-06,
-# bench/experiments/moe_kernel_tune.py, bench/experiments/results/moe_kernel_tune_h100.json; the down kernel then
-# summed a row's k pairs in one program: 19 us for its 25 MB against gate_up's 20 for 50 MB,
-# bench/experiments/results/moe_decode_step_fused_h100.txt; it runs a program per pair now, as gate_up does, so it
-# has 8x the programs at 1 row: its tile is the old one until the probe has timed both kernels)
-GATE_UP_TILE = (8, 128, 8)
-DOWN_TILE = (8, 128, 8)
+# The fastest at 1 row of the 30B-A3B shape (the size the decoder fuses by default), H100, 2026-12-06,
+# bench/experiments/moe_kernel_tune.py, bench/experiments/results/moe_kernel_tune_fused_down_h100.json: gate_up
+# 8 x 256 with 8 warps 20.4 us a layer, down 16 x 128 with 8 warps 11.2 us (a program per (row, expert) pair; the
+# down kernel before it, a program per row summing its k pairs, took 19.6); both 33.9 us against 91.1 for the
+# grouped GEMM. At 4 rows gate_up kept its tile, down was fastest at 8 x 256 with 4 warps (33.4 us against 44.1)
+GATE_UP_TILE = (8, 256, 8)
+DOWN_TILE = (16, 128, 8)
 
 
 @functools.cache

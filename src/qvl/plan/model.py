@@ -123,12 +123,19 @@ def from_size(size) -> ModelShape:
     )
 
 
+def _experts(text_config: dict) -> int:
+    """A MoE text config's expert count: ``num_experts`` in the official config.json, ``num_local_experts`` as
+    newer transformers save it (a 30B-A3B checkpoint saved so was planned as dense: 64 GiB "fits" an H100 where
+    its experts' LoRA needs 102, and the first step ran out of memory; H100, 2026-12-06)."""
+    return int(text_config.get("num_experts") or text_config.get("num_local_experts") or 0)
+
+
 def _count_params_meta(cfg: dict) -> tuple[int, int, int]:
     """(total, vision, embed) parameters of a config, instantiated on the meta device (tied counted once)."""
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    moe = cfg.get("model_type") == "qwen3_vl_moe" or "num_experts" in cfg.get("text_config", {})
+    moe = cfg.get("model_type") == "qwen3_vl_moe" or _experts(cfg.get("text_config", {})) > 0
     if moe:
         from transformers import Qwen3VLMoeConfig as C
         from transformers import Qwen3VLMoeForConditionalGeneration as M
@@ -196,7 +203,7 @@ def from_config(path: str | Path) -> ModelShape:
         params_total=total,
         params_vision=vision,
         params_embed=embed,
-        moe_experts=t.get("num_experts", 0),
+        moe_experts=_experts(t),
         moe_topk=t.get("num_experts_per_tok", 0),
         moe_intermediate=t.get("moe_intermediate_size", 0),
     )
