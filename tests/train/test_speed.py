@@ -401,6 +401,50 @@ def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, a
         compile.compile_layers(model, scope="model")
 
 
+def test_whole_layer_compile_with_recompute_and_dropout_equals_eager(make_cfg, mixed_data):
+    """LoRA dropout in whole compiled layers (inductor) that recompute: their random ops run as eager kernels
+    (compile.eager_random_ops; inductor's own failed to partition on torch 2.11, "Node add_547 was invalid, but is
+    output", reproduced on a CPU), so forward and recompute draw the masks eager draws: the same losses and gradients
+    as the eager model from the same seeds (gradients differ with another mask: LoRA B starts at zero, its gradient
+    is the dropped input's)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from qvl.data.packing import rope_index_fn, use_packed_attention
+    from qvl.train import components as comp
+    from qvl.train.loop import LossModule
+
+    model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True,
+                                 lora_dropout=0.3))
+    use_packed_attention(model, "per_sample")
+    comp.enable_gradient_checkpointing(model)
+    recompute.checkpoint_some_layers(model, 0.5)
+    steps = [[[enc(0), enc(8)]], [[enc(1), enc(2), enc(9)]]]
+    lm = LossModule(model, fused_cross_entropy=True, bounds_as_inputs=True)
+
+    def run():
+        out = []
+        for i, rows in enumerate(steps):
+            torch.manual_seed(i)
+            out.append(_packed_loss_grads(model, lm, rows, rope_index_fn(model)))
+        return out
+
+    ref = run()
+    torch._dynamo.reset()
+    try:
+        compile.compile_layers(model, backend="inductor", scope="layer")
+        assert "recompute" in compile.eager_random_ops(torch.device("cpu"), True, recompute_inside=True)
+        assert inductor_config.fallback_random
+        got = run()
+    finally:
+        compile.uncompile(model)
+        torch._dynamo.reset()
+    for (gl, gg), (rl, rg) in zip(got, ref):
+        assert gl == pytest.approx(rl, rel=1e-5)
+        assert _worst(gg, rg) < 1e-4
+    assert compile.eager_random_ops(torch.device("cpu"), False, recompute_inside=True) is None
+
+
 def _saved_bytes(model, lm, rows, rope_index) -> int:
     """Bytes the forward pass of ``rows`` keeps for backward, parameters left out."""
     from qvl.train.loop import pack_micro_batch

@@ -54,13 +54,26 @@ def torch_release() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def eager_random_ops(device, dropout: bool) -> str | None:
+def eager_random_ops(device, dropout: bool, recompute_inside: bool = False) -> str | None:
     """Set inductor's ``fallback_random`` (random ops run as eager kernels inside compiled code) where compiled
-    dropout meets a CUDA torch with the four-wide path; returns the start-up line, None where nothing was set.
-    For the whole process: :func:`qvl.train.loop.train` restores it when it returns."""
+    dropout meets whole compiled layers that recompute inside (``recompute_inside``), or a CUDA torch with the
+    four-wide path; returns the start-up line, None where nothing was set. For the whole process:
+    :func:`qvl.train.loop.train` restores it when it returns."""
     import torch._inductor.config as inductor_config
 
-    if not dropout or getattr(device, "type", device) != "cuda" or torch_release() < RANDOM_FOUR_WIDE_SINCE:
+    if not dropout:
+        return None
+    if recompute_inside:
+        # inductor's own random ops (seeds offset per call) in a layer whose checkpointing it partitions: torch
+        # 2.11's partitioner failed on them ("Node add_601 was invalid, but is output": lora_8b_24gb.yaml on an
+        # H200 capped at 23.6 GiB, 2026-12-05; reproduced on a CPU with torch 2.11, 2026-12-06), and the loop compiled
+        # each layer's parts instead, 0.92x transformers + peft on a 32 GB card with the GPU idle 72 % of a step
+        # (bench/results/train_cli_32gb_profile_h100.json). Eager dropout kernels partition, and draw the masks
+        # eager draws (tests/train/test_speed.py::test_whole_layer_compile_with_recompute_and_dropout_equals_eager)
+        inductor_config.fallback_random = True
+        return ("LoRA dropout in whole compiled layers that recompute runs torch's own dropout kernel (inductor "
+                "fallback_random): inductor's own random ops there failed to compile on torch 2.11")
+    if getattr(device, "type", device) != "cuda" or torch_release() < RANDOM_FOUR_WIDE_SINCE:
         return None
     inductor_config.fallback_random = True
     return (f"LoRA dropout in compiled layers runs torch's own dropout kernel (inductor fallback_random): torch "

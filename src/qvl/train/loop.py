@@ -925,17 +925,6 @@ def _plan_recompute(run: Run) -> None:
         whole = (memory_budget == "auto" and cfg.gradient_checkpointing_scope == "layer"
                  and compiles_whole_layers(cfg, run.device))
         ckpt_ratio, auto_budget, why = plan(whole)
-        if whole and ckpt_ratio > 0 and dropout_in_layers(cfg) and "compile_scope" not in cfg.model_fields_set:
-            # LoRA dropout inside whole compiled layers that recompute inside: inductor's partitioner failed on it
-            # twice on an H200 ("Node add_601 was invalid, but is output"; lora_8b_24gb.yaml capped at 23.6 GiB, with
-            # and without a memory budget; 2026-12-05, bench/results/train_cli_cards.json) and the layers ran eagerly.
-            # Without dropout it compiled (+14.7 % over parts on an H100), and so did dropout with no layer
-            # recomputed (the same YAML on the full card). Parts compile with the checkpointing outside.
-            run.cfg = cfg = cfg.model_copy(update={"compile_scope": "parts"})
-            ckpt_ratio, auto_budget, why = plan(False)
-            say(f"compile_scope auto: parts (each layer's norms, attention and MLP), as layers are recomputed with "
-                f"lora_dropout {cfg.lora_dropout:g}: whole compiled layers failed to compile so on an H200 "
-                "(2026-12-05); lora_dropout=0 keeps them whole (~15 % faster)")
         memory_budget = auto_budget if memory_budget == "auto" else memory_budget
         say(f"gradient checkpointing (gradient_checkpointing_ratio auto): {why}")
     memory_budget = None if memory_budget == "auto" else memory_budget
@@ -1046,7 +1035,12 @@ def _setup_fast_path(run: Run) -> None:
     memory_budget = run.memory_budget
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
         n = compile.compile_layers(model, eager_fallback=cfg.compile_layers == "auto", scope=cfg.compile_scope)
-        random_line = compile.eager_random_ops(device, dropout_in_layers(cfg))
+        # whole layers whose backward the compiler plans with a recompute in it: checkpointed ones, or any under
+        # an activation memory budget
+        recomputing = (any(offload.recomputes(layer) for layer in recompute.decoder_layers(model))
+                       or (memory_budget is not None and memory_budget < 1))
+        random_line = compile.eager_random_ops(device, dropout_in_layers(cfg),
+                                               recompute_inside=cfg.compile_scope == "layer" and recomputing)
         if random_line:
             say(random_line)
         run.compile_failures = compile.CompileFailures().attach() if cfg.compile_layers == "auto" else None
