@@ -67,12 +67,13 @@ def eager_random_ops(device, dropout: bool, recompute_inside: bool = False) -> s
         # inductor's own random ops (seeds offset per call) in a layer whose checkpointing it partitions: torch
         # 2.11's partitioner failed on them ("Node add_601 was invalid, but is output": lora_8b_24gb.yaml on an
         # H200 capped at 23.6 GiB, 2026-12-05; reproduced on a CPU with torch 2.11, 2026-12-06), and the loop compiled
-        # each layer's parts instead, 0.92x transformers + peft on a 32 GB card with the GPU idle 72 % of a step
-        # (bench/results/train_cli_32gb_profile_h100.json). Eager dropout kernels partition, and draw the masks
+        # each layer's parts instead: 0.92x transformers + peft on a 32 GB card (bench/results/train_cli_32gb.json),
+        # the GPU idle 72 % of a step (train_cli_32gb_profile_h100.json). Eager dropout kernels partition, draw the masks
         # eager draws (tests/train/test_speed.py::test_whole_layer_compile_with_recompute_and_dropout_equals_eager)
         inductor_config.fallback_random = True
         return ("LoRA dropout in whole compiled layers that recompute runs torch's own dropout kernel (inductor "
-                "fallback_random): inductor's own random ops there failed to compile on torch 2.11")
+                "fallback_random): inductor's own random ops there failed to compile on torch 2.11, and since 2.13 "
+                "its CUDA dropout can repeat or change its mask (pytorch/pytorch#198333)")
     if getattr(device, "type", device) != "cuda" or torch_release() < RANDOM_FOUR_WIDE_SINCE:
         return None
     inductor_config.fallback_random = True

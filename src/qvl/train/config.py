@@ -205,9 +205,7 @@ class TrainConfig(BaseModel):
     compile_scope: Literal["layer", "parts"] = Field(
         "layer", description="what compile_layers compiles: layer = each whole decoder layer (norms, attention, LoRA "
                              "adapters, MLP, residual adds; gradient checkpointing inside the compiled code), parts = "
-                             "each layer's norms, attention and MLP apart (checkpointing outside; chosen by itself "
-                             "when gradient_checkpointing_ratio auto recomputes layers under LoRA dropout, unless "
-                             "compile_scope is set)")
+                             "each layer's norms, attention and MLP apart (checkpointing outside)")
     cuda_graphs: bool | Literal["auto"] = Field(
         "auto", description="replay the decoder stack's forward and backward as CUDA graphs (qvl.train.graphs): the "
                             "GPU stops waiting for the host between kernels. Rows are padded to a multiple of "
