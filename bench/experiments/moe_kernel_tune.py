@@ -5,9 +5,8 @@ One 30B-A3B-sized MoE layer's experts (128 experts, hidden 2,048, intermediate 7
 with its own routed rows. Each variant's calls over all copies are captured in a CUDA graph and replayed (device time,
 no launch gaps from the host): the grouped path (qvl.infer.decode.experts_grouped, the decode default above 1 row), the gathered
 one (compiled, as decode runs it), and each fused kernel (gate_up, down) alone for every (block of output
-columns, block of the reduced dimension, warps) choice, then both on their best tiles (compiled); the down kernel
-before 2026-12-06 (a program per row summing its k pairs) for comparison; the router's top-k likewise (the
-Hugging Face softmax / top-k / renormalise against the route kernel). Reported per layer: microseconds, and GB/s of
+columns, block of the reduced dimension, warps) choice, then both on their best tiles (compiled); the router's top-k
+likewise (the Hugging Face softmax / top-k / renormalise against the route kernel). Reported per layer: microseconds, and GB/s of
 the expert rows the rows' distinct experts hold (each read once: the least any way must read). The best tile choice
 is printed as the lines to put in qvl/infer/moe_kernels.py.
 
@@ -19,7 +18,6 @@ is printed as the lines to put in qvl/infer/moe_kernels.py.
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import sys
@@ -62,31 +60,6 @@ def graph_us(fn, calls: int, reps: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / (reps * calls)
-
-
-def down_row_sum(act, routed, down):
-    """The down kernel as it was before 2026-12-06 (one program per row and block of hidden columns, summing the
-    row's k pairs in turn), with the default tile: the baseline of the per-pair kernel."""
-    import triton
-
-    weights, ids = routed
-    (b, k), hidden, inter = ids.shape, down.shape[1], down.shape[2]
-    block_n, block_k, warps = moe_kernels.DOWN_TILE
-    out = torch.empty(b, hidden, dtype=act.dtype, device=act.device)
-    _row_sum_kernel()[(b, triton.cdiv(hidden, block_n))](
-        act, ids, weights, down, out, hidden, inter, down.stride(0), down.stride(1), out.stride(0),
-        TOP_K=k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return out
-
-
-@functools.cache
-def _row_sum_kernel():
-    import triton
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _moe_row_sum_triton import down_row_sum_kernel
-
-    return triton.jit(down_row_sum_kernel)
 
 
 def main(argv=None) -> int:
@@ -138,8 +111,6 @@ def main(argv=None) -> int:
             fused = torch.compile(moe_kernels.experts, dynamic=False)
             acts = [moe_kernels.launch_gate_up(h[i], routed[i][1], layers[i][0]) for i in range(len(layers))]
             row["us"]["fused/default"] = graph_us(experts_call(fused), len(layers))
-            # the down kernel before 2026-12-06: one program summed a row's k pairs (here for the comparison)
-            row["us"]["row_sum_down"] = graph_us(lambda i: down_row_sum(acts[i], routed[i], layers[i][1]), len(layers))
         for tile in sweep:  # each kernel alone, per tile: the best of each is a separate choice
             name = "{}x{}/w{}".format(*tile)
             tiles[name] = tile
@@ -176,8 +147,7 @@ def main(argv=None) -> int:
                                if name)
         print(f"{rows} rows ({distinct:.1f} experts, {floor_bytes / 1e6:.0f} MB): grouped {row['us']['grouped']:.1f} us, "
               f"gathered {row['us']['gathered']:.1f}, fused default {fused.get('fused/default', 0):.1f}, best tiles "
-              f"{fused.get('fused/best', 0):.1f} us ({per_kernel}; the row-sum down kernel "
-              f"{row['us'].get('row_sum_down', 0):.1f}); route "
+              f"{fused.get('fused/best', 0):.1f} us ({per_kernel}); route "
               f"{row['route_us']['router_top_k']:.1f} -> {row['route_us']['route_kernel']:.1f} us", flush=True)
     if best_overall.get(1) and all(best_overall[1].values()):
         print("for qvl/infer/moe_kernels.py (best at 1 row): GATE_UP_TILE = {}; DOWN_TILE = {}".format(

@@ -25,7 +25,7 @@ def test_moe_kernel_tune_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"1", "2"}
     for row in rows.values():
-        assert {"grouped", "gathered", "fused/default", "fused/best", "row_sum_down", "gate_up/16x32/w4",
+        assert {"grouped", "gathered", "fused/default", "fused/best", "gate_up/16x32/w4",
                 "gate_up/32x32/w4", "down/16x32/w4", "down/32x32/w4"} <= set(row["us"])
         assert set(row["best_tiles"]) == {"gate_up", "down"} and row["best_tiles"]["down"] in ("16x32/w4", "32x32/w4")
         assert row["best_fused"] in row["us"] and set(row["route_us"]) == {"router_top_k", "route_kernel"}

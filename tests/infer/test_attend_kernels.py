@@ -6,11 +6,6 @@ of this file with ``TRITON_INTERPRET=1`` (:func:`test_the_kernel_under_the_inter
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -18,23 +13,14 @@ from qvl.infer import attend_kernels
 from qvl.infer.decode import attend
 
 from test_fast_decode_moe import tiny_moe  # noqa: F401 -- a fixture (the tiny MoE checkpoint)
+from triton_child import INTERPRETING, interpreted, run_under_the_interpreter  # noqa: F401 -- a fixture too
 
 pytest.importorskip("triton")
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture
-def interpreted():
-    if not INTERPRETING:
-        pytest.skip("runs in the child pytest of test_the_kernel_under_the_interpreter")
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernel_under_the_interpreter():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    passed = re.search(r"(\d+) passed", r.stdout)
-    assert r.returncode == 0 and passed and int(passed.group(1)) >= 9, r.stdout[-4000:] + r.stderr[-2000:]
+    run_under_the_interpreter(__file__, least_passed=9)
 
 
 def cache(rows, n_q, n_kv, d, keys, dtype, seed=0):

@@ -7,10 +7,6 @@ tests that run the kernels run in a child pytest of this file with ``TRITON_INTE
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,25 +15,14 @@ from qvl.infer import moe_kernels
 from qvl.infer.decode import experts_grouped, router_top_k
 
 from test_fast_decode_moe import tiny_moe  # noqa: F401 -- a fixture (the tiny MoE checkpoint)
+from triton_child import INTERPRETING, interpreted, run_under_the_interpreter  # noqa: F401 -- a fixture too
 
 pytest.importorskip("triton")
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@pytest.fixture
-def interpreted():
-    if not INTERPRETING:
-        pytest.skip("runs in the child pytest of test_the_kernels_under_the_interpreter")
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernels_under_the_interpreter():
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    import re
-
-    passed = re.search(r"(\d+) passed", r.stdout)
-    assert r.returncode == 0 and passed and int(passed.group(1)) >= 12, r.stdout[-4000:] + r.stderr[-2000:]
+    run_under_the_interpreter(__file__, least_passed=12)
 
 
 def weights(experts=8, hidden=64, inter=48, dtype=torch.bfloat16, seed=0):
