@@ -223,7 +223,10 @@ def test_recomputed_layers_under_dropout_stay_whole(make_cfg):
               lora_dropout=0.05, lora_target_regex=r".*\.(q_proj|k_proj|v_proj|o_proj)")
     cfg = make_cfg(**kw)
     total = check(cfg, gpu="h100", say=lambda *a: None).plan.total_gib
-    per_layer = compiled_layer_saved_bytes_per_token(model_for_plan(cfg.model_name_or_path), None, cfg.lora_r, 4)
+    targets = ("q", "k", "v", "o")  # each keeps its dropped input and mask
+    per_layer = compiled_layer_saved_bytes_per_token(model_for_plan(cfg.model_name_or_path), None, cfg.lora_r, 4,
+                                                     dropout_targets=targets)
+    assert per_layer > compiled_layer_saved_bytes_per_token(model_for_plan(cfg.model_name_or_path), None, cfg.lora_r, 4)
     per_layer *= 1024 / 2**30
 
     def planned(free_gib: float, **extra):

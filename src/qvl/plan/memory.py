@@ -221,7 +221,7 @@ COMPILED_BUDGETS = (None, 0.9, 0.8)
 
 
 def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = None, lora_r: int = 0,
-                                         n_adapters: int = 0, mlp_trains: bool = False) -> int:
+                                         n_adapters: int = 0, mlp_trains: bool = False, dropout_targets=()) -> int:
     """What one whole decoder layer compiled by inductor keeps for backward per token beyond its input, not
     recomputed, with frozen projections (LoRA on attention, bf16 autocast), under ``activation_memory_budget``.
 
@@ -232,9 +232,17 @@ def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = N
     copies the budgets recompute instead. ``mlp_trains`` (MLP weights or adapters on them; not measured): the MLP
     projections' inputs too, which their weight gradients need. MoE (not measured compiled): the routed copies, their
     order and the router's fp32 tensors as :func:`layer_saved_bytes_per_token` counts them eagerly.
+    ``dropout_targets`` (LoRA dropout on these adapters): their dropout's outputs, counted as eager layers keep them.
     """
     h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
     b = 4 * inter + 2 * (qd + 2 * kvd + h) + 4 * m.heads + 2 * lora_r * n_adapters
+    # counted as eager layers keep them (dropped bf16 copy + mask: 3 bytes per adapter input, 111 KB a token on the
+    # 8B layer), above what the compiled layer was seen to keep: lora_8b_24gb.yaml on an H100 capped at 31.4 GiB,
+    # 2026-12-06, step 1 peaked at 28.3 GiB with 23 whole layers kept and 25.0 with 13 (0.33 GiB a kept layer at
+    # 2,048 tokens, this function without the term: 0.27), and the 23 ran out of memory at step 8 with 28.6 GiB
+    # allocated: the allocator held ~3 GiB beyond it (train_cli_32gb_whole_h100.json, train_cli_cards_h100.json).
+    # The eager figure keeps that margin.
+    b += sum(3 * din for din, _ in _lora_dims(m, dropout_targets))
     if m.is_moe:
         b += m.moe_topk * (4 * h + 16) + 8 * m.moe_experts
     if mlp_trains:

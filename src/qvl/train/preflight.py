@@ -346,7 +346,8 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
         r = cfg.lora_r if cfg.lora_enable else 0
         mlp_trains = not cfg.lora_enable or any(t in ("gate", "up", "down") for t in targets)
         for budget in ((None,) if dropout_in_layers(cfg) else COMPILED_BUDGETS):  # DROPOUT_UNDER_BUDGET
-            layer = compiled_layer_saved_bytes_per_token(shape, budget, r, len(targets), mlp_trains) * row_tokens
+            layer = compiled_layer_saved_bytes_per_token(shape, budget, r, len(targets), mlp_trains,
+                                                         targets if dropout_in_layers(cfg) else ()) * row_tokens
             if shape.layers * layer <= free:
                 break
     else:
