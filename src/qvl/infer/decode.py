@@ -141,13 +141,13 @@ class LayerWeights:
 EXPERTS_GATHER_MAX_ROWS = 0
 # Batch buckets up to this many rows run the MoE layer's router top-k and experts as qvl.infer.moe_kernels' Triton
 # kernels (on CUDA). The 30B-A3B captured step at 1 row: 4.45 ms fused against 6.86 grouped and 7.24 gathered (H100,
-# 2026-12-06, bench/results/decode_moe_fused_down_h100.json). At 32 rows each fed its own token fused took 24.65 ms
-# against 26.02 grouped there, but fused reads each (row, expert) pair's expert whole, grouped each chosen expert
-# once: 32 identical requests (every row routed to the same experts) stepped in 20.6 ms fused against 9.5 grouped
-# (32 at once, p50; grouped from decode_moe_fused_h100.json, the same card a call before). How alike real rows'
-# routing is decides it, and it was not measured: one row only, where fused reads no more than grouped.
-# Measured on 30B-A3B only; other MoE shapes and cards take the same default (a failed capture falls back).
-EXPERTS_FUSED_MAX_ROWS = 1
+# 2026-12-06, bench/results/decode_moe_fused_down_h100.json). Fused reads each (row, expert) pair's expert whole,
+# grouped each chosen expert once, so rows that route alike favour grouped: 32 identical requests stepped in 20.6 ms
+# fused against 9.5 grouped (decode_moe_fused_h100.json). Rows fed their own tokens, as requests with their own
+# prompts are, favoured fused at 32 rows in two calls: 24.65 against 26.02 ms, and 24.41 against 26.61
+# (decode_moe_diverse_h100.json, whose 32 concurrent requests each had their own image). Sizes between were not
+# measured. Measured on 30B-A3B only; other MoE shapes and cards take the same default (a failed capture falls back).
+EXPERTS_FUSED_MAX_ROWS = 32
 EXPERTS = ("grouped", "gathered", "fused")
 # How a decode step attends to the cache where qvl.infer.attend_kernels' split-key Triton kernel runs (CUDA):
 # "split" (one kernel and a small merge) or "plain" (the scores' matmul, the softmax, the values' matmul). Split
