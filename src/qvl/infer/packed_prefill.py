@@ -244,13 +244,21 @@ def prefill_part(d, slot: int, row: Row, start: int, end: int) -> torch.Tensor |
 
 def _on_cached(d, slot: int, index: torch.Tensor):
     """``attention`` for :func:`_layers` of new tokens at cache indices ``index`` (consecutive, host) of ``slot``:
-    each sees the slot's entries up to its own (those before ``index`` written earlier)."""
+    each sees the slot's entries up to its own (those before ``index`` written earlier). Without cuDNN's kernel
+    (:func:`qvl.models.attention.without_cudnn`): cuDNN plans each new shape on the host, and every follow-up turn
+    brings a new (new tokens, keys) shape. Not measured: whether sdpa picked cuDNN here, and whether it is what the
+    first follow-up after start-up waits for (643 ms from admission to its first token, later ones 23 ms: H100,
+    2026-12-06, ``turns`` of bench/results/serve_uvloop_8b_h100.json)."""
+    from qvl.models.attention import without_cudnn
+
     n = int(index[-1]) + 1
     (mask,) = _on_device(d, torch.arange(n)[None, :] <= index[:, None])
 
     def attention(i, q, k, v):
         keys, values = (_all_heads(c[i][slot:slot + 1, :, :n], d.n_q) for c in (d.k, d.v))
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=d.scale)
+        with without_cudnn():
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                                 scale=d.scale)
         return out[0].transpose(0, 1).reshape(q.shape[0], -1)
 
     return attention

@@ -23,12 +23,20 @@ VISION_SDPA = "qvl_vision_sdpa"
 VISION_VARLEN = "qvl_flash_varlen_vision"
 
 
+def without_cudnn():
+    """A context in which sdpa picks among flash, memory-efficient and math kernels, not cuDNN's: for calls whose
+    shapes change from call to call (cuDNN plans each new shape on the host, the module's docstring says what it
+    cost)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def vision_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention with cuDNN left out of the backends sdpa may pick."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    with without_cudnn():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
