@@ -209,15 +209,17 @@ def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
 def test_attention_off_the_varlen_kernel_gives_sdpa_every_head(tiny, prompts, monkeypatch):
     """Where the flash varlen kernel does not run (and always for a follow-up's rest, which has a mask) sdpa gets
     as many key / value heads as query heads: on torch 2.11, sdpa's enable_gqa works only with flash and the
-    math kernel, and the math kernel holds the whole score matrix."""
+    math kernel, and the math kernel holds the whole score matrix. The rest's calls leave cuDNN's kernel out (it
+    plans each new shape on the host, and every turn has a new one)."""
     import torch.nn.functional as F
 
     model, _ = tiny
     encs, positions = prompts
-    calls, real = [], F.scaled_dot_product_attention
+    calls, cudnn, real = [], [], F.scaled_dot_product_attention
 
     def spy(q, k, v, *args, **kwargs):
         calls.append((q.shape[1], k.shape[1], v.shape[1], kwargs.get("enable_gqa", False)))
+        cudnn.append(torch.backends.cuda.cudnn_sdp_enabled())
         return real(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(packed_prefill.F, "scaled_dot_product_attention", spy)
@@ -225,8 +227,10 @@ def test_attention_off_the_varlen_kernel_gives_sdpa_every_head(tiny, prompts, mo
     assert d.n_q > d.n_kv  # the tiny model groups its query heads
     packed_prefill.prefill(d, [0], [encs[0]], [positions[0]])
     follow = _continued(model, encs[0])
+    before = len(calls)
     packed_prefill.rest(d, 0, len(encs[0]), follow, follow.positions)
     assert calls and all(q == k == v and not gqa for q, k, v, gqa in calls), calls
+    assert len(calls) > before and not any(cudnn[before:]) and torch.backends.cuda.cudnn_sdp_enabled()
 
 
 @pytest.mark.parametrize("which", [1, 2])  # an image prompt, a video prompt

@@ -168,6 +168,11 @@ def test_auto_budget_for_compiled_layers(make_cfg):
     dropout = make_cfg(**kw, lora_dropout=0.05)
     ratio, got, why = auto_checkpoint_ratio(dropout, card(n * per_layer[0.8] * 1.01), row_tokens=1024, compiled=True)
     assert got is None and ratio > 0 and "activation_memory_budget" not in why, why
+    # ... and a kept layer then holds its dropout's outputs too: room for every layer without them is not enough
+    room = card(n * per_layer[None] * 1.01)
+    assert auto_checkpoint_ratio(cfg, room, row_tokens=1024, compiled=True)[:2] == (0.0, None)
+    ratio, got, why = auto_checkpoint_ratio(dropout, room, row_tokens=1024, compiled=True)
+    assert ratio > 0 and got is None, why
 
 
 def test_memory_cap_names_the_card_to_fit(make_cfg, monkeypatch):

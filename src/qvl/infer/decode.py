@@ -141,13 +141,14 @@ class LayerWeights:
 EXPERTS_GATHER_MAX_ROWS = 0
 # Batch buckets up to this many rows run the MoE layer's router top-k and experts as qvl.infer.moe_kernels' Triton
 # kernels (on CUDA). The 30B-A3B captured step at 1 row: 4.45 ms fused against 6.86 grouped and 7.24 gathered (H100,
-# 2026-12-06, bench/results/decode_moe_fused_down_h100.json). Fused reads each (row, expert) pair's expert whole,
-# grouped each chosen expert once, so rows that route alike favour grouped: 32 identical requests stepped in 20.6 ms
-# fused against 9.5 grouped (decode_moe_fused_h100.json). Rows fed their own tokens, as requests with their own
-# prompts are, favoured fused at 32 rows in two calls: 24.65 against 26.02 ms, and 24.41 against 26.61
-# (decode_moe_diverse_h100.json, whose 32 concurrent requests each had their own image). Sizes between were not
-# measured. Measured on 30B-A3B only; other MoE shapes and cards take the same default (a failed capture falls back).
-EXPERTS_FUSED_MAX_ROWS = 32
+# 2026-12-06, bench/results/decode_moe_fused_down_h100.json); one layer's experts at 4 rows: 99.3 us fused against
+# 173.6 grouped (moe_kernel_tune_fused_down_h100.json). Fused reads each (row, expert) pair's expert whole, grouped
+# each chosen expert once, so many rows that route alike favour grouped: 32 identical requests stepped in 20.6 ms
+# fused against 9.5 grouped (decode_moe_fused_h100.json). 32 rows of random tokens on random weights (routing near
+# uniform, the best case for fused) took 24.65 / 26.02 ms and 24.41 / 26.61 (decode_moe_diverse_h100.json), and how
+# alike a trained model's rows route was not measured; 4 rows of 8 experts each overlap little whatever the routing.
+# Measured on 30B-A3B only; other MoE shapes and cards take the same default (a failed capture falls back).
+EXPERTS_FUSED_MAX_ROWS = 4
 EXPERTS = ("grouped", "gathered", "fused")
 # How a decode step attends to the cache where qvl.infer.attend_kernels' split-key Triton kernel runs (CUDA):
 # "split" (one kernel and a small merge) or "plain" (the scores' matmul, the softmax, the values' matmul). Split

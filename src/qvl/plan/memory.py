@@ -237,11 +237,11 @@ def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = N
     h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
     b = 4 * inter + 2 * (qd + 2 * kvd + h) + 4 * m.heads + 2 * lora_r * n_adapters
     # counted as eager layers keep them (dropped bf16 copy + mask: 3 bytes per adapter input, 111 KB a token on the
-    # 8B layer), above what the compiled layer was seen to keep: lora_8b_24gb.yaml on an H100 capped at 31.4 GiB,
-    # 2026-12-06, step 1 peaked at 28.3 GiB with 23 whole layers kept and 25.0 with 13 (0.33 GiB a kept layer at
-    # 2,048 tokens, this function without the term: 0.27), and the 23 ran out of memory at step 8 with 28.6 GiB
-    # allocated: the allocator held ~3 GiB beyond it (train_cli_32gb_whole_h100.json, train_cli_cards_h100.json).
-    # The eager figure keeps that margin.
+    # 8B layer), above what whole compiled layers were seen to keep: lora_8b_24gb.yaml on an H100 capped at 31.4 GiB
+    # (torch may allocate 30.9), 2026-12-06: 23 layers kept at this function's figure without the term peaked at 28.6
+    # GiB allocated and ran out of memory at step 8 (train_cli_32gb_whole_h100.json); 13 kept with it peaked at 25.7,
+    # 28.6 reserved (train_cli_cards_h100.json): ~0.30 GiB a kept layer at 2,048 tokens from the two (0.27 without
+    # the term), and the allocator held 2-3 GiB beyond the allocated peak, which the eager figure leaves room for.
     b += sum(3 * din for din, _ in _lora_dims(m, dropout_targets))
     if m.is_moe:
         b += m.moe_topk * (4 * h + 16) + 8 * m.moe_experts
