@@ -173,15 +173,17 @@ def qvl_concurrent(engine, encs, new: int, stagger: float) -> dict:
             "step_ms_max": 1e3 * max(steps) if steps else None}
 
 
-def graph_step_ms(decoder, rows: int, length: int, reps: int = 50) -> float:
+def graph_step_ms(decoder, rows: int, length: int, reps: int = 50, distinct: int | None = None) -> float:
     """Time of the captured decode step alone (no sampling, no host work): ``rows`` slots at ``length``, each fed
-    its own token (identical rows would route every token of a MoE step to the same experts, as at batch 1)."""
+    its own random token (identical rows would route every token of a MoE step to the same experts, as at batch 1);
+    ``distinct``: the rows' tokens drawn in turn from that many (rows with the same token route alike)."""
     for s in range(rows):
         decoder.busy.add(s)
         decoder.host_length[s] = length
     decoder.length[:rows] = length
     vocab = decoder.embed.shape[0]
-    tokens = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(rows))
+    pool = torch.randint(0, vocab, (distinct or rows,), generator=torch.Generator().manual_seed(rows))
+    tokens = pool[torch.arange(rows) % len(pool)]
     decoder.set_tokens(torch.arange(rows, device=decoder.device), tokens.to(decoder.device))
     decoder.decode(rows)
     torch.cuda.synchronize()
@@ -203,6 +205,20 @@ def fused_rows_sweep(decoder, impl: str, rows: list[int], length: int) -> dict[i
         decoder.set_impl(impl, kind)
         for r in rows:
             out.setdefault(r, {})[kind] = graph_step_ms(decoder, r, length)
+    return out
+
+
+def experts_overlap(decoder, impl: str, rows: int, length: int, distinct=(32, 8, 2, 1)) -> dict[int, dict[str, float]]:
+    """The captured MoE step (``impl``) at ``rows`` rows whose tokens are drawn from each of ``distinct`` many, with
+    the fused and the grouped experts, ms. Random weights route random tokens near uniformly, fused's best case;
+    fewer distinct tokens route more rows alike, grouped's (each chosen expert read once): a trained model's rows lie
+    between, so this brackets where its crossover can be."""
+    out = {}
+    for kind in ("fused", "grouped"):
+        decoder.set_impl(impl, kind)
+        for d in distinct:
+            if d <= rows:
+                out.setdefault(d, {})[kind] = graph_step_ms(decoder, rows, length, distinct=d)
     return out
 
 
@@ -459,13 +475,15 @@ def main() -> int:
             return d.slots if at_32 else int(at_one)
 
         d.gather_max_rows, d.fused_max_rows = rows_won("gathered"), rows_won("fused")
-        # fused won at 1 row and not at all rows, grouped ran the rest (not gathering): up to how many rows?
-        if "grouped" in timed and 1 <= d.fused_max_rows < d.slots and d.gather_max_rows <= 1:
+        # fused won at 1 row, grouped ran too (not gathering): up to how many rows? Every batch size, and at 32 rows
+        # routed more or less alike (experts_overlap)
+        if "grouped" in timed and d.fused_max_rows >= 1 and d.gather_max_rows <= 1:
             before = {name: getattr(d, name) for name in fallbacks}
             try:
-                sweep = fused_rows_sweep(d, impl, [b for b in d.batch_buckets if 1 < b < d.slots], 300)
+                sweep = fused_rows_sweep(d, impl, [b for b in d.batch_buckets if 1 < b <= d.slots], 300)
+                overlap = experts_overlap(d, impl, min(32, d.slots), 300)
                 if d._fused_ok and d._grouped_ok:  # else a capture fell back and some timings were of another way
-                    out["experts_rows_sweep"] = sweep
+                    out["experts_rows_sweep"], out["experts_overlap"] = sweep, overlap
                     d.fused_max_rows = fused_rows_limit(sweep)
                 else:
                     out["experts_rows_sweep_failed"] = "a capture fell back during the sweep: fused at 1 row only"
