@@ -333,6 +333,11 @@ def main() -> int:
     ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
     ap.add_argument("--profile-step", help="write profiles of the captured decode step, 1 and 32 rows, here (their kernels)")
     args = ap.parse_args()
+    # Every step variant this bench compares (pieces / layer, three ways to run the experts, two attentions, 1 and
+    # n rows) is another compile of the same functions: past dynamo's default limit of 8 a variant runs uncompiled
+    # and its timings are of eager code (the 30B-A3B run of 2026-12-06 met the limit timing attention). The engine compiles
+    # only its own choice: one way per batch bucket, 1 row apart from the rest (dynamic shapes specialise 1).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     skip = set(filter(None, args.skip.split(",")))
     from qvl.models.build import random_model
 

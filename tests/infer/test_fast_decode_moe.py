@@ -285,8 +285,8 @@ def test_experts_run_grouped_at_every_batch_size_by_default(tiny_moe):
 
 
 def test_fused_experts_run_where_asked_and_their_kernels_run(tiny_moe):
-    """Triton's fused experts (qvl.infer.moe_kernels): up to fused_max_rows rows under "auto" (4 by default: faster
-    than grouped at 1 and 4 rows on an H100), every batch under "fused"; never where the kernels cannot run (a CPU
+    """Triton's fused experts (qvl.infer.moe_kernels): up to fused_max_rows rows under "auto" (8 by default: faster
+    than grouped at 1-8 rows on an H100), every batch under "fused"; never where the kernels cannot run (a CPU
     without the interpreter): there grouped GEMMs as before."""
     model, _, _ = tiny_moe
     d = DecodeModel(model, slots=4, max_len=64)
@@ -296,8 +296,8 @@ def test_fused_experts_run_where_asked_and_their_kernels_run(tiny_moe):
     d._fused_ok = True  # as on a GPU with Triton
     assert [d._experts_for(n) for n in (1, 4)] == ["fused", "fused"]
     d.set_impl(d.impl, "auto")
-    assert d.fused_max_rows == EXPERTS_FUSED_MAX_ROWS == 4
-    assert [d._experts_for(n) for n in (1, 4, 8)] == ["fused", "fused", "grouped"]
+    assert d.fused_max_rows == EXPERTS_FUSED_MAX_ROWS == 8
+    assert [d._experts_for(n) for n in (1, 4, 8, 16)] == ["fused", "fused", "fused", "grouped"]
     d.fused_max_rows = 2
     assert [d._experts_for(n) for n in (1, 2, 4)] == ["fused", "fused", "grouped"]
 

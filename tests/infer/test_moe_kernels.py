@@ -45,7 +45,7 @@ def test_route_matches_the_router(interpreted, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("rows, top_k, hidden, inter", [(1, 2, 64, 48), (2, 3, 300, 40), (4, 8, 64, 272)])
+@pytest.mark.parametrize("rows, top_k, hidden, inter", [(1, 2, 64, 48), (2, 3, 300, 40), (4, 8, 64, 272), (8, 8, 64, 48)])
 def test_experts_match_the_grouped_path(interpreted, dtype, tol, rows, top_k, hidden, inter):
     """Odd sizes too: hidden and intermediate widths that are not multiples of the tiles."""
     router, gate_up, down = weights(hidden=hidden, inter=inter, dtype=dtype)
@@ -96,7 +96,7 @@ def test_decode_with_fused_experts_matches_generate(interpreted, tiny_moe):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 4, 8])
 def test_kernels_on_cuda(rows):
     """The compiled kernels on a GPU, bf16, a 30B-A3B layer's widths (fewer experts) and top-8: the same ids and
     weights as the router, outputs as the grouped GEMM's within bf16 rounding, and inside a captured CUDA graph."""

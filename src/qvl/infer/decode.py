@@ -141,14 +141,17 @@ class LayerWeights:
 EXPERTS_GATHER_MAX_ROWS = 0
 # Batch buckets up to this many rows run the MoE layer's router top-k and experts as qvl.infer.moe_kernels' Triton
 # kernels (on CUDA). The 30B-A3B captured step at 1 row: 4.45 ms fused against 6.86 grouped and 7.24 gathered (H100,
-# 2026-12-06, bench/results/decode_moe_fused_down_h100.json); one layer's experts at 4 rows: 99.3 us fused against
-# 173.6 grouped (moe_kernel_tune_fused_down_h100.json). Fused reads each (row, expert) pair's expert whole, grouped
-# each chosen expert once, so many rows that route alike favour grouped: 32 identical requests stepped in 20.6 ms
-# fused against 9.5 grouped (decode_moe_fused_h100.json). 32 rows of random tokens on random weights (routing near
-# uniform, the best case for fused) took 24.65 / 26.02 ms and 24.41 / 26.61 (decode_moe_diverse_h100.json), and how
-# alike a trained model's rows route was not measured; 4 rows of 8 experts each overlap little whatever the routing.
+# 2026-12-06, bench/results/decode_moe_fused_down_h100.json). Fused reads each (row, expert) pair's expert whole,
+# grouped each chosen expert once, so rows that route alike favour grouped. Steps of rows of random tokens (random
+# weights: near-uniform routing, fused's best case), fused against grouped: 2 rows 5.25 / 7.97 ms, 4 rows 7.28 /
+# 10.31, 8 rows 10.78 / 14.40, 16 rows 16.06 / 19.76, 32 rows 25.02 / 26.13; 32 rows fed 8 distinct tokens (each
+# route taken by 4 rows) 22.46 / 17.33, fed 1 token 21.25 / 10.69 (H100, 2026-12-06,
+# bench/results/decode_moe_overlap_h100.json). Grouped's step grows by ~0.18 ms per distinct expert a layer reads
+# (48 layers x one 9.4 MB expert), so at 8 rows it wins only if fewer than ~31 distinct experts serve a layer's 64
+# (row, expert) pairs (51 when routing is uniform); at 16 rows, fewer than ~61 of 128 (81 uniform). How alike a
+# trained model's rows route was not measured: fused up to 8, where only a strong overlap would lose.
 # Measured on 30B-A3B only; other MoE shapes and cards take the same default (a failed capture falls back).
-EXPERTS_FUSED_MAX_ROWS = 4
+EXPERTS_FUSED_MAX_ROWS = 8
 EXPERTS = ("grouped", "gathered", "fused")
 # How a decode step attends to the cache where qvl.infer.attend_kernels' split-key Triton kernel runs (CUDA):
 # "split" (one kernel and a small merge) or "plain" (the scores' matmul, the softmax, the values' matmul). Split

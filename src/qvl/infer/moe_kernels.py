@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from qvl.infer.triton_support import available, on_device
 
 # tile sizes, per kernel: (a block of output columns, a block of the reduced dimension, warps), one program each.
-# The fastest at 1 row of the 30B-A3B shape (the decoder fuses up to 4 rows by default; tuned at 1 and 4), H100, 2026-12-06,
+# The fastest at 1 row of the 30B-A3B shape (the decoder fuses up to 8 rows by default; tuned at 1 and 4), H100, 2026-12-06,
 # bench/experiments/moe_kernel_tune.py, bench/experiments/results/moe_kernel_tune_fused_down_h100.json: gate_up
 # 8 x 256 with 8 warps 20.4 us a layer, down 16 x 128 with 8 warps 11.2 us (a program per (row, expert) pair; the
 # down kernel before it, a program per row summing its k pairs, took 19.6); both 33.9 us against 91.1 for the
