@@ -419,3 +419,21 @@ def test_moe_compiled_layer_counts_the_routed_copies():
     for budget in (None, 0.9, 0.8):
         assert compiled_layer_saved_bytes_per_token(m, budget, 64, 4, True) - \
             compiled_layer_saved_bytes_per_token(same_width, budget, 64, 4, True) == 8 * (4 * 2048 + 16) + 8 * 128
+
+
+def test_vision_only_lora_plans_the_tower_not_the_llm():
+    """lora_targets=vision: the tower's adapters, not the LLM's seven per layer, and the tower's activations kept
+    for its backward (frozen, it only has a transient forward)."""
+    kw = dict(batch=1, seq_len=4096, max_pixels=1024 * 1024, images_per_sample=1, lora_dropout=0.0, recommend=False)
+    llm, vision = (plan_train("8B", "h100", lora_targets=t, **kw) for t in ("all", "vision"))
+    assert vision.parts["LoRA params"] < llm.parts["LoRA params"] / 4
+    assert "r=64 on vision" in vision.notes["LoRA params"]
+    assert "trained" in vision.notes["vision activations"] and "frozen" in llm.notes["vision activations"]
+    assert vision.parts["vision activations"] > llm.parts["vision activations"]
+    kept = [plan_train("8B", "h200", lora_targets=t, gradient_checkpointing=False, **kw).parts["LLM activations"]
+            for t in ("all", "vision")]
+    assert kept[1] < kept[0]  # every layer kept: no adapter inputs in the LLM's
+    both = plan_train("8B", "h100", lora_targets="llm,vision", **kw)
+    assert both.parts["LoRA params"] == pytest.approx(llm.parts["LoRA params"] + vision.parts["LoRA params"])
+    with pytest.raises(QvlError, match="unknown LoRA target"):
+        plan_train("8B", "h100", lora_targets="tower", **kw)

@@ -193,3 +193,20 @@ def test_table_renders():
     model = C.apply_training_mode(fresh(), cfg)
     text = C.render_table(C.component_table(model, cfg))
     assert "merger" in text and "1.00e-04" in text and "frozen" in text
+
+
+@pytest.mark.parametrize("targets", ["llm", "vision", "merger", "llm,vision,merger"])
+def test_planned_lora_params_are_the_adapters_made(targets, tmp_path):
+    """The memory planner's LoRA count (qvl.plan.memory.lora_params, on what the preflight passes it) equals the
+    trainable parameters LoRA adds for each ``lora_targets``: vision-only LoRA plans no LLM adapters."""
+    from qvl.plan.memory import lora_params, parse_lora_targets
+    from qvl.plan.model import from_config
+    from qvl.train.preflight import _lora_targets
+
+    cfg = cfg_of(lora_enable=True, lora_r=4, lora_alpha=8, lora_targets=targets)
+    model = C.apply_training_mode(fresh(), cfg)
+    model.config.save_pretrained(tmp_path)
+    made = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    planned = parse_lora_targets(_lora_targets(cfg))
+    assert ("q" in planned) == ("llm" in targets) and ("vision" in planned) == ("vision" in targets)
+    assert lora_params(from_config(tmp_path), 4, planned) == made

@@ -31,6 +31,9 @@ def test_config_maps_to_plan_settings(make_cfg, tmp_path):
     regex = plan_kwargs(make_cfg(lora_enable=True, tune_mm_llm=False,
                                  lora_target_regex=r".*language_model.*\.(q_proj|v_proj)"))
     assert regex["lora_targets"] == "q,v"
+    visual = [plan_kwargs(make_cfg(lora_enable=True, tune_mm_llm=False, lora_targets=t))["lora_targets"]
+              for t in (["vision"], ["llm", "merger"])]
+    assert visual == ["vision", "all,merger"]  # vision-only LoRA: no LLM adapters planned
 
 
 def test_recommendations_become_train_keys(make_cfg):

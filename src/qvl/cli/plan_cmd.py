@@ -89,7 +89,8 @@ def train(model: str = _MODEL, gpu: str = _GPU, gpu_mem: str = _GPU_MEM,
           video_max_frames: int = typer.Option(0, help="Video frames per sample (merged in pairs)."),
           video_frame_pixels: int = typer.Option(262_144, help="Pixels per video frame."),
           lora_r: int = typer.Option(64, help="LoRA rank."),
-          lora_targets: str = typer.Option("all", help="all, or a comma list of q,k,v,o,gate,up,down."),
+          lora_targets: str = typer.Option("all", help="all (the LLM's linears), or a comma list of q,k,v,o,gate,up,"
+                                           "down, llm (all of those), vision (the tower's blocks), merger."),
           lora_dropout: float = typer.Option(0.0, help="LoRA dropout (`qvl train`'s default 0: dropout keeps a copy "
                                              "of each adapted layer's input)."),
           tune_mm_vision: bool = typer.Option(False, help="Train the vision tower too."),

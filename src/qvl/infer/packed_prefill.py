@@ -246,9 +246,10 @@ def _on_cached(d, slot: int, index: torch.Tensor):
     """``attention`` for :func:`_layers` of new tokens at cache indices ``index`` (consecutive, host) of ``slot``:
     each sees the slot's entries up to its own (those before ``index`` written earlier). Without cuDNN's kernel
     (:func:`qvl.models.attention.without_cudnn`): cuDNN plans each new shape on the host, and every follow-up turn
-    brings a new (new tokens, keys) shape. Not measured: whether sdpa picked cuDNN here, and whether it is what the
-    first follow-up after start-up waits for (643 ms from admission to its first token, later ones 23 ms: H100,
-    2026-12-06, ``turns`` of bench/results/serve_uvloop_8b_h100.json)."""
+    brings a new (new tokens, keys) shape. The first follow-up after start-up waited 643 ms from admission to its
+    first token before, later ones 23 ms (H100, 2026-12-06, ``turns`` of bench/results/serve_uvloop_8b_h100.json);
+    with this, 63 ms, later ones 33-66 on a slower host (bench/results/serve_turns_h100.json). One run each, on two
+    machines: that sdpa picked cuDNN here is the likely reading, not a measured one."""
     from qvl.models.attention import without_cudnn
 
     n = int(index[-1]) + 1

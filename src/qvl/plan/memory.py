@@ -34,7 +34,10 @@ QUANT_BYTES = {"nf4": NF4_BYTES, "int8": INT8_BYTES}  # `quantization` (qvl.trai
 ZERO_BUCKET_ELEMS = 2e8  # DeepSpeed reduce/allgather bucket sizes (official zero2/zero3 json)
 MODEL_MAX_LEN = 262_144  # Qwen3-VL native context (max_position_embeddings)
 
-LORA_TARGETS_ALL = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGETS_ALL = ("q", "k", "v", "o", "gate", "up", "down")  # the LLM's linears ("all", "llm")
+# LoRA beyond the LLM (qvl train's lora_targets: vision, merger): the tower blocks' qkv / proj / fc1 / fc2 and the main
+# merger's two linears (qvl.train.components.LORA_PATTERNS)
+LORA_TARGETS_VISUAL = ("vision", "merger")
 _TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate",
                    "up_proj": "up", "down_proj": "down"}
 
@@ -149,25 +152,36 @@ def _lora_dims(m: ModelShape, targets) -> list[tuple[int, int]]:
 
 
 def parse_lora_targets(targets) -> tuple[str, ...]:
+    """The adapted linears: LLM ones of :data:`LORA_TARGETS_ALL` ("all" / "llm" / "all-linear": every one) and the
+    components of :data:`LORA_TARGETS_VISUAL`; "" or () for none of the LLM's (vision-only LoRA)."""
     if targets is None or targets == "all" or targets == ["all"]:
         return LORA_TARGETS_ALL
     if isinstance(targets, str):
         targets = [t for t in targets.replace(" ", "").split(",") if t]
-    out = []
+    out: list[str] = []
     for t in targets:
         t = _TARGET_ALIASES.get(t, t)
-        if t == "all-linear" or t == "all":
-            return LORA_TARGETS_ALL
-        if t not in LORA_TARGETS_ALL:
-            raise QvlError(f"unknown LoRA target {t!r}", fix=f"use 'all' or a comma list of {','.join(LORA_TARGETS_ALL)}")
-        out.append(t)
+        names = LORA_TARGETS_ALL if t in ("all-linear", "all", "llm") else (t,)
+        if not set(names) <= set(LORA_TARGETS_ALL + LORA_TARGETS_VISUAL):
+            raise QvlError(f"unknown LoRA target {t!r}", fix=f"use 'all' or a comma list of "
+                           f"{','.join(LORA_TARGETS_ALL + LORA_TARGETS_VISUAL)}")
+        out += [n for n in names if n not in out]
     return tuple(out)
 
 
+def llm_lora_targets(targets) -> tuple[str, ...]:
+    """The LLM's linears among parsed ``targets`` (what a decoder layer's activations and adapters count)."""
+    return tuple(t for t in targets if t in LORA_TARGETS_ALL)
+
+
 def lora_params(m: ModelShape, r: int, targets=LORA_TARGETS_ALL, experts: bool = False) -> int:
-    """LoRA A and B matrices on every LLM layer: r·(d_in + d_out) per adapted linear; ``experts`` (MoE, qvl's
+    """LoRA A and B matrices, r·(d_in + d_out) per adapted linear: on every LLM layer; on every vision block's qkv,
+    proj, fc1 and fc2 for "vision", the main merger's two linears for "merger"; ``experts`` (MoE, qvl's
     ``lora_experts``): + :func:`expert_lora_params`."""
-    return m.layers * sum(r * (din + dout) for din, dout in _lora_dims(m, targets)) + \
+    vh, vi, mh = m.vision_hidden, m.vision_intermediate, m.vision_hidden * m.spatial_merge**2
+    vision = m.vision_depth * r * ((vh + 3 * vh) + 2 * vh + 2 * (vh + vi)) if "vision" in targets else 0
+    merger = r * (2 * mh + mh + m.hidden) if "merger" in targets else 0
+    return m.layers * sum(r * (din + dout) for din, dout in _lora_dims(m, targets)) + vision + merger + \
         (expert_lora_params(m, r) if experts else 0)
 
 
@@ -677,7 +691,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
 
     if lora_n:
         parts["LoRA params"] = _gib(lora_n * adapter_bytes)
-        on = ",".join(t for t in targets if t in ("q", "k", "v", "o")) if m.is_moe else ",".join(targets)
+        on = ",".join(t for t in targets if t in ("q", "k", "v", "o") + LORA_TARGETS_VISUAL) if m.is_moe \
+            else ",".join(targets)
         on += f" + {m.moe_experts} experts' gate_up,down" if expert_lora else ""
         notes["LoRA params"] = f"{lora_n / 1e6:.1f} M params (r={lora_r} on {on}) × {adapter_bytes} bytes ({adapter_dtype})"
     # gradients
@@ -779,7 +794,10 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         notes["logits / loss"] = (f"{tokens:,} tokens × vocab {m.vocab:,} × {LOGITS_TRAIN_BYTES} B (bf16 logits, "
                                   "fp32 upcast/log-softmax and their grads)")
     vnote = f"{patches:,} patches ({batch} × {vis_per_sample:,} visual tokens × 4)"
-    if tune_mm_vision:
+    # LoRA on the tower or the merger trains it as far as activations go: its backward needs what its forward kept
+    vision_trains = tune_mm_vision or (lora_n > 0 and "vision" in targets)
+    merger_trains = tune_mm_mlp or (lora_n > 0 and "merger" in targets)
+    if vision_trains:
         if gradient_checkpointing:
             vis_saved = patches * (m.vision_depth * 2 * m.vision_hidden)
             vis_peak_extra = patches * vision_saved_bytes_per_patch(m)
@@ -794,7 +812,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         vis_transient = patches * vision_transient_bytes_per_patch(m)
         vnote += ", frozen: forward working set only"
     merger_saved = batch * vis_per_sample * (1 + m.deepstack) * 6 * m.vision_hidden * m.spatial_merge**2 \
-        if tune_mm_mlp else 0
+        if merger_trains else 0
     deepstack = batch * vis_per_sample * m.deepstack * 2 * m.hidden
     qlora_dequant = (2 * m.hidden * _mlp_width(m) * 2) if method == "qlora" else 0
 
@@ -814,7 +832,7 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
             notes["logits / loss"] += " (not at the peak: layer recompute is larger)"
         parts["vision activations"] = _gib(vis_saved + merger_saved + (vis_peak_extra if backward_peak ==
                                                                         vis_peak_extra else 0))
-        notes["vision activations"] = vnote + ("" if tune_mm_vision else " (transient, before the LLM: "
+        notes["vision activations"] = vnote + ("" if vision_trains else " (transient, before the LLM: "
                                                f"{_gib(vis_transient):.2f} GiB, not at the peak)")
     if qlora_dequant:
         parts["QLoRA dequant buffer"] = _gib(qlora_dequant)

@@ -77,9 +77,12 @@ def zero_settings(cfg: TrainConfig) -> tuple[int, bool]:
 
 
 def _lora_targets(cfg: TrainConfig) -> str:
-    """The planner counts LoRA on the LLM's linears: all seven for qvl's ``llm`` target, or those a regex names."""
+    """What the planner counts LoRA on: the LLM's seven linears for qvl's ``llm`` target, the tower's blocks for
+    ``vision``, the merger for ``merger`` (``lora_targets: [vision]`` plans no LLM adapters); or the LLM linears a
+    regex names (all seven where it names none of them)."""
     if not cfg.lora_target_regex:
-        return "all"
+        return ",".join((["all"] if "llm" in cfg.lora_components else [])
+                        + [c for c in cfg.lora_components if c != "llm"])
     found = [t for t in _LINEARS if re.search(rf"(?<![a-z]){t}_proj", cfg.lora_target_regex)]
     return ",".join(found) if found else "all"
 
@@ -330,7 +333,8 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
     dropout only the compiler's own partition (:data:`qvl.train.config.DROPOUT_UNDER_BUDGET`). Otherwise the
     budget is None and a kept layer costs the planner's eager estimate."""
     from qvl.plan.memory import (COMPILED_BUDGETS, attention_saved_bytes_per_token,
-                                 compiled_layer_saved_bytes_per_token, layer_saved_bytes_per_token, parse_lora_targets)
+                                 compiled_layer_saved_bytes_per_token, layer_saved_bytes_per_token, llm_lora_targets,
+                                 parse_lora_targets)
     from qvl.train.recompute import ratio_for_memory
 
     plan = getattr(pf, "plan", None)
@@ -338,7 +342,7 @@ def auto_checkpoint_ratio(cfg: TrainConfig, pf, world_size: int = 1, records=(),
     if plan is None or shape is None or not plan.fits:
         return 1.0, None, "every layer recomputed (no memory plan for this card)"
     kw = plan_kwargs(cfg, world_size, has_video(records))
-    targets = parse_lora_targets(kw["lora_targets"]) if cfg.lora_enable else ()
+    targets = llm_lora_targets(parse_lora_targets(kw["lora_targets"])) if cfg.lora_enable else ()
     row_tokens = min(row_tokens or cfg.longest_row(), cfg.longest_row())
     free = (AUTO_CHECKPOINT_BUDGET * plan.gpu_total_gib - plan.total_gib) * 2**30
     budget = None
