@@ -134,13 +134,13 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
 
 
 def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: int, device: str, warmup: int = 3,
-                  name: str = "baseline-yaml"):
+                  name: str = "baseline-yaml", overrides=()):
     """transformers + peft on the example YAML's own learning problem, padded, on the samples and in the order its
     CLI row trains them: the YAML's seed, batch, accumulation, LoRA (targets, rank, alpha, dropout), learning-rate
     schedule, clipping, vision budget, optimizer and adapter precision; the loss token-weighted over the step's
     micro-batches as qvl's. The reference for the CLI row's losses (and a second speed reference). ``base``: the
     bench's in-memory model. A MoE model's experts get LoRA as the YAML gives them to qvl (``lora_experts``): peft's
-    ``target_parameters``."""
+    ``target_parameters``. ``overrides``: ``key=value`` settings over the YAML's, as `qvl train` takes them."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -149,12 +149,12 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
     from qvl.data.samples import parse_sample
     from qvl.train.components import expert_targets, lora_regex
     from qvl.train import optimizers
-    from qvl.train.config import load_config
+    from qvl.train.config import load_config, parse_overrides
     from qvl.train.loop import Dist, Plan, _load_data, lr_lambda
 
     cfg = load_config(REPO / "examples" / f"{example}.yaml",
-                      {"model_name_or_path": str(model_dir), "dataset_registry": str(registry),
-                       "dataset_use": "workload", "max_steps": steps})
+                      {**parse_overrides(list(overrides))[1], "model_name_or_path": str(model_dir),
+                       "dataset_registry": str(registry), "dataset_use": "workload", "max_steps": steps})
     from qvl.models.load import load_processor
 
     processor = load_processor(str(model_dir))
@@ -226,4 +226,5 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
     return {"tokens_per_s": tokens / seconds if seconds else 0.0, "losses": losses,
             "final_loss_mean5": sum(losses[-5:]) / len(losses[-5:]), "timed_steps": max(0, len(losses) - warmup),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
-            "settings": f"{example}.yaml's LoRA, batch, schedule and vision budget; padded; transformers + peft"}
+            "settings": f"{example}.yaml's LoRA, batch, schedule and vision budget"
+                        + (f" with {' '.join(overrides)}" if overrides else "") + "; padded; transformers + peft"}

@@ -49,7 +49,9 @@ Contestants (LoRA r=64, alpha=128 on the LLM's q/k/v/o unless said otherwise, Ad
                 the speed and loss reference of cli:lora_8b_video
   baseline-moe  the same on lora_30b_a3b.yaml's problem for a MoE model (--model 30B-A3B): LoRA on the attention
                 and on the experts through peft's target_parameters (its default grouped_mm experts, the adapters
-                folded into the expert stacks each forward); the speed and loss reference of cli:lora_30b_a3b
+                folded into the expert stacks each forward); the speed and loss reference of cli:lora_30b_a3b.
+                A baseline row +key=value[+key=value]: the YAML with those settings, the reference of the CLI row
+                with the same ones (baseline-moe+lora_r=16 for cli:lora_30b_a3b+lora_r=16: an 80 GB card)
   recipe        the reference's one-card LoRA command line (torchrun -m qvl.train --deepspeed zero2.json ...)
                 with lora_8b_24gb.yaml's batch settings, without DeepSpeed installed
   baseline-liger  the baseline with Liger's Qwen3-VL kernels (RoPE, RMSNorm, fused linear + cross-entropy), as
@@ -913,27 +915,30 @@ def main(argv=None):
                overrides.get("packed_attention", "auto (sdpa)"))
 
     # `qvl train` as a user runs it: the shipped YAMLs through the CLI, each in its own process (bench/train_cli.py)
-    yaml_rows = {"baseline-yaml": "lora_8b_24gb", "baseline-moe": "lora_30b_a3b",  # in-process, the YAML's problem
-                 "baseline-video": "lora_8b_video", "baseline-qlora": "qlora_32b_24gb"}
+    yaml_rows = YAML_ROWS
     cli_rows = [n for n in (args.only.split(",") if args.only else [])
-                if n.startswith("cli:") or n == "recipe" or n in yaml_rows]
+                if n.startswith("cli:") or n == "recipe" or n.split("+")[0] in yaml_rows]
     if cli_rows:
         import train_cli
 
-        if any(n not in yaml_rows or n == "baseline-qlora" for n in cli_rows):  # baseline-qlora loads them in 4-bit
+        if any(n.split("+")[0] not in yaml_rows or n.startswith("baseline-qlora") for n in cli_rows):  # 4-bit load
             t0 = time.time()
             model_of(base).save_pretrained(model_dir)  # the weights the commands load, once
             print(f"saved the model's weights for the CLI rows in {time.time() - t0:.1f} s", flush=True)
         if cuda:
             torch.cuda.empty_cache()
-        for name, example in yaml_rows.items():  # transformers + peft on the YAML's own problem: the CLI rows' losses
-            if name not in cli_rows or not want(name):
+        # transformers + peft on the YAML's own problem: the CLI rows' losses. "+key=value" on a baseline row: the
+        # YAML with those settings (baseline-moe+lora_r=16, beside cli:lora_30b_a3b+lora_r=16)
+        for name in [n for n in cli_rows if n.split("+")[0] in yaml_rows]:
+            if not want(name):
                 continue
+            row, *sets = name.split("+")
+            example = yaml_rows[row]
             torch.manual_seed(0)
-            ref = qlora_base(base, model_dir, args.device, example) if name == "baseline-qlora" else base
+            ref = qlora_base(base, model_dir, args.device, example) if row == "baseline-qlora" else base
             try:
                 res = train_cli.yaml_baseline(ref, model_dir, registry, example, args.cli_steps, args.device,
-                                              name=name)
+                                              name=name, overrides=sets)
             except torch.OutOfMemoryError as e:
                 res = {"error": f"OOM: {str(e).splitlines()[0]}"}
             if ref is not base:  # the 4-bit copy goes; the bench's own model comes back
@@ -941,7 +946,7 @@ def main(argv=None):
                 model_of(base).to(args.device)
             res["mfu"] = res.get("tokens_per_s", 0.0) * all_flops / (PEAK_TFLOPS * 1e12)
             finish(name, res, [f"as {example}.yaml says"], True, "sdpa (padded)")
-        if cuda and any(n not in yaml_rows for n in cli_rows):
+        if cuda and any(n.split("+")[0] not in yaml_rows for n in cli_rows):
             # each command loads its own copy, as a user's run has the card to itself: kept here, the 8B model's
             # 17.4 GiB left an H100's CLI row too little for its CUDA graphs' pools (out of memory at step ~50,
             # 2026-12-05)
@@ -953,7 +958,7 @@ def main(argv=None):
                 print("the in-memory model freed for the CLI rows (no room for it in host memory)", flush=True)
             torch.cuda.empty_cache()
         for name in cli_rows:
-            if name in yaml_rows or not want(name):
+            if name.split("+")[0] in yaml_rows or not want(name):
                 continue
             spec, *sets = name[len("cli:"):].split("#")[0].split("+")  # "#2": the same row again; "+key=value"
             example, _, gpu = spec.partition("@")
@@ -964,17 +969,7 @@ def main(argv=None):
             shutil.rmtree(out, ignore_errors=True)  # read into res; the next row needs the room (30B-A3B: ~38 GiB)
             full = example.startswith("full")
             res["mfu"] = res["tokens_per_s"] * all_flops * (1.5 if full else 1.0) / (PEAK_TFLOPS * 1e12)
-            res["baseline_row"] = "baseline-full" if full else "baseline"
-            # losses only against a baseline training what the YAML trains: `baseline` adapts q/k/v/o at 4 samples a
-            # step, so its loss says nothing of the YAML's (-9 % "vs baseline" on 2026-12-06 was that difference)
-            res["loss_row"] = "baseline-full" if full else "baseline-yaml" if "baseline-yaml" in results else None
-            # the video YAML's speed reference is transformers + peft on its own problem (batch 1, the same samples)
-            if example == yaml_rows["baseline-video"] and "tokens_per_s" in results.get("baseline-video", {}):
-                res["baseline_row"] = res["loss_row"] = "baseline-video"
-            if example == yaml_rows["baseline-qlora"] and "tokens_per_s" in results.get("baseline-qlora", {}):
-                res["baseline_row"] = res["loss_row"] = "baseline-qlora"  # transformers + peft + bitsandbytes
-            if example == yaml_rows["baseline-moe"] and "tokens_per_s" in results.get("baseline-moe", {}):
-                res["baseline_row"] = res["loss_row"] = "baseline-moe"  # peft's target_parameters on the experts
+            res["baseline_row"], res["loss_row"] = reference_rows(example, sets, results)
             finish(name, res, ["as the YAML says"], "as the YAML says", "as the YAML says")
             if res.get("stopped"):  # SIGTERM while it ran: its steps so far are written above
                 sys.exit(143)
@@ -987,6 +982,29 @@ def main(argv=None):
     summary = summary_of(args, results, encs, hist, padding)
     print_table(summary)
     write(args, summary)
+
+
+# transformers + peft in-process on an example YAML's own learning problem
+YAML_ROWS = {"baseline-yaml": "lora_8b_24gb", "baseline-moe": "lora_30b_a3b", "baseline-video": "lora_8b_video",
+             "baseline-qlora": "qlora_32b_24gb"}
+
+
+def reference_rows(example: str, sets: list[str], results: dict) -> tuple[str, str | None]:
+    """(speed row, loss row) a CLI row of ``example`` with ``sets`` (its "+key=value" overrides) compares with.
+    Speed: transformers + peft on the YAML's own problem where the YAML has such a baseline and it ran (video: batch
+    1, the same samples; QLoRA: + bitsandbytes; MoE: peft's target_parameters on the experts), with the row's own
+    settings where that ran (baseline-moe+lora_r=16 for cli:lora_30b_a3b+lora_r=16); else `baseline` (full
+    fine-tuning: `baseline-full`). Losses only against a baseline training what the YAML trains: `baseline` adapts
+    q/k/v/o at 4 samples a step, so its loss says nothing of the YAML's (-9 % "vs baseline" on 2026-12-06 was that
+    difference)."""
+    full = example.startswith("full")
+    speed = "baseline-full" if full else "baseline"
+    loss = "baseline-full" if full else "baseline-yaml" if "baseline-yaml" in results else None
+    for row in ("baseline-video", "baseline-qlora", "baseline-moe"):
+        ran = [r for r in ("+".join([row, *sets]), row) if "tokens_per_s" in results.get(r, {})]
+        if example == YAML_ROWS[row] and ran:
+            speed = loss = ran[0]
+    return speed, loss
 
 
 def qlora_base(base, model_dir: Path, device: str, example: str):

@@ -136,3 +136,19 @@ def test_the_runs_go_to_the_disk_when_the_model_went_to_memory(monkeypatch, tmp_
     free.update(tmp=20 * gib)
     assert train_throughput.runs_folder(shm, 58 * gib) == shm
     assert train_throughput.runs_folder(tmp_path / "w", 58 * gib) == tmp_path / "w"  # on the disk already
+
+
+def test_a_cli_row_compares_with_the_baseline_of_its_own_settings():
+    """cli:lora_30b_a3b+lora_r=16 against baseline-moe+lora_r=16 where that ran, else baseline-moe; a speed lever
+    (+gradient_checkpointing_ratio=1.0) keeps the YAML's own baseline; a YAML with no baseline of its own is timed
+    against `baseline` and its losses compared only with baseline-yaml."""
+    import train_throughput
+
+    ran = {"tokens_per_s": 1.0}
+    results = {"baseline": ran, "baseline-moe": ran, "baseline-moe+lora_r=16": ran}
+    ref = train_throughput.reference_rows
+    assert ref("lora_30b_a3b", ["lora_r=16"], results) == ("baseline-moe+lora_r=16", "baseline-moe+lora_r=16")
+    assert ref("lora_30b_a3b", ["gradient_checkpointing_ratio=1.0"], results) == ("baseline-moe", "baseline-moe")
+    assert ref("lora_30b_a3b", [], {"baseline": ran, "baseline-moe": {"error": "OOM"}}) == ("baseline", None)
+    assert ref("lora_8b_24gb", [], {"baseline": ran, "baseline-yaml": ran}) == ("baseline", "baseline-yaml")
+    assert ref("full_4b", [], results) == ("baseline-full", "baseline-full")

@@ -437,3 +437,20 @@ def test_vision_only_lora_plans_the_tower_not_the_llm():
     assert both.parts["LoRA params"] == pytest.approx(llm.parts["LoRA params"] + vision.parts["LoRA params"])
     with pytest.raises(QvlError, match="unknown LoRA target"):
         plan_train("8B", "h100", lora_targets="tower", **kw)
+
+
+def test_a_lower_lora_rank_is_recommended_where_it_fits():
+    """30B-A3B with the experts' LoRA at r=64 does not fit an 80 GB card (2.5 B adapter params, fp32 + AdamW); the
+    largest rank that does is recommended, and `qvl train`'s preflight names it as a key."""
+    from qvl.plan.memory import Recommendation
+    from qvl.train.config import build_config
+    from qvl.train.preflight import train_fix
+
+    p = plan_train("30B-A3B", "h100", seq_len=4096, fused_ce=True, max_pixels=401_408)
+    assert not p.fits
+    ranks = [r for r in p.recommendations if "lora_r" in r.changes]
+    assert [r.changes for r in ranks] == [{"lora_r": 16}] and ranks[0].fits
+    assert plan_train("30B-A3B", "h100", seq_len=4096, fused_ce=True, max_pixels=401_408, lora_r=16).fits
+    assert not plan_train("30B-A3B", "h100", seq_len=4096, fused_ce=True, max_pixels=401_408, lora_r=32).fits
+    cfg = build_config(dict(model_name_or_path="m", dataset_use="d", lora_enable=True))
+    assert train_fix(Recommendation("", {"lora_r": 16}, 73.2, True), cfg) == "lora_r=16 (→ 73.2 GiB)"

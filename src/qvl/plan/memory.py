@@ -914,6 +914,12 @@ def _train_recommendations(plan: Plan, kw: dict, run) -> list[Recommendation]:
     if s["method"] in ("lora", "qlora") and s["zero"] == 0 and not s["master_bf16"]:
         add("LoRA adapters, their gradients and AdamW states in bf16 (updates below bf16's resolution are lost)",
             master_bf16=True)
+    if s["method"] in ("lora", "qlora") and s.get("lora_r", 0) > 8:  # the largest rank that fits, halving
+        # (MoE with the experts' LoRA: r=64 on 30B-A3B is 2.5 B adapter params, 38 GiB in fp32 with AdamW)
+        r = s["lora_r"] // 2
+        while r >= 8 and not add("a lower LoRA rank (fewer adapter params, their gradients and optimizer states)",
+                                 lora_r=r):
+            r //= 2
     if not s["host_embeddings"] and s["gpus"] == 1:
         add("the frozen input-embedding table in host memory", host_embeddings=True)
     if s["gradient_checkpointing"] and not s["offload_activations"] and s["gpus"] == 1:

@@ -174,8 +174,8 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
             out.append(f"model_max_length={value}")
         elif key in ("gradient_checkpointing", "tune_mm_vision", "tune_mm_mlp"):
             out.append(f"{key}={str(bool(value)).lower()}")
-        elif key == "max_pixels":
-            out.append(f"max_pixels={value}")
+        elif key in ("max_pixels", "lora_r"):
+            out.append(f"{key}={value}")
         elif key == "master_bf16" and value:
             out.append("master_weights=bf16")
         elif key == "optim" and value == "adamw8bit" and cfg.engine == "ddp":
