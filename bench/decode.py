@@ -253,10 +253,36 @@ def attention_choice(decoder, impl: str, long_keys: int) -> dict:
     if not decoder._split_ok:  # a capture fell back: the "split" timings were plain ones
         timed.pop("split", None)
         res["attention_failed"] = "split-key attention failed to compile or capture (the decoder attended plainly)"
+    if "split" in timed:  # the chunks' size: how many programs a multiprocessor the split-key step is given
+        res["attention_split_programs_per_sm"] = split_programs_sweep(decoder, impl, long_keys)
     won = "split" in timed and "plain" in timed and all(timed["split"][k] <= timed["plain"][k] for k in timed["plain"])
     decoder.set_impl(impl, None, "split" if won else "plain")
     print("attention", timed, "->", decoder.attention, flush=True)
     return {**res, "attention_ms": timed, "attention": decoder.attention}
+
+
+def split_programs_sweep(decoder, impl: str, long_keys: int, per_sm=(1, 2, 4, 8)) -> dict:
+    """The captured step with split-key attention whose chunks (qvl.infer.attend_kernels.chunk_for) make each of
+    ``per_sm`` programs a multiprocessor, ms, at 1 row x ``long_keys`` and 32 rows x 300, with the chunk each got:
+    the data to set PROGRAMS_PER_SM by. The default is restored after."""
+    from qvl.infer import attend_kernels as ak
+
+    kept, out = ak.PROGRAMS_PER_SM, {}
+    try:
+        sms = ak._multiprocessors(decoder.device)
+        for n in per_sm:
+            ak.PROGRAMS_PER_SM = n
+            decoder.set_impl(impl, "auto" if decoder.is_moe else None, "split")  # captured again, with these chunks
+            out[n] = {"rows1_len1100": graph_step_ms(decoder, 1, long_keys),
+                      "rows32_len300": graph_step_ms(decoder, 32, 300),
+                      "chunks": [ak.chunk_for(1, decoder.n_kv, long_keys, sms), ak.chunk_for(32, decoder.n_kv, 300, sms)]}
+    except Exception as e:  # noqa: BLE001 -- recorded; the timings above stand
+        out["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
+        for slot in list(decoder.busy):
+            decoder.release(slot)
+    finally:
+        ak.PROGRAMS_PER_SM = kept
+    return out
 
 
 def long_prompt_stall(engine, encs, long_enc, part_tokens: int, new: int) -> dict:

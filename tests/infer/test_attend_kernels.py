@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernel_under_the_interpreter():
-    run_under_the_interpreter(__file__, least_passed=9)
+    run_under_the_interpreter(__file__, least_passed=21)
 
 
 def cache(rows, n_q, n_kv, d, keys, dtype, seed=0):
@@ -41,13 +41,26 @@ def cache(rows, n_q, n_kv, d, keys, dtype, seed=0):
     (3, 32, 4, 128, 300),  # 30B-A3B's heads: 8 query heads a kv head, chunks of 128 and a partial one
     (2, 8, 8, 32, 256),  # no grouping, whole chunks
 ])
-def test_matches_the_plain_path(interpreted, dtype, tol, rows, n_q, n_kv, d, keys):
+@pytest.mark.parametrize("chunk", [0, 16, 32])  # 0: chunk_for's (these shapes: 16 on an H100's count)
+def test_matches_the_plain_path(interpreted, dtype, tol, rows, n_q, n_kv, d, keys, chunk):
     q, k, v, mask = cache(rows, n_q, n_kv, d, keys, dtype)
     assert k.stride(0) != k.shape[1] * k.shape[2] * d  # a view of the slot cache, as the step reads it
     want = attend(q, k, v, mask, d ** -0.5)
-    got = attend_kernels.attend(q, k, v, mask, d ** -0.5)
+    got = attend_kernels.attend(q, k, v, mask, d ** -0.5, chunk=chunk)
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_chunks_fill_the_card():
+    """Chunks halve from 128 until the step makes two programs a multiprocessor (132 on an H100), down to 16, and
+    grow past 128 only beyond 512 chunks."""
+    chunk_for = attend_kernels.chunk_for
+    assert chunk_for(1, 4, 1094, 132) == 16  # 30B-A3B, batch 1: 4 kv heads x 69 chunks = 276 programs (36 at 128)
+    assert chunk_for(1, 8, 1094, 132) == 32  # 8B: 8 x 35 = 280
+    assert chunk_for(32, 8, 300, 132) == 128  # 32 rows: 32 x 8 x 3 = 768 already
+    assert chunk_for(1, 4, 50, 132) == 16  # few keys: the smallest chunk, whatever it makes
+    assert chunk_for(1, 4, 32768, 132) == 128  # 256 chunks x 4 = 1,024 programs
+    assert chunk_for(1, 8, 131072, 132) == 256  # 1,024 chunks of 128 would be more than the merge takes
 
 
 def test_a_key_outside_the_mask_is_never_read(interpreted):
@@ -113,7 +126,7 @@ def test_the_decode_bench_keeps_split_attention_only_where_it_was_never_slower(m
     bench = _bench_decode()
 
     class Decoder:
-        is_moe, busy, attention, _split_ok = False, set(), "plain", True
+        is_moe, busy, attention, _split_ok, n_kv, device = False, set(), "plain", True, 8, torch.device("cpu")
 
         def set_impl(self, impl, experts=None, attention=None):
             self.attention = attention or self.attention
@@ -128,6 +141,9 @@ def test_the_decode_bench_keeps_split_attention_only_where_it_was_never_slower(m
         res = bench.attention_choice(d, "layer", 1100)
         assert res["attention"] == d.attention == want
         assert res["attention_ms"]["split"]["rows32_len300"] == times["split"][1]
+        sweep = res["attention_split_programs_per_sm"]  # chunks for 1, 2, 4 and 8 programs a multiprocessor
+        assert [sweep[n]["chunks"] for n in (1, 2, 8)] == [[64, 128], [32, 128], [16, 64]]
+        assert attend_kernels.PROGRAMS_PER_SM == 2  # restored
     d = Decoder()
     d._split_ok = False
     assert "attention_failed" in bench.attention_choice(d, "layer", 1100)

@@ -54,3 +54,24 @@ def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, n_
     tl.store(m_ptr + at, m_i, mask=head_ok)
     tl.store(l_ptr + at, l_i, mask=head_ok)
     tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=head_ok[:, None])
+
+
+def attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    # one program per (row, query head): its chunks' partial results merged in float32, against the largest running
+    # max of them, and the output written in the model's dtype
+    at = tl.program_id(0)  # row * Hq + query head
+    ds = tl.arange(0, D)
+    offs = tl.arange(0, BLOCK_S)
+    top = tl.full([BLOCK_S], -1.0e30, dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        top = tl.maximum(top, tl.load(m_ptr + at * n_splits + s0 + offs, mask=s0 + offs < n_splits, other=-1.0e30))
+    m_max = tl.max(top, 0)
+    num = tl.zeros([D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        ok = s0 + offs < n_splits
+        w = tl.exp(tl.load(m_ptr + at * n_splits + s0 + offs, mask=ok, other=-1.0e30) - m_max)
+        den += tl.load(l_ptr + at * n_splits + s0 + offs, mask=ok, other=0.0) * w
+        part = tl.load(acc_ptr + (at * n_splits + s0 + offs)[:, None] * D + ds[None, :], mask=ok[:, None], other=0.0)
+        num += tl.sum(part * w[:, None], 0)
+    tl.store(out_ptr + at * D + ds, (num / tl.sum(den, 0)).to(out_ptr.dtype.element_ty))

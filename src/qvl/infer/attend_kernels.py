@@ -3,14 +3,14 @@
 The plain step (qvl.infer.decode.attend) takes three kernels a layer: the scores' batched matmul, the masked softmax
 and the probabilities' matmul: 13 us a layer of the 30B-A3B batch-1 step for its 2.2 MB of keys and values at
 1,094 tokens (H100, 2026-12-06, bench/experiments/results/moe_decode_step_fused_h100.txt), and each leaves a
-(B, Hq, L) tensor behind. Here :func:`attend` runs one program per (row, kv head, chunk of ``CHUNK`` keys): the kv
-head's query heads (grouped-query attention: its keys are read once for all of them) over the chunk with an online
-softmax, then merges the chunks in float32 (plain torch: compiled, one small kernel). Values are rounded where the
-plain path rounds them (the scores to the model's dtype before the float32 softmax; the probabilities to it before
-they weight the values, here unnormalised), so outputs match it up to that and the sums' order
-(tests/infer/test_attend_kernels.py).
+(B, Hq, L) tensor behind. Here :func:`attend` runs one program per (row, kv head, chunk of keys): the kv head's
+query heads (grouped-query attention: its keys are read once for all of them) over the chunk with an online softmax;
+then one program per (row, query head) merges its chunks in float32. Chunks are as small as it takes for the step to
+fill the card (:func:`chunk_for`). Values are rounded where the plain path rounds them (the scores to the model's
+dtype before the float32 softmax; the probabilities to it before they weight the values, here unnormalised), so
+outputs match it up to that and the sums' order (tests/infer/test_attend_kernels.py).
 
-A custom op (``qvl::attend_splits``): torch.compile leaves it whole and CUDA graphs capture its launch. Where it
+A custom op (``qvl::attend_decode``): torch.compile leaves it whole and CUDA graphs capture its two launches. Where it
 cannot run (:func:`runs`: a CPU without ``TRITON_INTERPRET=1``, an odd head width) :func:`attend` is the plain path.
 """
 
@@ -22,10 +22,18 @@ import torch
 
 from qvl.infer.triton_support import available, interpreting, on_device
 
-# keys a program reads (in blocks of BLOCK_L): 1,094 keys at batch 1 make 9 chunks for each of 4 kv heads
-CHUNK = 128
-BLOCK_L = 64
+# Keys a program reads: at most MAX_CHUNK, halved (down to MIN_CHUNK) until the step makes PROGRAMS_PER_SM
+# programs for each of the card's multiprocessors. With a fixed 128, 30B-A3B's batch-1 step at 1,094 keys made 36
+# programs (4 kv heads x 9 chunks) for an H100's 132 multiprocessors, and attended in 5.3 ms a step against 4.5 for the
+# plain path (bench/results/decode_moe_fused_down_h100.json); the 8B's (8 kv heads) 72.
+MAX_CHUNK = 128
+MIN_CHUNK = 16
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 512  # chunks grow past MAX_CHUNK beyond this many (a long context): the merge reads every chunk's output
+BLOCK_L = 64  # keys per block inside a chunk (a smaller chunk: the chunk)
+BLOCK_S = 16  # chunks per block of the merge
 NUM_WARPS = 4
+H100_SMS = 132  # where there is no CUDA device (Triton's interpreter): the chunks an H100 would get
 
 
 def takes(device: torch.device, head_dim: int, dtype: torch.dtype) -> bool:
@@ -41,58 +49,72 @@ def runs(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel():
+def _kernels():
     import triton
 
     from qvl.infer import _attend_triton as k
 
-    return triton, triton.jit(k.attend_split_kernel)
+    return triton, triton.jit(k.attend_split_kernel), triton.jit(k.attend_merge_kernel)
 
 
-def n_splits(n_keys) -> int:
-    return (n_keys + CHUNK - 1) // CHUNK
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
 
 
-@torch.library.custom_op("qvl::attend_splits", mutates_args=())
-def attend_splits(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (B, Hq, D), keys / values (B, Hkv, L, D), mask (B, L) -> per query head and chunk of keys: the running max
-    (B, Hq, S), the sum of exponentials (B, Hq, S) and the unnormalised output (B, Hq, S, D), float32."""
+def chunk_for(rows: int, n_kv: int, n_keys: int, multiprocessors: int) -> int:
+    """Keys per program: the largest power of two from MAX_CHUNK down to MIN_CHUNK that gives ``rows`` x ``n_kv`` x
+    chunks at least PROGRAMS_PER_SM programs a multiprocessor, then doubled while there are more than MAX_SPLITS
+    chunks."""
+    chunk = MAX_CHUNK
+    while chunk > MIN_CHUNK and rows * n_kv * -(-n_keys // chunk) < PROGRAMS_PER_SM * multiprocessors:
+        chunk //= 2
+    while -(-n_keys // chunk) > MAX_SPLITS:
+        chunk *= 2
+    return chunk
+
+
+@torch.library.custom_op("qvl::attend_decode", mutates_args=())
+def attend_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
+                  chunk: int = 0) -> torch.Tensor:
+    """q (B, Hq, D), keys / values (B, Hkv, L, D), mask (B, L) -> (B, Hq * D) in q's dtype: one program per (row,
+    kv head, chunk of keys) leaves each query head's running max, sum of exponentials and unnormalised output per
+    chunk (float32), then one per (row, query head) merges its chunks. ``chunk``: keys per program, else
+    :func:`chunk_for` (decided here, on the concrete shapes, so a compiled caller's graph does not depend on it)."""
     b, n_q, d = q.shape
     n_kv, n_keys = keys.shape[1], keys.shape[2]
-    s = n_splits(n_keys)
-    triton, kernel = _kernel()
+    chunk = chunk or chunk_for(b, n_kv, n_keys, _multiprocessors(q.device))
+    s = -(-n_keys // chunk)
+    triton, split_kernel, merge_kernel = _kernels()
     q, mask = q.contiguous(), mask.contiguous()
     m = torch.empty(b, n_q, s, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     acc = torch.empty(b, n_q, s, d, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, n_q, d, dtype=q.dtype, device=q.device)
     group = n_q // n_kv
     with on_device(q.device):
-        kernel[(b, n_kv, s)](
+        split_kernel[(b, n_kv, s)](
             q, keys, values, mask.view(torch.uint8), m, l_sum, acc, n_keys, s, scale,
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
-            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, CHUNK=CHUNK, BLOCK_L=BLOCK_L,
-            DOT_FP32=interpreting(), num_warps=NUM_WARPS)
-    return m, l_sum, acc
+            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, CHUNK=chunk,
+            BLOCK_L=min(BLOCK_L, chunk), DOT_FP32=interpreting(), num_warps=NUM_WARPS)
+        merge_kernel[(b * n_q,)](m, l_sum, acc, out, s, D=d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS)
+    return out.reshape(b, n_q * d)
 
 
-@attend_splits.register_fake
-def _(q, keys, values, mask, scale):
+@attend_decode.register_fake
+def _(q, keys, values, mask, scale, chunk=0):
     b, n_q, d = q.shape
-    s = n_splits(keys.shape[2])
-    m = q.new_empty(b, n_q, s, dtype=torch.float32)
-    return m, torch.empty_like(m), q.new_empty(b, n_q, s, d, dtype=torch.float32)
+    return q.new_empty(b, n_q * d)
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """As qvl.infer.decode.attend: q (B, Hq, D), keys/values (B, Hkv, L, D), mask (B, L) -> (B, Hq*D)."""
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
+           chunk: int = 0) -> torch.Tensor:
+    """As qvl.infer.decode.attend: q (B, Hq, D), keys/values (B, Hkv, L, D), mask (B, L) -> (B, Hq*D).
+    ``chunk``: keys per program (tests), else :func:`chunk_for`'s."""
     if not runs(q, keys, values):
         from qvl.infer.decode import attend as plain
 
         return plain(q, keys, values, mask, scale)
-    b, n_q, d = q.shape
-    m, l_sum, acc = attend_splits(q, keys, values, mask, scale)
-    w = torch.exp(m - m.amax(-1, keepdim=True))  # each chunk's share, against the row's largest score
-    out = (acc * w[..., None]).sum(-2) / (l_sum * w).sum(-1, keepdim=True)
-    return out.to(q.dtype).reshape(b, n_q * d)
+    return attend_decode(q, keys, values, mask, scale, chunk)

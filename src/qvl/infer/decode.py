@@ -158,7 +158,10 @@ EXPERTS = ("grouped", "gathered", "fused")
 # was 1.4 % faster for the 8B step at 1 row x 1,094 keys and 2.6 % at 32 x 300 (6.89 / 7.82 ms against 6.98 /
 # 8.03, H100, 2026-12-06, bench/results/decode_8b_split_attention_h100.json) but 19 % slower for 30B-A3B's
 # (5.31 against 4.46 ms at 1 row; 4 kv heads make 36 programs at 1 row: bench/results/decode_moe_fused_down_h100.json).
-# bench/decode.py times both (``attention_ms``); plain until split wins on both shapes.
+# Those splits read 128 keys a program: 36 programs for an H100's 132 multiprocessors at 30B-A3B's batch 1. Chunks
+# now shrink until the step fills the card (attend_kernels.chunk_for) and the merge is one kernel: not measured yet.
+# bench/decode.py times both (``attention_ms``, and ``attention_split_programs_per_sm``); plain until split wins on
+# both shapes.
 ATTENTION = "plain"
 
 
