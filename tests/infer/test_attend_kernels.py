@@ -52,11 +52,11 @@ def test_matches_the_plain_path(interpreted, dtype, tol, rows, n_q, n_kv, d, key
 
 
 def test_chunks_fill_the_card():
-    """Chunks halve from 128 until the step makes two programs a multiprocessor (132 on an H100), down to 16, and
+    """Chunks halve from 128 until the step makes one program a multiprocessor (132 on an H100), down to 16, and
     grow past 128 only beyond 512 chunks."""
     chunk_for = attend_kernels.chunk_for
-    assert chunk_for(1, 4, 1094, 132) == 16  # 30B-A3B, batch 1: 4 kv heads x 69 chunks = 276 programs (36 at 128)
-    assert chunk_for(1, 8, 1094, 132) == 32  # 8B: 8 x 35 = 280
+    assert chunk_for(1, 4, 1094, 132) == 32  # 30B-A3B, batch 1: 4 kv heads x 35 chunks = 140 programs (36 at 128)
+    assert chunk_for(1, 8, 1094, 132) == 64  # 8B: 8 x 18 = 144
     assert chunk_for(32, 8, 300, 132) == 128  # 32 rows: 32 x 8 x 3 = 768 already
     assert chunk_for(1, 4, 50, 132) == 16  # few keys: the smallest chunk, whatever it makes
     assert chunk_for(1, 4, 32768, 132) == 128  # 256 chunks x 4 = 1,024 programs
@@ -143,7 +143,7 @@ def test_the_decode_bench_keeps_split_attention_only_where_it_was_never_slower(m
         assert res["attention_ms"]["split"]["rows32_len300"] == times["split"][1]
         sweep = res["attention_split_programs_per_sm"]  # chunks for 1, 2, 4 and 8 programs a multiprocessor
         assert [sweep[n]["chunks"] for n in (1, 2, 8)] == [[64, 128], [32, 128], [16, 64]]
-        assert attend_kernels.PROGRAMS_PER_SM == 2  # restored
+        assert attend_kernels.PROGRAMS_PER_SM == 1  # restored
     d = Decoder()
     d._split_ok = False
     assert "attention_failed" in bench.attention_choice(d, "layer", 1100)

@@ -25,10 +25,13 @@ from qvl.infer.triton_support import available, interpreting, on_device
 # Keys a program reads: at most MAX_CHUNK, halved (down to MIN_CHUNK) until the step makes PROGRAMS_PER_SM
 # programs for each of the card's multiprocessors. With a fixed 128, 30B-A3B's batch-1 step at 1,094 keys made 36
 # programs (4 kv heads x 9 chunks) for an H100's 132 multiprocessors, and attended in 5.3 ms a step against 4.5 for the
-# plain path (bench/results/decode_moe_fused_down_h100.json); the 8B's (8 kv heads) 72.
+# plain path (bench/results/decode_moe_fused_down_h100.json); the 8B's (8 kv heads) 72. One program a multiprocessor
+# was the fastest of 1, 2, 4 and 8 on both shapes at 1 row x 1,100 keys (30B-A3B 4.24 ms a step against 4.45 at 2 and
+# 4.38 plain; 8B 6.77 against 6.82 and 6.91) and level at 32 rows x 300 (H100, 2026-12-06,
+# bench/results/decode_moe_split_h100.json, decode_8b_split_h100.json: attention_split_programs_per_sm).
 MAX_CHUNK = 128
 MIN_CHUNK = 16
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 1
 MAX_SPLITS = 512  # chunks grow past MAX_CHUNK beyond this many (a long context): the merge reads every chunk's output
 BLOCK_L = 64  # keys per block inside a chunk (a smaller chunk: the chunk)
 BLOCK_S = 16  # chunks per block of the merge

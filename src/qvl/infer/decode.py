@@ -154,15 +154,14 @@ EXPERTS_GATHER_MAX_ROWS = 0
 EXPERTS_FUSED_MAX_ROWS = 8
 EXPERTS = ("grouped", "gathered", "fused")
 # How a decode step attends to the cache where qvl.infer.attend_kernels' split-key Triton kernel runs (CUDA):
-# "split" (one kernel and a small merge) or "plain" (the scores' matmul, the softmax, the values' matmul). Split
-# was 1.4 % faster for the 8B step at 1 row x 1,094 keys and 2.6 % at 32 x 300 (6.89 / 7.82 ms against 6.98 /
-# 8.03, H100, 2026-12-06, bench/results/decode_8b_split_attention_h100.json) but 19 % slower for 30B-A3B's
-# (5.31 against 4.46 ms at 1 row; 4 kv heads make 36 programs at 1 row: bench/results/decode_moe_fused_down_h100.json).
-# Those splits read 128 keys a program: 36 programs for an H100's 132 multiprocessors at 30B-A3B's batch 1. Chunks
-# now shrink until the step fills the card (attend_kernels.chunk_for) and the merge is one kernel: not measured yet.
-# bench/decode.py times both (``attention_ms``, and ``attention_split_programs_per_sm``); plain until split wins on
-# both shapes.
-ATTENTION = "plain"
+# "split" (one kernel and a small merge) or "plain" (the scores' matmul, the softmax, the values' matmul). With
+# chunks that give each multiprocessor a program (attend_kernels.chunk_for), split was the faster on both shapes
+# measured: the 8B step at 1 row x 1,100 keys 6.77 ms against 6.91 plain, at 32 rows x 300 7.72 against 7.95;
+# 30B-A3B's 4.24 against 4.38 and 23.85 against 23.93 (H100, 2026-12-06, bench/results/decode_8b_split_h100.json,
+# decode_moe_split_h100.json). With a fixed 128-key chunk it had lost 19 % on 30B-A3B (36 programs at 1 row:
+# bench/results/decode_moe_fused_down_h100.json). A step that fails to capture with it captures plainly
+# (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
+ATTENTION = "split"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
