@@ -97,3 +97,20 @@ def test_moe_two_ranks_match_one(moe_dir, tmp_path, engine):
     assert p.returncode == 0, p.stderr[-3000:]
     two = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
     assert two == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
+
+
+def test_moe_rows_regrouped_train_the_same_and_the_log_names_the_lever(moe_dir, tmp_path):
+    """packed_row_tokens on a MoE model (examples/lora_30b_a3b.yaml sets it: each row reads every expert's weights):
+    a step's samples regrouped into one row train as one row per sample does (routing is per token, attention per
+    sample); without it, a step of several micro-batches says what the regrouping would save."""
+    data = make_colour_data(tmp_path / "d", 8)
+    runs, said = {}, {}
+    for name, rows in (("one a sample", None), ("regrouped", 100_000)):
+        said[name] = []
+        cfg = build_config(_values(moe_dir, data, tmp_path / name, data_flatten=True, per_device_train_batch_size=1,
+                                   gradient_accumulation_steps=4, packed_row_tokens=rows))
+        runs[name] = train(cfg, log=said[name].append).losses
+    assert runs["regrouped"] == pytest.approx(runs["one a sample"], rel=1e-4)
+    hint = "packed_row_tokens=null: each of a step's 4 micro-batches is a row of its own"
+    assert any(hint in str(s) for s in said["one a sample"])
+    assert not any("packed_row_tokens=null" in str(s) for s in said["regrouped"])

@@ -129,7 +129,7 @@ def experts_output(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weight
 def delta_factors(wrapper, adapter: str):
     """(lhs, rhs, scaling) of a peft ``ParamWrapper``'s adapter on a 3-D weight, its delta ``scaling · lhs @ rhs`` in
     the weight's shape: peft's ``get_delta_factors`` where it has one (0.21 on), else the same read from the layout its
-    ``get_delta_weight`` reads (lora_A (r·E, in), lora_B (out, r·E)), as peft 0.17-0.20 (which pyproject allows) keep
+    ``get_delta_weight`` reads (lora_A (r·E, in), lora_B (out, r·E)), as peft 0.18-0.20 (which pyproject allows) keep
     them."""
     if hasattr(wrapper, "get_delta_factors"):
         return wrapper.get_delta_factors(adapter)

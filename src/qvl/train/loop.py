@@ -953,6 +953,13 @@ def _setup_model(run: Run) -> None:
     if n_moe := moe_experts.install(model):  # after peft: its expert adapters join the grouped GEMMs low-rank
         say(f"MoE experts: grouped GEMMs over tokens sorted by expert in {n_moe} layers"
             + (", their LoRA kept low-rank" if moe_experts.has_expert_lora(model) else ""))
+        if (cfg.data_flatten or cfg.data_packing) and not cfg.packed_row_tokens and cfg.gradient_accumulation_steps > 1:
+            # every row reads all the experts' weights (a sample's tokens route to most of them) and runs the eager
+            # layers' host work: 30B-A3B, 16 one-sample rows a step, 15.5 s a step on an H100 (2026-12-06,
+            # bench/results/train_moe_r16_h100.json)
+            say(f"packed_row_tokens=null: each of a step's {cfg.gradient_accumulation_steps} micro-batches is a row "
+                "of its own, and each row reads every expert's weights (forward, recompute, backward); "
+                "packed_row_tokens=8192 regroups a step's samples into fewer, longer rows (the same loss)")
     if cfg.gradient_checkpointing:
         comp.enable_gradient_checkpointing(model)
         if ckpt_ratio != "auto" and ckpt_ratio < 1.0:  # selective: only some decoder layers recompute
