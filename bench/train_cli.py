@@ -129,7 +129,8 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
     res["start_up"] = [text for _, text in lines if text.startswith(("first step", "warming up", "cuda_graphs",
                                                                       "compile_layers", "gradient checkpointing",
                                                                       "memory preflight", "GPU memory capped",
-                                                                      "deepspeed=", "data_flatten", "MoE experts"))]
+                                                                      "deepspeed=", "data_flatten", "MoE experts",
+                                                                      "packed_row_tokens=null"))]
     return res
 
 

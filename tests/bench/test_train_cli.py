@@ -149,6 +149,22 @@ def test_a_cli_row_compares_with_the_baseline_of_its_own_settings():
     ref = train_throughput.reference_rows
     assert ref("lora_30b_a3b", ["lora_r=16"], results) == ("baseline-moe+lora_r=16", "baseline-moe+lora_r=16")
     assert ref("lora_30b_a3b", ["gradient_checkpointing_ratio=1.0"], results) == ("baseline-moe", "baseline-moe")
+    both = ("baseline-moe+lora_r=16", "baseline-moe+lora_r=16")  # the baseline of the most of the row's settings
+    assert ref("lora_30b_a3b", ["lora_r=16", "packed_row_tokens=null"], results) == both
+    assert ref("lora_30b_a3b", ["packed_row_tokens=null", "lora_r=16"], results) == both
+    only_r16 = {k: v for k, v in results.items() if k != "baseline-moe"}
+    assert ref("lora_30b_a3b", ["lora_r=16", "packed_row_tokens=null"], only_r16) == both
+    assert ref("lora_30b_a3b", [], only_r16) == ("baseline", None)  # r=16's baseline is not the r=64 row's
     assert ref("lora_30b_a3b", [], {"baseline": ran, "baseline-moe": {"error": "OOM"}}) == ("baseline", None)
     assert ref("lora_8b_24gb", [], {"baseline": ran, "baseline-yaml": ran}) == ("baseline", "baseline-yaml")
     assert ref("full_4b", [], results) == ("baseline-full", "baseline-full")
+
+
+def test_losses_compare_over_the_steps_both_rows_trained():
+    """A CLI row stopped after 3 steps against a baseline of 6: its last steps against the baseline's same steps."""
+    import train_throughput
+
+    ratio = train_throughput.last5_loss_ratio
+    assert ratio([4.0, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0, 1.0, 1.0]) == 0.0
+    assert ratio([2.2, 2.2, 2.2, 2.2, 2.2, 1.1], [2.0, 2.0, 2.0, 2.0, 2.0, 1.0]) == pytest.approx(0.1)
+    assert ratio([], [1.0]) is None and ratio([1.0], None) is None

@@ -437,6 +437,12 @@ def test_vision_only_lora_plans_the_tower_not_the_llm():
     assert both.parts["LoRA params"] == pytest.approx(llm.parts["LoRA params"] + vision.parts["LoRA params"])
     with pytest.raises(QvlError, match="unknown LoRA target"):
         plan_train("8B", "h100", lora_targets="tower", **kw)
+    with pytest.raises(QvlError, match="no LoRA target"):
+        plan_train("8B", "h100", lora_targets="", **kw)
+    moe = {t: plan_train("30B-A3B", "h200", lora_targets=t, **kw) for t in ("all", "vision")}
+    assert "experts" in moe["all"].notes["LoRA params"]  # the experts' adapters come with the LLM's
+    assert "experts" not in moe["vision"].notes["LoRA params"]
+    assert moe["vision"].parts["LoRA params"] < moe["all"].parts["LoRA params"] / 20
 
 
 def test_a_lower_lora_rank_is_recommended_where_it_fits():
@@ -453,4 +459,4 @@ def test_a_lower_lora_rank_is_recommended_where_it_fits():
     assert plan_train("30B-A3B", "h100", seq_len=4096, fused_ce=True, max_pixels=401_408, lora_r=16).fits
     assert not plan_train("30B-A3B", "h100", seq_len=4096, fused_ce=True, max_pixels=401_408, lora_r=32).fits
     cfg = build_config(dict(model_name_or_path="m", dataset_use="d", lora_enable=True))
-    assert train_fix(Recommendation("", {"lora_r": 16}, 73.2, True), cfg) == "lora_r=16 (→ 73.2 GiB)"
+    assert train_fix(Recommendation("", {"lora_r": 16}, 73.2, True), cfg) == "lora_r=16 lora_alpha=32 (→ 73.2 GiB)"

@@ -99,17 +99,24 @@ def test_moe_two_ranks_match_one(moe_dir, tmp_path, engine):
     assert two == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
 
 
-def test_moe_rows_regrouped_train_the_same_and_the_log_names_the_lever(moe_dir, tmp_path):
+def test_moe_rows_regrouped_train_the_same_and_the_log_names_the_lever(moe_dir, tmp_path, monkeypatch):
     """packed_row_tokens on a MoE model (examples/lora_30b_a3b.yaml sets it: each row reads every expert's weights):
     a step's samples regrouped into one row train as one row per sample does (routing is per token, attention per
     sample); without it, a step of several micro-batches says what the regrouping would save."""
+    from qvl.train import loop
+
+    built = []
+    pack = loop.pack_micro_batch
+    monkeypatch.setattr(loop, "pack_micro_batch", lambda encs, *a, **k: built.append(len(encs)) or pack(encs, *a, **k))
     data = make_colour_data(tmp_path / "d", 8)
-    runs, said = {}, {}
+    runs, said, rows_built = {}, {}, {}
     for name, rows in (("one a sample", None), ("regrouped", 100_000)):
-        said[name] = []
+        said[name], built[:] = [], []
         cfg = build_config(_values(moe_dir, data, tmp_path / name, data_flatten=True, per_device_train_batch_size=1,
-                                   gradient_accumulation_steps=4, packed_row_tokens=rows))
+                                   gradient_accumulation_steps=4, packed_row_tokens=rows, dataloader_num_workers=0))
         runs[name] = train(cfg, log=said[name].append).losses
+        rows_built[name] = list(built)
+    assert rows_built == {"one a sample": [1] * 12, "regrouped": [4] * 3}  # 3 steps of 4 samples
     assert runs["regrouped"] == pytest.approx(runs["one a sample"], rel=1e-4)
     hint = "packed_row_tokens=null: each of a step's 4 micro-batches is a row of its own"
     assert any(hint in str(s) for s in said["one a sample"])

@@ -153,7 +153,7 @@ def _lora_dims(m: ModelShape, targets) -> list[tuple[int, int]]:
 
 def parse_lora_targets(targets) -> tuple[str, ...]:
     """The adapted linears: LLM ones of :data:`LORA_TARGETS_ALL` ("all" / "llm" / "all-linear": every one) and the
-    components of :data:`LORA_TARGETS_VISUAL`; "" or () for none of the LLM's (vision-only LoRA)."""
+    components of :data:`LORA_TARGETS_VISUAL` ("vision" alone: no LLM adapters). None named is an error."""
     if targets is None or targets == "all" or targets == ["all"]:
         return LORA_TARGETS_ALL
     if isinstance(targets, str):
@@ -166,6 +166,9 @@ def parse_lora_targets(targets) -> tuple[str, ...]:
             raise QvlError(f"unknown LoRA target {t!r}", fix=f"use 'all' or a comma list of "
                            f"{','.join(LORA_TARGETS_ALL + LORA_TARGETS_VISUAL)}")
         out += [n for n in names if n not in out]
+    if not out:
+        raise QvlError("no LoRA target named", fix=f"use 'all' or a comma list of "
+                       f"{','.join(LORA_TARGETS_ALL + LORA_TARGETS_VISUAL)}")
     return tuple(out)
 
 
@@ -679,7 +682,8 @@ def plan_train(model="8B", gpu: str | None = None, gpu_mem=None, *, method: str 
         full_trainable += (m.params_llm if tune_mm_llm else 0)
     full_trainable += m.params_merger if tune_mm_mlp else 0
     full_trainable += vision_tower if tune_mm_vision else 0
-    expert_lora = m.is_moe and lora_experts and method in ("lora", "qlora")
+    # the experts' adapters come with the LLM's (qvl.train.components.expert_targets: the "llm" target)
+    expert_lora = m.is_moe and lora_experts and method in ("lora", "qlora") and bool(llm_lora_targets(targets))
     lora_n = lora_params(m, lora_r, targets, experts=expert_lora) if method in ("lora", "qlora") else 0
     master = master_fp32 and zero == 0 and full_trainable > 0
     adapter_bytes = 2 if master_bf16 and zero == 0 else LORA_ADAPTER_BYTES  # master_weights: bf16 on one GPU / DDP

@@ -174,8 +174,12 @@ def train_fix(rec, cfg: TrainConfig) -> str | None:
             out.append(f"model_max_length={value}")
         elif key in ("gradient_checkpointing", "tune_mm_vision", "tune_mm_mlp"):
             out.append(f"{key}={str(bool(value)).lower()}")
-        elif key in ("max_pixels", "lora_r"):
+        elif key == "max_pixels":
             out.append(f"{key}={value}")
+        elif key == "lora_r":  # lora_alpha with it: the same alpha / r, the adapters' update scale
+            out.append(f"lora_r={value}")
+            if value != cfg.lora_r:
+                out.append(f"lora_alpha={cfg.lora_alpha * value / cfg.lora_r:g}")
         elif key == "master_bf16" and value:
             out.append("master_weights=bf16")
         elif key == "optim" and value == "adamw8bit" and cfg.engine == "ddp":
