@@ -105,18 +105,23 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
     row's ``step_s``: on CUDA the GPU's time between step ends; older rows without it, the time since the previous
     row); whole run: every step's tokens over the time from the start."""
     first = next((t for t, text in lines if text.startswith("first step done")), None)
-    steady_tokens = steady_s = 0.0
+    steady_tokens = steady_s = after_tokens = after_s = 0.0
     steady_steps = warm_steps = 0
     for prev, row in zip(rows, rows[1:]):
+        seconds = row["step_s"] if row.get("step_s") is not None else row["time"] - prev["time"]
+        after_tokens, after_s = after_tokens + row["tokens"] - prev["tokens"], after_s + seconds
         if row.get("warm_up"):
             warm_steps += 1
             continue
         steady_tokens += row["tokens"] - prev["tokens"]
-        steady_s += row["step_s"] if row.get("step_s") is not None else row["time"] - prev["time"]
+        steady_s += seconds
         steady_steps += 1
     res = {"time_to_first_step_s": first, "steps": len(rows), "steady_steps": steady_steps,
            "warm_up_steps": warm_steps + (1 if rows else 0),
            "tokens_per_s": steady_tokens / steady_s if steady_s else 0.0,
+           # every step after the first, warm-up ones included: where new shapes keep coming (eager MoE rows meet
+           # a new matmul shape for many steps) the steady rate has few steps or none
+           "after_first_tokens_per_s": after_tokens / after_s if after_s else 0.0,
            "step_s": steady_s / steady_steps if steady_steps else None,
            "peak_gib": max((r.get("peak_mem_gib") or 0 for r in rows), default=None),
            "peak_reserved_gib": max((r.get("peak_reserved_gib") or 0 for r in rows), default=None),
@@ -135,13 +140,15 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
 
 
 def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: int, device: str, warmup: int = 3,
-                  name: str = "baseline-yaml", overrides=()):
+                  name: str = "baseline-yaml", overrides=(), stop_after: int | None = None):
     """transformers + peft on the example YAML's own learning problem, padded, on the samples and in the order its
     CLI row trains them: the YAML's seed, batch, accumulation, LoRA (targets, rank, alpha, dropout), learning-rate
     schedule, clipping, vision budget, optimizer and adapter precision; the loss token-weighted over the step's
     micro-batches as qvl's. The reference for the CLI row's losses (and a second speed reference). ``base``: the
     bench's in-memory model. A MoE model's experts get LoRA as the YAML gives them to qvl (``lora_experts``): peft's
-    ``target_parameters``. ``overrides``: ``key=value`` settings over the YAML's, as `qvl train` takes them."""
+    ``target_parameters``. ``overrides``: ``key=value`` settings over the YAML's, as `qvl train` takes them.
+    ``stop_after``: train only this many of the ``steps`` (the learning-rate schedule stays that of ``steps``, the CLI
+    row's, so the losses of the steps both ran compare)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -192,7 +199,7 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
     if device.startswith("cuda"):  # this row's peak (the weights included), not the process's so far
         torch.cuda.reset_peak_memory_stats()
     try:
-        for step in range(plan.total_steps):
+        for step in range(min(plan.total_steps, stop_after or plan.total_steps)):
             epoch, positions = plan.step_micro(step)
             order = plan.epoch_order(epoch)
             micro = [[e for e in (encoded(i) for i in plan.micro_batch(epoch, j, order)) if e is not None]

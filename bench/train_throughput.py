@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import math
 import os
 import shutil
 import signal
@@ -590,6 +591,10 @@ def main(argv=None):
                     "(every contestant): CUDA loads all kernels at start instead of at each one's first launch "
                     "(torch's default, lazy, which qvl train keeps); see bench/experiments/kernel_loading.py")
     ap.add_argument("--cli-steps", type=int, default=30, help="max_steps of the cli:* and recipe rows")
+    ap.add_argument("--baseline-steps", type=int, default=None, help="optimizer steps of the YAML baselines "
+                    "(baseline-yaml, -moe, -video, -qlora; default: --cli-steps), on the CLI rows' learning-rate "
+                    "schedule: 30B-A3B's takes ~16 s a step, so 30 would cost it 8 minutes; losses are compared over "
+                    "the steps both ran")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = ap.parse_args(argv)
     t_begin = time.time()
@@ -938,7 +943,7 @@ def main(argv=None):
             ref = qlora_base(base, model_dir, args.device, example) if row == "baseline-qlora" else base
             try:
                 res = train_cli.yaml_baseline(ref, model_dir, registry, example, args.cli_steps, args.device,
-                                              name=name, overrides=sets)
+                                              name=name, overrides=sets, stop_after=args.baseline_steps)
             except torch.OutOfMemoryError as e:
                 res = {"error": f"OOM: {str(e).splitlines()[0]}"}
             if ref is not base:  # the 4-bit copy goes; the bench's own model comes back
@@ -962,6 +967,7 @@ def main(argv=None):
                 continue
             spec, *sets = name[len("cli:"):].split("#")[0].split("+")  # "#2": the same row again; "+key=value"
             example, _, gpu = spec.partition("@")
+            sets = [capped_at_baseline(s, example, sets, results) for s in sets]
             out = runs / ("run-" + name.replace(":", "-").replace("@", "-"))
             argv = (train_cli.recipe_command(model_dir, registry, out, args.cli_steps) if name == "recipe" else
                     train_cli.qvl_train_command(example, model_dir, registry, out, args.cli_steps) + sets)
@@ -997,6 +1003,19 @@ def last5_loss_ratio(losses, ref_losses) -> float | None:
         return None
     mine, theirs = losses[:n][-5:], ref_losses[:n][-5:]
     return sum(mine) / sum(theirs) - 1
+
+
+def capped_at_baseline(setting: str, example: str, sets: list[str], results: dict) -> str:
+    """``gpu_mem=baseline`` -> ``gpu_mem=<the peak GiB of the baseline the row is compared with, this call>``: the
+    CLI row trains within the memory its baseline used ("at no more memory"), its recompute and preflight planning
+    for that card. Other settings unchanged."""
+    if setting != "gpu_mem=baseline":
+        return setting
+    speed, _ = reference_rows(example, [s for s in sets if s != setting], results)
+    peak = results.get(speed, {}).get("peak_gib")
+    if not peak:
+        raise SystemExit(f"gpu_mem=baseline: the row's baseline {speed} did not run in this call (no peak to cap at)")
+    return f"gpu_mem={math.ceil(peak * 10) / 10}"
 
 
 def reference_rows(example: str, sets: list[str], results: dict) -> tuple[str, str | None]:
@@ -1187,7 +1206,8 @@ def print_table(summary: dict) -> None:
         loss_vs = (f" ({c['loss_last5_vs_baseline']:+.2%} vs {c['loss_vs']})"
                    if c and c["loss_last5_vs_baseline"] is not None else "")
         print(f"{name:<28} steady {r['tokens_per_s']:>7.0f} tok/s ({vs}), whole run "
-              f"{r.get('whole_run_tokens_per_s', 0):.0f} tok/s, first step at {first if first is None else round(first)} s, "
+              f"{r.get('whole_run_tokens_per_s', 0):.0f} tok/s, after step 1 {r.get('after_first_tokens_per_s') or 0:.0f} "
+              f"tok/s, first step at {first if first is None else round(first)} s, "
               f"peak {r.get('peak_gib') or 0:.1f} GiB (reserved {r.get('peak_reserved_gib') or 0:.1f}), "
               f"MFU {r['mfu']:.1%}, loss last5 {r['final_loss_mean5']:.4f}{loss_vs}")
     if "speedup" in summary:
