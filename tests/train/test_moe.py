@@ -100,9 +100,9 @@ def test_moe_two_ranks_match_one(moe_dir, tmp_path, engine):
 
 
 def test_moe_rows_regrouped_train_the_same_and_the_log_names_the_lever(moe_dir, tmp_path, monkeypatch):
-    """packed_row_tokens on a MoE model (examples/lora_30b_a3b.yaml sets it: each row reads every expert's weights):
-    a step's samples regrouped into one row train as one row per sample does (routing is per token, attention per
-    sample); without it, a step of several micro-batches says what the regrouping would save."""
+    """packed_row_tokens on a MoE model (each row reads every expert's weights): a step's samples regrouped into one
+    row train as one row per sample does (routing is per token, attention per sample); auto, the default, regroups
+    a MoE model's rows and says so; null, a step of several micro-batches says what the regrouping would save."""
     from qvl.train import loop
 
     built = []
@@ -110,14 +110,16 @@ def test_moe_rows_regrouped_train_the_same_and_the_log_names_the_lever(moe_dir, 
     monkeypatch.setattr(loop, "pack_micro_batch", lambda encs, *a, **k: built.append(len(encs)) or pack(encs, *a, **k))
     data = make_colour_data(tmp_path / "d", 8)
     runs, said, rows_built = {}, {}, {}
-    for name, rows in (("one a sample", None), ("regrouped", 100_000)):
+    for name, rows in (("one a sample", None), ("regrouped", 100_000), ("auto", "auto")):
         said[name], built[:] = [], []
         cfg = build_config(_values(moe_dir, data, tmp_path / name, data_flatten=True, per_device_train_batch_size=1,
                                    gradient_accumulation_steps=4, packed_row_tokens=rows, dataloader_num_workers=0))
         runs[name] = train(cfg, log=said[name].append).losses
         rows_built[name] = list(built)
-    assert rows_built == {"one a sample": [1] * 12, "regrouped": [4] * 3}  # 3 steps of 4 samples
+    assert rows_built == {"one a sample": [1] * 12, "regrouped": [4] * 3, "auto": [4] * 3}  # 3 steps of 4 samples
     assert runs["regrouped"] == pytest.approx(runs["one a sample"], rel=1e-4)
+    assert runs["auto"] == pytest.approx(runs["regrouped"], rel=1e-6)
+    assert any("packed_row_tokens auto: a step's samples in rows of up to 8,192 tokens" in str(s) for s in said["auto"])
     hint = "packed_row_tokens=null: each of a step's 4 micro-batches is a row of its own"
     assert any(hint in str(s) for s in said["one a sample"])
     assert not any("packed_row_tokens=null" in str(s) for s in said["regrouped"])

@@ -319,3 +319,27 @@ def test_video_rows_from_the_data_are_planned(make_cfg):
     shape = model_for_plan(cfg.model_name_or_path)
     plan = plan_train(shape.name, _shape=shape, gpu="RTX4090", **_rows(cfg, plan_kwargs(cfg, 1, True), 15616))
     assert 1024 < plan.max_seq_len_that_fits < 15616  # shorter rows, with their fewer visual tokens, are searched
+
+
+def test_auto_rows_regroup_a_moe_models_steps_only(make_cfg):
+    """packed_row_tokens auto: rows of up to 8,192 tokens (model_max_length if longer) for a MoE model on packed rows
+    with several samples a step, said in a line; null for a dense model, padded batches or one sample a step; an
+    explicit value is kept."""
+    from qvl.train.preflight import MOE_ROW_TOKENS, auto_row_budget
+
+    moe = "Qwen/Qwen3-VL-30B-A3B-Instruct"  # an official id: the planner knows its shape without a download
+
+    def rows(**kw):
+        cfg, line = auto_row_budget(make_cfg(**kw))
+        return cfg.packed_row_tokens, line
+
+    budget, line = rows(model_name_or_path=moe, per_device_train_batch_size=1, gradient_accumulation_steps=16)
+    assert budget == MOE_ROW_TOKENS == 8192 and "rows of up to 8,192 tokens" in line and "packed_row_tokens=null" in line
+    assert rows(model_name_or_path=moe, model_max_length=16384)[0] == 16384
+    assert rows(model_name_or_path=moe, per_device_train_batch_size=1, gradient_accumulation_steps=1) == (None, None)
+    assert rows(model_name_or_path=moe, data_flatten=False) == (None, None)
+    assert rows(model_name_or_path="Qwen/Qwen3-VL-8B-Instruct") == (None, None)
+    assert rows() == (None, None)  # the tiny dense model
+    assert rows(model_name_or_path=moe, packed_row_tokens=None) == (None, None)
+    assert rows(model_name_or_path=moe, packed_row_tokens=2048) == (2048, None)
+    assert make_cfg().packed_row_tokens == "auto" and make_cfg().longest_row() == 4 * make_cfg().model_max_length

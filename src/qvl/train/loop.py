@@ -818,6 +818,11 @@ def _setup_run(cfg: TrainConfig, log) -> Run:
     cfg, engine_note = distributed.engine_for_ranks(cfg, dist.world_size)
     if engine_note:
         say(engine_note)
+    from qvl.train.preflight import auto_row_budget
+
+    cfg, rows_note = auto_row_budget(cfg)  # before any row is planned
+    if rows_note:
+        say(rows_note)
     if cfg.quantization:  # engines that cannot hold quantised weights, or no bitsandbytes: refused before any load
         from qvl.train.preflight import zero_settings
         from qvl.train.quantize import engine_problem, require_bitsandbytes
