@@ -109,7 +109,8 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
     steady_steps = warm_steps = 0
     for prev, row in zip(rows, rows[1:]):
         seconds = row["step_s"] if row.get("step_s") is not None else row["time"] - prev["time"]
-        after_tokens, after_s = after_tokens + row["tokens"] - prev["tokens"], after_s + seconds
+        if "profiled" not in (row.get("warm_up") or ""):  # the profiler's own cost is no step's
+            after_tokens, after_s = after_tokens + row["tokens"] - prev["tokens"], after_s + seconds
         if row.get("warm_up"):
             warm_steps += 1
             continue
@@ -135,11 +136,15 @@ def measure(lines: list[tuple[float, str]], rows: list[dict], t0: float) -> dict
                                                                       "compile_layers", "gradient checkpointing",
                                                                       "memory preflight", "GPU memory capped",
                                                                       "deepspeed=", "data_flatten", "MoE experts",
-                                                                      "packed_row_tokens=null"))]
+                                                                      "packed_row_tokens"))]
     return res
 
 
-def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: int, device: str, warmup: int = 3,
+BASELINE_WARMUP = 3  # a YAML baseline's steps not timed
+
+
+def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: int, device: str,
+                  warmup: int = BASELINE_WARMUP,
                   name: str = "baseline-yaml", overrides=(), stop_after: int | None = None):
     """transformers + peft on the example YAML's own learning problem, padded, on the samples and in the order its
     CLI row trains them: the YAML's seed, batch, accumulation, LoRA (targets, rank, alpha, dropout), learning-rate
@@ -232,6 +237,7 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
         model.unload()
         base.gradient_checkpointing_disable()
     return {"tokens_per_s": tokens / seconds if seconds else 0.0, "losses": losses,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.startswith("cuda") else None,
             "final_loss_mean5": sum(losses[-5:]) / len(losses[-5:]), "timed_steps": max(0, len(losses) - warmup),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
             "settings": f"{example}.yaml's LoRA, batch, schedule and vision budget"

@@ -82,6 +82,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import train_cli  # noqa: E402
 from workload import VIDEO_BUDGET, histogram, make_video_workload, make_workload  # noqa: E402
 
 from qvl.config.vision import VisionBudget  # noqa: E402
@@ -207,6 +208,7 @@ def loop_config(args, model_dir: Path, registry: Path, out: Path, **overrides):
                   gradient_checkpointing_scope="layer",
                   data_flatten=True, save_strategy="no", report_to="none", logging_steps=5, seed=0, resume=False,
                   model_max_length=4096, force=True, warmup_shapes="ahead",  # every shape met before the timed steps
+                  packed_row_tokens=None,  # a row per micro-batch, as the baseline's batches, unless a row says
                   **budget_keys(args))
     values.update(overrides)
     return build_config(values)
@@ -597,6 +599,9 @@ def main(argv=None):
                     "the steps both ran")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_throughput.json"))
     args = ap.parse_args(argv)
+    if args.baseline_steps is not None and args.baseline_steps <= train_cli.BASELINE_WARMUP:
+        ap.error(f"--baseline-steps {args.baseline_steps}: the YAML baselines time the steps after their first "
+                 f"{train_cli.BASELINE_WARMUP}, so give more")
     t_begin = time.time()
     cuda = args.device.startswith("cuda")
     if args.eager_kernels:  # read when CUDA starts: nothing before this line may use it
@@ -924,8 +929,6 @@ def main(argv=None):
     cli_rows = [n for n in (args.only.split(",") if args.only else [])
                 if n.startswith("cli:") or n == "recipe" or n.split("+")[0] in yaml_rows]
     if cli_rows:
-        import train_cli
-
         if any(n.split("+")[0] not in yaml_rows or n.startswith("baseline-qlora") for n in cli_rows):  # 4-bit load
             t0 = time.time()
             model_of(base).save_pretrained(model_dir)  # the weights the commands load, once
@@ -967,7 +970,11 @@ def main(argv=None):
                 continue
             spec, *sets = name[len("cli:"):].split("#")[0].split("+")  # "#2": the same row again; "+key=value"
             example, _, gpu = spec.partition("@")
-            sets = [capped_at_baseline(s, example, sets, results) for s in sets]
+            try:
+                sets = [capped_at_baseline(s, example, sets, results) for s in sets]
+            except ValueError as e:  # this row cannot run as asked; the rows after it still can
+                finish(name, {"error": str(e)}, ["as the YAML says"], "as the YAML says", "as the YAML says")
+                continue
             out = runs / ("run-" + name.replace(":", "-").replace("@", "-"))
             argv = (train_cli.recipe_command(model_dir, registry, out, args.cli_steps) if name == "recipe" else
                     train_cli.qvl_train_command(example, model_dir, registry, out, args.cli_steps) + sets)
@@ -1006,16 +1013,21 @@ def last5_loss_ratio(losses, ref_losses) -> float | None:
 
 
 def capped_at_baseline(setting: str, example: str, sets: list[str], results: dict) -> str:
-    """``gpu_mem=baseline`` -> ``gpu_mem=<the peak GiB of the baseline the row is compared with, this call>``: the
-    CLI row trains within the memory its baseline used ("at no more memory"), its recompute and preflight planning
-    for that card. Other settings unchanged."""
+    """``gpu_mem=baseline`` -> ``gpu_mem=<the card the baseline the row is compared with used, this call>``: the
+    CLI row trains within the memory its baseline held ("at no more memory"), its recompute and preflight planning
+    for that card. ``gpu_mem`` is a whole card (the CUDA context included, torch capped at the rest), so the
+    baseline's card is what its allocator reserved plus the context. Other settings unchanged; ValueError when the
+    baseline did not run or did not record its reserved memory."""
+    from qvl.plan.memory import CUDA_CONTEXT_GIB
+
     if setting != "gpu_mem=baseline":
         return setting
     speed, _ = reference_rows(example, [s for s in sets if s != setting], results)
-    peak = results.get(speed, {}).get("peak_gib")
-    if not peak:
-        raise SystemExit(f"gpu_mem=baseline: the row's baseline {speed} did not run in this call (no peak to cap at)")
-    return f"gpu_mem={math.ceil(peak * 10) / 10}"
+    reserved = results.get(speed, {}).get("peak_reserved_gib")
+    if not reserved:
+        raise ValueError(f"gpu_mem=baseline: the row's baseline {speed} did not run in this call, or recorded no "
+                         "reserved memory (no card to cap at)")
+    return f"gpu_mem={math.ceil((reserved + CUDA_CONTEXT_GIB) * 10) / 10}GiB"
 
 
 def reference_rows(example: str, sets: list[str], results: dict) -> tuple[str, str | None]:

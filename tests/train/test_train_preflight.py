@@ -322,9 +322,9 @@ def test_video_rows_from_the_data_are_planned(make_cfg):
 
 
 def test_auto_rows_regroup_a_moe_models_steps_only(make_cfg):
-    """packed_row_tokens auto: rows of up to 8,192 tokens (model_max_length if longer) for a MoE model on packed rows
-    with several samples a step, said in a line; null for a dense model, padded batches or one sample a step; an
-    explicit value is kept."""
+    """packed_row_tokens auto: rows of up to 8,192 tokens (a micro-batch's batch x model_max_length if longer) for a
+    MoE model on packed rows with several samples a step, said in a line; null for a dense model, padded batches or
+    one sample a step; an explicit value is kept."""
     from qvl.train.preflight import MOE_ROW_TOKENS, auto_row_budget
 
     moe = "Qwen/Qwen3-VL-30B-A3B-Instruct"  # an official id: the planner knows its shape without a download
@@ -335,11 +335,17 @@ def test_auto_rows_regroup_a_moe_models_steps_only(make_cfg):
 
     budget, line = rows(model_name_or_path=moe, per_device_train_batch_size=1, gradient_accumulation_steps=16)
     assert budget == MOE_ROW_TOKENS == 8192 and "rows of up to 8,192 tokens" in line and "packed_row_tokens=null" in line
-    assert rows(model_name_or_path=moe, model_max_length=16384)[0] == 16384
+    assert rows(model_name_or_path=moe, model_max_length=16384, per_device_train_batch_size=1,
+                gradient_accumulation_steps=2)[0] == 16384
+    # never shorter than a micro-batch's own row: batch 4 x 4,096 tokens stays one row of up to 16,384
+    assert rows(model_name_or_path=moe, model_max_length=4096, per_device_train_batch_size=4)[0] == 16384
     assert rows(model_name_or_path=moe, per_device_train_batch_size=1, gradient_accumulation_steps=1) == (None, None)
     assert rows(model_name_or_path=moe, data_flatten=False) == (None, None)
     assert rows(model_name_or_path="Qwen/Qwen3-VL-8B-Instruct") == (None, None)
     assert rows() == (None, None)  # the tiny dense model
     assert rows(model_name_or_path=moe, packed_row_tokens=None) == (None, None)
     assert rows(model_name_or_path=moe, packed_row_tokens=2048) == (2048, None)
-    assert make_cfg().packed_row_tokens == "auto" and make_cfg().longest_row() == 4 * make_cfg().model_max_length
+    assert make_cfg().packed_row_tokens == "auto"  # a config not resolved yet plans the rows the run will make
+    assert make_cfg().longest_row() == 4 * make_cfg().model_max_length
+    assert make_cfg(model_name_or_path=moe, per_device_train_batch_size=1, gradient_accumulation_steps=16,
+                    model_max_length=4096).longest_row() == 8192

@@ -173,9 +173,10 @@ class TrainConfig(BaseModel):
     packed_row_tokens: int | Literal["auto"] | None = Field(
         "auto", description="token budget per packed row: a step's samples are regrouped into rows of up to this many "
                             "tokens (bigger rows keep a large GPU busy; the step's loss is the same); null: one row "
-                            "per micro-batch. auto: 8,192 (or model_max_length if longer) for a mixture-of-experts "
-                            "model, whose every row reads all the experts' weights (30B-A3B LoRA on an H100: 11.3x "
-                            "one sample a row), else null (dense 8B: not faster)")
+                            "per micro-batch. auto: 8,192 (or batch x model_max_length if longer) for a mixture-of-experts "
+                            "model, whose every row reads all the experts' weights (30B-A3B LoRA on an H100: 5,024 "
+                            "tok/s against 398 one sample a row; 11.3x transformers + peft), else null (dense 8B: "
+                            "not faster)")
     # --- speed (docs/train.md, "Speed"; measured in docs/benchmarks.md) ---
     gradient_checkpointing_ratio: float | Literal["auto"] = Field(
         "auto", description="with gradient_checkpointing: the fraction of LLM decoder layers recomputed (evenly "
@@ -300,9 +301,20 @@ class TrainConfig(BaseModel):
         """The most tokens one micro-batch row can hold: ``batch x model_max_length`` (a padded batch, or one packed
         row), or with ``packed_row_tokens`` that budget (a sample longer than it gets a row of its own)."""
         whole = self.per_device_train_batch_size * self.model_max_length
-        if isinstance(self.packed_row_tokens, int):  # auto is resolved before rows are planned (auto_row_budget)
-            return max(self.model_max_length, min(self.packed_row_tokens, whole * self.gradient_accumulation_steps))
+        budget = self.row_budget()
+        if budget:
+            return max(self.model_max_length, min(budget, whole * self.gradient_accumulation_steps))
         return whole
+
+    def row_budget(self) -> int | None:
+        """``packed_row_tokens`` as a number or None, ``auto`` resolved as the run resolves it once at its start
+        (:func:`qvl.train.preflight.auto_row_budget`), so a function handed the config as written plans the same
+        rows."""
+        if self.packed_row_tokens == "auto":
+            from qvl.train.preflight import auto_row_budget
+
+            return auto_row_budget(self)[0].packed_row_tokens
+        return self.packed_row_tokens
 
     def balances_tokens(self, world_size: int) -> bool:
         """Whether ranks split micro-batch positions by estimated tokens (``balance_tokens``; null: packed rows)."""

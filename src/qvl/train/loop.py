@@ -464,7 +464,7 @@ def longest_planned_row(plan: Plan, cfg: TrainConfig, steps: int = 2000) -> int 
         return None
     from qvl.data.packing import graph_row_length
 
-    longest = max((sum(row) for row in planned_rows(plan, 0, steps, cfg.packed_row_tokens)), default=0)
+    longest = max((sum(row) for row in planned_rows(plan, 0, steps, cfg.row_budget())), default=0)
     if not longest:
         return None
     return graph_row_length(longest, cfg.cuda_graphs_row_multiple) if cfg.cuda_graphs is not False else longest
@@ -958,13 +958,16 @@ def _setup_model(run: Run) -> None:
     if n_moe := moe_experts.install(model):  # after peft: its expert adapters join the grouped GEMMs low-rank
         say(f"MoE experts: grouped GEMMs over tokens sorted by expert in {n_moe} layers"
             + (", their LoRA kept low-rank" if moe_experts.has_expert_lora(model) else ""))
-        if (cfg.data_flatten or cfg.data_packing) and not cfg.packed_row_tokens and cfg.gradient_accumulation_steps > 1:
+        if (cfg.data_flatten or cfg.data_packing) and not cfg.row_budget() and cfg.gradient_accumulation_steps > 1:
             # every row reads all the experts' weights (a sample's tokens route to most of them) and runs the eager
             # layers' host work: 30B-A3B, 16 one-sample rows a step, 15.5 s a step on an H100 (2026-12-06,
             # bench/results/train_moe_r16_h100.json)
+            from qvl.train.preflight import MOE_ROW_TOKENS
+
             say(f"packed_row_tokens=null: each of a step's {cfg.gradient_accumulation_steps} micro-batches is a row "
                 "of its own, and each row reads every expert's weights (forward, recompute, backward); "
-                "packed_row_tokens=8192 regroups a step's samples into fewer, longer rows (the same loss)")
+                f"packed_row_tokens={MOE_ROW_TOKENS} regroups a step's samples into fewer, longer rows (the same "
+                "loss; auto does so where the model's config.json can be read before loading)")
     if cfg.gradient_checkpointing:
         comp.enable_gradient_checkpointing(model)
         if ckpt_ratio != "auto" and ckpt_ratio < 1.0:  # selective: only some decoder layers recompute
@@ -1266,7 +1269,7 @@ def _warm_up(run: Run) -> None:
         else:
             from qvl.train.graphs import planned_row_shapes
 
-            shapes = planned_row_shapes(planned_rows(plan, run.start_step, GRAPH_STEPS_AHEAD, cfg.packed_row_tokens),
+            shapes = planned_row_shapes(planned_rows(plan, run.start_step, GRAPH_STEPS_AHEAD, cfg.row_budget()),
                                         run.row_multiple)
             say(f"warming up: compiling the decoder layers and recording {len(shapes)} row shapes (warmup_shapes=ahead)")
             t0 = time.perf_counter()
@@ -1307,7 +1310,7 @@ def _fetch_steps(run: Run, rows_in_workers: bool):
         workers = loader_workers(cfg.dataloader_num_workers, device)
         it = micro_batches(plan, run.encoder, epoch, first, run.pad_id, workers,
                            pack_rows=rows_in_workers, pin_memory=device.type == "cuda", row_multiple=run.row_multiple,
-                           row_budget=cfg.packed_row_tokens if rows_in_workers else None,
+                           row_budget=cfg.row_budget() if rows_in_workers else None,
                            media_multiple=run.media_multiple)
         while step < plan.total_steps and plan.step_micro(step)[0] == epoch:
             n = len(plan.step_micro(step)[1])
@@ -1423,7 +1426,7 @@ def _run_steps(run: Run, callbacks) -> None:
     fakes = distributed.FakeMedia(run.processor, cfg)  # label-free image / video for balancing ranks (made when needed)
     # packed rows built in the loader workers, off the step's thread: one process, and packed_row_tokens (if set)
     # regroups one micro-batch per step (with several, the loop regroups the step's samples across them)
-    rows_in_workers = not dist.enabled and (not cfg.packed_row_tokens or cfg.gradient_accumulation_steps == 1)
+    rows_in_workers = not dist.enabled and (not cfg.row_budget() or cfg.gradient_accumulation_steps == 1)
 
     def report(pending) -> dict:
         return _report(run, callbacks, *pending)
@@ -1441,8 +1444,8 @@ def _run_steps(run: Run, callbacks) -> None:
                 watch.begin(step + 1)
             if profiler is not None:
                 profiler.begin(step + 1)
-            if cfg.packed_row_tokens and not rows_in_workers:  # the step's samples regrouped into rows of up to N
-                items = rows_by_budget(items, cfg.packed_row_tokens)  # tokens (before balancing: ranks compare rows)
+            if cfg.row_budget() and not rows_in_workers:  # the step's samples regrouped into rows of up to N
+                items = rows_by_budget(items, cfg.row_budget())  # tokens (before balancing: ranks compare rows)
                 if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
                     items = distributed.pad_micro_batches(items, device)
             if dist.enabled:  # every rank runs as many micro-batches, and the vision tower as often, as the others

@@ -251,8 +251,10 @@ MOE_ROW_TOKENS = 8192
 
 def auto_row_budget(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     """``cfg`` with ``packed_row_tokens: auto`` resolved, and the line that says what it chose (None when null):
-    :data:`MOE_ROW_TOKENS` (or ``model_max_length`` if longer) for a mixture-of-experts model trained on packed
-    rows with more than one sample a step; null otherwise (dense models, an unknown shape, padded batches)."""
+    :data:`MOE_ROW_TOKENS`, or a micro-batch's whole row (batch x ``model_max_length``) if longer, so no row is cut
+    shorter than it would be without, for a mixture-of-experts model trained on packed rows with more than one
+    sample a step; null otherwise (dense models, padded batches, a shape not known before loading: a hub id not
+    downloaded yet)."""
     if cfg.packed_row_tokens != "auto":
         return cfg, None
     packed = cfg.data_flatten or cfg.data_packing
@@ -260,7 +262,7 @@ def auto_row_budget(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
     shape = model_for_plan(cfg.model_name_or_path) if packed and samples > 1 else None
     if shape is None or not shape.is_moe:
         return cfg.model_copy(update={"packed_row_tokens": None}), None
-    budget = max(MOE_ROW_TOKENS, cfg.model_max_length)
+    budget = max(MOE_ROW_TOKENS, cfg.per_device_train_batch_size * cfg.model_max_length)
     return cfg.model_copy(update={"packed_row_tokens": budget}), (
         f"packed_row_tokens auto: a step's samples in rows of up to {budget:,} tokens (a mixture-of-experts model: "
         "each row reads every expert's weights); packed_row_tokens=null keeps a row per micro-batch")
