@@ -141,6 +141,41 @@ async def _fuzz(server, kinds: dict[str, bytes], repeats: int, good: int, short:
     return statuses, [r for r in results if r is not None]
 
 
+def _parsed(raw: bytes):
+    from qvl.serve.schema import ApiError, parse_json
+
+    try:
+        return "body", parse_json(raw)
+    except ApiError as e:
+        return "error", e.status, e.code, e.param, e.message
+
+
+def test_the_fast_json_parser_reads_every_body_as_json_loads_does(tmp_path, monkeypatch):
+    """The body goes through pydantic-core's parser first: the same value or the same error as json.loads' path for
+    each fuzz body, for valid bodies, and for what only json.loads accepts (a lone surrogate kept and reported,
+    a UTF-16 body, surrogates sent as UTF-8 bytes)."""
+    from qvl.serve import schema
+
+    kinds = bad_requests(tmp_path)
+    kinds.update({
+        "emoji_pair": '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud83d\\ude00 \u00e9"}]}'.encode(),
+        "surrogate_key": b'{"model": "tiny", "\\ud800": 1, "messages": []}',
+        "utf16_body": json.dumps(_text()).encode("utf-16"),
+        "cesu_surrogate": b'{"model": "tiny", "messages": [{"role": "user", "content": "a\xed\xa0\x80"}]}',
+        "numbers": b'{"a": [1, -0, 2.5, 1E3, 1e999, 12345678901234567890123], "b": null, "a": 7}',
+        "image_turn": json.dumps(_with_image(_url(png_bytes(64, 48)))).encode(),
+        "null": b"null",
+    })
+    assert schema._fast_loads(b'{"a": [1]}') == {"a": [1]}  # the fast parser is installed here (fastapi's)
+    fast = {kind: _parsed(raw) for kind, raw in kinds.items()}
+    monkeypatch.setattr(schema, "_fast_loads", lambda raw: None)
+    slow = {kind: _parsed(raw) for kind, raw in kinds.items()}
+    for kind in kinds:  # repr: nan != nan, and 1 == 1.0 == True
+        assert repr(fast[kind]) == repr(slow[kind]), kind
+    assert fast["lone_surrogate_text"][:3] == ("error", 400, "invalid_unicode")
+    assert fast["emoji_pair"][1]["messages"][0]["content"] == "\U0001F600 \u00e9"
+
+
 def test_fuzz_no_5xx_streams_complete_server_alive(server, tmp_path):
     kinds = bad_requests(tmp_path)
     assert len(kinds) >= 25
