@@ -349,3 +349,35 @@ def test_auto_rows_regroup_a_moe_models_steps_only(make_cfg):
     assert make_cfg().longest_row() == 4 * make_cfg().model_max_length
     assert make_cfg(model_name_or_path=moe, per_device_train_batch_size=1, gradient_accumulation_steps=16,
                     model_max_length=4096).longest_row() == 8192
+
+
+def test_a_card_too_small_for_the_rows_is_told_the_rows_that_fit(make_cfg):
+    """A mixture-of-experts run whose auto rows (8,192 tokens) do not fit the card but shorter ones do: the refusal's
+    first fix is the longest row budget that fits (halved, never below model_max_length)."""
+    from qvl.plan.preflight import model_for_plan, preflight_train
+    from qvl.train.preflight import _rows, check, plan_kwargs, shorter_rows
+
+    moe = "Qwen/Qwen3-VL-30B-A3B-Instruct"
+    kw = dict(model_name_or_path=moe, lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True,
+              per_device_train_batch_size=1, gradient_accumulation_steps=16, model_max_length=2048)
+    cfg = make_cfg(**kw)
+    assert cfg.row_budget() == 8192
+    shape = model_for_plan(moe)
+
+    def total(row: int) -> float:
+        return preflight_train(shape, force=True, gpu_mem=1000.0, **_rows(cfg, plan_kwargs(cfg, 1, False), row)
+                               ).plan.total_gib
+
+    assert total(2048) < total(4096) < total(8192)
+    between = (total(4096) + total(8192)) / 2  # a card where 4,096-token rows fit and 8,192 do not
+    tight = make_cfg(**kw, gpu_mem=f"{between:.3f}GiB")
+    assert shorter_rows(tight, row_tokens=8192) == 4096
+    with pytest.raises(QvlError, match="does not fit") as refused:
+        check(tight, row_tokens=8192, say=lambda *a: None)
+    assert refused.value.fix.startswith("set packed_row_tokens=4096")
+    assert check(make_cfg(**kw, packed_row_tokens=4096, gpu_mem=f"{between:.3f}GiB"), row_tokens=4096,
+                 say=lambda *a: None).plan.fits
+    # no shorter budget that still holds a whole sample fits: nothing suggested
+    assert shorter_rows(make_cfg(**kw, gpu_mem=f"{total(2048) * 0.9:.3f}GiB"), row_tokens=8192) is None
+    assert shorter_rows(make_cfg(**{**kw, "model_max_length": 8192}, gpu_mem=f"{between:.3f}GiB"),
+                        row_tokens=8192) is None

@@ -226,6 +226,23 @@ def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None
         return None
 
 
+def shorter_rows(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None = None,
+                 row_tokens: int | None = None) -> int | None:
+    """The longest packed-row budget below the run's rows (halved, down to ``model_max_length``, so a row still holds
+    any one sample) that the plan fits, or None. Rows of ``packed_row_tokens`` (auto on a mixture-of-experts model:
+    8,192 tokens) that do not fit a tight card may fit shorter; each row then reads the experts' weights for fewer
+    tokens, so a step is slower."""
+    budget = cfg.row_budget()
+    if not budget or not row_tokens:
+        return None
+    fewer = min(budget, row_tokens) // 2
+    while fewer >= cfg.model_max_length:
+        if plan_fits(cfg, world_size, records, gpu, fewer):
+            return fewer
+        fewer //= 2
+    return None
+
+
 def _rows(cfg: TrainConfig, kw: dict, row_tokens: int | None) -> dict:
     """Plan keyword arguments for packed rows of ``row_tokens`` (the longest the data makes, padded as CUDA graphs
     pad it) instead of ``batch x model_max_length``. No sample of such rows holds more visual tokens than the row
@@ -336,6 +353,9 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
     if kw["recompute_keeps_attention"] and plan_fits(cfg, world_size, records, gpu, row_tokens,
                                                      recompute_keeps_attention=False):
         fixes.insert(0, "gradient_checkpointing_scope=layer")
+    shorter = shorter_rows(cfg, world_size, records, gpu, row_tokens)
+    if shorter:  # the same model, samples and adapters: it costs speed only
+        fixes.insert(0, f"packed_row_tokens={shorter}")
     what = f"{plan.verdict}{rows}" + (f"; try {fixes[0]}" if fixes else "")
     if cfg.force:
         say(f"memory preflight: {what} (force=true: trying anyway)")
