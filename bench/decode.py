@@ -262,6 +262,31 @@ def attention_choice(decoder, impl: str, long_keys: int) -> dict:
     return {**res, "attention_ms": timed, "attention": attends}
 
 
+def projections_choice(decoder, impl: str, long_keys: int) -> dict:
+    """The captured step (``impl``) with its projections through cuBLAS and through qvl.infer.gemv_kernels' kernel,
+    at 1 row x ``long_keys`` and 8 rows x 300 (the kernel's most rows): the decoder keeps the kernel where it was never
+    slower. -> the results' keys."""
+    if not decoder._gemv_ok:
+        return {"projections": "cublas", "projections_failed": "the GEMV kernel does not run here (no Triton)"}
+    timed, res = {}, {}
+    for way in ("cublas", "gemv"):
+        try:
+            decoder.set_impl(impl, None, None, way)
+            timed[way] = {"rows1_len1100": graph_step_ms(decoder, 1, long_keys),
+                          "rows8_len300": graph_step_ms(decoder, 8, 300)}
+        except Exception as e:  # noqa: BLE001 -- recorded; cuBLAS stays
+            res["projections_failed"] = f"{way}: {type(e).__name__}: {str(e)[:300]}"
+            for slot in list(decoder.busy):  # the rows graph_step_ms had taken
+                decoder.release(slot)
+    if not decoder._gemv_ok:  # a capture fell back: the "gemv" timings were cuBLAS ones
+        timed.pop("gemv", None)
+        res["projections_failed"] = "the GEMV kernel failed to compile or capture (the decoder used cuBLAS)"
+    won = "gemv" in timed and "cublas" in timed and all(timed["gemv"][k] <= timed["cublas"][k] for k in timed["cublas"])
+    decoder.set_impl(impl, None, None, "gemv" if won else "cublas")
+    print("projections", timed, "->", decoder.projections, flush=True)
+    return {**res, "projections_ms": timed, "projections": decoder.projections}
+
+
 def split_programs_sweep(decoder, impl: str, long_keys: int, per_sm=(1, 2, 4, 8)) -> dict:
     """The captured step with split-key attention whose chunks (qvl.infer.attend_kernels.chunk_for) make each of
     ``per_sm`` programs a multiprocessor, ms, at 1 row x ``long_keys`` and 32 rows x 300, with the chunk each got:
@@ -533,13 +558,16 @@ def main() -> int:
         out["experts_fused_ran"] = d._fused_ok  # False: no Triton, or its kernels failed
     attention = attention_choice(d, best.split("/")[0], len(big))  # split-key attention against plain
     out.update(attention)
+    projections = projections_choice(d, best.split("/")[0], len(big))  # the GEMV kernel against cuBLAS
+    out.update(projections)
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["attention"] = "split" if d._split_attention() else "plain"  # a capture in the warm-up may have fallen back
     out["step_impl"] = best
     chosen = f"{best.split('/')[0]}/{d._experts_for(1)}"
     one_row_key = chosen if d.is_moe and chosen in steps else best  # what a batch-1 step runs after the choice above
-    one_row = attention.get("attention_ms", {}).get(out["attention"]) or steps[one_row_key]
+    one_row = (projections.get("projections_ms", {}).get(out["projections"])
+               or attention.get("attention_ms", {}).get(out["attention"]) or steps[one_row_key])
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)
     save()

@@ -40,13 +40,13 @@ def tiny_moe(tmp_path_factory):
     return model, processor, out
 
 
-def _batcher(model, processor, slots=4, experts="auto", compile=False, impl=None, attention=None):
+def _batcher(model, processor, slots=4, experts="auto", compile=False, impl=None, attention=None, projections=None):
     from qvl.data.packing import rope_index_fn
     from qvl.infer.continuous import ContinuousBatcher
     from qvl.models.tokens import token_ids
 
     decoder = DecodeModel(model, slots=slots, max_len=512, compile=compile)
-    decoder.set_impl(impl or decoder.impl, experts, attention)
+    decoder.set_impl(impl or decoder.impl, experts, attention, projections)
     return ContinuousBatcher(decoder, _Collect, token_ids(processor.tokenizer).pad, rope_index_fn(model),
                              coalesce_s=0.0)
 

@@ -162,6 +162,11 @@ EXPERTS = ("grouped", "gathered", "fused")
 # bench/results/decode_moe_fused_down_h100.json). A step that fails to capture with it captures plainly
 # (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
 ATTENTION = "split"
+# How a step of a few rows runs its projections (q/k/v, o, the router): "auto" (qvl.infer.gemv_kernels' Triton
+# kernel where the experts run fused: a MoE step of a few rows, whose narrow projections cuBLAS read at ~40 % of an
+# H100's bandwidth), "gemv" (that kernel for any step of up to its MAX_ROWS rows) or "cublas" (F.linear). Not measured
+# yet on a card: bench/decode.py times all three (``projections_ms``) and keeps the fastest for its rows.
+PROJECTIONS = "auto"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -177,11 +182,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def attn_in(x, ln, wqkv, qn, kn, cos, sin, n_q: int, n_kv: int, eps: float):
-    """Input norm, fused q/k/v, per-head q/k norms, RoPE. x (B, hidden) -> q (B, Hq, D), k, v (B, Hkv, D)."""
+def attn_in(x, ln, wqkv, qn, kn, cos, sin, n_q: int, n_kv: int, eps: float, gemv: bool = False):
+    """Input norm, fused q/k/v, per-head q/k norms, RoPE. x (B, hidden) -> q (B, Hq, D), k, v (B, Hkv, D).
+    ``gemv``: the projection through :func:`qvl.infer.gemv_kernels.gemv` (a few rows, :data:`PROJECTIONS`)."""
+    from qvl.infer.gemv_kernels import linear
+
     b = x.shape[0]
     h = rms_norm(x, ln, eps)
-    qkv = F.linear(h, wqkv)
+    qkv = linear(h, wqkv, gemv)
     d = qn.shape[0]
     q, k, v = qkv.split((n_q * d, n_kv * d, n_kv * d), dim=-1)
     q = rms_norm(q.view(b, n_q, d), qn, eps)
@@ -240,17 +248,20 @@ def experts_gathered(h, weights, experts, gate_up, down):
     return (y * weights.reshape(-1, 1)).view(b, k, -1).sum(dim=1)
 
 
-def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str = "grouped"):
+def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str = "grouped", gemv: bool = False):
     """o_proj + residual, post-attention norm, MLP + residual: SwiGLU over ``mlp = (wgu, wdown)``, or with
-    ``top_k`` the routed experts over ``mlp = (router, gate_up, down)``, run as ``experts`` says (:data:`EXPERTS`)."""
-    x = x + F.linear(a, wo)
+    ``top_k`` the routed experts over ``mlp = (router, gate_up, down)``, run as ``experts`` says (:data:`EXPERTS`).
+    ``gemv``: o_proj and the router through :func:`qvl.infer.gemv_kernels.gemv` (a few rows, :data:`PROJECTIONS`)."""
+    from qvl.infer.gemv_kernels import linear
+
+    x = x + linear(a, wo, gemv)
     h = rms_norm(x, ln, eps)
     if top_k:
         router, gate_up, down = mlp
         if experts == "fused":
             from qvl.infer import moe_kernels
 
-            weights, ids = moe_kernels.route(F.linear(h, router), top_k)
+            weights, ids = moe_kernels.route(linear(h, router, gemv), top_k)
             return x + moe_kernels.experts(h, weights, ids, gate_up, down)
         weights, ids = router_top_k(h, router, top_k)
         run = experts_gathered if experts == "gathered" else experts_grouped
@@ -262,14 +273,14 @@ def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str =
 
 def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, rows, pos, mask, cos, sin, n_q: int,
                n_kv: int, eps: float, scale: float, top_k: int = 0, experts: str = "grouped",
-               split_attention: bool = False):
+               split_attention: bool = False, gemv: bool = False):
     """A whole decoder layer for one new token per row, the cache write included (one compiled graph)."""
-    q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps)
+    q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps, gemv)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     b, n_keys = mask.shape
     a = attend(q, k_cache[:b, :, :n_keys], v_cache[:b, :, :n_keys], mask, scale, split_attention)
-    return mlp_out(a, x, wo, ln2, mlp, eps, top_k, experts)
+    return mlp_out(a, x, wo, ln2, mlp, eps, top_k, experts, gemv)
 
 
 def final_logits(x, norm, head, eps: float):
@@ -367,6 +378,11 @@ class DecodeModel:
         from qvl.infer import attend_kernels
 
         self._split_ok = attend_kernels.takes(self.device, self.head_dim, self.dtype)
+        # the projections of a step of a few rows (PROJECTIONS): qvl.infer.gemv_kernels' kernel, where it runs
+        from qvl.infer import gemv_kernels
+
+        self.projections = PROJECTIONS
+        self._gemv_ok = gemv_kernels.available(self.device)
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # how a prompt batch is prefilled: "packed" (qvl.infer.packed_prefill: one unpadded row, the decode step's
@@ -435,18 +451,19 @@ class DecodeModel:
         f = self._fns
         experts = self._experts_for(n_rows)
         split = self._split_attention()
+        gemv = self._gemv_for(n_rows)
         for i, w in enumerate(self.layers):
             if self.impl == "layer":
                 x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, self.k[i], self.v[i],
                                     rows, pos, mask, cos, sin, self.n_q, self.n_kv, self.eps, self.scale, w.top_k,
-                                    experts, split)
+                                    experts, split, gemv)
                 continue
-            q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps)
+            q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps, gemv)
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
             a = f["attend"](q, self.k[i][:n_rows, :, :n_keys], self.v[i][:n_rows, :, :n_keys], mask, self.scale,
                             split)
-            x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, experts)
+            x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, experts, gemv)
         self.length[:n_rows] += 1
         return f["final_logits"](x, self.norm, self.head, self.eps)
 
@@ -466,14 +483,27 @@ class DecodeModel:
     def _split_attention(self) -> bool:
         return self.attention == "split" and self._split_ok
 
+    def _gemv_for(self, n_rows: int) -> bool:
+        """Whether a step of ``n_rows`` rows runs its projections through qvl.infer.gemv_kernels (:data:`PROJECTIONS`):
+        "auto" where the experts run fused (a MoE step of a few rows), "gemv" at up to its MAX_ROWS rows."""
+        from qvl.infer.gemv_kernels import MAX_ROWS
+
+        if not self._gemv_ok or n_rows > MAX_ROWS:
+            return False
+        return self.projections == "gemv" or (self.projections == "auto" and self._experts_for(n_rows) == "fused")
+
     def _grouped_for(self, n_rows: int) -> bool:
         """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs."""
         return self._experts_for(n_rows) == "grouped"
 
-    def set_impl(self, impl: str, experts: str | None = None, attention: str | None = None) -> None:
+    def set_impl(self, impl: str, experts: str | None = None, attention: str | None = None,
+                 projections: str | None = None) -> None:
         """Switch the step's implementation (benchmarks compare them), for MoE how the routed experts run
-        ("auto" or one of :data:`EXPERTS`) and how attention runs ("split" or "plain"); captured graphs are
-        dropped."""
+        ("auto" or one of :data:`EXPERTS`), how attention runs ("split" or "plain") and the projections
+        (:data:`PROJECTIONS`); captured graphs are dropped."""
+        if projections is not None and projections not in ("auto", "gemv", "cublas"):
+            raise ValueError(f"unknown projections implementation {projections!r}")
+        self.projections = projections or self.projections
         if impl not in ("layer", "pieces"):
             raise ValueError(f"unknown decode step implementation {impl!r}")
         if experts is not None and experts not in ("auto", *EXPERTS):
@@ -515,26 +545,31 @@ class DecodeModel:
 
     def _capture(self, b: int, lb: int):
         """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored. Should
-        a step fail to compile or capture (not for want of memory) where the same step with plain attention captures,
-        split-key attention is off for the captures from then on (the graphs made stay: they captured). Else, with
-        fused (Triton) or grouped-GEMM experts, no batch runs them that way from then on (fused ones go grouped,
-        grouped ones gathered): the graphs that ran them go, the others stay."""
+        a step fail to compile or capture (not for want of memory) where the same step without the projections' GEMV
+        kernel, or with plain attention, captures, that kernel is off for the captures from then on (the graphs made
+        stay: they captured). Else, with fused (Triton) or grouped-GEMM experts, no batch runs them that way from
+        then on (fused ones go grouped, grouped ones gathered): the graphs that ran them go, the others stay."""
         try:
             return self._capture_once(b, lb)
         except torch.OutOfMemoryError:
             raise  # not the experts kernels' fault: the request fails, the experts keep their way
         except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the fused or grouped path
-            if self._split_attention():  # the same step with plain attention: if that captures, the kernel failed
-                self._split_ok = False
+            for flag, used, instead in (("_gemv_ok", self._gemv_for(b), "project through cuBLAS"),
+                                        ("_split_ok", self._split_attention(), "attend plainly")):
+                if not used:
+                    continue
+                setattr(self, flag, False)  # the same step without that kernel: if it captures, the kernel failed
                 try:
                     graph = self._capture_once(b, lb)
                 except torch.OutOfMemoryError:
                     raise
-                except Exception:  # noqa: BLE001 -- plain attention failed too: not the kernel's fault
-                    self._split_ok = True
+                except Exception:  # noqa: BLE001 -- it failed without the kernel too: not the kernel's fault
+                    setattr(self, flag, True)
                 else:
-                    log.warning("split-key attention failed to compile or capture (%s: %s); steps captured from "
-                                "now on attend plainly", type(e).__name__, str(e)[:200])
+                    log.warning("a decode step with %s failed to compile or capture (%s: %s); steps captured from "
+                                "now on %s", {"_gemv_ok": "the projections' GEMV kernel",
+                                              "_split_ok": "split-key attention"}[flag],
+                                type(e).__name__, str(e)[:200], instead)
                     return graph
             kind = self._experts_for(b)
             if kind not in ("fused", "grouped"):
