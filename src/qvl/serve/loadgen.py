@@ -28,6 +28,7 @@ class RequestResult:
     status: int = 0
     error: str | None = None
     start: float = 0.0
+    encoded: float = 0.0  # when the body was encoded (JSON, as httpx's ``json=`` encodes it), after ``start``
     end: float = 0.0
     token_times: list[float] = field(default_factory=list)  # arrival time of each content event
     completion_tokens: int = 0
@@ -97,7 +98,11 @@ async def stream_chat(client, url: str, body: dict, disconnect_after: int | None
     r = RequestResult(start=time.perf_counter())
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", url, json=body) as resp:
+        # encoded here as httpx's json= encodes it, inside the timed window as there, so that its part is known
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        r.encoded = time.perf_counter()
+        async with client.stream("POST", url, content=content,
+                                 headers={"content-type": "application/json"}) as resp:
             r.status = resp.status_code
             if resp.status_code != 200:
                 r.error = (await resp.aread()).decode("utf-8", "replace")[:300]
