@@ -162,11 +162,12 @@ EXPERTS = ("grouped", "gathered", "fused")
 # bench/results/decode_moe_fused_down_h100.json). A step that fails to capture with it captures plainly
 # (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
 ATTENTION = "split"
-# How a step of a few rows runs its projections (q/k/v, o, the router): "auto" (qvl.infer.gemv_kernels' Triton
-# kernel where the experts run fused: a MoE step of a few rows, whose narrow projections cuBLAS read at ~40 % of an
-# H100's bandwidth), "gemv" (that kernel for any step of up to its MAX_ROWS rows) or "cublas" (F.linear). Not measured
-# yet on a card: bench/decode.py times all three (``projections_ms``) and keeps the fastest for its rows.
-PROJECTIONS = "auto"
+# How a step of a few rows runs its projections (q/k/v, o, the router): "cublas" (F.linear), "gemv"
+# (qvl.infer.gemv_kernels' Triton kernel at up to its MAX_ROWS rows) or "auto" (that kernel where the experts run
+# fused: a MoE step of a few rows). cuBLAS: the kernel with the experts' 8 x 256 tile lost on 30B-A3B, 4.60 against
+# 4.25 ms a 1-row step and 21.8 against 14.3 at 8 rows (H100, 2026-12-06,
+# bench/experiments/results/decode_moe_gemv_h100.json); bench/decode.py times both (``projections_ms``)
+PROJECTIONS = "cublas"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
