@@ -254,7 +254,7 @@ def outside_server(r, last: dict) -> dict:
     if "arrived" not in last or "sent" not in last or not r.token_times:
         return {}
     return {"client->arrived": round((last["arrived"] - r.start) * 1e3, 1),
-            "of which client encoding": round((r.encoded - r.start) * 1e3, 1) if r.encoded else None,
+            "of which client encoding": round((r.encoded - r.start) * 1e3, 3) if r.encoded else None,
             "sent->client": round((r.token_times[0] - last["sent"]) * 1e3, 1)}
 
 

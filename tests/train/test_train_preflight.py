@@ -353,7 +353,9 @@ def test_auto_rows_regroup_a_moe_models_steps_only(make_cfg):
 
 def test_a_card_too_small_for_the_rows_is_told_the_rows_that_fit(make_cfg):
     """A mixture-of-experts run whose auto rows (8,192 tokens) do not fit the card but shorter ones do: the refusal's
-    first fix is the longest row budget that fits (halved, never below model_max_length)."""
+    first fix is the longest budget that fits, of the halvings down to model_max_length and model_max_length itself,
+    each planned as the run pads its rows for CUDA graphs (on by default)."""
+    from qvl.data.packing import graph_row_length
     from qvl.plan.preflight import model_for_plan, preflight_train
     from qvl.train.preflight import _rows, check, plan_kwargs, shorter_rows
 
@@ -361,23 +363,34 @@ def test_a_card_too_small_for_the_rows_is_told_the_rows_that_fit(make_cfg):
     kw = dict(model_name_or_path=moe, lora_enable=True, tune_mm_llm=False, gradient_checkpointing=True,
               per_device_train_batch_size=1, gradient_accumulation_steps=16, model_max_length=2048)
     cfg = make_cfg(**kw)
-    assert cfg.row_budget() == 8192
+    assert cfg.row_budget() == 8192 and cfg.cuda_graphs == "auto"
     shape = model_for_plan(moe)
+
+    def padded(row: int) -> int:  # as qvl.train.loop.longest_planned_row pads a run's longest row
+        return graph_row_length(row, cfg.cuda_graphs_row_multiple)
 
     def total(row: int) -> float:
         return preflight_train(shape, force=True, gpu_mem=1000.0, **_rows(cfg, plan_kwargs(cfg, 1, False), row)
                                ).plan.total_gib
 
-    assert total(2048) < total(4096) < total(8192)
-    between = (total(4096) + total(8192)) / 2  # a card where 4,096-token rows fit and 8,192 do not
+    assert total(padded(2048)) < total(4096) < total(padded(4096)) < total(padded(8192))
+    # a card where padded 4,096-token rows just fit and 8,192 do not; unpadded planning would suggest 4,096 anyway
+    between = (total(padded(4096)) + total(padded(8192))) / 2
     tight = make_cfg(**kw, gpu_mem=f"{between:.3f}GiB")
-    assert shorter_rows(tight, row_tokens=8192) == 4096
+    assert shorter_rows(tight, row_tokens=padded(8192)) == 4096
     with pytest.raises(QvlError, match="does not fit") as refused:
-        check(tight, row_tokens=8192, say=lambda *a: None)
+        check(tight, row_tokens=padded(8192), say=lambda *a: None)
     assert refused.value.fix.startswith("set packed_row_tokens=4096")
-    assert check(make_cfg(**kw, packed_row_tokens=4096, gpu_mem=f"{between:.3f}GiB"), row_tokens=4096,
+    assert check(make_cfg(**kw, packed_row_tokens=4096, gpu_mem=f"{between:.3f}GiB"), row_tokens=padded(4096),
                  say=lambda *a: None).plan.fits
+    # rows padded as planned: a card between the unpadded and the padded 4,096-token rows gets no 4,096 suggestion
+    squeezed = make_cfg(**kw, gpu_mem=f"{(total(4096) + total(padded(4096))) / 2:.3f}GiB")
+    assert shorter_rows(squeezed, row_tokens=padded(8192)) == 2048
+    # model_max_length itself is tried after the halvings: 3,000 after 4,096
+    odd = {**kw, "model_max_length": 3000}
+    assert shorter_rows(make_cfg(**odd, gpu_mem=f"{(total(padded(3000)) + total(padded(4096))) / 2:.3f}GiB"),
+                        row_tokens=padded(8192)) == 3000
     # no shorter budget that still holds a whole sample fits: nothing suggested
-    assert shorter_rows(make_cfg(**kw, gpu_mem=f"{total(2048) * 0.9:.3f}GiB"), row_tokens=8192) is None
+    assert shorter_rows(make_cfg(**kw, gpu_mem=f"{total(2048) * 0.9:.3f}GiB"), row_tokens=padded(8192)) is None
     assert shorter_rows(make_cfg(**{**kw, "model_max_length": 8192}, gpu_mem=f"{between:.3f}GiB"),
-                        row_tokens=8192) is None
+                        row_tokens=padded(8192)) is None

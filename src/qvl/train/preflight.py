@@ -228,18 +228,28 @@ def plan_fits(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None
 
 def shorter_rows(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | None = None,
                  row_tokens: int | None = None) -> int | None:
-    """The longest packed-row budget below the run's rows (halved, down to ``model_max_length``, so a row still holds
-    any one sample) that the plan fits, or None. Rows of ``packed_row_tokens`` (auto on a mixture-of-experts model:
-    8,192 tokens) that do not fit a tight card may fit shorter; each row then reads the experts' weights for fewer
-    tokens, so a step is slower."""
+    """The longest packed-row budget below the run's rows that the plan fits, of the halvings down to
+    ``model_max_length`` and ``model_max_length`` itself (a row still holds any one sample), or None. Rows of
+    ``packed_row_tokens`` (auto on a mixture-of-experts model: 8,192 tokens) that do not fit a tight card may fit
+    shorter; each row then reads the experts' weights for fewer tokens, so a step is slower. Each budget is planned
+    as the run would pad its rows (``row_tokens`` comes padded for CUDA graphs: :func:`qvl.train.loop.longest_planned_row`)."""
+    from qvl.data.packing import graph_row_length
+
     budget = cfg.row_budget()
     if not budget or not row_tokens:
         return None
-    fewer = min(budget, row_tokens) // 2
-    while fewer >= cfg.model_max_length:
-        if plan_fits(cfg, world_size, records, gpu, fewer):
-            return fewer
+    longest = min(budget, row_tokens)
+    budgets = []
+    fewer = longest // 2
+    while fewer > cfg.model_max_length:
+        budgets.append(fewer)
         fewer //= 2
+    if cfg.model_max_length < longest:
+        budgets.append(cfg.model_max_length)
+    for fewer in budgets:
+        planned = graph_row_length(fewer, cfg.cuda_graphs_row_multiple) if cfg.cuda_graphs is not False else fewer
+        if plan_fits(cfg, world_size, records, gpu, planned):
+            return fewer
     return None
 
 
