@@ -232,7 +232,8 @@ def shorter_rows(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | N
     ``model_max_length`` and ``model_max_length`` itself (a row still holds any one sample), or None. Rows of
     ``packed_row_tokens`` (auto on a mixture-of-experts model: 8,192 tokens) that do not fit a tight card may fit
     shorter; each row then reads the experts' weights for fewer tokens, so a step is slower. Each budget is planned
-    as the run would pad its rows (``row_tokens`` comes padded for CUDA graphs: :func:`qvl.train.loop.longest_planned_row`)."""
+    as the run would pad its rows (``row_tokens`` comes padded for CUDA graphs:
+    :func:`qvl.train.loop.longest_planned_row`)."""
     from qvl.data.packing import graph_row_length
 
     budget = cfg.row_budget()
