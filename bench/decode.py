@@ -263,17 +263,15 @@ def attention_choice(decoder, impl: str, long_keys: int) -> dict:
 
 
 def projections_choice(decoder, impl: str, long_keys: int) -> dict:
-    """The captured step (``impl``) with its projections through cuBLAS and through qvl.infer.gemv_kernels' kernel,
-    at 1 row x ``long_keys`` and 8 rows x 300 (the kernel's most rows): the decoder keeps the kernel where it was never
-    slower. -> the results' keys."""
+    """The captured 1-row step (``impl``, ``long_keys`` keys) with its projections through cuBLAS and through
+    qvl.infer.gemv_kernels' kernel (1-row steps only): the decoder keeps the faster. -> the results' keys."""
     if not decoder._gemv_ok:
         return {"projections": "cublas", "projections_failed": "the GEMV kernel does not run here (no Triton)"}
     timed, res = {}, {}
     for way in ("cublas", "gemv"):
         try:
             decoder.set_impl(impl, None, None, way)
-            timed[way] = {"rows1_len1100": graph_step_ms(decoder, 1, long_keys),
-                          "rows8_len300": graph_step_ms(decoder, 8, 300)}
+            timed[way] = {"rows1_len1100": graph_step_ms(decoder, 1, long_keys)}
         except Exception as e:  # noqa: BLE001 -- recorded; cuBLAS stays
             res["projections_failed"] = f"{way}: {type(e).__name__}: {str(e)[:300]}"
             for slot in list(decoder.busy):  # the rows graph_step_ms had taken
@@ -563,11 +561,14 @@ def main() -> int:
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["attention"] = "split" if d._split_attention() else "plain"  # a capture in the warm-up may have fallen back
+    out["projections"] = "gemv" if d._gemv_for(1) else "cublas"  # the same
     out["step_impl"] = best
     chosen = f"{best.split('/')[0]}/{d._experts_for(1)}"
     one_row_key = chosen if d.is_moe and chosen in steps else best  # what a batch-1 step runs after the choice above
-    one_row = (projections.get("projections_ms", {}).get(out["projections"])
-               or attention.get("attention_ms", {}).get(out["attention"]) or steps[one_row_key])
+    # the projections were timed with the attention chosen before the warm-up: only where that still holds
+    timed_with = projections.get("projections_ms", {}).get(out["projections"]) \
+        if out["attention"] == attention.get("attention") else None
+    one_row = timed_with or attention.get("attention_ms", {}).get(out["attention"]) or steps[one_row_key]
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)
     save()

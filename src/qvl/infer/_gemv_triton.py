@@ -5,32 +5,17 @@ patch."""
 import triton.language as tl
 
 
-def gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_x, stride_w, stride_o, ROWS: tl.constexpr,
-                ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one program per block of output columns: its rows of the weight read once, for every row of x; products
-    # summed in float32 and rounded once, as a bf16 matmul rounds
+def gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one program per block of output columns of the one row: its rows of the weight read once; products summed in
+    # float32 and rounded once, as a bf16 matmul rounds
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
-    if ROWS_PAD == 1:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * x[None, :], 1)
-        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
-    else:
-        rows = tl.arange(0, ROWS_PAD)
-        row_ok = rows < ROWS
-        acc = tl.zeros([ROWS_PAD, BLOCK_N], dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
-        tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * K
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * x[None, :], 1)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)

@@ -162,12 +162,10 @@ EXPERTS = ("grouped", "gathered", "fused")
 # bench/results/decode_moe_fused_down_h100.json). A step that fails to capture with it captures plainly
 # (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
 ATTENTION = "split"
-# How a step of a few rows runs its projections (q/k/v, o, the router): "cublas" (F.linear), "gemv"
-# (qvl.infer.gemv_kernels' Triton kernel at up to its MAX_ROWS rows) or "auto" (that kernel where the experts run
-# fused: a MoE step of a few rows). cuBLAS: the kernel with the experts' 8 x 256 tile lost on 30B-A3B, 4.60 against
-# 4.25 ms a 1-row step and 21.8 against 14.3 at 8 rows (H100, 2026-12-06,
-# bench/experiments/results/decode_moe_gemv_h100.json); bench/decode.py times both (``projections_ms``)
-PROJECTIONS = "cublas"
+# How a 1-row step runs its projections (q/k/v, o, a MoE router): "gemv" (qvl.infer.gemv_kernels' Triton kernel, where
+# it runs) or "cublas" (F.linear). Steps of more rows run cuBLAS either way. bench/decode.py times both
+# (``projections_ms``) and keeps the faster.
+PROJECTIONS = "gemv"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -185,7 +183,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def attn_in(x, ln, wqkv, qn, kn, cos, sin, n_q: int, n_kv: int, eps: float, gemv: bool = False):
     """Input norm, fused q/k/v, per-head q/k norms, RoPE. x (B, hidden) -> q (B, Hq, D), k, v (B, Hkv, D).
-    ``gemv``: the projection through :func:`qvl.infer.gemv_kernels.gemv` (a few rows, :data:`PROJECTIONS`)."""
+    ``gemv``: the projection through :func:`qvl.infer.gemv_kernels.gemv` (one row, :data:`PROJECTIONS`)."""
     from qvl.infer.gemv_kernels import linear
 
     b = x.shape[0]
@@ -252,7 +250,7 @@ def experts_gathered(h, weights, experts, gate_up, down):
 def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str = "grouped", gemv: bool = False):
     """o_proj + residual, post-attention norm, MLP + residual: SwiGLU over ``mlp = (wgu, wdown)``, or with
     ``top_k`` the routed experts over ``mlp = (router, gate_up, down)``, run as ``experts`` says (:data:`EXPERTS`).
-    ``gemv``: o_proj and the router through :func:`qvl.infer.gemv_kernels.gemv` (a few rows, :data:`PROJECTIONS`)."""
+    ``gemv``: o_proj and the router through :func:`qvl.infer.gemv_kernels.gemv` (one row, :data:`PROJECTIONS`)."""
     from qvl.infer.gemv_kernels import linear
 
     x = x + linear(a, wo, gemv)
@@ -379,7 +377,7 @@ class DecodeModel:
         from qvl.infer import attend_kernels
 
         self._split_ok = attend_kernels.takes(self.device, self.head_dim, self.dtype)
-        # the projections of a step of a few rows (PROJECTIONS): qvl.infer.gemv_kernels' kernel, where it runs
+        # the projections of a 1-row step (PROJECTIONS): qvl.infer.gemv_kernels' kernel, where it runs
         from qvl.infer import gemv_kernels
 
         self.projections = PROJECTIONS
@@ -485,13 +483,10 @@ class DecodeModel:
         return self.attention == "split" and self._split_ok
 
     def _gemv_for(self, n_rows: int) -> bool:
-        """Whether a step of ``n_rows`` rows runs its projections through qvl.infer.gemv_kernels (:data:`PROJECTIONS`):
-        "auto" where the experts run fused (a MoE step of a few rows), "gemv" at up to its MAX_ROWS rows."""
+        """Whether a step of ``n_rows`` rows runs its projections through qvl.infer.gemv_kernels (:data:`PROJECTIONS`)."""
         from qvl.infer.gemv_kernels import MAX_ROWS
 
-        if not self._gemv_ok or n_rows > MAX_ROWS:
-            return False
-        return self.projections == "gemv" or (self.projections == "auto" and self._experts_for(n_rows) == "fused")
+        return self._gemv_ok and n_rows <= MAX_ROWS and self.projections == "gemv"
 
     def _grouped_for(self, n_rows: int) -> bool:
         """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs."""
@@ -502,18 +497,18 @@ class DecodeModel:
         """Switch the step's implementation (benchmarks compare them), for MoE how the routed experts run
         ("auto" or one of :data:`EXPERTS`), how attention runs ("split" or "plain") and the projections
         (:data:`PROJECTIONS`); captured graphs are dropped."""
-        if projections is not None and projections not in ("auto", "gemv", "cublas"):
-            raise ValueError(f"unknown projections implementation {projections!r}")
-        self.projections = projections or self.projections
         if impl not in ("layer", "pieces"):
             raise ValueError(f"unknown decode step implementation {impl!r}")
         if experts is not None and experts not in ("auto", *EXPERTS):
             raise ValueError(f"unknown experts implementation {experts!r}")
         if attention is not None and attention not in ("split", "plain"):
             raise ValueError(f"unknown attention implementation {attention!r}")
+        if projections is not None and projections not in ("gemv", "cublas"):
+            raise ValueError(f"unknown projections implementation {projections!r}")
         self.impl = impl
         self.experts = experts or self.experts
         self.attention = attention or self.attention
+        self.projections = projections or self.projections
         self._graphs.clear()
         self._pool = None  # a pool whose graphs are all gone cannot take new captures
 

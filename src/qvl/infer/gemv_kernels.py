@@ -1,14 +1,14 @@
-"""The decode step's projections for a few rows (``x @ w^T``, x (B <= MAX_ROWS, K), w (N, K)) as one Triton kernel.
+"""The decode step's projections at one row (``x @ w^T``, x (1, K), w (N, K) contiguous) as one Triton kernel.
 
-At 1 row, cuBLAS ran 30B-A3B's attention projections (q/k/v 2,048 -> 5,120, o 4,096 -> 2,048) and router in its
-64 x 8 tiles: 80 and 32 programs for an H100's 132 multiprocessors, o_proj as split-K plus a reduce, ~31 us a layer
-for their 38 MB, ~40 % of the card's bandwidth (2026-12-06, bench/experiments/results/moe_decode_step_fused_down_h100.txt).
-The experts' kernels of the same step (:mod:`qvl.infer.moe_kernels`), a program per block of 8 output columns,
-read at 79-86 %. :func:`gemv` is that shape for a plain weight: a program per block of output columns reads its
-weight rows once for every row of x (float32 sums, one rounding, as a bf16 matmul). A custom op
-(``qvl::gemv``): torch.compile leaves it whole and CUDA graphs capture its launch. Where it does not run
-(:func:`runs`) :func:`linear` is ``F.linear``; tests/infer/test_gemv_kernels.py compares the two under Triton's
-interpreter.
+At 1 row cuBLAS ran 30B-A3B's attention projections (q/k/v 2,048 -> 5,120, o 4,096 -> 2,048) and router in 64 x 8
+tiles: 80 and 32 programs for an H100's 132 multiprocessors, o_proj as split-K plus a reduce
+(bench/experiments/results/moe_decode_step_fused_down_h100.txt). Here a program per block of 8 output columns reads
+its weight rows in blocks of 1,024 (float32 sums, one rounding, as a bf16 matmul): 9.9 / 9.0 / 2.7 us against
+cuBLAS's 9.9 / 10.7 / 4.8 for those three, 8B's q/k/v and o 20.5 / 14.1 against 20.9 / 16.3 (H100, 2026-12-06,
+48 weights each replayed in a CUDA graph: bench/experiments/gemv_tiles.py, results/gemv_tiles_h100.json). Several
+rows read the weight once per row here: a step of more rows stays on cuBLAS. A custom op (``qvl::gemv``):
+torch.compile leaves it whole and CUDA graphs capture its launch. Where it does not run (:func:`runs`) :func:`linear`
+is ``F.linear``; tests/infer/test_gemv_kernels.py compares the two under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from qvl.infer.triton_support import available, on_device
 
-MAX_ROWS = 8  # the fused experts' default limit (qvl.infer.decode.EXPERTS_FUSED_MAX_ROWS): the steps it serves
-TILE = (8, 256, 8)  # (output columns, reduced block, warps) a program: the experts' gate_up tile at the same width
+MAX_ROWS = 1  # steps of more rows stay on cuBLAS (with this kernel's tile, 8 rows took 21.8 ms a 30B-A3B step
+# against 14.3: bench/experiments/results/decode_moe_gemv_h100.json)
+TILE = (8, 1024, 8)  # (output columns, reduced block, warps) a program: best or within 0.4 us of it on the five shapes
 
 
 @functools.cache
@@ -34,25 +35,21 @@ def _kernel():
 
 
 def runs(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`gemv` takes ``x @ w^T``: Triton on x's device, at most MAX_ROWS rows, one dtype, w's rows
-    contiguous."""
+    """Whether :func:`gemv` takes ``x @ w^T``: Triton on x's device, one row, one dtype, w contiguous."""
     return (available(x.device) and x.dim() == 2 and x.shape[0] <= MAX_ROWS and w.dim() == 2
-            and x.dtype == w.dtype and w.stride(-1) == 1)
+            and x.dtype == w.dtype and w.is_contiguous())
 
 
 @torch.library.custom_op("qvl::gemv", mutates_args=())
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (B, K), w (N, K) -> x @ w^T (B, N) in x's dtype."""
+    """x (1, K), w (N, K) -> x @ w^T (1, N) in x's dtype."""
     triton, kernel = _kernel()
     x = x.contiguous()
-    rows, k = x.shape
-    n = w.shape[0]
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    n, k = w.shape
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = TILE
     with on_device(x.device):
-        kernel[(triton.cdiv(n, block_n),)](x, w, out, n, k, x.stride(0), w.stride(0), out.stride(0), ROWS=rows,
-                                           ROWS_PAD=triton.next_power_of_2(rows), BLOCK_N=block_n,
-                                           BLOCK_K=block_k, num_warps=warps)
+        kernel[(triton.cdiv(n, block_n),)](x, w, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
