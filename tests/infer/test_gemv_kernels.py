@@ -67,11 +67,13 @@ def test_decode_with_gemv_projections_matches_generate(interpreted, tiny_moe):
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
 def test_projections_run_the_kernel_where_asked_and_it_runs(tiny_moe):
-    """"gemv" (the default): the kernel for 1-row steps; "cublas": never; never where Triton does not run (this CPU
-    without the interpreter), where linear is F.linear."""
+    """"gemv": the kernel for 1-row steps; "cublas" (the default until a step measures the kernel faster): never;
+    never where Triton does not run (this CPU without the interpreter), where linear is F.linear."""
     model, _, _ = tiny_moe
     d = DecodeModel(model, slots=16, max_len=64)
-    assert PROJECTIONS == d.projections == "gemv" and not d._gemv_ok and not d._gemv_for(1)
+    assert PROJECTIONS == d.projections == "cublas"
+    d.set_impl(d.impl, projections="gemv")
+    assert not d._gemv_ok and not d._gemv_for(1)
     x, w = _pair(1, 8, 16, torch.float32)
     assert torch.equal(gemv_kernels.linear(x, w, True), F.linear(x, w))
     d._gemv_ok = True  # as on a GPU with Triton
@@ -91,6 +93,7 @@ def test_a_capture_that_fails_with_the_kernel_goes_on_without_it(tiny_moe, monke
     model, _, _ = tiny_moe
     d = DecodeModel(model, slots=8, max_len=256)
     d._gemv_ok = d._fused_ok = True
+    d.set_impl(d.impl, projections="gemv")
     d._graphs, d._pool = {(4, 128): "kept"}, "pool"
 
     def capture_once(b, lb):

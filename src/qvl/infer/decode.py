@@ -163,9 +163,12 @@ EXPERTS = ("grouped", "gathered", "fused")
 # (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
 ATTENTION = "split"
 # How a 1-row step runs its projections (q/k/v, o, a MoE router): "gemv" (qvl.infer.gemv_kernels' Triton kernel, where
-# it runs) or "cublas" (F.linear). Steps of more rows run cuBLAS either way. bench/decode.py times both
-# (``projections_ms``) and keeps the faster.
-PROJECTIONS = "gemv"
+# it runs) or "cublas" (F.linear). Steps of more rows run cuBLAS either way. cuBLAS until a step measures the kernel
+# faster: with an 8 x 256 tile it lost (30B-A3B, 4.60 against 4.25 ms a 1-row step, H100, 2026-12-06,
+# bench/experiments/results/decode_moe_gemv_h100.json); its 8 x 1,024 tile won alone on every projection shape
+# (results/gemv_tiles_h100.json) but has not run inside a step. bench/decode.py times both (``projections_ms``) and
+# keeps the faster for its own rows.
+PROJECTIONS = "cublas"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
