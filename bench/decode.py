@@ -233,6 +233,21 @@ def fused_rows_limit(sweep: dict[int, dict[str, float]]) -> int:
     return limit
 
 
+def timed_ways(decoder, ways, switch, shapes) -> tuple[dict, str | None]:
+    """The captured step each of ``ways`` makes (``switch(way)`` sets it), ms at each ``(name, rows, keys)`` of
+    ``shapes``; a way that fails is left out: -> (timings by way, the last failure or None)."""
+    timed, failed = {}, None
+    for way in ways:
+        try:
+            switch(way)
+            timed[way] = {name: graph_step_ms(decoder, rows, keys) for name, rows, keys in shapes}
+        except Exception as e:  # noqa: BLE001 -- recorded by the caller; the run goes on
+            failed = f"{way}: {type(e).__name__}: {str(e)[:300]}"
+            for slot in list(decoder.busy):  # the rows graph_step_ms had taken
+                decoder.release(slot)
+    return timed, failed
+
+
 def attention_choice(decoder, impl: str, long_keys: int) -> dict:
     """The captured step (``impl``, the experts as "auto" runs them) with plain and with split-key attention
     (qvl.infer.attend_kernels), at 1 row x ``long_keys`` and 32 rows x 300: the decoder keeps split where it was
@@ -240,16 +255,10 @@ def attention_choice(decoder, impl: str, long_keys: int) -> dict:
     if not decoder._split_ok:
         return {"attention": "plain", "attention_failed": "the split-key kernel does not run here (no Triton, or "
                                                           "the heads' width or dtype)"}
-    timed, res = {}, {}
-    for attention in ("plain", "split"):
-        try:
-            decoder.set_impl(impl, "auto" if decoder.is_moe else None, attention)
-            timed[attention] = {"rows1_len1100": graph_step_ms(decoder, 1, long_keys),
-                                "rows32_len300": graph_step_ms(decoder, 32, 300)}
-        except Exception as e:  # noqa: BLE001 -- recorded; plain attention stays
-            res["attention_failed"] = f"{attention}: {type(e).__name__}: {str(e)[:300]}"
-            for slot in list(decoder.busy):  # the rows graph_step_ms had taken
-                decoder.release(slot)
+    timed, failed = timed_ways(decoder, ("plain", "split"),
+                               lambda way: decoder.set_impl(impl, "auto" if decoder.is_moe else None, way),
+                               [("rows1_len1100", 1, long_keys), ("rows32_len300", 32, 300)])
+    res = {"attention_failed": failed} if failed else {}  # plain attention stays
     if not decoder._split_ok:  # a capture fell back: the "split" timings were plain ones
         timed.pop("split", None)
         res["attention_failed"] = "split-key attention failed to compile or capture (the decoder attended plainly)"
@@ -267,15 +276,9 @@ def projections_choice(decoder, impl: str, long_keys: int) -> dict:
     qvl.infer.gemv_kernels' kernel (1-row steps only): the decoder keeps the faster. -> the results' keys."""
     if not decoder._gemv_ok:
         return {"projections": "cublas", "projections_failed": "the GEMV kernel does not run here (no Triton)"}
-    timed, res = {}, {}
-    for way in ("cublas", "gemv"):
-        try:
-            decoder.set_impl(impl, None, None, way)
-            timed[way] = {"rows1_len1100": graph_step_ms(decoder, 1, long_keys)}
-        except Exception as e:  # noqa: BLE001 -- recorded; cuBLAS stays
-            res["projections_failed"] = f"{way}: {type(e).__name__}: {str(e)[:300]}"
-            for slot in list(decoder.busy):  # the rows graph_step_ms had taken
-                decoder.release(slot)
+    timed, failed = timed_ways(decoder, ("cublas", "gemv"), lambda way: decoder.set_impl(impl, None, None, way),
+                               [("rows1_len1100", 1, long_keys)])
+    res = {"projections_failed": failed} if failed else {}  # cuBLAS stays
     if not decoder._gemv_ok:  # a capture fell back: the "gemv" timings were cuBLAS ones
         timed.pop("gemv", None)
         res["projections_failed"] = "the GEMV kernel failed to compile or capture (the decoder used cuBLAS)"
