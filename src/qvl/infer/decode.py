@@ -162,13 +162,14 @@ EXPERTS = ("grouped", "gathered", "fused")
 # bench/results/decode_moe_fused_down_h100.json). A step that fails to capture with it captures plainly
 # (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
 ATTENTION = "split"
-# How a 1-row step runs its projections (q/k/v, o, a MoE router): "gemv" (qvl.infer.gemv_kernels' Triton kernel, where
-# it runs) or "cublas" (F.linear). Steps of more rows run cuBLAS either way. cuBLAS until a step measures the kernel
-# faster: with an 8 x 256 tile it lost (30B-A3B, 4.60 against 4.25 ms a 1-row step, H100, 2026-12-06,
-# bench/experiments/results/decode_moe_gemv_h100.json); its 8 x 1,024 tile won alone on every projection shape
-# (results/gemv_tiles_h100.json) but has not run inside a step. bench/decode.py times both (``projections_ms``) and
-# keeps the faster for its own rows.
-PROJECTIONS = "cublas"
+# How a 1-row step of a mixture-of-experts model runs its projections (q/k/v, o, router): "gemv"
+# (qvl.infer.gemv_kernels' Triton kernel, where it runs) or "cublas" (F.linear). Steps of more rows run cuBLAS either
+# way. 30B-A3B's 1-row step: 4.07 against 4.27 ms, 239 tok/s decoded (H100, 2026-12-06, same call,
+# bench/results/decode_moe_gemv_h100.json; an earlier 8 x 256 tile had lost, 4.60 against 4.25:
+# bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json). Dense models keep cuBLAS: their projection shapes
+# won only alone (8B o_proj 14.1 against 16.3 us, bench/experiments/results/gemv_tiles_h100.json), not measured in a
+# step yet. bench/decode.py times both (``projections_ms``) and keeps the faster for its own rows.
+PROJECTIONS = "gemv"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -383,7 +384,7 @@ class DecodeModel:
         # the projections of a 1-row step (PROJECTIONS): qvl.infer.gemv_kernels' kernel, where it runs
         from qvl.infer import gemv_kernels
 
-        self.projections = PROJECTIONS
+        self.projections = PROJECTIONS if self.is_moe else "cublas"
         self._gemv_ok = gemv_kernels.available(self.device)
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
@@ -486,7 +487,8 @@ class DecodeModel:
         return self.attention == "split" and self._split_ok
 
     def _gemv_for(self, n_rows: int) -> bool:
-        """Whether a step of ``n_rows`` rows runs its projections through qvl.infer.gemv_kernels (:data:`PROJECTIONS`)."""
+        """Whether a step of ``n_rows`` rows runs its projections through qvl.infer.gemv_kernels
+        (:data:`PROJECTIONS`)."""
         from qvl.infer.gemv_kernels import MAX_ROWS
 
         return self._gemv_ok and n_rows <= MAX_ROWS and self.projections == "gemv"

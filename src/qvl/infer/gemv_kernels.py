@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from qvl.infer.triton_support import available, on_device
 
 MAX_ROWS = 1  # steps of more rows stay on cuBLAS (with this kernel's tile, 8 rows took 21.8 ms a 30B-A3B step
-# against 14.3: bench/experiments/results/decode_moe_gemv_h100.json)
+# against 14.3: bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json)
 TILE = (8, 1024, 8)  # (output columns, reduced block, warps) a program: best or within 0.4 us of it on the five shapes
 
 
