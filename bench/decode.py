@@ -274,8 +274,11 @@ def attention_choice(decoder, impl: str, long_keys: int) -> dict:
 def projections_choice(decoder, impl: str, long_keys: int) -> dict:
     """The captured 1-row step (``impl``, ``long_keys`` keys) with its projections through cuBLAS and through
     qvl.infer.gemv_kernels' kernel (1-row steps only): the decoder keeps the faster. -> the results' keys."""
-    if not decoder._gemv_ok:
+    from qvl.infer import gemv_kernels
+
+    if not gemv_kernels.available(decoder.device):
         return {"projections": "cublas", "projections_failed": "the GEMV kernel does not run here (no Triton)"}
+    decoder._gemv_ok = True  # an earlier capture of another way's step may have turned it off: each way is timed
     timed, failed = timed_ways(decoder, ("cublas", "gemv"), lambda way: decoder.set_impl(impl, None, None, way),
                                [("rows1_len1100", 1, long_keys)])
     res = {"projections_failed": failed} if failed else {}  # cuBLAS stays

@@ -1,4 +1,4 @@
-"""Probe: qvl.infer.gemv_kernels' Triton GEMV against cuBLAS (F.linear) for a few rows, per tile choice.
+"""Probe: qvl.infer.gemv_kernels' Triton GEMV against cuBLAS (F.linear) for one row, per tile choice.
 
 The decode step's projections at 1 row: 30B-A3B's q/k/v (2,048 -> 5,120), o (4,096 -> 2,048) and router (2,048 -> 128),
 the 8B's q/k/v (4,096 -> 6,144) and o (4,096 -> 4,096); ``--layers`` copies of each weight (so a call does not find
@@ -33,13 +33,15 @@ SHAPES = {"30B-A3B qkv": (5120, 2048), "30B-A3B o": (2048, 4096), "30B-A3B route
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--rows", default="1", help="rows of x: the kernel takes 1 (gemv_kernels.MAX_ROWS)")
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--block-out", default="4,8,16,32,64")
     ap.add_argument("--block-in", default="128,256,512,1024")
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if any(int(r) > gemv_kernels.MAX_ROWS for r in args.rows.split(",") if r):
+        ap.error(f"--rows: the kernel takes at most {gemv_kernels.MAX_ROWS} row")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     dev = torch.device("cuda")
     out = {"card": torch.cuda.get_device_name(0), "layers": args.layers, "shapes": {}}

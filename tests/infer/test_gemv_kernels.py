@@ -1,4 +1,4 @@
-"""qvl.infer.gemv_kernels: the few-row projection kernel, run by Triton's interpreter on the CPU (in a child pytest
+"""qvl.infer.gemv_kernels: the 1-row projection kernel, run by Triton's interpreter on the CPU (in a child pytest
 with ``TRITON_INTERPRET=1``, as tests/infer/test_moe_kernels.py), against ``F.linear``; the decoder's choice of it
 (``projections``) and its fall-back when a capture with it fails."""
 
@@ -50,19 +50,23 @@ def test_compiled_around_it_and_only_where_it_runs(interpreted):
     assert not gemv_kernels.runs(x.float(), w)
 
 
-def test_decode_with_gemv_projections_matches_generate(interpreted, tiny_moe):
-    """The fast decode path with its 1-row steps' projections on the kernel (the tiny MoE model, float32, grouped and
-    fused experts; a batch of two rows runs cuBLAS): the same greedy tokens as model.generate."""
+def test_decode_with_gemv_projections_matches_generate(interpreted, tiny_moe, monkeypatch):
+    """The fast decode path with its 1-row steps' projections on the kernel (the MoE default; the tiny MoE model,
+    float32, grouped and fused experts): the kernel runs, and the greedy tokens are model.generate's."""
     from test_fast_decode_moe import GREEDY, PROMPTS, _batcher, _generate_ids, _job, _run_until_done
 
     model, processor, _ = tiny_moe
+    calls, kernel = [], gemv_kernels.gemv
+    monkeypatch.setattr(gemv_kernels, "gemv", lambda x, w: calls.append(tuple(w.shape)) or kernel(x, w))
     for experts in ("grouped", "fused"):
         job = _job(processor, PROMPTS["image"])
         want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
-        b = _batcher(model, processor, experts=experts, projections="gemv")
-        assert b.decoder._gemv_for(1) and not b.decoder._gemv_for(2)
+        b = _batcher(model, processor, experts=experts)
+        assert b.decoder.projections == "gemv" and b.decoder._gemv_for(1) and not b.decoder._gemv_for(2)
+        calls.clear()
         _run_until_done(b, {0: [job]})
         assert job.handle.emit_tokens == want, experts
+        assert len(calls) >= 2 * len(b.decoder.layers), experts  # q/k/v and o of every layer, each step
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
@@ -85,9 +89,14 @@ def test_projections_run_the_kernel_where_asked_and_it_runs(tiny_moe):
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
 def test_a_dense_model_keeps_cublas_by_default(tiny):
-    """The kernel was measured faster inside a step on 30B-A3B only: a dense model's steps stay on cuBLAS."""
+    """The kernel was measured faster inside a step on 30B-A3B only: a dense model's steps stay on cuBLAS unless
+    asked (docs/serve.md's set_impl)."""
     model, _ = tiny
-    assert DecodeModel(model, slots=2, max_len=64).projections == "cublas"
+    d = DecodeModel(model, slots=2, max_len=64)
+    d._gemv_ok = True  # as on a GPU with Triton
+    assert d.projections == "cublas" and not d._gemv_for(1)
+    d.set_impl(d.impl, projections="gemv")
+    assert d._gemv_for(1)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
@@ -117,13 +126,15 @@ def test_a_capture_that_fails_with_the_kernel_goes_on_without_it(tiny_moe, monke
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
 def test_the_decode_bench_keeps_the_kernel_only_where_it_was_never_slower(monkeypatch):
     """bench/decode.py's choice: the GEMV kernel stays only if its 1-row step was no slower; a capture that fell back
-    to cuBLAS is reported as such, not as the kernel's timings."""
+    to cuBLAS is reported as such, not as the kernel's timings; one turned off by an earlier capture is timed again;
+    where Triton does not run, cuBLAS, said so."""
     from test_fast_decode_moe import _bench_decode
 
     bench = _bench_decode()
+    monkeypatch.setattr(gemv_kernels, "available", lambda device: True)  # as on a GPU
 
     class Decoder:
-        busy, projections, _gemv_ok, fails = set(), "auto", True, False
+        busy, projections, _gemv_ok, fails, device = set(), "gemv", True, False, torch.device("cpu")
 
         def set_impl(self, impl, experts=None, attention=None, projections=None):
             self.projections = projections or self.projections
@@ -145,8 +156,12 @@ def test_the_decode_bench_keeps_the_kernel_only_where_it_was_never_slower(monkey
     assert res["projections"] == "cublas" and "gemv" not in res["projections_ms"]
     assert "failed to compile or capture" in res["projections_failed"]
     d = Decoder()
-    d._gemv_ok = False
-    assert bench.projections_choice(d, "layer", 1100)["projections"] == "cublas"
+    d._gemv_ok = False  # an earlier capture (another way's) turned it off: timed again, and it wins
+    monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: {"cublas": 4.3, "gemv": 4.1}[d.projections])
+    assert bench.projections_choice(d, "layer", 1100)["projections"] == "gemv"
+    monkeypatch.setattr(gemv_kernels, "available", lambda device: False)
+    res = bench.projections_choice(Decoder(), "layer", 1100)
+    assert res["projections"] == "cublas" and "does not run here" in res["projections_failed"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU")

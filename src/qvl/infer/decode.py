@@ -162,7 +162,8 @@ EXPERTS = ("grouped", "gathered", "fused")
 # bench/results/decode_moe_fused_down_h100.json). A step that fails to capture with it captures plainly
 # (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
 ATTENTION = "split"
-# How a 1-row step of a mixture-of-experts model runs its projections (q/k/v, o, router): "gemv"
+# How a 1-row step of a mixture-of-experts model runs its projections (q/k/v, o, the router where the experts run
+# fused): "gemv"
 # (qvl.infer.gemv_kernels' Triton kernel, where it runs) or "cublas" (F.linear). Steps of more rows run cuBLAS either
 # way. 30B-A3B's 1-row step: 4.07 against 4.27 ms, 239 tok/s decoded (H100, 2026-12-06, same call,
 # bench/results/decode_moe_gemv_h100.json; an earlier 8 x 256 tile had lost, 4.60 against 4.25:

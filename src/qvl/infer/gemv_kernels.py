@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from qvl.infer.triton_support import available, on_device
 
-MAX_ROWS = 1  # steps of more rows stay on cuBLAS (with this kernel's tile, 8 rows took 21.8 ms a 30B-A3B step
-# against 14.3: bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json)
-TILE = (8, 1024, 8)  # (output columns, reduced block, warps) a program: best or within 0.4 us of it on the five shapes
+MAX_ROWS = 1  # steps of more rows stay on cuBLAS (an earlier multi-row kernel with an 8 x 256 tile took 21.8 ms a
+# 30B-A3B 8-row step against 14.3: bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json)
+TILE = (8, 1024, 8)  # (output columns, reduced block, warps) a program: best or within 0.6 us of it on the five shapes
 
 
 @functools.cache
@@ -36,8 +36,8 @@ def _kernel():
 
 def runs(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether :func:`gemv` takes ``x @ w^T``: Triton on x's device, one row, one dtype, w contiguous."""
-    return (available(x.device) and x.dim() == 2 and x.shape[0] <= MAX_ROWS and w.dim() == 2
-            and x.dtype == w.dtype and w.is_contiguous())
+    return (available(x.device) and x.dim() == 2 and x.shape[0] == MAX_ROWS and w.dim() == 2
+            and x.shape[1] == w.shape[1] and x.dtype == w.dtype and w.is_contiguous())
 
 
 @torch.library.custom_op("qvl::gemv", mutates_args=())
@@ -55,7 +55,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @gemv.register_fake
 def _(x, w):
-    return x.new_empty(x.shape[0], w.shape[0])
+    return x.new_empty(1, w.shape[0])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, small: bool = False) -> torch.Tensor:
