@@ -272,22 +272,31 @@ def attention_choice(decoder, impl: str, long_keys: int) -> dict:
 
 
 def projections_choice(decoder, impl: str, long_keys: int) -> dict:
-    """The captured 1-row step (``impl``, ``long_keys`` keys) with its projections through cuBLAS and through
-    qvl.infer.gemv_kernels' kernel (1-row steps only): the decoder keeps the faster. -> the results' keys."""
+    """The captured 1-row step (``impl``, ``long_keys`` keys) with its projections each way of
+    qvl.infer.decode.PROJECTIONS_WAYS (cuBLAS; qvl.infer.gemv_kernels' kernel; that kernel with the norms, residual
+    adds and q/k RoPE + cache write folded in): the decoder keeps the fastest (a kernel way on a tie). A way whose
+    capture fell back to cuBLAS is reported as such, not timed. -> the results' keys."""
     from qvl.infer import gemv_kernels
+    from qvl.infer.decode import PROJECTIONS_WAYS
 
     if not gemv_kernels.available(decoder.device):
         return {"projections": "cublas", "projections_failed": "the GEMV kernel does not run here (no Triton)"}
-    decoder._gemv_ok = True  # an earlier capture of another way's step may have turned it off: each way is timed
-    timed, failed = timed_ways(decoder, ("cublas", "gemv"), lambda way: decoder.set_impl(impl, None, None, way),
-                               [("rows1_len1100", 1, long_keys)])
-    res = {"projections_failed": failed} if failed else {}  # cuBLAS stays
-    if not decoder._gemv_ok:  # a capture fell back: the "gemv" timings were cuBLAS ones
-        timed.pop("gemv", None)
-        res["projections_failed"] = "the GEMV kernel failed to compile or capture (the decoder used cuBLAS)"
-    won = "gemv" in timed and "cublas" in timed and all(timed["gemv"][k] <= timed["cublas"][k] for k in timed["cublas"])
-    decoder.set_impl(impl, None, None, "gemv" if won else "cublas")
+    timed, failures = {}, []
+    for way in PROJECTIONS_WAYS:
+        decoder._gemv_ok = True  # an earlier capture (another way's) may have turned it off: each way is timed
+        got, failed = timed_ways(decoder, (way,), lambda w: decoder.set_impl(impl, None, None, w),
+                                 [("rows1_len1100", 1, long_keys)])
+        if failed:
+            failures.append(failed)
+        elif way != "cublas" and not decoder._gemv_ok:  # its timings were cuBLAS ones
+            failures.append(f"{way}: failed to compile or capture (the decoder used cuBLAS)")
+        else:
+            timed.update(got)
+    decoder._gemv_ok = True
+    preferred = sorted(timed, key=lambda w: (max(timed[w].values()), w == "cublas", w == "gemv"))
+    decoder.set_impl(impl, None, None, preferred[0] if preferred else "cublas")
     print("projections", timed, "->", decoder.projections, flush=True)
+    res = {"projections_failed": "; ".join(failures)} if failures else {}
     return {**res, "projections_ms": timed, "projections": decoder.projections}
 
 
@@ -567,7 +576,7 @@ def main() -> int:
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["attention"] = "split" if d._split_attention() else "plain"  # a capture in the warm-up may have fallen back
-    out["projections"] = "gemv" if d._gemv_for(1) else "cublas"  # the same
+    out["projections"] = d._projections_for(1)  # the same
     out["step_impl"] = best
     chosen = f"{best.split('/')[0]}/{d._experts_for(1)}"
     one_row_key = chosen if d.is_moe and chosen in steps else best  # what a batch-1 step runs after the choice above

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernel_under_the_interpreter():
-    run_under_the_interpreter(__file__, least_passed=10)
+    run_under_the_interpreter(__file__, least_passed=18)
 
 
 def _pair(rows: int, n: int, k: int, dtype, seed: int = 0):
@@ -39,6 +39,25 @@ def test_gemv_matches_linear(interpreted, dtype, tol, n, k):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("norm, residual", [(True, False), (False, True), (True, True)])
+def test_the_norm_and_residual_folded_in_match_the_plain_path(interpreted, dtype, tol, norm, residual):
+    """``norm``: x RMS-normalised and scaled in the kernel, as qvl.infer.decode.rms_norm before F.linear;
+    ``residual``: added to the product, as the decoder's residual add. Odd widths."""
+    from qvl.infer.decode import rms_norm
+
+    x, w = _pair(1, 37, 300, dtype)
+    g = torch.Generator().manual_seed(3)
+    ln = (1 + 0.1 * torch.randn(300, generator=g)).to(dtype) if norm else None
+    res = torch.randn(1, 37, generator=g).to(dtype) if residual else None
+    want = F.linear(rms_norm(x, ln, 1e-6) if norm else x, w)
+    want = res + want if residual else want
+    got = gemv_kernels.gemv(x, w, ln, 1e-6, res)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    plain = gemv_kernels.linear(x, w, False, ln, 1e-6, res)  # the plain path linear() takes where it does not run
+    torch.testing.assert_close(got.float(), plain.float(), rtol=tol, atol=tol)
+
+
 def test_compiled_around_it_and_only_where_it_runs(interpreted):
     """Inside a compiled function (the decode step compiles its layers) it stays whole: no graph break, same outputs.
     More than one row, or a weight that is not contiguous, go to F.linear."""
@@ -50,23 +69,56 @@ def test_compiled_around_it_and_only_where_it_runs(interpreted):
     assert not gemv_kernels.runs(x.float(), w)
 
 
-def test_decode_with_gemv_projections_matches_generate(interpreted, tiny_moe, monkeypatch):
-    """The fast decode path with its 1-row steps' projections on the kernel (the MoE default; the tiny MoE model,
-    float32, grouped and fused experts): the kernel runs, and the greedy tokens are model.generate's."""
+def _counting(monkeypatch, module, name: str) -> list:
+    """Count the calls of ``module.name`` (a kernel's custom op): the list of their first arguments' shapes."""
+    calls, kernel = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(tuple(a[1].shape)) or kernel(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("way", ["gemv", "fused"])
+def test_decode_with_gemv_projections_matches_generate(interpreted, tiny_moe, monkeypatch, way):
+    """The fast decode path with its 1-row steps' projections on the kernel, and "fused" with the norms, residual
+    adds and q/k RoPE + cache write in kernels too (the tiny MoE model, float32, grouped and fused experts, both
+    step implementations): the kernels run, and the greedy tokens are model.generate's."""
+    from qvl.infer import qk_kernels
     from test_fast_decode_moe import GREEDY, PROMPTS, _batcher, _generate_ids, _job, _run_until_done
 
     model, processor, _ = tiny_moe
-    calls, kernel = [], gemv_kernels.gemv
-    monkeypatch.setattr(gemv_kernels, "gemv", lambda x, w: calls.append(tuple(w.shape)) or kernel(x, w))
-    for experts in ("grouped", "fused"):
+    calls = _counting(monkeypatch, gemv_kernels, "gemv")
+    qk_calls = _counting(monkeypatch, qk_kernels, "_qk_rope_write")
+    for experts, impl in (("grouped", "layer"), ("fused", "layer"), ("fused", "pieces")):
         job = _job(processor, PROMPTS["image"])
         want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
-        b = _batcher(model, processor, experts=experts)
-        assert b.decoder.projections == "gemv" and b.decoder._gemv_for(1) and not b.decoder._gemv_for(2)
-        calls.clear()
+        b = _batcher(model, processor, experts=experts, impl=impl, projections=way)
+        assert b.decoder._projections_for(1) == way and b.decoder._projections_for(2) == "cublas"
+        calls.clear(), qk_calls.clear()
         _run_until_done(b, {0: [job]})
-        assert job.handle.emit_tokens == want, experts
+        assert job.handle.emit_tokens == want, (experts, impl)
         assert len(calls) >= 2 * len(b.decoder.layers), experts  # q/k/v and o of every layer, each step
+        assert bool(qk_calls) == (way == "fused" and impl == "layer"), (experts, impl)
+
+
+def test_a_dense_decode_with_fused_projections_matches_generate(interpreted, tiny, monkeypatch):
+    """"fused" on the tiny dense model: its MLP's projections through the kernel too (norm and residual folded);
+    greedy tokens as model.generate's."""
+    from test_fast_decode import GREEDY, _Collect, _generate_ids, _job, _run_until_done
+
+    from qvl.data.packing import rope_index_fn
+    from qvl.infer.continuous import ContinuousBatcher
+    from qvl.models.tokens import token_ids
+
+    model, processor = tiny
+    calls = _counting(monkeypatch, gemv_kernels, "gemv")
+    decoder = DecodeModel(model, slots=2, max_len=512, compile=False)
+    decoder.set_impl("layer", projections="fused")
+    b = ContinuousBatcher(decoder, _Collect, token_ids(processor.tokenizer).pad, rope_index_fn(model),
+                          coalesce_s=0.0)
+    job = _job(processor, ["describe the red circle in detail"])
+    want = _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+    _run_until_done(b, {0: [job]})
+    assert job.handle.emit_tokens == want
+    assert len(calls) >= 4 * len(decoder.layers)  # q/k/v, o, gate_up and down of every layer, each step
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
@@ -75,13 +127,13 @@ def test_projections_run_the_kernel_where_asked_and_it_runs(tiny_moe):
     model's): never; never where Triton does not run (this CPU without the interpreter), where linear is F.linear."""
     model, _, _ = tiny_moe
     d = DecodeModel(model, slots=16, max_len=64)
-    assert PROJECTIONS == d.projections == "gemv" and not d._gemv_ok and not d._gemv_for(1)
+    assert PROJECTIONS == d.projections and d._projections_for(1) == "cublas" and not d._gemv_ok
     x, w = _pair(1, 8, 16, torch.float32)
     assert torch.equal(gemv_kernels.linear(x, w, True), F.linear(x, w))
     d._gemv_ok = True  # as on a GPU with Triton
-    assert [d._gemv_for(n) for n in (1, 2, 8)] == [True, False, False]
+    assert [d._projections_for(n) for n in (1, 2, 8)] == [PROJECTIONS, "cublas", "cublas"]
     d.set_impl(d.impl, projections="cublas")
-    assert not d._gemv_for(1)
+    assert d._projections_for(1) == "cublas"
     with pytest.raises(ValueError, match="projections"):
         d.set_impl("pieces", projections="fast")
     assert d.impl == "layer" and d.projections == "cublas"  # a refused change changes nothing
@@ -94,9 +146,9 @@ def test_a_dense_model_keeps_cublas_by_default(tiny):
     model, _ = tiny
     d = DecodeModel(model, slots=2, max_len=64)
     d._gemv_ok = True  # as on a GPU with Triton
-    assert d.projections == "cublas" and not d._gemv_for(1)
-    d.set_impl(d.impl, projections="gemv")
-    assert d._gemv_for(1)
+    assert d.projections == "cublas" and d._projections_for(1) == "cublas"
+    d.set_impl(d.impl, projections="fused")
+    assert d._projections_for(1) == "fused"
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
@@ -111,13 +163,13 @@ def test_a_capture_that_fails_with_the_kernel_goes_on_without_it(tiny_moe, monke
     d._graphs, d._pool = {(4, 128): "kept"}, "pool"
 
     def capture_once(b, lb):
-        if d._gemv_for(b):
+        if d._projections_for(b) != "cublas":
             raise RuntimeError("triton: out of resources")
         d._graphs[(b, lb)] = f"captured-{b}"
         return d._graphs[(b, lb)]
 
     monkeypatch.setattr(d, "_capture_once", capture_once)
-    assert d._gemv_for(1)
+    assert d._projections_for(1) == "gemv"
     assert d._capture(1, 128) == "captured-1"
     assert not d._gemv_ok and d._fused_ok and d._experts_for(1) == "fused"
     assert set(d._graphs) == {(4, 128), (1, 128)} and d._pool == "pool"
@@ -134,31 +186,35 @@ def test_the_decode_bench_keeps_the_kernel_only_where_it_was_never_slower(monkey
     monkeypatch.setattr(gemv_kernels, "available", lambda device: True)  # as on a GPU
 
     class Decoder:
-        busy, projections, _gemv_ok, fails, device = set(), "gemv", True, False, torch.device("cpu")
+        busy, projections, _gemv_ok, fails, device = set(), "gemv", True, (), torch.device("cpu")
 
         def set_impl(self, impl, experts=None, attention=None, projections=None):
             self.projections = projections or self.projections
-            if self.projections == "gemv" and self.fails:
+            if self.projections in self.fails:
                 self._gemv_ok = False
 
         def release(self, slot):
             pass
 
-    for times, want in (({"cublas": 4.3, "gemv": 4.1}, "gemv"), ({"cublas": 4.3, "gemv": 4.4}, "cublas")):
+    for times, want in (({"cublas": 4.3, "gemv": 4.1, "fused": 3.9}, "fused"),
+                        ({"cublas": 4.3, "gemv": 4.1, "fused": 4.1}, "fused"),  # a tie: the kernel way
+                        ({"cublas": 4.3, "gemv": 4.1, "fused": 4.2}, "gemv"),
+                        ({"cublas": 4.3, "gemv": 4.4, "fused": 4.5}, "cublas")):
         monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: times[d.projections])
         d = Decoder()
         res = bench.projections_choice(d, "layer", 1100)
-        assert res["projections"] == d.projections == want
-        assert res["projections_ms"]["gemv"]["rows1_len1100"] == times["gemv"]
+        assert res["projections"] == d.projections == want and d._gemv_ok
+        assert res["projections_ms"]["fused"]["rows1_len1100"] == times["fused"]
+    monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: {"cublas": 4.3, "gemv": 4.1,
+                                                                        "fused": 3.9}[d.projections])
     d = Decoder()
-    d.fails = True
+    d.fails = ("fused",)  # its capture fell back to cuBLAS: not timed as itself, the next fastest kept
     res = bench.projections_choice(d, "layer", 1100)
-    assert res["projections"] == "cublas" and "gemv" not in res["projections_ms"]
-    assert "failed to compile or capture" in res["projections_failed"]
+    assert res["projections"] == "gemv" and "fused" not in res["projections_ms"] and d._gemv_ok
+    assert "fused: failed to compile or capture" in res["projections_failed"]
     d = Decoder()
     d._gemv_ok = False  # an earlier capture (another way's) turned it off: timed again, and it wins
-    monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: {"cublas": 4.3, "gemv": 4.1}[d.projections])
-    assert bench.projections_choice(d, "layer", 1100)["projections"] == "gemv"
+    assert bench.projections_choice(d, "layer", 1100)["projections"] == "fused"
     monkeypatch.setattr(gemv_kernels, "available", lambda device: False)
     res = bench.projections_choice(Decoder(), "layer", 1100)
     assert res["projections"] == "cublas" and "does not run here" in res["projections_failed"]
@@ -168,10 +224,16 @@ def test_the_decode_bench_keeps_the_kernel_only_where_it_was_never_slower(monkey
 @pytest.mark.parametrize("n, k", [(5120, 2048), (2048, 4096), (128, 2048), (6144, 4096)])
 def test_gemv_on_cuda(n, k):
     """bf16 at 30B-A3B's projection widths (q/k/v, o, router) and 8B's q/k/v: F.linear's values within bf16 rounding,
-    and the same inside a captured CUDA graph."""
+    with the norm and the residual folded in too, and the same inside a captured CUDA graph."""
+    from qvl.infer.decode import rms_norm
+
     x, w = (t.cuda() for t in _pair(1, n, k, torch.bfloat16, seed=n))
     got = gemv_kernels.gemv(x, w)
     torch.testing.assert_close(got.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+    ln = (1 + 0.1 * torch.randn(k, generator=torch.Generator().manual_seed(k))).to(torch.bfloat16).cuda()
+    res = torch.randn(1, n, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).cuda()
+    torch.testing.assert_close(gemv_kernels.gemv(x, w, ln, 1e-6, res).float(),
+                               (res + F.linear(rms_norm(x, ln, 1e-6), w)).float(), rtol=2e-2, atol=3e-2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = gemv_kernels.gemv(x, w)

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernels_under_the_interpreter():
-    run_under_the_interpreter(__file__, least_passed=12)
+    run_under_the_interpreter(__file__, least_passed=18)
 
 
 def weights(experts=8, hidden=64, inter=48, dtype=torch.bfloat16, seed=0):
@@ -33,12 +33,13 @@ def weights(experts=8, hidden=64, inter=48, dtype=torch.bfloat16, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_route_matches_the_router(interpreted, dtype, rows):
+@pytest.mark.parametrize("rows, top_k", [(1, 2), (3, 2), (2, 3), (1, 8)])
+def test_route_matches_the_router(interpreted, dtype, rows, top_k):
+    """A k that is not a power of two too (the kernel keeps the k picks in a padded block)."""
     router, _, _ = weights(dtype=dtype)
     h = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype)
-    want_w, want_ids = router_top_k(h, router, 2)
-    got_w, got_ids = moe_kernels.route(F.linear(h, router), 2)
+    want_w, want_ids = router_top_k(h, router, top_k)
+    got_w, got_ids = moe_kernels.route(F.linear(h, router), top_k)
     assert torch.equal(got_ids, want_ids)
     assert got_w.dtype == want_w.dtype
     torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
@@ -57,6 +58,26 @@ def test_experts_match_the_grouped_path(interpreted, dtype, tol, rows, top_k, hi
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("rows, hidden", [(1, 64), (2, 300)])
+def test_experts_with_the_norm_folded_in_match_the_norm_before(interpreted, dtype, tol, rows, hidden):
+    """``norm``: the gate_up kernel RMS-normalises the residual itself (the 1-row "fused" step's way): the same as
+    normalising first (qvl.infer.decode.rms_norm), on the kernels and on the plain path."""
+    from qvl.infer.decode import rms_norm
+
+    router, gate_up, down = weights(hidden=hidden, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    x = (3 * torch.randn(rows, hidden, generator=g)).to(dtype)
+    ln = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    h = rms_norm(x, ln, 1e-6)
+    w, ids = router_top_k(h, router, 2)
+    want = moe_kernels.experts(h, w, ids, gate_up, down)
+    got = moe_kernels.experts(x, w, ids, gate_up, down, norm=ln, eps=1e-6)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    plain = moe_kernels._plain_expert_outputs(h, w, ids, gate_up, down).float().sum(1).to(dtype)
+    torch.testing.assert_close(got.float(), plain.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
 def test_without_the_interpreter_the_cpu_runs_the_plain_path():
     assert not moe_kernels.available(torch.device("cpu"))
@@ -66,6 +87,11 @@ def test_without_the_interpreter_the_cpu_runs_the_plain_path():
     assert torch.equal(moe_kernels.route(F.linear(h, router), 2)[1], ids)
     torch.testing.assert_close(moe_kernels.experts(h, w, ids, gate_up, down).float(),
                                experts_grouped(h, w, ids, gate_up, down).float(), rtol=2e-2, atol=2e-2)
+    from qvl.infer.decode import rms_norm
+
+    ln = torch.full((64,), 1.5, dtype=torch.bfloat16)
+    assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6),
+                       moe_kernels.experts(rms_norm(h, ln, 1e-6), w, ids, gate_up, down))
 
 
 def test_compiled_around_them(interpreted):
@@ -110,6 +136,12 @@ def test_kernels_on_cuda(rows):
     want = experts_grouped(h, want_w, want_ids, gate_up, down)
     got = moe_kernels.experts(h, want_w, want_ids, gate_up, down)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    from qvl.infer.decode import rms_norm
+
+    ln = (1 + 0.1 * torch.randn(2048, generator=torch.Generator().manual_seed(4))).to(torch.bfloat16).to(dev)
+    folded = moe_kernels.experts(h, want_w, want_ids, gate_up, down, norm=ln, eps=1e-6)
+    normed_first = moe_kernels.experts(rms_norm(h, ln, 1e-6), want_w, want_ids, gate_up, down)
+    torch.testing.assert_close(folded.float(), normed_first.float(), rtol=2e-2, atol=2e-2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = moe_kernels.experts(h, want_w, want_ids, gate_up, down)

@@ -4,18 +4,31 @@ patch."""
 
 import triton.language as tl
 
+from qvl.infer._norm_triton import normed, rms_scale
 
-def gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+
+def gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, N, K, eps, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # one program per block of output columns of the one row: its rows of the weight read once; products summed in
-    # float32 and rounded once, as a bf16 matmul rounds
+    # float32 and rounded once, as a bf16 matmul rounds. NORM: x is first RMS-normalised and scaled by norm_ptr's
+    # weight, rounded where Qwen3VLTextRMSNorm rounds (each program sums x's squares itself: x is one row, in cache).
+    # RESIDUAL: res_ptr's row added to the rounded product, as the decoder's residual add
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    dtype = out_ptr.dtype.element_ty
+    if NORM:
+        scale = rms_scale(x_ptr, K, eps, BLOCK_K)
     w_rows = w_ptr + cols[:, None].to(tl.int64) * K
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            x = normed(x, scale, tl.load(norm_ptr + ks, mask=k_ok, other=0.0), dtype)
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * x[None, :], 1)
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    out = acc.to(dtype)
+    if RESIDUAL:
+        out = (out.to(tl.float32) + tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)).to(dtype)
+    tl.store(out_ptr + cols, out, mask=col_ok)

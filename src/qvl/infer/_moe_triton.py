@@ -4,45 +4,58 @@ patch."""
 
 import triton.language as tl
 
+from qvl.infer._norm_triton import normed, rms_scale
 
-def route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_row, E: tl.constexpr, TOP_K: tl.constexpr):
+
+def route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_row, E: tl.constexpr, TOP_K: tl.constexpr,
+                 TOP_K_PAD: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, E)
     x = tl.load(logits_ptr + row * stride_row + offs).to(tl.float32)
     p = tl.exp(x - tl.max(x, 0))
     p = p / tl.sum(p, 0)
+    # the k largest, largest first (ties: the lower id, as torch.topk), kept in registers: one pass, then one store
+    slots = tl.arange(0, TOP_K_PAD)
+    best_k = tl.zeros([TOP_K_PAD], dtype=tl.float32)
+    ids_k = tl.zeros([TOP_K_PAD], dtype=tl.int64)
     left, total = p, 0.0
-    for _ in tl.static_range(TOP_K):  # the k largest, largest first (ties: the lower id, as torch.topk)
-        best = tl.max(left, 0)
-        total += best
-        left = tl.where(offs == tl.argmax(left, 0), -1.0, left)
-    left = p
     for j in tl.static_range(TOP_K):
         best = tl.max(left, 0)
         at = tl.argmax(left, 0)
-        tl.store(weights_ptr + row * TOP_K + j, (best / total).to(weights_ptr.dtype.element_ty))
-        tl.store(ids_ptr + row * TOP_K + j, at.to(tl.int64))
+        total += best
+        best_k = tl.where(slots == j, best, best_k)
+        ids_k = tl.where(slots == j, at.to(tl.int64), ids_k)
         left = tl.where(offs == at, -1.0, left)
+    ok = slots < TOP_K
+    tl.store(weights_ptr + row * TOP_K + slots, (best_k / total).to(weights_ptr.dtype.element_ty), mask=ok)
+    tl.store(ids_ptr + row * TOP_K + slots, ids_k, mask=ok)
 
-def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, H, INTER, stride_x, stride_we, stride_wn,
-                   TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, norm_ptr, H, INTER, stride_x, stride_we, stride_wn, eps,
+                   TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # NORM: the row is first RMS-normalised and scaled by norm_ptr's weight, rounded where Qwen3VLTextRMSNorm rounds
+    # (as qvl.infer._gemv_triton's kernel: each program sums its row's squares itself)
     pair = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     x_row = x_ptr + (pair // TOP_K) * stride_x
+    if NORM:
+        scale = rms_scale(x_row, H, eps, BLOCK_K)
     gate_rows = w_ptr + expert * stride_we + cols[:, None] * stride_wn
     up_rows = gate_rows + INTER * stride_wn
+    dtype = act_ptr.dtype.element_ty
     gate = tl.zeros([BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, H, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        x = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        x = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            x = normed(x, scale, tl.load(norm_ptr + ks, mask=k_ok, other=0.0), dtype)
+        x = x[None, :]
         ok = col_ok[:, None] & k_ok[None, :]
         gate += tl.sum(tl.load(gate_rows + ks[None, :], mask=ok, other=0.0).to(tl.float32) * x, 1)
         up += tl.sum(tl.load(up_rows + ks[None, :], mask=ok, other=0.0).to(tl.float32) * x, 1)
-    dtype = act_ptr.dtype.element_ty
     gate = gate.to(dtype).to(tl.float32)
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     act = silu * up.to(dtype).to(tl.float32)

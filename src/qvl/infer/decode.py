@@ -163,14 +163,16 @@ EXPERTS = ("grouped", "gathered", "fused")
 # (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
 ATTENTION = "split"
 # How a 1-row step of a mixture-of-experts model runs its projections (q/k/v, o, the router where the experts run
-# fused): "gemv"
-# (qvl.infer.gemv_kernels' Triton kernel, where it runs) or "cublas" (F.linear). Steps of more rows run cuBLAS either
-# way. 30B-A3B's 1-row step: 4.07 against 4.27 ms, 239 tok/s decoded (H100, 2026-12-06, same call,
+# fused): "gemv" (qvl.infer.gemv_kernels' Triton kernel, where it runs), "fused" (that kernel with the RMS norms
+# folded into the projections that read them and the residual adds into those that feed them, q/k norms + RoPE + the
+# cache write in qvl.infer.qk_kernels' one kernel; the fused experts fold their norm too), or "cublas" (F.linear and
+# the compiled small kernels). Steps of more rows run cuBLAS either way. 30B-A3B's 1-row step: 4.07 against 4.27 ms, 239 tok/s decoded (H100, 2026-12-06, same call,
 # bench/results/decode_moe_gemv_h100.json; an earlier 8 x 256 tile had lost, 4.60 against 4.25:
 # bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json). Dense models keep cuBLAS: their projection shapes
 # won only alone (8B o_proj 14.1 against 16.3 us, bench/experiments/results/gemv_tiles_h100.json), not measured in a
 # step yet. bench/decode.py times both (``projections_ms``) and keeps the faster for its own rows.
 PROJECTIONS = "gemv"
+PROJECTIONS_WAYS = ("cublas", "gemv", "fused")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -186,21 +188,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def attn_in(x, ln, wqkv, qn, kn, cos, sin, n_q: int, n_kv: int, eps: float, gemv: bool = False):
-    """Input norm, fused q/k/v, per-head q/k norms, RoPE. x (B, hidden) -> q (B, Hq, D), k, v (B, Hkv, D).
-    ``gemv``: the projection through :func:`qvl.infer.gemv_kernels.gemv` (one row, :data:`PROJECTIONS`)."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on heads x (B, H, D) at each row's position: cos / sin (B, D)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+def qkv_in(x, ln, wqkv, eps: float, small: str = "cublas"):
+    """Input norm and the fused q/k/v projection: x (B, hidden) -> (B, (Hq + 2 Hkv) * D). ``small``: the 1-row
+    step's way (:data:`PROJECTIONS`): "gemv" projects through :func:`qvl.infer.gemv_kernels.gemv`, "fused" folds the
+    norm into it too."""
     from qvl.infer.gemv_kernels import linear
 
-    b = x.shape[0]
-    h = rms_norm(x, ln, eps)
-    qkv = linear(h, wqkv, gemv)
-    d = qn.shape[0]
-    q, k, v = qkv.split((n_q * d, n_kv * d, n_kv * d), dim=-1)
-    q = rms_norm(q.view(b, n_q, d), qn, eps)
-    k = rms_norm(k.view(b, n_kv, d), kn, eps)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
+    if small == "fused":
+        return linear(x, wqkv, True, norm=ln, eps=eps)
+    return linear(rms_norm(x, ln, eps), wqkv, small == "gemv")
+
+
+def attn_in(x, ln, wqkv, qn, kn, cos, sin, n_q: int, n_kv: int, eps: float, small: str = "cublas"):
+    """Input norm, fused q/k/v, per-head q/k norms, RoPE. x (B, hidden) -> q (B, Hq, D), k, v (B, Hkv, D).
+    ``small``: as :func:`qkv_in`."""
+    b, d = x.shape[0], qn.shape[0]
+    q, k, v = qkv_in(x, ln, wqkv, eps, small).split((n_q * d, n_kv * d, n_kv * d), dim=-1)
+    q = rotate(rms_norm(q.view(b, n_q, d), qn, eps), cos, sin)
+    k = rotate(rms_norm(k.view(b, n_kv, d), kn, eps), cos, sin)
     return q, k, v.view(b, n_kv, d)
 
 
@@ -252,39 +263,55 @@ def experts_gathered(h, weights, experts, gate_up, down):
     return (y * weights.reshape(-1, 1)).view(b, k, -1).sum(dim=1)
 
 
-def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str = "grouped", gemv: bool = False):
+def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str = "grouped", small: str = "cublas"):
     """o_proj + residual, post-attention norm, MLP + residual: SwiGLU over ``mlp = (wgu, wdown)``, or with
     ``top_k`` the routed experts over ``mlp = (router, gate_up, down)``, run as ``experts`` says (:data:`EXPERTS`).
-    ``gemv``: o_proj and the router through :func:`qvl.infer.gemv_kernels.gemv` (one row, :data:`PROJECTIONS`)."""
+    ``small``: the 1-row step's way (:data:`PROJECTIONS`): "gemv" runs o_proj and the router through
+    :func:`qvl.infer.gemv_kernels.gemv`; "fused" those and a dense MLP's projections, with the residual adds and the
+    norm folded into them (and into the fused experts)."""
     from qvl.infer.gemv_kernels import linear
 
-    x = x + linear(a, wo, gemv)
-    h = rms_norm(x, ln, eps)
+    if small == "fused":
+        x = linear(a, wo, True, residual=x)
+        h, folded = x, {"norm": ln, "eps": eps}  # the kernels normalise x themselves
+    else:
+        x = x + linear(a, wo, small == "gemv")
+        h, folded = rms_norm(x, ln, eps), {}
     if top_k:
         router, gate_up, down = mlp
         if experts == "fused":
             from qvl.infer import moe_kernels
 
-            weights, ids = moe_kernels.route(linear(h, router, gemv), top_k)
-            return x + moe_kernels.experts(h, weights, ids, gate_up, down)
+            weights, ids = moe_kernels.route(linear(h, router, small != "cublas", **folded), top_k)
+            return x + moe_kernels.experts(h, weights, ids, gate_up, down, **folded)
+        h = rms_norm(x, ln, eps) if folded else h
         weights, ids = router_top_k(h, router, top_k)
         run = experts_gathered if experts == "gathered" else experts_grouped
         return x + run(h, weights, ids, gate_up, down)
     wgu, wdown = mlp
-    gate, up = F.linear(h, wgu).chunk(2, dim=-1)
+    gate, up = linear(h, wgu, bool(folded), **folded).chunk(2, dim=-1)
+    if folded:
+        return linear(F.silu(gate) * up, wdown, True, residual=x)
     return x + F.linear(F.silu(gate) * up, wdown)
 
 
 def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, rows, pos, mask, cos, sin, n_q: int,
                n_kv: int, eps: float, scale: float, top_k: int = 0, experts: str = "grouped",
-               split_attention: bool = False, gemv: bool = False):
-    """A whole decoder layer for one new token per row, the cache write included (one compiled graph)."""
-    q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps, gemv)
-    k_cache[rows, :, pos] = k
-    v_cache[rows, :, pos] = v
+               split_attention: bool = False, small: str = "cublas"):
+    """A whole decoder layer for one new token per row, the cache write included (one compiled graph). ``small``:
+    the 1-row step's way (:data:`PROJECTIONS`); "fused" also normalises, rotates and writes q/k/v in
+    :func:`qvl.infer.qk_kernels.qk_rope_write`."""
+    if small == "fused":
+        from qvl.infer.qk_kernels import qk_rope_write
+
+        q = qk_rope_write(qkv_in(x, ln1, wqkv, eps, small), qn, kn, cos, sin, k_cache, v_cache, pos, n_q, eps)
+    else:
+        q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps, small)
+        k_cache[rows, :, pos] = k
+        v_cache[rows, :, pos] = v
     b, n_keys = mask.shape
     a = attend(q, k_cache[:b, :, :n_keys], v_cache[:b, :, :n_keys], mask, scale, split_attention)
-    return mlp_out(a, x, wo, ln2, mlp, eps, top_k, experts, gemv)
+    return mlp_out(a, x, wo, ln2, mlp, eps, top_k, experts, small)
 
 
 def final_logits(x, norm, head, eps: float):
@@ -455,19 +482,19 @@ class DecodeModel:
         f = self._fns
         experts = self._experts_for(n_rows)
         split = self._split_attention()
-        gemv = self._gemv_for(n_rows)
+        small = self._projections_for(n_rows)
         for i, w in enumerate(self.layers):
             if self.impl == "layer":
                 x = f["layer_step"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, self.k[i], self.v[i],
                                     rows, pos, mask, cos, sin, self.n_q, self.n_kv, self.eps, self.scale, w.top_k,
-                                    experts, split, gemv)
+                                    experts, split, small)
                 continue
-            q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps, gemv)
+            q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, self.n_q, self.n_kv, self.eps, small)
             self.k[i][rows, :, pos] = k
             self.v[i][rows, :, pos] = v
             a = f["attend"](q, self.k[i][:n_rows, :, :n_keys], self.v[i][:n_rows, :, :n_keys], mask, self.scale,
                             split)
-            x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, experts, gemv)
+            x = f["mlp_out"](a, x, w.wo, w.ln2, w.mlp, self.eps, w.top_k, experts, small)
         self.length[:n_rows] += 1
         return f["final_logits"](x, self.norm, self.head, self.eps)
 
@@ -487,12 +514,12 @@ class DecodeModel:
     def _split_attention(self) -> bool:
         return self.attention == "split" and self._split_ok
 
-    def _gemv_for(self, n_rows: int) -> bool:
-        """Whether a step of ``n_rows`` rows runs its projections through qvl.infer.gemv_kernels
-        (:data:`PROJECTIONS`)."""
+    def _projections_for(self, n_rows: int) -> str:
+        """How a step of ``n_rows`` rows runs its projections (:data:`PROJECTIONS`): as asked where the kernels run
+        and the step is small enough for them, else "cublas"."""
         from qvl.infer.gemv_kernels import MAX_ROWS
 
-        return self._gemv_ok and n_rows <= MAX_ROWS and self.projections == "gemv"
+        return self.projections if self._gemv_ok and n_rows <= MAX_ROWS else "cublas"
 
     def _grouped_for(self, n_rows: int) -> bool:
         """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs."""
@@ -509,7 +536,7 @@ class DecodeModel:
             raise ValueError(f"unknown experts implementation {experts!r}")
         if attention is not None and attention not in ("split", "plain"):
             raise ValueError(f"unknown attention implementation {attention!r}")
-        if projections is not None and projections not in ("gemv", "cublas"):
+        if projections is not None and projections not in PROJECTIONS_WAYS:
             raise ValueError(f"unknown projections implementation {projections!r}")
         self.impl = impl
         self.experts = experts or self.experts
@@ -556,7 +583,7 @@ class DecodeModel:
         except torch.OutOfMemoryError:
             raise  # not the experts kernels' fault: the request fails, the experts keep their way
         except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the fused or grouped path
-            for flag, used, instead in (("_gemv_ok", self._gemv_for(b), "project through cuBLAS"),
+            for flag, used, instead in (("_gemv_ok", self._projections_for(b) != "cublas", "project through cuBLAS"),
                                         ("_split_ok", self._split_attention(), "attend plainly")):
                 if not used:
                     continue

@@ -6,7 +6,10 @@ tiles: 80 and 32 programs for an H100's 132 multiprocessors, o_proj as split-K p
 its weight rows in blocks of 1,024 (float32 sums, one rounding, as a bf16 matmul): 9.9 / 9.0 / 2.7 us against
 cuBLAS's 9.9 / 10.7 / 4.8 for those three, 8B's q/k/v and o 20.5 / 14.1 against 20.9 / 16.3 (H100, 2026-12-06,
 48 weights each replayed in a CUDA graph: bench/experiments/gemv_tiles.py, results/gemv_tiles_h100.json). Several
-rows read the weight once per row here: a step of more rows stays on cuBLAS. A custom op (``qvl::gemv``):
+rows read the weight once per row here: a step of more rows stays on cuBLAS. The decoder's "fused" way
+(qvl.infer.decode.PROJECTIONS) folds more into the kernel: the RMS norm of the row it reads (each program sums the
+row's squares itself; the rounding is the norm's) and the residual add after it, so a layer's norm and add kernels
+go. A custom op (``qvl::gemv``):
 torch.compile leaves it whole and CUDA graphs capture its launch. Where it does not run (:func:`runs`) :func:`linear`
 is ``F.linear``; tests/infer/test_gemv_kernels.py compares the two under Triton's interpreter.
 """
@@ -41,25 +44,38 @@ def runs(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("qvl::gemv", mutates_args=())
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (1, K), w (N, K) -> x @ w^T (1, N) in x's dtype."""
+def gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (1, K), w (N, K) -> x @ w^T (1, N) in x's dtype. ``norm`` (K,): x RMS-normalised (``eps``) and scaled by it
+    first, as :func:`qvl.infer.decode.rms_norm`; ``residual`` (1, N): added to the product."""
     triton, kernel = _kernel()
     x = x.contiguous()
     n, k = w.shape
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = TILE
     with on_device(x.device):
-        kernel[(triton.cdiv(n, block_n),)](x, w, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        kernel[(triton.cdiv(n, block_n),)](
+            x, w, out, x if norm is None else norm, x if residual is None else residual.contiguous(), n, k, eps,
+            NORM=norm is not None, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps)
     return out
 
 
 @gemv.register_fake
-def _(x, w):
+def _(x, w, norm=None, eps=0.0, residual=None):
     return x.new_empty(1, w.shape[0])
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, small: bool = False) -> torch.Tensor:
-    """``F.linear(x, w)``; through :func:`gemv` when ``small`` (the decoder's choice for this step) and it runs."""
+def linear(x: torch.Tensor, w: torch.Tensor, small: bool = False, norm: torch.Tensor | None = None,
+           eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + F.linear(rms_norm(x, norm, eps), w)`` (without ``norm``: x as it is; without ``residual``: the
+    product alone); through :func:`gemv` in one kernel when ``small`` (the decoder's choice for this step) and it
+    runs, else as the plain decode path computes it."""
     if small and runs(x, w):
-        return gemv(x, w)
-    return F.linear(x, w)
+        return gemv(x, w, norm, eps, residual)
+    if norm is not None:
+        from qvl.infer.decode import rms_norm
+
+        x = rms_norm(x, norm, eps)
+    y = F.linear(x, w)
+    return y if residual is None else residual + y

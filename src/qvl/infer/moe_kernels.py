@@ -37,6 +37,8 @@ from qvl.infer.triton_support import available, on_device
 # down kernel before it, a program per row summing its k pairs, took 19.6); both 33.9 us against 91.1 for the
 # grouped GEMM. At 4 rows gate_up kept its tile, down was fastest at 8 x 256 with 4 warps (33.4 us against 44.1)
 GATE_UP_TILE = (8, 256, 8)
+# the route kernel's warps: its 128 router probabilities fit one warp, whose top-k rounds then reduce by shuffles alone
+ROUTE_WARPS = 1
 DOWN_TILE = (16, 128, 8)
 
 
@@ -78,7 +80,8 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     weights = torch.empty(b, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(b, top_k, dtype=torch.int64, device=logits.device)
     with on_device(logits.device):
-        route_kernel[(b,)](logits, weights, ids, logits.stride(0), E=e, TOP_K=top_k)
+        route_kernel[(b,)](logits, weights, ids, logits.stride(0), E=e, TOP_K=top_k,
+                           TOP_K_PAD=triton.next_power_of_2(top_k), num_warps=ROUTE_WARPS)
     return weights, ids
 
 
@@ -88,16 +91,19 @@ def _(logits, top_k):
     return logits.new_empty(b, top_k), logits.new_empty(b, top_k, dtype=torch.int64)
 
 
-def launch_gate_up(h: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, tile=None) -> torch.Tensor:
-    """The gate_up kernel: (B * k, I) activations ``silu(gate) * up`` of every (row, expert) pair."""
+def launch_gate_up(h: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, tile=None,
+                   norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """The gate_up kernel: (B * k, I) activations ``silu(gate) * up`` of every (row, expert) pair; with ``norm``,
+    of h RMS-normalised (``eps``) and scaled by it."""
     triton, _, gate_up_kernel, _ = _kernels()
     block_n, block_k, warps = tile or GATE_UP_TILE
     pairs, inter = ids.numel(), gate_up.shape[1] // 2
     act = torch.empty(pairs, inter, dtype=h.dtype, device=h.device)
     with on_device(h.device):
         gate_up_kernel[(pairs, triton.cdiv(inter, block_n))](
-            h, ids, gate_up, act, h.shape[1], inter, h.stride(0), gate_up.stride(0), gate_up.stride(1),
-            TOP_K=ids.shape[1], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            h, ids, gate_up, act, h if norm is None else norm, h.shape[1], inter, h.stride(0), gate_up.stride(0),
+            gate_up.stride(1), eps, TOP_K=ids.shape[1], NORM=norm is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps)
     return act
 
 
@@ -117,22 +123,27 @@ def launch_down(act: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, dow
 
 @torch.library.custom_op("qvl::moe_expert_outputs", mutates_args=())
 def expert_outputs(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
+                   down: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """Each routed expert's weighted output for each row: h (B, H), weights / ids (B, k), gate_up (E, 2I, H), down
-    (E, H, I) -> (B, k, H), in h's dtype."""
+    (E, H, I) -> (B, k, H), in h's dtype. ``norm`` (H,): h is the layer's residual, RMS-normalised (``eps``) and
+    scaled by it first, inside the gate_up kernel (as qvl.infer.decode.rms_norm computes it)."""
     if not available(h.device) or gate_up.stride(-1) != 1 or down.stride(-1) != 1:
+        if norm is not None:
+            from qvl.infer.decode import rms_norm
+
+            h = rms_norm(h, norm, eps)
         return _plain_expert_outputs(h, weights, ids, gate_up, down)
     h, weights, ids = h.contiguous(), weights.contiguous(), ids.contiguous()
-    return launch_down(launch_gate_up(h, ids, gate_up), weights, ids, down)
+    return launch_down(launch_gate_up(h, ids, gate_up, norm=norm, eps=eps), weights, ids, down)
 
 
 @expert_outputs.register_fake
-def _(h, weights, ids, gate_up, down):
+def _(h, weights, ids, gate_up, down, norm=None, eps=0.0):
     return h.new_empty(ids.shape[0], ids.shape[1], h.shape[1])
 
 
 def experts(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-            down: torch.Tensor) -> torch.Tensor:
+            down: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """The routed experts' weighted sum for each row: h (B, H), weights / ids (B, k), gate_up (E, 2I, H), down
-    (E, H, I) -> (B, H); the k-sum in float32, as the plain path sums."""
-    return expert_outputs(h, weights, ids, gate_up, down).float().sum(dim=1).to(h.dtype)
+    (E, H, I) -> (B, H); the k-sum in float32, as the plain path sums. ``norm``: as :func:`expert_outputs`."""
+    return expert_outputs(h, weights, ids, gate_up, down, norm, eps).float().sum(dim=1).to(h.dtype)
