@@ -283,16 +283,16 @@ def projections_choice(decoder, impl: str, long_keys: int) -> dict:
         return {"projections": "cublas", "projections_failed": "the GEMV kernel does not run here (no Triton)"}
     timed, failures = {}, []
     for way in PROJECTIONS_WAYS:
-        decoder._gemv_ok = True  # an earlier capture (another way's) may have turned it off: each way is timed
+        decoder._gemv_ok = decoder._fold_ok = True  # an earlier capture (another way's) may have turned them off
         got, failed = timed_ways(decoder, (way,), lambda w: decoder.set_impl(impl, None, None, w),
                                  [("rows1_len1100", 1, long_keys)])
         if failed:
             failures.append(failed)
-        elif way != "cublas" and not decoder._gemv_ok:  # its timings were cuBLAS ones
-            failures.append(f"{way}: failed to compile or capture (the decoder used cuBLAS)")
+        elif decoder._projections_for(1) != way:  # a capture fell back: its timings were another way's
+            failures.append(f"{way}: failed to compile or capture (the decoder used {decoder._projections_for(1)})")
         else:
             timed.update(got)
-    decoder._gemv_ok = True
+    decoder._gemv_ok = decoder._fold_ok = True
     preferred = sorted(timed, key=lambda w: (max(timed[w].values()), w == "cublas", w == "gemv"))
     decoder.set_impl(impl, None, None, preferred[0] if preferred else "cublas")
     print("projections", timed, "->", decoder.projections, flush=True)
@@ -571,7 +571,7 @@ def main() -> int:
         out["experts_fused_ran"] = d._fused_ok  # False: no Triton, or its kernels failed
     attention = attention_choice(d, best.split("/")[0], len(big))  # split-key attention against plain
     out.update(attention)
-    projections = projections_choice(d, best.split("/")[0], len(big))  # the GEMV kernel against cuBLAS
+    projections = projections_choice(d, best.split("/")[0], len(big))  # cuBLAS, the GEMV, the GEMV with folds
     out.update(projections)
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)

@@ -173,6 +173,13 @@ def test_a_capture_that_fails_with_the_kernel_goes_on_without_it(tiny_moe, monke
     assert d._capture(1, 128) == "captured-1"
     assert not d._gemv_ok and d._fused_ok and d._experts_for(1) == "fused"
     assert set(d._graphs) == {(4, 128), (1, 128)} and d._pool == "pool"
+    # "fused" whose folded kernels fail: the step steps down to the GEMV alone, not to cuBLAS
+    d._gemv_ok, d._graphs = True, {}
+    d.set_impl(d.impl, projections="fused")
+    monkeypatch.setattr(d, "_capture_once", lambda b, lb: (_ for _ in ()).throw(RuntimeError("qk kernel"))
+                        if d._projections_for(b) == "fused" else f"captured-{d._projections_for(b)}")
+    assert d._capture(1, 128) == "captured-gemv"
+    assert d._gemv_ok and not d._fold_ok and d._projections_for(1) == "gemv"
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
@@ -186,12 +193,15 @@ def test_the_decode_bench_keeps_the_kernel_only_where_it_was_never_slower(monkey
     monkeypatch.setattr(gemv_kernels, "available", lambda device: True)  # as on a GPU
 
     class Decoder:
-        busy, projections, _gemv_ok, fails, device = set(), "gemv", True, (), torch.device("cpu")
+        busy, projections, _gemv_ok, _fold_ok, fails, device = set(), "gemv", True, True, (), torch.device("cpu")
 
         def set_impl(self, impl, experts=None, attention=None, projections=None):
             self.projections = projections or self.projections
             if self.projections in self.fails:
                 self._gemv_ok = False
+
+        def _projections_for(self, rows):
+            return self.projections if self._gemv_ok else "cublas"
 
         def release(self, slot):
             pass
@@ -211,7 +221,7 @@ def test_the_decode_bench_keeps_the_kernel_only_where_it_was_never_slower(monkey
     d.fails = ("fused",)  # its capture fell back to cuBLAS: not timed as itself, the next fastest kept
     res = bench.projections_choice(d, "layer", 1100)
     assert res["projections"] == "gemv" and "fused" not in res["projections_ms"] and d._gemv_ok
-    assert "fused: failed to compile or capture" in res["projections_failed"]
+    assert "fused: failed to compile or capture (the decoder used cublas)" in res["projections_failed"]
     d = Decoder()
     d._gemv_ok = False  # an earlier capture (another way's) turned it off: timed again, and it wins
     assert bench.projections_choice(d, "layer", 1100)["projections"] == "fused"

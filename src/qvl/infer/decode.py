@@ -166,11 +166,12 @@ ATTENTION = "split"
 # fused): "gemv" (qvl.infer.gemv_kernels' Triton kernel, where it runs), "fused" (that kernel with the RMS norms
 # folded into the projections that read them and the residual adds into those that feed them, q/k norms + RoPE + the
 # cache write in qvl.infer.qk_kernels' one kernel; the fused experts fold their norm too), or "cublas" (F.linear and
-# the compiled small kernels). Steps of more rows run cuBLAS either way. 30B-A3B's 1-row step: 4.07 against 4.27 ms, 239 tok/s decoded (H100, 2026-12-06, same call,
-# bench/results/decode_moe_gemv_h100.json; an earlier 8 x 256 tile had lost, 4.60 against 4.25:
-# bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json). Dense models keep cuBLAS: their projection shapes
-# won only alone (8B o_proj 14.1 against 16.3 us, bench/experiments/results/gemv_tiles_h100.json), not measured in a
-# step yet. bench/decode.py times both (``projections_ms``) and keeps the faster for its own rows.
+# the compiled small kernels). Steps of more rows run cuBLAS either way. 30B-A3B's 1-row step: 4.07 against 4.27 ms,
+# 239 tok/s decoded (H100, 2026-12-06, same call, bench/results/decode_moe_gemv_h100.json; an earlier 8 x 256 tile
+# had lost, 4.60 against 4.25: bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json). Dense models keep
+# cuBLAS: their projection shapes won only alone (8B o_proj 14.1 against 16.3 us,
+# bench/experiments/results/gemv_tiles_h100.json), not measured in a step yet. "fused" is not timed on a GPU yet.
+# bench/decode.py times the three ways (``projections_ms``) and keeps the fastest for its own rows.
 PROJECTIONS = "gemv"
 PROJECTIONS_WAYS = ("cublas", "gemv", "fused")
 
@@ -298,9 +299,10 @@ def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str =
 def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, rows, pos, mask, cos, sin, n_q: int,
                n_kv: int, eps: float, scale: float, top_k: int = 0, experts: str = "grouped",
                split_attention: bool = False, small: str = "cublas"):
-    """A whole decoder layer for one new token per row, the cache write included (one compiled graph). ``small``:
-    the 1-row step's way (:data:`PROJECTIONS`); "fused" also normalises, rotates and writes q/k/v in
-    :func:`qvl.infer.qk_kernels.qk_rope_write`."""
+    """A whole decoder layer for one new token per row, the cache write included (one compiled graph). Row i is
+    slot i (``rows`` is ``arange``, as :meth:`DecodeModel._step` passes it). ``small``: the 1-row step's way
+    (:data:`PROJECTIONS`); "fused" also normalises, rotates and writes q/k/v in
+    :func:`qvl.infer.qk_kernels.qk_rope_write`, which writes row i's key and value into slot i."""
     if small == "fused":
         from qvl.infer.qk_kernels import qk_rope_write
 
@@ -414,6 +416,7 @@ class DecodeModel:
 
         self.projections = PROJECTIONS if self.is_moe else "cublas"
         self._gemv_ok = gemv_kernels.available(self.device)
+        self._fold_ok = True  # "fused"'s kernels (folded norms and adds, qk_kernels): off after a failed capture
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
                      for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
         # how a prompt batch is prefilled: "packed" (qvl.infer.packed_prefill: one unpadded row, the decode step's
@@ -519,7 +522,8 @@ class DecodeModel:
         and the step is small enough for them, else "cublas"."""
         from qvl.infer.gemv_kernels import MAX_ROWS
 
-        return self.projections if self._gemv_ok and n_rows <= MAX_ROWS else "cublas"
+        way = self.projections if self._gemv_ok and n_rows <= MAX_ROWS else "cublas"
+        return "gemv" if way == "fused" and not self._fold_ok else way
 
     def _grouped_for(self, n_rows: int) -> bool:
         """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs."""
@@ -583,7 +587,9 @@ class DecodeModel:
         except torch.OutOfMemoryError:
             raise  # not the experts kernels' fault: the request fails, the experts keep their way
         except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the fused or grouped path
-            for flag, used, instead in (("_gemv_ok", self._projections_for(b) != "cublas", "project through cuBLAS"),
+            for flag, used, instead in (("_fold_ok", self._projections_for(b) == "fused", "project through the GEMV "
+                                                                                          "alone"),
+                                        ("_gemv_ok", self._projections_for(b) != "cublas", "project through cuBLAS"),
                                         ("_split_ok", self._split_attention(), "attend plainly")):
                 if not used:
                     continue
@@ -596,7 +602,8 @@ class DecodeModel:
                     setattr(self, flag, True)
                 else:
                     log.warning("a decode step with %s failed to compile or capture (%s: %s); steps captured from "
-                                "now on %s", {"_gemv_ok": "the projections' GEMV kernel",
+                                "now on %s", {"_fold_ok": "the norms, adds and q/k RoPE folded into kernels",
+                                              "_gemv_ok": "the projections' GEMV kernel",
                                               "_split_ok": "split-key attention"}[flag],
                                 type(e).__name__, str(e)[:200], instead)
                     return graph

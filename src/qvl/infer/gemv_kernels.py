@@ -71,7 +71,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, small: bool = False, norm: torch.Te
     """``residual + F.linear(rms_norm(x, norm, eps), w)`` (without ``norm``: x as it is; without ``residual``: the
     product alone); through :func:`gemv` in one kernel when ``small`` (the decoder's choice for this step) and it
     runs, else as the plain decode path computes it."""
-    if small and runs(x, w):
+    if small and runs(x, w) and all(t is None or t.dtype == x.dtype for t in (norm, residual)):
         return gemv(x, w, norm, eps, residual)
     if norm is not None:
         from qvl.infer.decode import rms_norm

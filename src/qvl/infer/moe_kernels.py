@@ -5,7 +5,7 @@ The 30B-A3B batch-1 decode step took 7.02 ms against its 2.0 ms bandwidth bound 
 bench/experiments/results/moe_decode_step_h100.txt): 1,587 kernels, 33 a layer. The routing alone was 144 kernels
 (softmax, top-k, the grouped path's sort and search: 0.74 ms), the experts' grouped GEMM read its 3.6 GB at ~51 % of
 the card's bandwidth (2.36 ms) and the sort's index, scatter and copies took 0.58 ms more. Here, a layer's MoE half is
-the router's GEMM (cuBLAS) and:
+the router's GEMM (cuBLAS, or qvl.infer.gemv_kernels' GEMV at 1 row) and:
 
 * :func:`route` — softmax (float32) over the experts, top-k, the k weights renormalised and cast back, as the
   Hugging Face router computes them (qvl.infer.decode.router_top_k): one program a row;
@@ -37,9 +37,9 @@ from qvl.infer.triton_support import available, on_device
 # down kernel before it, a program per row summing its k pairs, took 19.6); both 33.9 us against 91.1 for the
 # grouped GEMM. At 4 rows gate_up kept its tile, down was fastest at 8 x 256 with 4 warps (33.4 us against 44.1)
 GATE_UP_TILE = (8, 256, 8)
+DOWN_TILE = (16, 128, 8)
 # the route kernel's warps: its 128 router probabilities fit one warp, whose top-k rounds then reduce by shuffles alone
 ROUTE_WARPS = 1
-DOWN_TILE = (16, 128, 8)
 
 
 @functools.cache

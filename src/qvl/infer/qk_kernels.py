@@ -32,11 +32,12 @@ def _kernel():
     return triton.jit(k.qk_rope_write_kernel)
 
 
-def runs(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
+def runs(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the kernel takes this step: Triton on the device, a power-of-two head width (tl.arange), heads
-    contiguous in the cache."""
+    contiguous in the caches and the norms, one dtype."""
     d = k_cache.shape[-1]
-    return available(qkv.device) and d & (d - 1) == 0 and k_cache.stride(-1) == 1 and qkv.stride(-1) == 1
+    return (available(qkv.device) and d & (d - 1) == 0 and qkv.stride(-1) == 1
+            and all(t.stride(-1) == 1 and t.dtype == qkv.dtype for t in (qn, kn, k_cache, v_cache)))
 
 
 @torch.library.custom_op("qvl::qk_rope_write", mutates_args=("k_cache", "v_cache"))
@@ -65,7 +66,7 @@ def qk_rope_write(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, cos: to
     """qkv (B, (Hq + 2 Hkv) * D) the rows' fused projection; qn / kn (D,) the q / k norms' weights; cos / sin (B, D);
     caches (slots, Hkv, L, D), row i being slot i; pos (B,) where each row's new key and value go -> q (B, Hq, D)
     normalised and rotated, the k heads (normalised, rotated) and v heads written into the caches."""
-    if runs(qkv, k_cache):
+    if runs(qkv, qn, kn, k_cache, v_cache):
         return _qk_rope_write(qkv, qn, kn, cos, sin, k_cache, v_cache, pos, n_q, eps)
     from qvl.infer.decode import rms_norm, rotate
 
