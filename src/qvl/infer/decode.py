@@ -162,17 +162,16 @@ EXPERTS = ("grouped", "gathered", "fused")
 # bench/results/decode_moe_fused_down_h100.json). A step that fails to capture with it captures plainly
 # (DecodeModel._capture); bench/decode.py times both (``attention_ms``, ``attention_split_programs_per_sm``).
 ATTENTION = "split"
-# How a 1-row step of a mixture-of-experts model runs its projections (q/k/v, o, the router where the experts run
-# fused): "gemv" (qvl.infer.gemv_kernels' Triton kernel, where it runs), "fused" (that kernel with the RMS norms
-# folded into the projections that read them and the residual adds into those that feed them, q/k norms + RoPE + the
-# cache write in qvl.infer.qk_kernels' one kernel; the fused experts fold their norm too), or "cublas" (F.linear and
-# the compiled small kernels). Steps of more rows run cuBLAS either way. 30B-A3B's 1-row step: 4.07 against 4.27 ms,
-# 239 tok/s decoded (H100, 2026-12-06, same call, bench/results/decode_moe_gemv_h100.json; an earlier 8 x 256 tile
-# had lost, 4.60 against 4.25: bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json). Dense models keep
-# cuBLAS: their projection shapes won only alone (8B o_proj 14.1 against 16.3 us,
-# bench/experiments/results/gemv_tiles_h100.json), not measured in a step yet. "fused" is not timed on a GPU yet.
-# bench/decode.py times the three ways (``projections_ms``) and keeps the fastest for its own rows.
-PROJECTIONS = "gemv"
+# How a 1-row step runs its projections (q/k/v, o, a dense MLP's, a MoE router where the experts run fused):
+# "fused" (qvl.infer.gemv_kernels' Triton GEMV with the RMS norms folded into the projections that read them and the
+# residual adds into those that feed them, q/k norms + RoPE + the cache write in qvl.infer.qk_kernels' one kernel;
+# the fused experts fold their norm too), "gemv" (the GEMV alone, for q/k/v, o and the router), or "cublas" (F.linear
+# and the compiled small kernels). Steps of more rows run cuBLAS either way. 1-row steps at 1,100 keys, same call:
+# 30B-A3B 3.74 (fused) against 3.97 (gemv) and 4.17 ms (cublas), 260 tok/s decoded; 8B 6.09 against 6.41 and
+# 6.57 ms, 162 tok/s, 80 % of its bound (H100, 2026-12-06, bench/results/decode_moe_fused_small_h100.json,
+# decode_8b_fused_small_h100.json). bench/decode.py times the three ways (``projections_ms``) and keeps the fastest
+# for its own rows.
+PROJECTIONS = "fused"
 PROJECTIONS_WAYS = ("cublas", "gemv", "fused")
 
 
@@ -414,7 +413,7 @@ class DecodeModel:
         # the projections of a 1-row step (PROJECTIONS): qvl.infer.gemv_kernels' kernel, where it runs
         from qvl.infer import gemv_kernels
 
-        self.projections = PROJECTIONS if self.is_moe else "cublas"
+        self.projections = PROJECTIONS
         self._gemv_ok = gemv_kernels.available(self.device)
         self._fold_ok = True  # "fused"'s kernels (folded norms and adds, qk_kernels): off after a failed capture
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
