@@ -173,10 +173,10 @@ def qvl_concurrent(engine, encs, new: int, stagger: float) -> dict:
             "step_ms_max": 1e3 * max(steps) if steps else None}
 
 
-def graph_step_ms(decoder, rows: int, length: int, reps: int = 50, distinct: int | None = None) -> float:
-    """Time of the captured decode step alone (no sampling, no host work): ``rows`` slots at ``length``, each fed
-    its own random token (identical rows would route every token of a MoE step to the same experts, as at batch 1);
-    ``distinct``: the rows' tokens drawn in turn from that many (rows with the same token route alike)."""
+def fill_slots(decoder, rows: int, length: int, distinct: int | None = None) -> None:
+    """``rows`` slots taken at ``length``, each fed its own random token (identical rows would route every token of a
+    MoE step to the same experts, as at batch 1); ``distinct``: the rows' tokens drawn in turn from that many (rows
+    with the same token route alike)."""
     for s in range(rows):
         decoder.busy.add(s)
         decoder.host_length[s] = length
@@ -185,6 +185,20 @@ def graph_step_ms(decoder, rows: int, length: int, reps: int = 50, distinct: int
     pool = torch.randint(0, vocab, (distinct or rows,), generator=torch.Generator().manual_seed(rows))
     tokens = pool[torch.arange(rows) % len(pool)]
     decoder.set_tokens(torch.arange(rows, device=decoder.device), tokens.to(decoder.device))
+
+
+def step_logits(decoder, rows: int, length: int) -> torch.Tensor:
+    """The logits of one captured step of :func:`fill_slots`'s rows: what two ways of running a step must agree on."""
+    fill_slots(decoder, rows, length)
+    logits = decoder.decode(rows)[:rows].clone()
+    for s in range(rows):
+        decoder.release(s)
+    return logits
+
+
+def graph_step_ms(decoder, rows: int, length: int, reps: int = 50, distinct: int | None = None) -> float:
+    """Time of the captured decode step alone (no sampling, no host work) of :func:`fill_slots`'s rows."""
+    fill_slots(decoder, rows, length, distinct)
     decoder.decode(rows)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -300,6 +314,47 @@ def projections_choice(decoder, impl: str, long_keys: int) -> dict:
     return {**res, "projections_ms": timed, "projections": decoder.projections}
 
 
+def overlap_choice(decoder, impl: str, long_keys: int) -> dict:
+    """The captured step (``impl``, as chosen so far) at 1 row x ``long_keys`` and 32 rows x 300 with its Triton
+    kernels launched one after another ("serial") and overlapped (programmatic dependent launch,
+    qvl.infer.triton_support.LAUNCH_OVERLAP). Overlapping changes no arithmetic: the two ways' logits must be equal
+    (a difference would be a kernel reading before its predecessor ended). The decoder keeps overlapping where the
+    logits were equal and it was never slower. -> the results' keys."""
+    from qvl.infer import triton_support
+
+    if not triton_support.overlap(decoder.device)["PDL"]:
+        triton_support.LAUNCH_OVERLAP = True  # an earlier capture may have turned it off: does the card take it?
+        if not triton_support.overlap(decoder.device)["PDL"]:
+            return {"launch_overlap": "serial", "launch_overlap_failed": "no programmatic dependent launch here (a "
+                                                                        "card before Hopper, or Triton before 3.4)"}
+    shapes = [("rows1_len1100", 1, long_keys), ("rows32_len300", 32, 300)]
+
+    def switch(way):
+        decoder._overlap_ok = way == "overlapped"
+        decoder.set_impl(impl)  # its graphs go: the next captures launch the new way
+
+    timed, failed = timed_ways(decoder, ("serial", "overlapped"), switch, shapes)
+    res = {"launch_overlap_failed": failed} if failed else {}
+    if "overlapped" in timed and not decoder._overlap_ok:  # a capture fell back: those were serial timings
+        timed.pop("overlapped")
+        res["launch_overlap_failed"] = "overlapped launches failed to capture (the decoder launched serially)"
+    same = None
+    if len(timed) == 2:
+        logits = {}
+        for way in timed:
+            switch(way)
+            logits[way] = [step_logits(decoder, rows, keys) for _, rows, keys in shapes]
+        same = all(torch.equal(a, b) for a, b in zip(logits["serial"], logits["overlapped"]))
+        res["launch_overlap_max_abs_diff"] = max((a.float() - b.float()).abs().max().item()
+                                                 for a, b in zip(logits["serial"], logits["overlapped"]))
+    won = same and all(timed["overlapped"][k] <= timed["serial"][k] for k in timed["serial"])
+    switch("overlapped" if won else "serial")
+    print("launches", timed, {True: "same logits", False: "LOGITS DIFFER", None: ""}[same], "->",
+          "overlapped" if won else "serial", flush=True)
+    return {**res, "launch_overlap_ms": timed, "launch_overlap_same_logits": same,
+            "launch_overlap": "overlapped" if won else "serial"}
+
+
 def split_programs_sweep(decoder, impl: str, long_keys: int, per_sm=(1, 2, 4, 8)) -> dict:
     """The captured step with split-key attention whose chunks (qvl.infer.attend_kernels.chunk_for) make each of
     ``per_sm`` programs a multiprocessor, ms, at 1 row x ``long_keys`` and 32 rows x 300, with the chunk each got:
@@ -407,6 +462,7 @@ def main() -> int:
     # only its own choice: one way per batch bucket, 1 row apart from the rest (dynamic shapes specialise 1).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     skip = set(filter(None, args.skip.split(",")))
+    from qvl.infer import triton_support
     from qvl.models.build import random_model
 
     import datetime
@@ -573,16 +629,22 @@ def main() -> int:
     out.update(attention)
     projections = projections_choice(d, best.split("/")[0], len(big))  # cuBLAS, the GEMV, the GEMV with folds
     out.update(projections)
+    launches = overlap_choice(d, best.split("/")[0], len(big))  # the Triton kernels' launches overlapped or not
+    out.update(launches)
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["attention"] = "split" if d._split_attention() else "plain"  # a capture in the warm-up may have fallen back
     out["projections"] = d._projections_for(1)  # the same
+    out["launch_overlap"] = "overlapped" if triton_support.overlap(d.device)["PDL"] else "serial"  # the same
     out["step_impl"] = best
     chosen = f"{best.split('/')[0]}/{d._experts_for(1)}"
     one_row_key = chosen if d.is_moe and chosen in steps else best  # what a batch-1 step runs after the choice above
-    # the projections were timed with the attention chosen before the warm-up: only where that still holds
-    timed_with = projections.get("projections_ms", {}).get(out["projections"]) \
-        if out["attention"] == attention.get("attention") else None
+    # the launches were timed with the attention and projections chosen before the warm-up, the projections with
+    # that attention: each timing only where what it ran still holds
+    kept = out["attention"] == attention.get("attention")
+    timed_with = launches.get("launch_overlap_ms", {}).get(out["launch_overlap"]) \
+        if kept and out["projections"] == projections.get("projections") else None
+    timed_with = timed_with or (projections.get("projections_ms", {}).get(out["projections"]) if kept else None)
     one_row = timed_with or attention.get("attention_ms", {}).get(out["attention"]) or steps[one_row_key]
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)

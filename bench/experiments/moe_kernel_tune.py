@@ -116,26 +116,38 @@ def main(argv=None) -> int:
             tiles[name] = tile
             for kernel, call in (("gate_up", lambda i: moe_kernels.launch_gate_up(h[i], routed[i][1], layers[i][0],
                                                                                   tile)),
-                                 ("down", lambda i: moe_kernels.launch_down(acts[i], *routed[i], layers[i][1], tile))):
+                                 ("down", lambda i: moe_kernels.launch_down(acts[i], *routed[i], layers[i][1], tile)),
+                                 ("down_sum", lambda i: moe_kernels.launch_down_sum(acts[i], *routed[i], layers[i][1],
+                                                                                    h[i], tile))):
+                if kernel == "down_sum" and tile[0] * tile[1] * k > 32768:  # a block of all k experts: registers
+                    continue
                 try:
                     row["us"][f"{kernel}/{name}"] = graph_us(call, len(layers))
                 except Exception as err:  # noqa: BLE001 -- a tile the card cannot run: recorded, the sweep goes on
                     row["us"][f"{kernel}/{name}"] = f"{type(err).__name__}: {str(err)[:120]}"
         best = {}
-        for kernel in ("gate_up", "down"):
+        for kernel in ("gate_up", "down", "down_sum"):
             timed = {n: us for n, us in row["us"].items() if n.startswith(kernel + "/") and isinstance(us, float)}
             best[kernel] = min(timed, key=timed.get).split("/", 1)[1] if timed else None
-        if all(best.values()):  # both kernels on their best tiles, as the decoder would run them
-            default = moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE
-            moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE = tiles[best["gate_up"]], tiles[best["down"]]
+        if all(best.values()):  # the kernels on their best tiles, as the decoder would run them
+            default = moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE, moe_kernels.DOWN_SUM_TILE
+            moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE, moe_kernels.DOWN_SUM_TILE = (
+                tiles[best["gate_up"]], tiles[best["down"]], tiles[best["down_sum"]])
             row["us"]["fused/best"] = graph_us(experts_call(torch.compile(moe_kernels.experts, dynamic=False)),
                                                len(layers))
-            moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE = default
+            # the layer's residual added too: the compiled k-sum + add after the down kernel, or the down_sum kernel
+            for name, in_down in (("added/after", False), ("added/in_down", True)):
+                moe_kernels.SUM_IN_DOWN = in_down
+                added = torch.compile(lambda x, *a: moe_kernels.experts(x, *a, residual=x), dynamic=False)
+                row["us"][name] = graph_us(experts_call(added), len(layers))
+            moe_kernels.SUM_IN_DOWN = True
+            moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE, moe_kernels.DOWN_SUM_TILE = default
         timed = {name: us for name, us in row["us"].items() if isinstance(us, float)}
         row["gb_s"] = {name: floor_bytes / (us * 1e-6) / 1e9 for name, us in timed.items()
                        if name in ("grouped", "gathered", "fused/default", "fused/best")}
         row["best_tiles"] = best
         fused = {name: us for name, us in timed.items() if name.startswith("fused")}
+        added = {name: round(us, 1) for name, us in timed.items() if name.startswith("added")}
         row["best_fused"] = min(fused, key=fused.get) if fused else None
         # the router's GEMM in both
         row["route_us"] = {"router_top_k": graph_us(lambda i: router_top_k(h[i], layers[i][2], k), len(layers)),
@@ -148,10 +160,11 @@ def main(argv=None) -> int:
         print(f"{rows} rows ({distinct:.1f} experts, {floor_bytes / 1e6:.0f} MB): grouped {row['us']['grouped']:.1f} us, "
               f"gathered {row['us']['gathered']:.1f}, fused default {fused.get('fused/default', 0):.1f}, best tiles "
               f"{fused.get('fused/best', 0):.1f} us ({per_kernel}); route "
-              f"{row['route_us']['router_top_k']:.1f} -> {row['route_us']['route_kernel']:.1f} us", flush=True)
+              f"{row['route_us']['router_top_k']:.1f} -> {row['route_us']['route_kernel']:.1f} us; with the residual "
+              f"{added} us", flush=True)
     if best_overall.get(1) and all(best_overall[1].values()):
-        print("for qvl/infer/moe_kernels.py (best at 1 row): GATE_UP_TILE = {}; DOWN_TILE = {}".format(
-            best_overall[1]["gate_up"], best_overall[1]["down"]), flush=True)
+        print("for qvl/infer/moe_kernels.py (best at 1 row): GATE_UP_TILE = {}; DOWN_TILE = {}; DOWN_SUM_TILE = {}"
+              .format(best_overall[1]["gate_up"], best_overall[1]["down"], best_overall[1]["down_sum"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -25,8 +25,10 @@ def test_moe_kernel_tune_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"1", "2"}
     for row in rows.values():
-        assert {"grouped", "gathered", "fused/default", "fused/best", "gate_up/16x32/w4",
-                "gate_up/32x32/w4", "down/16x32/w4", "down/32x32/w4"} <= set(row["us"])
-        assert set(row["best_tiles"]) == {"gate_up", "down"} and row["best_tiles"]["down"] in ("16x32/w4", "32x32/w4")
+        assert {"grouped", "gathered", "fused/default", "fused/best", "gate_up/16x32/w4", "gate_up/32x32/w4",
+                "down/16x32/w4", "down/32x32/w4", "down_sum/16x32/w4", "down_sum/32x32/w4", "added/after",
+                "added/in_down"} <= set(row["us"])
+        assert set(row["best_tiles"]) == {"gate_up", "down", "down_sum"}
+        assert row["best_tiles"]["down"] in ("16x32/w4", "32x32/w4")
         assert row["best_fused"] in row["us"] and set(row["route_us"]) == {"router_top_k", "route_kernel"}
-    assert "GATE_UP_TILE = (" in r.stdout and "DOWN_TILE = (" in r.stdout
+    assert "GATE_UP_TILE = (" in r.stdout and "DOWN_TILE = (" in r.stdout and "DOWN_SUM_TILE = (" in r.stdout

@@ -230,6 +230,126 @@ def test_the_decode_bench_keeps_the_kernel_only_where_it_was_never_slower(monkey
     assert res["projections"] == "cublas" and "does not run here" in res["projections_failed"]
 
 
+@pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
+def test_launches_overlap_only_where_the_card_and_triton_take_it(monkeypatch):
+    """Programmatic dependent launch: on a CUDA card that has it (compute capability 9+, a Triton with the
+    instructions), while the switch is on; never on a CPU or under Triton's interpreter."""
+    from qvl.infer import _launch_triton, triton_support
+
+    monkeypatch.setattr(triton_support, "LAUNCH_OVERLAP", True)
+    assert triton_support.overlap(torch.device("cpu")) == {"PDL": False}
+    card_takes_it = triton_support._overlaps.__wrapped__
+    monkeypatch.setattr(triton_support, "_overlaps", lambda index: True)  # as on an H100
+    cuda = torch.device("cuda", 0)
+    assert triton_support.overlap(cuda) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(triton_support, "LAUNCH_OVERLAP", False)
+    assert triton_support.overlap(cuda) == {"PDL": False}
+    monkeypatch.setattr(triton_support, "LAUNCH_OVERLAP", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_support.overlap(cuda) == {"PDL": False}
+    monkeypatch.setattr(_launch_triton, "gdc_wait", None)  # a Triton before 3.4
+    assert not card_takes_it(0)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
+def test_a_capture_that_fails_with_overlapped_launches_goes_on_without_them(tiny_moe, monkeypatch):
+    """Overlapped launches are the first thing a failed capture drops (the folds and the GEMV stay), for the process
+    (the kernels read one switch)."""
+    from qvl.infer import triton_support
+
+    model, _, _ = tiny_moe
+    monkeypatch.setattr(triton_support, "LAUNCH_OVERLAP", True)
+    monkeypatch.setattr(triton_support, "overlap", lambda device: {"PDL": triton_support.LAUNCH_OVERLAP})
+    d = DecodeModel(model, slots=8, max_len=256)
+    d._gemv_ok = True
+    d.set_impl(d.impl, projections="fused")
+
+    def capture_once(b, lb):
+        if triton_support.LAUNCH_OVERLAP:
+            raise RuntimeError("CUDA error: operation not supported when stream is capturing")
+        return f"captured-{d._projections_for(b)}"
+
+    monkeypatch.setattr(d, "_capture_once", capture_once)
+    assert d._overlap_ok and d._capture(1, 128) == "captured-fused"
+    assert not d._overlap_ok and not triton_support.LAUNCH_OVERLAP and d._fold_ok and d._gemv_ok
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
+def test_the_decode_bench_overlaps_launches_only_with_equal_logits_and_no_loss(monkeypatch):
+    """bench/decode.py's choice: overlapped launches stay where the step's logits equal the serial step's and it was
+    never slower; different logits (a kernel read too early) or a capture that fell back keep them serial."""
+    from test_fast_decode_moe import _bench_decode
+
+    from qvl.infer import triton_support
+
+    bench = _bench_decode()
+    monkeypatch.setattr(triton_support, "LAUNCH_OVERLAP", True)
+    monkeypatch.setattr(triton_support, "overlap", lambda device: {"PDL": triton_support.LAUNCH_OVERLAP})
+
+    class Decoder:
+        busy, device, fails, differ = set(), torch.device("cpu"), False, False
+        _overlap_ok = property(lambda self: triton_support.LAUNCH_OVERLAP,
+                               lambda self, on: setattr(triton_support, "LAUNCH_OVERLAP", on))
+
+        def set_impl(self, impl, experts=None, attention=None, projections=None):
+            if self.fails and self._overlap_ok:
+                self._overlap_ok = False
+
+        def release(self, slot):
+            pass
+
+    def logits(d, rows, keys):
+        return torch.full((rows, 4), 1.0 + (d.differ and d._overlap_ok))
+
+    monkeypatch.setattr(bench, "step_logits", logits)
+    for overlapped, want in ((3.5, "overlapped"), (3.8, "serial")):
+        monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: overlapped if d._overlap_ok else 3.7)
+        res = bench.overlap_choice(Decoder(), "layer", 1100)
+        assert res["launch_overlap"] == want and triton_support.LAUNCH_OVERLAP == (want == "overlapped")
+        assert res["launch_overlap_same_logits"] and res["launch_overlap_ms"]["serial"]["rows1_len1100"] == 3.7
+    monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: 3.5 if d._overlap_ok else 3.7)
+    d = Decoder()
+    d.differ = True
+    res = bench.overlap_choice(d, "layer", 1100)
+    assert res["launch_overlap"] == "serial" and not triton_support.LAUNCH_OVERLAP
+    assert res["launch_overlap_same_logits"] is False and res["launch_overlap_max_abs_diff"] == 1.0
+    d = Decoder()
+    d.fails = True
+    res = bench.overlap_choice(d, "layer", 1100)
+    assert res["launch_overlap"] == "serial" and "failed to capture" in res["launch_overlap_failed"]
+    assert "overlapped" not in res["launch_overlap_ms"]
+    monkeypatch.setattr(triton_support, "overlap", lambda device: {"PDL": False})  # a card before Hopper
+    assert "no programmatic dependent launch" in bench.overlap_choice(Decoder(), "layer", 1100)[
+        "launch_overlap_failed"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU")
+def test_overlapped_launches_in_a_graph_match_serial_ones():
+    """A chain of GEMVs, each reading the one before (norm and residual folded in), captured with overlapped
+    launches: the same values as captured serially (on a card without programmatic dependent launch both are
+    serial)."""
+    from qvl.infer import triton_support
+
+    g = torch.Generator().manual_seed(0)
+    ws = [(torch.randn(2048, 2048, generator=g) / 45).to(torch.bfloat16).cuda() for _ in range(8)]
+    ln = torch.ones(2048, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1, 2048, generator=g).to(torch.bfloat16).cuda()
+    outs = {}
+    for on in (False, True):
+        triton_support.LAUNCH_OVERLAP = on
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = x
+                for w in ws:
+                    y = gemv_kernels.gemv(y, w, ln, 1e-6, y)
+            graph.replay()
+            outs[on] = y.clone()
+        finally:
+            triton_support.LAUNCH_OVERLAP = True
+    assert torch.equal(outs[True], outs[False])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n, k", [(5120, 2048), (2048, 4096), (128, 2048), (6144, 4096)])
 def test_gemv_on_cuda(n, k):

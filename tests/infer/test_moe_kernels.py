@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernels_under_the_interpreter():
-    run_under_the_interpreter(__file__, least_passed=18)
+    run_under_the_interpreter(__file__, least_passed=26)
 
 
 def weights(experts=8, hidden=64, inter=48, dtype=torch.bfloat16, seed=0):
@@ -78,6 +78,26 @@ def test_experts_with_the_norm_folded_in_match_the_norm_before(interpreted, dtyp
     torch.testing.assert_close(got.float(), plain.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("rows, top_k, hidden, inter, norm", [(1, 2, 64, 48, False), (2, 3, 300, 40, True),
+                                                              (4, 8, 64, 272, False), (1, 8, 64, 48, True)])
+def test_the_residual_added_in_the_down_kernel_matches_the_add_after(interpreted, monkeypatch, dtype, tol, rows,
+                                                                     top_k, hidden, inter, norm):
+    """``residual``: the down_sum kernel sums each row's k products and adds the residual itself (SUM_IN_DOWN), as
+    the down kernel's products summed and added after; a k that is not a power of two, widths off the tiles."""
+    router, gate_up, down = weights(hidden=hidden, inter=inter, dtype=dtype)
+    g = torch.Generator().manual_seed(11)
+    h, x = (torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(2))
+    ln = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype) if norm else None
+    w, ids = router_top_k(h, router, top_k)
+    got = moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6, residual=x)
+    monkeypatch.setattr(moe_kernels, "SUM_IN_DOWN", False)
+    want = x + moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6, residual=x), want)
+
+
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
 def test_without_the_interpreter_the_cpu_runs_the_plain_path():
     assert not moe_kernels.available(torch.device("cpu"))
@@ -92,6 +112,9 @@ def test_without_the_interpreter_the_cpu_runs_the_plain_path():
     ln = torch.full((64,), 1.5, dtype=torch.bfloat16)
     assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6),
                        moe_kernels.experts(rms_norm(h, ln, 1e-6), w, ids, gate_up, down))
+    assert moe_kernels.SUM_IN_DOWN  # the op's plain path: the same as the add after
+    assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, residual=h),
+                       h + moe_kernels.experts(h, w, ids, gate_up, down))
 
 
 def test_compiled_around_them(interpreted):
@@ -101,7 +124,7 @@ def test_compiled_around_them(interpreted):
 
     def mlp(h):
         w, ids = moe_kernels.route(F.linear(h, router), 2)
-        return h + moe_kernels.experts(h, w, ids, gate_up, down)
+        return moe_kernels.experts(h, w, ids, gate_up, down, residual=h)
 
     torch.testing.assert_close(torch.compile(mlp, dynamic=True)(h), mlp(h))
 
@@ -142,8 +165,12 @@ def test_kernels_on_cuda(rows):
     folded = moe_kernels.experts(h, want_w, want_ids, gate_up, down, norm=ln, eps=1e-6)
     normed_first = moe_kernels.experts(rms_norm(h, ln, 1e-6), want_w, want_ids, gate_up, down)
     torch.testing.assert_close(folded.float(), normed_first.float(), rtol=2e-2, atol=2e-2)
+    added = moe_kernels.experts(h, want_w, want_ids, gate_up, down, residual=h)
+    torch.testing.assert_close(added.float(), (h + got).float(), rtol=2e-2, atol=2e-2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = moe_kernels.experts(h, want_w, want_ids, gate_up, down)
+        captured_added = moe_kernels.experts(h, want_w, want_ids, gate_up, down, residual=h)
     graph.replay()
     torch.testing.assert_close(captured, got)
+    torch.testing.assert_close(captured_added, added)

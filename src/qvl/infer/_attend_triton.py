@@ -4,13 +4,18 @@ patch."""
 
 import triton.language as tl
 
+from qvl.infer._launch_triton import let_next_start, wait_for_previous
+
 
 def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, n_keys, n_splits, scale,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                         stride_mb, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                        CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
+                        CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
     # one program per (row, kv head, chunk of keys): the kv head's GROUP query heads over the chunk, an online
-    # softmax; it leaves each query head's running max, sum of exponentials and unnormalised output for the merge
+    # softmax; it leaves each query head's running max, sum of exponentials and unnormalised output for the merge.
+    # PDL (both kernels here): the next kernel may start at once; this one reads after the one before ended
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -56,9 +61,12 @@ def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, n_
     tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=head_ok[:, None])
 
 
-def attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                        PDL: tl.constexpr):
     # one program per (row, query head): its chunks' partial results merged in float32, against the largest running
     # max of them, and the output written in the model's dtype
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     at = tl.program_id(0)  # row * Hq + query head
     ds = tl.arange(0, D)
     offs = tl.arange(0, BLOCK_S)

@@ -4,11 +4,15 @@ patch."""
 
 import triton.language as tl
 
+from qvl.infer._launch_triton import let_next_start, wait_for_previous
 from qvl.infer._norm_triton import normed, rms_scale
 
 
 def route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_row, E: tl.constexpr, TOP_K: tl.constexpr,
-                 TOP_K_PAD: tl.constexpr):
+                 TOP_K_PAD: tl.constexpr, PDL: tl.constexpr):
+    # PDL (each kernel here): the next kernel may start at once; this one reads nothing before the one before ended
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, E)
     x = tl.load(logits_ptr + row * stride_row + offs).to(tl.float32)
@@ -31,9 +35,12 @@ def route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_row, E: tl.constexpr, 
     tl.store(ids_ptr + row * TOP_K + slots, ids_k, mask=ok)
 
 def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, norm_ptr, H, INTER, stride_x, stride_we, stride_wn, eps,
-                   TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr):
     # NORM: the row is first RMS-normalised and scaled by norm_ptr's weight, rounded where Qwen3VLTextRMSNorm rounds
     # (as qvl.infer._gemv_triton's kernel: each program sums its row's squares itself)
+    let_next_start(PDL)
+    wait_for_previous(PDL)  # the expert ids: which weights to read comes from the kernel before
     pair = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
@@ -62,9 +69,11 @@ def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, norm_ptr, H, INTER, stride_x,
     tl.store(act_ptr + pair * INTER + cols, act.to(dtype), mask=col_ok)
 
 def down_kernel(act_ptr, weights_ptr, w_ptr, ids_ptr, out_ptr, H, INTER, stride_we, stride_wh,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # one program per (row, expert) pair and block of hidden columns, as gate_up_kernel: the pair's weighted product,
     # rounded as the plain path rounds it; the k-sum over a row's pairs is left to the caller (moe_kernels.experts)
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     pair = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
@@ -80,3 +89,35 @@ def down_kernel(act_ptr, weights_ptr, w_ptr, ids_ptr, out_ptr, H, INTER, stride_
         w = tl.load(rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w * a, 1)
     tl.store(out_ptr + pair * H + cols, (acc.to(dtype).to(tl.float32) * weight).to(dtype), mask=col_ok)
+
+def down_sum_kernel(act_ptr, weights_ptr, w_ptr, ids_ptr, res_ptr, out_ptr, H, INTER, stride_we, stride_wh,
+                    stride_res, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    # one program per (row, block of hidden columns): the row's k pairs' weighted products, each rounded as
+    # down_kernel rounds it, summed in float32 and rounded as moe_kernels.experts sums them, then added to the
+    # residual (the layer's output, as the decoder's residual add rounds it): no (B, k, H) products, no kernel after
+    let_next_start(PDL)
+    wait_for_previous(PDL)
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    dtype = out_ptr.dtype.element_ty
+    slots = tl.arange(0, TOP_K_PAD)
+    slot_ok = slots < TOP_K
+    pairs = row * TOP_K + slots
+    experts = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
+    weights = tl.load(weights_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32)
+    rows = w_ptr + experts[:, None, None] * stride_we + cols[None, :, None] * stride_wh  # (k, BLOCK_N, 1)
+    rows_ok = slot_ok[:, None, None] & col_ok[None, :, None]
+    acc = tl.zeros([TOP_K_PAD, BLOCK_N], dtype=tl.float32)
+    for start in range(0, INTER, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < INTER
+        a = tl.load(act_ptr + pairs[:, None] * INTER + ks[None, :], mask=slot_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(rows + ks[None, None, :], mask=rows_ok & k_ok[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * a[:, None, :], 2)
+    products = (acc.to(dtype).to(tl.float32) * weights[:, None]).to(dtype).to(tl.float32)
+    y = tl.sum(tl.where(slot_ok[:, None], products, 0.0), 0).to(dtype).to(tl.float32)
+    res = tl.load(res_ptr + row * stride_res + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * H + cols, (res + y).to(dtype), mask=col_ok)

@@ -4,15 +4,19 @@ patch."""
 
 import triton.language as tl
 
+from qvl.infer._launch_triton import let_next_start, wait_for_previous
 from qvl.infer._norm_triton import normed
 
 
 def qk_rope_write_kernel(qkv_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, eps,
                          stride_qkv, stride_cos, stride_sin, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
-                         stride_vl, N_Q: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr):
+                         stride_vl, N_Q: tl.constexpr, N_KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     # one program per (row, head) of the q and k heads: the head RMS-normalised and scaled by its norm's weight, then
     # rotated (RoPE), each value rounded where the plain path's operations round it; a q head goes to q_ptr, a k head
-    # to its cache at the row's position, with the matching v head beside it
+    # to its cache at the row's position, with the matching v head beside it. PDL: the next kernel may start at
+    # once; this one reads after the one before ended
+    let_next_start(PDL)
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from qvl.infer.triton_support import available, interpreting, on_device
+from qvl.infer.triton_support import available, interpreting, on_device, overlap
 
 # Keys a program reads: at most MAX_CHUNK, halved (down to MIN_CHUNK) until the step makes PROGRAMS_PER_SM
 # programs for each of the card's multiprocessors. With a fixed 128, 30B-A3B's batch-1 step at 1,094 keys made 36
@@ -34,7 +34,8 @@ MIN_CHUNK = 16
 PROGRAMS_PER_SM = 1
 MAX_SPLITS = 512  # chunks grow past MAX_CHUNK beyond this many (a long context): the merge reads every chunk's output
 BLOCK_L = 64  # keys per block inside a chunk (a smaller chunk: the chunk)
-BLOCK_S = 16  # chunks per block of the merge
+# chunks per block of the merge: all of them in one pass up to 64 (each pass waits on its loads), at least 16
+BLOCK_S = (16, 64)
 NUM_WARPS = 4
 H100_SMS = 132  # where there is no CUDA device (Triton's interpreter): the chunks an H100 would get
 
@@ -101,8 +102,10 @@ def attend_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
             q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, CHUNK=chunk,
-            BLOCK_L=min(BLOCK_L, chunk), DOT_FP32=interpreting(), num_warps=NUM_WARPS)
-        merge_kernel[(b * n_q,)](m, l_sum, acc, out, s, D=d, BLOCK_S=BLOCK_S, num_warps=NUM_WARPS)
+            BLOCK_L=min(BLOCK_L, chunk), DOT_FP32=interpreting(), num_warps=NUM_WARPS, **overlap(q.device))
+        block_s = min(max(triton.next_power_of_2(s), BLOCK_S[0]), BLOCK_S[1])
+        merge_kernel[(b * n_q,)](m, l_sum, acc, out, s, D=d, BLOCK_S=block_s, num_warps=NUM_WARPS,
+                                 **overlap(q.device))
     return out.reshape(b, n_q * d)
 
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qvl.infer import triton_support
+
 log = logging.getLogger("qvl.infer")
 
 
@@ -283,7 +285,7 @@ def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str =
             from qvl.infer import moe_kernels
 
             weights, ids = moe_kernels.route(linear(h, router, small != "cublas", **folded), top_k)
-            return x + moe_kernels.experts(h, weights, ids, gate_up, down, **folded)
+            return moe_kernels.experts(h, weights, ids, gate_up, down, **folded, residual=x)
         h = rms_norm(x, ln, eps) if folded else h
         weights, ids = router_top_k(h, router, top_k)
         run = experts_gathered if experts == "gathered" else experts_grouped
@@ -524,6 +526,16 @@ class DecodeModel:
         way = self.projections if self._gemv_ok and n_rows <= MAX_ROWS else "cublas"
         return "gemv" if way == "fused" and not self._fold_ok else way
 
+    @property
+    def _overlap_ok(self) -> bool:
+        """Whether the step's Triton kernels overlap their launches: qvl.infer.triton_support.LAUNCH_OVERLAP, one
+        switch for the process (the kernels read it as they launch), turned off here by a failed capture."""
+        return triton_support.LAUNCH_OVERLAP
+
+    @_overlap_ok.setter
+    def _overlap_ok(self, on: bool) -> None:
+        triton_support.LAUNCH_OVERLAP = on
+
     def _grouped_for(self, n_rows: int) -> bool:
         """Whether a MoE step of ``n_rows`` rows runs its experts as grouped GEMMs."""
         return self._experts_for(n_rows) == "grouped"
@@ -577,16 +589,19 @@ class DecodeModel:
 
     def _capture(self, b: int, lb: int):
         """Capture the step for (b rows, lb keys); warm-up runs first (they compile), state is restored. Should
-        a step fail to compile or capture (not for want of memory) where the same step without the projections' GEMV
-        kernel, or with plain attention, captures, that kernel is off for the captures from then on (the graphs made
-        stay: they captured). Else, with fused (Triton) or grouped-GEMM experts, no batch runs them that way from
-        then on (fused ones go grouped, grouped ones gathered): the graphs that ran them go, the others stay."""
+        a step fail to compile or capture (not for want of memory) where the same step without overlapped launches,
+        without the folds or the projections' GEMV kernel, or with plain attention, captures, that is off for the
+        captures from then on (the graphs made stay: they captured). Else, with fused (Triton) or grouped-GEMM
+        experts, no batch runs them that way from then on (fused ones go grouped, grouped ones gathered): the graphs
+        that ran them go, the others stay."""
         try:
             return self._capture_once(b, lb)
         except torch.OutOfMemoryError:
             raise  # not the experts kernels' fault: the request fails, the experts keep their way
         except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the fused or grouped path
-            for flag, used, instead in (("_fold_ok", self._projections_for(b) == "fused", "project through the GEMV "
+            overlapped = triton_support.overlap(self.device)["PDL"]
+            for flag, used, instead in (("_overlap_ok", overlapped, "launch the kernels one after another"),
+                                        ("_fold_ok", self._projections_for(b) == "fused", "project through the GEMV "
                                                                                           "alone"),
                                         ("_gemv_ok", self._projections_for(b) != "cublas", "project through cuBLAS"),
                                         ("_split_ok", self._split_attention(), "attend plainly")):
@@ -601,7 +616,9 @@ class DecodeModel:
                     setattr(self, flag, True)
                 else:
                     log.warning("a decode step with %s failed to compile or capture (%s: %s); steps captured from "
-                                "now on %s", {"_fold_ok": "the norms, adds and q/k RoPE folded into kernels",
+                                "now on %s", {"_overlap_ok": "overlapped kernel launches (programmatic "
+                                                             "dependent launch)",
+                                              "_fold_ok": "the norms, adds and q/k RoPE folded into kernels",
                                               "_gemv_ok": "the projections' GEMV kernel",
                                               "_split_ok": "split-key attention"}[flag],
                                 type(e).__name__, str(e)[:200], instead)

@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from qvl.infer.triton_support import available, on_device
+from qvl.infer.triton_support import available, on_device, overlap
 
 MAX_ROWS = 1  # steps of more rows stay on cuBLAS (an earlier multi-row kernel with an 8 x 256 tile took 21.8 ms a
 # 30B-A3B 8-row step against 14.3: bench/experiments/results/decode_moe_gemv_narrow_tile_h100.json)
@@ -57,7 +57,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps
         kernel[(triton.cdiv(n, block_n),)](
             x, w, out, x if norm is None else norm, x if residual is None else residual.contiguous(), n, k, eps,
             NORM=norm is not None, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps)
+            num_warps=warps, **overlap(x.device))
     return out
 
 

@@ -28,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from qvl.infer.triton_support import available, on_device
+from qvl.infer.triton_support import available, on_device, overlap
 
 # tile sizes, per kernel: (a block of output columns, a block of the reduced dimension, warps), one program each.
 # The fastest at 1 row of the 30B-A3B shape (the decoder fuses up to 8 rows by default; tuned at 1 and 4), H100, 2026-12-06,
@@ -38,19 +38,24 @@ from qvl.infer.triton_support import available, on_device
 # grouped GEMM. At 4 rows gate_up kept its tile, down was fastest at 8 x 256 with 4 warps (33.4 us against 44.1)
 GATE_UP_TILE = (8, 256, 8)
 DOWN_TILE = (16, 128, 8)
+# The down_sum kernel (a program per row and block of hidden columns, the row's k experts' products summed in it and
+# the residual added: no (B, k, H) products and no compiled sum kernel after it) and its tile
+SUM_IN_DOWN = True
+DOWN_SUM_TILE = (8, 128, 8)
 # the route kernel's warps: its 128 router probabilities fit one warp, whose top-k rounds then reduce by shuffles alone
 ROUTE_WARPS = 1
 
 
 @functools.cache
 def _kernels():
-    """(triton, route, gate_up, down): the kernels of qvl.infer._moe_triton, jitted now (so Triton's interpreter, if
-    asked for by then, runs them)."""
+    """(triton, route, gate_up, down, down_sum): the kernels of qvl.infer._moe_triton, jitted now (so Triton's
+    interpreter, if asked for by then, runs them)."""
     import triton
 
     from qvl.infer import _moe_triton as k
 
-    return triton, triton.jit(k.route_kernel), triton.jit(k.gate_up_kernel), triton.jit(k.down_kernel)
+    return (triton, triton.jit(k.route_kernel), triton.jit(k.gate_up_kernel), triton.jit(k.down_kernel),
+            triton.jit(k.down_sum_kernel))
 
 
 def _plain_route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,14 +79,14 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     """logits (B, E) -> (weights (B, k) in logits' dtype, expert ids (B, k) int64), largest first."""
     if not available(logits.device) or logits.shape[-1] & (logits.shape[-1] - 1):  # E a power of two (tl.arange)
         return _plain_route(logits, top_k)
-    triton, route_kernel, _, _ = _kernels()
+    triton, route_kernel, *_ = _kernels()
     logits = logits.contiguous()
     b, e = logits.shape
     weights = torch.empty(b, top_k, dtype=logits.dtype, device=logits.device)
     ids = torch.empty(b, top_k, dtype=torch.int64, device=logits.device)
     with on_device(logits.device):
         route_kernel[(b,)](logits, weights, ids, logits.stride(0), E=e, TOP_K=top_k,
-                           TOP_K_PAD=triton.next_power_of_2(top_k), num_warps=ROUTE_WARPS)
+                           TOP_K_PAD=triton.next_power_of_2(top_k), num_warps=ROUTE_WARPS, **overlap(logits.device))
     return weights, ids
 
 
@@ -95,7 +100,7 @@ def launch_gate_up(h: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, ti
                    norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """The gate_up kernel: (B * k, I) activations ``silu(gate) * up`` of every (row, expert) pair; with ``norm``,
     of h RMS-normalised (``eps``) and scaled by it."""
-    triton, _, gate_up_kernel, _ = _kernels()
+    triton, _, gate_up_kernel, *_ = _kernels()
     block_n, block_k, warps = tile or GATE_UP_TILE
     pairs, inter = ids.numel(), gate_up.shape[1] // 2
     act = torch.empty(pairs, inter, dtype=h.dtype, device=h.device)
@@ -103,22 +108,69 @@ def launch_gate_up(h: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, ti
         gate_up_kernel[(pairs, triton.cdiv(inter, block_n))](
             h, ids, gate_up, act, h if norm is None else norm, h.shape[1], inter, h.stride(0), gate_up.stride(0),
             gate_up.stride(1), eps, TOP_K=ids.shape[1], NORM=norm is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps)
+            num_warps=warps, **overlap(h.device))
     return act
 
 
 def launch_down(act: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, down: torch.Tensor,
                 tile=None) -> torch.Tensor:
     """The down kernel: (B, k, H) weighted products ``w_k * (act_k @ down_k^T)`` of every pair."""
-    triton, _, _, down_kernel = _kernels()
+    triton, _, _, down_kernel, _ = _kernels()
     block_n, block_k, warps = tile or DOWN_TILE
     (b, k), hidden = ids.shape, down.shape[1]
     out = torch.empty(b, k, hidden, dtype=act.dtype, device=act.device)
     with on_device(act.device):
         down_kernel[(b * k, triton.cdiv(hidden, block_n))](
             act, weights, down, ids, out, hidden, down.shape[2], down.stride(0), down.stride(1),
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **overlap(act.device))
     return out
+
+
+def launch_down_sum(act: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, down: torch.Tensor,
+                    residual: torch.Tensor, tile=None) -> torch.Tensor:
+    """The down_sum kernel: (B, H) ``residual + sum_k w_k * (act_k @ down_k^T)``, rounded as :func:`experts` and the
+    decoder's residual add round it."""
+    triton, *_, down_sum_kernel = _kernels()
+    block_n, block_k, warps = tile or DOWN_SUM_TILE
+    (b, k), hidden = ids.shape, down.shape[1]
+    out = torch.empty(b, hidden, dtype=act.dtype, device=act.device)
+    with on_device(act.device):
+        down_sum_kernel[(b, triton.cdiv(hidden, block_n))](
+            act, weights, down, ids, residual, out, hidden, down.shape[2], down.stride(0), down.stride(1),
+            residual.stride(0), TOP_K=k, TOP_K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps, **overlap(act.device))
+    return out
+
+
+def _runs(h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    return available(h.device) and gate_up.stride(-1) == 1 and down.stride(-1) == 1
+
+
+def _plain_input(h, norm, eps):
+    if norm is None:
+        return h
+    from qvl.infer.decode import rms_norm
+
+    return rms_norm(h, norm, eps)
+
+
+@torch.library.custom_op("qvl::moe_experts_added", mutates_args=())
+def experts_added(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor | None = None,
+                  eps: float = 0.0) -> torch.Tensor:
+    """``residual + experts(h, ...)`` (B, H): the gate_up kernel, then the down_sum kernel summing each row's k
+    products and adding the residual. ``norm``: as :func:`expert_outputs`."""
+    if not _runs(h, gate_up, down) or residual.stride(-1) != 1:
+        y = _plain_expert_outputs(_plain_input(h, norm, eps), weights, ids, gate_up, down)
+        return residual + y.float().sum(dim=1).to(h.dtype)
+    h, weights, ids = h.contiguous(), weights.contiguous(), ids.contiguous()
+    act = launch_gate_up(h, ids, gate_up, norm=norm, eps=eps)
+    return launch_down_sum(act, weights, ids, down, residual)
+
+
+@experts_added.register_fake
+def _(h, weights, ids, gate_up, down, residual, norm=None, eps=0.0):
+    return residual.new_empty(residual.shape)
 
 
 @torch.library.custom_op("qvl::moe_expert_outputs", mutates_args=())
@@ -127,12 +179,8 @@ def expert_outputs(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, ga
     """Each routed expert's weighted output for each row: h (B, H), weights / ids (B, k), gate_up (E, 2I, H), down
     (E, H, I) -> (B, k, H), in h's dtype. ``norm`` (H,): h is the layer's residual, RMS-normalised (``eps``) and
     scaled by it first, inside the gate_up kernel (as qvl.infer.decode.rms_norm computes it)."""
-    if not available(h.device) or gate_up.stride(-1) != 1 or down.stride(-1) != 1:
-        if norm is not None:
-            from qvl.infer.decode import rms_norm
-
-            h = rms_norm(h, norm, eps)
-        return _plain_expert_outputs(h, weights, ids, gate_up, down)
+    if not _runs(h, gate_up, down):
+        return _plain_expert_outputs(_plain_input(h, norm, eps), weights, ids, gate_up, down)
     h, weights, ids = h.contiguous(), weights.contiguous(), ids.contiguous()
     return launch_down(launch_gate_up(h, ids, gate_up, norm=norm, eps=eps), weights, ids, down)
 
@@ -143,7 +191,12 @@ def _(h, weights, ids, gate_up, down, norm=None, eps=0.0):
 
 
 def experts(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-            down: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+            down: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts' weighted sum for each row: h (B, H), weights / ids (B, k), gate_up (E, 2I, H), down
-    (E, H, I) -> (B, H); the k-sum in float32, as the plain path sums. ``norm``: as :func:`expert_outputs`."""
-    return expert_outputs(h, weights, ids, gate_up, down, norm, eps).float().sum(dim=1).to(h.dtype)
+    (E, H, I) -> (B, H); the k-sum in float32, as the plain path sums. ``norm``: as :func:`expert_outputs`.
+    ``residual`` (B, H): added to the sum, by the down_sum kernel where :data:`SUM_IN_DOWN`."""
+    if residual is not None and SUM_IN_DOWN:
+        return experts_added(h, weights, ids, gate_up, down, residual, norm, eps)
+    y = expert_outputs(h, weights, ids, gate_up, down, norm, eps).float().sum(dim=1).to(h.dtype)
+    return y if residual is None else residual + y

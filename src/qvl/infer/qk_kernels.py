@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from qvl.infer.triton_support import available, on_device
+from qvl.infer.triton_support import available, on_device, overlap
 
 NUM_WARPS = 1  # a program is one head of 128 values: one warp's
 
@@ -51,7 +51,8 @@ def _qk_rope_write(qkv: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor, cos: t
     with on_device(qkv.device):
         kernel[(b, n_q + n_kv)](
             qkv, qn, kn, cos, sin, pos, q, k_cache, v_cache, eps, qkv.stride(0), cos.stride(0), sin.stride(0),
-            *k_cache.stride()[:3], *v_cache.stride()[:3], N_Q=n_q, N_KV=n_kv, D=d, num_warps=NUM_WARPS)
+            *k_cache.stride()[:3], *v_cache.stride()[:3], N_Q=n_q, N_KV=n_kv, D=d, num_warps=NUM_WARPS,
+            **overlap(qkv.device))
     return q
 
 

@@ -1,5 +1,6 @@
 """Where qvl's Triton kernels (qvl.infer.moe_kernels, qvl.infer.attend_kernels) run: CUDA with Triton installed, or
-a CPU under Triton's interpreter (``TRITON_INTERPRET=1``, the tests), and on which device they launch."""
+a CPU under Triton's interpreter (``TRITON_INTERPRET=1``, the tests), on which device they launch, and whether their
+launches overlap."""
 
 from __future__ import annotations
 
@@ -27,6 +28,32 @@ def interpreting() -> bool:
 def available(device: torch.device) -> bool:
     """Whether Triton kernels run on ``device``: CUDA with Triton (or Triton's interpreter on a CPU)."""
     return installed() and (torch.device(device).type == "cuda" or interpreting())
+
+
+# Programmatic dependent launch (PDL) of the decode step's kernels (qvl.infer._launch_triton): each lets the next
+# start at once, and the next reads nothing of it before it has ended, so a step's ~9 kernels a layer stop paying
+# a launch and a ramp-up each. Switched off for the process by a capture that fails with it
+# (qvl.infer.decode.DecodeModel._capture) and by bench/decode.py's timing of both.
+LAUNCH_OVERLAP = True
+
+
+@functools.cache
+def _overlaps(index: int) -> bool:
+    from qvl.infer import _launch_triton
+
+    return (_launch_triton.gdc_wait is not None
+            and torch.cuda.get_device_capability(index) >= (9, 0))  # griddepcontrol: Hopper and later
+
+
+def overlap(device: torch.device) -> dict:
+    """Launch options of a kernel that calls qvl.infer._launch_triton's pair: ``PDL`` its constexpr, and Triton's
+    ``launch_pdl`` where the launches overlap (:data:`LAUNCH_OVERLAP`, on a CUDA card of compute capability 9 or
+    later with a Triton that has the instructions; never under the interpreter)."""
+    device = torch.device(device)
+    if LAUNCH_OVERLAP and device.type == "cuda" and not interpreting() and installed() \
+            and _overlaps(device.index if device.index is not None else torch.cuda.current_device()):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 def on_device(device: torch.device):
