@@ -95,7 +95,6 @@ def test_the_residual_added_in_the_down_kernel_matches_the_add_after(interpreted
     want = x + moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6)
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
-    assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6, residual=x), want)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")

@@ -599,7 +599,8 @@ class DecodeModel:
         except torch.OutOfMemoryError:
             raise  # not the experts kernels' fault: the request fails, the experts keep their way
         except Exception as e:  # noqa: BLE001 -- any compile / capture failure of the fused or grouped path
-            overlapped = triton_support.overlap(self.device)["PDL"]
+            overlapped = triton_support.overlap(self.device)["PDL"] and (  # the step launches a Triton kernel
+                self._projections_for(b) != "cublas" or self._split_attention() or self._experts_for(b) == "fused")
             for flag, used, instead in (("_overlap_ok", overlapped, "launch the kernels one after another"),
                                         ("_fold_ok", self._projections_for(b) == "fused", "project through the GEMV "
                                                                                           "alone"),

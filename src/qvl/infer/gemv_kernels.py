@@ -47,7 +47,9 @@ def runs(x: torch.Tensor, w: torch.Tensor) -> bool:
 def gemv(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
          residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (1, K), w (N, K) -> x @ w^T (1, N) in x's dtype. ``norm`` (K,): x RMS-normalised (``eps``) and scaled by it
-    first, as :func:`qvl.infer.decode.rms_norm`; ``residual`` (1, N): added to the product."""
+    first, as :func:`qvl.infer.decode.rms_norm`; ``residual`` (1, N): added to the product. ``w`` must be a weight no
+    kernel writes (a model's): with overlapped launches (qvl.infer.triton_support.overlap) its first block is read
+    before the kernel before this one has ended."""
     triton, kernel = _kernel()
     x = x.contiguous()
     n, k = w.shape

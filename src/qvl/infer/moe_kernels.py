@@ -1,5 +1,5 @@
-"""A mixture-of-experts layer's decode for a few rows in three Triton kernels: the router's top-k, and the routed
-experts reading only the rows of the experts each token picked.
+"""A mixture-of-experts layer's decode for a few rows in Triton kernels: the router's top-k, and the routed experts
+reading only the rows of the experts each token picked.
 
 The 30B-A3B batch-1 decode step took 7.02 ms against its 2.0 ms bandwidth bound (H100, 2026-12-05,
 bench/experiments/results/moe_decode_step_h100.txt): 1,587 kernels, 33 a layer. The routing alone was 144 kernels
@@ -11,14 +11,17 @@ the router's GEMM (cuBLAS, or qvl.infer.gemv_kernels' GEMV at 1 row) and:
   Hugging Face router computes them (qvl.infer.decode.router_top_k): one program a row;
 * :func:`experts` — per (row, expert) pair, ``silu(x @ gate^T) * (x @ up^T)``, then ``w_k * (act_k @ down_k^T)``
   (each kernel one program per pair and block of output columns), summed over a row's k pairs in float32 outside
-  the kernels: compiled, that sum joins the residual add's kernel. The values are rounded where the plain path
-  rounds them (each product to the model's dtype), so outputs match it up to the order of the dot products' sums.
+  the kernels: compiled, that sum joins the residual add's kernel. With the layer's residual given and
+  :data:`SUM_IN_DOWN`, a down_sum kernel (one program per row and block of hidden columns) sums the k products and
+  adds the residual itself, and no (B, k, H) products are left. The values are rounded where the plain path rounds
+  them (each product to the model's dtype), so outputs match it up to the order of the sums.
   Each pair reads its expert's rows whole: with many rows sharing experts the grouped GEMM (each selected expert read
   once) reads less, so this is for a few rows.
 
-The route and the experts' kernels are custom ops (``qvl::moe_route``, ``qvl::moe_expert_outputs``): torch.compile
-leaves them whole and CUDA graphs capture their launches. On a CPU they run the plain path's operations, except under ``TRITON_INTERPRET=1``, where
-Triton's interpreter runs the kernels themselves (tests/infer/test_moe_kernels.py compares the two).
+The route and the experts' kernels are custom ops (``qvl::moe_route``, ``qvl::moe_expert_outputs``,
+``qvl::moe_experts_added``): torch.compile leaves them whole and CUDA graphs capture their launches. On a CPU they run
+the plain path's operations, except under ``TRITON_INTERPRET=1``, where Triton's interpreter runs the kernels
+themselves (tests/infer/test_moe_kernels.py compares the two).
 """
 
 from __future__ import annotations
@@ -160,9 +163,9 @@ def experts_added(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
                   eps: float = 0.0) -> torch.Tensor:
     """``residual + experts(h, ...)`` (B, H): the gate_up kernel, then the down_sum kernel summing each row's k
     products and adding the residual. ``norm``: as :func:`expert_outputs`."""
-    if not _runs(h, gate_up, down) or residual.stride(-1) != 1:
+    if not _runs(h, gate_up, down) or residual.stride(-1) != 1 or residual.dtype != h.dtype:
         y = _plain_expert_outputs(_plain_input(h, norm, eps), weights, ids, gate_up, down)
-        return residual + y.float().sum(dim=1).to(h.dtype)
+        return (residual + y.float().sum(dim=1).to(h.dtype)).to(h.dtype)
     h, weights, ids = h.contiguous(), weights.contiguous(), ids.contiguous()
     act = launch_gate_up(h, ids, gate_up, norm=norm, eps=eps)
     return launch_down_sum(act, weights, ids, down, residual)
@@ -170,7 +173,7 @@ def experts_added(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
 
 @experts_added.register_fake
 def _(h, weights, ids, gate_up, down, residual, norm=None, eps=0.0):
-    return residual.new_empty(residual.shape)
+    return residual.new_empty(residual.shape, dtype=h.dtype)
 
 
 @torch.library.custom_op("qvl::moe_expert_outputs", mutates_args=())
