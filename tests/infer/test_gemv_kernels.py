@@ -334,7 +334,7 @@ def test_overlapped_launches_in_a_graph_match_serial_ones():
     ws = [(torch.randn(2048, 2048, generator=g) / 45).to(torch.bfloat16).cuda() for _ in range(8)]
     ln = torch.ones(2048, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(1, 2048, generator=g).to(torch.bfloat16).cuda()
-    outs = {}
+    outs, default = {}, triton_support.LAUNCH_OVERLAP
     for on in (False, True):
         triton_support.LAUNCH_OVERLAP = on
         try:
@@ -346,7 +346,7 @@ def test_overlapped_launches_in_a_graph_match_serial_ones():
             graph.replay()
             outs[on] = y.clone()
         finally:
-            triton_support.LAUNCH_OVERLAP = True
+            triton_support.LAUNCH_OVERLAP = default
     assert torch.equal(outs[True], outs[False])
 
 

@@ -90,6 +90,7 @@ def test_the_residual_added_in_the_down_kernel_matches_the_add_after(interpreted
     h, x = (torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(2))
     ln = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype) if norm else None
     w, ids = router_top_k(h, router, top_k)
+    monkeypatch.setattr(moe_kernels, "SUM_IN_DOWN", True)
     got = moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6, residual=x)
     monkeypatch.setattr(moe_kernels, "SUM_IN_DOWN", False)
     want = x + moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6)
@@ -111,9 +112,13 @@ def test_without_the_interpreter_the_cpu_runs_the_plain_path():
     ln = torch.full((64,), 1.5, dtype=torch.bfloat16)
     assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6),
                        moe_kernels.experts(rms_norm(h, ln, 1e-6), w, ids, gate_up, down))
-    assert moe_kernels.SUM_IN_DOWN  # the op's plain path: the same as the add after
-    assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, residual=h),
-                       h + moe_kernels.experts(h, w, ids, gate_up, down))
+    for in_down in (True, False):  # the op's plain path: the same as the add after
+        moe_kernels.SUM_IN_DOWN, default = in_down, moe_kernels.SUM_IN_DOWN
+        try:
+            assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, residual=h),
+                               h + moe_kernels.experts(h, w, ids, gate_up, down))
+        finally:
+            moe_kernels.SUM_IN_DOWN = default
 
 
 def test_compiled_around_them(interpreted):
@@ -145,7 +150,7 @@ def test_decode_with_fused_experts_matches_generate(interpreted, tiny_moe):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 4, 8])
-def test_kernels_on_cuda(rows):
+def test_kernels_on_cuda(rows, monkeypatch):
     """The compiled kernels on a GPU, bf16, a 30B-A3B layer's widths (fewer experts) and top-8: the same ids and
     weights as the router, outputs as the grouped GEMM's within bf16 rounding, and inside a captured CUDA graph."""
     dev = torch.device("cuda")
@@ -164,6 +169,7 @@ def test_kernels_on_cuda(rows):
     folded = moe_kernels.experts(h, want_w, want_ids, gate_up, down, norm=ln, eps=1e-6)
     normed_first = moe_kernels.experts(rms_norm(h, ln, 1e-6), want_w, want_ids, gate_up, down)
     torch.testing.assert_close(folded.float(), normed_first.float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(moe_kernels, "SUM_IN_DOWN", True)  # the down_sum kernel
     added = moe_kernels.experts(h, want_w, want_ids, gate_up, down, residual=h)
     torch.testing.assert_close(added.float(), (h + got).float(), rtol=2e-2, atol=2e-2)
     graph = torch.cuda.CUDAGraph()
