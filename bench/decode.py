@@ -325,8 +325,9 @@ def overlap_choice(decoder, impl: str, long_keys: int) -> dict:
     from qvl.infer import triton_support
 
     if not triton_support.overlap(decoder.device)["PDL"]:
-        triton_support.LAUNCH_OVERLAP = True  # an earlier capture may have turned it off: does the card take it?
+        before, triton_support.LAUNCH_OVERLAP = triton_support.LAUNCH_OVERLAP, True  # off: does the card take it?
         if not triton_support.overlap(decoder.device)["PDL"]:
+            triton_support.LAUNCH_OVERLAP = before
             return {"launch_overlap": "serial", "launch_overlap_failed": "no programmatic dependent launch here (a "
                                                                         "card before Hopper, or Triton before 3.4)"}
     shapes = [("rows1_len1100", 1, long_keys), ("rows32_len300", 32, 300)]

@@ -42,8 +42,12 @@ from qvl.infer.triton_support import available, on_device, overlap
 GATE_UP_TILE = (8, 256, 8)
 DOWN_TILE = (16, 128, 8)
 # The down_sum kernel (a program per row and block of hidden columns, the row's k experts' products summed in it and
-# the residual added: no (B, k, H) products and no compiled sum kernel after it) and its tile
-SUM_IN_DOWN = True
+# the residual added: no (B, k, H) products and no compiled sum kernel after it) and its tile. Off: slower than the
+# down kernel and the compiled sum after it, 35.1 against 33.5 us a 30B-A3B layer's experts with the residual at 1 row,
+# 101.6 against 99.6 at 4 (down_sum 15.3 us against 10.6 + 1.6; H100, 2026-12-06,
+# bench/experiments/results/moe_kernel_tune_down_sum_h100.json): its programs read k experts' rows each, too few
+# programs for the card
+SUM_IN_DOWN = False
 DOWN_SUM_TILE = (8, 128, 8)
 # the route kernel's warps: its 128 router probabilities fit one warp, whose top-k rounds then reduce by shuffles alone
 ROUTE_WARPS = 1

@@ -31,10 +31,13 @@ def available(device: torch.device) -> bool:
 
 
 # Programmatic dependent launch (PDL) of the decode step's kernels (qvl.infer._launch_triton): each lets the next
-# start at once, and the next reads nothing of it before it has ended, so a step's ~9 kernels a layer stop paying
-# a launch and a ramp-up each. Switched off for the process by a capture that fails with it
-# (qvl.infer.decode.DecodeModel._capture) and by bench/decode.py's timing of both.
-LAUNCH_OVERLAP = True
+# start at once, and the next reads nothing of it before it has ended, so that a step's ~9 kernels a layer would stop
+# paying a launch and a ramp-up each. Off by default: no gain measured. 30B-A3B's captured 1-row step at 1,100 keys
+# 3.76 ms overlapped against 3.74 serial, 32 rows 24.34 against 24.35; equal logits (H100, 2026-12-06,
+# bench/results/decode_moe_launches_sum_after_h100.json; 3.77 against 3.86 with the slower down_sum kernel,
+# decode_moe_launches_h100.json). bench/decode.py times both ways (``launch_overlap_ms``) and keeps the faster for its
+# own process; a capture that fails with it turns it off (qvl.infer.decode.DecodeModel._capture).
+LAUNCH_OVERLAP = False
 
 
 @functools.cache
