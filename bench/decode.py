@@ -358,6 +358,53 @@ def overlap_choice(decoder, impl: str, long_keys: int) -> dict:
             "launch_overlap": "overlapped" if won else "serial"}
 
 
+def switch_choice(decoder, impl: str, key: str, ways: tuple[str, str], turn_on, shapes) -> dict:
+    """The captured step (``impl``) at each ``(name, rows, keys)`` of ``shapes`` with a kernel switch off and on
+    (``ways``: their names; ``turn_on(bool)`` sets it), and the largest difference of their logits (the same values,
+    possibly summed in another order). The decoder keeps the switch on where it was never slower. -> the results'
+    keys, under ``key``."""
+    def switch(way):
+        turn_on(way == ways[1])
+        decoder.set_impl(impl)  # its graphs go: the next captures run the new way
+
+    timed, failed = timed_ways(decoder, ways, switch, shapes)
+    res = {f"{key}_failed": failed} if failed else {}
+    if len(timed) == 2:
+        logits = {way: [] for way in ways}
+        for way in ways:
+            switch(way)
+            logits[way] = [step_logits(decoder, rows, keys) for _, rows, keys in shapes]
+        res[f"{key}_max_abs_diff"] = max((a.float() - b.float()).abs().max().item()
+                                         for a, b in zip(*logits.values()))
+    won = len(timed) == 2 and all(timed[ways[1]][k] <= timed[ways[0]][k] for k in timed[ways[0]])
+    switch(ways[1] if won else ways[0])
+    print(key, timed, res, "->", ways[1] if won else ways[0], flush=True)
+    return {**res, f"{key}_ms": timed, key: ways[1] if won else ways[0]}
+
+
+def route_choice(decoder, impl: str, long_keys: int) -> dict:
+    """MoE with fused experts: the router's top-k in its own kernel or inside the gate_up kernel
+    (qvl.infer.moe_kernels.ROUTE_IN_GATE_UP), at 1 row x ``long_keys`` and 8 rows x 300 (:func:`switch_choice`)."""
+    from qvl.infer import moe_kernels
+
+    if not (decoder.is_moe and decoder._experts_for(1) == "fused"):
+        return {}
+    return switch_choice(decoder, impl, "route", ("route_kernel", "in_gate_up"),
+                         lambda on: setattr(moe_kernels, "ROUTE_IN_GATE_UP", on),
+                         [("rows1_len1100", 1, long_keys), ("rows8_len300", min(8, decoder.slots), 300)])
+
+
+def merge_choice(decoder, impl: str, long_keys: int) -> dict:
+    """Split-key attention: its chunks merged by a second kernel or by the split kernel's last program
+    (qvl.infer.attend_kernels.MERGE_IN_SPLIT), at 1 row x ``long_keys`` and 32 rows x 300 (:func:`switch_choice`)."""
+    from qvl.infer import attend_kernels
+
+    if not decoder._split_attention():
+        return {}
+    return switch_choice(decoder, impl, "merge", ("merge_kernel", "in_split"),
+                         lambda on: setattr(attend_kernels, "MERGE_IN_SPLIT", on),
+                         [("rows1_len1100", 1, long_keys), ("rows32_len300", min(32, decoder.slots), 300)])
+
 def split_programs_sweep(decoder, impl: str, long_keys: int, per_sm=(1, 2, 4, 8)) -> dict:
     """The captured step with split-key attention whose chunks (qvl.infer.attend_kernels.chunk_for) make each of
     ``per_sm`` programs a multiprocessor, ms, at 1 row x ``long_keys`` and 32 rows x 300, with the chunk each got:
@@ -636,6 +683,8 @@ def main() -> int:
     launched_before = "overlapped" if triton_support.overlap(d.device)["PDL"] else "serial"
     launches = overlap_choice(d, best.split("/")[0], len(big))
     out.update(launches)
+    out.update(route_choice(d, best.split("/")[0], len(big)))  # MoE: the router's top-k in its kernel or in gate_up
+    out.update(merge_choice(d, best.split("/")[0], len(big)))  # split attention merged in a kernel of its own or not
     d.set_impl(best.split("/")[0], "auto" if d.is_moe else None)
     d.warmup(max_keys=len(big) + args.new + 16)
     out["attention"] = "split" if d._split_attention() else "plain"  # a capture in the warm-up may have fallen back
@@ -654,6 +703,9 @@ def main() -> int:
         timed_with = (timed_with or (projections.get("projections_ms", {}).get(out["projections"])
                                      if same_attention else None)
                       or attention.get("attention_ms", {}).get(out["attention"]))
+    if same_attention and out["projections"] == projections.get("projections"):  # timed last, as the step runs now
+        timed_with = (out.get("merge_ms", {}).get(out.get("merge")) or out.get("route_ms", {}).get(out.get("route"))
+                      or timed_with)
     one_row = timed_with or steps[one_row_key]
     out["graph_only_decode_tok_s"] = 1e3 / one_row["rows1_len1100"]
     print("graph step", steps, "->", best, flush=True)

@@ -136,11 +136,12 @@ def main(argv=None) -> int:
             row["us"]["fused/best"] = graph_us(experts_call(torch.compile(moe_kernels.experts, dynamic=False)),
                                                len(layers))
             # the layer's residual added too: the compiled k-sum + add after the down kernel, or the down_sum kernel
+            sum_in_down = moe_kernels.SUM_IN_DOWN
             for name, in_down in (("added/after", False), ("added/in_down", True)):
                 moe_kernels.SUM_IN_DOWN = in_down
                 added = torch.compile(lambda x, *a: moe_kernels.experts(x, *a, residual=x), dynamic=False)
                 row["us"][name] = graph_us(experts_call(added), len(layers))
-            moe_kernels.SUM_IN_DOWN = True
+            moe_kernels.SUM_IN_DOWN = sum_in_down
             moe_kernels.GATE_UP_TILE, moe_kernels.DOWN_TILE, moe_kernels.DOWN_SUM_TILE = default
         timed = {name: us for name, us in row["us"].items() if isinstance(us, float)}
         row["gb_s"] = {name: floor_bytes / (us * 1e-6) / 1e9 for name, us in timed.items()
@@ -153,6 +154,15 @@ def main(argv=None) -> int:
         row["route_us"] = {"router_top_k": graph_us(lambda i: router_top_k(h[i], layers[i][2], k), len(layers)),
                            "route_kernel": graph_us(lambda i: moe_kernels.route(F.linear(h[i], layers[i][2]), k),
                                                     len(layers))}
+        if moe_kernels.available(dev):  # the top-k in its own kernel before the experts, or inside gate_up
+            logits = [F.linear(h[i], layers[i][2]) for i in range(len(layers))]
+            route_in_gate_up = moe_kernels.ROUTE_IN_GATE_UP
+            for name, on in (("route_then_experts", False), ("routed_in_gate_up", True)):
+                moe_kernels.ROUTE_IN_GATE_UP = on
+                routed = torch.compile(moe_kernels.routed_experts, dynamic=False)
+                row["route_us"][name] = graph_us(lambda i: routed(h[i], logits[i], k, layers[i][0], layers[i][1]),
+                                                 len(layers))
+            moe_kernels.ROUTE_IN_GATE_UP = route_in_gate_up
         out["rows"][rows] = row
         best_overall[rows] = {kernel: tiles.get(name) for kernel, name in best.items()}
         per_kernel = ", ".join(f"{kernel} {name} {row['us'][f'{kernel}/{name}']:.1f} us" for kernel, name in best.items()
@@ -160,7 +170,9 @@ def main(argv=None) -> int:
         print(f"{rows} rows ({distinct:.1f} experts, {floor_bytes / 1e6:.0f} MB): grouped {row['us']['grouped']:.1f} us, "
               f"gathered {row['us']['gathered']:.1f}, fused default {fused.get('fused/default', 0):.1f}, best tiles "
               f"{fused.get('fused/best', 0):.1f} us ({per_kernel}); route "
-              f"{row['route_us']['router_top_k']:.1f} -> {row['route_us']['route_kernel']:.1f} us; with the residual "
+              f"{row['route_us']['router_top_k']:.1f} -> {row['route_us']['route_kernel']:.1f} us; route + experts "
+              f"{row['route_us'].get('route_then_experts', 0):.1f}, in gate_up "
+              f"{row['route_us'].get('routed_in_gate_up', 0):.1f} us; with the residual "
               f"{added} us", flush=True)
     if best_overall.get(1) and all(best_overall[1].values()):
         print("for qvl/infer/moe_kernels.py (best at 1 row): GATE_UP_TILE = {}; DOWN_TILE = {}; DOWN_SUM_TILE = {}"

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernel_under_the_interpreter():
-    run_under_the_interpreter(__file__, least_passed=33)
+    run_under_the_interpreter(__file__, least_passed=37)
 
 
 def cache(rows, n_q, n_kv, d, keys, dtype, seed=0):
@@ -52,6 +52,20 @@ def test_matches_the_plain_path(interpreted, dtype, tol, rows, n_q, n_kv, d, key
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
+
+@pytest.mark.parametrize("rows, n_q, n_kv, d, keys, chunk", [(1, 4, 2, 16, 37, 16), (3, 32, 4, 128, 300, 16),
+                                                              (2, 8, 8, 32, 256, 64), (1, 8, 2, 32, 2000, 16)])
+def test_merged_by_the_last_chunk_as_by_the_merge_kernel(interpreted, monkeypatch, rows, n_q, n_kv, d, keys, chunk):
+    """The merge done by the split kernel's last program of each (row, kv head) gives the merge kernel's outputs
+    bit for bit (one chunk, many, more than a merge block of 64), and leaves its counters at 0: a second call (a
+    CUDA graph's replay) the same."""
+    q, k, v, mask = cache(rows, n_q, n_kv, d, keys, torch.bfloat16)
+    got = {}
+    for merge in (False, True):
+        monkeypatch.setattr(attend_kernels, "MERGE_IN_SPLIT", merge)
+        got[merge] = [attend_kernels.attend(q, k, v, mask, d ** -0.5, chunk=chunk) for _ in range(2)]
+    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[True][0])
+    assert not attend_kernels._counts(q.device).any()
 
 def test_chunks_fill_the_card():
     """Chunks halve from 128 until the step makes one program a multiprocessor (132 on an H100), down to 16, and
@@ -113,11 +127,19 @@ def test_kernel_on_cuda(rows):
     want = attend(q, k, v, mask, 128 ** -0.5)
     got = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    attend_kernels.MERGE_IN_SPLIT, merged_before = False, attend_kernels.MERGE_IN_SPLIT
+    try:
+        two_kernels = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
+    finally:
+        attend_kernels.MERGE_IN_SPLIT = merged_before
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
-    graph.replay()
-    torch.testing.assert_close(captured, got)
+    for _ in range(200):  # the last program to finish merges: any missed ordering between programs would show
+        graph.replay()
+        torch.testing.assert_close(captured, got)
+        torch.testing.assert_close(captured.float(), two_kernels.float(), rtol=1e-2, atol=1e-2)
+    assert not attend_kernels._counts(q.device).any()
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
@@ -203,3 +225,36 @@ def test_a_capture_that_fails_only_with_split_attention_turns_it_off(tiny_moe):
     assert d._capture(1, 128) == ("graph", 1, 128)
     assert d._split_ok and not d._grouped_ok  # split kept: plain attention failed as well
     assert tries == [(True, "grouped"), (False, "grouped"), (True, "gathered")]
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
+def test_the_decode_bench_merges_in_the_split_kernel_only_where_it_was_never_slower(monkeypatch):
+    """bench/decode.py's switch choices (here the merge's): the switch stays on only if the step was no slower at
+    every shape; the logits' largest difference between the two ways is reported; without split attention there is
+    nothing to choose."""
+    from test_fast_decode_moe import _bench_decode
+
+    bench = _bench_decode()
+    monkeypatch.setattr(attend_kernels, "MERGE_IN_SPLIT", True)
+
+    class Decoder:
+        busy, slots, split = set(), 32, True
+
+        def _split_attention(self):
+            return self.split
+
+        def set_impl(self, impl, experts=None, attention=None, projections=None):
+            pass
+
+    monkeypatch.setattr(bench, "step_logits", lambda d, rows, keys: torch.full(
+        (rows, 4), 1.0 + 0.5 * attend_kernels.MERGE_IN_SPLIT))
+    for at_32, want in ((8.0, "in_split"), (8.3, "merge_kernel")):
+        monkeypatch.setattr(bench, "graph_step_ms", lambda d, rows, keys: (
+            (3.6 if rows == 1 else at_32) if attend_kernels.MERGE_IN_SPLIT else (3.7 if rows == 1 else 8.2)))
+        res = bench.merge_choice(Decoder(), "layer", 1100)
+        assert res["merge"] == want and attend_kernels.MERGE_IN_SPLIT == (want == "in_split")
+        assert res["merge_ms"]["merge_kernel"] == {"rows1_len1100": 3.7, "rows32_len300": 8.2}
+        assert res["merge_max_abs_diff"] == 0.5
+    d = Decoder()
+    d.split = False
+    assert bench.merge_choice(d, "layer", 1100) == {}

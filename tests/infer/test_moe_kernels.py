@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernels_under_the_interpreter():
-    run_under_the_interpreter(__file__, least_passed=26)
+    run_under_the_interpreter(__file__, least_passed=42)
 
 
 def weights(experts=8, hidden=64, inter=48, dtype=torch.bfloat16, seed=0):
@@ -98,6 +98,37 @@ def test_the_residual_added_in_the_down_kernel_matches_the_add_after(interpreted
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("rows, top_k", [(1, 2), (3, 3), (1, 8), (8, 8)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_routing_inside_gate_up_matches_route_then_experts(interpreted, monkeypatch, dtype, tol, rows, top_k, norm):
+    """The top-k taken by the gate_up kernel's programs from the router's logits: the router's ids and weights, and
+    the outputs of the route kernel followed by the experts (a k that is not a power of two too; the norm folded)."""
+    from qvl.infer.decode import rms_norm
+
+    router, gate_up, down = weights(dtype=dtype)
+    h = torch.randn(rows, 64, generator=torch.Generator().manual_seed(11 + rows)).to(dtype)
+    ln = (1 + 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(5))).to(dtype) if norm else None
+    folded = {"norm": ln, "eps": 1e-6} if norm else {}
+    normed = rms_norm(h, ln, 1e-6) if norm else h
+    logits = F.linear(normed, router)
+    want_w, want_ids = router_top_k(normed, router, top_k)
+    ids = torch.full((rows, top_k), -1, dtype=torch.int64)
+    got_w = torch.zeros(rows, top_k, dtype=dtype)
+    act = moe_kernels.launch_gate_up(h, ids, gate_up, logits=logits, weights=got_w, **folded)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert torch.equal(act, moe_kernels.launch_gate_up(h, want_ids, gate_up, **folded))
+    got = {}
+    for on in (True, False):  # routed in gate_up, and by the route kernel before the experts (tested above)
+        monkeypatch.setattr(moe_kernels, "ROUTE_IN_GATE_UP", on)
+        got[on] = [moe_kernels.routed_experts(h, logits, top_k, gate_up, down, residual=residual, **folded)
+                   for residual in (None, h)]
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+    want = moe_kernels.experts(h, want_w, want_ids, gate_up, down, **folded)  # against the grouped path: above
+    torch.testing.assert_close(got[True][0].float(), want.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
 def test_without_the_interpreter_the_cpu_runs_the_plain_path():
     assert not moe_kernels.available(torch.device("cpu"))
@@ -112,6 +143,8 @@ def test_without_the_interpreter_the_cpu_runs_the_plain_path():
     ln = torch.full((64,), 1.5, dtype=torch.bfloat16)
     assert torch.equal(moe_kernels.experts(h, w, ids, gate_up, down, norm=ln, eps=1e-6),
                        moe_kernels.experts(rms_norm(h, ln, 1e-6), w, ids, gate_up, down))
+    assert torch.equal(moe_kernels.routed_experts(h, F.linear(h, router), 2, gate_up, down, residual=h),
+                       h + moe_kernels.experts(h, w, ids, gate_up, down))
     for in_down in (True, False):  # the op's plain path: the same as the add after
         moe_kernels.SUM_IN_DOWN, default = in_down, moe_kernels.SUM_IN_DOWN
         try:
@@ -128,7 +161,8 @@ def test_compiled_around_them(interpreted):
 
     def mlp(h):
         w, ids = moe_kernels.route(F.linear(h, router), 2)
-        return moe_kernels.experts(h, w, ids, gate_up, down, residual=h)
+        return (moe_kernels.experts(h, w, ids, gate_up, down, residual=h),
+                moe_kernels.routed_experts(h, F.linear(h, router), 2, gate_up, down, residual=h))
 
     torch.testing.assert_close(torch.compile(mlp, dynamic=True)(h), mlp(h))
 
@@ -172,10 +206,19 @@ def test_kernels_on_cuda(rows, monkeypatch):
     monkeypatch.setattr(moe_kernels, "SUM_IN_DOWN", True)  # the down_sum kernel
     added = moe_kernels.experts(h, want_w, want_ids, gate_up, down, residual=h)
     torch.testing.assert_close(added.float(), (h + got).float(), rtol=2e-2, atol=2e-2)
+    logits = F.linear(h, router)
+    ids, routed_w = torch.empty_like(want_ids), torch.empty_like(want_w)
+    moe_kernels.launch_gate_up(h, ids, gate_up, logits=logits, weights=routed_w)  # the top-k in the gate_up kernel
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(routed_w, want_w, rtol=0, atol=1e-2)
+    routed = moe_kernels.routed_outputs(h, logits, 8, gate_up, down)
+    torch.testing.assert_close(routed.float(), got.float(), rtol=2e-2, atol=2e-2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = moe_kernels.experts(h, want_w, want_ids, gate_up, down)
         captured_added = moe_kernels.experts(h, want_w, want_ids, gate_up, down, residual=h)
+        captured_routed = moe_kernels.routed_outputs(h, logits, 8, gate_up, down)
     graph.replay()
     torch.testing.assert_close(captured, got)
     torch.testing.assert_close(captured_added, added)
+    torch.testing.assert_close(captured_routed, routed)

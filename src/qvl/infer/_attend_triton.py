@@ -2,17 +2,21 @@
 when first used. A module of its own, without postponed annotations, whose global ``tl`` Triton's interpreter can
 patch."""
 
+import triton
 import triton.language as tl
 
 from qvl.infer._launch_triton import let_next_start, wait_for_previous
 
 
-def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, n_keys, n_splits, scale,
-                        stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                        stride_mb, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                        CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr):
+def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, counts_ptr, n_keys,
+                        n_splits, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
+                        stride_vl, stride_mb, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr, MERGE: tl.constexpr,
+                        DOT_FP32: tl.constexpr, PDL: tl.constexpr):
     # one program per (row, kv head, chunk of keys): the kv head's GROUP query heads over the chunk, an online
     # softmax; it leaves each query head's running max, sum of exponentials and unnormalised output for the merge.
+    # MERGE: the last of a (row, kv head)'s programs to finish (counted in counts_ptr, which starts and is left at 0)
+    # merges its query heads itself, and no merge kernel runs.
     # PDL (both kernels here): the next kernel may start at once; this one reads after the one before ended
     let_next_start(PDL)
     wait_for_previous(PDL)
@@ -59,27 +63,42 @@ def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, n_
     tl.store(m_ptr + at, m_i, mask=head_ok)
     tl.store(l_ptr + at, l_i, mask=head_ok)
     tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=head_ok[:, None])
+    if MERGE:
+        counter = counts_ptr + row * tl.num_programs(1) + kv_head
+        tl.debug_barrier()  # every thread's stores above made before the count (released with it) says they were
+        if tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1:  # the last: every chunk's results are stored
+            for h in tl.static_range(GROUP):
+                merge_head(m_ptr, l_ptr, acc_ptr, out_ptr, row * n_q + kv_head * GROUP + h, n_splits, D, BLOCK_S)
+            tl.store(counter, 0)  # for the next call (a CUDA graph replays this one): no kernel to zero it
 
 
-def attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                        PDL: tl.constexpr):
-    # one program per (row, query head): its chunks' partial results merged in float32, against the largest running
-    # max of them, and the output written in the model's dtype
-    let_next_start(PDL)
-    wait_for_previous(PDL)
-    at = tl.program_id(0)  # row * Hq + query head
+@triton.jit
+def merge_head(m_ptr, l_ptr, acc_ptr, out_ptr, at, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Query head ``at`` (row * Hq + head): its chunks' partial results merged in float32, against the largest
+    running max of them, and its output written in the model's dtype. Read past the L1 cache (".cg"): written by
+    other programs of the same kernel where the split kernel merges."""
     ds = tl.arange(0, D)
     offs = tl.arange(0, BLOCK_S)
     top = tl.full([BLOCK_S], -1.0e30, dtype=tl.float32)
     for s0 in range(0, n_splits, BLOCK_S):
-        top = tl.maximum(top, tl.load(m_ptr + at * n_splits + s0 + offs, mask=s0 + offs < n_splits, other=-1.0e30))
+        top = tl.maximum(top, tl.load(m_ptr + at * n_splits + s0 + offs, mask=s0 + offs < n_splits, other=-1.0e30,
+                                      cache_modifier=".cg"))
     m_max = tl.max(top, 0)
     num = tl.zeros([D], dtype=tl.float32)
     den = tl.zeros([BLOCK_S], dtype=tl.float32)
     for s0 in range(0, n_splits, BLOCK_S):
         ok = s0 + offs < n_splits
-        w = tl.exp(tl.load(m_ptr + at * n_splits + s0 + offs, mask=ok, other=-1.0e30) - m_max)
-        den += tl.load(l_ptr + at * n_splits + s0 + offs, mask=ok, other=0.0) * w
-        part = tl.load(acc_ptr + (at * n_splits + s0 + offs)[:, None] * D + ds[None, :], mask=ok[:, None], other=0.0)
+        w = tl.exp(tl.load(m_ptr + at * n_splits + s0 + offs, mask=ok, other=-1.0e30, cache_modifier=".cg") - m_max)
+        den += tl.load(l_ptr + at * n_splits + s0 + offs, mask=ok, other=0.0, cache_modifier=".cg") * w
+        part = tl.load(acc_ptr + (at * n_splits + s0 + offs)[:, None] * D + ds[None, :], mask=ok[:, None], other=0.0,
+                       cache_modifier=".cg")
         num += tl.sum(part * w[:, None], 0)
     tl.store(out_ptr + at * D + ds, (num / tl.sum(den, 0)).to(out_ptr.dtype.element_ty))
+
+
+def attend_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                        PDL: tl.constexpr):
+    # one program per (row, query head): merge_head
+    let_next_start(PDL)
+    wait_for_previous(PDL)
+    merge_head(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), n_splits, D, BLOCK_S)

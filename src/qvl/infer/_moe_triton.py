@@ -2,10 +2,31 @@
 first used. A module of their own, without postponed annotations, whose global ``tl`` Triton's interpreter can
 patch."""
 
+import triton
 import triton.language as tl
 
 from qvl.infer._launch_triton import let_next_start, wait_for_previous
 from qvl.infer._norm_triton import normed, rms_scale
+
+
+@triton.jit
+def top_k_routes(logits_row, E: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr):
+    """A row's router logits (E of them) -> the k largest softmax probabilities renormalised (float32) and their
+    expert ids (int64), largest first, each a (TOP_K_PAD,) block whose slots past k are 0. The softmax in float32 as
+    the Hugging Face router computes it; ties ranked by the lower id, as torch.topk."""
+    offs = tl.arange(0, E)
+    x = tl.load(logits_row + offs).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    # each expert's rank (how many come before it), then slot j takes the expert of rank j: a few reductions over
+    # an (E, E) and a (k, E) block instead of k rounds of max and argmax one after another
+    before = (p[None, :] > p[:, None]) | ((p[None, :] == p[:, None]) & (offs[None, :] < offs[:, None]))
+    rank = tl.sum(before.to(tl.int32), 1)
+    slots = tl.arange(0, TOP_K_PAD)
+    at = (rank[None, :] == slots[:, None]) & (slots < TOP_K)[:, None]
+    best = tl.sum(tl.where(at, p[None, :], 0.0), 1)
+    ids = tl.minimum(tl.sum(tl.where(at, offs[None, :], 0), 1), E - 1)  # NaN logits rank nothing: still an expert
+    return best / tl.sum(best, 0), ids.to(tl.int64)
 
 
 def route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_row, E: tl.constexpr, TOP_K: tl.constexpr,
@@ -14,37 +35,36 @@ def route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_row, E: tl.constexpr, 
     let_next_start(PDL)
     wait_for_previous(PDL)
     row = tl.program_id(0)
-    offs = tl.arange(0, E)
-    x = tl.load(logits_ptr + row * stride_row + offs).to(tl.float32)
-    p = tl.exp(x - tl.max(x, 0))
-    p = p / tl.sum(p, 0)
-    # the k largest, largest first (ties: the lower id, as torch.topk), kept in registers: one pass, then one store
+    best, ids = top_k_routes(logits_ptr + row * stride_row, E, TOP_K, TOP_K_PAD)
     slots = tl.arange(0, TOP_K_PAD)
-    best_k = tl.zeros([TOP_K_PAD], dtype=tl.float32)
-    ids_k = tl.zeros([TOP_K_PAD], dtype=tl.int64)
-    left, total = p, 0.0
-    for j in tl.static_range(TOP_K):
-        best = tl.max(left, 0)
-        at = tl.argmax(left, 0)
-        total += best
-        best_k = tl.where(slots == j, best, best_k)
-        ids_k = tl.where(slots == j, at.to(tl.int64), ids_k)
-        left = tl.where(offs == at, -1.0, left)
     ok = slots < TOP_K
-    tl.store(weights_ptr + row * TOP_K + slots, (best_k / total).to(weights_ptr.dtype.element_ty), mask=ok)
-    tl.store(ids_ptr + row * TOP_K + slots, ids_k, mask=ok)
+    tl.store(weights_ptr + row * TOP_K + slots, best.to(weights_ptr.dtype.element_ty), mask=ok)
+    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=ok)
 
-def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, norm_ptr, H, INTER, stride_x, stride_we, stride_wn, eps,
-                   TOP_K: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr):
+
+def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, norm_ptr, logits_ptr, weights_ptr, H, INTER, stride_x,
+                   stride_we, stride_wn, stride_logits, eps, TOP_K: tl.constexpr, NORM: tl.constexpr,
+                   ROUTE: tl.constexpr, E: tl.constexpr, TOP_K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # NORM: the row is first RMS-normalised and scaled by norm_ptr's weight, rounded where Qwen3VLTextRMSNorm rounds
-    # (as qvl.infer._gemv_triton's kernel: each program sums its row's squares itself)
+    # (as qvl.infer._gemv_triton's kernel: each program sums its row's squares itself). ROUTE: the pair's expert is
+    # chosen here from the row's router logits (each program ranks them itself: E values, in cache), not read from
+    # ids_ptr; the programs of the first block of columns write each pair's id and weight for the down kernel
     let_next_start(PDL)
-    wait_for_previous(PDL)  # the expert ids: which weights to read comes from the kernel before
+    wait_for_previous(PDL)  # the expert ids or router logits: which weights to read comes from the kernel before
     pair = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    if ROUTE:
+        best, ids = top_k_routes(logits_ptr + (pair // TOP_K) * stride_logits, E, TOP_K, TOP_K_PAD)
+        mine = tl.arange(0, TOP_K_PAD) == pair % TOP_K
+        expert = tl.sum(tl.where(mine, ids, 0), 0)
+        first = tl.program_id(1) == 0
+        tl.store(ids_ptr + pair, expert, mask=first)
+        tl.store(weights_ptr + pair, tl.sum(tl.where(mine, best, 0.0), 0).to(weights_ptr.dtype.element_ty),
+                 mask=first)
+    else:
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
     x_row = x_ptr + (pair // TOP_K) * stride_x
     if NORM:
         scale = rms_scale(x_row, H, eps, BLOCK_K)

@@ -5,12 +5,13 @@ and the probabilities' matmul: 13 us a layer of the 30B-A3B batch-1 step for its
 1,094 tokens (H100, 2026-12-06, bench/experiments/results/moe_decode_step_fused_h100.txt), and each leaves a
 (B, Hq, L) tensor behind. Here :func:`attend` runs one program per (row, kv head, chunk of keys): the kv head's
 query heads (grouped-query attention: its keys are read once for all of them) over the chunk with an online softmax;
-then one program per (row, query head) merges its chunks in float32. Chunks are as small as it takes for the step to
+then its query heads' chunks are merged in float32: by the last of its programs to finish (:data:`MERGE_IN_SPLIT`),
+or by one program per (row, query head) of a merge kernel. Chunks are as small as it takes for the step to
 fill the card (:func:`chunk_for`). Values are rounded where the plain path rounds them (the scores to the model's
 dtype before the float32 softmax; the probabilities to it before they weight the values, here unnormalised), so
 outputs match it up to that and the sums' order (tests/infer/test_attend_kernels.py).
 
-A custom op (``qvl::attend_decode``): torch.compile leaves it whole and CUDA graphs capture its two launches. Where it
+A custom op (``qvl::attend_decode``): torch.compile leaves it whole and CUDA graphs capture its launches. Where it
 cannot run (:func:`runs`: a CPU without ``TRITON_INTERPRET=1``, an odd head width) :func:`attend` is the plain path.
 """
 
@@ -37,6 +38,11 @@ BLOCK_L = 64  # keys per block inside a chunk (a smaller chunk: the chunk)
 # chunks per block of the merge: all of them in one pass up to 64 (each pass waits on its loads), at least 16
 BLOCK_S = (16, 64)
 NUM_WARPS = 4
+# The merge done by the split kernel's last program of each (row, kv head) (an atomic count in a buffer of the
+# device's that each such program leaves at 0), so a step attends in one kernel a layer instead of two. The count
+# makes two attention kernels running at once on one device (two streams) unsafe: the decode step runs on one.
+MERGE_IN_SPLIT = True
+COUNTS = 1 << 16  # (row, kv head) counters a device's buffer holds; a step of more runs the merge kernel
 H100_SMS = 132  # where there is no CUDA device (Triton's interpreter): the chunks an H100 would get
 
 
@@ -62,6 +68,12 @@ def _kernels():
 
 
 @functools.cache
+def _counts(device: torch.device) -> torch.Tensor:
+    """The device's (row, kv head) counters of the merging split kernel, zero (each call leaves them so)."""
+    return torch.zeros(COUNTS, dtype=torch.int32, device=device)
+
+
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
 
@@ -83,7 +95,8 @@ def attend_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
                   chunk: int = 0) -> torch.Tensor:
     """q (B, Hq, D), keys / values (B, Hkv, L, D), mask (B, L) -> (B, Hq * D) in q's dtype: one program per (row,
     kv head, chunk of keys) leaves each query head's running max, sum of exponentials and unnormalised output per
-    chunk (float32), then one per (row, query head) merges its chunks. ``chunk``: keys per program, else
+    chunk (float32), then the last of a (row, kv head)'s programs (:data:`MERGE_IN_SPLIT`), or one program per (row,
+    query head) of a second kernel, merges them. ``chunk``: keys per program, else
     :func:`chunk_for` (decided here, on the concrete shapes, so a compiled caller's graph does not depend on it)."""
     b, n_q, d = q.shape
     n_kv, n_keys = keys.shape[1], keys.shape[2]
@@ -96,16 +109,19 @@ def attend_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
     acc = torch.empty(b, n_q, s, d, dtype=torch.float32, device=q.device)
     out = torch.empty(b, n_q, d, dtype=q.dtype, device=q.device)
     group = n_q // n_kv
+    block_s = min(max(triton.next_power_of_2(s), BLOCK_S[0]), BLOCK_S[1])
+    merge = MERGE_IN_SPLIT and b * n_kv <= COUNTS
     with on_device(q.device):
         split_kernel[(b, n_kv, s)](
-            q, keys, values, mask.view(torch.uint8), m, l_sum, acc, n_keys, s, scale,
-            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+            q, keys, values, mask.view(torch.uint8), m, l_sum, acc, out, _counts(q.device) if merge else m, n_keys,
+            s, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, CHUNK=chunk,
-            BLOCK_L=min(BLOCK_L, chunk), DOT_FP32=interpreting(), num_warps=NUM_WARPS, **overlap(q.device))
-        block_s = min(max(triton.next_power_of_2(s), BLOCK_S[0]), BLOCK_S[1])
-        merge_kernel[(b * n_q,)](m, l_sum, acc, out, s, D=d, BLOCK_S=block_s, num_warps=NUM_WARPS,
-                                 **overlap(q.device))
+            BLOCK_L=min(BLOCK_L, chunk), BLOCK_S=block_s, MERGE=merge, DOT_FP32=interpreting(), num_warps=NUM_WARPS,
+            **overlap(q.device))
+        if not merge:
+            merge_kernel[(b * n_q,)](m, l_sum, acc, out, s, D=d, BLOCK_S=block_s, num_warps=NUM_WARPS,
+                                     **overlap(q.device))
     return out.reshape(b, n_q * d)
 
 

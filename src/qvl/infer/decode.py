@@ -284,8 +284,8 @@ def mlp_out(a, x, wo, ln, mlp: tuple, eps: float, top_k: int = 0, experts: str =
         if experts == "fused":
             from qvl.infer import moe_kernels
 
-            weights, ids = moe_kernels.route(linear(h, router, small != "cublas", **folded), top_k)
-            return moe_kernels.experts(h, weights, ids, gate_up, down, **folded, residual=x)
+            return moe_kernels.routed_experts(h, linear(h, router, small != "cublas", **folded), top_k, gate_up,
+                                              down, **folded, residual=x)
         h = rms_norm(x, ln, eps) if folded else h
         weights, ids = router_top_k(h, router, top_k)
         run = experts_gathered if experts == "gathered" else experts_grouped

@@ -16,11 +16,13 @@ the router's GEMM (cuBLAS, or qvl.infer.gemv_kernels' GEMV at 1 row) and:
   adds the residual itself, and no (B, k, H) products are left. The values are rounded where the plain path rounds
   them (each product to the model's dtype), so outputs match it up to the order of the sums.
   Each pair reads its expert's rows whole: with many rows sharing experts the grouped GEMM (each selected expert read
-  once) reads less, so this is for a few rows.
+  once) reads less, so this is for a few rows;
+* :func:`routed_experts` — both in two kernels: the gate_up kernel takes the top-k from the router's logits itself
+  (:data:`ROUTE_IN_GATE_UP`).
 
 The route and the experts' kernels are custom ops (``qvl::moe_route``, ``qvl::moe_expert_outputs``,
-``qvl::moe_experts_added``): torch.compile leaves them whole and CUDA graphs capture their launches. On a CPU they run
-the plain path's operations, except under ``TRITON_INTERPRET=1``, where Triton's interpreter runs the kernels
+``qvl::moe_experts_added``, ``qvl::moe_routed_outputs``): torch.compile leaves them whole and CUDA graphs capture
+their launches. On a CPU they run the plain path's operations, except under ``TRITON_INTERPRET=1``, where Triton's interpreter runs the kernels
 themselves (tests/infer/test_moe_kernels.py compares the two).
 """
 
@@ -49,8 +51,12 @@ DOWN_TILE = (16, 128, 8)
 # programs for the card
 SUM_IN_DOWN = False
 DOWN_SUM_TILE = (8, 128, 8)
-# the route kernel's warps: its 128 router probabilities fit one warp, whose top-k rounds then reduce by shuffles alone
-ROUTE_WARPS = 1
+# The router's top-k taken inside the gate_up kernel (each of its programs ranks its row's E logits itself), so no
+# route kernel runs between the router's GEMV and the experts (:func:`routed_experts`). Unmeasured on a GPU yet
+ROUTE_IN_GATE_UP = True
+# the route kernel's warps: its ranking compares all E x E pairs of a row's probabilities (16k for 128 experts), too
+# many registers for one warp
+ROUTE_WARPS = 4
 
 
 @functools.cache
@@ -104,18 +110,23 @@ def _(logits, top_k):
 
 
 def launch_gate_up(h: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, tile=None,
-                   norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                   norm: torch.Tensor | None = None, eps: float = 0.0, logits: torch.Tensor | None = None,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """The gate_up kernel: (B * k, I) activations ``silu(gate) * up`` of every (row, expert) pair; with ``norm``,
-    of h RMS-normalised (``eps``) and scaled by it."""
+    of h RMS-normalised (``eps``) and scaled by it. With ``logits`` (B, E), the router's top-k is taken in the kernel
+    (as :func:`route`) and written into ``ids`` and ``weights`` (B, k), which it then fills rather than reads."""
     triton, _, gate_up_kernel, *_ = _kernels()
     block_n, block_k, warps = tile or GATE_UP_TILE
     pairs, inter = ids.numel(), gate_up.shape[1] // 2
     act = torch.empty(pairs, inter, dtype=h.dtype, device=h.device)
+    routed = logits is not None
     with on_device(h.device):
         gate_up_kernel[(pairs, triton.cdiv(inter, block_n))](
-            h, ids, gate_up, act, h if norm is None else norm, h.shape[1], inter, h.stride(0), gate_up.stride(0),
-            gate_up.stride(1), eps, TOP_K=ids.shape[1], NORM=norm is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps, **overlap(h.device))
+            h, ids, gate_up, act, h if norm is None else norm, logits if routed else h,
+            weights if routed else h, h.shape[1], inter, h.stride(0), gate_up.stride(0), gate_up.stride(1),
+            logits.stride(0) if routed else 0, eps, TOP_K=ids.shape[1], NORM=norm is not None, ROUTE=routed,
+            E=logits.shape[1] if routed else 1, TOP_K_PAD=triton.next_power_of_2(ids.shape[1]), BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps, **overlap(h.device))
     return act
 
 
@@ -206,4 +217,36 @@ def experts(h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: 
     if residual is not None and SUM_IN_DOWN:
         return experts_added(h, weights, ids, gate_up, down, residual, norm, eps)
     y = expert_outputs(h, weights, ids, gate_up, down, norm, eps).float().sum(dim=1).to(h.dtype)
+    return y if residual is None else residual + y
+
+
+@torch.library.custom_op("qvl::moe_routed_outputs", mutates_args=())
+def routed_outputs(h: torch.Tensor, logits: torch.Tensor, top_k: int, gate_up: torch.Tensor, down: torch.Tensor,
+                   norm: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """:func:`route` and :func:`expert_outputs` in two kernels: the gate_up kernel takes each row's top-k from its
+    router ``logits`` (B, E) itself, so no route kernel runs between the router and the experts. -> (B, k, H)."""
+    if not _runs(h, gate_up, down) or logits.shape[-1] & (logits.shape[-1] - 1):
+        weights, ids = _plain_route(logits, top_k)
+        return _plain_expert_outputs(_plain_input(h, norm, eps), weights, ids, gate_up, down)
+    h, logits = h.contiguous(), logits.contiguous()
+    ids = torch.empty(h.shape[0], top_k, dtype=torch.int64, device=h.device)
+    weights = torch.empty(h.shape[0], top_k, dtype=logits.dtype, device=h.device)
+    act = launch_gate_up(h, ids, gate_up, norm=norm, eps=eps, logits=logits, weights=weights)
+    return launch_down(act, weights, ids, down)
+
+
+@routed_outputs.register_fake
+def _(h, logits, top_k, gate_up, down, norm=None, eps=0.0):
+    return h.new_empty(h.shape[0], top_k, h.shape[1])
+
+
+def routed_experts(h: torch.Tensor, logits: torch.Tensor, top_k: int, gate_up: torch.Tensor, down: torch.Tensor,
+                   norm: torch.Tensor | None = None, eps: float = 0.0,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE layer after its router: each row's top-k of ``logits`` (B, E), then :func:`experts` over them; where
+    :data:`ROUTE_IN_GATE_UP` (and the residual is not summed in the down kernel) the top-k is taken inside the
+    gate_up kernel (:func:`routed_outputs`), else by :func:`route` before it."""
+    if not ROUTE_IN_GATE_UP or (residual is not None and SUM_IN_DOWN):
+        return experts(h, *route(logits, top_k), gate_up, down, norm, eps, residual)
+    y = routed_outputs(h, logits, top_k, gate_up, down, norm, eps).float().sum(dim=1).to(h.dtype)
     return y if residual is None else residual + y
