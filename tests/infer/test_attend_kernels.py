@@ -60,6 +60,7 @@ def test_merged_by_the_last_chunk_as_by_the_merge_kernel(interpreted, monkeypatc
     bit for bit (one chunk, many, more than a merge block of 64), and leaves its counters at 0: a second call (a
     CUDA graph's replay) the same."""
     q, k, v, mask = cache(rows, n_q, n_kv, d, keys, torch.bfloat16)
+    assert attend_kernels.runs(q, k, v)  # the kernels themselves, not the plain path
     got = {}
     for merge in (False, True):
         monkeypatch.setattr(attend_kernels, "MERGE_IN_SPLIT", merge)
@@ -120,26 +121,29 @@ def test_decode_with_split_attention_matches_generate(interpreted, tiny_moe):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 4])
-def test_kernel_on_cuda(rows):
+@pytest.mark.parametrize("merge_in_split", [True, False])
+def test_kernel_on_cuda(rows, merge_in_split, monkeypatch):
     """The compiled kernel on a GPU, bf16, 30B-A3B's heads at 1,094 keys: the plain path's outputs within bf16
-    rounding, and the same inside a captured CUDA graph."""
+    rounding, and inside a captured CUDA graph replayed over new inputs each time (a merge reading a chunk's results
+    before they were stored would read the replay before's), the two-kernel merge's outputs within rounding."""
+    monkeypatch.setattr(attend_kernels, "MERGE_IN_SPLIT", merge_in_split)
     q, k, v, mask = (t.cuda() for t in cache(rows, 32, 4, 128, 1094, torch.bfloat16))
     want = attend(q, k, v, mask, 128 ** -0.5)
     got = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
-    attend_kernels.MERGE_IN_SPLIT, merged_before = False, attend_kernels.MERGE_IN_SPLIT
-    try:
-        two_kernels = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
-    finally:
-        attend_kernels.MERGE_IN_SPLIT = merged_before
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
-    for _ in range(200):  # the last program to finish merges: any missed ordering between programs would show
+    for seed in range(1, 101):
+        for static, new in zip((q, k, v, mask), cache(rows, 32, 4, 128, 1094, torch.bfloat16, seed=seed)):
+            static.copy_(new)
         graph.replay()
-        torch.testing.assert_close(captured, got)
+        monkeypatch.setattr(attend_kernels, "MERGE_IN_SPLIT", False)
+        two_kernels = attend_kernels.attend(q, k, v, mask, 128 ** -0.5)
+        monkeypatch.setattr(attend_kernels, "MERGE_IN_SPLIT", merge_in_split)
         torch.testing.assert_close(captured.float(), two_kernels.float(), rtol=1e-2, atol=1e-2)
-    assert not attend_kernels._counts(q.device).any()
+    if merge_in_split:
+        assert not attend_kernels._counts(q.device).any()
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the parent runs it")
@@ -255,6 +259,11 @@ def test_the_decode_bench_merges_in_the_split_kernel_only_where_it_was_never_slo
         assert res["merge"] == want and attend_kernels.MERGE_IN_SPLIT == (want == "in_split")
         assert res["merge_ms"]["merge_kernel"] == {"rows1_len1100": 3.7, "rows32_len300": 8.2}
         assert res["merge_max_abs_diff"] == 0.5
+    d = Decoder()  # a capture that falls back to plain attention with the switch on: no timings kept, switch off
+    d.set_impl = lambda impl, *a: setattr(d, "split", not attend_kernels.MERGE_IN_SPLIT)
+    res = bench.merge_choice(d, "layer", 1100)
+    assert res["merge"] == "merge_kernel" and "fell back" in res["merge_failed"] and res["merge_ms"] == {}
+    assert not attend_kernels.MERGE_IN_SPLIT
     d = Decoder()
     d.split = False
     assert bench.merge_choice(d, "layer", 1100) == {}

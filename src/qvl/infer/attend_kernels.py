@@ -67,10 +67,17 @@ def _kernels():
     return triton, triton.jit(k.attend_split_kernel), triton.jit(k.attend_merge_kernel)
 
 
-@functools.cache
-def _counts(device: torch.device) -> torch.Tensor:
-    """The device's (row, kv head) counters of the merging split kernel, zero (each call leaves them so)."""
-    return torch.zeros(COUNTS, dtype=torch.int32, device=device)
+_COUNTS_BY_DEVICE: dict = {}
+
+
+def _counts(device: torch.device) -> torch.Tensor | None:
+    """The device's (row, kv head) counters of the merging split kernel, zero (each call leaves them so); None while
+    a CUDA graph is being captured and they do not exist yet (zeroing them in the graph would leave them unset until
+    its first replay: that step merges in a kernel of its own)."""
+    counts = _COUNTS_BY_DEVICE.get(device)
+    if counts is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        counts = _COUNTS_BY_DEVICE[device] = torch.zeros(COUNTS, dtype=torch.int32, device=device)
+    return counts
 
 
 @functools.cache
@@ -110,10 +117,11 @@ def attend_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
     out = torch.empty(b, n_q, d, dtype=q.dtype, device=q.device)
     group = n_q // n_kv
     block_s = min(max(triton.next_power_of_2(s), BLOCK_S[0]), BLOCK_S[1])
-    merge = MERGE_IN_SPLIT and b * n_kv <= COUNTS
+    counts = _counts(q.device) if MERGE_IN_SPLIT else None
+    merge = counts is not None and b * n_kv <= counts.numel()
     with on_device(q.device):
         split_kernel[(b, n_kv, s)](
-            q, keys, values, mask.view(torch.uint8), m, l_sum, acc, out, _counts(q.device) if merge else m, n_keys,
+            q, keys, values, mask.view(torch.uint8), m, l_sum, acc, out, counts if merge else m, n_keys,
             s, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
             GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, CHUNK=chunk,

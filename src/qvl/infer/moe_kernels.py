@@ -52,11 +52,13 @@ DOWN_TILE = (16, 128, 8)
 SUM_IN_DOWN = False
 DOWN_SUM_TILE = (8, 128, 8)
 # The router's top-k taken inside the gate_up kernel (each of its programs ranks its row's E logits itself), so no
-# route kernel runs between the router's GEMV and the experts (:func:`routed_experts`). Unmeasured on a GPU yet
-ROUTE_IN_GATE_UP = True
-# the route kernel's warps: its ranking compares all E x E pairs of a row's probabilities (16k for 128 experts), too
-# many registers for one warp
-ROUTE_WARPS = 4
+# route kernel runs between the router's GEMV and the experts (:func:`routed_experts`). Off until measured: the
+# ranking doubles the gate_up kernel's registers (80 against 40 a thread at its 8-warp tile, sm_90), about halving
+# the programs a multiprocessor holds
+ROUTE_IN_GATE_UP = False
+# the route kernel's warps: one program a row, its ranking of 128 router probabilities fits one warp's registers
+# (89 a thread, no spills, sm_90)
+ROUTE_WARPS = 1
 
 
 @functools.cache
@@ -246,7 +248,8 @@ def routed_experts(h: torch.Tensor, logits: torch.Tensor, top_k: int, gate_up: t
     """The MoE layer after its router: each row's top-k of ``logits`` (B, E), then :func:`experts` over them; where
     :data:`ROUTE_IN_GATE_UP` (and the residual is not summed in the down kernel) the top-k is taken inside the
     gate_up kernel (:func:`routed_outputs`), else by :func:`route` before it."""
-    if not ROUTE_IN_GATE_UP or (residual is not None and SUM_IN_DOWN):
+    power_of_two = not logits.shape[-1] & (logits.shape[-1] - 1)  # the kernel's tl.arange over the experts
+    if not ROUTE_IN_GATE_UP or (residual is not None and SUM_IN_DOWN) or not power_of_two:
         return experts(h, *route(logits, top_k), gate_up, down, norm, eps, residual)
     y = routed_outputs(h, logits, top_k, gate_up, down, norm, eps).float().sum(dim=1).to(h.dtype)
     return y if residual is None else residual + y
