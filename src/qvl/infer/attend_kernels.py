@@ -40,8 +40,9 @@ BLOCK_S = (16, 64)
 NUM_WARPS = 4
 # The merge done by the split kernel's last program of each (row, kv head) (an atomic count in a buffer of the
 # device's that each such program leaves at 0), so a step attends in one kernel a layer instead of two. The count
-# makes two attention kernels running at once on one device (two streams) unsafe: the decode step runs on one.
-MERGE_IN_SPLIT = True
+# makes two attention kernels running at once on one device (two streams) unsafe: the decode step runs on one. Off
+# until measured on a GPU (bench/decode.py's merge_choice times both)
+MERGE_IN_SPLIT = False
 COUNTS = 1 << 16  # (row, kv head) counters a device's buffer holds; a step of more runs the merge kernel
 H100_SMS = 132  # where there is no CUDA device (Triton's interpreter): the chunks an H100 would get
 
