@@ -20,7 +20,7 @@ def attend_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr, ou
     # PDL (both kernels here): the next kernel may start at once; this one reads after the one before ended
     let_next_start(PDL)
     wait_for_previous(PDL)
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # cache offsets pass 2**31 elements (8 kv heads x 40k keys x 128 at row 52)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     dtype = q_ptr.dtype.element_ty

@@ -13,20 +13,26 @@ from qvl.infer._norm_triton import normed, rms_scale
 def top_k_routes(logits_row, E: tl.constexpr, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr):
     """A row's router logits (E of them) -> the k largest softmax probabilities renormalised (float32) and their
     expert ids (int64), largest first, each a (TOP_K_PAD,) block whose slots past k are 0. The softmax in float32 as
-    the Hugging Face router computes it; ties ranked by the lower id, as torch.topk."""
+    the Hugging Face router computes it; ties: the lower id, as torch.topk."""
     offs = tl.arange(0, E)
     x = tl.load(logits_row + offs).to(tl.float32)
     p = tl.exp(x - tl.max(x, 0))
     p = p / tl.sum(p, 0)
-    # each expert's rank (how many come before it), then slot j takes the expert of rank j: a few reductions over
-    # an (E, E) and a (k, E) block instead of k rounds of max and argmax one after another
-    before = (p[None, :] > p[:, None]) | ((p[None, :] == p[:, None]) & (offs[None, :] < offs[:, None]))
-    rank = tl.sum(before.to(tl.int32), 1)
+    # the k largest kept in registers, one round each. With all E x E pairs ranked at once instead (16k comparisons a
+    # row for the route kernel's one warp) a 1-row 30B-A3B step took 4.09 ms, 3.76 with these rounds (H100s,
+    # 2026-12-07: bench/results/decode_moe_route_h100.json, decode_moe_rounds_h100.json)
     slots = tl.arange(0, TOP_K_PAD)
-    at = (rank[None, :] == slots[:, None]) & (slots < TOP_K)[:, None]
-    best = tl.sum(tl.where(at, p[None, :], 0.0), 1)
-    ids = tl.minimum(tl.sum(tl.where(at, offs[None, :], 0), 1), E - 1)  # NaN logits rank nothing: still an expert
-    return best / tl.sum(best, 0), ids.to(tl.int64)
+    best_k = tl.zeros([TOP_K_PAD], dtype=tl.float32)
+    ids_k = tl.zeros([TOP_K_PAD], dtype=tl.int64)
+    left, total = p, 0.0
+    for j in tl.static_range(TOP_K):
+        best = tl.max(left, 0)
+        at = tl.argmax(left, 0)
+        total += best
+        best_k = tl.where(slots == j, best, best_k)
+        ids_k = tl.where(slots == j, at.to(tl.int64), ids_k)
+        left = tl.where(offs == at, -1.0, left)
+    return best_k / total, ids_k
 
 
 def route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_row, E: tl.constexpr, TOP_K: tl.constexpr,
@@ -48,8 +54,9 @@ def gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, norm_ptr, logits_ptr, weights
                    BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # NORM: the row is first RMS-normalised and scaled by norm_ptr's weight, rounded where Qwen3VLTextRMSNorm rounds
     # (as qvl.infer._gemv_triton's kernel: each program sums its row's squares itself). ROUTE: the pair's expert is
-    # chosen here from the row's router logits (each program ranks them itself: E values, in cache), not read from
-    # ids_ptr; the programs of the first block of columns write each pair's id and weight for the down kernel
+    # chosen here from the row's router logits (each program takes their top-k itself: E values, in cache), not
+    # read from ids_ptr; the programs of the first block of columns write each pair's id and weight for the down
+    # kernel
     let_next_start(PDL)
     wait_for_previous(PDL)  # the expert ids or router logits: which weights to read comes from the kernel before
     pair = tl.program_id(0)

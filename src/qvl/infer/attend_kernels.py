@@ -40,8 +40,12 @@ BLOCK_S = (16, 64)
 NUM_WARPS = 4
 # The merge done by the split kernel's last program of each (row, kv head) (an atomic count in a buffer of the
 # device's that each such program leaves at 0), so a step attends in one kernel a layer instead of two. The count
-# makes two attention kernels running at once on one device (two streams) unsafe: the decode step runs on one. Off
-# until measured on a GPU (bench/decode.py's merge_choice times both)
+# makes two attention kernels running at once on one device (two streams) unsafe: the decode step runs on one. Off:
+# slower, 20.4 against 8.1 us a call at 1 row x 1,100 keys, 31.1 against 16.3 at 32 rows x 300 (30B-A3B's heads,
+# bench/experiments/results/attend_merge_h100.json), steps 4.48 against 3.75 ms and 25.06 against 24.44 (equal
+# logits; H100, 2026-12-07, bench/results/decode_moe_rounds_h100.json ``merge_ms``): the last program merges its 8
+# query heads one after another, a tail the whole kernel waits on, where the merge kernel spreads them over 32
+# programs. Right on an H100 (bench/experiments/results/route_merge_cuda_tests_h100.txt)
 MERGE_IN_SPLIT = False
 COUNTS = 1 << 16  # (row, kv head) counters a device's buffer holds; a step of more runs the merge kernel
 H100_SMS = 132  # where there is no CUDA device (Triton's interpreter): the chunks an H100 would get

@@ -22,8 +22,8 @@ the router's GEMM (cuBLAS, or qvl.infer.gemv_kernels' GEMV at 1 row) and:
 
 The route and the experts' kernels are custom ops (``qvl::moe_route``, ``qvl::moe_expert_outputs``,
 ``qvl::moe_experts_added``, ``qvl::moe_routed_outputs``): torch.compile leaves them whole and CUDA graphs capture
-their launches. On a CPU they run the plain path's operations, except under ``TRITON_INTERPRET=1``, where Triton's interpreter runs the kernels
-themselves (tests/infer/test_moe_kernels.py compares the two).
+their launches. On a CPU they run the plain path's operations, except under ``TRITON_INTERPRET=1``, where Triton's
+interpreter runs the kernels themselves (tests/infer/test_moe_kernels.py compares the two).
 """
 
 from __future__ import annotations
@@ -51,13 +51,14 @@ DOWN_TILE = (16, 128, 8)
 # programs for the card
 SUM_IN_DOWN = False
 DOWN_SUM_TILE = (8, 128, 8)
-# The router's top-k taken inside the gate_up kernel (each of its programs ranks its row's E logits itself), so no
-# route kernel runs between the router's GEMV and the experts (:func:`routed_experts`). Off until measured: the
-# ranking doubles the gate_up kernel's registers (80 against 40 a thread at its 8-warp tile, sm_90), about halving
-# the programs a multiprocessor holds
+# The router's top-k taken inside the gate_up kernel (each of its programs takes its row's top-k itself), so no
+# route kernel runs between the router's GEMV and the experts (:func:`routed_experts`). Off: slower, 3.92 against
+# 3.76 ms a 1-row 30B-A3B step and 11.50 against 10.52 at 8 rows, equal logits (H100, 2026-12-07,
+# bench/results/decode_moe_rounds_h100.json ``route_ms``): ~770 programs each take the top-k before their first weight
+# read, one route kernel's worth of work on every program's critical path (ranked over all E x E pairs instead:
+# 4.72 against 3.95, decode_moe_route_h100.json)
 ROUTE_IN_GATE_UP = False
-# the route kernel's warps: one program a row, its ranking of 128 router probabilities fits one warp's registers
-# (89 a thread, no spills, sm_90)
+# the route kernel's warps: its 128 router probabilities fit one warp, whose top-k rounds then reduce by shuffles alone
 ROUTE_WARPS = 1
 
 
