@@ -24,9 +24,10 @@ mixture-of-experts one; bf16, sdpa):
 
 MoE: the captured step is timed per step implementation and per way of running the routed experts (grouped
 GEMM / gathered / fused: qvl.infer.moe_kernels' Triton kernels); the engine then gathers or fuses at the batch sizes
-where that was faster. ``qvl_vs_generate`` is the
-batch-1 decode speed over plain generate's; ``peak_vs_plan`` the peak allocated memory over `qvl plan serve`'s
-(transformers, fast decode path, the engine's slots and context).
+where that was faster. Kernel switches (overlapped launches; for MoE the router's top-k inside the gate_up kernel;
+split attention merged by its own last programs) are timed off and on, and kept on only where never slower.
+``qvl_vs_generate`` is the batch-1 decode speed over plain generate's; ``peak_vs_plan`` the peak allocated memory
+over `qvl plan serve`'s (transformers, fast decode path, the engine's slots and context).
 
 Partial results are written after each phase, so a run cut short still leaves numbers.
 """
