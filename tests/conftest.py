@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -30,3 +31,23 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_processor(tiny):
     return tiny[1]
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
+def pytest_collection_modifyitems(config, items):
+    """Tests that wait on a child pytest (Triton's kernels under its interpreter, tests/infer/triton_child.py) go
+    last, and their children start now, one after another in the background: each runs on one core for minutes, so
+    the rest of the suite runs beside them rather than after them."""
+    waiting = [item for item in items if item.get_closest_marker("child_pytest")]
+    if not waiting:
+        return
+    items[:] = [item for item in items if item not in waiting] + waiting
+    from triton_child import start_in_background
+
+    start_in_background([str(item.path) for item in waiting])
+
+
+def pytest_unconfigure(config):
+    child = sys.modules.get("triton_child")
+    if child is not None:
+        child.stop_background()

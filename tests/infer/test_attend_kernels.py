@@ -18,6 +18,7 @@ from triton_child import INTERPRETING, interpreted, run_under_the_interpreter  #
 pytest.importorskip("triton")
 
 
+@pytest.mark.child_pytest
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_the_kernel_under_the_interpreter():
     run_under_the_interpreter(__file__, least_passed=37)

@@ -137,6 +137,11 @@ def test_cuda_graphs_choice_says_why_not():
     assert "LoRA" in graphs.cuda_graphs_choice("auto", gpu, 1, True, True, lora=False)[1]
     assert "LoRA" in graphs.cuda_graphs_choice("auto", gpu, 1, True, True, upstream_trains=True)[1]
     assert "24 GiB card" in graphs.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=24)[1]
+    # the rows the plan makes: the text YAML's (8,192 tokens, padded) keep them, the video YAML's do not
+    assert graphs.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=80, row_tokens=8448) == (True, "auto")
+    off = graphs.cuda_graphs_choice("auto", gpu, 1, True, True, total_gib=141, row_tokens=15616)
+    assert not off[0] and "rows of up to 15,616 tokens" in off[1] and "true forces it" in off[1]
+    assert graphs.cuda_graphs_choice(True, gpu, 1, True, True, row_tokens=15616) == (True, "on")
     assert graphs.cuda_graphs_choice(True, gpu, 1, True, True, compiled=False, total_gib=24) == (True, "on")
 
 

@@ -217,7 +217,8 @@ class TrainConfig(BaseModel):
                             "recorded before training (~0.3-2 s each on an 8B model), others when they come; the "
                             "graphs' memory pool adds to the memory (10-22 GiB at 8B, not in the plan yet). Needs packed rows with "
                             "per_sample attention, bf16, one GPU. auto: on with compile_layers for LoRA with nothing "
-                            "before the decoder training, on cards of >= 40 GiB (8B LoRA on an H100: +11 % tokens/s); "
+                            "before the decoder training, on cards of >= 40 GiB, for rows of at most 12,288 tokens (8B LoRA "
+                            "on an H100: +11 % tokens/s); "
                             "true: wherever it can replay; false: off (docs/benchmarks.md)")
     cuda_graphs_row_multiple: int = Field(256, ge=1, description="with cuda_graphs: packed rows are padded to a "
                                           "multiple of this many tokens (a padding sample without labels); larger: "

@@ -347,11 +347,18 @@ class DecoderGraphs:
 
 
 GRAPHS_AUTO_MIN_GIB = 40  # cuda_graphs auto: cards with at least this much memory (the graphs' pool: 10-22 GiB at 8B)
+# cuda_graphs auto: rows of up to this many tokens (padded as the graphs pad them). What a replay saves is the host's
+# launch gaps, a share of the step that shrinks as rows grow: measured a gain at the 8B text YAML's rows (up to 8,192
+# tokens). At the video YAML's (up to 15,616) the 8B run ran out of memory on an H100 80GB at its first step, the
+# recordings' pool (16.7 GiB) beside 19.5 GiB the other pool held unused (2026-12-07,
+# bench/results/train_video_graphs_h100.json), where without graphs it trained at 6,575 tok/s
+# (train_video_nographs_h100.json)
+GRAPHS_AUTO_MAX_ROW = 12288
 
 
 def cuda_graphs_choice(choice, device: torch.device, world_size: int, per_sample: bool, varlen: bool,
                        compiled: bool = True, lora: bool = True, upstream_trains: bool = False,
-                       total_gib: float | None = None) -> tuple[bool, str]:
+                       total_gib: float | None = None, row_tokens: int | None = None) -> tuple[bool, str]:
     """(CUDA graphs?, why) for the loop: the LLM's decoder stack replayed as CUDA graphs (:mod:`qvl.train.graphs`).
 
     A replay launches a whole forward or backward of the stack at once: the GPU no longer waits for the host between
@@ -359,7 +366,8 @@ def cuda_graphs_choice(choice, device: torch.device, world_size: int, per_sample
     docs/benchmarks.md). Built and tested for one process, packed rows with per_sample attention on the flash varlen
     kernel (``varlen``: torch >= 2.10 and bf16; its sample bounds are device tensors, no host read). ``auto`` turns
     it on where it was measured: compiled layers, LoRA with nothing before the decoder training, a card of at least
-    ``GRAPHS_AUTO_MIN_GIB`` (the graphs' memory pool adds to the reserved memory); ``true`` wherever it can run."""
+    ``GRAPHS_AUTO_MIN_GIB`` (the graphs' memory pool adds to the reserved memory), rows (``row_tokens``: the
+    longest the run's plan makes) of at most ``GRAPHS_AUTO_MAX_ROW``; ``true`` wherever it can run."""
     if not choice:
         return False, ""
     structural = ("no CUDA device" if device.type != "cuda" else
@@ -378,6 +386,10 @@ def cuda_graphs_choice(choice, device: torch.device, world_size: int, per_sample
     if total_gib is not None and total_gib < GRAPHS_AUTO_MIN_GIB:
         return False, (f"cuda_graphs auto: off on a {total_gib:.0f} GiB card (its memory pool needs room; on from "
                        f"{GRAPHS_AUTO_MIN_GIB} GiB); true forces it")
+    if row_tokens is not None and row_tokens > GRAPHS_AUTO_MAX_ROW:
+        return False, (f"cuda_graphs auto: off for rows of up to {row_tokens:,} tokens (on up to "
+                       f"{GRAPHS_AUTO_MAX_ROW:,}: longer rows keep the GPU busy between launches, and their "
+                       "recordings' memory pool ran an 8B video run out of memory on an 80 GB card); true forces it")
     return True, "auto"
 
 

@@ -1045,7 +1045,8 @@ def _setup_fast_path(run: Run) -> None:
                                  if device.type == "cuda" else None)
     use_graphs, graphs_why = graphs.cuda_graphs_choice(
         graphs_wanted, device, run.dist.world_size, per_sample, varlen=varlen_available() and cfg.bf16,
-        compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream, total_gib=total_gib)
+        compiled=compiling, lora=cfg.lora_enable, upstream_trains=upstream, total_gib=total_gib,
+        row_tokens=run.longest_row)
     row_multiple = cfg.cuda_graphs_row_multiple if use_graphs else 0
     memory_budget = run.memory_budget
     if compiling:  # per-sample attention gets its sample bounds as inputs: whole modules compile
