@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
     last, and their children start now, one after another in the background: each runs on one core for minutes, so
     the rest of the suite runs beside them rather than after them."""
     waiting = [item for item in items if item.get_closest_marker("child_pytest")]
-    if not waiting:
+    if not waiting or config.option.collectonly:
         return
     items[:] = [item for item in items if item not in waiting] + waiting
     from triton_child import start_in_background
