@@ -13,6 +13,8 @@ mixture-of-experts one; bf16, sdpa):
   * batch 32 (448x448 images, each its own, 128 new tokens): generate, static + compile, at a fixed batch
   * prefill alone (qvl's engine, no vision cache): one 1024x1024-image prompt, one 448x448 one and eight, as one
     packed row (the default) and as transformers' forward over the padded batch, median ms of 5
+  * a chat's follow-up turn (283 text tokens on top of the 1024x1024-image prompt's kept keys / values, as prefix
+    reuse runs it) against that prompt's own prefill, median ms of 5
   * a prompt of nearly the whole context arriving while 8 requests decode, prefilled whole and 1,024 tokens a
     turn: the longest gap between the others' decode steps, and its own time to first token
   * qvl's scheduler with 8 and 32 concurrent requests arriving at staggered times
@@ -35,6 +37,7 @@ Partial results are written after each phase, so a run cut short still leaves nu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -505,6 +508,48 @@ def prefill_ms(engine, encs, impl: str, reps: int = 5) -> float:
     return statistics.median(times[1:])
 
 
+def followup_ms(engine, enc, new_tokens: int = 283, reps: int = 5, profile: str | None = None) -> dict:
+    """A chat's turn 2 in the engine: ``enc`` (one 1024x1024-image prompt) prefilled packed into slot 0, then
+    ``new_tokens`` more text tokens (turn 1's answer and a question: 283 in bench/serve.py's conversation) run on top of
+    its kept keys / values (qvl.infer.packed_prefill.rest, what prefix reuse runs). Median ms of each (``reps``, a
+    different length each time as a chat's are); ``profile``: a kernel table of one follow-up written there."""
+    import dataclasses
+
+    from qvl.data.packing import sample_positions
+    from qvl.infer import packed_prefill
+
+    d = engine.batcher.decoder
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    times = {"prompt": [], "followup": []}
+    text = enc.input_ids[enc.mm_token_type_ids == 0]  # the follow-up's tokens: the prompt's text, repeated
+    for i in range(reps + 1 + bool(profile)):  # the first run meets the shapes; a profiled one comes last, untimed
+        n = new_tokens + 4 * i
+        rest = text.repeat(n // len(text) + 1)[:n]
+        follow = dataclasses.replace(enc, input_ids=torch.cat([enc.input_ids, rest]), labels=None,
+                                     mm_token_type_ids=torch.cat([enc.mm_token_type_ids, torch.zeros_like(rest)]))
+        positions = sample_positions(follow, engine.rope_index)
+        sync()
+        t = time.perf_counter()
+        packed_prefill.prefill(d, [0], [enc], [positions[:, :len(enc)]])
+        sync()
+        t_prompt = time.perf_counter()
+        profiled = profile and i == reps + 1
+        with torch.profiler.profile() if profiled else contextlib.nullcontext() as prof:
+            packed_prefill.rest(d, 0, len(enc), follow, positions)
+            sync()
+        if not profiled:
+            times["prompt"].append(1e3 * (t_prompt - t))
+            times["followup"].append(1e3 * (time.perf_counter() - t_prompt))
+        d.release(0)
+        if profiled:
+            with open(profile, "w") as f:
+                for key in ("self_cuda_time_total", "self_cpu_time_total"):
+                    f.write(prof.key_averages().table(sort_by=key, row_limit=30) + "\n\n")
+    out = {k: statistics.median(v[1:]) for k, v in times.items()}
+    out.update(prompt_tokens=len(enc), new_tokens=new_tokens, followup_over_prompt=out["followup"] / out["prompt"])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="8B")
@@ -512,10 +557,11 @@ def main() -> int:
     ap.add_argument("--baseline-new", type=int, default=64, help="new tokens for plain generate at batch 1 (slow)")
     ap.add_argument("--batch-new", type=int, default=128)
     ap.add_argument("--stagger", type=float, default=0.02, help="seconds between arrivals")
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,prefill,parts,qvl")
+    ap.add_argument("--skip", default="", help="comma list of phases to skip: baseline,compiled,batch32,prefill,followup,parts,qvl")
     ap.add_argument("--max-model-len", type=int, default=4096, help="the engine's context (its slot cache)")
     ap.add_argument("--json", default="decode.json")
     ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
+    ap.add_argument("--profile-followup", help="write a profile of one follow-up turn's prefill (prefix reuse) here")
     ap.add_argument("--profile-step", help="write profiles of the captured decode step, 1 and 32 rows, here (their kernels)")
     args = ap.parse_args()
     # Every step variant this bench compares (pieces / layer, three ways to run the experts, two attentions, 1 and
@@ -615,6 +661,10 @@ def main() -> int:
             rows[name]["padded_over_packed"] = rows[name]["padded"] / rows[name]["packed"]
             print(f"prefill {name}: {rows[name]}", flush=True)
         out["prefill_ms"] = rows
+        save()
+    if "followup" not in skip:  # a chat's turn 2 on top of turn 1's kept prompt (prefix reuse), against turn 1's
+        out["followup_ms"] = followup_ms(engine, big, profile=args.profile_followup)
+        print(f"follow-up turn: {out['followup_ms']}", flush=True)
         save()
     steps, failed = {}, {}
     # the captured step alone, per implementation (a failure skips it); MoE: per way of running the experts, in each

@@ -10,7 +10,9 @@ One call:
    * Poisson mode: requests arriving at R per second;
    * turns: a two-turn conversation about one 1024x1024 image (turn 2 re-sends the image, a fixed turn-1
      answer -- ``TURN1_ANSWER``, so its length does not depend on the weights -- and a new question):
-     TTFT of turn 2 vs turn 1, at concurrency 1.
+     TTFT of turn 2 vs turn 1, at concurrency 1; once with a noise PNG (``turns``: 3.1 MB, 4.2 as base64,
+     whose JSON encoding in the client took 48 ms on an H100's host) and once with a photo-like JPEG
+     (``turns_jpeg``: 0.24 MB).
    Reported per row: output tok/s, TTFT / TPOT / inter-token latency (mean, p50, p99), errors.
    Peak GPU memory of the card is sampled (nvidia-smi) while the server runs.
 2. **Engine**: the same model loaded in this process (same slots, context and cache), the same
@@ -75,19 +77,40 @@ def png(w: int, h: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
+def photo_jpeg(w: int, h: int, seed: int) -> bytes:
+    """A photo-like JPEG (quality 90, as a phone or a browser's canvas saves one): smooth regions from a coarse random
+    grid scaled up, with a sensor-like grain on top. At 1024x1024 it is 0.24 MB, where the noise PNG is 3.1 MB, so the
+    client's part of a request (encoding the body, sending it) and the server's decoding are what a real photo costs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    grain = rng.normal(0, 6, (h, w, 3))
+    pixels = np.clip(np.asarray(coarse, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+IMAGE_KINDS = {"png": png, "jpeg": photo_jpeg}  # noise PNG (the sweep's; the worst case for size), photo-like JPEG
+
+
 def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
+    mime = "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 class Workload:
     """The requests of one run; seeds make every request's image distinct and the same in both phases."""
 
-    def __init__(self, size: tuple[int, int], tokens: int, model: str):
-        self.size, self.tokens, self.model = size, tokens, model
+    def __init__(self, size: tuple[int, int], tokens: int, model: str, kind: str = "png"):
+        self.size, self.tokens, self.model, self.kind = size, tokens, model, kind
         self._seed = 0
 
     def images(self, n: int) -> list[bytes]:
-        out = [png(*self.size, self._seed + i) for i in range(n)]
+        make = IMAGE_KINDS[self.kind]
+        out = [make(*self.size, self._seed + i) for i in range(n)]
         self._seed += n
         return out
 
@@ -182,13 +205,14 @@ def http_phase(args, work: Workload, plan: dict, out: dict, save) -> None:
             print(f"http {rate:g} req/s: {_line(rows[f'rate_{rate:g}'])}", flush=True)
             print(f"  server, to the first token: {_stages_line(stages[f'rate_{rate:g}'])}", flush=True)
             save()
-        if plan["turns"]:
-            out["turns"] = turns(url, plan["turn_work"], plan["turns"], server.url)
-            print(f"turns: { {k: v for k, v in out['turns'].items() if k != 'server'} }", flush=True)
-            for turn, runs in out["turns"].get("server", {}).items():
+        for name, turn_work, images in plan["turns"]:
+            out[name] = turns(url, turn_work, images, server.url)
+            print(f"{name}: { {k: v for k, v in out[name].items() if k != 'server'} }", flush=True)
+            for turn, runs in out[name].get("server", {}).items():
                 if runs:  # the last conversation's: the first may still meet new shapes
                     print(f"  {turn}, server: {runs[-1]['stages_ms']} ms; outside it {runs[-1]['outside_server_ms']} ms; "
                           f"reused {runs[-1]['reused']}", flush=True)
+            save()
         out["server_alive_after"] = server.alive()
         out["server_rss_gib"] = server.rss_bytes() / 2**30
     out["peak_gpu_memory_gib"] = memory.peak_mib / 1024 if memory.peak_mib else None
@@ -408,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per request (ignore_eos)")
     ap.add_argument("--image", default="448x448", help="WxH of each request's PNG")
     ap.add_argument("--turn-image", default="1024x1024", help="WxH of the two-turn conversation's image")
+    ap.add_argument("--turn-images", default="png,jpeg",
+                    help="the conversations' image kinds: png (random noise, 3.1 MB at 1024x1024: the client's part of "
+                         "a turn is mostly encoding its body), jpeg (photo-like, 0.24 MB, as a phone sends one)")
     # 8, not 3: the first follow-up after start-up took 1.17 s (H200, 2026-12-05) and, of three, moved the median
     ap.add_argument("--conversations", type=int, default=8, help="two-turn conversations (0: none)")
     ap.add_argument("--max-batch-size", type=int, default=64, help="KV-cache slots (server and engine)")
@@ -441,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             args.model = str(build_tiny(Path(tempfile.mkdtemp(prefix="qvl-bench-")) / "tiny").path)
     if not args.model:
         ap.error("--model is required (except with --smoke)")
+    unknown = set(filter(None, args.turn_images.split(","))) - set(IMAGE_KINDS)
+    if unknown:
+        ap.error(f"--turn-images: unknown kind(s) {', '.join(sorted(unknown))}; known: {', '.join(IMAGE_KINDS)}")
     args.log_dir = args.log_dir or str(Path(args.json).resolve().parent)
     skip = set(filter(None, args.skip.split(",")))
     clients = [int(x) for x in args.clients.split(",") if x]
@@ -474,10 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         plan["images"][f"c{n}"] = work.images(n)
     for rate in rates:
         plan["images"][f"r{rate}"] = work.images(args.rate_requests)
-    turn_work = Workload(turn_size, args.tokens, work.model)
-    turn_work._seed = 10**6
-    plan["turns"] = turn_work.images(args.conversations) if args.conversations else []
-    plan["turn_work"] = turn_work
+    plan["turns"] = []  # (result key, workload, images): "turns" the noise PNG's, "turns_jpeg" the photo's
+    for kind in filter(None, args.turn_images.split(",") if args.conversations else []):
+        turn_work = Workload(turn_size, args.tokens, work.model, kind)
+        turn_work._seed = 10**6
+        images = turn_work.images(args.conversations)
+        plan["turns"].append(("turns" if kind == "png" else f"turns_{kind}", turn_work, images))
     save()
     if "http" not in skip:
         http_phase(args, work, plan, out, save)
@@ -499,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         print("ceiling of staggered clients (no step slower than one client's): "
               + ", ".join(f"{k} {v:.0f} tok/s" for k, v in ceiling.items()), flush=True)
     save()
-    print(json.dumps({k: out[k] for k in ("http_vs_engine", "staggered_ceiling", "turns", "peak_gpu_memory_gib")
-                      if k in out}, indent=2))
+    shown = ("http_vs_engine", "staggered_ceiling", "turns", "turns_jpeg", "peak_gpu_memory_gib")
+    print(json.dumps({k: out[k] for k in shown if k in out}, indent=2))
     return 0
 
 

@@ -33,19 +33,21 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
     ceiling = res["staggered_ceiling"]  # from the engine's single stream, with both phases' rows against it
     assert ceiling["from"] == "engine clients_1" and set(ceiling["tok_s"]) == {"clients_1", "clients_4"}
     assert set(ceiling["http_of_ceiling"]) == set(ceiling["engine_of_ceiling"]) == {"clients_1", "clients_4"}
-    assert res["turns"]["turn1_ttft_s"] > 0 and res["turns"]["turn2_ttft_s"] > 0
-    one, two = res["turns"]["prompt_tokens"]
-    assert one < two  # turn 2: turn 1's prompt, the fixed answer and the follow-up
-    turn1, turn2 = (res["turns"]["server"][t][-1] for t in ("turn1", "turn2"))  # the server's split of each turn
-    assert turn2["stages_ms"]["total"] > 0 and "submitted->admitted" in turn2["stages_ms"]
-    assert res["turns"]["turn2_vs_turn1_server"] > 0  # the ratio from the server's own times, the client's apart
-    outside = turn2["outside_server_ms"]  # the client's part, from the server's absolute marks (one clock)
-    assert outside["client->arrived"] > 0 and outside["sent->client"] > 0
-    assert 0 <= outside["of which client encoding"] < outside["client->arrived"]  # the body's JSON, before sending
-    assert turn1["reused"]["prefix_reused_tokens"] == 0
-    assert turn2["reused"]["prefix_reused_tokens"] == one  # turn 1's whole prompt, image included, kept
-    assert turn1["reused"]["vision_cache_misses"] >= 1 and turn2["reused"]["vision_cache_misses"] == 0  # not re-encoded
-    assert turn2["reused"]["image_cache_hits"] == 1  # the re-sent image not decoded and normalised again either
+    for name in ("turns", "turns_jpeg"):  # the conversation about a noise PNG, and about a photo-like JPEG
+        assert res[name]["turn1_ttft_s"] > 0 and res[name]["turn2_ttft_s"] > 0
+        one, two = res[name]["prompt_tokens"]
+        assert one < two  # turn 2: turn 1's prompt, the fixed answer and the follow-up
+        turn1, turn2 = (res[name]["server"][t][-1] for t in ("turn1", "turn2"))  # the server's split of each turn
+        assert turn2["stages_ms"]["total"] > 0 and "submitted->admitted" in turn2["stages_ms"]
+        assert res[name]["turn2_vs_turn1_server"] > 0  # the ratio from the server's own times, the client's apart
+        outside = turn2["outside_server_ms"]  # the client's part, from the server's absolute marks (one clock)
+        assert outside["client->arrived"] > 0 and outside["sent->client"] > 0
+        assert 0 <= outside["of which client encoding"] < outside["client->arrived"]  # the body's JSON, before it
+        assert turn1["reused"]["prefix_reused_tokens"] == 0
+        assert turn2["reused"]["prefix_reused_tokens"] == one  # turn 1's whole prompt, image included, kept
+        # the image not encoded again, nor decoded and normalised again
+        assert turn1["reused"]["vision_cache_misses"] >= 1 and turn2["reused"]["vision_cache_misses"] == 0
+        assert turn2["reused"]["image_cache_hits"] == 1
     for row in ("clients_1", "clients_4", "rate_20"):  # the server's own split of the time to the first token
         split = res["server_stages"][row]
         assert split["requests"] == res["http"][row]["requests"], split
