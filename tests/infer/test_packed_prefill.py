@@ -207,8 +207,8 @@ def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
 
 
 def test_attention_off_the_varlen_kernel_gives_sdpa_every_head(tiny, prompts, monkeypatch):
-    """Where the flash varlen kernel does not run (and always for a follow-up's rest, which has a mask) sdpa gets
-    as many key / value heads as query heads: on torch 2.11, sdpa's enable_gqa works only with flash and the
+    """Where the flash varlen kernel does not run (the CPU here) sdpa gets as many key / value heads as query
+    heads, the follow-up's rest's masked calls too: on torch 2.11, sdpa's enable_gqa works only with flash and the
     math kernel, and the math kernel holds the whole score matrix. The rest's calls leave cuDNN's kernel out (it
     plans each new shape on the host, and every turn has a new one)."""
     import torch.nn.functional as F
@@ -231,6 +231,55 @@ def test_attention_off_the_varlen_kernel_gives_sdpa_every_head(tiny, prompts, mo
     packed_prefill.rest(d, 0, len(encs[0]), follow, follow.positions)
     assert calls and all(q == k == v and not gqa for q, k, v, gqa in calls), calls
     assert len(calls) > before and not any(cudnn[before:]) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def _flash_varlen_stand_in(calls):
+    """torch's varlen_attn as flash computes it, in plain torch for the CPU: per segment pair of ``cu_q`` /
+    ``cu_k``, causal aligned to the key segment's end (flash's rule where a segment has more keys than queries), grouped
+    key / value heads shared by their query heads. Records (query heads, key heads, query length, key length)."""
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        outs = []
+        for qs, qe, ks, ke in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+            calls.append((q.shape[1], k.shape[1], qe - qs, ke - ks))
+            kk, vv = (t[ks:ke].repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+            lq, lk = qe - qs, ke - ks
+            mask = (torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)) if window_size[1] == 0 else None
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[qs:qe].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), attn_mask=mask, scale=scale)
+            outs.append(out.transpose(0, 1))
+        return torch.cat(outs)
+
+    return varlen
+
+
+def test_a_follow_up_on_the_varlen_kernel_equals_the_masked_sdpa_one(tiny, prompts, monkeypatch):
+    """On a GPU a follow-up's rest attends in one flash varlen call: its new tokens as the queries, the slot's first
+    entries as one longer key segment, read as cached (grouped heads, no copy per query head). A stand-in with flash's
+    rule takes the calls here: the logits and the slot's keys / values equal the masked sdpa path's."""
+    from qvl.data import packing
+
+    model, _ = tiny
+    encs, positions = prompts
+    first = encs[1]
+    follow = _continued(model, first)
+    start, n = len(first), len(follow)
+    results, calls = [], []
+    for varlen in (False, True):
+        if varlen:
+            monkeypatch.setattr(packing, "_VARLEN", (_flash_varlen_stand_in(calls), True, True))
+            monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout: True)
+        d = DecodeModel(model, slots=2, max_len=256)
+        packed_prefill.prefill(d, [1], [first], [positions[1]])
+        before = len(calls)
+        logits = packed_prefill.rest(d, 1, start, follow, follow.positions)
+        results.append((logits, _state(d, [1], [n])))
+    assert d.n_q > d.n_kv and calls[before:] == [(d.n_q, d.n_kv, n - start, n)] * len(d.k)
+    (want, (kv_want, *state_want)), (got, (kv, *state)) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert state == state_want
+    for (k, v), (k_want, v_want) in zip(kv[0], kv_want[0]):
+        torch.testing.assert_close(k, k_want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v_want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("which", [1, 2])  # an image prompt, a video prompt
@@ -257,9 +306,9 @@ def test_a_prompt_prefilled_in_parts_equals_it_prefilled_whole(tiny, prompts, wh
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_the_gpu_packed_prefill_and_its_parts_agree_with_the_padded_one(tiny, prompts):
-    """What a GPU runs (bf16, the pieces compiled, the flash varlen kernel, a part's masked attention): logits
-    within bf16's rounding of transformers' forward over the padded batch, each next token one of its best (a
-    near tie may go either way in bf16)."""
+    """What a GPU runs (bf16, the pieces compiled, the flash varlen kernel; for a part and a follow-up turn, its key
+    segment the slot's cache): logits within bf16's rounding of transformers' forward over the padded batch, each
+    next token one of its best (a near tie may go either way in bf16)."""
     import copy
 
     model, _ = tiny
@@ -277,3 +326,13 @@ def test_on_the_gpu_packed_prefill_and_its_parts_agree_with_the_padded_one(tiny,
     n = lengths[1]
     parts = [packed_prefill.prefill_part(d, 3, row, a, b) for a, b in ((0, 7), (7, n // 2), (n // 2, n))]
     torch.testing.assert_close(parts[-1][0], padded[1], rtol=0.05, atol=0.05)
+    # a follow-up turn on top of the prompt just prefilled in parts: the parts' and its attention are the flash
+    # varlen call whose key segment is the slot's cache, not the masked sdpa one
+    from qvl.data.packing import varlen_usable
+
+    assert varlen_usable(d.k[0], 0.0)
+    follow = _continued(model, encs[1])
+    rest = packed_prefill.rest(d, 3, n, follow, follow.positions)
+    whole = _padded(DecodeModel(gpu, slots=4, max_len=256), [0], [follow], [follow.positions])
+    torch.testing.assert_close(rest, whole, rtol=0.05, atol=0.05)
+    assert whole[0, rest.argmax()] >= whole.max() - 0.05

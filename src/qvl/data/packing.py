@@ -222,9 +222,12 @@ def _ampere_or_newer(index: int | None) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 
-def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=None, causal: bool = True) -> torch.Tensor:
+def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=None, causal: bool = True,
+                  key_cu: torch.Tensor | None = None, key_max: int | None = None) -> torch.Tensor:
     """Causal attention per sample of a packed row in one flash-attention call: (1, H, L, D) in, (1, L, H, D) out.
-    ``causal=False``: full attention inside each segment (the vision tower's images and frames)."""
+    ``causal=False``: full attention inside each segment (the vision tower's images and frames). ``key_cu`` /
+    ``key_max``: the keys' own segments where they are longer than the queries' (queries that continue cached keys:
+    flash aligns the causal mask to the segment's end, so each query sees the keys up to its own position)."""
     fn, has_window, has_gqa = _VARLEN
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D)
     kwargs = {"scale": scaling}
@@ -237,7 +240,8 @@ def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=Non
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     else:
         kwargs["is_causal"] = causal
-    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, **kwargs)
+    key_cu, key_max = (cu, max_len) if key_cu is None else (key_cu, key_max)
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, key_cu, max_len, key_max, **kwargs)
     return out.unsqueeze(0)
 
 

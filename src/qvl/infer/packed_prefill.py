@@ -244,15 +244,27 @@ def prefill_part(d, slot: int, row: Row, start: int, end: int) -> torch.Tensor |
 
 def _on_cached(d, slot: int, index: torch.Tensor):
     """``attention`` for :func:`_layers` of new tokens at cache indices ``index`` (consecutive, host) of ``slot``:
-    each sees the slot's entries up to its own (those before ``index`` written earlier). Without cuDNN's kernel
-    (:func:`qvl.models.attention.without_cudnn`): cuDNN plans each new shape on the host, and every follow-up turn
-    brings a new (new tokens, keys) shape. The first follow-up after start-up waited 643 ms from admission to its
-    first token before, later ones 23 ms (H100, 2026-12-06, ``turns`` of bench/results/serve_uvloop_8b_h100.json);
-    with this, 63 ms, later ones 33-66 on a slower host (bench/results/serve_turns_h100.json). One run each, on two
-    machines: that sdpa picked cuDNN here is the likely reading, not a measured one."""
+    each sees the slot's entries up to its own (those before ``index`` written earlier).
+
+    On a GPU, one flash varlen call whose key segment is the slot's first entries (the causal mask aligned to its
+    end): the cached keys / values read as they are, grouped heads and all. A follow-up turn of 283 tokens on a
+    1,094-token prompt took 23.4 ms, 3.7 of its 14.6 ms of kernels in the mask-reading sdpa kernel over every query
+    head's copy of the keys (H100, 2026-12-07, bench/results/decode_followup_h100.json). Elsewhere sdpa with a mask,
+    without cuDNN's kernel (:func:`qvl.models.attention.without_cudnn`: it plans each new shape on the host, and
+    every follow-up turn brings a new (new tokens, keys) shape)."""
+    from qvl.data.packing import varlen_causal, varlen_usable
     from qvl.models.attention import without_cudnn
 
-    n = int(index[-1]) + 1
+    n, t = int(index[-1]) + 1, len(index)
+    if varlen_usable(d.k[0], 0.0):
+        cu, key_cu = _on_device(d, torch.tensor([0, t], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32))
+
+        def attention(i, q, k, v):
+            keys, values = (c[i][slot:slot + 1, :, :n] for c in (d.k, d.v))
+            out = varlen_causal(q.transpose(0, 1)[None], keys, values, cu, t, d.scale, key_cu=key_cu, key_max=n)
+            return out[0].reshape(t, -1)
+
+        return attention
     (mask,) = _on_device(d, torch.arange(n)[None, :] <= index[:, None])
 
     def attention(i, q, k, v):
