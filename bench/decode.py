@@ -12,9 +12,10 @@ mixture-of-experts one; bf16, sdpa):
     cache_implementation="static" + CompileConfig(fullgraph=False), and qvl's engine
   * batch 32 (448x448 images, each its own, 128 new tokens): generate, static + compile, at a fixed batch
   * prefill alone (qvl's engine, no vision cache): one 1024x1024-image prompt, one 448x448 one and eight, as one
-    packed row (the default) and as transformers' forward over the padded batch, median ms of 5
+    packed row (the default: a compiled graph per layer), the same row in the decode step's pieces, and as
+    transformers' forward over the padded batch, median ms of 5
   * a chat's follow-up turn (283 text tokens on top of the 1024x1024-image prompt's kept keys / values, as prefix
-    reuse runs it) against that prompt's own prefill, median ms of 5
+    reuse runs it) against that prompt's own prefill, median ms of 5; its layers as one graph each and as pieces
   * a prompt of nearly the whole context arriving while 8 requests decode, prefilled whole and 1,024 tokens a
     turn: the longest gap between the others' decode steps, and its own time to first token
   * qvl's scheduler with 8 and 32 concurrent requests arriving at staggered times
@@ -476,10 +477,12 @@ def long_prompt_stall(engine, encs, long_enc, part_tokens: int, new: int) -> dic
             "step_gap_ms_max": 1e3 * max(gaps), "step_gap_ms_p50": 1e3 * statistics.median(gaps)}
 
 
-def prefill_ms(engine, encs, impl: str, reps: int = 5) -> float:
-    """Median time of one prefill of ``encs`` into the first slots by ``impl``: "packed" (one unpadded row, the
-    decode step's pieces: qvl.infer.packed_prefill, the default) or "padded" (transformers' forward over the padded
-    batch); the vision cache left out, so every run encodes its images."""
+def prefill_ms(engine, encs, impl: str, reps: int = 5, profile: str | None = None) -> float:
+    """Median time of one prefill of ``encs`` into the first slots by ``impl``: "packed" (one unpadded row, a
+    compiled graph per layer: qvl.infer.packed_prefill, the default), "packed-pieces" (the same row, each layer the
+    decode step's pieces with the cache writes and the attention eager between them) or "padded" (transformers'
+    forward over the padded batch); the vision cache left out, so every run encodes its images. ``profile``: a
+    kernel table of one more run written there (untimed)."""
     from types import SimpleNamespace
 
     from qvl.data.packing import sample_positions
@@ -490,29 +493,43 @@ def prefill_ms(engine, encs, impl: str, reps: int = 5) -> float:
     positions = [sample_positions(e, engine.rope_index) for e in encs]
     jobs = [SimpleNamespace(prepared=SimpleNamespace(inputs=e, media_keys=None)) for e in encs]
     kept, b.vision_cache = b.vision_cache, None
+    layers, d.prefill_layers = d.prefill_layers, ("pieces" if impl == "packed-pieces" else "whole")
     times = []
     try:
-        for _ in range(reps + 1):  # the first run meets the shapes
+        for i in range(reps + 1 + bool(profile)):  # the first run meets the shapes; a profiled one comes last
             torch.cuda.synchronize()
             t = time.perf_counter()
-            if impl == "packed":
-                packed_prefill.prefill(d, slots, encs, positions)
-            else:
-                b._prefill_padded(slots, jobs, positions)
-            torch.cuda.synchronize()
+            with torch.profiler.profile() if profile and i == reps + 1 else contextlib.nullcontext() as prof:
+                if impl.startswith("packed"):
+                    packed_prefill.prefill(d, slots, encs, positions)
+                else:
+                    b._prefill_padded(slots, jobs, positions)
+                torch.cuda.synchronize()
             times.append(1e3 * (time.perf_counter() - t))
             for s in slots:
                 d.release(s)
+        if profile:
+            write_profile(prof, profile)
+            times.pop()
     finally:
-        b.vision_cache = kept
+        b.vision_cache, d.prefill_layers = kept, layers
     return statistics.median(times[1:])
 
 
-def followup_ms(engine, enc, new_tokens: int = 283, reps: int = 5, profile: str | None = None) -> dict:
+def write_profile(prof, path: str) -> None:
+    """A profile's kernel table by device time, then by host time."""
+    with open(path, "w") as f:
+        for key in ("self_cuda_time_total", "self_cpu_time_total"):
+            f.write(prof.key_averages().table(sort_by=key, row_limit=30) + "\n\n")
+
+
+def followup_ms(engine, enc, new_tokens: int = 283, reps: int = 5, profile: str | None = None,
+                layers: str = "whole") -> dict:
     """A chat's turn 2 in the engine: ``enc`` (one 1024x1024-image prompt) prefilled packed into slot 0, then
     ``new_tokens`` more text tokens (turn 1's answer and a question: 283 in bench/serve.py's conversation) run on top of
     its kept keys / values (qvl.infer.packed_prefill.rest, what prefix reuse runs). Median ms of each (``reps``, a
-    different length each time as a chat's are); ``profile``: a kernel table of one follow-up written there."""
+    different length each time as a chat's are), the layers run as ``layers`` says (``DecodeModel.prefill_layers``);
+    ``profile``: a kernel table of one follow-up written there."""
     import dataclasses
 
     from qvl.data.packing import sample_positions
@@ -520,6 +537,7 @@ def followup_ms(engine, enc, new_tokens: int = 283, reps: int = 5, profile: str 
 
     d = engine.batcher.decoder
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    kept, d.prefill_layers = d.prefill_layers, layers
     times = {"prompt": [], "followup": []}
     text = enc.input_ids[enc.mm_token_type_ids == 0]  # the follow-up's tokens: the prompt's text, repeated
     for i in range(reps + 1 + bool(profile)):  # the first run meets the shapes; a profiled one comes last, untimed
@@ -542,9 +560,8 @@ def followup_ms(engine, enc, new_tokens: int = 283, reps: int = 5, profile: str 
             times["followup"].append(1e3 * (time.perf_counter() - t_prompt))
         d.release(0)
         if profiled:
-            with open(profile, "w") as f:
-                for key in ("self_cuda_time_total", "self_cpu_time_total"):
-                    f.write(prof.key_averages().table(sort_by=key, row_limit=30) + "\n\n")
+            write_profile(prof, profile)
+    d.prefill_layers = kept
     out = {k: statistics.median(v[1:]) for k, v in times.items()}
     out.update(prompt_tokens=len(enc), new_tokens=new_tokens, followup_over_prompt=out["followup"] / out["prompt"])
     return out
@@ -561,6 +578,8 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=4096, help="the engine's context (its slot cache)")
     ap.add_argument("--json", default="decode.json")
     ap.add_argument("--profile", help="write a profile of one 8-request prefill here")
+    ap.add_argument("--profile-prefill", help="write profiles of the 1024x1024-image prompt's prefill, each way, "
+                    "to FILE.<way>.txt")
     ap.add_argument("--profile-followup", help="write a profile of one follow-up turn's prefill (prefix reuse) here")
     ap.add_argument("--profile-step", help="write profiles of the captured decode step, 1 and 32 rows, here (their kernels)")
     args = ap.parse_args()
@@ -657,14 +676,21 @@ def main() -> int:
     if "prefill" not in skip:  # the engine's two ways to prefill, same prompts, same call
         rows = {}
         for name, encs in (("1x1024", [big]), ("1x448", small[:1]), ("8x448", small[:8])):
-            rows[name] = {impl: prefill_ms(engine, encs, impl) for impl in ("padded", "packed")}
-            rows[name]["padded_over_packed"] = rows[name]["padded"] / rows[name]["packed"]
+            rows[name] = {impl: prefill_ms(engine, encs, impl, profile=args.profile_prefill and name == "1x1024"
+                                           and f"{args.profile_prefill}.{impl}.txt")
+                          for impl in ("padded", "packed-pieces", "packed")}
+            for other in ("padded", "packed-pieces"):
+                rows[name][f"{other}_over_packed"] = rows[name][other] / rows[name]["packed"]
             print(f"prefill {name}: {rows[name]}", flush=True)
         out["prefill_ms"] = rows
         save()
     if "followup" not in skip:  # a chat's turn 2 on top of turn 1's kept prompt (prefix reuse), against turn 1's
+        # each layer one compiled graph (the default) against the pieces, same prompt, same call
+        out["followup_ms_pieces"] = followup_ms(engine, big, layers="pieces")
         out["followup_ms"] = followup_ms(engine, big, profile=args.profile_followup)
-        print(f"follow-up turn: {out['followup_ms']}", flush=True)
+        out["followup_pieces_over_whole"] = out["followup_ms_pieces"]["followup"] / out["followup_ms"]["followup"]
+        print(f"follow-up turn: {out['followup_ms']}; the pieces {out['followup_ms_pieces']} "
+              f"({out['followup_pieces_over_whole']:.2f}x)", flush=True)
         save()
     steps, failed = {}, {}
     # the captured step alone, per implementation (a failure skips it); MoE: per way of running the experts, in each

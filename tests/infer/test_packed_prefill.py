@@ -16,6 +16,7 @@ from qvl.data.samples import Media, Message, Sample
 from qvl.infer import packed_prefill
 from qvl.infer.decode import DecodeModel
 from qvl.infer.vision_cache import VisionCache, media_keys
+from test_fast_decode_moe import tiny_moe  # noqa: F401 -- a fixture (the tiny MoE checkpoint)
 
 
 def _video():
@@ -39,12 +40,15 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prompts(tiny):
-    model, processor = tiny
+def _encoded(model, processor):
     rope = rope_index_fn(model)
     encs = [encode(Sample([Message("user", parts)]), processor, for_generation=True) for parts in PROMPTS]
     return encs, [sample_positions(e, rope) for e in encs]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    return _encoded(*tiny)
 
 
 def _padded(d, slots, encs, positions):
@@ -60,6 +64,14 @@ def _padded(d, slots, encs, positions):
     for i, p in enumerate(positions):
         padded[:, i, :p.shape[1]] = p
     return d.prefill(slots, batch, padded.to(d.device), [len(e) for e in encs])
+
+
+def _same_kv(got, want, tol: float) -> None:
+    """Keys / values per prompt and layer (``_state``'s first part) equal within ``tol``."""
+    for prompt_got, prompt_want in zip(got, want, strict=True):
+        for (k, v), (k_want, v_want) in zip(prompt_got, prompt_want, strict=True):
+            torch.testing.assert_close(k, k_want, rtol=tol, atol=tol)
+            torch.testing.assert_close(v, v_want, rtol=tol, atol=tol)
 
 
 def _state(d, slots, lengths):
@@ -86,10 +98,7 @@ def test_packed_prefill_equals_the_padded_one(tiny, prompts):
     got_kv, *got_state = _state(d, slots, lengths)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert got_state == want_state
-    for prompt_got, prompt_want in zip(got_kv, want_kv):
-        for (k, v), (k_want, v_want) in zip(prompt_got, prompt_want):
-            torch.testing.assert_close(k, k_want, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(v, v_want, rtol=1e-4, atol=1e-4)
+    _same_kv(got_kv, want_kv, 1e-4)
 
 
 def test_packed_prefill_through_the_vision_cache(tiny, prompts):
@@ -140,9 +149,7 @@ def test_the_rest_of_a_follow_up_equals_prefix_prefill_rest_and_a_full_prefill(t
     for logits, (kv, *state) in results:
         torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
         assert tuple(state) == _state(whole, [1], [n])[1:]
-        for (k, v), (k_want, v_want) in zip(kv[0], _state(whole, [1], [n])[0][0]):
-            torch.testing.assert_close(k, k_want, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(v, v_want, rtol=1e-4, atol=1e-4)
+        _same_kv(kv, _state(whole, [1], [n])[0], 1e-4)
 
 
 def test_warm_leaves_the_slots_free(tiny):
@@ -176,16 +183,21 @@ def test_a_failing_packed_prefill_falls_back_to_the_padded_one(tiny, monkeypatch
     assert sum("packed prefill failed" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
-    """On a GPU the pieces are compiled with dynamic shapes: once the decode step has compiled (batches of 1 and
-    2+) and warm() has run (the step's default, one function per layer, leaves the prefill's pieces to it), prefills
-    of any length and follow-up turns compile nothing more, and give the eager logits (CPU inductor; slow:
-    compiles)."""
+@pytest.mark.parametrize("layers", ["pieces", "whole"])
+def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts, layers, monkeypatch):
+    """On a GPU the prefill's layers are compiled with dynamic shapes: once the decode step has compiled (batches of
+    1 and 2+) and warm() has run, prefills of any length and follow-up turns compile nothing more, and give the eager
+    logits (CPU inductor; slow: compiles). "pieces": attn_in and mlp_out (the step's default, one function per
+    layer, leaves them to warm()); "whole": one graph per layer around the flash varlen kernel, a custom op standing
+    in for it here as torch's is one."""
     from torch._dynamo.utils import counters
 
+    if layers == "whole":
+        _varlen_op_stand_in(monkeypatch)
     model, _ = tiny
     encs, positions = prompts
     d = DecodeModel(model, slots=4, max_len=256, compile=True)
+    d.prefill_layers = layers
     with torch.inference_mode():
         for rows in (1, 2):
             d._step(rows, 128)
@@ -200,10 +212,32 @@ def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts):
         for slot in range(len(chosen)):
             d.release(slot)
     n = len(encs[0])
-    packed_prefill.prefill(d, [0], [encs[0]], [positions[0]])
-    packed_prefill.rest(d, 0, n - 5, encs[0], positions[0])  # its last 5 tokens again, as a follow-up turn's
-    d.release(0)
+    for slot in (0, 2):  # slot 0 and another: the slot's cache views must not mean a graph per slot
+        packed_prefill.prefill(d, [slot], [encs[0]], [positions[0]])
+        packed_prefill.rest(d, slot, n - 5 - slot, encs[0], positions[0])  # its last tokens again, as a follow-up's
+        d.release(slot)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def _varlen_op_stand_in(monkeypatch):
+    """:func:`_flash_varlen_stand_in` as a custom op (torch's varlen attention is one: dynamo keeps it whole in the
+    graph, shapes from its fake), put where qvl.data.packing finds the kernel, usable on the CPU."""
+    from qvl.data import packing
+
+    @torch.library.custom_op("qvl_test::varlen", mutates_args=())
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+           max_k: int, scale: float, right: int) -> torch.Tensor:
+        return _flash_varlen_stand_in([])(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, right))
+
+    @op.register_fake
+    def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, right):
+        return torch.empty_like(q)
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        return op(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size[1])
+
+    monkeypatch.setattr(packing, "_VARLEN", (varlen, True, True))
+    monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout: True)
 
 
 def test_attention_off_the_varlen_kernel_gives_sdpa_every_head(tiny, prompts, monkeypatch):
@@ -277,9 +311,51 @@ def test_a_follow_up_on_the_varlen_kernel_equals_the_masked_sdpa_one(tiny, promp
     (want, (kv_want, *state_want)), (got, (kv, *state)) = results
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert state == state_want
-    for (k, v), (k_want, v_want) in zip(kv[0], kv_want[0]):
-        torch.testing.assert_close(k, k_want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, v_want, rtol=1e-5, atol=1e-5)
+    _same_kv(kv, kv_want, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_whole_compiled_layers_equal_the_pieces_on_the_varlen_kernel(request, kind, monkeypatch):
+    """Where the flash varlen kernel runs, each layer of a prefill is one graph (qvl.infer.decode.packed_layer: the
+    cache writes and the attention inside). Against the pieces (the stand-in taking both's calls): four prompts in
+    one row, a prompt in parts and a follow-up turn leave the same logits, keys / values and decode state; the
+    follow-up's key segment is the slot's cache read in place (no copy of it). Dense, and MoE (grouped experts)."""
+    from qvl.data import packing
+
+    model, processor = request.getfixturevalue("tiny")[:2] if kind == "dense" else request.getfixturevalue(
+        "tiny_moe")[:2]
+    encs, positions = _encoded(model, processor)
+    calls, totals = [], []
+    stand_in = _flash_varlen_stand_in(calls)
+
+    def spy(q, k, v, *args, **kwargs):
+        totals.append((k.shape[0], k.is_contiguous()))
+        return stand_in(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(packing, "_VARLEN", (spy, True, True))
+    monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout: True)
+    slots, lengths = [3, 0, 2, 1], [len(e) for e in encs]
+    follow = _continued(model, encs[1])
+    results = {}
+    for layers in ("pieces", "whole"):
+        d = DecodeModel(model, slots=4, max_len=256)
+        d.prefill_layers = layers
+        logits = [packed_prefill.prefill(d, slots, encs, positions)]
+        for s in slots:
+            d.release(s)
+        row = packed_prefill.embed(d, encs[2:3], positions[2:3])
+        n = lengths[2]
+        logits += [packed_prefill.prefill_part(d, 1, row, a, b) for a, b in ((0, 6), (6, n // 2), (n // 2, n))][2:]
+        packed_prefill.prefill(d, [3], [encs[1]], [positions[1]])
+        del totals[:]
+        logits.append(packed_prefill.rest(d, 3, lengths[1], follow, follow.positions))
+        results[layers] = (logits, _state(d, [1, 3], [n, len(follow)]), list(totals))
+    (want, (kv_want, *state_want), _), (got, (kv, *state), follow_keys) = results["pieces"], results["whole"]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert state == state_want
+    _same_kv(kv, kv_want, 1e-5)
+    assert follow_keys == [(256, False)] * len(d.k)  # the slot's whole cache as it lies, its first entries read
 
 
 @pytest.mark.parametrize("which", [1, 2])  # an image prompt, a video prompt
@@ -299,16 +375,15 @@ def test_a_prompt_prefilled_in_parts_equals_it_prefilled_whole(tiny, prompts, wh
     torch.testing.assert_close(got[-1], want, rtol=1e-4, atol=1e-4)
     (kv, *state), (kv_want, *state_want) = _state(d, [1], [n]), _state(whole, [1], [n])
     assert state == state_want
-    for (k, v), (k_want, v_want) in zip(kv[0], kv_want[0]):
-        torch.testing.assert_close(k, k_want, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(v, v_want, rtol=1e-4, atol=1e-4)
+    _same_kv(kv, kv_want, 1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_the_gpu_packed_prefill_and_its_parts_agree_with_the_padded_one(tiny, prompts):
-    """What a GPU runs (bf16, the pieces compiled, the flash varlen kernel; for a part and a follow-up turn, its key
-    segment the slot's cache): logits within bf16's rounding of transformers' forward over the padded batch, each
-    next token one of its best (a near tie may go either way in bf16)."""
+@pytest.mark.parametrize("layers", ["pieces", "whole"])
+def test_on_the_gpu_packed_prefill_and_its_parts_agree_with_the_padded_one(tiny, prompts, layers):
+    """What a GPU runs (bf16, the layers compiled as pieces or whole, the flash varlen kernel; for a part and a
+    follow-up turn, its key segment the slot's cache read in place): logits within bf16's rounding of transformers'
+    forward over the padded batch, each next token one of its best (a near tie may go either way in bf16)."""
     import copy
 
     model, _ = tiny
@@ -317,6 +392,7 @@ def test_on_the_gpu_packed_prefill_and_its_parts_agree_with_the_padded_one(tiny,
     slots, lengths = [3, 0, 2, 1], [len(e) for e in encs]
     padded = _padded(DecodeModel(gpu, slots=4, max_len=256), slots, encs, positions)
     d = DecodeModel(gpu, slots=4, max_len=256)
+    d.prefill_layers = layers
     assert d.compiled and d.prefill_impl == "packed"
     packed = packed_prefill.prefill(d, slots, encs, positions)
     torch.testing.assert_close(packed, padded, rtol=0.05, atol=0.05)

@@ -240,8 +240,11 @@ def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=Non
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     else:
         kwargs["is_causal"] = causal
-    key_cu, key_max = (cu, max_len) if key_cu is None else (key_cu, key_max)
-    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), cu, key_cu, max_len, key_max, **kwargs)
+    if key_cu is None:
+        key_cu, key_max, k, v = cu, max_len, k.contiguous(), v.contiguous()
+    # else cached keys / values, read where they are: flash takes any row and head strides (its last dimension
+    # contiguous), and a copy would be the whole cache slot's
+    out = fn(q.contiguous(), k, v, cu, key_cu, max_len, key_max, **kwargs)
     return out.unsqueeze(0)
 
 

@@ -317,6 +317,47 @@ def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, rows
     return mlp_out(a, x, wo, ln2, mlp, eps, top_k, experts, small)
 
 
+def packed_layer(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, slot_of, index_of, cos, sin, cu,
+                 longest: int, key_cu, slot: int, n_q: int, n_kv: int, eps: float, scale: float, top_k: int = 0):
+    """A whole decoder layer over a packed row's new tokens x (T, hidden) on the flash varlen kernel, the cache
+    writes included (one compiled graph, as :func:`layer_step` is for a decode step): token t's key / value written
+    at slot ``slot_of[t]``, cache index ``index_of[t]`` of the caches (slots, Hkv, L, D). ``key_cu`` None: the row
+    holds whole prompts, each attending to itself (query segments ``cu``, the longest ``longest``). Else the tokens
+    are slot ``slot``'s, on top of its first entries, and the key segment ``key_cu`` ([0, keys]) reads them from the
+    cache as they lie (flash aligns causal to the segment's end).
+
+    Why one graph: run as pieces (two compiled functions, eager cache writes and attention), a 283-token follow-up
+    turn spent 23.6 ms for 12.9 ms of kernels, its host launching 36 layers x 2 compiled calls, their guards, the
+    writes and the attention's wrapper (H100, 2026-12-07, bench/results/decode_followup_ab_h100.json). Not the
+    default (``DecodeModel.prefill_layers``): in a follow-up the graph runs two pointwise kernels a layer that
+    the pieces do not, 332 us each (their names: the q/k norm, RoPE and a clone feeding the attention), with the
+    slot's view as the cache and with the whole cache alike (bench/results/followup_profile_view_h100.txt,
+    followup_profile_whole_h100.txt)."""
+    from qvl.data.packing import varlen_causal
+
+    q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps)
+    k_cache[slot_of, :, index_of] = k
+    v_cache[slot_of, :, index_of] = v
+    heads = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, T, D) views
+    if key_cu is None:
+        a = varlen_causal(*heads, cu, longest, scale)
+    else:
+        a = varlen_causal(heads[0], k_cache[slot][None], v_cache[slot][None], cu, longest, scale, key_cu=key_cu,
+                          key_max=k_cache.shape[2])
+    return mlp_out(a[0].reshape(x.shape[0], -1), x, wo, ln2, mlp, eps, top_k, "grouped")
+
+
+def sizes_apart():
+    """Around calls of the compiled :func:`packed_layer`: a call that traces takes each input size as its own
+    symbol. By default dynamo takes sizes equal when traced equal ("duck sizing") and guards on it: a packed layer
+    takes tokens, prompts + 1 bounds, slots, heads and the cache length, and a row whose values differed where
+    warm()'s met (3 prompts + 1 bounds in 4 slots, 8 new tokens and 8 key / value heads) compiled again (CPU,
+    tests/infer/test_packed_prefill.py). Once per prefill, not per layer: the switch costs ~10-30 us."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False)
+
+
 def final_logits(x, norm, head, eps: float):
     return F.linear(rms_norm(x, norm, eps), head).float()
 
@@ -419,13 +460,20 @@ class DecodeModel:
         self._gemv_ok = gemv_kernels.available(self.device)
         self._fold_ok = True  # "fused"'s kernels (folded norms and adds, qk_kernels): off after a failed capture
         self._fns = {f.__name__: (torch.compile(f, dynamic=True) if self.compiled else f)
-                     for f in (attn_in, attend, mlp_out, layer_step, final_logits)}
+                     for f in (attn_in, attend, mlp_out, layer_step, packed_layer, final_logits)}
         # how a prompt batch is prefilled: "packed" (qvl.infer.packed_prefill: one unpadded row, the decode step's
         # pieces, keys/values written straight into the slots) where it can run, else "padded" (:meth:`prefill`)
         from qvl.infer.packed_prefill import why_not
 
         self.prefill_why_padded = why_not(self)
         self.prefill_impl = "padded" if self.prefill_why_padded else "packed"
+        # the packed prefill's layers: "pieces" (attn_in and mlp_out compiled, the cache writes and the attention
+        # eager between them) or, where the flash varlen kernel runs, "whole" (:func:`packed_layer`, one compiled
+        # graph a layer). Pieces by default: whole layers were not reliably faster (H100, 2026-12-07, two machines,
+        # bench/results/decode_whole_h100.json, decode_whole_view_h100.json: a follow-up turn 39.0 against 45.0
+        # ms and 38.3 against 26.4; a 448x448-image prompt 80 against 58 ms and 38 against 47), and in a follow-up
+        # their graph copies 332 us a layer twice (followup_profile_whole_h100.txt), where the pieces do not
+        self.prefill_layers = "pieces"
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple] = {}

@@ -17,6 +17,7 @@ logits and the slots' keys/values against :meth:`DecodeModel.prefill`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -103,20 +104,71 @@ def _encoder(visual, vision_config, cache, keys: dict, host_grids: dict, device)
     return encode
 
 
-def _layers(d, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_of: torch.Tensor, index_of: torch.Tensor,
-            attention, deepstack=()) -> torch.Tensor:
-    """The decoder layers over the tokens ``x`` (T, H): each token's key / value written at its slot ``slot_of`` and
-    cache index ``index_of``; ``attention(layer, q, k, v)`` -> (T, Hq * D); the DeepStack features (1, T, H) added
-    after the first layers."""
+@dataclass
+class Span:
+    """Where a packed row's new tokens go and what they attend to: token t's slot ``slot_of[t]`` and cache index
+    ``index_of[t]`` (device), the query segments ``cu`` (device) and the longest. ``slot`` None: the row holds whole
+    prompts, each attending to itself (``bounds``: their (start, end) on the host). Else the tokens are that slot's,
+    at cache indices ``index`` (host, consecutive), on top of its entries before them: the key segment ``key_cu``
+    ([0, keys], device) is the slot's first entries (:func:`slot_span`)."""
+
+    slot_of: torch.Tensor
+    index_of: torch.Tensor
+    cu: torch.Tensor
+    longest: int
+    bounds: list | None = None
+    slot: int | None = None
+    index: torch.Tensor | None = None
+    key_cu: torch.Tensor | None = None
+
+
+def slot_span(d, slot: int, start: int, end: int) -> Span:
+    """Tokens ``start:end`` of ``slot``'s prompt, on top of its first ``start`` entries (none: they attend to
+    themselves alone)."""
+    index = torch.arange(start, end)
+    slot_of, index_of, cu, key_cu = _on_device(d, torch.full((end - start,), slot), index,
+                                               torch.tensor([0, end - start], dtype=torch.int32),
+                                               torch.tensor([0, end], dtype=torch.int32))
+    if start == 0:
+        return Span(slot_of, index_of, cu, end, bounds=[(0, end)])
+    return Span(slot_of, index_of, cu, end - start, slot=slot, index=index, key_cu=key_cu)
+
+
+def _layers(d, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, span: Span, deepstack=()) -> torch.Tensor:
+    """The decoder layers over the tokens ``x`` (T, H), their keys / values written and attended as ``span`` says;
+    the DeepStack features (1, T, H) added after the first layers. Where the flash varlen kernel runs, each layer is
+    one compiled graph (:func:`qvl.infer.decode.packed_layer`; ``d.prefill_layers``), else pieces."""
+    from qvl.data.packing import varlen_usable
+    from qvl.infer.decode import sizes_apart
+
+    whole = d.prefill_layers == "whole" and varlen_usable(x, 0.0)
+    attention = None if whole else _attention(d, span)
+    with sizes_apart() if whole and d.compiled else contextlib.nullcontext():
+        return _each_layer(d, x, cos, sin, span, deepstack, whole, attention)
+
+
+def _each_layer(d, x, cos, sin, span: Span, deepstack, whole: bool, attention) -> torch.Tensor:
     f = d._fns
     for i, w in enumerate(d.layers):
-        q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, d.n_q, d.n_kv, d.eps)
-        d.k[i][slot_of, :, index_of] = k
-        d.v[i][slot_of, :, index_of] = v
-        x = f["mlp_out"](attention(i, q, k, v), x, w.wo, w.ln2, w.mlp, d.eps, w.top_k, "grouped")
+        if whole:
+            x = f["packed_layer"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, d.k[i], d.v[i], span.slot_of,
+                                  span.index_of, cos, sin, span.cu, span.longest, span.key_cu, span.slot or 0,
+                                  d.n_q, d.n_kv, d.eps, d.scale, w.top_k)
+        else:
+            q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, d.n_q, d.n_kv, d.eps)
+            d.k[i][span.slot_of, :, span.index_of] = k
+            d.v[i][span.slot_of, :, span.index_of] = v
+            x = f["mlp_out"](attention(i, q, k, v), x, w.wo, w.ln2, w.mlp, d.eps, w.top_k, "grouped")
         if i < len(deepstack):
             x = x + deepstack[i][0]
     return x
+
+
+def _attention(d, span: Span):
+    """``attention(layer, q, k, v)`` -> (T, Hq * D) for the pieces of :func:`_layers`."""
+    if span.slot is None:
+        return lambda i, q, k, v: attend(q, k, v, span.cu, span.bounds, span.longest, d.scale)
+    return _on_cached(d, span)
 
 
 def _on_device(d, *values) -> list[torch.Tensor]:
@@ -212,8 +264,8 @@ def prefill(d, slots: list[int], encs: list, positions: list[torch.Tensor], medi
         torch.cat([torch.arange(n) for n in lengths]), torch.tensor(starts, dtype=torch.int32), starts[1:])
     occupancy = _occupancy(d, slots, lengths, [_rope_delta(p) for p in positions])
     row = embed(d, encs, positions, media_keys, cache)
-    x = _layers(d, row.embeds, row.cos, row.sin, slot_of, index_of,
-                lambda i, q, k, v: attend(q, k, v, cu, bounds, max(lengths), d.scale), row.deepstack)
+    span = Span(slot_of, index_of, cu, max(lengths), bounds=bounds)
+    x = _layers(d, row.embeds, row.cos, row.sin, span, row.deepstack)
     logits = d._fns["final_logits"](x.index_select(0, last - 1), d.norm, d.head, d.eps)
     _occupy(d, occupancy)
     return logits
@@ -225,15 +277,9 @@ def prefill_part(d, slot: int, row: Row, start: int, end: int) -> torch.Tensor |
     by the parts before): a long prompt prefilled a part at a time, decode steps of the others between parts. ->
     the last logits (1, V) once ``end`` is the prompt's end (the slot then decodes from there), else None."""
     (n,) = row.lengths
-    index = torch.arange(start, end)
-    slot_of, index_of, cu = _on_device(d, torch.full((end - start,), slot), index,
-                                       torch.tensor([0, end], dtype=torch.int32))
+    span = slot_span(d, slot, start, end)
     occupancy = _occupancy(d, [slot], [n], [_rope_delta(row.positions)]) if end == n else None
-    if start == 0:
-        attention = lambda i, q, k, v: attend(q, k, v, cu, [(0, end)], end, d.scale)  # noqa: E731
-    else:
-        attention = _on_cached(d, slot, index)
-    x = _layers(d, row.embeds[start:end], row.cos[start:end], row.sin[start:end], slot_of, index_of, attention,
+    x = _layers(d, row.embeds[start:end], row.cos[start:end], row.sin[start:end], span,
                 [f[:, start:end] for f in row.deepstack])
     if occupancy is None:
         return None
@@ -242,9 +288,9 @@ def prefill_part(d, slot: int, row: Row, start: int, end: int) -> torch.Tensor |
     return logits
 
 
-def _on_cached(d, slot: int, index: torch.Tensor):
-    """``attention`` for :func:`_layers` of new tokens at cache indices ``index`` (consecutive, host) of ``slot``:
-    each sees the slot's entries up to its own (those before ``index`` written earlier).
+def _on_cached(d, span: Span):
+    """``attention`` for :func:`_layers`' pieces of a slot's new tokens (``span``: :func:`slot_span`): each sees the
+    slot's entries up to its own (those before the new ones written earlier).
 
     On a GPU, one flash varlen call whose key segment is the slot's first entries (the causal mask aligned to its
     end): the cached keys / values read as they are, grouped heads and all. A follow-up turn of 283 tokens on a
@@ -255,13 +301,13 @@ def _on_cached(d, slot: int, index: torch.Tensor):
     from qvl.data.packing import varlen_causal, varlen_usable
     from qvl.models.attention import without_cudnn
 
+    slot, index = span.slot, span.index
     n, t = int(index[-1]) + 1, len(index)
     if varlen_usable(d.k[0], 0.0):
-        cu, key_cu = _on_device(d, torch.tensor([0, t], dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32))
-
         def attention(i, q, k, v):
             keys, values = (c[i][slot:slot + 1, :, :n] for c in (d.k, d.v))
-            out = varlen_causal(q.transpose(0, 1)[None], keys, values, cu, t, d.scale, key_cu=key_cu, key_max=n)
+            out = varlen_causal(q.transpose(0, 1)[None], keys, values, span.cu, t, d.scale, key_cu=span.key_cu,
+                                key_max=n)
             return out[0].reshape(t, -1)
 
         return attention
@@ -278,19 +324,21 @@ def _on_cached(d, slot: int, index: torch.Tensor):
 
 
 def warm(d) -> None:
-    """Prefill two short text prompts into slots 0 and 1, then a follow-up turn on top of each (:func:`rest`), and
-    free them, so that the compiled pieces meet a prefill's shapes before the first request does. The follow-up's
-    new tokens attend to the slot's cache through a mask, with kernels a prefill does not use: the first follow-up
-    turn after start-up waited 1.3 s longer than the next ones (H100, 2026-12-05, ``turns`` of
+    """Prefill three short text prompts into slots 0-2 (fewer where there are fewer), then a follow-up turn on top
+    of each (:func:`rest`), and free them, so that the compiled layers meet a prefill's shapes before the first
+    request does. The follow-up's new tokens attend to the slot's cache, with kernels a prefill does not use: the
+    first follow-up turn after start-up waited 1.3 s longer than the next ones (H100, 2026-12-05, ``turns`` of
     bench/results/serve_h100.json)."""
     from qvl.data.preprocess import Encoded
 
     def text(n: int) -> Encoded:
         return Encoded(torch.zeros(n, dtype=torch.long), None, torch.zeros(n, dtype=torch.long))
 
-    sizes = [n for n in (16, 24)[:d.slots] if n + 16 <= d.max_len]
+    sizes = [n for n in (16, 24, 32)[:d.slots] if n + 16 <= d.max_len]
     prefill(d, list(range(len(sizes))), [text(n) for n in sizes], [torch.arange(n).expand(4, n) for n in sizes])
-    for slot, n in enumerate(sizes):  # two lengths: a function compiled for one meets a second before a request
+    # two lengths at least: a function compiled for one meets a second before a request; three slots: a whole
+    # compiled layer takes the follow-up's slot as a number, and compiles for 0, 1 and any other
+    for slot, n in enumerate(sizes):
         longer = n + 8 * (slot + 1)
         rest(d, slot, n, text(longer), torch.arange(longer).expand(4, longer))
     for slot in range(len(sizes)):
@@ -303,14 +351,12 @@ def rest(d, slot: int, start: int, enc, positions: torch.Tensor) -> torch.Tensor
     ``slot``'s kept keys / values (its first ``start`` entries), as :func:`qvl.infer.prefix.prefill_rest`;
     -> last logits (1, V)."""
     n = len(enc)
-    index = torch.arange(start, n)
-    ids, mrope, slot_of, index_of = _on_device(d, enc.input_ids[start:], positions[1:, None, start:],
-                                               torch.full((n - start,), slot), index)
+    ids, mrope = _on_device(d, enc.input_ids[start:], positions[1:, None, start:])
+    span = slot_span(d, slot, start, n)
     occupancy = _occupancy(d, [slot], [n], [_rope_delta(positions)])
-    attention = _on_cached(d, slot, index)
     x = F.embedding(ids, d.embed)
     cos, sin = d.text.rotary_emb(x[None], mrope)
-    x = _layers(d, x, cos[0], sin[0], slot_of, index_of, attention)
+    x = _layers(d, x, cos[0], sin[0], span)
     logits = d._fns["final_logits"](x[-1:], d.norm, d.head, d.eps)
     _occupy(d, occupancy)
     return logits
