@@ -318,21 +318,23 @@ def layer_step(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, rows
 
 
 def packed_layer(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, slot_of, index_of, cos, sin, cu,
-                 longest: int, key_cu, slot: int, n_q: int, n_kv: int, eps: float, scale: float, top_k: int = 0):
+                 longest: int, key_cu, slot: int, keys: int, n_q: int, n_kv: int, eps: float, scale: float,
+                 top_k: int = 0):
     """A whole decoder layer over a packed row's new tokens x (T, hidden) on the flash varlen kernel, the cache
     writes included (one compiled graph, as :func:`layer_step` is for a decode step): token t's key / value written
     at slot ``slot_of[t]``, cache index ``index_of[t]`` of the caches (slots, Hkv, L, D). ``key_cu`` None: the row
     holds whole prompts, each attending to itself (query segments ``cu``, the longest ``longest``). Else the tokens
-    are slot ``slot``'s, on top of its first entries, and the key segment ``key_cu`` ([0, keys]) reads them from the
-    cache as they lie (flash aligns causal to the segment's end).
+    are slot ``slot``'s, on top of its first entries, and the key segment ``key_cu`` ([0, keys]) reads its first
+    ``keys`` entries from the cache as they lie (flash aligns causal to the segment's end).
 
     Why one graph: run as pieces (two compiled functions, eager cache writes and attention), a 283-token follow-up
     turn spent 23.6 ms for 12.9 ms of kernels, its host launching 36 layers x 2 compiled calls, their guards, the
     writes and the attention's wrapper (H100, 2026-12-07, bench/results/decode_followup_ab_h100.json). Not the
-    default (``DecodeModel.prefill_layers``): in a follow-up the graph runs two pointwise kernels a layer that
-    the pieces do not, 332 us each (their names: the q/k norm, RoPE and a clone feeding the attention), with the
-    slot's view as the cache and with the whole cache alike (bench/results/followup_profile_view_h100.txt,
-    followup_profile_whole_h100.txt)."""
+    default (``DecodeModel.prefill_layers``): it was measured reading the slot's whole cache (its L entries, not
+    the first ``keys``), and torch 2.11's varlen attention has no grouped-query heads, so the graph copied the
+    keys and values of L entries for every query head, 332 us twice a layer
+    (bench/results/followup_profile_whole_h100.txt; the copy's length read from inductor's code on an H100,
+    2026-12-07). It reads ``keys`` entries now, as the pieces do; unmeasured on a GPU since."""
     from qvl.data.packing import varlen_causal
 
     q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps)
@@ -342,8 +344,8 @@ def packed_layer(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, sl
     if key_cu is None:
         a = varlen_causal(*heads, cu, longest, scale)
     else:
-        a = varlen_causal(heads[0], k_cache[slot][None], v_cache[slot][None], cu, longest, scale, key_cu=key_cu,
-                          key_max=k_cache.shape[2])
+        a = varlen_causal(heads[0], k_cache[slot, :, :keys][None], v_cache[slot, :, :keys][None], cu, longest,
+                          scale, key_cu=key_cu, key_max=keys)
     return mlp_out(a[0].reshape(x.shape[0], -1), x, wo, ln2, mlp, eps, top_k, "grouped")
 
 
@@ -471,8 +473,8 @@ class DecodeModel:
         # eager between them) or, where the flash varlen kernel runs, "whole" (:func:`packed_layer`, one compiled
         # graph a layer). Pieces by default: whole layers were not reliably faster (H100, 2026-12-07, two machines,
         # bench/results/decode_whole_h100.json, decode_whole_view_h100.json: a follow-up turn 39.0 against 45.0
-        # ms and 38.3 against 26.4; a 448x448-image prompt 80 against 58 ms and 38 against 47), and in a follow-up
-        # their graph copies 332 us a layer twice (followup_profile_whole_h100.txt), where the pieces do not
+        # ms and 38.3 against 26.4; a 448x448-image prompt 80 against 58 ms and 38 against 47), its follow-up then
+        # copying the slot's whole cache for every query head (see packed_layer; fixed, not measured since)
         self.prefill_layers = "pieces"
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)

@@ -120,6 +120,7 @@ class Span:
     slot: int | None = None
     index: torch.Tensor | None = None
     key_cu: torch.Tensor | None = None
+    keys: int = 0  # the key segment's length (the slot's entries up to the last new token's)
 
 
 def slot_span(d, slot: int, start: int, end: int) -> Span:
@@ -131,7 +132,7 @@ def slot_span(d, slot: int, start: int, end: int) -> Span:
                                                torch.tensor([0, end], dtype=torch.int32))
     if start == 0:
         return Span(slot_of, index_of, cu, end, bounds=[(0, end)])
-    return Span(slot_of, index_of, cu, end - start, slot=slot, index=index, key_cu=key_cu)
+    return Span(slot_of, index_of, cu, end - start, slot=slot, index=index, key_cu=key_cu, keys=end)
 
 
 def _layers(d, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, span: Span, deepstack=()) -> torch.Tensor:
@@ -153,7 +154,7 @@ def _each_layer(d, x, cos, sin, span: Span, deepstack, whole: bool, attention) -
         if whole:
             x = f["packed_layer"](x, w.ln1, w.wqkv, w.qn, w.kn, w.wo, w.ln2, w.mlp, d.k[i], d.v[i], span.slot_of,
                                   span.index_of, cos, sin, span.cu, span.longest, span.key_cu, span.slot or 0,
-                                  d.n_q, d.n_kv, d.eps, d.scale, w.top_k)
+                                  span.keys, d.n_q, d.n_kv, d.eps, d.scale, w.top_k)
         else:
             q, k, v = f["attn_in"](x, w.ln1, w.wqkv, w.qn, w.kn, cos, sin, d.n_q, d.n_kv, d.eps)
             d.k[i][span.slot_of, :, span.index_of] = k
@@ -301,8 +302,7 @@ def _on_cached(d, span: Span):
     from qvl.data.packing import varlen_causal, varlen_usable
     from qvl.models.attention import without_cudnn
 
-    slot, index = span.slot, span.index
-    n, t = int(index[-1]) + 1, len(index)
+    slot, index, n, t = span.slot, span.index, span.keys, len(span.index)
     if varlen_usable(d.k[0], 0.0):
         def attention(i, q, k, v):
             keys, values = (c[i][slot:slot + 1, :, :n] for c in (d.k, d.v))
