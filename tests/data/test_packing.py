@@ -167,23 +167,37 @@ def _fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("new_api", [True, False])
-def test_varlen_call_matches_per_sample_sdpa(monkeypatch, new_api):
-    """The varlen call's layout, causal flag and GQA handling (both torch spellings), against the sdpa loop."""
+@pytest.mark.parametrize("api", ["enable_gqa", "older", "older_with_grad"])
+def test_varlen_call_matches_per_sample_sdpa(monkeypatch, api):
+    """The varlen call's layout, causal flag and GQA handling, against the sdpa loop. On a torch whose varlen_attn has
+    no ``enable_gqa`` (2.10, 2.11: no window either), an inference call goes to the flash kernel itself with the
+    grouped heads; one that needs gradients repeats the key / value heads for varlen_attn."""
     from qvl.data import packing
 
     torch.manual_seed(0)
     pos = torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2])
-    q = torch.randn(1, 4, 9, 8)
+    q = torch.randn(1, 4, 9, 8, requires_grad=api == "older_with_grad")
     k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)  # 2 KV heads for 4 query heads
     ref, _ = packing.per_sample_attention(None, q, k, v, None, scaling=0.3, position_ids=pos)
-    fake = _fake_varlen if new_api else (lambda q, k, v, cq, ck, mq, mk, scale=None, is_causal=None:
-                                         _fake_varlen(q, k, v, cq, ck, mq, mk, scale=scale, is_causal=is_causal))
-    monkeypatch.setattr(packing, "_VARLEN", (fake, new_api, new_api))
+    calls = []
+
+    def older(q, k, v, cq, ck, mq, mk, scale=None, is_causal=None):  # asserts the heads came repeated
+        calls.append("varlen_attn")
+        return _fake_varlen(q, k, v, cq, ck, mq, mk, scale=scale, is_causal=is_causal)
+
+    def flash(q, k, v, cq, ck, mq, mk, dropout, causal, debug_mask, scale=None):  # aten's flash op, grouped heads
+        assert dropout == 0.0 and not debug_mask and k.shape[1] < q.shape[1]
+        calls.append("flash")
+        return (_fake_varlen(q, k, v, cq, ck, mq, mk, scale=scale, is_causal=causal, enable_gqa=True),)
+
+    monkeypatch.setattr(packing, "_flash_forward", flash)
+    varlen = (_fake_varlen, True) if api == "enable_gqa" else (packing._grouped_heads(older, False), False)
+    monkeypatch.setattr(packing, "_VARLEN", varlen)
     bounds, cu = packing._cached_bounds(pos)
     out = packing.varlen_causal(q, k, v, cu, max(e - s for s, e in bounds), scaling=0.3)
     assert out.shape == ref.shape == (1, 9, 4, 8)
     torch.testing.assert_close(out, ref)
+    assert calls == {"enable_gqa": [], "older": ["flash"], "older_with_grad": ["varlen_attn"]}[api]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash kernel needs a GPU")
@@ -206,6 +220,8 @@ def test_varlen_kernel_matches_sdpa_on_gpu():
                                                     enable_gqa=True) for s, e in bounds], dim=2).transpose(1, 2)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():  # inference: on torch 2.10 / 2.11 the grouped heads go to flash as they are
+        torch.testing.assert_close(packing.per_sample_attention(None, q, k, v, None, position_ids=pos)[0], out)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.float(), r.float(), atol=5e-2, rtol=5e-2)
     # compiled (inductor) with the bounds as inputs, as compile_layers runs it: the same values and gradients

@@ -236,7 +236,7 @@ def _varlen_op_stand_in(monkeypatch):
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
         return op(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size[1])
 
-    monkeypatch.setattr(packing, "_VARLEN", (varlen, True, True))
+    monkeypatch.setattr(packing, "_VARLEN", (varlen, True))
     monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout: True)
 
 
@@ -300,7 +300,7 @@ def test_a_follow_up_on_the_varlen_kernel_equals_the_masked_sdpa_one(tiny, promp
     results, calls = [], []
     for varlen in (False, True):
         if varlen:
-            monkeypatch.setattr(packing, "_VARLEN", (_flash_varlen_stand_in(calls), True, True))
+            monkeypatch.setattr(packing, "_VARLEN", (_flash_varlen_stand_in(calls), True))
             monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout: True)
         d = DecodeModel(model, slots=2, max_len=256)
         packed_prefill.prefill(d, [1], [first], [positions[1]])
@@ -332,7 +332,7 @@ def test_whole_compiled_layers_equal_the_pieces_on_the_varlen_kernel(request, ki
         totals.append((k.shape[0], k.is_contiguous()))
         return stand_in(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(packing, "_VARLEN", (spy, True, True))
+    monkeypatch.setattr(packing, "_VARLEN", (spy, True))
     monkeypatch.setattr(packing, "varlen_usable", lambda query, dropout: True)
     slots, lengths = [3, 0, 2, 1], [len(e) for e in encs]
     follow = _continued(model, encs[1])
@@ -356,6 +356,8 @@ def test_whole_compiled_layers_equal_the_pieces_on_the_varlen_kernel(request, ki
     assert state == state_want
     _same_kv(kv, kv_want, 1e-5)
     assert follow_keys == [(len(follow), False)] * len(d.k)  # the slot's first entries, as they lie in its cache
+    # the default: whole layers for dense models (faster in every row measured); MoE keeps the pieces for now
+    assert DecodeModel(model, slots=1, max_len=64).prefill_layers == ("whole" if kind == "dense" else "pieces")
 
 
 @pytest.mark.parametrize("which", [1, 2])  # an image prompt, a video prompt
@@ -379,16 +381,16 @@ def test_a_prompt_prefilled_in_parts_equals_it_prefilled_whole(tiny, prompts, wh
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("layers", ["pieces", "whole"])
-def test_on_the_gpu_packed_prefill_and_its_parts_agree_with_the_padded_one(tiny, prompts, layers):
+@pytest.mark.parametrize("kind, layers", [("dense", "pieces"), ("dense", "whole"), ("moe", "pieces"), ("moe", "whole")])
+def test_on_the_gpu_packed_prefill_and_its_parts_agree_with_the_padded_one(request, kind, layers):
     """What a GPU runs (bf16, the layers compiled as pieces or whole, the flash varlen kernel; for a part and a
     follow-up turn, its key segment the slot's cache read in place): logits within bf16's rounding of transformers'
     forward over the padded batch, each next token one of its best (a near tie may go either way in bf16)."""
     import copy
 
-    model, _ = tiny
+    model, processor = request.getfixturevalue("tiny" if kind == "dense" else "tiny_moe")[:2]
     gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    encs, positions = prompts
+    encs, positions = _encoded(model, processor)
     slots, lengths = [3, 0, 2, 1], [len(e) for e in encs]
     padded = _padded(DecodeModel(gpu, slots=4, max_len=256), slots, encs, positions)
     d = DecodeModel(gpu, slots=4, max_len=256)

@@ -192,7 +192,7 @@ def test_packed_attention_choice(monkeypatch):
     for flash_attn_installed in (False, True):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: (
             (object() if flash_attn_installed else None) if name == "flash_attn" else real_find_spec(name, *a, **k)))
-        monkeypatch.setattr(packing, "_VARLEN", ("varlen", True, True))
+        monkeypatch.setattr(packing, "_VARLEN", ("varlen", True))
         # torch's varlen kernel, what the fast path is built on, also when flash-attn is installed
         assert packed_attention_for("auto", cuda, max_row_tokens=4 * 4096) == "per_sample"
         monkeypatch.setattr(packing, "_VARLEN", None)  # an older torch

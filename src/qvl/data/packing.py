@@ -190,7 +190,8 @@ def sample_bounds(text_positions: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _varlen():
-    """torch's flash-attention varlen kernel (torch >= 2.10) and how this version spells causal / GQA."""
+    """torch's flash-attention varlen kernel (torch >= 2.10), taking ``enable_gqa``, and whether this version spells
+    causal as a window."""
     try:
         import inspect
 
@@ -198,7 +199,33 @@ def _varlen():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, "window_size" in params, "enable_gqa" in params
+    fn = varlen_attn if "enable_gqa" in params else _grouped_heads(varlen_attn, "window_size" in params)
+    return fn, "window_size" in params
+
+
+def _grouped_heads(varlen_attn, has_window: bool):
+    """``varlen_attn`` taking ``enable_gqa`` on a torch whose own does not (2.10, 2.11).
+
+    Without gradients it calls the flash kernel itself, which maps each query head to its group's key / value head.
+    Repeating each key and value per query head first cost more than the attention on a follow-up turn's cached
+    keys: two 113 us copies a layer against a 62 us kernel (H100, 2026-12-07,
+    bench/results/followup_profile_whole_keys_h100.txt; after: followup_profile_grouped_h100.txt). With gradients
+    it repeats them, as before: varlen_attn's own backward is the one to use."""
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, *, enable_gqa: bool = False, **kwargs):
+        if k.shape[1] != q.shape[1] and enable_gqa:
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+            else:
+                causal = tuple(kwargs["window_size"]) == (-1, 0) if has_window else kwargs["is_causal"]
+                return _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                                      scale=kwargs.get("scale"))[0]
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+    return call
+
+
+def _flash_forward(*args, **kwargs):
+    return torch.ops.aten._flash_attention_forward(*args, **kwargs)
 
 
 _VARLEN = _varlen()
@@ -228,14 +255,11 @@ def varlen_causal(query, key, value, cu: torch.Tensor, max_len: int, scaling=Non
     ``causal=False``: full attention inside each segment (the vision tower's images and frames). ``key_cu`` /
     ``key_max``: the keys' own segments where they are longer than the queries' (queries that continue cached keys:
     flash aligns the causal mask to the segment's end, so each query sees the keys up to its own position)."""
-    fn, has_window, has_gqa = _VARLEN
+    fn, has_window = _VARLEN
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (L, H, D)
     kwargs = {"scale": scaling}
     if k.shape[1] != q.shape[1]:
-        if has_gqa:
-            kwargs["enable_gqa"] = True
-        else:  # older torch: repeat each KV head for its group of query heads
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        kwargs["enable_gqa"] = True
     if has_window:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
     else:

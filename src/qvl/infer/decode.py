@@ -329,12 +329,12 @@ def packed_layer(x, ln1, wqkv, qn, kn, wo, ln2, mlp: tuple, k_cache, v_cache, sl
 
     Why one graph: run as pieces (two compiled functions, eager cache writes and attention), a 283-token follow-up
     turn spent 23.6 ms for 12.9 ms of kernels, its host launching 36 layers x 2 compiled calls, their guards, the
-    writes and the attention's wrapper (H100, 2026-12-07, bench/results/decode_followup_ab_h100.json). Not the
-    default (``DecodeModel.prefill_layers``): it was measured reading the slot's whole cache (its L entries, not
-    the first ``keys``), and torch 2.11's varlen attention has no grouped-query heads, so the graph copied the
-    keys and values of L entries for every query head, 332 us twice a layer
-    (bench/results/followup_profile_whole_h100.txt; the copy's length read from inductor's code on an H100,
-    2026-12-07). It reads ``keys`` entries now, as the pieces do; unmeasured on a GPU since."""
+    writes and the attention's wrapper (H100, 2026-12-07, bench/results/decode_followup_ab_h100.json). One graph a
+    layer, the keys' grouped heads going to flash as they are (qvl.data.packing._grouped_heads), was faster in
+    every row on an H100 (2026-12-07, bench/results/decode_grouped_h100.json): a follow-up 16.2 against 20.8 ms,
+    a 1,024-token prompt 60.4 against 61.2, a 448x448-image prompt 34.7 against 40.1, eight of them 89.8 against
+    90.1 (on a slower host, before the grouped heads: 23.1 against 50.8 ms, decode_whole_keys_h100.json).
+    """
     from qvl.data.packing import varlen_causal
 
     q, k, v = attn_in(x, ln1, wqkv, qn, kn, cos, sin, n_q, n_kv, eps)
@@ -469,13 +469,11 @@ class DecodeModel:
 
         self.prefill_why_padded = why_not(self)
         self.prefill_impl = "padded" if self.prefill_why_padded else "packed"
-        # the packed prefill's layers: "pieces" (attn_in and mlp_out compiled, the cache writes and the attention
-        # eager between them) or, where the flash varlen kernel runs, "whole" (:func:`packed_layer`, one compiled
-        # graph a layer). Pieces by default: whole layers were not reliably faster (H100, 2026-12-07, two machines,
-        # bench/results/decode_whole_h100.json, decode_whole_view_h100.json: a follow-up turn 39.0 against 45.0
-        # ms and 38.3 against 26.4; a 448x448-image prompt 80 against 58 ms and 38 against 47), its follow-up then
-        # copying the slot's whole cache for every query head (see packed_layer; fixed, not measured since)
-        self.prefill_layers = "pieces"
+        # the packed prefill's layers where the flash varlen kernel runs: "whole" (:func:`packed_layer`, one compiled
+        # graph a layer; faster in every row measured, see there) or "pieces" (attn_in and mlp_out compiled, the
+        # cache writes and the attention eager between them: what runs off the flash kernel, on CPU or in fp32).
+        # MoE models keep the pieces: their whole layers are tested against the pieces on CPU, not run on a GPU yet
+        self.prefill_layers = "pieces" if self.is_moe else "whole"
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple] = {}
