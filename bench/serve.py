@@ -273,13 +273,14 @@ def turns(url: str, work: Workload, images: list[bytes], base_url: str | None = 
 def outside_server(r, last: dict) -> dict:
     """The client's part of a request's time to first token, from the server's absolute marks (perf_counter is one
     clock for the machine's processes): ``client->arrived`` (encoding the body, connecting, sending it, the server's
-    HTTP parsing up to the route; ``of which client encoding``: the body's JSON) and ``sent->client`` (the first
-    content event back to the client's parse)."""
-    if "arrived" not in last or "sent" not in last or not r.token_times:
+    HTTP parsing up to the route; ``of which client encoding``: the body's JSON) and ``loop->client`` (the first
+    content event, from its hand-off to the server's HTTP writer to the client's parse). Not from ``sent`` (the
+    write returned): the client can parse the event before the server's coroutine resumes, -0.3 ms on a 2-core CPU."""
+    if "arrived" not in last or "loop" not in last or not r.token_times:
         return {}
     return {"client->arrived": round((last["arrived"] - r.start) * 1e3, 1),
             "of which client encoding": round((r.encoded - r.start) * 1e3, 3) if r.encoded else None,
-            "sent->client": round((r.token_times[0] - last["sent"]) * 1e3, 1)}
+            "loop->client": round((r.token_times[0] - last["loop"]) * 1e3, 1)}
 
 
 def thread_profile(base_url: str, url: str, work: Workload, n: int, stagger: float) -> dict:

@@ -183,6 +183,33 @@ def test_a_failing_packed_prefill_falls_back_to_the_padded_one(tiny, monkeypatch
     assert sum("packed prefill failed" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_failing_whole_layers_step_down_to_the_pieces(tiny, monkeypatch, caplog):
+    """Should a whole compiled prefill layer fail (a compiler or kernel failure in the one part that runs nowhere
+    else), the request is prefilled again with the layers as pieces, still packed, and answers as model.generate
+    does; the pieces run from then on, said once. The flash kernel is stood in for, as the whole layers need it."""
+    from test_fast_decode import GREEDY, PROMPTS, _batcher, _Collect, _generate_ids, _job, _run_until_done
+
+    from qvl.models.tokens import token_ids
+
+    _varlen_op_stand_in(monkeypatch)
+    model, processor = tiny
+    d = DecodeModel(model, slots=2, max_len=256)
+    assert packed_prefill.whole_layers(d)
+    fast = (d, processor, token_ids(processor.tokenizer).pad, rope_index_fn(model))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor failed")
+
+    d._fns = dict(d._fns, packed_layer=broken)
+    job = _job(processor, PROMPTS["image"])
+    with caplog.at_level("WARNING", logger="qvl.infer"):
+        _run_until_done(_batcher(fast, _Collect), {0: [job]})
+    assert job.handle.emit_tokens == _generate_ids(model, processor, job.prepared.inputs, GREEDY.max_new_tokens)
+    assert d.prefill_impl == "packed" and d.prefill_layers == "pieces" and not packed_prefill.whole_layers(d)
+    assert [r.getMessage().split(";")[0] for r in caplog.records if r.levelname == "WARNING"] == [
+        "the packed prefill's whole compiled layers failed (RuntimeError: inductor failed)"]
+
+
 @pytest.mark.parametrize("layers", ["pieces", "whole"])
 def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts, layers, monkeypatch):
     """On a GPU the prefill's layers are compiled with dynamic shapes: once the decode step has compiled (batches of

@@ -262,7 +262,7 @@ class ContinuousBatcher:
             row = packed_prefill.embed(self.decoder, [p.inputs], [p.inputs.positions], [p.media_keys],
                                        self.vision_cache)
         except Exception as e:  # noqa: BLE001
-            if self._fall_back(e):  # first in line again, to be prefilled padded and whole
+            if self._fall_back(e):  # first in line again, to be prefilled a step down
                 self.waiting.appendleft(waiting)
                 return
             log.exception("prefill failed")
@@ -290,7 +290,7 @@ class ContinuousBatcher:
         try:
             logits = packed_prefill.prefill_part(self.decoder, parts.slot, parts.row, parts.done, end)
         except Exception as e:  # noqa: BLE001
-            if self._fall_back(e):  # first in line again, to be prefilled padded and whole
+            if self._fall_back(e):  # first in line again, to be prefilled a step down
                 self.in_parts = None
                 self._release(parts.slot, keep=False)
                 self.waiting.appendleft((parts.arrived, parts.job))
@@ -350,20 +350,21 @@ class ContinuousBatcher:
 
     def _packed_or_padded(self, packed, padded) -> torch.Tensor:
         """``packed(qvl.infer.packed_prefill)`` where the decoder prefills packed, else ``padded()``; should the
-        packed one fail other than for memory or the prompt, the padded one runs, now and from then on."""
-        if self.decoder.prefill_impl == "packed":
-            from qvl.infer import packed_prefill
+        packed one fail other than for memory or the prompt, it runs again one step down (whole compiled layers ->
+        pieces -> padded), now and from then on."""
+        from qvl.infer import packed_prefill
 
+        while self.decoder.prefill_impl == "packed":
             try:
                 return packed(packed_prefill)
-            except Exception as e:  # noqa: BLE001 -- the packed path's own failure: the padded one serves
+            except Exception as e:  # noqa: BLE001 -- the packed path's own failure: a step down serves
                 if not self._fall_back(e):
                     raise
         return padded()
 
     def _fall_back(self, error: Exception) -> bool:
-        """After the packed prefill raised ``error``: prefill padded from now on and say so (True), unless the
-        failure is the request's own (out of memory, a prompt longer than the cache: the padded prefill would
+        """After the packed prefill raised ``error``: a step down from now on, said (True; see
+        :func:`qvl.infer.packed_prefill.fall_back`), unless the failure is the request's own (out of memory, a prompt longer than the cache: the padded prefill would
         fail the same way)."""
         from qvl.infer import packed_prefill
         from qvl.infer.decode import PromptTooLong

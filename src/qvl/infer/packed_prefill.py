@@ -41,8 +41,14 @@ def why_not(d) -> str | None:
 
 
 def fall_back(d, error: Exception) -> None:
-    """The packed prefill failed other than for memory or a too-long prompt: prefill padded from now on (said once;
-    the request is prefilled again that way)."""
+    """The packed prefill failed other than for memory or a too-long prompt: one step down from now on, said once,
+    the request prefilled again that way. Whole compiled layers step down to the compiled pieces (the part that
+    runs nowhere else: a compiler or kernel failure there need not cost the packed prefill); pieces to padded."""
+    if whole_layers(d):
+        d.prefill_layers = "pieces"
+        log.warning("the packed prefill's whole compiled layers failed (%s: %s); its layers run as compiled pieces "
+                    "from now on", type(error).__name__, str(error)[:200], exc_info=error)
+        return
     d.prefill_impl = "padded"
     d.prefill_why_padded = f"the packed prefill failed: {type(error).__name__}: {str(error)[:200]}"
     log.warning("%s; prompts are prefilled as padded batches through transformers' forward from now on",
@@ -139,13 +145,20 @@ def _layers(d, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, span: Span
     """The decoder layers over the tokens ``x`` (T, H), their keys / values written and attended as ``span`` says;
     the DeepStack features (1, T, H) added after the first layers. Where the flash varlen kernel runs, each layer is
     one compiled graph (:func:`qvl.infer.decode.packed_layer`; ``d.prefill_layers``), else pieces."""
-    from qvl.data.packing import varlen_usable
     from qvl.infer.decode import sizes_apart
 
-    whole = d.prefill_layers == "whole" and varlen_usable(x, 0.0)
+    whole = whole_layers(d)
     attention = None if whole else _attention(d, span)
     with sizes_apart() if whole and d.compiled else contextlib.nullcontext():
         return _each_layer(d, x, cos, sin, span, deepstack, whole, attention)
+
+
+def whole_layers(d) -> bool:
+    """Decoder ``d``'s packed prefill runs each layer as one compiled graph: asked (``d.prefill_layers``) and on the
+    flash varlen kernel (the graph is built around it)."""
+    from qvl.data.packing import varlen_usable
+
+    return d.prefill_layers == "whole" and varlen_usable(d.k[0], 0.0)
 
 
 def _each_layer(d, x, cos, sin, span: Span, deepstack, whole: bool, attention) -> torch.Tensor:

@@ -270,15 +270,17 @@ class TransformersEngine(Engine):
         if decoder.prefill_why_padded:
             say(f"note: prompts are prefilled as padded batches through transformers' forward "
                 f"({decoder.prefill_why_padded})")
-        elif decoder.compiled:  # the compiled pieces meet a prefill's shapes now, not at the first request
+        elif decoder.compiled:  # the compiled layers meet a prefill's shapes now, not at the first request
             from qvl.infer.packed_prefill import fall_back, warm
 
-            try:
-                warm(decoder)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 -- the padded prefill serves instead, said in the log
-                fall_back(decoder, e)
+            while decoder.prefill_impl == "packed":
+                try:
+                    warm(decoder)
+                    break
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # noqa: BLE001 -- a step down serves instead (pieces, padded), said in the log
+                    fall_back(decoder, e)
         if vision_cache_mb is None:  # a chat turn re-sends its images: keep their encoder outputs
             vision_cache_mb = 1024 if decoder.device.type == "cuda" else 256
         visual = getattr(decoder.base.model, "visual", None)

@@ -66,7 +66,7 @@ class StageLog:
     def finish(self, rid: str, marks: dict) -> None:
         times = stages(marks)
         self.done.append(times)
-        self.last = {k: marks[k] for k in ("arrived", "sent") if k in marks}
+        self.last = {k: marks[k] for k in ("arrived", "loop", "sent") if k in marks}
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s first token: %s", rid, ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()))
 
