@@ -779,7 +779,8 @@ def main(argv=None):
                                                       activation_memory_budget=b))
           for b in (0.95, 0.9, 0.8, 0.7)],
         # within the baseline's memory (8B, this workload's 4,608-token longest row): 32 layers kept under budget 0.8
-        # (68.7 KB per token each, bench/experiments/layer_memory.py), 4 recomputed whole; gemm_row_multiple off, as measured
+        # (68.7 KB per token each with the key / value heads repeated, 76.6 grouped: bench/experiments/layer_memory.py),
+        # 4 recomputed whole; gemm_row_multiple off, as measured
         # before auto became 128 on a GPU (2026-11-28; qvl-fit-b80-gemm128 is this row with it)
         ("qvl-fit-b80", dict(compile_layers=True, gradient_checkpointing_ratio=4 / 36, packed_attention="per_sample",
                              bench_warmup=8, activation_memory_budget=0.8, gemm_row_multiple=0)),

@@ -170,18 +170,19 @@ def _fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=None
 @pytest.mark.parametrize("api", ["enable_gqa", "older", "older_with_grad"])
 def test_varlen_call_matches_per_sample_sdpa(monkeypatch, api):
     """The varlen call's layout, causal flag and GQA handling, against the sdpa loop. On a torch whose varlen_attn has
-    no ``enable_gqa`` (2.10, 2.11: no window either), an inference call goes to the flash kernel itself with the
-    grouped heads; one that needs gradients repeats the key / value heads for varlen_attn."""
+    no ``enable_gqa`` (2.10, 2.11: no window either), grouped heads go to the flash kernel itself, with gradients
+    too (the op's backward sums each group's key / value gradients); equal heads stay with varlen_attn."""
     from qvl.data import packing
 
     torch.manual_seed(0)
     pos = torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2])
-    q = torch.randn(1, 4, 9, 8, requires_grad=api == "older_with_grad")
-    k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)  # 2 KV heads for 4 query heads
+    grad = api == "older_with_grad"
+    q = torch.randn(1, 4, 9, 8, requires_grad=grad)
+    k, v = (torch.randn(1, 2, 9, 8, requires_grad=grad) for _ in range(2))  # 2 KV heads for 4 query heads
     ref, _ = packing.per_sample_attention(None, q, k, v, None, scaling=0.3, position_ids=pos)
     calls = []
 
-    def older(q, k, v, cq, ck, mq, mk, scale=None, is_causal=None):  # asserts the heads came repeated
+    def older(q, k, v, cq, ck, mq, mk, scale=None, is_causal=None):  # asserts the heads are equal
         calls.append("varlen_attn")
         return _fake_varlen(q, k, v, cq, ck, mq, mk, scale=scale, is_causal=is_causal)
 
@@ -197,7 +198,16 @@ def test_varlen_call_matches_per_sample_sdpa(monkeypatch, api):
     out = packing.varlen_causal(q, k, v, cu, max(e - s for s, e in bounds), scaling=0.3)
     assert out.shape == ref.shape == (1, 9, 4, 8)
     torch.testing.assert_close(out, ref)
-    assert calls == {"enable_gqa": [], "older": ["flash"], "older_with_grad": ["varlen_attn"]}[api]
+    assert calls == {"enable_gqa": [], "older": ["flash"], "older_with_grad": ["flash"]}[api]
+    if grad:  # the key / value gradients come back in their own (grouped) heads' shape
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+            assert g.shape == r.shape
+            torch.testing.assert_close(g, r)
+    if api != "enable_gqa":  # equal heads: varlen_attn as it is
+        full = torch.randn(1, 4, 9, 8)
+        packing.varlen_causal(full, full, full, cu, max(e - s for s, e in bounds), scaling=0.3)
+        assert calls[-1] == "varlen_attn"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash kernel needs a GPU")

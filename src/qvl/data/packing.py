@@ -204,21 +204,19 @@ def _varlen():
 
 
 def _grouped_heads(varlen_attn, has_window: bool):
-    """``varlen_attn`` taking ``enable_gqa`` on a torch whose own does not (2.10, 2.11).
+    """``varlen_attn`` taking ``enable_gqa`` on a torch whose own does not (2.10, 2.11): grouped heads go to the flash
+    kernel itself (forward and backward), which maps each query head to its group's key / value head.
 
-    Without gradients it calls the flash kernel itself, which maps each query head to its group's key / value head.
     Repeating each key and value per query head first cost more than the attention on a follow-up turn's cached
     keys: two 113 us copies a layer against a 62 us kernel (H100, 2026-12-07,
-    bench/results/followup_profile_whole_keys_h100.txt; after: followup_profile_grouped_h100.txt). With gradients
-    it repeats them, as before: varlen_attn's own backward is the one to use."""
+    bench/results/followup_profile_whole_keys_h100.txt; after: followup_profile_grouped_h100.txt). In training the
+    op's own backward sums each group's key / value gradients, so the repeat's copies, and the repeated keys and
+    values a layer kept for its backward, are gone too (bench/experiments/results/layer_memory_grouped_h100.txt)."""
     def call(q, k, v, cu_q, cu_k, max_q, max_k, *, enable_gqa: bool = False, **kwargs):
         if k.shape[1] != q.shape[1] and enable_gqa:
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-            else:
-                causal = tuple(kwargs["window_size"]) == (-1, 0) if has_window else kwargs["is_causal"]
-                return _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-                                      scale=kwargs.get("scale"))[0]
+            causal = tuple(kwargs["window_size"]) == (-1, 0) if has_window else kwargs["is_causal"]
+            return _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                                  scale=kwargs.get("scale"))[0]
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
     return call

@@ -232,9 +232,10 @@ def attention_saved_bytes_per_token(m: ModelShape) -> int:
     return 2 * (2 * m.q_dim + 2 * m.kv_dim + m.hidden) + 4 * m.heads
 
 
-# activation_memory_budget levels the planner knows for compiled layers: None (the compiler's default partition), 0.9,
-# 0.8 (below 0.8 the partitioner starts recomputing matmuls; 0.8's figure is then an upper bound)
-COMPILED_BUDGETS = (None, 0.9, 0.8)
+# activation_memory_budget levels the planner knows for compiled layers: None (the compiler's default partition) and
+# 0.8 (below 0.8 the partitioner starts recomputing matmuls; 0.8's figure is then an upper bound). 0.9 is not among
+# them since key / value heads reach flash grouped: not measured so, and 0.8 was as fast as the default partition
+COMPILED_BUDGETS = (None, 0.8)
 
 
 def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = None, lora_r: int = 0,
@@ -242,17 +243,19 @@ def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = N
     """What one whole decoder layer compiled by inductor keeps for backward per token beyond its input, not
     recomputed, with frozen projections (LoRA on attention, bf16 autocast), under ``activation_memory_budget``.
 
-    Measured on the 8B layer (``bench/experiments/layer_memory.py``, H100: 106.8 / 86.8 / 68.7 KB per token for the default
-    partition / 0.9 / 0.8, docs/benchmarks.md) and written in the model's widths: the SwiGLU gate and up outputs
-    (its product and the down projection's input are recomputed), the attention's q, k, v and output, its
-    log-sum-exp and the adapters' rank-r intermediates; 0.9 and the default partition keep pre-norm and pre-RoPE
-    copies the budgets recompute instead. ``mlp_trains`` (MLP weights or adapters on them; not measured): the MLP
+    Measured on the 8B layer (``bench/experiments/layer_memory.py``, H100, 8,192-token rows, key / value heads
+    handed to flash grouped: 94.8 / 76.6 KB per token for the default partition / 0.8; 106.8 / 68.7 when they were
+    repeated per query head, bench/experiments/results/layer_memory_grouped_h100.txt) and written in the model's
+    widths: the SwiGLU gate and up outputs (its product and the down projection's input are recomputed), the
+    attention's q, k, v and output, its log-sum-exp, a hidden-wide copy and the adapters' rank-r intermediates; the
+    default partition keeps pre-norm and pre-RoPE copies 0.8 recomputes instead (a budget between: counted as the
+    default). ``mlp_trains`` (MLP weights or adapters on them; not measured): the MLP
     projections' inputs too, which their weight gradients need. MoE (not measured compiled): the routed copies, their
     order and the router's fp32 tensors as :func:`layer_saved_bytes_per_token` counts them eagerly.
     ``dropout_targets`` (LoRA dropout on these adapters): their dropout's outputs, counted as eager layers keep them.
     """
     h, qd, kvd, inter = m.hidden, m.q_dim, m.kv_dim, _mlp_width(m)
-    b = 4 * inter + 2 * (qd + 2 * kvd + h) + 4 * m.heads + 2 * lora_r * n_adapters
+    b = 4 * inter + 2 * (qd + 2 * kvd + 2 * h) + 4 * m.heads + 2 * lora_r * n_adapters
     # counted as eager layers keep them (dropped bf16 copy + mask: 3 bytes per adapter input, 111 KB a token on the
     # 8B layer), above what whole compiled layers were seen to keep: lora_8b_24gb.yaml on an H100 capped at 31.4 GiB
     # (torch may allocate 30.9), 2026-12-06: 23 layers kept at this function's figure without the term peaked at 28.6
@@ -264,10 +267,8 @@ def compiled_layer_saved_bytes_per_token(m: ModelShape, budget: float | None = N
         b += m.moe_topk * (4 * h + 16) + 8 * m.moe_experts
     if mlp_trains:
         b += 2 * h + 2 * inter
-    if budget is None or budget > 0.85:  # 0.85 measured as 0.9
+    if budget is None or budget > 0.8:
         b += 2 * (qd + kvd + h)
-    if budget is None or budget >= 1.0:
-        b += 2 * (qd + 2 * kvd + h)
     return b
 
 

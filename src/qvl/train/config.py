@@ -203,7 +203,7 @@ class TrainConfig(BaseModel):
                             "partitioner recomputes the cheapest work per byte first (elementwise ops and copies, "
                             "then matmuls) until the kept activations are that fraction of what it would keep; "
                             "null: the compiler's default partition. auto: chosen with gradient_checkpointing_ratio "
-                            "auto where whole layers compile (the loosest of none / 0.9 / 0.8 at which every layer "
+                            "auto where whole layers compile (the looser of none / 0.8 at which every layer "
                             "is kept, else 0.8 with the fewest layers recomputed; none with LoRA dropout, which "
                             "below 1 may get a new mask in backward: pytorch/pytorch#190758), else null")
     compile_scope: Literal["layer", "parts"] = Field(
