@@ -81,7 +81,8 @@ def mixed_micro_batches(work: Path, world: int, batch: int, steps: int, acc: int
     """From qvl's sampler: micro-batches where one rank has no image/video while another has some."""
     from qvl.data.registry import load_mixture, load_registry
     from qvl.train.config import build_config
-    from qvl.train.loop import Dist, Plan
+    from qvl.train.batches import Plan
+    from qvl.train.loop import Dist
 
     records = load_mixture("workload", load_registry(work / "wl" / "datasets.yaml"), seed=0)
     cfg = build_config({"model_name_or_path": "m", "dataset_use": "workload", "tune_mm_llm": True, "seed": 0,

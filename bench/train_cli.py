@@ -163,7 +163,8 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
     from qvl.train.components import expert_targets, lora_regex
     from qvl.train import optimizers
     from qvl.train.config import load_config, parse_overrides
-    from qvl.train.loop import Dist, Plan, _load_data, lr_lambda
+    from qvl.train.batches import Plan
+    from qvl.train.loop import Dist, _load_data, lr_lambda
 
     cfg = load_config(REPO / "examples" / f"{example}.yaml",
                       {**parse_overrides(list(overrides))[1], "model_name_or_path": str(model_dir),

@@ -337,7 +337,7 @@ class Timeline:
     and its GPU span (CUDA events at its start and end: kernels plus the gaps where the GPU waited for the host).
     Patches the loop's functions for one run (``undo``); ``report`` averages over the steps after ``skip``."""
 
-    PHASES = (("to_device", "qvl.train.loop", "to_device"),
+    PHASES = (("to_device", "qvl.train.batches", "to_device"),
               ("micro_step (forward + backward)", "qvl.train.distributed", "micro_step"),
               ("  LossModule.forward", "qvl.train.loop", "LossModule.forward"),
               ("    row_hidden", "qvl.train.row_forward", "row_hidden"),
@@ -513,7 +513,7 @@ def row_lengths(plan, encs, batch: int, warmup: int, timed: int, multiple: int, 
     """How many distinct padded row lengths (CUDA graph recordings) the warm-up and the timed steps meet; with
     ``budget`` (packed_row_tokens) each step's samples regrouped as the loop regroups them."""
     from qvl.data.packing import graph_row_length
-    from qvl.train.loop import row_groups
+    from qvl.train.batches import row_groups
 
     order = [i for epoch in range((warmup + timed) * batch // len(plan.epoch_order(0)) + 1)
              for i in plan.epoch_order(epoch)]
@@ -638,7 +638,8 @@ def main(argv=None):
         print(f"  {label:>10}: {count}")
 
     # the loop's sample order (seeded permutation), so every contestant sees the same samples per step
-    from qvl.train.loop import Dist, Plan
+    from qvl.train.batches import Plan
+    from qvl.train.loop import Dist
 
     n_steps = args.warmup + args.steps
     plan = Plan(len(encs), loop_config(args, model_dir, registry, work / "x"), Dist())

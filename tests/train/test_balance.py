@@ -17,7 +17,8 @@ from train_helpers import make_colour_data, run_two_ranks
 
 from qvl.data.lengths import FALLBACK_TOKENS, TokenEstimate, sample_tokens
 from qvl.train.config import build_config, from_argv
-from qvl.train.loop import Dist, Plan, split_by_tokens
+from qvl.train.batches import Plan, split_by_tokens
+from qvl.train.loop import Dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from helpers import write_image, write_video

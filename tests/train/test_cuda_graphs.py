@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qvl.data.packing import graph_row_length, pad_row, padded_length
-from qvl.train import graphs, loop
+from qvl.train import batches, graphs
 from qvl.train.loop import train
 from qvl.train.track import read_metrics
 
@@ -45,7 +45,8 @@ def test_padded_rows_give_the_same_loss_and_gradients(make_cfg):
     """per_sample attention with the bounds as inputs; padded to multiples of 64 with the row as the bound."""
     from train_helpers import make_colour_data, packed_lora_model
 
-    from qvl.train.loop import LossModule, pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
+    from qvl.train.loop import LossModule
 
     import tempfile
     from pathlib import Path
@@ -94,7 +95,8 @@ def test_planned_rows_are_the_rows_the_loop_packs(make_cfg, tmp_path):
     from qvl.data.registry import load_mixture
     from qvl.models.load import load_processor
     from qvl.data.packing import graph_row_length
-    from qvl.train.loop import Dist, Encoder, Plan, longest_planned_row, planned_rows
+    from qvl.train.batches import Encoder, Plan, longest_planned_row, planned_rows
+    from qvl.train.loop import Dist
 
     data = make_colour_data(tmp_path / "data", 10, seed=2, text_only=3)
     cfg = make_cfg(dataset_use=data, data_flatten=True, per_device_train_batch_size=3, num_train_epochs=3,
@@ -112,7 +114,7 @@ def test_planned_rows_are_the_rows_the_loop_packs(make_cfg, tmp_path):
     assert planned == real and len(real) >= 5 and [33] in real, (planned, real, plan.total_steps)
     # packed_row_tokens: a step's samples (one micro-batch here) regrouped by the loop's rule, from the estimates
     budget = 80
-    regrouped = [[row[i] for i in r] for row in real for r in loop.row_groups(row, budget)]
+    regrouped = [[row[i] for i in r] for row in real for r in batches.row_groups(row, budget)]
     assert planned_rows(plan, 1, 5, budget) == regrouped and len(regrouped) > len(real), regrouped
     # what gradient_checkpointing_ratio auto sizes kept layers for: the longest planned row, padded as graphs pad it
     every = [sum(r) for r in planned_rows(plan, 0, plan.total_steps)]

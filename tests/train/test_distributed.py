@@ -102,7 +102,8 @@ def test_sampler_shards_are_disjoint_and_the_mixture_is_the_same_on_every_rank(t
     from train_helpers import make_colour_data
 
     from qvl.data.registry import load_mixture
-    from qvl.train.loop import Dist, Plan
+    from qvl.train.batches import Plan
+    from qvl.train.loop import Dist
 
     data = make_colour_data(tmp_path / "d", 10, text_only=7)
     mixes = [load_mixture(f"{data}%60", None, seed=3) for _ in range(2)]  # what each rank computes
@@ -202,7 +203,8 @@ def test_two_ranks_match_one_resume_and_never_hang_on_mixed_batches(engine, tiny
     two = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
     assert two == pytest.approx(one.losses, rel=1e-4, abs=1e-4)
     from qvl.data.registry import load_mixture
-    from qvl.train.loop import Dist, Plan
+    from qvl.train.batches import Plan
+    from qvl.train.loop import Dist
 
     # the precondition of the no-hang check: some step had images on one rank and only text on the other
     records = load_mixture(data, None, seed=0)

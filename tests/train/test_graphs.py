@@ -21,7 +21,7 @@ from qvl.train.graphs import DecoderGraphs, decoder_stack, deepstack_count
 def lora_model_and_rows(make_cfg):
     from train_helpers import make_colour_data, packed_lora_model
 
-    from qvl.train.loop import pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
 
     data = make_colour_data(Path(tempfile.mkdtemp()), 6, seed=3, text_only=2)
     cfg = make_cfg(dataset_use=data, data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False, lora_enable=True)

@@ -247,11 +247,11 @@ def test_packed_rows_built_in_workers_train_the_same(make_cfg, tmp_path, monkeyp
     """data_flatten: a DataLoader worker computes the positions and packs the row (RopeIndex pickled over to it);
     the losses equal packing in the main process (packed_row_tokens over two micro-batches regroups the step's
     samples there), and rows regrouped by a small packed_row_tokens in the loader (one micro-batch per step)."""
-    from qvl.train import loop
+    from qvl.train import batches
 
     built = []
-    pack = loop.pack_micro_batch
-    monkeypatch.setattr(loop, "pack_micro_batch", lambda encs, *a, **k: built.append(len(encs)) or pack(encs, *a, **k))
+    pack = batches.pack_micro_batch
+    monkeypatch.setattr(batches, "pack_micro_batch", lambda encs, *a, **k: built.append(len(encs)) or pack(encs, *a, **k))
     runs = {}
     for name, kw in (("worker", dict(dataloader_num_workers=1)),
                      ("main", dict(packed_row_tokens=100_000, per_device_train_batch_size=2,

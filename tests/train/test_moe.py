@@ -103,11 +103,11 @@ def test_moe_rows_regrouped_train_the_same_and_the_log_names_the_lever(moe_dir, 
     """packed_row_tokens on a MoE model (each row reads every expert's weights): a step's samples regrouped into one
     row train as one row per sample does (routing is per token, attention per sample); auto, the default, regroups
     a MoE model's rows and says so; null, a step of several micro-batches says what the regrouping would save."""
-    from qvl.train import loop
+    from qvl.train import batches
 
     built = []
-    pack = loop.pack_micro_batch
-    monkeypatch.setattr(loop, "pack_micro_batch", lambda encs, *a, **k: built.append(len(encs)) or pack(encs, *a, **k))
+    pack = batches.pack_micro_batch
+    monkeypatch.setattr(batches, "pack_micro_batch", lambda encs, *a, **k: built.append(len(encs)) or pack(encs, *a, **k))
     data = make_colour_data(tmp_path / "d", 8)
     runs, said, rows_built = {}, {}, {}
     for name, rows in (("one a sample", None), ("regrouped", 100_000), ("auto", "auto")):

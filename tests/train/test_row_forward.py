@@ -54,7 +54,8 @@ ROWS = {"images": [0, 3, 2], "video+image": [1, 0, 4], "text-only": [3, 4], "vid
 @pytest.mark.parametrize("multiple", [0, 64], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("row", list(ROWS))
 def test_row_forward_gives_transformers_loss_and_gradients(setup, row, multiple):
-    from qvl.train.loop import LossModule, pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
+    from qvl.train.loop import LossModule
 
     model, processor, rope, samples = setup
     batch = pack_micro_batch([samples[i] for i in ROWS[row]], rope, multiple, processor.tokenizer.pad_token_id)
@@ -112,7 +113,8 @@ def test_compiled_tower_gives_the_same_loss(setup):
     """compile.compile_vision_tower (the whole forward, undecorated, dynamic shapes) on a row with images and a video:
     transformers' loss; uncompile takes it away."""
     from qvl.train import compile
-    from qvl.train.loop import LossModule, pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
+    from qvl.train.loop import LossModule
 
     model, processor, rope, samples = setup
     batch = pack_micro_batch([samples[i] for i in ROWS["video+image"]], rope, 0, processor.tokenizer.pad_token_id)
@@ -141,7 +143,8 @@ def test_tower_compiled_in_the_background_gives_the_same_loss(setup):
     from torch._dynamo.utils import counters
 
     from qvl.train import compile
-    from qvl.train.loop import LossModule, pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
+    from qvl.train.loop import LossModule
 
     model, processor, rope, samples = setup
     batch = pack_micro_batch([samples[i] for i in ROWS["video+image"]], rope, 0, processor.tokenizer.pad_token_id)
@@ -176,7 +179,8 @@ def test_tower_compiled_in_the_background_gives_the_same_loss(setup):
 def test_padded_media_and_loss_rows_give_the_same_loss_and_gradients(setup, row):
     """gemm_row_multiple: each medium's patches grown to a multiple by a padding image (pad_media), the fused loss
     head's rows padded: the loss and LoRA gradients of the unpadded row, on the packed-row path."""
-    from qvl.train.loop import LossModule, pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
+    from qvl.train.loop import LossModule
 
     model, processor, rope, samples = setup
     pad_id = processor.tokenizer.pad_token_id

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from qvl.errors import QvlError
-from qvl.train import compile, components, distributed, host, loop, loss_head, optimizers, recompute
+from qvl.train import batches, compile, components, distributed, host, loop, loss_head, optimizers, recompute
 from qvl.train.loop import train
 from qvl.train.track import read_metrics
 
@@ -141,7 +141,7 @@ def _setup(cfg):
     from qvl.data.registry import load_mixture
     from qvl.models.load import load
     from qvl.train import components as comp
-    from qvl.train.loop import Encoder
+    from qvl.train.batches import Encoder
 
     torch.manual_seed(0)
     model, processor = load(cfg.model_name_or_path)
@@ -159,7 +159,7 @@ def mixed_data(tmp_path_factory):
 
 def _packed_loss_grads(model, lm, rows, rope_index):
     from qvl.data.preprocess import IGNORE_INDEX
-    from qvl.train.loop import pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
 
     batches = [pack_micro_batch(r, rope_index) for r in rows]
     n = float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))
@@ -446,7 +446,7 @@ def test_whole_layer_compile_with_recompute_and_dropout_equals_eager(make_cfg, m
 
 def _saved_bytes(model, lm, rows, rope_index) -> int:
     """Bytes the forward pass of ``rows`` keeps for backward, parameters left out."""
-    from qvl.train.loop import pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
@@ -506,7 +506,7 @@ class _OpsInBackward(torch.utils._python_dispatch.TorchDispatchMode):
 
 def _loss_grads_counting(model, lm, row, rope_index):
     from qvl.data.preprocess import IGNORE_INDEX
-    from qvl.train.loop import pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
 
     batch = pack_micro_batch(row, rope_index)
     n = float(int((batch["labels"] != IGNORE_INDEX).sum()))
@@ -671,12 +671,12 @@ def test_fused_adamw_equals_foreach():
 
 
 def test_rows_by_budget():
-    rows = loop.row_groups([100, 900, 300, 700, 2000, 50], 1000)
+    rows = batches.row_groups([100, 900, 300, 700, 2000, 50], 1000)
     assert sorted(i for r in rows for i in r) == list(range(6))
     lengths = [100, 900, 300, 700, 2000, 50]
     assert all(sum(lengths[i] for i in r) <= 1000 or len(r) == 1 for r in rows)
     assert [4] in rows and len(rows) == 4  # the 2,000-token sample alone; 900+100, 700+300(+50 somewhere)
-    assert loop.row_groups([10, 10], 100) == [[0, 1]]
+    assert batches.row_groups([10, 10], 100) == [[0, 1]]
 
 
 def test_host_floats():

@@ -32,7 +32,8 @@ def _setup(cfg):
     from qvl.data.registry import load_mixture
     from qvl.models.load import load
     from qvl.train import components as comp
-    from qvl.train.loop import Encoder, LossModule
+    from qvl.train.batches import Encoder
+    from qvl.train.loop import LossModule
 
     torch.manual_seed(0)
     model, processor = load(cfg.model_name_or_path)
@@ -51,7 +52,7 @@ def test_flattened_equals_padded_loss_and_grads(make_cfg, mixed_data):
     from qvl.data.collate import collate
     from qvl.data.packing import rope_index_fn, use_packed_attention
     from qvl.data.preprocess import IGNORE_INDEX
-    from qvl.train.loop import pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
 
     cfg = make_cfg(dataset_use=mixed_data, tune_mm_vision=True)
     model, processor, lm, enc = _setup(cfg)
@@ -91,7 +92,7 @@ def test_flattened_equals_padded_loss_and_grads(make_cfg, mixed_data):
 def test_text_only_packed_row_still_reaches_the_vision_tower(make_cfg, mixed_data):
     """The dummy-vision trick: a packed row without pixels gives every trainable vision weight a (zero) grad."""
     from qvl.data.packing import rope_index_fn
-    from qvl.train.loop import pack_micro_batch
+    from qvl.train.batches import pack_micro_batch
 
     cfg = make_cfg(dataset_use=mixed_data, tune_mm_vision=True, data_flatten=True)
     model, _, lm, enc = _setup(cfg)

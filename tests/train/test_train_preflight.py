@@ -366,7 +366,7 @@ def test_a_card_too_small_for_the_rows_is_told_the_rows_that_fit(make_cfg):
     assert cfg.row_budget() == 8192 and cfg.cuda_graphs == "auto"
     shape = model_for_plan(moe)
 
-    def padded(row: int) -> int:  # as qvl.train.loop.longest_planned_row pads a run's longest row
+    def padded(row: int) -> int:  # as qvl.train.batches.longest_planned_row pads a run's longest row
         return graph_row_length(row, cfg.cuda_graphs_row_multiple)
 
     def total(row: int) -> float:

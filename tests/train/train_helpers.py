@@ -84,7 +84,7 @@ def packed_lora_model(cfg):
     from qvl.data.registry import load_mixture
     from qvl.models.load import load
     from qvl.train import components as comp
-    from qvl.train.loop import Encoder
+    from qvl.train.batches import Encoder
 
     torch.manual_seed(0)
     model, processor = load(cfg.model_name_or_path)

@@ -17,9 +17,8 @@ Loss under gradient accumulation is the sum of per-token losses over every micro
 step (and every rank) divided by the number of label tokens in all of them, so a step's loss does
 not depend on how its samples were split into micro-batches.
 
-Data order is a pure function of (seed, epoch, position), with balance_tokens also of the records'
-estimated lengths (every rank computes the same): resuming from a checkpoint at step S replays
-exactly the batches an uninterrupted run would have seen after S.
+What each step reads (seeded order, rank shares, micro-batches, packed rows) comes from :mod:`qvl.train.batches`:
+resuming from a checkpoint at step S replays exactly the batches an uninterrupted run would have seen after S.
 """
 
 from __future__ import annotations
@@ -28,18 +27,17 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from qvl.data.preprocess import IGNORE_INDEX, TooLong
+from qvl.data.preprocess import IGNORE_INDEX
 from qvl.errors import QvlError
 from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
-from qvl.train import compile, distributed, graphs, host, loss_head, offload, optimizers, recompute
+from qvl.train import batches, compile, distributed, graphs, host, loss_head, offload, optimizers, recompute
 from qvl.train.config import TrainConfig, dropout_in_layers
 from qvl.train.profile import StepProfiler, parse_steps
 from qvl.train.step_watch import StepWatch
@@ -84,231 +82,8 @@ def pick_device(dist: Dist) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: seeded order, rank shards, micro-batches, steps
+# Steps: out of memory, warm-up, attention and worker choices (the data they read: qvl.train.batches)
 # --------------------------------------------------------------------------------------------------
-
-def split_by_tokens(lengths: list[int], parts: int) -> list[list[int]]:
-    """Positions ``0..len(lengths)-1`` split into ``parts`` groups of equal size (``len`` a multiple of ``parts``),
-    each ascending, with the heaviest group as light as longest-processing-time greedy makes it: longest first
-    (ties: lower position) into the lightest group with room (ties: lower group). Equal lengths give the strided
-    split (position p to group p % parts), and so does any chunk where greedy would not beat it."""
-    size = len(lengths) // parts
-    groups: list[list[int]] = [[] for _ in range(parts)]
-    loads = [0] * parts
-    for pos in sorted(range(len(lengths)), key=lambda q: (-lengths[q], q)):
-        g = min((g for g in range(parts) if len(groups[g]) < size), key=loads.__getitem__)
-        groups[g].append(pos)
-        loads[g] += lengths[pos]
-    strided = [list(range(g, len(lengths), parts)) for g in range(parts)]
-    if max(loads, default=0) >= max((sum(lengths[q] for q in grp) for grp in strided), default=0):
-        return strided
-    return [sorted(grp) for grp in groups]
-
-
-class Plan:
-    """Which records form micro-batch ``j`` of epoch ``e`` on this rank, and which micro-batches form step ``s``.
-
-    Each epoch has one seeded permutation (padded so every rank does equal work, like DistributedSampler);
-    position ``j`` of every rank together takes its chunk ``j`` of ``per_device_train_batch_size x ranks`` records.
-    Strided (default), rank r takes every N-th record of the chunk. Balanced (``balance_tokens``, with
-    ``lengths``: record index -> estimated tokens), the chunk is split by :func:`split_by_tokens`: the same
-    records per step, fewer tokens on the busiest rank. Both are pure functions of (seed, epoch, j, records).
-    """
-
-    def __init__(self, n_records: int, cfg: TrainConfig, dist: Dist, lengths=None):
-        if n_records == 0:
-            raise QvlError("dataset_use selects no records", where="dataset_use")
-        self.n, self.cfg, self.dist = n_records, cfg, dist
-        self.lengths = lengths  # e.g. qvl.data.lengths.TokenEstimate; only read when balanced
-        self.balanced = lengths is not None and cfg.balances_tokens(dist.world_size)
-        per_rank = math.ceil(n_records / dist.world_size)  # padded like DistributedSampler: equal work per rank
-        self.micro_per_epoch = math.ceil(per_rank / cfg.per_device_train_batch_size)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.gradient_accumulation_steps)
-        if cfg.max_steps > 0:
-            self.total_steps = cfg.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.num_train_epochs))
-        self._order: tuple[int, list[int]] | None = None  # (epoch, global order): the last epoch asked for
-
-    def global_order(self, epoch: int) -> list[int]:
-        """The epoch's seeded permutation of every record, padded to equal work per rank (the same on every rank)."""
-        if self._order is None or self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-            per_rank = math.ceil(self.n / self.dist.world_size)
-            order += order[: per_rank * self.dist.world_size - self.n]
-            self._order = (epoch, order)
-        return self._order[1]
-
-    def epoch_order(self, epoch: int) -> list[int]:
-        """This rank's strided share of the epoch's order."""
-        return self.global_order(epoch)[self.dist.rank::self.dist.world_size]
-
-    def micro_batch(self, epoch: int, j: int, order: list[int]) -> list[int]:
-        """Record indices of micro-batch ``j`` on this rank; ``order`` is :meth:`epoch_order` (read when strided)."""
-        bs = self.cfg.per_device_train_batch_size
-        if not self.balanced:
-            return order[j * bs:(j + 1) * bs]
-        world = self.dist.world_size
-        chunk = self.global_order(epoch)[j * bs * world:(j + 1) * bs * world]
-        share = split_by_tokens([self.lengths(i) for i in chunk], world)[self.dist.rank]
-        return [chunk[pos] for pos in share]
-
-    def step_micro(self, step: int) -> tuple[int, range]:
-        """(epoch, micro-batch indices) of global step ``step`` (0-based)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        acc = self.cfg.gradient_accumulation_steps
-        return epoch, range(k * acc, min((k + 1) * acc, self.micro_per_epoch))
-
-
-class Encoder:
-    """Record -> Encoded, skipping (and counting) records that cannot be trained on."""
-
-    def __init__(self, records, processor, cfg: TrainConfig):
-        self.records, self.processor, self.cfg = records, processor, cfg
-        self.budget = cfg.vision_budget()
-        self.rope_index = None  # packed rows: a qvl.data.packing.RopeIndex, so workers compute the positions
-        self.pixel_dtype = None  # pixels cast here (workers) to the vision tower's dtype: half the bytes to copy
-        self.skipped: Counter = Counter()
-        self.examples: dict[str, str] = {}
-
-    def __call__(self, i: int):
-        rec = self.records[i]
-        if isinstance(rec.raw, list):
-            raise QvlError("this record is a pack (a list of samples, as `qvl data pack` writes)", where=rec.origin,
-                           fix="train packed files with data_packing: true")
-        return self._encode(rec.raw, rec.data_path, rec.origin, rec.index)
-
-    def samples(self, i: int) -> list:
-        """The Encoded samples of record ``i``: one for a sample, each usable sample of a pack (data_packing)."""
-        rec = self.records[i]
-        if not isinstance(rec.raw, list):
-            enc = self(i)
-            return [] if enc is None else [enc]
-        if not self.cfg.data_packing:
-            self(i)  # raises with the fix
-        out = []
-        for k, raw in enumerate(rec.raw):
-            enc = self._encode(raw, rec.data_path, f"{rec.origin}[{k}]", rec.index)
-            if enc is not None:
-                out.append(enc)
-        return out
-
-    def _encode(self, raw, data_path, origin: str, index: int):
-        from qvl.data.preprocess import encode
-        from qvl.data.samples import parse_sample
-
-        sample, problems = parse_sample(raw, index, data_path, origin)
-        if sample is None:
-            return self._skip("invalid sample", origin, "; ".join(p.render() for p in problems[:2]))
-        try:
-            enc = encode(sample, self.processor, self.budget, self.cfg.model_max_length)
-        except TooLong as e:
-            if self.cfg.too_long == "error":
-                raise QvlError(e.what, where=origin, fix=e.fix + "; or set too_long=skip") from None
-            return self._skip("longer than model_max_length", origin, e.what)
-        except QvlError as e:
-            return self._skip("unreadable media or rejected by the processor", origin, e.what)
-        if enc.num_label_tokens == 0:
-            return self._skip("no assistant tokens to learn", origin, "")
-        if self.rope_index is not None:
-            from qvl.data.packing import sample_positions
-
-            enc.positions = sample_positions(enc, self.rope_index)
-        if self.pixel_dtype is not None:  # the model casts them the same way (round to nearest), on the GPU
-            for key in ("pixel_values", "pixel_values_videos"):
-                if getattr(enc, key) is not None:
-                    setattr(enc, key, getattr(enc, key).to(self.pixel_dtype))
-        return enc
-
-    def _skip(self, reason: str, origin: str, detail: str):
-        self.skipped[reason] += 1
-        self.examples.setdefault(reason, f"{origin}: {detail}"[:300])
-        return None
-
-
-class MicroBatches(torch.utils.data.Dataset):
-    """Item ``j`` = the collated micro-batch ``j`` of one epoch (workers encode in parallel)."""
-
-    def __init__(self, plan: Plan, encoder: Encoder, epoch: int, pad_id: int, pack_rows: bool = False,
-                 row_multiple: int = 0, row_budget: int | None = None, media_multiple: int = 0):
-        self.plan, self.encoder, self.epoch, self.pad_id = plan, encoder, epoch, pad_id
-        self.order = plan.epoch_order(epoch)
-        # packed rows built here (workers) when the loop regroups nothing across micro-batches (one process;
-        # packed_row_tokens only with one micro-batch per step: row_budget, regrouped here then)
-        self.pack_rows, self.row_multiple, self.row_budget = pack_rows, row_multiple, row_budget
-        self.media_multiple = media_multiple
-
-    def __len__(self):
-        return self.plan.micro_per_epoch
-
-    def __getitem__(self, j: int):
-        from qvl.data.collate import collate
-
-        ids = self.plan.micro_batch(self.epoch, j, self.order)
-        packed = self.plan.cfg.data_flatten or self.plan.cfg.data_packing
-        try:
-            if packed:
-                kept = [e for i in ids for e in self.encoder.samples(i)]
-            else:
-                kept = [e for e in (self.encoder(i) for i in ids) if e is not None]
-        except QvlError as e:  # sent back as data: a worker would re-raise it as a traceback in a string
-            return {"batch": None, "error": (e.what, e.where, e.fix), "skipped": {}}
-        # workers have their own Encoder copy: report skips (and an example of each) with the batch;
-        # plain dicts: the DataLoader's convert step would add a Counter to itself
-        skipped, examples = dict(self.encoder.skipped), dict(self.encoder.examples)
-        self.encoder.skipped.clear()
-        item = {"batch": None, "skipped": skipped, "examples": examples}
-        if not kept:
-            return item
-        if packed and self.pack_rows and self.encoder.rope_index is not None:  # positions came with the samples
-            groups = (row_groups([len(e) for e in kept], self.row_budget) if self.row_budget
-                      else [range(len(kept))])
-            rows = [pack_micro_batch([kept[i] for i in g], self.encoder.rope_index, self.row_multiple, self.pad_id,
-                                     self.media_multiple) for g in groups]
-            return dict(item, batch=rows[0]) if len(rows) == 1 else dict(item, batches=rows)
-        if packed:  # the loop regroups samples (packed_row_tokens, ranks), then packs them (see pack_micro_batch)
-            return dict(item, samples=kept)
-        return dict(item, batch=collate(kept, self.pad_id, "right"))
-
-
-def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: int, workers: int,
-                  pack_rows: bool = False, pin_memory: bool = False, row_multiple: int = 0,
-                  row_budget: int | None = None, media_multiple: int = 0):
-    ds = MicroBatches(plan, encoder, epoch, pad_id, pack_rows, row_multiple, row_budget, media_multiple)
-    sub = torch.utils.data.Subset(ds, range(start, len(ds)))
-    # own generator: creating an iterator must not draw from the global RNG (dropout must replay on resume)
-    gen = torch.Generator().manual_seed(plan.cfg.seed + epoch)
-    # pin_memory: a loader thread copies each batch into pinned memory, so the step's copy to the GPU neither
-    # blocks the host nor pins on the main thread (to_device)
-    loader = torch.utils.data.DataLoader(sub, batch_size=None, shuffle=False, num_workers=workers, generator=gen,
-                                         persistent_workers=False, prefetch_factor=2 if workers else None,
-                                         pin_memory=pin_memory and workers > 0)
-    yield from loader
-
-
-def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0, media_multiple: int = 0) -> dict:
-    """One packed row (per-sample mRoPE, block-diagonal attention) for :class:`LossModule`; with ``row_multiple``
-    grown to a multiple of that many tokens by a label-free padding sample (``padding``: how many tokens, popped
-    before the forward); with ``media_multiple`` each medium's patches grown to a multiple of that many by a padding
-    image (:func:`qvl.train.row_forward.pad_media`: the packed-row path only)."""
-    from qvl.data.packing import pack, pad_row
-    from qvl.train.row_forward import pad_media, row_extras
-
-    batch = pack(encs, rope_index)
-    batch.pop("use_cache")  # LossModule passes use_cache=False itself
-    batch.pop("seq_lens")
-    if row_multiple > 1:
-        n = batch["input_ids"].shape[-1]
-        batch = pad_row(batch, row_multiple, pad_id)
-        batch["padding"] = batch["input_ids"].shape[-1] - n
-    config = getattr(rope_index, "config", None) or getattr(getattr(rope_index, "__self__", None), "config", None)
-    if config is not None and getattr(config, "vision_config", None) is not None:
-        if media_multiple > 1:
-            batch = pad_media(batch, media_multiple, config.vision_config.spatial_merge_size)
-        batch.update(row_extras(batch, config))  # made here (a worker, mostly), not on the step
-    return batch
-
 
 def out_of_memory(e: Exception, cfg: TrainConfig, graphs: bool, ckpt_ratio) -> QvlError:
     """The GPU ran out of memory: what to change, most effective first (the preflight predicted a fit, or was
@@ -326,56 +101,6 @@ def out_of_memory(e: Exception, cfg: TrainConfig, graphs: bool, ckpt_ratio) -> Q
 
 
 GRAPH_STEPS_AHEAD = 500  # cuda_graphs: steps whose row shapes are recorded before training
-
-
-def planned_rows(plan: Plan, start: int, steps: int, budget: int | None = None) -> list[list[int]]:
-    """Each packed row's samples as estimated token counts (``plan.lengths``, a TokenEstimate), for ``steps`` steps
-    from ``start``: the rows the loop will make, one per micro-batch, or with ``budget`` (``packed_row_tokens``) a
-    step's samples regrouped as :func:`rows_by_budget` regroups them."""
-    rows, orders = [], {}
-    for step in range(start, min(plan.total_steps, start + steps)):
-        epoch, micro = plan.step_micro(step)
-        if epoch not in orders:
-            orders[epoch] = plan.epoch_order(epoch)
-        step_rows = [[n for i in plan.micro_batch(epoch, j, orders[epoch]) for n in plan.lengths.samples(i)]
-                     for j in micro]
-        if budget:
-            flat = [n for row in step_rows for n in row]
-            step_rows = [[flat[i] for i in r] for r in row_groups(flat, budget)]
-        rows += step_rows
-    return rows
-
-
-def row_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices of a step's samples grouped into rows of at most ``max_tokens`` tokens (best fit decreasing).
-
-    A sample longer than the budget gets a row of its own (samples are never cut). Rows keep their
-    samples in the original order. The loss is token-weighted over the whole step, so how samples are split into
-    rows does not change it.
-    """
-    from qvl.data.packing import best_fit_decreasing
-
-    plan = best_fit_decreasing(lengths, max_tokens)
-    rows = [sorted(p) for p in plan.packs] + [[i] for i in plan.too_long]
-    return sorted(rows, key=lambda r: r[0])
-
-
-def rows_by_budget(items: list[dict], max_tokens: int) -> list[dict]:
-    """A step's loader items (packed ``samples``) regrouped into items of one row of up to ``max_tokens`` each;
-    skip counts ride on the first. No row (every sample skipped): one empty item."""
-    if any(item.get("error") for item in items):
-        return items
-    flat = [e for item in items for e in item.get("samples") or []]
-    skipped: Counter = Counter()
-    examples: dict = {}
-    for item in items:
-        skipped.update(item["skipped"])
-        for why, example in item.get("examples", {}).items():
-            examples.setdefault(why, example)
-    rows = [[flat[i] for i in r] for r in row_groups([len(e) for e in flat], max_tokens)]
-    out = [{"batch": None, "skipped": {}, "examples": {}, "samples": r} for r in rows] or [{"batch": None}]
-    out[0] = dict(out[0], skipped=dict(skipped), examples=examples)
-    return out
 
 
 class WarmUpEvents:
@@ -412,21 +137,6 @@ class WarmUpEvents:
         return ", ".join(said)
 
 
-def batch_tokens(batch: dict) -> int:
-    """Real (non-padding) tokens of a micro-batch."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()) - batch.get("padding", 0)
-
-
-def to_device(batch: dict, device) -> dict:
-    """The batch's tensors on ``device``; to a GPU through pinned memory without blocking the host (a copy from
-    pageable memory holds the host until the GPU has it)."""
-    if device.type != "cuda":
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return {k: (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True) if isinstance(v, torch.Tensor)
-            else v for k, v in batch.items()}
-
-
 # Rows up to this many tokens use sdpa's dense block-diagonal mask (16k x 16k booleans = 256 MiB, made
 # once per forward). Measured on an H100 (8B LoRA, ~2.7k-token rows, 30 steps): sdpa 1,820 tok/s vs flex
 # 752 tok/s in the training loop, where flex pays compilation for every new row shape (docs/benchmarks.md).
@@ -455,19 +165,6 @@ def compiles_whole_layers(cfg: TrainConfig, device: torch.device) -> bool:
     compiling, _ = compile.compile_choice(cfg.compile_layers, device, cfg.engine, per_sample, moe,
                                           varlen=varlen_available() and cfg.bf16, quantized=bool(cfg.quantization))
     return compiling and cfg.compile_scope == "layer"
-
-
-def longest_planned_row(plan: Plan, cfg: TrainConfig, steps: int = 2000) -> int | None:
-    """The longest packed row (estimated tokens, padded as CUDA graphs pad rows) of the run's first ``steps`` steps,
-    or None for padded batches; what ``gradient_checkpointing_ratio: auto`` sizes the kept layers for."""
-    if not (cfg.data_flatten or cfg.data_packing):
-        return None
-    from qvl.data.packing import graph_row_length
-
-    longest = max((sum(row) for row in planned_rows(plan, 0, steps, cfg.row_budget())), default=0)
-    if not longest:
-        return None
-    return graph_row_length(longest, cfg.cuda_graphs_row_multiple) if cfg.cuda_graphs is not False else longest
 
 
 HOST_LEVERS_FIX = "data_flatten: true, packed_attention: per_sample (auto on a GPU with torch >= 2.10), one GPU or DDP"
@@ -722,8 +419,8 @@ class Run:
     records: object = None
     processor: object = None
     pad_id: int = 0
-    encoder: Encoder | None = None
-    plan: Plan | None = None
+    encoder: batches.Encoder | None = None
+    plan: batches.Plan | None = None
     longest_row: int | None = None
     memory_plan: object = None
     auto_on: set = field(default_factory=set)  # memory levers `auto` turned on (qvl.train.preflight.auto_levers)
@@ -858,11 +555,11 @@ def _setup_data(run: Run) -> None:
     records = _load_data(cfg)
     processor = load_processor(cfg.model_name_or_path)  # saved untouched: inference budgets stay the model's
     pad_id = token_ids(processor.tokenizer).pad
-    encoder = Encoder(records, processor, cfg)
+    encoder = batches.Encoder(records, processor, cfg)
     from qvl.data.lengths import TokenEstimate
 
-    plan = Plan(len(records), cfg, dist, lengths=TokenEstimate(records, processor, encoder.budget))
-    longest_row = longest_planned_row(plan, cfg)
+    plan = batches.Plan(len(records), cfg, dist, lengths=TokenEstimate(records, processor, encoder.budget))
+    longest_row = batches.longest_planned_row(plan, cfg)
     from qvl.train.preflight import auto_levers
     from qvl.train.preflight import check as preflight
 
@@ -1266,11 +963,11 @@ def _warm_up(run: Run) -> None:
     t_warm = time.perf_counter()
     if decoder_graphs is not None:
         if cfg.warmup_shapes == "lazy":  # shapes recorded as rows come; the shared buffers sized once, now
-            decoder_graphs.reserve(longest_planned_row(plan, cfg) or 0, load_dtype, device)
+            decoder_graphs.reserve(batches.longest_planned_row(plan, cfg) or 0, load_dtype, device)
         else:
             from qvl.train.graphs import planned_row_shapes
 
-            shapes = planned_row_shapes(planned_rows(plan, run.start_step, GRAPH_STEPS_AHEAD, cfg.row_budget()),
+            shapes = planned_row_shapes(batches.planned_rows(plan, run.start_step, GRAPH_STEPS_AHEAD, cfg.row_budget()),
                                         run.row_multiple)
             say(f"warming up: compiling the decoder layers and recording {len(shapes)} row shapes (warmup_shapes=ahead)")
             t0 = time.perf_counter()
@@ -1286,7 +983,7 @@ def _warm_up(run: Run) -> None:
     if run.gemm_multiple and cfg.engine == "ddp" and cfg.warmup_shapes == "ahead":  # the shapes padding makes, met now
         t0 = time.perf_counter()
         with autocast:
-            heads, towers = run.loss_module.warm_gemm_shapes(longest_planned_row(plan, cfg) or 0,
+            heads, towers = run.loss_module.warm_gemm_shapes(batches.longest_planned_row(plan, cfg) or 0,
                                                              media=bool(run.media_multiple))
         if heads or towers:
             say(f"gemm_row_multiple: ran the loss head at its {heads} row counts and the vision tower at its {towers} "
@@ -1309,7 +1006,7 @@ def _fetch_steps(run: Run, rows_in_workers: bool):
         epoch, _ = plan.step_micro(step)
         first = plan.step_micro(step)[1].start
         workers = loader_workers(cfg.dataloader_num_workers, device)
-        it = micro_batches(plan, run.encoder, epoch, first, run.pad_id, workers,
+        it = batches.micro_batches(plan, run.encoder, epoch, first, run.pad_id, workers,
                            pack_rows=rows_in_workers, pin_memory=device.type == "cuda", row_multiple=run.row_multiple,
                            row_budget=cfg.row_budget() if rows_in_workers else None,
                            media_multiple=run.media_multiple)
@@ -1446,12 +1143,12 @@ def _run_steps(run: Run, callbacks) -> None:
             if profiler is not None:
                 profiler.begin(step + 1)
             if cfg.row_budget() and not rows_in_workers:  # the step's samples regrouped into rows of up to N
-                items = rows_by_budget(items, cfg.row_budget())  # tokens (before balancing: ranks compare rows)
+                items = batches.rows_by_budget(items, cfg.row_budget())  # tokens (before balancing: ranks compare rows)
                 if dist.enabled:  # ranks may end with different row counts: pad with (fake) rows
                     items = distributed.pad_micro_batches(items, device)
             if dist.enabled:  # every rank runs as many micro-batches, and the vision tower as often, as the others
                 items = distributed.balance_media(eng, items, fakes, device, pad_id)
-            batches, rows = [], []
+            step_batches, rows = [], []
             for item in items:
                 if item.get("error"):
                     raise QvlError(*item["error"])
@@ -1461,19 +1158,21 @@ def _run_steps(run: Run, callbacks) -> None:
                 if item.get("samples"):
                     rows.append(item["samples"])
                 elif item.get("batches"):
-                    batches += item["batches"]
+                    step_batches += item["batches"]
                 elif item["batch"] is not None:
-                    batches.append(item["batch"])
-            batches += [pack_micro_batch(r, run.rope_index, run.row_multiple, pad_id, run.media_multiple) for r in rows]
-            n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device)
-            n_tokens = sum(batch_tokens(b) for b in batches)
+                    step_batches.append(item["batch"])
+            step_batches += [batches.pack_micro_batch(r, run.rope_index, run.row_multiple, pad_id, run.media_multiple)
+                             for r in rows]
+            n_labels = dist.all_sum(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in step_batches)), device)
+            n_tokens = sum(batches.batch_tokens(b) for b in step_batches)
             loss_sum = torch.zeros((), device=device)  # stays on the device: one host sync per step (below)
             step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # what this step uses (before the schedule moves)
-            for j, batch in enumerate(batches):
+            for j, batch in enumerate(step_batches):
                 if host_table is not None:
                     batch["qvl_embeds"] = host.host_embed(host_table, batch["input_ids"], pin=device.type == "cuda")
-                part = distributed.micro_step(eng, to_device(batch, device), n_labels / dist.world_size,  # engines average over ranks
-                                              last=j == len(batches) - 1, autocast=run.autocast)
+                # engines average over ranks
+                part = distributed.micro_step(eng, batches.to_device(batch, device), n_labels / dist.world_size,
+                                              last=j == len(step_batches) - 1, autocast=run.autocast)
                 loss_sum += part
             grad_norm = distributed.finish_step(eng)
             done = step + 1

@@ -233,7 +233,7 @@ def shorter_rows(cfg: TrainConfig, world_size: int = 1, records=(), gpu: str | N
     ``packed_row_tokens`` (auto on a mixture-of-experts model: 8,192 tokens) that do not fit a tight card may fit
     shorter; each row then reads the experts' weights for fewer tokens, so a step is slower. Each budget is planned
     as the run would pad its rows (``row_tokens`` comes padded for CUDA graphs:
-    :func:`qvl.train.loop.longest_planned_row`)."""
+    :func:`qvl.train.batches.longest_planned_row`)."""
     from qvl.data.packing import graph_row_length
 
     budget = cfg.row_budget()
@@ -330,7 +330,7 @@ def check(cfg: TrainConfig, *, world_size: int = 1, records=(), say=print, gpu: 
           row_tokens: int | None = None, rows_from: str = "the longest this data makes"):
     """Run the preflight: print its one line; raise QvlError (numbers + fix) when it will not fit, unless ``force``.
 
-    ``row_tokens``: packed rows, the longest the run's data makes (:func:`qvl.train.loop.longest_planned_row`):
+    ``row_tokens``: packed rows, the longest the run's data makes (:func:`qvl.train.batches.longest_planned_row`):
     planned for instead of ``batch x model_max_length``, which the data may never reach (a 24 GB card refused an
     8B LoRA run of ~1.8k-token samples because two 4,096-token samples would not have fitted).
     Returns the :class:`qvl.plan.Preflight`, or None when skipped (no CUDA and no gpu_mem, unknown model shape).
