@@ -164,7 +164,7 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
     from qvl.train import optimizers
     from qvl.train.config import load_config, parse_overrides
     from qvl.train.batches import Plan
-    from qvl.train.loop import Dist, _load_data, lr_lambda
+    from qvl.train.loop import Dist, _load_data
 
     cfg = load_config(REPO / "examples" / f"{example}.yaml",
                       {**parse_overrides(list(overrides))[1], "model_name_or_path": str(model_dir),
@@ -198,7 +198,7 @@ def yaml_baseline(base, model_dir: Path, registry: Path, example: str, steps: in
                                                                    weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, plan.total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, optimizers.lr_lambda(cfg, plan.total_steps))
     pad = processor.tokenizer.pad_token_id
     losses, tokens, seconds = [], 0, 0.0
     model.train()

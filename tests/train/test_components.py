@@ -148,7 +148,7 @@ def test_text_only_batch_gives_vision_zero_grads(tiny_processor):
     from qvl.data.preprocess import encode
     from qvl.data.samples import parse_sample
     from qvl.models.tokens import token_ids
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     cfg = cfg_of(tune_mm_vision=True, tune_mm_mlp=True, tune_mm_llm=True)
     model = C.apply_training_mode(fresh(), cfg).train()
@@ -169,7 +169,7 @@ def test_gradient_checkpointing_with_lora(tiny_processor):
     from qvl.data.preprocess import encode
     from qvl.data.samples import parse_sample
     from qvl.models.tokens import token_ids
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     cfg = cfg_of(lora_enable=True, lora_r=4, lora_alpha=8, gradient_checkpointing=True)
     model = C.apply_training_mode(fresh(), cfg)

@@ -46,7 +46,7 @@ def test_padded_rows_give_the_same_loss_and_gradients(make_cfg):
     from train_helpers import make_colour_data, packed_lora_model
 
     from qvl.train.batches import pack_micro_batch
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     import tempfile
     from pathlib import Path

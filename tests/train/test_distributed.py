@@ -125,7 +125,7 @@ def test_fake_media_do_not_change_the_loss(tiny, make_cfg):
     from qvl.data.preprocess import encode
     from qvl.data.samples import parse_sample
     from qvl.models.tokens import token_ids
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, processor = tiny
     cfg = make_cfg()

@@ -55,7 +55,7 @@ ROWS = {"images": [0, 3, 2], "video+image": [1, 0, 4], "text-only": [3, 4], "vid
 @pytest.mark.parametrize("row", list(ROWS))
 def test_row_forward_gives_transformers_loss_and_gradients(setup, row, multiple):
     from qvl.train.batches import pack_micro_batch
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, processor, rope, samples = setup
     batch = pack_micro_batch([samples[i] for i in ROWS[row]], rope, multiple, processor.tokenizer.pad_token_id)
@@ -114,7 +114,7 @@ def test_compiled_tower_gives_the_same_loss(setup):
     transformers' loss; uncompile takes it away."""
     from qvl.train import compile
     from qvl.train.batches import pack_micro_batch
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, processor, rope, samples = setup
     batch = pack_micro_batch([samples[i] for i in ROWS["video+image"]], rope, 0, processor.tokenizer.pad_token_id)
@@ -144,7 +144,7 @@ def test_tower_compiled_in_the_background_gives_the_same_loss(setup):
 
     from qvl.train import compile
     from qvl.train.batches import pack_micro_batch
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, processor, rope, samples = setup
     batch = pack_micro_batch([samples[i] for i in ROWS["video+image"]], rope, 0, processor.tokenizer.pad_token_id)
@@ -180,7 +180,7 @@ def test_padded_media_and_loss_rows_give_the_same_loss_and_gradients(setup, row)
     """gemm_row_multiple: each medium's patches grown to a multiple by a padding image (pad_media), the fused loss
     head's rows padded: the loss and LoRA gradients of the unpadded row, on the packed-row path."""
     from qvl.train.batches import pack_micro_batch
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, processor, rope, samples = setup
     pad_id = processor.tokenizer.pad_token_id

@@ -175,7 +175,7 @@ def _packed_loss_grads(model, lm, rows, rope_index):
 def test_loss_module_fused_ce_equals_plain(make_cfg, mixed_data):
     """Full fine-tune (the lm_head weight trains too) and LoRA (frozen head): same loss and gradients."""
     from qvl.data.packing import rope_index_fn, use_packed_attention
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     for kw in ({"tune_mm_llm": True}, {"tune_mm_llm": False, "lora_enable": True}):
         model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, **kw))
@@ -190,7 +190,7 @@ def test_loss_module_fused_ce_equals_plain(make_cfg, mixed_data):
 def test_loss_module_fused_ce_keeps_lora_on_the_lm_head(make_cfg, mixed_data):
     """lora_target_regex may put adapters on lm_head: the fused path must not bypass them (plain weight only)."""
     from qvl.data.packing import rope_index_fn, use_packed_attention
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, tune_mm_mlp=False,
                                  lora_enable=True, lora_target_regex=r"lm_head"))
@@ -216,7 +216,7 @@ def test_spread_and_ratio_for_memory():
 def test_selective_checkpointing_same_gradients(make_cfg, mixed_data):
     from qvl.data.packing import rope_index_fn, use_packed_attention
     from qvl.train import components as comp
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
     use_packed_attention(model, "sdpa")
@@ -327,7 +327,7 @@ def test_compiled_layers_equal_eager_without_recompiling(make_cfg, mixed_data, a
     import torch._dynamo
 
     from qvl.data.packing import rope_index_fn, use_packed_attention
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
     use_packed_attention(model, attention)
@@ -350,7 +350,7 @@ def test_compiled_vision_blocks_equal_eager(make_cfg, mixed_data):
     """A frozen tower's blocks compiled (aot_eager on CPU): the same tower outputs (merged features and deepstack
     features) for two inputs of different patch counts; nothing compiled when a vision weight trains."""
     from qvl.models.attention import use_vision_sdpa
-    from qvl.train.loop import _tensors
+    from qvl.train.loss_module import _tensors
 
     model, _ = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
     use_vision_sdpa(model)
@@ -386,7 +386,7 @@ def test_whole_layer_compile_with_recompute_equals_eager(make_cfg, mixed_data, a
 
     from qvl.data.packing import rope_index_fn, use_packed_attention
     from qvl.train import components as comp
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
     use_packed_attention(model, attention)
@@ -423,7 +423,7 @@ def test_whole_layer_compile_with_recompute_and_dropout_equals_eager(make_cfg, m
 
     from qvl.data.packing import use_packed_attention
     from qvl.train import components as comp
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True,
                                  lora_dropout=0.3))
@@ -472,7 +472,7 @@ def test_activation_memory_budget_keeps_less_for_the_same_gradients(make_cfg, mi
     import torch._functorch.config as functorch_config
 
     from qvl.data.packing import rope_index_fn, use_packed_attention
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True))
     use_packed_attention(model, "per_sample")
@@ -526,7 +526,7 @@ def test_recompute_mlp_only_keeps_attention(make_cfg, mixed_data):
     from qvl.data.packing import rope_index_fn, use_packed_attention
     from qvl.plan.memory import attention_saved_bytes_per_token
     from qvl.train import components as comp
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True,
                                  lora_r=8))
@@ -626,7 +626,7 @@ def test_lora_inputs_stay_16bit_changes_no_value(make_cfg, mixed_data):
     """bf16 base, fp32 adapters, bf16 autocast (the training setup): without PEFT's fp32 cast of each LoRA
     input the loss and every adapter gradient are bit-identical, and the cast really is off."""
     from qvl.data.packing import rope_index_fn, use_packed_attention
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     model, enc = _setup(make_cfg(dataset_use=mixed_data, data_flatten=True, tune_mm_llm=False, lora_enable=True,
                                  lora_dropout=0.0))

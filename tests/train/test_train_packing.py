@@ -33,7 +33,7 @@ def _setup(cfg):
     from qvl.models.load import load
     from qvl.train import components as comp
     from qvl.train.batches import Encoder
-    from qvl.train.loop import LossModule
+    from qvl.train.loss_module import LossModule
 
     torch.manual_seed(0)
     model, processor = load(cfg.model_name_or_path)

@@ -223,9 +223,9 @@ def micro_batches(plan: Plan, encoder: Encoder, epoch: int, start: int, pad_id: 
 
 
 def pack_micro_batch(encs, rope_index, row_multiple: int = 0, pad_id: int = 0, media_multiple: int = 0) -> dict:
-    """One packed row (per-sample mRoPE, block-diagonal attention) for :class:`LossModule`; with ``row_multiple``
-    grown to a multiple of that many tokens by a label-free padding sample (``padding``: how many tokens, popped
-    before the forward); with ``media_multiple`` each medium's patches grown to a multiple of that many by a padding
+    """One packed row (per-sample mRoPE, block-diagonal attention) for :class:`qvl.train.loss_module.LossModule`;
+    with ``row_multiple`` grown to a multiple of that many tokens by a label-free padding sample (``padding``: how
+    many tokens, popped before the forward); with ``media_multiple`` each medium's patches grown to a multiple of that many by a padding
     image (:func:`qvl.train.row_forward.pad_media`: the packed-row path only)."""
     from qvl.data.packing import pack, pad_row
     from qvl.train.row_forward import pad_media, row_extras

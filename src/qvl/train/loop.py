@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from qvl.data.preprocess import IGNORE_INDEX
 from qvl.errors import QvlError
 from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
 from qvl.train import batches, compile, distributed, graphs, host, loss_head, offload, optimizers, recompute
+from qvl.train.loss_module import LossModule
 from qvl.train.config import TrainConfig, dropout_in_layers
 from qvl.train.profile import StepProfiler, parse_steps
 from qvl.train.step_watch import StepWatch
@@ -216,145 +216,6 @@ def packed_attention_for(choice: str, device: torch.device, max_row_tokens: int 
         raise QvlError("flex attention's backward pass runs on GPUs only", where="packed_attention",
                        fix="packed_attention: sdpa (or auto) on CPU")
     return choice
-
-
-# --------------------------------------------------------------------------------------------------
-# Model: loss module (forward + token-weighted loss + vision participation)
-# --------------------------------------------------------------------------------------------------
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict) or hasattr(obj, "values") and callable(obj.values):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-class LossModule(torch.nn.Module):
-    """``forward(batch, n_label_tokens)`` -> (sum of per-token losses / n_label_tokens, sum of losses).
-
-    Logits are computed only where a label is (the lm_head over prompt and image tokens is
-    skipped), in float32. When a micro-batch has no pixels but the vision tower has trainable
-    weights, the tower runs on a 4-patch dummy input and 0 x its outputs joins the loss: every
-    trainable weight gets a (zero) gradient, so DDP / ZeRO ranks never wait for one that has none.
-    """
-
-    def __init__(self, model, fused_cross_entropy: bool = False, bounds_as_inputs: bool = False,
-                 row_bound: bool = False, graphs=None):
-        super().__init__()
-        self.model = model  # Qwen3VLForConditionalGeneration or a PeftModel around it
-        self.fused_ce = fused_cross_entropy  # loss_head.linear_cross_entropy: no full-vocabulary logits tensor
-        # per_sample attention: a packed row's sample bounds read once here and handed to every layer as
-        # kwargs (no host read inside the layers, which lets compile_layers compile whole attention modules)
-        self.bounds_as_inputs = bounds_as_inputs
-        self.row_bound = row_bound  # the longest sample given as the row's length (CUDA graphs: fixed per length)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.inner, self.lm_head, self.visual = base.model, base.lm_head, base.model.visual
-        from qvl.train import row_forward
-
-        # packed rows with their host-side facts made when packed (row_forward.row_extras): no host read per step
-        self.config, self.row_forward = base.config, row_forward.usable(self.inner, base.config)
-        self.graphs = graphs  # qvl.train.graphs.DecoderGraphs (cuda_graphs), set by the loop
-        self.gemm_row_multiple = 0  # the fused loss head's rows padded to a multiple (gemm_row_multiple)
-        # matmul shapes met so far (gemm_row_multiple on a GPU): the first time cuBLAS meets one it holds the host
-        # until the GPU is idle, so a step that meets new ones is a warm-up step (WarmUpEvents)
-        self.shapes_met: set = set()
-        self.vision_trains = any(p.requires_grad for p in self.visual.parameters())
-        vc = base.config.vision_config
-        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-        self.merge = vc.spatial_merge_size
-
-    def fused_head(self) -> bool:
-        """The loss head runs as :func:`loss_head.linear_cross_entropy` (a plain Linear only: a LoRA-wrapped lm_head,
-        lora_target_regex, would lose its adapter's output)."""
-        return self.fused_ce and type(self.lm_head) is torch.nn.Linear and self.lm_head.bias is None
-
-    def warm_gemm_shapes(self, row_tokens: int, media: bool) -> tuple[int, int]:
-        """``gemm_row_multiple``: meet every loss-head and (``media``: padded on the packed-row path, frozen) tower
-        matmul shape rows of up to ``row_tokens`` tokens can make, before training, under the step's autocast.
-        Returns (loss-head shapes, tower patch counts)."""
-        from qvl.train.row_forward import warm_tower
-
-        multiple = self.gemm_row_multiple
-        head = loss_head.warm_loss_head(self.lm_head.weight, multiple, row_tokens) if self.fused_head() else 0
-        tower = 0
-        if media and not self.vision_trains:  # a row's patches: at most merge^2 per token
-            tower = warm_tower(self.visual, self.config.vision_config, self.merge ** 2 * row_tokens, multiple,
-                               self.lm_head.weight.device)
-        return head, tower
-
-    def dummy_vision(self, device, dtype) -> torch.Tensor:
-        m = self.merge
-        pixels = torch.zeros(m * m, self.patch_dim, device=device, dtype=dtype)
-        grid = torch.tensor([[1, m, m]], device=device)
-        out = self.visual(pixels, grid_thw=grid)
-        return sum(t.float().sum() for t in _tensors(out) if t.is_floating_point()) * 0.0
-
-    def forward(self, batch: dict, n_label_tokens: float):
-        from qvl.train.row_forward import row_hidden, take_extras
-
-        labels = batch.pop("labels")
-        batch.pop("padding", None)  # pack_micro_batch's count of padding tokens (they have no labels)
-        watch = self.gemm_row_multiple and labels.is_cuda
-        if watch:
-            self.shapes_met.update((key, batch[key].shape[0]) for key in ("pixel_values", "pixel_values_videos")
-                                   if key in batch)
-        extras = take_extras(batch)  # pack_micro_batch's host-side facts (row_forward.row_extras)
-        positions = batch.get("position_ids")
-        packed_row = positions is not None and positions.dim() == 3 and positions.shape[:2] == (4, 1)
-        if self.bounds_as_inputs and packed_row and extras and self.row_forward:
-            last = row_hidden(self.inner, self.config, batch, extras, self.row_bound, self.graphs)
-        else:
-            extra = {}
-            if self.bounds_as_inputs and packed_row:
-                from qvl.data.packing import sample_bounds_inputs
-
-                extra = sample_bounds_inputs(batch["position_ids"], row_bound=self.row_bound)
-            last = self.inner(**batch, **extra, use_cache=False).last_hidden_state
-        hidden, target = last[:, :-1], labels[:, 1:]
-        if "label_index" in extras:  # positions found on the CPU: no host read of a boolean mask's count
-            index = extras["label_index"]
-            hidden, target = hidden[0].index_select(0, index), target[0].index_select(0, index)
-        else:
-            keep = target != IGNORE_INDEX
-            hidden, target = hidden[keep], target[keep]
-        if watch:
-            self.shapes_met.add(("loss head", loss_head.gemm_rows(target.numel(), self.gemm_row_multiple)))
-        if self.fused_head():
-            loss_sum = loss_head.linear_cross_entropy(hidden, self.lm_head.weight, target,
-                                                      row_multiple=self.gemm_row_multiple)
-        else:
-            logits = self.lm_head(hidden).float()
-            loss_sum = F.cross_entropy(logits, target, reduction="sum")
-        loss = loss_sum / max(n_label_tokens, 1.0)
-        if self.vision_trains and "pixel_values" not in batch and "pixel_values_videos" not in batch:
-            loss = loss + self.dummy_vision(hidden.device, self.visual.dtype if hasattr(self.visual, "dtype")
-                                            else next(self.visual.parameters()).dtype)
-        return loss, loss_sum.detach()
-
-
-# --------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-# --------------------------------------------------------------------------------------------------
-
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
-    kind = cfg.lr_scheduler_type
-
-    def f(step: int) -> float:
-        if step < warmup and kind != "constant":
-            return (step + 1) / (warmup + 1) if warmup else 1.0
-        if kind in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))  # cosine
-
-    return f
 
 
 # --------------------------------------------------------------------------------------------------
@@ -868,7 +729,7 @@ def _setup_engine(run: Run) -> None:
     """Engine (DDP / DeepSpeed / FSDP2, see qvl.train.distributed), optimizer (one group per component x decay, each
     with its LR) and schedule; then what the run is, said once."""
     cfg, say, dist, device, model, plan = run.cfg, run.say, run.dist, run.device, run.model, run.plan
-    eng = distributed.prepare(run.loss_module, model, cfg, dist, device, lr_lambda(cfg, plan.total_steps))
+    eng = distributed.prepare(run.loss_module, model, cfg, dist, device, optimizers.lr_lambda(cfg, plan.total_steps))
     optimizer, scheduler = eng.optimizer, eng.scheduler
     for note in eng.notes:
         say(note)

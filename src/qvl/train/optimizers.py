@@ -12,9 +12,13 @@
 8-bit states are what QLoRA's recipe and Unsloth's notebooks use: at r64 on all of 32B's linears they are 1 GiB
 instead of 4. They run on one GPU and under DDP (each rank steps a whole copy); DeepSpeed and FSDP2 shard the states
 themselves and are refused.
+
+The learning-rate schedule (:func:`lr_lambda`: warm-up, then constant, linear or cosine) follows the Trainer too.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -81,3 +85,23 @@ def build(groups: list[dict], cfg, device: torch.device, sharded_states: bool = 
 
         return getattr(bnb.optim, EIGHT_BIT[cfg.optim])(groups, **kw)
     return torch.optim.AdamW(groups, **kw, **({} if sharded_states else torch_adamw_options(cfg.optim, device)))
+
+
+def lr_lambda(cfg, total_steps: int):
+    """The learning-rate multiplier at each optimizer step (``torch.optim.lr_scheduler.LambdaLR``): warm-up
+    (``warmup_steps``, else ``warmup_ratio`` of the run) then ``lr_scheduler_type``, as the Hugging Face Trainer's
+    constant / constant_with_warmup / linear / cosine."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+    kind = cfg.lr_scheduler_type
+
+    def f(step: int) -> float:
+        if step < warmup and kind != "constant":
+            return (step + 1) / (warmup + 1) if warmup else 1.0
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))  # cosine
+
+    return f
