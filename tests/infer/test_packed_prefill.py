@@ -210,16 +210,17 @@ def test_failing_whole_layers_step_down_to_the_pieces(tiny, monkeypatch, caplog)
         "the packed prefill's whole compiled layers failed (RuntimeError: inductor failed)"]
 
 
-@pytest.mark.parametrize("layers", ["pieces", "whole"])
+@pytest.mark.parametrize("layers", ["pieces", "whole", "whole-if-single"])
 def test_compiled_packed_prefill_reuses_the_decode_steps_graphs(tiny, prompts, layers, monkeypatch):
     """On a GPU the prefill's layers are compiled with dynamic shapes: once the decode step has compiled (batches of
     1 and 2+) and warm() has run, prefills of any length and follow-up turns compile nothing more, and give the eager
     logits (CPU inductor; slow: compiles). "pieces": attn_in and mlp_out (the step's default, one function per
     layer, leaves them to warm()); "whole": one graph per layer around the flash varlen kernel, a custom op standing
-    in for it here as torch's is one."""
+    in for it here as torch's is one; "whole-if-single" (MoE's default): a lone prompt's layers whole (the first and
+    last rows below, and the follow-ups), several prompts' as the pieces."""
     from torch._dynamo.utils import counters
 
-    if layers == "whole":
+    if layers != "pieces":
         _varlen_op_stand_in(monkeypatch)
     model, _ = tiny
     encs, positions = prompts
@@ -383,8 +384,20 @@ def test_whole_compiled_layers_equal_the_pieces_on_the_varlen_kernel(request, ki
     assert state == state_want
     _same_kv(kv, kv_want, 1e-5)
     assert follow_keys == [(len(follow), False)] * len(d.k)  # the slot's first entries, as they lie in its cache
-    # the default: whole layers for dense models (faster in every row measured); MoE keeps the pieces for now
-    assert DecodeModel(model, slots=1, max_len=64).prefill_layers == ("whole" if kind == "dense" else "pieces")
+    # the default: whole layers for dense models (faster in every row measured); MoE whole for a lone prompt only
+    default = DecodeModel(model, slots=2, max_len=64)
+    assert default.prefill_layers == ("whole" if kind == "dense" else "whole-if-single")
+    assert packed_prefill.whole_layers(default, 1) and packed_prefill.whole_layers(default, 2) == (kind == "dense")
+    ran = []  # MoE: a lone prompt's layers run whole, two prompts' as the pieces
+    layer = default._fns["packed_layer"]
+    default._fns = dict(default._fns, packed_layer=lambda *a: ran.append("whole") or layer(*a))
+    for chosen in ([1], [1, 2]):
+        del ran[:]
+        packed_prefill.prefill(default, list(range(len(chosen))), [encs[i] for i in chosen],
+                               [positions[i] for i in chosen])
+        assert len(ran) == (len(default.k) if kind == "dense" or len(chosen) == 1 else 0)
+        for slot in range(len(chosen)):
+            default.release(slot)
 
 
 @pytest.mark.parametrize("which", [1, 2])  # an image prompt, a video prompt

@@ -470,10 +470,14 @@ class DecodeModel:
         self.prefill_why_padded = why_not(self)
         self.prefill_impl = "padded" if self.prefill_why_padded else "packed"
         # the packed prefill's layers where the flash varlen kernel runs: "whole" (:func:`packed_layer`, one compiled
-        # graph a layer; faster in every row measured, see there) or "pieces" (attn_in and mlp_out compiled, the
-        # cache writes and the attention eager between them: what runs off the flash kernel, on CPU or in fp32).
-        # MoE models keep the pieces: their whole layers are tested against the pieces on CPU, not run on a GPU yet
-        self.prefill_layers = "pieces" if self.is_moe else "whole"
+        # graph a layer; faster in every dense row measured, see there), "pieces" (attn_in and mlp_out compiled, the
+        # cache writes and the attention eager between them: what runs off the flash kernel, on CPU or in fp32), or
+        # "whole-if-single": whole for a row of one prompt (a chat's turn, a follow-up), pieces for several. MoE
+        # models take that: 30B-A3B on an H200 (2026-12-07, bench/results/decode_moe_prefill_h200.json), whole
+        # against pieces, one 1,024x1,024-image prompt 105.3 against 123.8 ms, one 448x448 68.6 against 78.7, but
+        # eight 448x448 126.4 against 113.4
+        self.prefill_layers = "whole-if-single" if self.is_moe else "whole"
+        self.prefill_ran_whole = False  # the last packed prefill's layers ran whole (which way a failure steps down)
         # static inputs of the captured graphs (the first B entries are a batch of B rows)
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple] = {}

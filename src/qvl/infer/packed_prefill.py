@@ -44,7 +44,7 @@ def fall_back(d, error: Exception) -> None:
     """The packed prefill failed other than for memory or a too-long prompt: one step down from now on, said once,
     the request prefilled again that way. Whole compiled layers step down to the compiled pieces (the part that
     runs nowhere else: a compiler or kernel failure there need not cost the packed prefill); pieces to padded."""
-    if whole_layers(d):
+    if whole_layers(d) and d.prefill_ran_whole:
         d.prefill_layers = "pieces"
         log.warning("the packed prefill's whole compiled layers failed (%s: %s); its layers run as compiled pieces "
                     "from now on", type(error).__name__, str(error)[:200], exc_info=error)
@@ -147,18 +147,20 @@ def _layers(d, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, span: Span
     one compiled graph (:func:`qvl.infer.decode.packed_layer`; ``d.prefill_layers``), else pieces."""
     from qvl.infer.decode import sizes_apart
 
-    whole = whole_layers(d)
+    whole = d.prefill_ran_whole = whole_layers(d, len(span.bounds) if span.slot is None else 1)
     attention = None if whole else _attention(d, span)
     with sizes_apart() if whole and d.compiled else contextlib.nullcontext():
         return _each_layer(d, x, cos, sin, span, deepstack, whole, attention)
 
 
-def whole_layers(d) -> bool:
-    """Decoder ``d``'s packed prefill runs each layer as one compiled graph: asked (``d.prefill_layers``) and on the
-    flash varlen kernel (the graph is built around it)."""
+def whole_layers(d, prompts: int = 1) -> bool:
+    """Decoder ``d``'s packed prefill of a row of ``prompts`` prompts (a follow-up: 1) runs each layer as one
+    compiled graph: asked (``d.prefill_layers`` "whole", or "whole-if-single" and one prompt) and on the flash varlen
+    kernel (the graph is built around it)."""
     from qvl.data.packing import varlen_usable
 
-    return d.prefill_layers == "whole" and varlen_usable(d.k[0], 0.0)
+    asked = d.prefill_layers == "whole" or (d.prefill_layers == "whole-if-single" and prompts == 1)
+    return asked and varlen_usable(d.k[0], 0.0)
 
 
 def _each_layer(d, x, cos, sin, span: Span, deepstack, whole: bool, attention) -> torch.Tensor:
@@ -348,6 +350,10 @@ def warm(d) -> None:
         return Encoded(torch.zeros(n, dtype=torch.long), None, torch.zeros(n, dtype=torch.long))
 
     sizes = [n for n in (16, 24, 32)[:d.slots] if n + 16 <= d.max_len]
+    if d.prefill_layers == "whole-if-single":  # a lone prompt's layers run whole, several prompts' as pieces: a
+        for n in sizes[:2]:  # lone one too, at two lengths (the second compiles with dynamic shapes)
+            prefill(d, [0], [text(n)], [torch.arange(n).expand(4, n)])
+            d.release(0)
     prefill(d, list(range(len(sizes))), [text(n) for n in sizes], [torch.arange(n).expand(4, n) for n in sizes])
     # two lengths at least: a function compiled for one meets a second before a request; three slots: a whole
     # compiled layer takes the follow-up's slot as a number, and compiles for 0, 1 and any other
