@@ -93,3 +93,44 @@ def test_frame_lists_use_the_same_sampling_and_timestamps(tmp_path, tiny_process
     assert [s for s in ("<0.2 seconds>", "<1.4 seconds>", "<2.5 seconds>") if s in text] == \
         ["<0.2 seconds>", "<1.4 seconds>", "<2.5 seconds>"]
     assert enc.video_grid_thw.tolist()[0][0] == 3
+
+
+def test_a_process_forked_beside_a_thread_that_decoded_video_does_not_hang(tmp_path):
+    """A thread that decoded a video and lives on (a server's worker, an engine thread) must not make a later fork
+    (a DataLoader's workers) hang: PyAV's frame.to_ndarray(format=...) keeps a converter per thread for the thread's
+    life, and the forked child frees it with its slice threads gone (os.fork() never returned: clean-clone CI,
+    2026-12-07). load_video converts with a converter of its own, to the same pixels."""
+    import os
+    import threading
+    import time
+
+    import av
+
+    path = write_video(tmp_path / "clip.mp4", frames=8, fps=4)
+    decoded, hold = threading.Event(), threading.Event()
+    got = {}
+
+    def decode():
+        got["frames"] = load_video(str(path))[0]
+        decoded.set()
+        hold.wait()
+
+    threading.Thread(target=decode, daemon=True).start()
+    try:
+        assert decoded.wait(60)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        deadline = time.monotonic() + 30
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung freeing a video decoder thread's state")
+            time.sleep(0.05)
+    finally:
+        hold.set()
+    with av.open(str(path)) as container:  # the same frames as PyAV's own conversion
+        want = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    indices = sample_frame_indices(len(want), 4.0, 2.0, 4, 768)
+    np.testing.assert_array_equal(got["frames"], np.stack([want[i] for i in indices]))

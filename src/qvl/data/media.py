@@ -110,6 +110,7 @@ def sample_frame_indices(total_frames: int, video_fps: float, fps: float, min_fr
 def load_video(path: str, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768):
     """(frames uint8 [T,H,W,3], VideoMetadata) for the frames sampled from ``path``."""
     import av
+    from av.video.reformatter import VideoReformatter
     from transformers.video_utils import VideoMetadata
 
     path = str(path).removeprefix("file://")
@@ -124,13 +125,17 @@ def load_video(path: str, fps: float = 2.0, min_frames: int = 4, max_frames: int
         wanted[i] = wanted.get(i, 0) + 1
     frames: list[np.ndarray] = []
     last = max(indices)
+    # this call's own converter, freed when it returns: frame.to_ndarray(format=...) keeps one per thread for the
+    # thread's life (PyAV 18), and a process forked while such a thread lives (a DataLoader's workers) frees it in
+    # the child, where its slice threads are gone: the child hung in os.fork() (tests/data/test_media.py)
+    rgb = VideoReformatter()
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    arr = frame.to_ndarray(format="rgb24")
+                    arr = rgb.reformat(frame, format="rgb24").to_ndarray()
                     frames.extend([arr] * wanted[i])
                 if i >= last:
                     break
