@@ -33,6 +33,27 @@ def tiny_processor(tiny):
     return tiny[1]
 
 
+@pytest.fixture(autouse=True)
+def close_engines_the_test_made(monkeypatch):
+    """Every transformers engine a test (or a function-scoped fixture of it) builds is closed after the test. An
+    engine left open keeps its worker thread, and a thread that decoded a video once hung a later test's fork
+    (PyAV's per-thread converter; tests/data/test_media.py): tests must not lean on one another's leftovers."""
+    from qvl.infer.transformers_backend import TransformersEngine
+
+    made = []
+    init = TransformersEngine.__init__
+
+    def recording_init(self, *args, **kwargs):
+        made.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransformersEngine, "__init__", recording_init)
+    yield
+    for engine in made:
+        if hasattr(engine, "_worker"):  # built far enough to have a worker
+            engine.close()
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m have deselected
 def pytest_collection_modifyitems(config, items):
     """Tests that wait on a child pytest (Triton's kernels under its interpreter, tests/infer/triton_child.py) go

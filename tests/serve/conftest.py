@@ -16,7 +16,8 @@ def tiny_engine(tiny):
     from qvl.infer.transformers_backend import TransformersEngine
 
     model, processor = tiny
-    return TransformersEngine(model, processor, name="tiny")
+    with TransformersEngine(model, processor, name="tiny") as engine:
+        yield engine
 
 
 @pytest.fixture

@@ -38,11 +38,11 @@ def endless_server(tiny):
     from serve_helpers import Running
 
     model, processor = tiny
-    engine = TransformersEngine(model, processor, name="tiny")
-    engine.eos_ids = set()
-    r = Running(create_app(engine, ServeSettings(limit_mm_per_prompt={"image": 2, "video": 1})))
-    yield r
-    r.stop()
+    with TransformersEngine(model, processor, name="tiny") as engine:
+        engine.eos_ids = set()
+        r = Running(create_app(engine, ServeSettings(limit_mm_per_prompt={"image": 2, "video": 1})))
+        yield r
+        r.stop()
 
 
 RECORD = """() => {

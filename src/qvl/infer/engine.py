@@ -65,6 +65,12 @@ class Engine(ABC):
     def close(self) -> None:  # pragma: no cover - backends override when they hold resources
         pass
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def describe(self) -> str:
         s = self.default_sampling
         return (f"{self.name} on {self.backend} (context {self.max_model_len:,} tokens, "
