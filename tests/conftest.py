@@ -34,10 +34,13 @@ def tiny_processor(tiny):
 
 
 @pytest.fixture(autouse=True)
-def close_engines_the_test_made(monkeypatch):
+def close_engines_the_test_made():
     """Every transformers engine a test (or a function-scoped fixture of it) builds is closed after the test. An
     engine left open keeps its worker thread, and a thread that decoded a video once hung a later test's fork
-    (PyAV's per-thread converter; tests/data/test_media.py): tests must not lean on one another's leftovers."""
+    (PyAV's per-thread converter; tests/data/test_media.py): tests must not lean on one another's leftovers.
+    (Patched by hand, not with ``monkeypatch``: requesting it here would create every test's ``monkeypatch`` first,
+    so its undo would run after the other fixtures' teardown, e.g. after tests/train/conftest.py's restoring of
+    torch's config, whose module then reads a monkeypatched-and-undone setting as deleted.)"""
     from qvl.infer.transformers_backend import TransformersEngine
 
     made = []
@@ -47,28 +50,11 @@ def close_engines_the_test_made(monkeypatch):
         made.append(self)
         init(self, *args, **kwargs)
 
-    monkeypatch.setattr(TransformersEngine, "__init__", recording_init)
-    yield
-    for engine in made:
-        if hasattr(engine, "_worker"):  # built far enough to have a worker
-            engine.close()
-
-
-@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
-def pytest_collection_modifyitems(config, items):
-    """Tests that wait on a child pytest (Triton's kernels under its interpreter, tests/infer/triton_child.py) go
-    last, and their children start now, one after another in the background: each runs on one core for minutes, so
-    the rest of the suite runs beside them rather than after them."""
-    waiting = [item for item in items if item.get_closest_marker("child_pytest")]
-    if not waiting or config.option.collectonly:
-        return
-    items[:] = [item for item in items if item not in waiting] + waiting
-    from triton_child import start_in_background
-
-    start_in_background([str(item.path) for item in waiting])
-
-
-def pytest_unconfigure(config):
-    child = sys.modules.get("triton_child")
-    if child is not None:
-        child.stop_background()
+    TransformersEngine.__init__ = recording_init
+    try:
+        yield
+    finally:
+        TransformersEngine.__init__ = init
+        for engine in made:
+            if hasattr(engine, "_worker"):  # built far enough to have a worker
+                engine.close()

@@ -65,7 +65,9 @@ def test_a_budget_below_one_with_lora_dropout_is_refused(make_cfg):
 
 
 def test_eager_random_ops_only_for_dropout_on_cuda_with_the_four_wide_path(monkeypatch):
-    monkeypatch.setattr(inductor_config, "fallback_random", False)
+    # set directly, restored by conftest's _dynamo_settings_restored: pytest 9's monkeypatch undoes a setting of a
+    # module it finds no __dict__ entry for by deleting it, which torch's config module takes as hiding the setting
+    inductor_config.fallback_random = False
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.13.0+cu130"))
     assert compile.eager_random_ops(torch.device("cpu"), dropout=True) is None
@@ -73,7 +75,7 @@ def test_eager_random_ops_only_for_dropout_on_cuda_with_the_four_wide_path(monke
     assert not inductor_config.fallback_random
     line = compile.eager_random_ops(cuda, dropout=True)
     assert inductor_config.fallback_random and "198333" in line and "2.13.0" in line
-    monkeypatch.setattr(inductor_config, "fallback_random", False)
+    inductor_config.fallback_random = False
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.12.1"))
     assert compile.eager_random_ops(cuda, dropout=True) is None and not inductor_config.fallback_random
     monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.13.0a0+git1234"))  # a nightly
