@@ -225,3 +225,13 @@ def test_incremental_detokenisation_equals_decoding_everything(tiny_processor):
         assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True), ids
     pieces = _stream_ids(tok, tok.encode(texts[1]))
     assert len(pieces) >= len(tok.encode(texts[1])) // 2  # streamed as it goes, not at the end
+
+
+def test_an_engine_used_as_a_context_manager_stops_its_worker_on_leaving(tiny):
+    with TransformersEngine(*tiny, name="tiny") as e:
+        assert e.generate(ask(e, max_new_tokens=2, temperature=0)).completion_tokens == 2
+        worker = e._worker
+        assert worker.is_alive()
+    assert not worker.is_alive()
+    with pytest.raises(Exception, match="closed"):
+        e.submit(e.prepare(ask(e, max_new_tokens=2)))
