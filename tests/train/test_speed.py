@@ -275,7 +275,6 @@ def test_what_cannot_compile_runs_eagerly_said_in_one_line(tmp_path, caplog):
     same output; dynamo's pages of traceback are kept from the log, and the loop says one line naming the function
     and the backend's own error, with the whole text in the output folder's compile_errors.log."""
     import logging
-    import types
 
     import torch._dynamo
 
@@ -305,16 +304,15 @@ def test_what_cannot_compile_runs_eagerly_said_in_one_line(tmp_path, caplog):
     assert torch.equal(got, want)
     assert not [r for r in caplog.records if "WON'T CONVERT" in r.getMessage()]
     lines = []
-    run = types.SimpleNamespace(compile_failures=failures, is_main=True, out=tmp_path, say=lines.append)
-    loop._say_compile_failures(run)
+    compile.say_failures(failures.take(), tmp_path, lines.append)
     assert lines and len(set(lines)) == len(lines), lines  # one line per function (dynamo may retry a frame)
     for line in lines:
         assert line.startswith("compile_layers: torch.compile could not build ")
         assert "AssertionError: Node add_601 was invalid, but is output" in line and "runs eagerly" in line
-    log = (tmp_path / loop.COMPILE_ERRORS).read_text()
+    log = (tmp_path / compile.COMPILE_ERRORS).read_text()
     assert "WON'T CONVERT" in log and "Traceback" in log
     said = len(lines)
-    loop._say_compile_failures(run)  # each failure said once
+    compile.say_failures(failures.take(), tmp_path, lines.append)  # each failure said once
     assert len(lines) == said
 
 
@@ -837,24 +835,22 @@ def test_compile_times_json_says_where_the_compile_went(tmp_path):
     """The output folder's compile_times.json: torch.compile's own phase timers (nested, longest first) and the
     functions compiled, so a slow first step can be taken apart without a profiler; nothing when nothing compiled."""
     import json
-    import types
 
     import torch._dynamo
 
-    run = types.SimpleNamespace(is_main=True, out=tmp_path)
     torch._dynamo.reset()
     from torch._dynamo.utils import compilation_time_metrics
 
     kept = dict(compilation_time_metrics)
     compilation_time_metrics.clear()
     try:
-        loop._write_compile_times(run, "after the first step")
+        compile.write_compile_times(tmp_path, "after the first step")
         assert not (tmp_path / compile.COMPILE_TIMES).exists()
         f = torch.compile(lambda x: (x * 2).relu(), backend="aot_eager")
         f(torch.randn(3))
         assert compile.phase_seconds(minimum=0.0)  # something was timed
         compilation_time_metrics["_compile.compile_inner"].append(1.5)  # a compile long enough to list
-        loop._write_compile_times(run, "after the first step")
+        compile.write_compile_times(tmp_path, "after the first step")
     finally:
         compilation_time_metrics.clear()
         compilation_time_metrics.update(kept)

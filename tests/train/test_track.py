@@ -65,7 +65,7 @@ def test_tracker_lines_say_warming_up_until_a_steady_step(tmp_path):
 
 
 def test_the_first_step_line_says_where_the_wait_went():
-    from qvl.train.loop import first_step_line
+    from qvl.train.track import first_step_line
 
     line = first_step_line(224.4, 28.2, 0.0, 196.0, 131.0, 24.6)
     assert line == ("first step done 224 s after start (model load 28 s; first step 196 s: compiling 131 s, "
@@ -94,7 +94,7 @@ def test_steps_that_ran_the_tower_uncompiled_while_it_compiled_in_the_background
     import torch
 
     from qvl.train.background_compile import CompileInBackground
-    from qvl.train.loop import WarmUpEvents
+    from qvl.train.track import WarmUpEvents
 
     go_on = threading.Event()
 

@@ -8,7 +8,9 @@
 * :func:`compile_seconds` — the time compilation took so far (the first step's line splits its time with it);
   :func:`compiled_functions` — that time by function compiled (decoder layer, vision tower...);
   :func:`cache_counts` — how many of the graphs came from the compile cache.
-* :class:`CompileFailures` — what could not compile and runs eagerly instead, one line each, not pages of traceback.
+* :class:`CompileFailures` — what could not compile and runs eagerly instead, one line each, not pages of traceback;
+  :func:`say_failures` says them and keeps the tracebacks in the output folder.
+* :func:`write_compile_times` — the output folder's compile_times.json.
 
 Tested on CPU against the plain path (tests/train/test_speed.py); measured effects are in docs/benchmarks.md.
 """
@@ -389,3 +391,34 @@ class CompileFailures(logging.Filter):
         new = self.failures[self.taken:]
         self.taken = len(self.failures)
         return new
+
+
+COMPILE_ERRORS = "compile_errors.log"
+
+
+def write_compile_times(out: Path, when: str) -> None:
+    """The output folder's compile_times.json: torch.compile's time by phase in this process so far (nothing when
+    nothing compiled). Rewritten at the end: the vision tower's background compile and later shapes add to it."""
+    phases = phase_seconds()
+    if not phases:
+        return
+    from qvl.utils.fs import atomic_write_json
+
+    atomic_write_json(out / COMPILE_TIMES,
+                      {"when": when, "functions": dict(compiled_functions()), "phases_s": phases,
+                       "note": "torch.compile's own phase timers, this process so far; phases nest (a phase's "
+                               "seconds include its parts')"})
+
+
+def say_failures(failures: list[tuple[str, str, str]], out: Path, say) -> None:
+    """One line for each function torch.compile gave up on (``failures``: :meth:`CompileFailures.take`'s (name,
+    reason, full text)): it runs eagerly, the run goes on, slower. The full errors go to ``out``'s
+    compile_errors.log."""
+    if not failures:
+        return
+    path = out / COMPILE_ERRORS
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(text.rstrip() + "\n\n" for _, _, text in failures)
+    for name, reason, _ in failures:
+        say(f"compile_layers: torch.compile could not build {name}: {reason}. It runs eagerly (slower than "
+            f"compiled; the run goes on); the full error is in {path}. compile_layers=false skips trying")

@@ -37,6 +37,7 @@ from qvl.errors import QvlError
 from qvl.train import checkpoint as ckpt
 from qvl.train import components as comp
 from qvl.train import batches, compile, distributed, graphs, host, loss_head, offload, optimizers, recompute
+from qvl.train.track import WarmUpEvents, first_step_line
 from qvl.train.loss_module import LossModule
 from qvl.train.config import TrainConfig, dropout_in_layers
 from qvl.train.profile import StepProfiler, parse_steps
@@ -101,40 +102,6 @@ def out_of_memory(e: Exception, cfg: TrainConfig, graphs: bool, ckpt_ratio) -> Q
 
 
 GRAPH_STEPS_AHEAD = 500  # cuda_graphs: steps whose row shapes are recorded before training
-
-
-class WarmUpEvents:
-    """What compiled, was recorded or met a matmul shape for the first time since the last step was reported:
-    :class:`qvl.train.track.Throughput` leaves such steps out of tok/s and ETA. Compilations are dynamo's graph count
-    (a backward compiles in the step whose forward compiled); recordings, the CUDA graphs' (``graphs``: a
-    DecoderGraphs, or None); matmul shapes, those ``loss_module.shapes_met`` holds (gemm_row_multiple on a GPU)."""
-
-    def __init__(self, graphs=None, loss_module=None, background=None):
-        self.graphs, self.loss_module, self.background = graphs, loss_module, background
-        self.last = self._counts()
-        self.background_said = False
-
-    def _counts(self) -> tuple[int, int, int]:
-        from torch._dynamo.utils import counters
-
-        return (counters["stats"]["unique_graphs"], self.graphs.recorded if self.graphs is not None else 0,
-                len(getattr(self.loss_module, "shapes_met", ())))
-
-    def since_last(self) -> str:
-        """'compiled 2 graphs, recorded 1 row shape, met 3 matmul shapes' since the previous call; '' when none."""
-        now = self._counts()
-        new = [b - a for a, b in zip(self.last, now)]
-        self.last = now
-        what = ("compiled {} graph", "recorded {} row shape", "met {} new matmul shape")
-        said = [w.format(n) + "s" * (n != 1) for w, n in zip(what, new) if n > 0]
-        tower = self.background
-        if tower is not None and tower.started and not self.background_said:  # compiling in another thread: the
-            if tower.done.is_set():  # steps run it uncompiled, and the compile holds the GIL half the time
-                said.append(tower.status())
-                self.background_said = True
-            else:
-                said.append(f"{tower.what} compiling in the background")
-        return ", ".join(said)
 
 
 # Rows up to this many tokens use sdpa's dense block-diagonal mask (16k x 16k booleans = 256 MiB, made
@@ -881,58 +848,6 @@ def _record_seconds(run: Run) -> float:
     return run.decoder_graphs.record_s if run.decoder_graphs is not None else 0.0
 
 
-def first_step_line(since_start: float, load: float, ahead: float, step: float, compiling: float,
-                    recording: float, cached: tuple[int, int] = (0, 0),
-                    functions: list[tuple[str, float]] = ()) -> str:
-    """Where the wait for the first step went: model load, shapes met ahead, and the first step itself with what
-    torch.compile and the CUDA-graph recordings took of it (what the step did apart from those: the rest);
-    ``cached``: (graphs taken from the compile cache, graphs) -- a cold cache is why a first run waits longest;
-    ``functions``: (what, seconds) compiled, as :func:`qvl.train.compile.compiled_functions` gives them."""
-    parts = [f"model load {load:.0f} s"] + ([f"shapes met ahead {ahead:.0f} s"] if ahead >= 1 else [])
-    hits, graphs = cached
-    split = ", ".join(f"{what} {s:.0f} s" for what, s in functions if s >= 1)
-    how = ("" if not graphs else f"{hits} of {graphs} graphs from the compile cache" if hits
-           else "none in the compile cache yet: the next run of this config reuses them")
-    how = f" ({'; '.join(filter(None, (split, how)))})" if split or how else ""
-    inside = [f"{what} {s:.0f} s" + (how if what == "compiling" else "")
-              for what, s in (("compiling", compiling), ("recording CUDA graphs", recording)) if s >= 1]
-    if inside:
-        inside.append(f"the rest {max(step - compiling - recording, 0.0):.0f} s")
-    parts.append(f"first step {step:.0f} s" + (f": {', '.join(inside)}" if inside else ""))
-    return f"first step done {since_start:.0f} s after start ({'; '.join(parts)})"
-
-
-COMPILE_ERRORS = "compile_errors.log"
-
-
-def _write_compile_times(run: Run, when: str) -> None:
-    """The output folder's compile_times.json: torch.compile's time by phase in this process so far (nothing when
-    nothing compiled). Rewritten at the end: the vision tower's background compile and later shapes add to it."""
-    phases = compile.phase_seconds()
-    if not phases or not run.is_main:
-        return
-    from qvl.utils.fs import atomic_write_json
-
-    atomic_write_json(run.out / compile.COMPILE_TIMES,
-                      {"when": when, "functions": dict(compile.compiled_functions()), "phases_s": phases,
-                       "note": "torch.compile's own phase timers, this process so far; phases nest (a phase's "
-                               "seconds include its parts')"})
-
-
-def _say_compile_failures(run: Run) -> None:
-    """One line for each function torch.compile gave up on since the last step (it runs eagerly: the run goes on,
-    slower); the full error goes to the output folder's compile_errors.log."""
-    failures = run.compile_failures.take() if run.compile_failures is not None else []
-    if not failures or not run.is_main:
-        return
-    path = run.out / COMPILE_ERRORS
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(text.rstrip() + "\n\n" for _, _, text in failures)
-    for name, reason, _ in failures:
-        run.say(f"compile_layers: torch.compile could not build {name}: {reason}. It runs eagerly (slower than "
-                f"compiled; the run goes on); the full error is in {path}. compile_layers=false skips trying")
-
-
 def _report(run: Run, callbacks, done: int, queued: tuple, n_labels: float, n_tokens: int, step_lrs: dict,
             built: str, queued_at: float) -> dict:
     """Read a finished step's loss and gradient norm (``queued`` by :func:`host.queue_host_read` at the end of
@@ -956,7 +871,9 @@ def _report(run: Run, callbacks, done: int, queued: tuple, n_labels: float, n_to
         metrics["grad_norm"] = grad_norm
     for name, lr in step_lrs.items():
         metrics[f"lr/{name}"] = lr
-    _say_compile_failures(run)
+    failures = run.compile_failures.take() if run.compile_failures is not None else []
+    if run.is_main:
+        compile.say_failures(failures, run.out, run.say)
     step_row = run.tracker.step(done, metrics, int(dist.all_sum(n_tokens, device)),
                                 log_now=done % cfg.logging_steps == 0 or done == plan.total_steps,
                                 warm=warm, seconds=seconds)
@@ -1045,7 +962,8 @@ def _run_steps(run: Run, callbacks) -> None:
                                     _record_seconds(run) - recorded_before,
                                     tuple(b - a for a, b in zip(cached_before, compile.cache_counts())),
                                     compile.compiled_functions(compiled_marker)))
-                _write_compile_times(run, "after the first step")
+                if run.is_main:
+                    compile.write_compile_times(run.out, "after the first step")
             if tower_compile is not None and not tower_compile.started and tower_compile.start():
                 say(f"compiling {tower_compile.what} in the background: the steps run it uncompiled until it is "
                     "done, and count as warm-up")
@@ -1076,7 +994,8 @@ def _run_steps(run: Run, callbacks) -> None:
         if tower_compile is not None and tower_compile.compiling:  # a short run: the thread ends before the process
             say(f"training ended while {tower_compile.what} was compiling in the background: waiting for it to end")
             tower_compile.wait()
-        _write_compile_times(run, "at the end of training")
+        if run.is_main:
+            compile.write_compile_times(run.out, "at the end of training")
 
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, cfg, run.use_graphs, run.ckpt_ratio) from e

@@ -1,4 +1,5 @@
-"""Run tracking: metrics.jsonl (always), TensorBoard (default), W&B (when asked), loss.png, a progress line.
+"""Run tracking: metrics.jsonl (always), TensorBoard (default), W&B (when asked), loss.png, a progress line, and
+what the warm-up did (:class:`WarmUpEvents`, :func:`first_step_line`).
 
 ``metrics.jsonl`` is the source of truth: one JSON row per logged step. On resume the rows after
 the checkpoint's step are dropped, so the file (and loss.png) always shows one consistent curve.
@@ -196,6 +197,61 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish()
         return plot_metrics(self.metrics_path, self.run_dir / "loss.png")
+
+
+class WarmUpEvents:
+    """What compiled, was recorded or met a matmul shape for the first time since the last step was reported:
+    :class:`qvl.train.track.Throughput` leaves such steps out of tok/s and ETA. Compilations are dynamo's graph count
+    (a backward compiles in the step whose forward compiled); recordings, the CUDA graphs' (``graphs``: a
+    DecoderGraphs, or None); matmul shapes, those ``loss_module.shapes_met`` holds (gemm_row_multiple on a GPU)."""
+
+    def __init__(self, graphs=None, loss_module=None, background=None):
+        self.graphs, self.loss_module, self.background = graphs, loss_module, background
+        self.last = self._counts()
+        self.background_said = False
+
+    def _counts(self) -> tuple[int, int, int]:
+        from torch._dynamo.utils import counters
+
+        return (counters["stats"]["unique_graphs"], self.graphs.recorded if self.graphs is not None else 0,
+                len(getattr(self.loss_module, "shapes_met", ())))
+
+    def since_last(self) -> str:
+        """'compiled 2 graphs, recorded 1 row shape, met 3 matmul shapes' since the previous call; '' when none."""
+        now = self._counts()
+        new = [b - a for a, b in zip(self.last, now)]
+        self.last = now
+        what = ("compiled {} graph", "recorded {} row shape", "met {} new matmul shape")
+        said = [w.format(n) + "s" * (n != 1) for w, n in zip(what, new) if n > 0]
+        tower = self.background
+        if tower is not None and tower.started and not self.background_said:  # compiling in another thread: the
+            if tower.done.is_set():  # steps run it uncompiled, and the compile holds the GIL half the time
+                said.append(tower.status())
+                self.background_said = True
+            else:
+                said.append(f"{tower.what} compiling in the background")
+        return ", ".join(said)
+
+
+def first_step_line(since_start: float, load: float, ahead: float, step: float, compiling: float,
+                    recording: float, cached: tuple[int, int] = (0, 0),
+                    functions: list[tuple[str, float]] = ()) -> str:
+    """Where the wait for the first step went: model load, shapes met ahead, and the first step itself with what
+    torch.compile and the CUDA-graph recordings took of it (what the step did apart from those: the rest);
+    ``cached``: (graphs taken from the compile cache, graphs) -- a cold cache is why a first run waits longest;
+    ``functions``: (what, seconds) compiled, as :func:`qvl.train.compile.compiled_functions` gives them."""
+    parts = [f"model load {load:.0f} s"] + ([f"shapes met ahead {ahead:.0f} s"] if ahead >= 1 else [])
+    hits, graphs = cached
+    split = ", ".join(f"{what} {s:.0f} s" for what, s in functions if s >= 1)
+    how = ("" if not graphs else f"{hits} of {graphs} graphs from the compile cache" if hits
+           else "none in the compile cache yet: the next run of this config reuses them")
+    how = f" ({'; '.join(filter(None, (split, how)))})" if split or how else ""
+    inside = [f"{what} {s:.0f} s" + (how if what == "compiling" else "")
+              for what, s in (("compiling", compiling), ("recording CUDA graphs", recording)) if s >= 1]
+    if inside:
+        inside.append(f"the rest {max(step - compiling - recording, 0.0):.0f} s")
+    parts.append(f"first step {step:.0f} s" + (f": {', '.join(inside)}" if inside else ""))
+    return f"first step done {since_start:.0f} s after start ({'; '.join(parts)})"
 
 
 def read_metrics(path: Path) -> list[dict]:
