@@ -595,10 +595,12 @@ def main() -> int:
     import datetime
 
     import transformers
+    from provenance import source_tree
 
     out: dict = {"benchmark": "bench/decode.py", "card": torch.cuda.get_device_name(0),
                  "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
-                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                              "qvl_src_tree": source_tree()}}
 
     def save():
         with open(args.json, "w") as f:

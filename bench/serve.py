@@ -50,9 +50,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from qvl.serve.loadgen import EngineClients, RequestResult, run_poisson, run_staggered, summarize  # noqa: E402
 from qvl.serve.process import ServerProcess  # noqa: E402
+
+from provenance import source_tree  # noqa: E402
 
 QUESTION = "Describe this image in detail."
 FOLLOW_UP = "What colours stand out, and where are they?"
@@ -420,6 +423,7 @@ def versions() -> dict:
                                          capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         v["qvl_commit"] = None
+    v["qvl_src_tree"] = source_tree()  # names the code that ran where the copy's .git is older than its files
     return v
 
 

@@ -83,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import train_cli  # noqa: E402
+from provenance import source_tree  # noqa: E402
 from workload import VIDEO_BUDGET, histogram, make_video_workload, make_workload  # noqa: E402
 
 from qvl.config.vision import VisionBudget  # noqa: E402
@@ -1153,7 +1154,8 @@ def summary_of(args, results, encs, hist, padding) -> dict:
     cuda = args.device.startswith("cuda")
     summary = {
         "card": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model, "torch": torch.__version__,
-        "transformers": transformers.__version__, "samples_in_workload": len(encs), "steps": args.steps,
+        "transformers": transformers.__version__, "qvl_src_tree": source_tree(), "samples_in_workload": len(encs),
+        "steps": args.steps,
         "warmup": args.warmup, "batch": args.batch, "length_histogram": hist, "padding_fraction_baseline": padding,
         "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]), "contestants": results,
     }

@@ -23,6 +23,7 @@ def test_bench_serve_smoke(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["command"].startswith("python bench/serve.py --smoke") and res["versions"]["torch"] and res["date"]
+    assert "qvl_src_tree" in res["versions"]  # the code that ran, for bench/provenance.py
     for phase in ("http", "engine"):
         for row in ("clients_1", "clients_4", "rate_20"):
             s = res[phase][row]
